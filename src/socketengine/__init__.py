@@ -1,0 +1,47 @@
+"""socketengine: named channels between Python processes, over TCP.
+
+``Host`` listens, ``Client`` connects; both keep the latest value of every channel in
+a background I/O thread.  ``host`` and ``client`` (and the seed's camelCase method
+names) are aliases kept for socket.engine 1.x code; see :mod:`socketengine.compat`.
+"""
+
+from __future__ import annotations
+
+from .compat import client, host
+from .errors import (
+    AuthenticationError,
+    ConnectionClosed,
+    ConnectTimeout,
+    EndpointClosed,
+    HandshakeError,
+    MessageTooBig,
+    ProtocolError,
+    RemoteError,
+    SocketEngineConnectionError,
+    SocketEngineError,
+    WriteTimeout,
+)
+from .sync.client import Client
+from .sync.connection import Connection
+from .sync.host import Host
+
+__version__ = "2.0.0a1"
+
+__all__ = [
+    "Host",
+    "Client",
+    "Connection",
+    "host",
+    "client",
+    "SocketEngineError",
+    "SocketEngineConnectionError",
+    "ProtocolError",
+    "MessageTooBig",
+    "RemoteError",
+    "WriteTimeout",
+    "EndpointClosed",
+    "ConnectTimeout",
+    "HandshakeError",
+    "AuthenticationError",
+    "ConnectionClosed",
+]

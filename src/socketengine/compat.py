@@ -1,0 +1,69 @@
+"""The seed API's names (socket.engine 1.x), as exact aliases of the PEP 8 names.
+
+This module is the only place the camelCase names exist.  Each alias resolves to the
+very same method (``h.get_ALL == h.get_all``); the ``*Lock`` variants are the same as
+the plain ones because every write is thread-safe.
+
+======================  ==========================
+seed name               socketengine name
+======================  ==========================
+``host``                :class:`Host`
+``client``              :class:`Client`
+``host.get_ALL``        :meth:`Host.get_all`
+``host.getClients``     :meth:`Host.clients`
+``host.write_ALL``      :meth:`Host.write_all`
+``host.writeLock_ALL``  :meth:`Host.write_all`
+``host.writeImg_ALL``   :meth:`Host.write_image_all`
+``host.writeImgLock_ALL`` :meth:`Host.write_image_all`
+``client.writeLock``    :meth:`Client.write`
+``client.writeImg``     :meth:`Client.write_image`
+``client.writeImgLock`` :meth:`Client.write_image`
+======================  ==========================
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+
+class Alias:
+    """A class attribute that is another attribute under an old name."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.__doc__ = f"Seed-compatible alias of :meth:`{target}`."
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: Optional[type] = None) -> Any:
+        return getattr(obj if obj is not None else objtype, self.target)
+
+
+class HostSeedNames:
+    """Mixed into :class:`Host`: the seed's method names."""
+
+    get_ALL = Alias("get_all")
+    getClients = Alias("clients")
+    write_ALL = Alias("write_all")
+    writeLock_ALL = Alias("write_all")
+    writeImg_ALL = Alias("write_image_all")
+    writeImgLock_ALL = Alias("write_image_all")
+
+
+class ClientSeedNames:
+    """Mixed into :class:`Client`: the seed's method names."""
+
+    writeLock = Alias("write")
+    writeImg = Alias("write_image")
+    writeImgLock = Alias("write_image")
+
+
+def _seed_classes() -> Any:
+    from .sync.client import Client
+    from .sync.host import Host
+
+    return Host, Client
+
+
+host, client = _seed_classes()

@@ -1,0 +1,85 @@
+"""The exception tree of socketengine.
+
+Catch :class:`SocketEngineError` for anything the library raises on purpose.
+Network failures are :class:`ConnectionError` subclasses, so code written for
+plain sockets keeps working::
+
+    SocketEngineError
+    ├── ProtocolError            a peer sent bytes that break the wire protocol
+    │   └── MessageTooBig        a frame is larger than ``max_message``
+    ├── RemoteError              the peer's request handler raised
+    ├── WriteTimeout             the peer did not take a write within ``timeout``
+    └── EndpointClosed           the endpoint was closed by the user
+    ConnectionError
+    └── SocketEngineConnectionError (also a SocketEngineError)
+        ├── ConnectTimeout       ``connect_timeout`` elapsed before the host accepted
+        ├── HandshakeError       the peer is not a compatible socketengine endpoint
+        ├── AuthenticationError  the shared-secret token did not match
+        └── ConnectionClosed     the connection to the peer is gone
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SocketEngineError",
+    "ProtocolError",
+    "MessageTooBig",
+    "RemoteError",
+    "EndpointClosed",
+    "WriteTimeout",
+    "SocketEngineConnectionError",
+    "ConnectTimeout",
+    "HandshakeError",
+    "AuthenticationError",
+    "ConnectionClosed",
+]
+
+
+class SocketEngineError(Exception):
+    """Base class of every error socketengine raises on purpose."""
+
+
+class ProtocolError(SocketEngineError):
+    """A peer sent bytes that do not follow the wire protocol (docs/protocol.md).
+
+    The connection that sent them is closed; other connections are unaffected.
+    """
+
+
+class MessageTooBig(ProtocolError):
+    """A frame exceeds the ``max_message`` limit (bytes) of the receiving endpoint."""
+
+
+class RemoteError(SocketEngineError):
+    """The peer's request handler raised; the message is the peer's exception text."""
+
+
+class WriteTimeout(SocketEngineError, TimeoutError):
+    """A peer's send buffer stayed full (``max_buffer`` bytes queued) for ``timeout`` s.
+
+    Nothing of the write was sent.  The peer is not reading fast enough.
+    """
+
+
+class EndpointClosed(SocketEngineError, RuntimeError):
+    """The endpoint was closed with ``close()``; create a new one to talk again."""
+
+
+class SocketEngineConnectionError(SocketEngineError, ConnectionError):
+    """Base class of the connection failures (also a builtin ``ConnectionError``)."""
+
+
+class ConnectTimeout(SocketEngineConnectionError, TimeoutError):
+    """The host did not accept the connection within ``connect_timeout`` seconds."""
+
+
+class HandshakeError(SocketEngineConnectionError):
+    """The peer did not complete a socketengine handshake (wrong protocol, TLS mismatch, ...)."""
+
+
+class AuthenticationError(HandshakeError):
+    """The shared-secret ``token`` was missing or did not match the peer's."""
+
+
+class ConnectionClosed(SocketEngineConnectionError):
+    """The connection to the peer was closed or lost."""

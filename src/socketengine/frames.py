@@ -1,0 +1,320 @@
+"""Frames: the unit on the wire.  Sans-I/O: bytes in, frames out; frames in, bytes out.
+
+Layout (little-endian; docs/protocol.md is the normative description)::
+
+    preamble, once per direction:  b"SENG" | u8 major=1 | u8 minor=0 | u16 reserved=0
+    frame:   u8 type | u8 flags | u16 channel_len | u32 id | u32 meta_len | u32 data_len
+             | channel (UTF-8) | meta (msgpack) | data (raw array bytes)
+
+:class:`FrameDecoder` follows asyncio's ``BufferedProtocol`` shape: the I/O layer asks
+:meth:`FrameDecoder.get_buffer` where to put the next bytes, receives into it
+(``recv_into``), and reports how many arrived with :meth:`FrameDecoder.buffer_updated`.
+Small frames are cut out of one reusable stream buffer; a frame with a large data
+section gets a buffer of its own that the socket fills directly, and that buffer then
+*becomes* the numpy array (no copy on receive).  Every size is checked against
+``max_message`` before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, List, NamedTuple, Optional, Sequence, Union
+
+from . import codec
+from .errors import HandshakeError, MessageTooBig, ProtocolError
+
+__all__ = [
+    "PREAMBLE",
+    "VERSION",
+    "HEADER",
+    "Frame",
+    "FrameDecoder",
+    "encode_frame",
+    "encode_value_frame",
+    "check_preamble",
+    "DEFAULT_MAX_MESSAGE",
+]
+
+MAGIC = b"SENG"
+VERSION = (1, 0)
+PREAMBLE = MAGIC + bytes(VERSION) + b"\x00\x00"
+HEADER = struct.Struct("<BBHIII")
+HEADER_SIZE = HEADER.size  # 16
+
+# Frame types (docs/protocol.md, "Frame types").
+HELLO = 0x01
+CHALLENGE = 0x02
+AUTH = 0x03
+WELCOME = 0x04
+REFUSE = 0x05
+DATA = 0x10
+REQUEST = 0x11
+REPLY = 0x12
+REPLY_ERROR = 0x13
+PING = 0x20
+PONG = 0x21
+BYE = 0x22
+FRAME_TYPES = frozenset(
+    {HELLO, CHALLENGE, AUTH, WELCOME, REFUSE, DATA, REQUEST, REPLY, REPLY_ERROR, PING, PONG, BYE}
+)
+
+# DATA flags.
+FLAG_RETAINED = 0x01  # replay of a value the host retains (sent right after the handshake)
+FLAG_IMAGE = 0x02  # an image frame: may be conflated (only the newest one matters)
+
+#: 64 MiB: a 4K (2160x3840) RGB frame is 24.9 MB, RGBA uint16 66 MB would need more.
+DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
+# Frames whose data section is at least this large are received into a buffer of
+# their own (zero-copy) rather than cut out of the shared stream buffer.
+_OWN_BUFFER = 64 * 1024
+_MIN_READ = 64 * 1024
+
+
+class Frame(NamedTuple):
+    """One decoded frame.  ``meta`` and ``data`` are undecoded (see :mod:`codec`)."""
+
+    type: int
+    flags: int
+    channel: str
+    id: int
+    meta: bytes
+    data: Optional[Union[bytes, bytearray]]
+
+    def value(self) -> Any:
+        """The frame's value, decoded.  Raises ``ProtocolError`` if it is malformed."""
+        try:
+            return codec.decode(self.meta, self.data)
+        except ValueError as exc:
+            raise ProtocolError(f"malformed value on channel {self.channel!r}: {exc}") from None
+
+
+_channel_bytes: dict = {}
+
+
+def channel_bytes(channel: str) -> bytes:
+    """UTF-8 bytes of a channel name, validated and cached (names repeat endlessly)."""
+    b = _channel_bytes.get(channel)
+    if b is None:
+        if type(channel) is not str:
+            raise TypeError(
+                f"channel names are str, not {type(channel).__qualname__}: got {channel!r}"
+            )
+        b = channel.encode("utf-8")
+        if len(b) > 0xFFFF:
+            raise ValueError("channel name is longer than 65535 UTF-8 bytes")
+        if len(_channel_bytes) < 4096:
+            _channel_bytes[channel] = b
+    return b
+
+
+def encode_frame(
+    ftype: int,
+    channel: str = "",
+    meta: bytes = b"",
+    buffers: Sequence[codec.Buffer] = (),
+    data_len: int = 0,
+    *,
+    flags: int = 0,
+    fid: int = 0,
+) -> List[codec.Buffer]:
+    """Frame parts ready for ``sendmsg``: ``[header+channel+meta, *buffers]``."""
+    ch = channel_bytes(channel)
+    head = HEADER.pack(ftype, flags, len(ch), fid, len(meta), data_len) + ch + meta
+    if buffers:
+        return [head, *buffers]
+    return [head]
+
+
+def encode_value_frame(
+    ftype: int, channel: str, value: Any, *, flags: int = 0, fid: int = 0
+) -> List[codec.Buffer]:
+    """Encode ``value`` and frame it.  Raises ``TypeError`` before producing anything."""
+    meta, buffers, data_len = codec.encode(value)
+    return encode_frame(ftype, channel, meta, buffers, data_len, flags=flags, fid=fid)
+
+
+def frame_size(parts: Sequence[codec.Buffer]) -> int:
+    """Total bytes of a frame's parts."""
+    return sum(memoryview(p).nbytes for p in parts)
+
+
+def check_preamble(head: bytes) -> None:
+    """Validate the 8-byte preamble; raise :class:`HandshakeError` saying what the peer is."""
+    if head[:4] != MAGIC:
+        if head[:1] == b"\x16" and head[1:2] == b"\x03":
+            hint = "it speaks TLS: pass tls= on this side too"
+        elif head[:4] in (b"GET ", b"POST", b"HEAD", b"PUT ", b"HTTP"):
+            hint = "it speaks HTTP"
+        else:
+            hint = f"its first bytes are {bytes(head[:8])!r}"
+        raise HandshakeError(f"the peer is not a socketengine endpoint ({hint})")
+    if head[4] != VERSION[0]:
+        raise HandshakeError(
+            f"the peer speaks socketengine protocol {head[4]}.{head[5]}, this side "
+            f"{VERSION[0]}.{VERSION[1]}: upgrade the older side"
+        )
+
+
+class FrameDecoder:
+    """Incremental frame parser (sans-I/O).
+
+    :param max_message: largest accepted frame in bytes (header included); a larger
+        one raises :class:`MessageTooBig` as soon as its header arrives.
+    :param read_size: minimum free space offered to each receive call, in bytes.
+    :param expect_preamble: the stream starts with the 8-byte preamble.
+    """
+
+    def __init__(
+        self,
+        max_message: int = DEFAULT_MAX_MESSAGE,
+        read_size: int = _MIN_READ,
+        expect_preamble: bool = True,
+    ) -> None:
+        self.max_message = max_message
+        self.read_size = max(read_size, 4096)
+        self._capacity = max(self.read_size * 4, 256 * 1024)
+        self._buf = bytearray(self._capacity)
+        self._r = 0
+        self._w = 0
+        self._need_preamble = expect_preamble
+        # A frame whose data section is being received into its own buffer.
+        self._body: Optional[bytearray] = None
+        self._body_got = 0
+        self._body_head: Optional[tuple] = None
+        self.frames: List[Frame] = []
+        self.bytes_received = 0
+
+    # -- the BufferedProtocol-style interface ---------------------------------------
+
+    def get_buffer(self) -> memoryview:
+        """Writable memory for the next received bytes (never empty)."""
+        if self._body is not None:
+            return memoryview(self._body)[self._body_got :]
+        free = self._capacity - self._w
+        if free < self.read_size:
+            self._compact(self.read_size)
+        return memoryview(self._buf)[self._w :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written into the last buffer; parse what is complete.
+
+        Complete frames are appended to :attr:`frames`.  Raises :class:`ProtocolError`
+        (the connection must then be closed) on malformed input.
+        """
+        self.bytes_received += nbytes
+        if self._body is not None:
+            self._body_got += nbytes
+            if self._body_got < len(self._body):
+                return
+            ftype, flags, channel, fid, meta = self._body_head  # type: ignore[misc]
+            self.frames.append(Frame(ftype, flags, channel, fid, meta, self._body))
+            self._body = None
+            self._body_head = None
+            return
+        self._w += nbytes
+        self._parse()
+
+    def feed(self, data: codec.Buffer) -> List[Frame]:
+        """Push ``data`` through :meth:`get_buffer`/:meth:`buffer_updated`; return new frames."""
+        view = memoryview(data).cast("B")
+        while view:
+            buf = self.get_buffer()
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            view = view[n:]
+            self.buffer_updated(n)
+        return self.take()
+
+    def take(self) -> List[Frame]:
+        """Return and forget the frames decoded so far."""
+        frames = self.frames
+        if frames:
+            self.frames = []
+        return frames
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _compact(self, need: int) -> None:
+        """Make at least ``need`` bytes free after the unparsed data."""
+        pending = self._w - self._r
+        capacity = self._capacity
+        if pending + need > capacity:
+            capacity = max(capacity * 2, pending + need)
+        if capacity != self._capacity or self._r:
+            # A fresh buffer rather than an in-place move: a memoryview handed out by
+            # get_buffer() may still be alive, and bytearrays cannot move under it.
+            new = bytearray(capacity)
+            new[:pending] = self._buf[self._r : self._w]
+            self._buf = new
+            self._capacity = capacity
+            self._r = 0
+            self._w = pending
+
+    def _parse(self) -> None:
+        buf = self._buf
+        if self._need_preamble:
+            if self._w - self._r < len(PREAMBLE):
+                return
+            check_preamble(bytes(buf[self._r : self._r + len(PREAMBLE)]))
+            self._r += len(PREAMBLE)
+            self._need_preamble = False
+        r, w = self._r, self._w
+        unpack = HEADER.unpack_from
+        append = self.frames.append
+        max_message = self.max_message
+        while w - r >= HEADER_SIZE:
+            ftype, flags, clen, fid, mlen, dlen = unpack(buf, r)
+            total = HEADER_SIZE + clen + mlen + dlen
+            if total > max_message:
+                raise MessageTooBig(
+                    f"peer sent a {total}-byte frame; max_message is {max_message} bytes "
+                    "(raise max_message on this endpoint if such frames are expected)"
+                )
+            if ftype not in FRAME_TYPES:
+                raise ProtocolError(f"unknown frame type 0x{ftype:02x}")
+            avail = w - r
+            if avail < total:
+                prefix = HEADER_SIZE + clen + mlen
+                if dlen >= _OWN_BUFFER and avail >= prefix:
+                    # Receive the rest of the data section straight into its own buffer.
+                    channel = self._channel(buf, r + HEADER_SIZE, clen)
+                    meta = bytes(buf[r + HEADER_SIZE + clen : r + prefix])
+                    body = bytearray(dlen)
+                    got = avail - prefix
+                    body[:got] = buf[r + prefix : w]
+                    self._body = body
+                    self._body_got = got
+                    self._body_head = (ftype, flags, channel, fid, meta)
+                    r = w
+                elif total > self._capacity - r:
+                    # Make the whole frame (or its prefix) fit in the stream buffer.
+                    self._r = r
+                    self._compact((prefix if dlen >= _OWN_BUFFER else total) - avail)
+                    return
+                break
+            p = r + HEADER_SIZE
+            channel = self._channel(buf, p, clen) if clen else ""
+            p += clen
+            meta = bytes(buf[p : p + mlen])
+            p += mlen
+            data = bytes(buf[p : p + dlen]) if dlen else None
+            append(Frame(ftype, flags, channel, fid, meta, data))
+            r += total
+        if r == w:
+            r = w = 0
+            self._w = 0
+        self._r = r
+
+    _names: dict = {}
+
+    def _channel(self, buf: bytearray, start: int, length: int) -> str:
+        raw = bytes(buf[start : start + length])
+        name = self._names.get(raw)
+        if name is None:
+            try:
+                name = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ProtocolError("channel name is not valid UTF-8") from None
+            if len(self._names) < 4096:
+                self._names[raw] = name
+        return name

@@ -1,0 +1,269 @@
+"""One connection's protocol state machine (sans-I/O): handshake, authentication, pings.
+
+Feed it received bytes through :attr:`Protocol.decoder` (``get_buffer`` /
+``buffer_updated``), then call :meth:`Protocol.events` for the application frames
+(``DATA``, ``REQUEST``, ``REPLY``, ``REPLY_ERROR``, ``BYE``).  Whatever the protocol
+itself wants to send (preamble, handshake frames, ``PONG``) is returned by
+:meth:`Protocol.data_to_send`.  It never touches a socket, a thread or a clock.
+
+Handshake (docs/protocol.md, "Handshake")::
+
+    client                                   host
+    PREAMBLE, HELLO{v, name, nonce}  ->
+                                     <-  PREAMBLE, then
+                                         WELCOME{v, id}                  (no token)
+                                         CHALLENGE{nonce}                (token set)
+    AUTH{mac}                        ->
+                                     <-  WELCOME{v, id, mac} | REFUSE{reason}
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import os
+from typing import Any, Dict, List, Optional, Union
+
+from . import codec, frames
+from .errors import AuthenticationError, HandshakeError, ProtocolError
+from .frames import Frame
+
+__all__ = ["Role", "State", "Protocol", "token_bytes"]
+
+NONCE_SIZE = 16
+_CLIENT_LABEL = b"socketengine/1 client"
+_HOST_LABEL = b"socketengine/1 host"
+
+
+class Role(enum.Enum):
+    HOST = "host"
+    CLIENT = "client"
+
+
+class State(enum.Enum):
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+def token_bytes(token: Union[str, bytes, None]) -> Optional[bytes]:
+    """Normalise a ``token=`` argument (str is UTF-8 encoded)."""
+    if token is None:
+        return None
+    if isinstance(token, str):
+        token = token.encode("utf-8")
+    if not isinstance(token, (bytes, bytearray)) or not token:
+        raise TypeError("token must be a non-empty str or bytes")
+    return bytes(token)
+
+
+def _mac(token: bytes, label: bytes, first: bytes, second: bytes) -> bytes:
+    return hmac.new(token, label + first + second, hashlib.sha256).digest()
+
+
+def _meta(frame: Frame) -> Dict[str, Any]:
+    value = frame.value()
+    if type(value) is not dict:
+        raise ProtocolError(f"handshake frame 0x{frame.type:02x} does not carry a map")
+    return value
+
+
+def _frame(ftype: int, value: Any) -> bytes:
+    meta, _, _ = codec.encode(value)
+    return b"".join(frames.encode_frame(ftype, "", meta))
+
+
+class Protocol:
+    """The state of one connection, for either role.
+
+    :param role: :attr:`Role.HOST` or :attr:`Role.CLIENT`.
+    :param name: the client's name, sent in HELLO (client role).
+    :param token: shared secret; when set, both sides must prove they know it.
+    :param max_message: largest accepted frame, bytes.
+    :param read_size: minimum receive size offered to the socket, bytes.
+    :param session: an id the host gives the connection (host role; sent in WELCOME).
+    """
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        name: Optional[str] = None,
+        token: Optional[bytes] = None,
+        max_message: int = frames.DEFAULT_MAX_MESSAGE,
+        read_size: int = 65536,
+        session: int = 0,
+    ) -> None:
+        self.role = role
+        self.state = State.HANDSHAKE
+        self.name = name
+        self.peer_name: Optional[str] = None
+        self.session = session
+        self._token = token
+        self._nonce = os.urandom(NONCE_SIZE)
+        self._peer_nonce = b""
+        self._challenged = False
+        # Before the handshake completes, frames are tiny: a small limit stops a peer
+        # that has not proven anything from making us allocate max_message bytes.
+        self.decoder = frames.FrameDecoder(min(max_message, 64 * 1024), read_size)
+        self._max_message = max_message
+        self._out: List[bytes] = [frames.PREAMBLE]
+        if role is Role.CLIENT:
+            self._out.append(
+                _frame(
+                    frames.HELLO,
+                    {"v": 1, "name": name, "nonce": self._nonce},
+                )
+            )
+
+    @property
+    def is_open(self) -> bool:
+        return self.state is State.OPEN
+
+    def data_to_send(self) -> bytes:
+        """Bytes the protocol itself wants sent (handshake, pongs); empty when none."""
+        if not self._out:
+            return b""
+        out = b"".join(self._out)
+        self._out = []
+        return out
+
+    def send_ping(self) -> None:
+        self._out.append(b"".join(frames.encode_frame(frames.PING)))
+
+    def events(self) -> List[Frame]:
+        """Application frames decoded so far; handshake frames are consumed here.
+
+        Raises :class:`HandshakeError` / :class:`AuthenticationError` /
+        :class:`ProtocolError`; the connection must then be closed.
+        """
+        received = self.decoder.take()
+        if not received:
+            return received
+        if self.state is State.OPEN:
+            if any(f.type < frames.DATA or f.type in (frames.PING, frames.PONG) for f in received):
+                return self._filter(received)
+            return received
+        out: List[Frame] = []
+        for i, frame in enumerate(received):
+            if self.state is State.OPEN:
+                out.extend(self._filter(received[i:]))
+                break
+            if self.state is State.CLOSED:
+                break
+            self._handshake(frame)
+        return out
+
+    def _filter(self, received: List[Frame]) -> List[Frame]:
+        out = []
+        for frame in received:
+            t = frame.type
+            if t == frames.PING:
+                self._out.append(b"".join(frames.encode_frame(frames.PONG)))
+            elif t == frames.PONG:
+                pass
+            elif t < frames.DATA:
+                raise ProtocolError(f"handshake frame 0x{t:02x} after the handshake")
+            else:
+                out.append(frame)
+        return out
+
+    # -- handshake ------------------------------------------------------------------
+
+    def _open(self) -> None:
+        self.state = State.OPEN
+        self.decoder.max_message = self._max_message
+
+    def _handshake(self, frame: Frame) -> None:
+        t = frame.type
+        if t == frames.REFUSE:
+            reason = str(_meta(frame).get("reason", "refused"))
+            self.state = State.CLOSED
+            if _meta(frame).get("code") == "auth":
+                raise AuthenticationError(f"the host refused the token: {reason}")
+            raise HandshakeError(f"the peer refused the connection: {reason}")
+        if self.role is Role.HOST:
+            self._host_handshake(frame)
+        else:
+            self._client_handshake(frame)
+
+    def _host_handshake(self, frame: Frame) -> None:
+        t = frame.type
+        if t == frames.HELLO and not self._peer_nonce:
+            meta = _meta(frame)
+            nonce = meta.get("nonce")
+            name = meta.get("name")
+            if type(nonce) is not bytes or len(nonce) != NONCE_SIZE:
+                raise ProtocolError("HELLO without a 16-byte nonce")
+            if name is not None and (type(name) is not str or len(name) > 256):
+                raise ProtocolError("HELLO name is not a short string")
+            self._peer_nonce = nonce
+            self.peer_name = name
+            if self._token is None:
+                self._welcome(None)
+            else:
+                self._challenged = True
+                self._out.append(_frame(frames.CHALLENGE, {"nonce": self._nonce}))
+        elif t == frames.AUTH and self._challenged and self._token is not None:
+            mac = _meta(frame).get("mac")
+            expected = _mac(self._token, _CLIENT_LABEL, self._nonce, self._peer_nonce)
+            if type(mac) is not bytes or not hmac.compare_digest(mac, expected):
+                self._out.append(
+                    _frame(frames.REFUSE, {"code": "auth", "reason": "wrong or missing token"})
+                )
+                self.state = State.CLOSED
+                raise AuthenticationError(
+                    f"client {self.peer_name or ''} sent a wrong token; connection refused"
+                )
+            self._welcome(_mac(self._token, _HOST_LABEL, self._peer_nonce, self._nonce))
+        else:
+            raise ProtocolError(f"unexpected frame 0x{t:02x} during the handshake")
+
+    def _welcome(self, mac: Optional[bytes]) -> None:
+        info: Dict[str, Any] = {"v": 1, "id": self.session}
+        if mac is not None:
+            info["mac"] = mac
+        self._out.append(_frame(frames.WELCOME, info))
+        self._open()
+
+    def refuse(self, reason: str, code: str = "refused") -> None:
+        """Queue a REFUSE frame (host role, e.g. too many clients) and close."""
+        self._out.append(_frame(frames.REFUSE, {"code": code, "reason": reason}))
+        self.state = State.CLOSED
+
+    def _client_handshake(self, frame: Frame) -> None:
+        t = frame.type
+        if t == frames.CHALLENGE and not self._challenged:
+            nonce = _meta(frame).get("nonce")
+            if type(nonce) is not bytes or len(nonce) != NONCE_SIZE:
+                raise ProtocolError("CHALLENGE without a 16-byte nonce")
+            if self._token is None:
+                self.state = State.CLOSED
+                raise AuthenticationError(
+                    "the host requires a token: pass token= with the host's shared secret"
+                )
+            self._challenged = True
+            self._peer_nonce = nonce
+            self._out.append(
+                _frame(frames.AUTH, {"mac": _mac(self._token, _CLIENT_LABEL, nonce, self._nonce)})
+            )
+        elif t == frames.WELCOME:
+            meta = _meta(frame)
+            if self._token is not None:
+                mac = meta.get("mac")
+                if not self._challenged or type(mac) is not bytes:
+                    self.state = State.CLOSED
+                    raise AuthenticationError(
+                        "the host did not ask for the token: it is not the host you configured "
+                        "(or it runs without token=)"
+                    )
+                expected = _mac(self._token, _HOST_LABEL, self._nonce, self._peer_nonce)
+                if not hmac.compare_digest(mac, expected):
+                    self.state = State.CLOSED
+                    raise AuthenticationError("the host could not prove it knows the token")
+            session = meta.get("id", 0)
+            self.session = session if type(session) is int else 0
+            self._open()
+        else:
+            raise ProtocolError(f"unexpected frame 0x{t:02x} during the handshake")

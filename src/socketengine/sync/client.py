@@ -1,0 +1,227 @@
+"""The threaded Client: connects to a host, keeps the latest value of every channel."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import Any, Dict, Optional, Union
+
+from .. import frames
+from ..compat import ClientSeedNames
+from ..errors import (
+    ConnectionClosed,
+    ConnectTimeout,
+    EndpointClosed,
+    HandshakeError,
+)
+from ..protocol import Protocol, Role
+from .connection import DEFAULT_MAX_BUFFER, Connection
+from .endpoint import Endpoint
+
+logger = logging.getLogger("socketengine")
+
+# Errors that mean "the host is not (yet) there": keep trying.
+_RETRYABLE = (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
+_RETRY_FIRST = 0.02
+_RETRY_MAX = 0.5
+
+
+class Client(ClientSeedNames, Endpoint):
+    """A client of a :class:`Host`.
+
+    :param addr: the host's address (name, IPv4 or IPv6).
+    :param port: the host's TCP port.
+    :param timeout: seconds that blocking calls may wait: each connection attempt, a
+        write while the send buffer is full, the linger of :meth:`close`.
+    :param size: read-size hint in bytes (seed parameter); reads are
+        ``max(size, 65536)`` bytes.
+    :param open: connect now; ``False`` defers to :meth:`open`.
+    :param connect_timeout: total seconds :meth:`open` keeps retrying while the host
+        refuses the connection; ``None`` (default) waits forever, as the seed did.
+        Then :class:`ConnectTimeout` (a ``ConnectionError``) names ``addr:port``.
+    :param name: this client's name, sent in the handshake (the host's
+        ``conn.name`` / ``get_client(name)``).
+    :param token: the host's shared secret, if it has one.
+    :param max_message: largest frame accepted from the host, bytes.
+    :param max_buffer: bytes that may wait unsent before writes block (up to
+        ``timeout``) and then raise :class:`WriteTimeout`.
+    :param handshake_timeout: seconds the host has to complete the handshake.
+    """
+
+    _kind = "client"
+
+    def __init__(
+        self,
+        addr: str = "127.0.0.1",
+        port: int = 8080,
+        timeout: float = 2,
+        size: int = 256,
+        open: bool = True,
+        *,
+        connect_timeout: Optional[float] = None,
+        name: Optional[str] = None,
+        token: Union[str, bytes, None] = None,
+        max_message: int = frames.DEFAULT_MAX_MESSAGE,
+        max_buffer: int = DEFAULT_MAX_BUFFER,
+        handshake_timeout: float = 10.0,
+    ) -> None:
+        super().__init__(
+            addr, port, timeout, size, token=token, max_message=max_message, max_buffer=max_buffer
+        )
+        if name is not None and (not isinstance(name, str) or len(name) > 256):
+            raise TypeError("name must be a str of at most 256 characters")
+        self.name = name
+        self.connect_timeout = connect_timeout
+        self.handshake_timeout = handshake_timeout
+        self._conn: Optional[Connection] = None
+        self._values: Dict[str, Any] = {}
+        if open:
+            self.open()
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def connected(self) -> bool:
+        """True while the connection to the host is open."""
+        conn = self._conn
+        return conn is not None and conn.is_open
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def open(self) -> Client:
+        """Connect to the host and complete the handshake; start the I/O thread.
+
+        Retries while the host refuses (it may not be up yet), for at most
+        ``connect_timeout`` seconds in all.  Raises :class:`ConnectTimeout`,
+        :class:`HandshakeError` or :class:`AuthenticationError`.
+        """
+        self._check_not_closed()
+        with self._state_lock:
+            if self.opened:
+                return self
+            sock = self._connect()
+            self._loop.start()
+            conn = self._handshake(sock)
+            self._conn = conn
+            self.opened = True
+        logger.info("%r: connected", self)
+        return self
+
+    def _connect(self) -> socket.socket:
+        deadline = None if self.connect_timeout is None else time.monotonic() + self.connect_timeout
+        delay = _RETRY_FIRST
+        attempts = 0
+        while True:
+            attempt = self.timeout if self.timeout > 0 else None
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                attempt = left if attempt is None else min(attempt, left)
+            try:
+                sock = socket.create_connection((self.addr, self._port), timeout=attempt)
+                break
+            except _RETRYABLE as exc:
+                attempts += 1
+                if attempts == 1:
+                    logger.info("%r: %s; retrying until the host accepts", self, exc)
+            if deadline is not None and time.monotonic() + delay >= deadline:
+                raise ConnectTimeout(
+                    f"could not connect to {self.addr}:{self._port} within "
+                    f"{self.connect_timeout} s ({attempts} attempts): is the host running?"
+                )
+            time.sleep(delay)  # backoff between attempts, not synchronisation
+            delay = min(delay * 2, _RETRY_MAX)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        return sock
+
+    def _handshake(self, sock: socket.socket) -> Connection:
+        protocol = Protocol(
+            Role.CLIENT,
+            name=self.name,
+            token=self._token,
+            max_message=self.max_message,
+            read_size=self.read_size,
+        )
+        conn = Connection(self, sock, protocol, sock.getpeername())
+        self._loop.call_soon(conn.attach)
+        self._loop.call_soon(conn.start_handshake_timer, self.handshake_timeout)
+        conn.settled.wait(self.handshake_timeout + 1.0)
+        if conn.ready.is_set():
+            return conn
+        error = conn.error
+        self._loop.call_soon(conn._finish)
+        conn.closed.wait(1.0)
+        if isinstance(error, HandshakeError):
+            raise error
+        raise HandshakeError(
+            f"{self.addr}:{self._port} accepted the connection but did not complete the "
+            f"socketengine handshake ({error or 'no answer'})"
+        )
+
+    def close(self) -> None:
+        """Flush what was written (up to ``timeout`` s), close, and join the I/O thread.
+
+        Idempotent.  Values written before ``close()`` reach the host even if the
+        program exits right after.
+        """
+        with self._state_lock:
+            if self.stopped:
+                return
+            self.stopped = True
+            self.opened = False
+        conn = self._conn
+        if conn is not None:
+            conn.close(self.timeout)
+        self._loop.stop()
+        logger.info("%r: closed", self)
+
+    # -- reading and writing ------------------------------------------------------------
+
+    def get(self, channel: str, default: Any = None) -> Any:
+        """The most recent value received on ``channel``, or ``default`` (``None``)."""
+        return self._values.get(channel, default)
+
+    def write(self, channel: str, data: Any) -> None:
+        """Send ``data`` on ``channel`` to the host.  Thread-safe.
+
+        Raises ``TypeError`` naming the type if ``data`` cannot be sent (nothing is
+        sent), :class:`ConnectionClosed` if the host is gone.
+        """
+        parts = frames.encode_value_frame(frames.DATA, channel, data)
+        self._live_conn().send_parts(parts)
+
+    def write_image(self, img: Any, channel: str = "image") -> None:
+        """Send a numpy image (H, W) or (H, W, C) on ``channel`` (default ``"image"``).
+
+        The pixels travel raw and zero-copy: do not modify ``img`` in place until the
+        next write returns.
+        """
+        self._check_image(img)
+        parts = frames.encode_value_frame(frames.DATA, channel, img, flags=frames.FLAG_IMAGE)
+        self._live_conn().send_parts(parts)
+
+    def _live_conn(self) -> Connection:
+        conn = self._conn
+        if conn is None or self.stopped:
+            self._check_open()
+            raise EndpointClosed(f"{self!r} is not connected")  # pragma: no cover
+        if conn.closed.is_set():
+            raise ConnectionClosed(
+                f"the connection to {self.addr}:{self._port} is closed "
+                f"({conn.error or 'the host closed it'})"
+            )
+        return conn
+
+    # -- loop thread ----------------------------------------------------------------------
+
+    def _store(self, conn: Connection, channel: str, value: Any) -> None:
+        conn.values[channel] = value
+        self._values[channel] = value
+
+    def __repr__(self) -> str:
+        state = "closed" if self.stopped else ("connected" if self.connected else "not connected")
+        name = f" name={self.name!r}" if self.name else ""
+        return f"<Client {self.addr}:{self._port}{name} {state}>"

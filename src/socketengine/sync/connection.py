@@ -1,0 +1,404 @@
+"""One peer connection in the threaded layer.
+
+Threading model: the endpoint's loop thread does all reading, the handshake and the
+closing; any thread may write.  A write encodes in the caller's thread (so bad values
+raise there, before anything is queued), appends the frame to this connection's send
+queue and, when the link is idle, sends it at once from the caller's thread.  When
+the socket's buffer is full, the rest stays queued and the loop thread sends it as the
+socket drains; frames written meanwhile are coalesced into the same ``sendmsg`` call.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Tuple
+
+from .. import frames
+from ..codec import Buffer
+from ..errors import (
+    ConnectionClosed,
+    HandshakeError,
+    ProtocolError,
+    SocketEngineError,
+    WriteTimeout,
+)
+from ..protocol import Protocol
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .endpoint import Endpoint
+
+logger = logging.getLogger("socketengine")
+
+_READ = selectors.EVENT_READ
+_WRITE = selectors.EVENT_WRITE
+# At most this many buffers go into one sendmsg call (Linux IOV_MAX is 1024).
+_IOV = 512
+# Reads per readiness event before the loop serves other sockets (fairness).
+_READS_PER_EVENT = 16
+
+DEFAULT_MAX_BUFFER = 256 * 1024 * 1024
+
+
+class Connection:
+    """A connection to one peer.
+
+    On a host these are the objects :meth:`Host.clients` returns.  Attributes:
+
+    * ``address`` -- the peer's ``(host, port)``;
+    * ``name`` -- the name the client gave (``Client(name=...)``), or ``None``;
+    * ``values`` -- the latest value received on each channel from this peer;
+    * ``connected_at`` -- ``time.time()`` when the connection was accepted;
+    * ``socket`` -- the underlying socket, for inspection only (the I/O thread owns it).
+    """
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        sock: socket.socket,
+        protocol: Protocol,
+        address: Tuple[Any, ...],
+    ) -> None:
+        self._endpoint = endpoint
+        self._loop = endpoint._loop
+        self.socket = sock
+        self.protocol = protocol
+        self.address = address
+        self.values: Dict[str, Any] = {}
+        self.connected_at = time.time()
+        self.closed_at: Optional[float] = None
+        self.error: Optional[BaseException] = None
+        self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)
+        self._queue: Deque[Buffer] = deque()
+        self._queued = 0
+        self._want_write = False
+        self._closing = False  # no more writes; BYE queued
+        self._closed = False
+        self._shut_wr = False
+        self.ready = threading.Event()  # handshake completed
+        self.closed = threading.Event()  # socket closed
+        self.settled = threading.Event()  # ready or closed, whichever came first
+        self._timer: Any = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.messages_in = 0
+        self.messages_out = 0
+
+    # -- public ---------------------------------------------------------------------
+
+    @property
+    def name(self) -> Optional[str]:
+        return self.protocol.peer_name
+
+    @property
+    def session(self) -> int:
+        """The id the host gave this connection (unique per host)."""
+        return self.protocol.session
+
+    @property
+    def is_open(self) -> bool:
+        """True between the end of the handshake and the start of closing."""
+        return self.ready.is_set() and not self._closing and not self._closed
+
+    def get(self, channel: str, default: Any = None) -> Any:
+        """The latest value this peer sent on ``channel``, or ``default``."""
+        return self.values.get(channel, default)
+
+    def write(self, channel: str, data: Any) -> None:
+        """Send ``data`` on ``channel`` to this peer only.  Thread-safe."""
+        parts = frames.encode_value_frame(frames.DATA, channel, data)
+        self.send_parts(parts)
+        self.messages_out += 1
+
+    def write_image(self, img: Any, channel: str = "image") -> None:
+        """Send a numpy image on ``channel`` (default ``"image"``) to this peer only."""
+        self.write(channel, self._endpoint._check_image(img))
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Close this connection gracefully: flush, say BYE, wait up to ``timeout`` s."""
+        linger = self._endpoint.timeout if timeout is None else timeout
+        self._loop.call_soon(self.begin_close, linger)
+        if not self._loop.in_thread():
+            self.closed.wait(linger + 1.0)
+
+    def __repr__(self) -> str:
+        state = "open" if self.is_open else ("closed" if self._closed else "handshake")
+        name = f" name={self.name!r}" if self.name else ""
+        return f"<Connection {self.address[0]}:{self.address[1]}{name} {state}>"
+
+    # -- sending (any thread) -----------------------------------------------------------
+
+    def send_parts(self, parts: List[Buffer], nbytes: Optional[int] = None) -> None:
+        """Queue a frame's parts and send what the socket takes now.  Thread-safe.
+
+        Blocks while more than ``max_buffer`` bytes are queued for this peer, up to the
+        endpoint's ``timeout``; then raises :class:`WriteTimeout` and sends nothing.
+        """
+        with self._lock:
+            if self._closing or self._closed:
+                raise ConnectionClosed(f"connection to {self._peer()} is closed")
+            if nbytes is None:
+                nbytes = frames.frame_size(parts)
+            if self._queued and self._queued + nbytes > self._endpoint.max_buffer:
+                self._wait_room(nbytes)
+            self._queue.extend(parts)
+            self._queued += nbytes
+            if self.ready.is_set() and not self._want_write:
+                self._flush_locked()
+
+    def _wait_room(self, nbytes: int) -> None:
+        deadline = time.monotonic() + self._endpoint.timeout
+        while self._queued and self._queued + nbytes > self._endpoint.max_buffer:
+            if self._closed or self._closing:
+                raise ConnectionClosed(f"connection to {self._peer()} closed while writing")
+            left = deadline - time.monotonic()
+            if left <= 0 or self._loop.in_thread():
+                raise WriteTimeout(
+                    f"{self._peer()} is not reading: {self._queued} bytes are already queued "
+                    f"(max_buffer={self._endpoint.max_buffer}); the write was not sent"
+                )
+            self._drained.wait(left)
+
+    def _send_raw(self, data: bytes) -> None:
+        """Queue protocol bytes (handshake, pong, bye) from the loop thread."""
+        with self._lock:
+            self._queue.append(data)
+            self._queued += len(data)
+            if not self._want_write:
+                self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        """Send queued parts until done or the socket would block (lock held)."""
+        queue = self._queue
+        sock = self.socket
+        while queue:
+            if len(queue) == 1:
+                batch: List[Buffer] = [queue[0]]
+            else:
+                batch = [queue[i] for i in range(min(len(queue), _IOV))]
+            try:
+                sent = sock.sendmsg(batch) if len(batch) > 1 else sock.send(batch[0])
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                # The reader side will see the failure too; close from the loop thread.
+                self.error = self.error or exc
+                queue.clear()
+                self._queued = 0
+                self._drained.notify_all()
+                self._loop.call_soon(self._lost, exc)
+                return
+            self.bytes_out += sent
+            self._queued -= sent
+            # Drop what was sent; keep the unsent tail of a partly sent buffer.
+            while sent:
+                head = queue[0]
+                size = len(head) if not isinstance(head, memoryview) else head.nbytes
+                if sent >= size:
+                    queue.popleft()
+                    sent -= size
+                else:
+                    queue[0] = memoryview(head).cast("B")[sent:]
+                    sent = 0
+            if queue and self._queue is queue:
+                # The socket is full: let the loop thread finish when it drains.
+                if not self._want_write:
+                    self._want_write = True
+                    if self._loop.in_thread():
+                        self._update_interest()
+                    else:
+                        self._loop.call_soon(self._update_interest)
+                break
+        if not queue:
+            self._drained.notify_all()
+            if self._closing and not self._shut_wr:
+                self._loop.call_soon(self._shutdown_write)
+
+    # -- loop thread ------------------------------------------------------------------
+
+    def _peer(self) -> str:
+        host, port = self.address[0], self.address[1]
+        return f"{self.name or 'peer'} at {host}:{port}"
+
+    def _update_interest(self) -> None:
+        if self._closed:
+            return
+        events = _READ | (_WRITE if self._want_write else 0)
+        try:
+            self._loop.modify(self.socket, events, self.on_event)
+        except (KeyError, ValueError, OSError):
+            pass
+
+    def attach(self) -> None:
+        """Register with the loop and send the protocol's opening bytes (loop thread)."""
+        self._loop.register(self.socket, _READ, self.on_event)
+        out = self.protocol.data_to_send()
+        if out:
+            self._send_raw(out)
+
+    def on_event(self, mask: int) -> None:
+        if mask & _WRITE and not self._closed:
+            with self._lock:
+                self._want_write = False
+                self._flush_locked()
+                if not self._want_write:
+                    self._update_interest()
+        if mask & _READ and not self._closed:
+            self._on_readable()
+
+    def _on_readable(self) -> None:
+        decoder = self.protocol.decoder
+        sock = self.socket
+        for _ in range(_READS_PER_EVENT):
+            buf = decoder.get_buffer()
+            size = len(buf)
+            try:
+                n = sock.recv_into(buf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._lost(exc)
+                return
+            finally:
+                buf.release()
+            if n == 0:
+                self._lost(None)
+                return
+            self.bytes_in += n
+            try:
+                decoder.buffer_updated(n)
+                if decoder.frames:
+                    self._process()
+            except (ProtocolError, HandshakeError) as exc:
+                self._fail(exc)
+                return
+            if self._closed or n < size:
+                return
+
+    def _process(self) -> None:
+        was_ready = self.ready.is_set()
+        try:
+            events = self.protocol.events()
+        finally:
+            out = self.protocol.data_to_send()
+            if out:
+                self._send_raw(out)
+        if not was_ready and self.protocol.is_open:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self.ready.set()
+            self.settled.set()
+            self._endpoint._on_ready(self)
+            with self._lock:
+                if self._queue and not self._want_write:
+                    self._flush_locked()
+        if events:
+            self._endpoint._dispatch(self, events)
+
+    def start_handshake_timer(self, seconds: float) -> None:
+        def expired() -> None:
+            if not self.ready.is_set() and not self._closed:
+                self._fail(
+                    HandshakeError(
+                        f"{self._peer()} did not complete the handshake within {seconds} s"
+                    )
+                )
+
+        self._timer = self._loop.call_later(seconds, expired)
+
+    def _fail(self, exc: BaseException) -> None:
+        """The peer broke the protocol: log, tell it why if we can, close."""
+        logger.warning("%s: closing connection to %s: %s", self._endpoint, self._peer(), exc)
+        self.error = exc
+        out = self.protocol.data_to_send()  # e.g. a REFUSE frame
+        if out:
+            try:
+                self.socket.send(out)
+            except OSError:
+                pass
+        self._finish()
+
+    def _lost(self, exc: Optional[BaseException]) -> None:
+        """The peer went away (EOF, reset)."""
+        if self._closed:
+            return
+        if exc is not None:
+            self.error = self.error or exc
+            logger.info("%s: connection to %s lost: %s", self._endpoint, self._peer(), exc)
+        elif not self.ready.is_set() and self.error is None:
+            self.error = HandshakeError(
+                f"{self._peer()} closed the connection during the handshake (does it expect "
+                "TLS or a token, or is it at its max_clients?)"
+            )
+        self._finish()
+
+    def begin_close(self, linger: float) -> None:
+        """Start a graceful close (loop thread): flush, BYE, half-close, await EOF."""
+        if self._closed:
+            return
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            if self.ready.is_set():
+                self._queue.append(b"".join(frames.encode_frame(frames.BYE)))
+                if not self._want_write:
+                    self._flush_locked()
+            else:
+                self._queue.clear()
+                self._queued = 0
+                self._loop.call_soon(self._shutdown_write)
+        self._timer = self._loop.call_later(max(linger, 0.0), self._finish)
+
+    def _shutdown_write(self) -> None:
+        if self._closed or self._shut_wr:
+            return
+        self._shut_wr = True
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._finish()
+
+    def _on_bye(self) -> None:
+        """The peer said BYE: it sends nothing more.  Finish our side and close."""
+        if not self._closing:
+            with self._lock:
+                self._closing = True
+                if not self._queue:
+                    self._loop.call_soon(self._finish)
+                    return
+            self._timer = self._loop.call_later(self._endpoint.timeout, self._finish)
+        elif self._shut_wr:
+            self._finish()
+
+    def _finish(self) -> None:
+        """Close the socket and tell the endpoint (loop thread, idempotent)."""
+        if self._closed:
+            return
+        with self._lock:
+            self._closed = True
+            self._closing = True
+            self._queue.clear()
+            self._queued = 0
+            self._drained.notify_all()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._loop.unregister(self.socket)
+        try:
+            self.socket.close()
+        except OSError:  # pragma: no cover
+            pass
+        self.closed_at = time.time()
+        self.closed.set()
+        self.settled.set()
+        try:
+            self._endpoint._on_closed(self)
+        except SocketEngineError:  # pragma: no cover
+            pass

@@ -1,0 +1,296 @@
+"""The threaded Host: listens, accepts clients, keeps their latest values."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import selectors
+import socket
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Union
+
+from .. import frames
+from ..compat import HostSeedNames
+from ..protocol import Protocol, Role
+from .connection import DEFAULT_MAX_BUFFER, Connection
+from .endpoint import Endpoint
+
+logger = logging.getLogger("socketengine")
+
+_ACCEPTS_PER_EVENT = 64
+
+
+def _listen(addr: str, port: int, backlog: int) -> socket.socket:
+    """Bind and listen on ``addr:port`` (IPv4 or IPv6), restart-friendly."""
+    infos = socket.getaddrinfo(addr or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        if hasattr(socket, "SO_REUSEADDR") and not hasattr(socket, "SO_EXCLUSIVEADDRUSE"):
+            # Lets a restarted host bind while old connections sit in TIME_WAIT; on
+            # POSIX this never lets two live hosts share a port.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        reason = (
+            "the port is in use by another program"
+            if exc.errno == errno.EADDRINUSE
+            else (exc.strerror or str(exc))
+        )
+        raise OSError(exc.errno, f"cannot listen on {addr}:{port}: {reason}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+class Host(HostSeedNames, Endpoint):
+    """A host that clients connect to.
+
+    :param addr: address to listen on.  ``'127.0.0.1'`` (default) accepts only this
+        machine; ``'0.0.0.0'`` (or ``'::'``) every interface -- do that only with
+        ``token=`` (and ``tls=`` on untrusted networks).
+    :param port: TCP port; ``0`` picks a free one, readable afterwards as :attr:`port`.
+    :param timeout: seconds that blocking calls may wait: a write to a client whose
+        send buffer is full, and the linger of :meth:`close`.
+    :param size: read-size hint in bytes (seed parameter); reads are
+        ``max(size, 65536)`` bytes so small values never cripple throughput.
+    :param open: bind and listen now (and start the I/O thread); ``False`` defers to
+        :meth:`open`.
+    :param max_clients: connections beyond this are refused with a REFUSE frame.
+    :param max_message: largest frame accepted from a client, bytes (default 64 MiB).
+    :param max_buffer: bytes that may wait unsent for one client before writes to it
+        block (up to ``timeout``) and then raise :class:`WriteTimeout`.
+    :param token: shared secret clients must prove they know (HMAC challenge).
+    :param handshake_timeout: seconds a new connection has to complete the handshake.
+    :param keep_departed: how many disconnected clients' latest values
+        :meth:`get_all` keeps reporting (oldest forgotten first).
+    """
+
+    _kind = "host"
+
+    def __init__(
+        self,
+        addr: str = "127.0.0.1",
+        port: int = 8080,
+        timeout: float = 2,
+        size: int = 256,
+        open: bool = True,
+        *,
+        max_clients: int = 1024,
+        max_message: int = frames.DEFAULT_MAX_MESSAGE,
+        max_buffer: int = DEFAULT_MAX_BUFFER,
+        token: Union[str, bytes, None] = None,
+        handshake_timeout: float = 10.0,
+        keep_departed: int = 64,
+        backlog: int = 128,
+    ) -> None:
+        super().__init__(
+            addr, port, timeout, size, token=token, max_message=max_message, max_buffer=max_buffer
+        )
+        self.max_clients = max_clients
+        self.handshake_timeout = handshake_timeout
+        self.keep_departed = keep_departed
+        self.backlog = backlog
+        self._listener: Optional[socket.socket] = None
+        self._sessions = itertools.count(1)
+        # Every accepted connection, in accept order, until it departs.
+        self._conns: Dict[int, Connection] = {}
+        # Departed clients whose values get_all() still reports (bounded, FIFO).
+        self._departed: OrderedDict[int, Connection] = OrderedDict()
+        self._latest: Dict[str, Any] = {}
+        if open:
+            self.open()
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def open(self) -> Host:
+        """Bind and listen on ``addr:port`` and start the I/O thread.
+
+        Raises ``OSError`` naming ``addr:port`` if it cannot bind (e.g. in use).
+        """
+        self._check_not_closed()
+        with self._state_lock:
+            if self.opened:
+                return self
+            self._listener = _listen(self.addr, self._port, self.backlog)
+            self._port = int(self._listener.getsockname()[1])
+            self._loop.register(self._listener, selectors.EVENT_READ, self._on_accept)
+            self._loop.start()
+            self.opened = True
+        logger.info("%r: listening", self)
+        return self
+
+    @property
+    def port(self) -> int:
+        """The TCP port (the real one once open, when constructed with ``port=0``)."""
+        return self._port
+
+    def close(self) -> None:
+        """Close every client connection gracefully (flush, BYE; up to ``timeout`` s),
+        stop listening and join the I/O thread.  Idempotent."""
+        with self._state_lock:
+            if self.stopped:
+                return
+            self.stopped = True
+            was_open = self.opened
+            self.opened = False
+        if not was_open:
+            self._loop.stop()
+            return
+        done = threading.Event()
+
+        def shut() -> None:
+            if self._listener is not None:
+                self._loop.unregister(self._listener)
+                self._listener.close()
+            for conn in list(self._conns.values()):
+                conn.begin_close(self.timeout)
+            done.set()
+
+        self._loop.call_soon(shut)
+        done.wait(self.timeout + 1.0)
+        deadline = time.monotonic() + self.timeout + 1.0
+        for conn in list(self._conns.values()):
+            conn.closed.wait(max(0.0, deadline - time.monotonic()))
+        self._loop.stop()
+        logger.info("%r: closed", self)
+
+    # -- reading ------------------------------------------------------------------------
+
+    def clients(self) -> List[Connection]:
+        """The connected clients (handshake done, not closed), in connection order."""
+        return [c for c in list(self._conns.values()) if c.is_open]
+
+    def get_client(self, name: str) -> Optional[Connection]:
+        """The connected client that gave ``name`` (the newest one), or ``None``."""
+        found = None
+        for conn in list(self._conns.values()):
+            if conn.name == name and conn.is_open:
+                found = conn
+        return found
+
+    def get(self, channel: str, default: Any = None) -> Any:
+        """The most recent value received on ``channel`` from any client, or ``default``."""
+        return self._latest.get(channel, default)
+
+    def get_all(self, channel: str) -> List[Any]:
+        """The latest value on ``channel`` from each client, in connection order.
+
+        Includes clients that have disconnected, up to ``keep_departed`` of them
+        (the most recently departed), so a client that writes and closes at once is
+        still seen.  ``[]`` when no client sent on ``channel``.
+        """
+        sessions = list(self._conns.items()) + list(self._departed.items())
+        sessions.sort(key=lambda item: item[0])
+        out = []
+        for _, conn in sessions:
+            values = conn.values
+            if channel in values:
+                out.append(values[channel])
+        return out
+
+    # -- writing ------------------------------------------------------------------------
+
+    def write_all(self, channel: str, data: Any) -> int:
+        """Send ``data`` on ``channel`` to every connected client; return how many.
+
+        The value is encoded once (``TypeError`` before anything is sent).  Thread-safe.
+        """
+        self._check_open()
+        parts = frames.encode_value_frame(frames.DATA, channel, data)
+        nbytes = frames.frame_size(parts)
+        sent = 0
+        for conn in self.clients():
+            try:
+                conn.send_parts(parts, nbytes)
+                conn.messages_out += 1
+                sent += 1
+            except ConnectionError as exc:
+                logger.info("%r: write_all skipped %r: %s", self, conn, exc)
+        return sent
+
+    def write_image_all(self, img: Any, channel: str = "image") -> int:
+        """Send a numpy image to every connected client on ``channel`` (default "image")."""
+        self._check_image(img)
+        self._check_open()
+        parts = frames.encode_value_frame(frames.DATA, channel, img, flags=frames.FLAG_IMAGE)
+        nbytes = frames.frame_size(parts)
+        sent = 0
+        for conn in self.clients():
+            try:
+                conn.send_parts(parts, nbytes)
+                conn.messages_out += 1
+                sent += 1
+            except ConnectionError as exc:
+                logger.info("%r: write_image_all skipped %r: %s", self, conn, exc)
+        return sent
+
+    # -- loop thread ----------------------------------------------------------------------
+
+    def _on_accept(self, mask: int) -> None:
+        listener = self._listener
+        if listener is None:
+            return
+        for _ in range(_ACCEPTS_PER_EVENT):
+            try:
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. EMFILE: too many open files
+                logger.error("%r: accept failed: %s", self, exc)
+                return
+            sock.setblocking(False)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:  # pragma: no cover
+                pass
+            protocol = Protocol(
+                Role.HOST,
+                token=self._token,
+                max_message=self.max_message,
+                read_size=self.read_size,
+                session=next(self._sessions),
+            )
+            conn = Connection(self, sock, protocol, address)
+            if len(self._conns) >= self.max_clients:
+                protocol.refuse(f"the host is full (max_clients={self.max_clients})", "full")
+                try:
+                    sock.send(protocol.data_to_send())
+                except OSError:
+                    pass
+                sock.close()
+                logger.warning("%r: refused %s:%s: max_clients reached", self, *address[:2])
+                continue
+            self._conns[protocol.session] = conn
+            conn.attach()
+            conn.start_handshake_timer(self.handshake_timeout)
+
+    def _store(self, conn: Connection, channel: str, value: Any) -> None:
+        conn.values[channel] = value
+        self._latest[channel] = value
+
+    def _on_ready(self, conn: Connection) -> None:
+        logger.info("%r: client %r connected", self, conn)
+        if conn.name is not None:
+            # A named client that reconnects replaces its departed record.
+            for session, old in list(self._departed.items()):
+                if old.name == conn.name:
+                    del self._departed[session]
+
+    def _on_closed(self, conn: Connection) -> None:
+        self._conns.pop(conn.session, None)
+        if not conn.ready.is_set():
+            return  # never completed the handshake: nothing to remember
+        logger.info("%r: client %r disconnected", self, conn)
+        if conn.values and self.keep_departed > 0:
+            self._departed[conn.session] = conn
+            while len(self._departed) > self.keep_departed:
+                self._departed.popitem(last=False)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.stopped else ("open" if self.opened else "not open")
+        return f"<Host {self.addr}:{self.port} {state} clients={len(self._conns)}>"

@@ -1,0 +1,171 @@
+"""The one I/O thread of an endpoint: a selector loop with thread-safe calls and timers.
+
+Every socket of an endpoint (the listening socket and every connection) is served by
+this one thread, so a host with a thousand clients runs on a constant number of
+threads.  Other threads never touch the selector: they hand work to the loop with
+:meth:`Loop.call_soon`, which wakes it through a socketpair.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import selectors
+import socket
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Deque, List, Optional, Tuple
+
+logger = logging.getLogger("socketengine")
+
+Handler = Callable[[int], None]
+
+
+class TimerHandle:
+    """A scheduled call; :meth:`cancel` stops it from running."""
+
+    __slots__ = ("when", "fn", "cancelled")
+
+    def __init__(self, when: float, fn: Callable[[], None]) -> None:
+        self.when = when
+        self.fn = fn
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Loop:
+    """A selector loop running in one daemon thread named ``name``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        self._calls: Deque[Tuple[Callable[..., Any], Tuple[Any, ...]]] = deque()
+        self._timers: List[Tuple[float, int, TimerHandle]] = []
+        self._seq = itertools.count()
+        self._woken = False
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def in_thread(self) -> bool:
+        """True when called from the loop's own thread."""
+        return threading.current_thread() is self._thread
+
+    def stop(self, timeout: Optional[float] = 5.0) -> None:
+        """Stop the loop after the calls already queued have run, and join its thread."""
+        self.call_soon(self._set_stopping)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():  # pragma: no cover - only if a handler hangs
+                logger.warning("%s: I/O thread did not stop within %ss", self.name, timeout)
+        if thread is None or not thread.is_alive():
+            self._close_selector()
+
+    def _set_stopping(self) -> None:
+        self._stopping = True
+
+    def _close_selector(self) -> None:
+        try:
+            self.selector.close()
+        except Exception:  # pragma: no cover
+            pass
+        self._wake_r.close()
+        self._wake_w.close()
+
+    # -- cross-thread calls and timers ----------------------------------------------
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the loop thread (thread-safe, returns at once)."""
+        self._calls.append((fn, args))
+        self.wake()
+
+    def wake(self) -> None:
+        if not self._woken:
+            self._woken = True
+            try:
+                self._wake_w.send(b"\0")
+            except (BlockingIOError, OSError):
+                pass
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> TimerHandle:
+        """Run ``fn()`` on the loop thread after ``delay`` seconds (loop thread only)."""
+        handle = TimerHandle(time.monotonic() + delay, fn)
+        heapq.heappush(self._timers, (handle.when, next(self._seq), handle))
+        return handle
+
+    def _on_wake(self, mask: int) -> None:
+        self._woken = False
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    # -- registration (loop thread, or before start) --------------------------------
+
+    def register(self, sock: Any, events: int, handler: Handler) -> None:
+        self.selector.register(sock, events, handler)
+
+    def modify(self, sock: Any, events: int, handler: Handler) -> None:
+        self.selector.modify(sock, events, handler)
+
+    def unregister(self, sock: Any) -> None:
+        try:
+            self.selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+
+    # -- the loop -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        select = self.selector.select
+        calls = self._calls
+        timers = self._timers
+        try:
+            while not self._stopping:
+                timeout: Optional[float] = None
+                if calls:
+                    timeout = 0
+                elif timers:
+                    timeout = max(0.0, timers[0][0] - time.monotonic())
+                for key, mask in select(timeout):
+                    try:
+                        key.data(mask)
+                    except Exception:  # a handler must never kill the I/O thread
+                        logger.exception("%s: error in I/O handler", self.name)
+                while calls:
+                    fn, args = calls.popleft()
+                    try:
+                        fn(*args)
+                    except Exception:
+                        logger.exception("%s: error in loop call %r", self.name, fn)
+                if timers:
+                    now = time.monotonic()
+                    while timers and timers[0][0] <= now:
+                        handle = heapq.heappop(timers)[2]
+                        if not handle.cancelled:
+                            try:
+                                handle.fn()
+                            except Exception:
+                                logger.exception("%s: error in timer %r", self.name, handle.fn)
+        finally:
+            self._close_selector()
