@@ -39,6 +39,10 @@ _PAD = bytes(_ALIGN)
 _ARRAY_KINDS = frozenset("biufcmMSU")
 _INT64_MIN = -(1 << 63)
 _UINT64_MAX = (1 << 64) - 1
+# Tuples nest msgpack documents (one unpackb call per level), and each unpackb call
+# keeps a ~40 KB parse stack on the C stack: about 200 levels overflow an 8 MB stack and
+# kill the process (measured).  Both sides refuse deeper tuples; lists/dicts do not count.
+MAX_TUPLE_DEPTH = 32
 
 
 def _numpy() -> Any:
@@ -93,10 +97,16 @@ class _Encoder:
         finally:
             self.depth -= 1
 
+    def _tuple(self, obj: Any) -> msgpack.ExtType:
+        if self.depth >= MAX_TUPLE_DEPTH:
+            # The receiver would refuse it (see MAX_TUPLE_DEPTH): fail here, where it is clear.
+            raise ValueError(f"value is nested too deeply to send (tuples > {MAX_TUPLE_DEPTH})")
+        return msgpack.ExtType(EXT_TUPLE, self._pack_nested(list(obj)))
+
     def _default(self, obj: Any) -> Any:
         t = type(obj)
         if t is tuple:
-            return msgpack.ExtType(EXT_TUPLE, self._pack_nested(list(obj)))
+            return self._tuple(obj)
         np = _numpy()
         if np is not None:
             if isinstance(obj, np.ndarray):
@@ -111,7 +121,7 @@ class _Encoder:
             if isinstance(obj, base):
                 return base(obj)  # type: ignore[arg-type]
         if isinstance(obj, tuple):
-            return msgpack.ExtType(EXT_TUPLE, self._pack_nested(list(obj)))
+            return self._tuple(obj)
         raise TypeError(
             f"socketengine cannot send a value of type {t.__module__}.{t.__qualname__}: "
             "send None, bool, int, float, str, bytes, list, tuple, dict or a numpy array "
@@ -155,18 +165,24 @@ class _Encoder:
 
 
 def _widen(value: Any) -> Any:
-    """Copy of ``value`` with ints outside the 64-bit range replaced by EXT_BIGINT values."""
-    t = type(value)
-    if t is int:
+    """Copy of ``value`` with ints outside the 64-bit range replaced by EXT_BIGINT values.
+
+    isinstance, not type(): subclasses (IntEnum, OrderedDict, namedtuple) travel as their
+    base type, so a big int inside (or being) one must be widened too.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
         if _INT64_MIN <= value <= _UINT64_MAX:
             return value
+        value = int(value)
         length = (value.bit_length() + 8) // 8
         return msgpack.ExtType(EXT_BIGINT, value.to_bytes(length, "big", signed=True))
-    if t is list:
+    if isinstance(value, list):
         return [_widen(v) for v in value]
-    if t is tuple:
+    if isinstance(value, tuple):
         return tuple(_widen(v) for v in value)
-    if t is dict:
+    if isinstance(value, dict):
         return {_widen(k): _widen(v) for k, v in value.items()}
     return value
 
@@ -192,10 +208,15 @@ def _decode_error(msg: str) -> ValueError:
     return ValueError(msg)
 
 
-def _make_ext_hook(data: Buffer | None) -> Callable[[int, bytes], Any]:
+def _make_ext_hook(data: Buffer | None, depth: int = 0) -> Callable[[int, bytes], Any]:
+    # ``depth`` is the number of enclosing tuples; a hook per level (not a shared
+    # counter) keeps the module-level hook stateless and thread-safe.
     def ext_hook(code: int, payload: bytes) -> Any:
         if code == EXT_TUPLE:
-            items = msgpack.unpackb(payload, ext_hook=ext_hook, raw=False, strict_map_key=False)
+            if depth >= MAX_TUPLE_DEPTH:
+                raise _decode_error(f"tuples are nested more than {MAX_TUPLE_DEPTH} deep")
+            inner = _make_ext_hook(data, depth + 1)
+            items = msgpack.unpackb(payload, ext_hook=inner, raw=False, strict_map_key=False)
             if type(items) is not list:
                 raise _decode_error("tuple extension does not hold an array")
             return tuple(items)
@@ -238,6 +259,10 @@ def _decode_array(payload: bytes, data: Buffer | None) -> Any:
     if type(head) is not list or len(head) not in (4, 5):
         raise _decode_error("array header is not a 4- or 5-item array")
     dtype = _dtype(np, head[0])
+    if dtype.itemsize == 0:
+        # No real array has one ('S0' arrays become 'S1'), and np.empty would size it at
+        # 1 byte per element: a 30-byte header could allocate gigabytes.
+        raise _decode_error(f"array dtype {head[0]!r} has no size")
     shape, offset, nbytes = head[1], head[2], head[3]
     if (
         type(shape) is not list
@@ -269,6 +294,9 @@ def _decode_scalar(payload: bytes) -> Any:
     if type(head) is not list or len(head) != 2 or type(head[1]) is not bytes:
         raise _decode_error("numpy scalar is not [dtype, bytes]")
     dtype = _dtype(np, head[0])
+    if dtype.itemsize == 0:
+        # np.str_("") / np.bytes_(b""): a sizeless dtype whose tobytes() is padding.
+        return dtype.type()
     if len(head[1]) != dtype.itemsize:
         raise _decode_error("numpy scalar size does not match its dtype")
     return np.frombuffer(head[1], dtype=dtype)[0]

@@ -68,6 +68,10 @@ DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
 # their own (zero-copy) rather than cut out of the shared stream buffer.
 _OWN_BUFFER = 64 * 1024
 _MIN_READ = 64 * 1024
+# Received channel names are cached process-wide, and any peer (even one that never
+# completes the handshake) chooses them: only short ones are kept, so the cache stays
+# under ~2 MB instead of 4096 names of up to 64 KiB each.
+_CACHED_NAME_MAX = 256
 
 
 class Frame(NamedTuple):
@@ -162,6 +166,10 @@ class FrameDecoder:
         one raises :class:`MessageTooBig` as soon as its header arrives.
     :param read_size: minimum free space offered to each receive call, in bytes.
     :param expect_preamble: the stream starts with the 8-byte preamble.
+
+    :attr:`pause_after_handshake`: stop parsing after each handshake frame (type below
+    ``DATA``) until :meth:`resume`, so that the owner can raise ``max_message`` in reply
+    to it before the next frame (often a large one, right behind WELCOME) is sized.
     """
 
     def __init__(
@@ -183,6 +191,8 @@ class FrameDecoder:
         self._body_head: Optional[tuple] = None
         self.frames: List[Frame] = []
         self.bytes_received = 0
+        self.pause_after_handshake = False
+        self._paused = False  # parsing stopped after a handshake frame, until resume()
 
     # -- the BufferedProtocol-style interface ---------------------------------------
 
@@ -225,6 +235,13 @@ class FrameDecoder:
             self.buffer_updated(n)
         return self.take()
 
+    def resume(self) -> List[Frame]:
+        """Parse the bytes held back by :attr:`pause_after_handshake`; return new frames."""
+        self._paused = False
+        if self._body is None:
+            self._parse()
+        return self.take()
+
     def take(self) -> List[Frame]:
         """Return and forget the frames decoded so far."""
         frames = self.frames
@@ -251,6 +268,8 @@ class FrameDecoder:
             self._w = pending
 
     def _parse(self) -> None:
+        if self._paused:
+            return  # bytes received meanwhile wait for resume(), under the new limit
         buf = self._buf
         if self._need_preamble:
             if self._w - self._r < len(PREAMBLE):
@@ -297,9 +316,13 @@ class FrameDecoder:
             p += clen
             meta = bytes(buf[p : p + mlen])
             p += mlen
-            data = bytes(buf[p : p + dlen]) if dlen else None
+            # A bytearray (not bytes) so that arrays decoded from it are writable.
+            data = buf[p : p + dlen] if dlen else None
             append(Frame(ftype, flags, channel, fid, meta, data))
             r += total
+            if ftype < DATA and self.pause_after_handshake:
+                self._paused = True
+                break
         if r == w:
             r = w = 0
             self._w = 0
@@ -315,6 +338,6 @@ class FrameDecoder:
                 name = raw.decode("utf-8")
             except UnicodeDecodeError:
                 raise ProtocolError("channel name is not valid UTF-8") from None
-            if len(self._names) < 4096:
+            if length <= _CACHED_NAME_MAX and len(self._names) < 4096:
                 self._names[raw] = name
         return name

@@ -107,6 +107,9 @@ class Protocol:
         # Before the handshake completes, frames are tiny: a small limit stops a peer
         # that has not proven anything from making us allocate max_message bytes.
         self.decoder = frames.FrameDecoder(min(max_message, 64 * 1024), read_size)
+        # ... and the frames behind the one that opens the connection must be sized
+        # against max_message, not that small limit (events() resumes the decoder).
+        self.decoder.pause_after_handshake = True
         self._max_message = max_message
         self._out: List[bytes] = [frames.PREAMBLE]
         if role is Role.CLIENT:
@@ -146,13 +149,16 @@ class Protocol:
                 return self._filter(received)
             return received
         out: List[Frame] = []
-        for i, frame in enumerate(received):
-            if self.state is State.OPEN:
-                out.extend(self._filter(received[i:]))
-                break
-            if self.state is State.CLOSED:
-                break
-            self._handshake(frame)
+        while received:
+            for i, frame in enumerate(received):
+                if self.state is State.OPEN:
+                    out.extend(self._filter(received[i:]))
+                    break
+                if self.state is State.CLOSED:
+                    return out
+                self._handshake(frame)
+            # The decoder paused after the handshake frame; parse what follows it.
+            received = self.decoder.resume()
         return out
 
     def _filter(self, received: List[Frame]) -> List[Frame]:
@@ -174,6 +180,7 @@ class Protocol:
     def _open(self) -> None:
         self.state = State.OPEN
         self.decoder.max_message = self._max_message
+        self.decoder.pause_after_handshake = False
 
     def _handshake(self, frame: Frame) -> None:
         t = frame.type

@@ -18,6 +18,7 @@ from ..errors import (
 from ..protocol import Protocol, Role
 from .connection import DEFAULT_MAX_BUFFER, Connection
 from .endpoint import Endpoint
+from .loop import Loop
 
 logger = logging.getLogger("socketengine")
 
@@ -104,7 +105,13 @@ class Client(ClientSeedNames, Endpoint):
                 return self
             sock = self._connect()
             self._loop.start()
-            conn = self._handshake(sock)
+            try:
+                conn = self._handshake(sock)
+            except BaseException:
+                # Leave no thread behind; a later open() starts a fresh loop.
+                self._loop.stop()
+                self._loop = Loop(self._loop.name)
+                raise
             self._conn = conn
             self.opened = True
         logger.info("%r: connected", self)

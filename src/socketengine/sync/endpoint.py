@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, List, Union
+from typing import Any, List, TypeVar, Union
 
 from .. import frames
 from ..errors import EndpointClosed
@@ -14,6 +14,8 @@ from .connection import Connection
 from .loop import Loop
 
 logger = logging.getLogger("socketengine")
+
+_E = TypeVar("_E", bound="Endpoint")
 
 #: Read size floor, bytes: the seed's 256-byte reads would cripple throughput.
 MIN_READ_SIZE = 64 * 1024
@@ -66,7 +68,7 @@ class Endpoint:
             raise ValueError("timeout must be a number of seconds >= 0")
         self.timeout = float(time)
 
-    def start(self) -> Endpoint:
+    def start(self: _E) -> _E:
         """Open the endpoint if it is not open yet; return it (so calls can chain).
 
         The I/O thread already runs from ``open()``: data is received and stored
@@ -78,7 +80,7 @@ class Endpoint:
         self.started = True
         return self
 
-    def __enter__(self) -> Endpoint:
+    def __enter__(self: _E) -> _E:
         if not self.opened:
             self.start()
         return self

@@ -113,12 +113,16 @@ class Loop:
         return handle
 
     def _on_wake(self, mask: int) -> None:
-        self._woken = False
+        # Drain first, then clear the flag: clearing first would let a wake() that
+        # lands between the two leave the flag set with its byte already drained,
+        # and every later wake() would be skipped.  A call queued before the flag is
+        # cleared still runs: queued calls are run after this handler.
         try:
             while self._wake_r.recv(4096):
                 pass
         except (BlockingIOError, OSError):
             pass
+        self._woken = False
 
     # -- registration (loop thread, or before start) --------------------------------
 

@@ -1,0 +1,53 @@
+import threading
+import time
+from typing import Any, Callable, Iterator, List
+
+import pytest
+
+from socketengine import Client, Host
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.002)
+
+
+@pytest.fixture
+def host() -> Iterator[Host]:
+    h = Host(port=0)
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def make_client(host: Host) -> Iterator[Callable[..., Client]]:
+    made: List[Client] = []
+
+    def make(**kwargs: Any) -> Client:
+        kwargs.setdefault("port", host.port)
+        c = Client(**kwargs)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    """Every test must join the I/O threads it started."""
+    before = {t for t in threading.enumerate() if t.name.startswith("socketengine")}
+    yield
+    wait_for(
+        lambda: {t for t in threading.enumerate() if t.name.startswith("socketengine")} <= before,
+        timeout=10,
+        what="socketengine threads to stop",
+    )

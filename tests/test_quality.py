@@ -1,0 +1,36 @@
+"""The linter and the type checker over src/, as part of the test command."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [sys.executable, "-m", "ruff", "check", "src"],
+        [sys.executable, "-m", "ruff", "format", "--check", "src"],
+        [sys.executable, "-m", "mypy", "src"],
+    ],
+    ids=["ruff-check", "ruff-format", "mypy"],
+)
+def test_static_checks_pass(command: list) -> None:
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=170)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_demo_runs() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "socketengine", "demo"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "get_all('test') -> ['client is connected!']" in result.stdout
+    assert "identical: True" in result.stdout
