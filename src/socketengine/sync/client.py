@@ -183,6 +183,8 @@ class Client(ClientSeedNames, Endpoint):
         if conn is not None:
             conn.close(self.timeout)
         self._loop.stop()
+        self._release_waiters()
+        self._dispatcher.stop(self.timeout)
         logger.info("%r: closed", self)
 
     # -- reading and writing ------------------------------------------------------------
@@ -209,6 +211,16 @@ class Client(ClientSeedNames, Endpoint):
         self._check_image(img)
         parts = frames.encode_value_frame(frames.DATA, channel, img, flags=frames.FLAG_IMAGE)
         self._live_conn().send_parts(parts)
+
+    def request(self, channel: str, data: Any, timeout: Optional[float] = 5.0) -> Any:
+        """Send ``data`` as a request on ``channel``; block for and return the reply.
+
+        The host's ``on(channel)`` callback's return value is the reply.  Raises
+        :class:`RemoteError` if that callback raised or there is none,
+        ``TimeoutError`` after ``timeout`` s, :class:`ConnectionClosed` if the
+        connection is lost first.  Never hangs.
+        """
+        return self._live_conn().request(channel, data, timeout)
 
     def _live_conn(self) -> Connection:
         conn = self._conn

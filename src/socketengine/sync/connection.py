@@ -10,6 +10,7 @@ socket drains; frames written meanwhile are coalesced into the same ``sendmsg`` 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import selectors
 import socket
@@ -24,10 +25,12 @@ from ..errors import (
     ConnectionClosed,
     HandshakeError,
     ProtocolError,
+    RemoteError,
     SocketEngineError,
     WriteTimeout,
 )
 from ..protocol import Protocol
+from .delivery import Pausable, Waiter
 
 if TYPE_CHECKING:  # pragma: no cover
     from .endpoint import Endpoint
@@ -44,7 +47,21 @@ _READS_PER_EVENT = 16
 DEFAULT_MAX_BUFFER = 256 * 1024 * 1024
 
 
-class Connection:
+class _Reply(Waiter):
+    """A request waiting for its reply (filled by the loop thread)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.error: Optional[BaseException] = None
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.event.set()
+
+
+class Connection(Pausable):
     """A connection to one peer.
 
     On a host these are the objects :meth:`Host.clients` returns.  Attributes:
@@ -80,6 +97,12 @@ class Connection:
         self._closing = False  # no more writes; BYE queued
         self._closed = False
         self._shut_wr = False
+        self._bye_sent = False
+        self._eof = False  # the peer will send nothing more (BYE or FIN received)
+        self._pauses = 0  # reasons to stop reading (full subscriptions, callback backlog)
+        self._registered = False
+        self._requests: Dict[int, _Reply] = {}
+        self._request_ids = itertools.count(1)
         self.ready = threading.Event()  # handshake completed
         self.closed = threading.Event()  # socket closed
         self.settled = threading.Event()  # ready or closed, whichever came first
@@ -117,7 +140,72 @@ class Connection:
 
     def write_image(self, img: Any, channel: str = "image") -> None:
         """Send a numpy image on ``channel`` (default ``"image"``) to this peer only."""
-        self.write(channel, self._endpoint._check_image(img))
+        self._endpoint._check_image(img)
+        self.send_parts(
+            frames.encode_value_frame(frames.DATA, channel, img, flags=frames.FLAG_IMAGE)
+        )
+        self.messages_out += 1
+
+    def request(self, channel: str, data: Any, timeout: Optional[float] = 5.0) -> Any:
+        """Send ``data`` as a request on ``channel`` and return the peer's reply.
+
+        The reply is the return value of the peer's ``on(channel)`` callback.  Raises
+        :class:`RemoteError` if that callback raised (or there is none),
+        ``TimeoutError`` after ``timeout`` seconds (``None``: no limit), and
+        :class:`ConnectionClosed` if the connection is lost first.  Thread-safe.
+        """
+        rid = next(self._request_ids) & 0xFFFFFFFF or next(self._request_ids)
+        parts = frames.encode_value_frame(frames.REQUEST, channel, data, fid=rid)
+        reply = _Reply()
+        self._requests[rid] = reply
+        try:
+            self.send_parts(parts)
+            if not reply.event.wait(timeout):
+                raise TimeoutError(
+                    f"no reply from {self._peer()} to a request on {channel!r} within {timeout} s"
+                )
+        finally:
+            self._requests.pop(rid, None)
+        if reply.error is not None:
+            raise reply.error
+        return reply.item
+
+    def _on_reply(self, frame: frames.Frame) -> None:
+        """A REPLY or REPLY_ERROR arrived (loop thread)."""
+        reply = self._requests.get(frame.id)
+        if reply is None:
+            logger.debug("%s: late or unknown reply id %d ignored", self._endpoint, frame.id)
+            return
+        value = frame.value()
+        if frame.type == frames.REPLY:
+            reply.set(value)
+        else:
+            reply.fail(RemoteError(str(value)))
+
+    # -- flow control (any thread) ---------------------------------------------------
+
+    def pause_reading(self) -> None:
+        """Stop reading from this peer until :meth:`resume_reading` (counted)."""
+        self._call(self._pause, 1)
+
+    def resume_reading(self) -> None:
+        """Undo one :meth:`pause_reading`."""
+        self._call(self._pause, -1)
+
+    def _call(self, fn: Any, *args: Any) -> None:
+        if self._loop.in_thread():
+            fn(*args)
+        else:
+            self._loop.call_soon(fn, *args)
+
+    def _pause(self, delta: int) -> None:
+        self._pauses = max(0, self._pauses + delta)
+        self._update_interest()
+
+    @property
+    def reading_paused(self) -> bool:
+        """True while backpressure stops this connection from being read."""
+        return self._pauses > 0
 
     def close(self, timeout: Optional[float] = None) -> None:
         """Close this connection gracefully: flush, say BYE, wait up to ``timeout`` s."""
@@ -164,9 +252,17 @@ class Connection:
                 )
             self._drained.wait(left)
 
+    def _queue_parts(self, parts: List[Buffer]) -> None:
+        """Queue a frame without sending it yet (loop thread, before ``ready``)."""
+        with self._lock:
+            self._queue.extend(parts)
+            self._queued += frames.frame_size(parts)
+
     def _send_raw(self, data: bytes) -> None:
         """Queue protocol bytes (handshake, pong, bye) from the loop thread."""
         with self._lock:
+            if self._bye_sent or self._closed:
+                return  # nothing may follow our BYE
             self._queue.append(data)
             self._queued += len(data)
             if not self._want_write:
@@ -216,7 +312,9 @@ class Connection:
                 break
         if not queue:
             self._drained.notify_all()
-            if self._closing and not self._shut_wr:
+            if self._eof:
+                self._loop.call_soon(self._finish)  # the peer is done, and so are we
+            elif self._bye_sent and not self._shut_wr:
                 self._loop.call_soon(self._shutdown_write)
 
     # -- loop thread ------------------------------------------------------------------
@@ -226,17 +324,27 @@ class Connection:
         return f"{self.name or 'peer'} at {host}:{port}"
 
     def _update_interest(self) -> None:
+        """Tell the selector what to wait for (loop thread)."""
         if self._closed:
             return
-        events = _READ | (_WRITE if self._want_write else 0)
+        events = (0 if self._pauses or self._eof else _READ) | (_WRITE if self._want_write else 0)
         try:
-            self._loop.modify(self.socket, events, self.on_event)
+            if not events:
+                if self._registered:
+                    self._loop.unregister(self.socket)
+                    self._registered = False
+            elif self._registered:
+                self._loop.modify(self.socket, events, self.on_event)
+            else:
+                self._loop.register(self.socket, events, self.on_event)
+                self._registered = True
         except (KeyError, ValueError, OSError):
             pass
 
     def attach(self) -> None:
         """Register with the loop and send the protocol's opening bytes (loop thread)."""
         self._loop.register(self.socket, _READ, self.on_event)
+        self._registered = True
         out = self.protocol.data_to_send()
         if out:
             self._send_raw(out)
@@ -248,7 +356,7 @@ class Connection:
                 self._flush_locked()
                 if not self._want_write:
                     self._update_interest()
-        if mask & _READ and not self._closed:
+        if mask & _READ and not self._closed and not self._pauses and not self._eof:
             self._on_readable()
 
     def _on_readable(self) -> None:
@@ -267,7 +375,7 @@ class Connection:
             finally:
                 buf.release()
             if n == 0:
-                self._lost(None)
+                self._on_eof()
                 return
             self.bytes_in += n
             try:
@@ -277,7 +385,7 @@ class Connection:
             except (ProtocolError, HandshakeError) as exc:
                 self._fail(exc)
                 return
-            if self._closed or n < size:
+            if self._closed or self._pauses or self._eof or n < size:
                 return
 
     def _process(self) -> None:
@@ -292,9 +400,8 @@ class Connection:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            self.ready.set()
+            self._endpoint._on_ready(self)  # sets self.ready (host: after queuing retained values)
             self.settled.set()
-            self._endpoint._on_ready(self)
             with self._lock:
                 if self._queue and not self._want_write:
                     self._flush_locked()
@@ -313,16 +420,27 @@ class Connection:
         self._timer = self._loop.call_later(seconds, expired)
 
     def _fail(self, exc: BaseException) -> None:
-        """The peer broke the protocol: log, tell it why if we can, close."""
+        """The peer broke the protocol: log, close (a REFUSE is already queued, if any)."""
         logger.warning("%s: closing connection to %s: %s", self._endpoint, self._peer(), exc)
         self.error = exc
-        out = self.protocol.data_to_send()  # e.g. a REFUSE frame
-        if out:
-            try:
-                self.socket.send(out)
-            except OSError:
-                pass
+        with self._lock:
+            if self._queue and not self._want_write:
+                self._flush_locked()  # best effort: tell the peer why
         self._finish()
+
+    def _on_eof(self) -> None:
+        """The peer closed its sending side (loop thread)."""
+        if not self.ready.is_set() or not self._closing:
+            self._lost(None)  # no BYE either way: the peer went away
+            return
+        # A graceful close: flush what is still owed to the peer, then close.
+        self._eof = True
+        with self._lock:
+            done = not self._queue
+        if done:
+            self._finish()
+        else:
+            self._update_interest()  # stop reading; the last flush finishes
 
     def _lost(self, exc: Optional[BaseException]) -> None:
         """The peer went away (EOF, reset)."""
@@ -339,13 +457,17 @@ class Connection:
         self._finish()
 
     def begin_close(self, linger: float) -> None:
-        """Start a graceful close (loop thread): flush, BYE, half-close, await EOF."""
+        """Start a graceful close (loop thread): flush, BYE, half-close, await EOF.
+
+        After ``linger`` seconds the socket is closed whatever is left unsent.
+        """
         if self._closed:
             return
         with self._lock:
-            if self._closing:
+            if self._bye_sent:
                 return
             self._closing = True
+            self._bye_sent = True
             if self.ready.is_set():
                 self._queue.append(b"".join(frames.encode_frame(frames.BYE)))
                 if not self._want_write:
@@ -354,6 +476,8 @@ class Connection:
                 self._queue.clear()
                 self._queued = 0
                 self._loop.call_soon(self._shutdown_write)
+        if self._timer is not None:
+            self._timer.cancel()
         self._timer = self._loop.call_later(max(linger, 0.0), self._finish)
 
     def _shutdown_write(self) -> None:
@@ -366,16 +490,17 @@ class Connection:
             self._finish()
 
     def _on_bye(self) -> None:
-        """The peer said BYE: it sends nothing more.  Finish our side and close."""
-        if not self._closing:
-            with self._lock:
-                self._closing = True
-                if not self._queue:
-                    self._loop.call_soon(self._finish)
-                    return
+        """The peer said BYE: it sends nothing more.  Flush what we owe it, then close."""
+        self._eof = True
+        with self._lock:
+            self._closing = True  # no new writes
+            done = not self._queue
+        if done:
+            self._loop.call_soon(self._finish)
+            return
+        self._update_interest()
+        if self._timer is None:
             self._timer = self._loop.call_later(self._endpoint.timeout, self._finish)
-        elif self._shut_wr:
-            self._finish()
 
     def _finish(self) -> None:
         """Close the socket and tell the endpoint (loop thread, idempotent)."""
@@ -390,12 +515,18 @@ class Connection:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._loop.unregister(self.socket)
+        if self._registered:
+            self._loop.unregister(self.socket)
+            self._registered = False
         try:
             self.socket.close()
         except OSError:  # pragma: no cover
             pass
         self.closed_at = time.time()
+        for reply in list(self._requests.values()):
+            reply.fail(
+                ConnectionClosed(f"the connection to {self._peer()} closed before it replied")
+            )
         self.closed.set()
         self.settled.set()
         try:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, List, TypeVar, Union
+from typing import Any, Callable, Dict, List, Optional, TypeVar, Union
 
 from .. import frames
-from ..errors import EndpointClosed
+from ..errors import EndpointClosed, SocketEngineError
 from ..frames import Frame
 from ..protocol import token_bytes
 from .connection import Connection
+from .delivery import Dispatcher, Subscription, Waiter
 from .loop import Loop
 
 logger = logging.getLogger("socketengine")
@@ -49,6 +50,13 @@ class Endpoint:
         self.max_buffer = int(max_buffer)
         self._token = token_bytes(token)
         self._loop = Loop(f"socketengine-{self._kind}")
+        self._dispatcher = Dispatcher(f"socketengine-{self._kind}")
+        # Registrations are replaced, never mutated, so the loop thread reads them
+        # without a lock; _watch_lock serialises writers (and the waiter lists).
+        self._watch_lock = threading.Lock()
+        self._callbacks: Dict[str, List[Callable[..., Any]]] = {}
+        self._subs: Dict[str, List[Subscription]] = {}
+        self._waiters: Dict[str, List[Waiter]] = {}
         self._state_lock = threading.Lock()
         self.opened = False
         self.stopped = False
@@ -116,10 +124,162 @@ class Endpoint:
             raise TypeError(f"an image must have a numeric dtype, not {img.dtype}")
         return img
 
+    # -- delivery: callbacks, wait, subscribe -------------------------------------------
+
+    def _item(self, value: Any, conn: Connection) -> Any:
+        """What waiters and subscriptions get: the value (client) or (value, conn) (host)."""
+        return value
+
+    def _call_handler(self, fn: Callable[..., Any], value: Any, conn: Connection) -> Any:
+        """Call a user callback with the role's signature: fn(data) or fn(data, conn)."""
+        return fn(value)
+
+    def on(self, channel: str, fn: Optional[Callable[..., Any]] = None) -> Any:
+        """Call ``fn`` for every message on ``channel``; usable as ``@endpoint.on(ch)``.
+
+        Callbacks run on a callback thread (never the I/O thread), in arrival order for
+        each connection.  An exception in a callback is logged and changes nothing
+        else.  For a request on ``channel``, the first callback's return value is the
+        reply (see :meth:`request`).
+        """
+        frames.channel_bytes(channel)  # validates the name
+
+        def register(func: Callable[..., Any]) -> Callable[..., Any]:
+            if not callable(func):
+                raise TypeError(f"on() needs a callable, not {type(func).__qualname__}")
+            with self._watch_lock:
+                self._callbacks[channel] = [*self._callbacks.get(channel, ()), func]
+            return func
+
+        return register if fn is None else register(fn)
+
+    def off(self, channel: str, fn: Optional[Callable[..., Any]] = None) -> None:
+        """Remove ``fn`` (or every callback) registered with :meth:`on` for ``channel``."""
+        with self._watch_lock:
+            kept = [f for f in self._callbacks.get(channel, ()) if fn is not None and f != fn]
+            if kept:
+                self._callbacks[channel] = kept
+            else:
+                self._callbacks.pop(channel, None)
+
+    def wait(self, channel: str, timeout: Optional[float] = None) -> Any:
+        """Block until the next value arrives on ``channel`` after this call; return it.
+
+        On a host the result is ``(data, conn)``.  Raises ``TimeoutError`` after
+        ``timeout`` seconds (``None``: wait forever) and :class:`EndpointClosed` if the
+        endpoint closes first.
+        """
+        frames.channel_bytes(channel)
+        self._check_not_closed()
+        waiter = Waiter()
+        with self._watch_lock:
+            self._waiters.setdefault(channel, []).append(waiter)
+        if not waiter.event.wait(timeout):
+            with self._watch_lock:
+                waiting = self._waiters.get(channel, [])
+                if waiter in waiting:
+                    waiting.remove(waiter)
+                    if not waiting:
+                        del self._waiters[channel]
+            if not waiter.event.is_set():
+                raise TimeoutError(f"no message on {channel!r} within {timeout} s")
+        if waiter.item is _CLOSED:
+            raise EndpointClosed(f"{self!r} closed while waiting on {channel!r}")
+        return waiter.item
+
+    def subscribe(self, channel: str, maxsize: int = 10_000) -> Subscription:
+        """Receive **every** message on ``channel``, in order, from now on.
+
+        Returns a :class:`Subscription`: iterate it or call ``get(timeout)``; on a host
+        items are ``(data, conn)``.  When ``maxsize`` messages wait unread, reading the
+        sending connection pauses (TCP backpressure slows the sender): nothing is
+        dropped and memory stays bounded.
+        """
+        frames.channel_bytes(channel)
+        self._check_not_closed()
+        sub = Subscription(channel, maxsize, self._unsubscribe)
+        with self._watch_lock:
+            self._subs[channel] = [*self._subs.get(channel, ()), sub]
+        return sub
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        with self._watch_lock:
+            kept = [s for s in self._subs.get(sub.channel, ()) if s is not sub]
+            if kept:
+                self._subs[sub.channel] = kept
+            else:
+                self._subs.pop(sub.channel, None)
+
+    def _deliver(self, conn: Connection, channel: str, value: Any) -> None:
+        """Hand a received value to waiters, subscriptions and callbacks (loop thread)."""
+        if channel in self._waiters:
+            with self._watch_lock:
+                waiting = self._waiters.pop(channel, ())
+            item = self._item(value, conn)
+            for waiter in waiting:
+                waiter.set(item)
+        subs = self._subs.get(channel)
+        if subs:
+            item = self._item(value, conn)
+            for sub in subs:
+                sub.put(item, conn)
+        callbacks = self._callbacks.get(channel)
+        if callbacks:
+            self._dispatcher.submit(conn, self._run_callbacks, callbacks, value, conn)
+
+    def _run_callbacks(
+        self, callbacks: List[Callable[..., Any]], value: Any, conn: Connection
+    ) -> None:
+        for fn in callbacks:
+            try:
+                self._call_handler(fn, value, conn)
+            except Exception:
+                logger.exception("%r: callback %r raised (ignored)", self, fn)
+
+    def _answer(self, conn: Connection, channel: str, rid: int, value: Any) -> None:
+        """Run the request handler on a callback thread and send its reply."""
+        callbacks = self._callbacks.get(channel)
+        ftype, reply = frames.REPLY, None
+        if not callbacks:
+            ftype = frames.REPLY_ERROR
+            reply = f"no handler for requests on channel {channel!r}"
+        else:
+            try:
+                reply = self._call_handler(callbacks[0], value, conn)
+            except Exception as exc:
+                ftype, reply = frames.REPLY_ERROR, f"{type(exc).__name__}: {exc}"
+            for fn in callbacks[1:]:
+                try:
+                    self._call_handler(fn, value, conn)
+                except Exception:
+                    logger.exception("%r: callback %r raised (ignored)", self, fn)
+        try:
+            parts = frames.encode_value_frame(ftype, channel, reply, fid=rid)
+        except (TypeError, ValueError) as exc:
+            parts = frames.encode_value_frame(
+                frames.REPLY_ERROR, channel, f"the reply could not be sent: {exc}", fid=rid
+            )
+        try:
+            conn.send_parts(parts)
+        except (ConnectionError, SocketEngineError) as exc:
+            logger.info("%r: reply to %r not sent: %s", self, conn, exc)
+
+    def _release_waiters(self) -> None:
+        """Wake every wait() and end every subscription (endpoint closing)."""
+        with self._watch_lock:
+            waiting = [w for ws in self._waiters.values() for w in ws]
+            self._waiters.clear()
+            subs = [s for ss in self._subs.values() for s in ss]
+        for waiter in waiting:
+            waiter.set(_CLOSED)
+        for sub in subs:
+            sub.close()
+
     # -- loop-thread callbacks from connections -----------------------------------------
 
     def _on_ready(self, conn: Connection) -> None:
-        """Handshake completed (loop thread)."""
+        """Handshake completed (loop thread); must set ``conn.ready``."""
+        conn.ready.set()
 
     def _on_closed(self, conn: Connection) -> None:
         """Connection closed (loop thread)."""
@@ -133,25 +293,30 @@ class Endpoint:
 
         A malformed value raises ``ProtocolError``, which closes ``conn`` only.
         """
+        watched = self._callbacks or self._subs or self._waiters
         for frame in events:
             t = frame.type
             if t == frames.DATA:
                 value = frame.value()
                 conn.messages_in += 1
                 self._store(conn, frame.channel, value)
+                if watched:
+                    self._deliver(conn, frame.channel, value)
+            elif t == frames.REQUEST:
+                value = frame.value()
+                conn.messages_in += 1
+                self._dispatcher.submit(conn, self._answer, conn, frame.channel, frame.id, value)
+            elif t == frames.REPLY or t == frames.REPLY_ERROR:
+                conn._on_reply(frame)
             elif t == frames.BYE:
                 conn._on_bye()
                 return
-            elif t == frames.REQUEST:
-                conn._send_raw(
-                    b"".join(
-                        frames.encode_value_frame(
-                            frames.REPLY_ERROR,
-                            frame.channel,
-                            f"no handler for requests on channel {frame.channel!r}",
-                            fid=frame.id,
-                        )
-                    )
-                )
             else:
                 logger.debug("%r: ignoring frame type 0x%02x", self, t)
+
+
+class _Closed:
+    """Marker handed to waiters when the endpoint closes."""
+
+
+_CLOSED = _Closed()

@@ -10,10 +10,11 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 from .. import frames
 from ..compat import HostSeedNames
+from ..errors import SocketEngineError
 from ..protocol import Protocol, Role
 from .connection import DEFAULT_MAX_BUFFER, Connection
 from .endpoint import Endpoint
@@ -102,6 +103,10 @@ class Host(HostSeedNames, Endpoint):
         # Departed clients whose values get_all() still reports (bounded, FIFO).
         self._departed: OrderedDict[int, Connection] = OrderedDict()
         self._latest: Dict[str, Any] = {}
+        self._retained: Dict[str, List[Any]] = {}
+        self._retain_lock = threading.Lock()
+        self._on_connect: List[Callable[[Connection], Any]] = []
+        self._on_disconnect: List[Callable[[Connection], Any]] = []
         if open:
             self.open()
 
@@ -140,6 +145,7 @@ class Host(HostSeedNames, Endpoint):
             self.opened = False
         if not was_open:
             self._loop.stop()
+            self._release_waiters()
             return
         done = threading.Event()
 
@@ -157,6 +163,8 @@ class Host(HostSeedNames, Endpoint):
         for conn in list(self._conns.values()):
             conn.closed.wait(max(0.0, deadline - time.monotonic()))
         self._loop.stop()
+        self._release_waiters()
+        self._dispatcher.stop(self.timeout)
         logger.info("%r: closed", self)
 
     # -- reading ------------------------------------------------------------------------
@@ -195,29 +203,41 @@ class Host(HostSeedNames, Endpoint):
 
     # -- writing ------------------------------------------------------------------------
 
-    def write_all(self, channel: str, data: Any) -> int:
+    def write_all(self, channel: str, data: Any, retain: bool = False) -> int:
         """Send ``data`` on ``channel`` to every connected client; return how many.
 
-        The value is encoded once (``TypeError`` before anything is sent).  Thread-safe.
+        The value is encoded once (``TypeError`` before anything is sent).  With
+        ``retain=True`` the host also keeps it and sends it to every client that
+        connects later, right after its handshake (like MQTT's retained messages; for
+        configuration and state).  Thread-safe.
         """
         self._check_open()
         parts = frames.encode_value_frame(frames.DATA, channel, data)
-        nbytes = frames.frame_size(parts)
-        sent = 0
-        for conn in self.clients():
-            try:
-                conn.send_parts(parts, nbytes)
-                conn.messages_out += 1
-                sent += 1
-            except ConnectionError as exc:
-                logger.info("%r: write_all skipped %r: %s", self, conn, exc)
-        return sent
+        if not retain:
+            return self._send_all(parts)
+        head = parts[0]
+        replay = [bytes((head[0], frames.FLAG_RETAINED)) + head[2:], *parts[1:]]
+        with self._retain_lock:  # see _on_ready: no client misses or reorders it
+            self._retained[channel] = replay
+            return self._send_all(parts)
+
+    def clear_retained(self, channel: Optional[str] = None) -> None:
+        """Forget the retained value of ``channel`` (``None``: of every channel)."""
+        with self._retain_lock:
+            if channel is None:
+                self._retained.clear()
+            else:
+                self._retained.pop(channel, None)
 
     def write_image_all(self, img: Any, channel: str = "image") -> int:
         """Send a numpy image to every connected client on ``channel`` (default "image")."""
         self._check_image(img)
         self._check_open()
-        parts = frames.encode_value_frame(frames.DATA, channel, img, flags=frames.FLAG_IMAGE)
+        return self._send_all(
+            frames.encode_value_frame(frames.DATA, channel, img, flags=frames.FLAG_IMAGE)
+        )
+
+    def _send_all(self, parts: List[Any]) -> int:
         nbytes = frames.frame_size(parts)
         sent = 0
         for conn in self.clients():
@@ -225,9 +245,40 @@ class Host(HostSeedNames, Endpoint):
                 conn.send_parts(parts, nbytes)
                 conn.messages_out += 1
                 sent += 1
-            except ConnectionError as exc:
-                logger.info("%r: write_image_all skipped %r: %s", self, conn, exc)
+            except (ConnectionError, SocketEngineError) as exc:
+                logger.info("%r: not sent to %r: %s", self, conn, exc)
         return sent
+
+    # -- callbacks ----------------------------------------------------------------------
+
+    def on_connect(self, fn: Callable[[Connection], Any]) -> Callable[[Connection], Any]:
+        """Call ``fn(conn)`` when a client completes its handshake (usable as a decorator).
+
+        Runs on a callback thread, before any callback for that client's messages.
+        """
+        self._on_connect = [*self._on_connect, fn]
+        return fn
+
+    def on_disconnect(self, fn: Callable[[Connection], Any]) -> Callable[[Connection], Any]:
+        """Call ``fn(conn)`` when a client's connection closes (usable as a decorator).
+
+        Runs on a callback thread, after the callbacks for that client's messages.
+        """
+        self._on_disconnect = [*self._on_disconnect, fn]
+        return fn
+
+    def _item(self, value: Any, conn: Connection) -> Any:
+        return (value, conn)
+
+    def _call_handler(self, fn: Callable[..., Any], value: Any, conn: Connection) -> Any:
+        return fn(value, conn)
+
+    def _notify(self, hooks: List[Callable[[Connection], Any]], conn: Connection) -> None:
+        for fn in hooks:
+            try:
+                fn(conn)
+            except Exception:
+                logger.exception("%r: connection callback %r raised (ignored)", self, fn)
 
     # -- loop thread ----------------------------------------------------------------------
 
@@ -257,13 +308,12 @@ class Host(HostSeedNames, Endpoint):
             )
             conn = Connection(self, sock, protocol, address)
             if len(self._conns) >= self.max_clients:
-                protocol.refuse(f"the host is full (max_clients={self.max_clients})", "full")
-                try:
-                    sock.send(protocol.data_to_send())
-                except OSError:
-                    pass
-                sock.close()
+                # Say why, then close gracefully (reading until the client hangs up), so
+                # the REFUSE is not lost to a TCP reset.
                 logger.warning("%r: refused %s:%s: max_clients reached", self, *address[:2])
+                protocol.refuse(f"the host is full (max_clients={self.max_clients})", "full")
+                conn.attach()
+                conn.begin_close(min(self.timeout, 2.0))
                 continue
             self._conns[protocol.session] = conn
             conn.attach()
@@ -274,7 +324,16 @@ class Host(HostSeedNames, Endpoint):
         self._latest[channel] = value
 
     def _on_ready(self, conn: Connection) -> None:
+        # Retained values go first, and the connection becomes visible to write_all()
+        # under the same lock write_all(retain=True) holds: a value retained meanwhile is
+        # either in this replay or written to the (now visible) connection after it.
+        with self._retain_lock:
+            for parts in self._retained.values():
+                conn._queue_parts(parts)
+            conn.ready.set()
         logger.info("%r: client %r connected", self, conn)
+        if self._on_connect:
+            self._dispatcher.submit(conn, self._notify, self._on_connect, conn)
         if conn.name is not None:
             # A named client that reconnects replaces its departed record.
             for session, old in list(self._departed.items()):
@@ -286,6 +345,8 @@ class Host(HostSeedNames, Endpoint):
         if not conn.ready.is_set():
             return  # never completed the handshake: nothing to remember
         logger.info("%r: client %r disconnected", self, conn)
+        if self._on_disconnect:
+            self._dispatcher.submit(conn, self._notify, self._on_disconnect, conn)
         if conn.values and self.keep_departed > 0:
             self._departed[conn.session] = conn
             while len(self._departed) > self.keep_departed:

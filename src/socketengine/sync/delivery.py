@@ -1,0 +1,249 @@
+"""Delivery to the user in the threaded layer: callbacks, waiters, subscriptions.
+
+The loop thread never runs user code.  It hands callbacks to a :class:`Dispatcher`:
+a few worker threads (created on first use) that run each connection's callbacks
+serially, in arrival order, while different connections' callbacks may run in
+parallel -- so a slow callback delays only its own connection's later callbacks.
+
+Backpressure instead of loss: when a connection has ``pause_at`` callbacks waiting, or
+a :class:`Subscription` is full, the loop stops reading that connection until the
+backlog drains; TCP then slows the sender down.  Nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
+
+logger = logging.getLogger("socketengine")
+
+Task = Tuple[Callable[..., Any], Tuple[Any, ...]]
+
+
+class Pausable:
+    """What the delivery objects need of a connection (implemented by Connection)."""
+
+    def pause_reading(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def resume_reading(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class Dispatcher:
+    """Runs callbacks off the I/O thread, serially per key (connection).
+
+    :param name: thread name prefix.
+    :param workers: most worker threads (created lazily, kept until :meth:`stop`).
+    :param pause_at: pending callbacks for one key at which its connection stops
+        being read; reading resumes when half of them have run.
+    """
+
+    def __init__(self, name: str, workers: int = 4, pause_at: int = 10_000) -> None:
+        self.name = name
+        self.max_workers = workers
+        self.pause_at = pause_at
+        self._cond = threading.Condition()
+        self._queues: Dict[Any, Deque[Task]] = {}
+        self._ready: Deque[Any] = deque()  # keys with work and no worker on them
+        self._running: Set[Any] = set()  # keys queued in _ready or being run
+        self._paused: Set[Any] = set()
+        self._threads: List[threading.Thread] = []
+        self._idle = 0
+        self._stopping = False
+
+    def submit(self, key: Pausable, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue ``fn(*args)`` behind everything already queued for ``key``."""
+        with self._cond:
+            if self._stopping:
+                return
+            queue = self._queues.get(key)
+            if queue is None:
+                queue = self._queues[key] = deque()
+            queue.append((fn, args))
+            if len(queue) >= self.pause_at and key not in self._paused:
+                self._paused.add(key)
+                key.pause_reading()
+            if key not in self._running:
+                self._running.add(key)
+                self._ready.append(key)
+                if self._idle:
+                    self._cond.notify()
+                elif len(self._threads) < self.max_workers:
+                    t = threading.Thread(
+                        target=self._work,
+                        name=f"{self.name}-callbacks-{len(self._threads) + 1}",
+                        daemon=True,
+                    )
+                    self._threads.append(t)
+                    t.start()
+
+    def pending(self, key: Any) -> int:
+        queue = self._queues.get(key)
+        return len(queue) if queue else 0
+
+    def _work(self) -> None:
+        cond = self._cond
+        while True:
+            with cond:
+                while not self._ready:
+                    if self._stopping:
+                        return
+                    self._idle += 1
+                    cond.wait()
+                    self._idle -= 1
+                key = self._ready.popleft()
+                queue = self._queues[key]
+                batch = [queue.popleft() for _ in range(min(len(queue), 64))]
+            for fn, args in batch:
+                try:
+                    fn(*args)
+                except Exception:
+                    logger.exception("%s: a callback raised (ignored)", self.name)
+            with cond:
+                if key in self._paused and len(queue) <= self.pause_at // 2:
+                    self._paused.discard(key)
+                    key.resume_reading()
+                if queue:
+                    self._ready.append(key)
+                else:
+                    del self._queues[key]
+                    self._running.discard(key)
+                    cond.notify_all()  # for drain()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every queued callback has run (or ``timeout`` s passed)."""
+        deadline = time.monotonic() + timeout
+        me = threading.current_thread()
+        with self._cond:
+            if me in self._threads:
+                return not self._queues
+            while self._running:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Run what is queued (up to ``timeout`` s), then end the worker threads."""
+        self.drain(timeout)
+        with self._cond:
+            self._stopping = True
+            self._queues.clear()
+            self._ready.clear()
+            self._cond.notify_all()
+        me = threading.current_thread()
+        for t in self._threads:
+            if t is not me:
+                t.join(timeout)
+
+
+class Waiter:
+    """One blocked ``wait()`` call: filled by the loop thread with the next value."""
+
+    __slots__ = ("event", "item")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.item: Any = None
+
+    def set(self, item: Any) -> None:
+        self.item = item
+        self.event.set()
+
+
+class Subscription:
+    """Every message on one channel, in order, from the moment it was made.
+
+    Iterate it (``for data in sub:``) or call :meth:`get`; :meth:`close` ends it.  On a
+    host the items are ``(data, conn)``.  When ``maxsize`` items are waiting, the
+    connections that keep sending are no longer read until the subscriber catches up
+    (TCP backpressure): nothing is dropped, and at most one read's worth of messages
+    beyond ``maxsize`` is held.
+    """
+
+    def __init__(self, channel: str, maxsize: int, on_close: Callable[[Subscription], None]):
+        if maxsize < 1:
+            raise ValueError("maxsize must be at least 1")
+        self.channel = channel
+        self.maxsize = maxsize
+        self._items: Deque[Any] = deque()
+        self._cond = threading.Condition()
+        self._paused: Set[Pausable] = set()
+        self._closed = False
+        self._on_close = on_close
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: Any, source: Pausable) -> None:
+        """Add an item (loop thread); pause ``source`` if this makes the queue full."""
+        with self._cond:
+            if self._closed:
+                return
+            self._items.append(item)
+            if len(self._items) >= self.maxsize and source not in self._paused:
+                self._paused.add(source)
+                source.pause_reading()
+            self._cond.notify()
+
+    def get(self, timeout: Optional[float] = None) -> Any:
+        """The next item; raises ``TimeoutError`` after ``timeout`` s, or
+        :class:`~socketengine.EndpointClosed` once closed and empty."""
+        from ..errors import EndpointClosed
+
+        with self._cond:
+            if not self._items:
+                deadline = None if timeout is None else time.monotonic() + timeout
+                while not self._items:
+                    if self._closed:
+                        raise EndpointClosed(f"subscription to {self.channel!r} is closed")
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise TimeoutError(f"no message on {self.channel!r} within {timeout} s")
+                    self._cond.wait(left)
+            item = self._items.popleft()
+            if self._paused and len(self._items) <= self.maxsize // 2:
+                for source in self._paused:
+                    source.resume_reading()
+                self._paused.clear()
+            return item
+
+    def __iter__(self) -> Iterator[Any]:
+        from ..errors import EndpointClosed
+
+        while True:
+            try:
+                yield self.get()
+            except EndpointClosed:
+                return
+
+    def close(self) -> None:
+        """Stop receiving; iteration ends once the items already queued are read."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            for source in self._paused:
+                source.resume_reading()
+            self._paused.clear()
+            self._cond.notify_all()
+        self._on_close(self)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Subscription {self.channel!r} {state} queued={len(self._items)}>"

@@ -1,0 +1,321 @@
+"""Delivery API of the threaded layer: on, wait, subscribe, request, retain, hooks."""
+
+import logging
+import threading
+
+import pytest
+from conftest import wait_for
+
+from socketengine import (
+    Client,
+    ConnectionClosed,
+    EndpointClosed,
+    Host,
+    RemoteError,
+    WriteTimeout,
+)
+
+
+def test_callbacks_on_both_sides_run_off_the_io_thread(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
+    seen_host: list = []
+    seen_client: list = []
+
+    @host.on("up")
+    def on_up(data, conn):  # type: ignore[no-untyped-def]
+        seen_host.append((data, conn, threading.current_thread().name))
+
+    c = make_client(name="cb")
+    c.on("down", lambda data: seen_client.append((data, threading.current_thread().name)))
+    c.write("up", 1)
+    wait_for(lambda: seen_host)
+    data, conn, thread = seen_host[0]
+    assert data == 1 and conn is host.get_client("cb") and conn in host.clients()
+    assert thread.startswith("socketengine-host-callbacks")
+    host.write_all("down", "x")
+    wait_for(lambda: seen_client)
+    assert seen_client[0][0] == "x"
+    assert seen_client[0][1].startswith("socketengine-client-callbacks")
+
+
+def test_callbacks_keep_arrival_order(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
+    got: list = []
+    host.on("seq", lambda data, conn: got.append(data))
+    c = make_client()
+    for i in range(5000):
+        c.write("seq", i)
+    wait_for(lambda: len(got) == 5000)
+    assert got == list(range(5000))
+
+
+def test_a_raising_callback_is_logged_and_changes_nothing(host: Host, make_client, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level(logging.ERROR, logger="socketengine")
+    good: list = []
+
+    @host.on("ch")
+    def bad(data, conn):  # type: ignore[no-untyped-def]
+        raise RuntimeError("boom")
+
+    host.on("ch", lambda data, conn: good.append(data))
+    c = make_client()
+    c.write("ch", 1)
+    c.write("ch", 2)
+    wait_for(lambda: good == [1, 2])
+    assert any("boom" in (r.exc_text or "") for r in caplog.records)
+    c.write("after", 3)
+    wait_for(lambda: host.get("after") == 3)
+
+
+def test_a_slow_callback_stalls_neither_reading_nor_other_clients(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
+    release = threading.Event()
+    fast: list = []
+
+    @host.on("slow")
+    def slow(data, conn):  # type: ignore[no-untyped-def]
+        release.wait(10)
+
+    host.on("fast", lambda data, conn: fast.append(data))
+    a, b = make_client(), make_client()
+    a.write("slow", 0)
+    for i in range(100):
+        a.write("value", i)
+    wait_for(lambda: host.get("value") == 99)  # reading goes on
+    b.write("fast", "ok")
+    wait_for(lambda: fast == ["ok"])  # another client's callbacks go on
+    release.set()
+
+
+def test_off_removes_callbacks(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
+    got: list = []
+
+    def fn(data, conn):  # type: ignore[no-untyped-def]
+        got.append(data)
+
+    host.on("a", fn)
+    host.off("a", fn)
+    c = make_client()
+    c.write("a", 1)
+    wait_for(lambda: host.get("a") == 1)
+    assert host._dispatcher.drain(5)
+    assert got == []
+
+
+def test_wait_returns_the_next_value(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
+    c = make_client(name="w")
+    c.write("v", "old")
+    wait_for(lambda: host.get("v") == "old")
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(host.wait("v", timeout=10)))
+    t.start()
+    wait_for(lambda: host._waiters.get("v"), what="the waiter to register")
+    c.write("v", "new")
+    t.join(10)
+    data, conn = result[0]
+    assert data == "new" and conn.name == "w"
+    with pytest.raises(TimeoutError):
+        host.wait("v", timeout=0.05)
+    assert "v" not in host._waiters  # a timed-out waiter is removed
+
+    t2 = threading.Thread(target=lambda: result.append(c.wait("reply", timeout=10)))
+    t2.start()
+    wait_for(lambda: c._waiters.get("reply"))
+    host.write_all("reply", [1])
+    t2.join(10)
+    assert result[1] == [1]
+
+
+def test_wait_is_released_by_close() -> None:
+    h = Host(port=0)
+    errors: list = []
+
+    def waiter() -> None:
+        try:
+            h.wait("never", timeout=10)
+        except EndpointClosed as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    wait_for(lambda: h._waiters.get("never"))
+    h.close()
+    t.join(10)
+    assert errors
+
+
+def test_subscribe_gets_every_message_in_order(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
+    n = 100_000
+    sub = host.subscribe("stream")
+    c = make_client()
+    for i in range(n):
+        c.write("stream", i)
+    got = [sub.get(timeout=10) for _ in range(n)]
+    assert [d for d, _ in got] == list(range(n))
+    assert all(conn is got[0][1] for _, conn in got)
+    with pytest.raises(TimeoutError):
+        sub.get(timeout=0.01)
+    sub.close()
+    assert list(sub) == []
+
+
+def test_client_subscription_iterates_until_closed(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
+    c = make_client()
+    sub = c.subscribe("news")
+    wait_for(lambda: host.clients())
+    for i in range(10):
+        host.write_all("news", i)
+    got = []
+    for item in sub:
+        got.append(item)
+        if len(got) == 10:
+            sub.close()
+    assert got == list(range(10))
+
+
+def test_a_full_subscription_pauses_the_sender_and_loses_nothing(host: Host) -> None:
+    sub = host.subscribe("bulk", maxsize=50)
+    c = Client(port=host.port, max_buffer=1 << 20, timeout=0.3)
+    payload = b"x" * 65536
+    sent = 0
+    try:
+        for i in range(20_000):  # bounded: the sender must stall long before this
+            c.write("bulk", [i, payload])
+            sent += 1
+    except WriteTimeout:
+        pass
+    assert sent < 20_000, "the sender never felt backpressure"
+    conn = host.clients()[0]
+    assert conn.reading_paused
+    assert len(sub) < 50 + 64  # bounded: maxsize plus at most one read's worth
+    for i in range(sent):
+        data, _ = sub.get(timeout=10)
+        assert data[0] == i and data[1] == payload
+    wait_for(lambda: not conn.reading_paused)
+    c.write("bulk", ["after", b""])
+    assert sub.get(timeout=10)[0] == ["after", b""]
+    c.close()
+
+
+def test_request_reply_both_directions(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
+    @host.on("add")
+    def add(data, conn):  # type: ignore[no-untyped-def]
+        return sum(data)
+
+    c = make_client(name="r")
+
+    @c.on("name")
+    def name(data):  # type: ignore[no-untyped-def]
+        return f"I am r, you said {data}"
+
+    assert c.request("add", [1, 2, 3]) == 6
+    assert c.request("add", (4, 5), timeout=None) == 9
+    conn = wait_for(lambda: host.get_client("r"))
+    assert conn.request("name", "hi") == "I am r, you said hi"
+
+
+def test_request_errors(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
+    release = threading.Event()
+
+    @host.on("fail")
+    def fail(data, conn):  # type: ignore[no-untyped-def]
+        raise ValueError(f"bad input {data}")
+
+    @host.on("slow")
+    def slow(data, conn):  # type: ignore[no-untyped-def]
+        release.wait(10)
+        return "late"
+
+    host.on("unsendable", lambda data, conn: {1, 2})
+    c = make_client()
+    with pytest.raises(RemoteError, match="ValueError: bad input 7"):
+        c.request("fail", 7)
+    with pytest.raises(RemoteError, match="no handler"):
+        c.request("nobody", 1)
+    with pytest.raises(RemoteError, match="could not be sent"):
+        c.request("unsendable", 1)
+    with pytest.raises(TimeoutError):
+        c.request("slow", 1, timeout=0.1)
+    release.set()
+    with pytest.raises(TypeError):
+        c.request("fail", {1})
+    assert c.request("slow", 2) == "late"  # the late reply to the timed-out one is ignored
+
+
+def test_request_to_a_peer_that_disconnects(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
+    started = threading.Event()
+    release = threading.Event()
+
+    @host.on("hang")
+    def hang(data, conn):  # type: ignore[no-untyped-def]
+        started.set()
+        release.wait(10)
+
+    c = make_client()
+    errors: list = []
+
+    def ask() -> None:
+        try:
+            c.request("hang", 1, timeout=20)
+        except ConnectionError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=ask)
+    t.start()
+    assert started.wait(10)
+    host.clients()[0].close(timeout=1)
+    t.join(10)
+    release.set()
+    assert errors and isinstance(errors[0], ConnectionClosed)
+
+
+def test_retained_values_reach_late_clients(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
+    host.write_all("config", {"rate": 30}, retain=True)
+    host.write_all("volatile", 1)
+    c = make_client()
+    wait_for(lambda: c.get("config") == {"rate": 30})
+    assert c.get("volatile") is None
+    host.write_all("config", {"rate": 60}, retain=True)
+    wait_for(lambda: c.get("config") == {"rate": 60})
+    late = make_client()
+    wait_for(lambda: late.get("config") == {"rate": 60})
+    host.clear_retained("config")
+    assert make_client().get("config") is None
+
+
+def test_retained_values_race_with_new_clients() -> None:
+    """Clients connecting while the retained value changes end with the newest one."""
+    with Host(port=0) as h:
+        clients = []
+        for i in range(10):
+            h.write_all("state", i, retain=True)
+            clients.append(Client(port=h.port))
+        h.write_all("state", "final", retain=True)
+        for c in clients:
+            wait_for(lambda c=c: c.get("state") == "final")
+            c.close()
+
+
+def test_on_connect_and_on_disconnect(host: Host) -> None:
+    events: list = []
+    host.on_connect(lambda conn: events.append(("connect", conn.name)))
+
+    @host.on_disconnect
+    def gone(conn):  # type: ignore[no-untyped-def]
+        events.append(("disconnect", conn.name))
+
+    with Client(port=host.port, name="cam-1"):
+        wait_for(lambda: events == [("connect", "cam-1")])
+    wait_for(lambda: events == [("connect", "cam-1"), ("disconnect", "cam-1")])
+
+
+def test_callback_threads_are_bounded_and_joined() -> None:
+    h = Host(port=0)
+    h.on("x", lambda data, conn: None)
+    clients = [Client(port=h.port) for _ in range(12)]
+    for c in clients:
+        c.write("x", 1)
+    wait_for(lambda: len(h.get_all("x")) == 12)
+    workers = [t for t in threading.enumerate() if "host-callbacks" in t.name]
+    assert 1 <= len(workers) <= 4
+    for c in clients:
+        c.close()
+    h.close()
+    assert not any(t.is_alive() for t in workers)
