@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 from .. import frames
 from ..compat import ClientSeedNames
@@ -66,9 +66,17 @@ class Client(ClientSeedNames, Endpoint):
         max_message: int = frames.DEFAULT_MAX_MESSAGE,
         max_buffer: int = DEFAULT_MAX_BUFFER,
         handshake_timeout: float = 10.0,
+        heartbeat: Optional[float] = 5.0,
     ) -> None:
         super().__init__(
-            addr, port, timeout, size, token=token, max_message=max_message, max_buffer=max_buffer
+            addr,
+            port,
+            timeout,
+            size,
+            token=token,
+            max_message=max_message,
+            max_buffer=max_buffer,
+            heartbeat=heartbeat,
         )
         if name is not None and (not isinstance(name, str) or len(name) > 256):
             raise TypeError("name must be a str of at most 256 characters")
@@ -113,6 +121,7 @@ class Client(ClientSeedNames, Endpoint):
                 self._loop = Loop(self._loop.name)
                 raise
             self._conn = conn
+            self._loop.call_soon(self._start_heartbeat)
             self.opened = True
         logger.info("%r: connected", self)
         return self
@@ -210,7 +219,7 @@ class Client(ClientSeedNames, Endpoint):
         """
         self._check_image(img)
         parts = frames.encode_value_frame(frames.DATA, channel, img, flags=frames.FLAG_IMAGE)
-        self._live_conn().send_parts(parts)
+        self._live_conn().send_parts(parts, image=channel)
 
     def request(self, channel: str, data: Any, timeout: Optional[float] = 5.0) -> Any:
         """Send ``data`` as a request on ``channel``; block for and return the reply.
@@ -235,6 +244,9 @@ class Client(ClientSeedNames, Endpoint):
         return conn
 
     # -- loop thread ----------------------------------------------------------------------
+
+    def _connections(self) -> List[Connection]:
+        return [self._conn] if self._conn is not None else []
 
     def _store(self, conn: Connection, channel: str, value: Any) -> None:
         conn.values[channel] = value

@@ -61,6 +61,17 @@ class _Reply(Waiter):
         self.event.set()
 
 
+class _Slot:
+    """A queued image frame that a newer frame on the same channel may replace."""
+
+    __slots__ = ("channel", "parts", "nbytes")
+
+    def __init__(self, channel: str, parts: List[Buffer], nbytes: int) -> None:
+        self.channel = channel
+        self.parts = parts
+        self.nbytes = nbytes
+
+
 class Connection(Pausable):
     """A connection to one peer.
 
@@ -91,7 +102,7 @@ class Connection(Pausable):
         self.error: Optional[BaseException] = None
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)
-        self._queue: Deque[Buffer] = deque()
+        self._queue: Deque[Any] = deque()  # frame parts and _Slot placeholders
         self._queued = 0
         self._want_write = False
         self._closing = False  # no more writes; BYE queued
@@ -102,6 +113,11 @@ class Connection(Pausable):
         self._pauses = 0  # reasons to stop reading (full subscriptions, callback backlog)
         self._registered = False
         self._requests: Dict[int, _Reply] = {}
+        self._slots: Dict[str, _Slot] = {}  # image frames still replaceable, by channel
+        self._full_since: Optional[float] = None  # write_all: when max_buffer was first hit
+        self.last_recv = self.last_send = time.monotonic()
+        self.images_sent = 0
+        self.images_dropped = 0
         self._request_ids = itertools.count(1)
         self.ready = threading.Event()  # handshake completed
         self.closed = threading.Event()  # socket closed
@@ -139,12 +155,30 @@ class Connection(Pausable):
         self.messages_out += 1
 
     def write_image(self, img: Any, channel: str = "image") -> None:
-        """Send a numpy image on ``channel`` (default ``"image"``) to this peer only."""
+        """Send a numpy image on ``channel`` (default ``"image"``) to this peer only.
+
+        If an earlier image on ``channel`` is still waiting unsent, this one replaces it
+        (latest frame wins; counted in :attr:`images_dropped`).
+        """
         self._endpoint._check_image(img)
         self.send_parts(
-            frames.encode_value_frame(frames.DATA, channel, img, flags=frames.FLAG_IMAGE)
+            frames.encode_value_frame(frames.DATA, channel, img, flags=frames.FLAG_IMAGE),
+            image=channel,
         )
         self.messages_out += 1
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters of this connection (bytes and messages each way, images, queue)."""
+        return {
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "messages_in": self.messages_in,
+            "messages_out": self.messages_out,
+            "images_sent": self.images_sent,
+            "images_dropped": self.images_dropped,
+            "queued_bytes": self._queued,
+            "reading_paused": self.reading_paused,
+        }
 
     def request(self, channel: str, data: Any, timeout: Optional[float] = 5.0) -> Any:
         """Send ``data`` as a request on ``channel`` and return the peer's reply.
@@ -200,7 +234,29 @@ class Connection(Pausable):
 
     def _pause(self, delta: int) -> None:
         self._pauses = max(0, self._pauses + delta)
+        if not self._pauses:
+            self.last_recv = time.monotonic()  # silence while paused was ours, not theirs
         self._update_interest()
+
+    def heartbeat(self, interval: float, now: float) -> None:
+        """Ping an idle link; drop a peer silent for three intervals (loop thread)."""
+        if self._closed or not self.ready.is_set():
+            return
+        if self._pauses or self._eof:
+            self.last_recv = now  # we are not reading: its silence proves nothing
+        elif now - self.last_recv > 3 * interval:
+            logger.warning(
+                "%s: %s sent nothing for %.1f s (heartbeat %.1f s): declaring it dead",
+                self._endpoint,
+                self._peer(),
+                now - self.last_recv,
+                interval,
+            )
+            self._lost(ConnectionClosed(f"{self._peer()} stopped answering heartbeats"))
+            return
+        if now - self.last_send >= interval and not self._bye_sent:
+            self.protocol.send_ping()
+            self._send_raw(self.protocol.data_to_send())
 
     @property
     def reading_paused(self) -> bool:
@@ -221,23 +277,78 @@ class Connection(Pausable):
 
     # -- sending (any thread) -----------------------------------------------------------
 
-    def send_parts(self, parts: List[Buffer], nbytes: Optional[int] = None) -> None:
+    def send_parts(
+        self,
+        parts: List[Buffer],
+        nbytes: Optional[int] = None,
+        *,
+        image: Optional[str] = None,
+        block: bool = True,
+    ) -> None:
         """Queue a frame's parts and send what the socket takes now.  Thread-safe.
 
-        Blocks while more than ``max_buffer`` bytes are queued for this peer, up to the
-        endpoint's ``timeout``; then raises :class:`WriteTimeout` and sends nothing.
+        :param image: the channel of an image frame: it replaces an earlier image on
+            that channel that is still waiting unsent (conflation: latest frame wins).
+        :param block: while more than ``max_buffer`` bytes are queued for this peer,
+            ``True`` waits up to the endpoint's ``timeout`` and then raises
+            :class:`WriteTimeout` without sending; ``False`` (``write_all``) queues up to
+            twice ``max_buffer`` for at most ``timeout`` seconds, then drops the peer as
+            a slow consumer and raises :class:`WriteTimeout`.
         """
         with self._lock:
             if self._closing or self._closed:
                 raise ConnectionClosed(f"connection to {self._peer()} is closed")
             if nbytes is None:
                 nbytes = frames.frame_size(parts)
-            if self._queued and self._queued + nbytes > self._endpoint.max_buffer:
-                self._wait_room(nbytes)
+            if image is not None:
+                slot = self._slots.get(image)
+                if slot is not None:  # the earlier frame never left: replace it
+                    self._queued += nbytes - slot.nbytes
+                    slot.parts, slot.nbytes = parts, nbytes
+                    self.images_dropped += 1
+                    return
+            limit = self._endpoint.max_buffer
+            if self._queued and self._queued + nbytes > limit:
+                if block:
+                    self._wait_room(nbytes)
+                else:
+                    self._check_slow_consumer(nbytes)
+            if image is not None:
+                self.images_sent += 1
+                if self._queue:
+                    slot = self._slots[image] = _Slot(image, parts, nbytes)
+                    self._queue.append(slot)
+                    self._queued += nbytes
+                    return
             self._queue.extend(parts)
             self._queued += nbytes
             if self.ready.is_set() and not self._want_write:
                 self._flush_locked()
+
+    def _check_slow_consumer(self, nbytes: int) -> None:
+        """A broadcast found this peer's buffer full (lock held): tolerate it for
+        ``timeout`` seconds and up to twice ``max_buffer``, then drop the peer."""
+        now = time.monotonic()
+        if self._full_since is None:
+            self._full_since = now
+        limit = self._endpoint.max_buffer
+        if now - self._full_since > self._endpoint.timeout or self._queued + nbytes > 2 * limit:
+            self._closing = True
+            self._loop.call_soon(self._drop_slow_consumer)
+            raise WriteTimeout(
+                f"{self._peer()} is a slow consumer: {self._queued} bytes unsent for "
+                f"{now - self._full_since:.1f} s (max_buffer={limit}); disconnecting it"
+            )
+
+    def _drop_slow_consumer(self) -> None:
+        logger.warning(
+            "%s: disconnecting slow consumer %s (%d bytes unsent)",
+            self._endpoint,
+            self._peer(),
+            self._queued,
+        )
+        self.error = WriteTimeout(f"{self._peer()} was disconnected as a slow consumer")
+        self._finish()
 
     def _wait_room(self, nbytes: int) -> None:
         deadline = time.monotonic() + self._endpoint.timeout
@@ -273,10 +384,18 @@ class Connection(Pausable):
         queue = self._queue
         sock = self.socket
         while queue:
-            if len(queue) == 1:
-                batch: List[Buffer] = [queue[0]]
-            else:
-                batch = [queue[i] for i in range(min(len(queue), _IOV))]
+            head = queue[0]
+            if type(head) is _Slot:
+                # An image frame's turn: from now on it is being sent, not replaceable.
+                queue.popleft()
+                del self._slots[head.channel]
+                queue.extendleft(reversed(head.parts))
+                continue
+            batch: List[Buffer] = []
+            for item in queue:
+                if type(item) is _Slot or len(batch) == _IOV:
+                    break
+                batch.append(item)
             try:
                 sent = sock.sendmsg(batch) if len(batch) > 1 else sock.send(batch[0])
             except (BlockingIOError, InterruptedError):
@@ -289,8 +408,10 @@ class Connection(Pausable):
                 self._drained.notify_all()
                 self._loop.call_soon(self._lost, exc)
                 return
-            self.bytes_out += sent
-            self._queued -= sent
+            if sent:
+                self.bytes_out += sent
+                self._queued -= sent
+                self.last_send = time.monotonic()
             # Drop what was sent; keep the unsent tail of a partly sent buffer.
             while sent:
                 head = queue[0]
@@ -310,6 +431,8 @@ class Connection(Pausable):
                     else:
                         self._loop.call_soon(self._update_interest)
                 break
+        if self._queued <= self._endpoint.max_buffer:
+            self._full_since = None
         if not queue:
             self._drained.notify_all()
             if self._eof:
@@ -378,6 +501,7 @@ class Connection(Pausable):
                 self._on_eof()
                 return
             self.bytes_in += n
+            self.last_recv = time.monotonic()
             try:
                 decoder.buffer_updated(n)
                 if decoder.frames:
@@ -510,6 +634,7 @@ class Connection(Pausable):
             self._closed = True
             self._closing = True
             self._queue.clear()
+            self._slots.clear()
             self._queued = 0
             self._drained.notify_all()
         if self._timer is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any, Callable, Dict, List, Optional, TypeVar, Union
 
 from .. import frames
@@ -37,6 +38,7 @@ class Endpoint:
         token: Union[str, bytes, None],
         max_message: int,
         max_buffer: int,
+        heartbeat: Optional[float] = 5.0,
     ) -> None:
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an int from 0 to 65535, not {port!r}")
@@ -48,6 +50,9 @@ class Endpoint:
         self.size = int(size)
         self.max_message = int(max_message)
         self.max_buffer = int(max_buffer)
+        if heartbeat is not None and heartbeat <= 0:
+            raise ValueError("heartbeat must be a positive number of seconds, or None")
+        self.heartbeat = heartbeat
         self._token = token_bytes(token)
         self._loop = Loop(f"socketengine-{self._kind}")
         self._dispatcher = Dispatcher(f"socketengine-{self._kind}")
@@ -276,6 +281,24 @@ class Endpoint:
             sub.close()
 
     # -- loop-thread callbacks from connections -----------------------------------------
+
+    def _connections(self) -> List[Connection]:
+        """Every live connection of this endpoint (loop thread)."""
+        return []
+
+    def _start_heartbeat(self) -> None:
+        """Begin the periodic heartbeat check (loop thread; once per endpoint)."""
+        interval = self.heartbeat
+        if interval is None:
+            return
+
+        def tick() -> None:
+            now = time.monotonic()
+            for conn in self._connections():
+                conn.heartbeat(interval, now)
+            self._loop.call_later(interval / 2, tick)
+
+        self._loop.call_later(interval / 2, tick)
 
     def _on_ready(self, conn: Connection) -> None:
         """Handshake completed (loop thread); must set ``conn.ready``."""

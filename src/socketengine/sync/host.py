@@ -88,9 +88,17 @@ class Host(HostSeedNames, Endpoint):
         handshake_timeout: float = 10.0,
         keep_departed: int = 64,
         backlog: int = 128,
+        heartbeat: Optional[float] = 5.0,
     ) -> None:
         super().__init__(
-            addr, port, timeout, size, token=token, max_message=max_message, max_buffer=max_buffer
+            addr,
+            port,
+            timeout,
+            size,
+            token=token,
+            max_message=max_message,
+            max_buffer=max_buffer,
+            heartbeat=heartbeat,
         )
         self.max_clients = max_clients
         self.handshake_timeout = handshake_timeout
@@ -124,6 +132,7 @@ class Host(HostSeedNames, Endpoint):
             self._listener = _listen(self.addr, self._port, self.backlog)
             self._port = int(self._listener.getsockname()[1])
             self._loop.register(self._listener, selectors.EVENT_READ, self._on_accept)
+            self._loop.call_soon(self._start_heartbeat)
             self._loop.start()
             self.opened = True
         logger.info("%r: listening", self)
@@ -234,15 +243,17 @@ class Host(HostSeedNames, Endpoint):
         self._check_image(img)
         self._check_open()
         return self._send_all(
-            frames.encode_value_frame(frames.DATA, channel, img, flags=frames.FLAG_IMAGE)
+            frames.encode_value_frame(frames.DATA, channel, img, flags=frames.FLAG_IMAGE),
+            image=channel,
         )
 
-    def _send_all(self, parts: List[Any]) -> int:
+    def _send_all(self, parts: List[Any], image: Optional[str] = None) -> int:
+        """Queue one encoded frame for every client; a slow client never blocks this."""
         nbytes = frames.frame_size(parts)
         sent = 0
         for conn in self.clients():
             try:
-                conn.send_parts(parts, nbytes)
+                conn.send_parts(parts, nbytes, image=image, block=False)
                 conn.messages_out += 1
                 sent += 1
             except (ConnectionError, SocketEngineError) as exc:
@@ -318,6 +329,9 @@ class Host(HostSeedNames, Endpoint):
             self._conns[protocol.session] = conn
             conn.attach()
             conn.start_handshake_timer(self.handshake_timeout)
+
+    def _connections(self) -> List[Connection]:
+        return list(self._conns.values())
 
     def _store(self, conn: Connection, channel: str, value: Any) -> None:
         conn.values[channel] = value
