@@ -220,7 +220,7 @@ def test_max_clients_refuses_with_a_clear_error() -> None:
 def test_max_message_closes_the_offender_only() -> None:
     with Host(port=0, max_message=100_000) as h:
         good = Client(port=h.port)
-        big = Client(port=h.port)
+        big = Client(port=h.port, reconnect=False)
         big.write("big", b"x" * 200_000)
         wait_for(lambda: len(h.clients()) == 1, what="the offender to be dropped")
         with pytest.raises(ConnectionClosed):
@@ -297,7 +297,7 @@ def test_close_joins_the_io_thread_and_is_idempotent() -> None:
 
 
 def test_host_close_disconnects_clients(make_client, host: Host) -> None:  # type: ignore[no-untyped-def]
-    c = make_client()
+    c = make_client(reconnect=False)
     wait_for(lambda: host.clients())
     host.write_all("bye", "soon")
     host.close()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import random
+import selectors
 import socket
+import threading
 import time
 from typing import Any, Dict, List, Optional, Union
 
@@ -14,6 +18,7 @@ from ..errors import (
     ConnectTimeout,
     EndpointClosed,
     HandshakeError,
+    WriteTimeout,
 )
 from ..protocol import Protocol, Role
 from .connection import DEFAULT_MAX_BUFFER, Connection
@@ -48,6 +53,12 @@ class Client(ClientSeedNames, Endpoint):
     :param max_buffer: bytes that may wait unsent before writes block (up to
         ``timeout``) and then raise :class:`WriteTimeout`.
     :param handshake_timeout: seconds the host has to complete the handshake.
+    :param heartbeat: seconds between pings on an idle link; a host silent for three
+        intervals is declared dead.  ``None`` disables.
+    :param reconnect: when the connection is lost (not closed by us), reconnect in
+        the background with exponential backoff (from 0.02 s, doubling, capped at
+        ``reconnect_max`` seconds, with +-20 % jitter).  Writes made meanwhile are kept,
+        up to ``max_buffer`` bytes, and sent first, in order, once reconnected.
     """
 
     _kind = "client"
@@ -67,6 +78,8 @@ class Client(ClientSeedNames, Endpoint):
         max_buffer: int = DEFAULT_MAX_BUFFER,
         handshake_timeout: float = 10.0,
         heartbeat: Optional[float] = 5.0,
+        reconnect: bool = True,
+        reconnect_max: float = 5.0,
     ) -> None:
         super().__init__(
             addr,
@@ -83,8 +96,18 @@ class Client(ClientSeedNames, Endpoint):
         self.name = name
         self.connect_timeout = connect_timeout
         self.handshake_timeout = handshake_timeout
+        self.reconnect = reconnect
+        self.reconnect_max = reconnect_max
         self._conn: Optional[Connection] = None
         self._values: Dict[str, Any] = {}
+        # Writes made while disconnected (reconnect=True), sent first on reconnect.
+        self._link_lock = threading.Condition()
+        self._outbox: List[Any] = []
+        self._outbox_bytes = 0
+        self._retry_delay = _RETRY_FIRST
+        self._retry: Any = None  # pending reconnect timer or socket
+        self._pending: Optional[Connection] = None  # a reconnection in its handshake
+        self.reconnects = 0
         if open:
             self.open()
 
@@ -153,7 +176,7 @@ class Client(ClientSeedNames, Endpoint):
         sock.setblocking(False)
         return sock
 
-    def _handshake(self, sock: socket.socket) -> Connection:
+    def _new_connection(self, sock: socket.socket) -> Connection:
         protocol = Protocol(
             Role.CLIENT,
             name=self.name,
@@ -161,7 +184,10 @@ class Client(ClientSeedNames, Endpoint):
             max_message=self.max_message,
             read_size=self.read_size,
         )
-        conn = Connection(self, sock, protocol, sock.getpeername())
+        return Connection(self, sock, protocol, sock.getpeername())
+
+    def _handshake(self, sock: socket.socket) -> Connection:
+        conn = self._new_connection(sock)
         self._loop.call_soon(conn.attach)
         self._loop.call_soon(conn.start_handshake_timer, self.handshake_timeout)
         conn.settled.wait(self.handshake_timeout + 1.0)
@@ -191,7 +217,18 @@ class Client(ClientSeedNames, Endpoint):
         conn = self._conn
         if conn is not None:
             conn.close(self.timeout)
+        self._loop.call_soon(self._cancel_retry)
         self._loop.stop()
+        with self._link_lock:
+            if self._outbox:
+                logger.warning(
+                    "%r: %d bytes written while disconnected were never sent",
+                    self,
+                    self._outbox_bytes,
+                )
+            self._outbox.clear()
+            self._outbox_bytes = 0
+            self._link_lock.notify_all()
         self._release_waiters()
         self._dispatcher.stop(self.timeout)
         logger.info("%r: closed", self)
@@ -208,8 +245,7 @@ class Client(ClientSeedNames, Endpoint):
         Raises ``TypeError`` naming the type if ``data`` cannot be sent (nothing is
         sent), :class:`ConnectionClosed` if the host is gone.
         """
-        parts = frames.encode_value_frame(frames.DATA, channel, data)
-        self._live_conn().send_parts(parts)
+        self._send(frames.encode_value_frame(frames.DATA, channel, data))
 
     def write_image(self, img: Any, channel: str = "image") -> None:
         """Send a numpy image (H, W) or (H, W, C) on ``channel`` (default ``"image"``).
@@ -219,7 +255,7 @@ class Client(ClientSeedNames, Endpoint):
         """
         self._check_image(img)
         parts = frames.encode_value_frame(frames.DATA, channel, img, flags=frames.FLAG_IMAGE)
-        self._live_conn().send_parts(parts, image=channel)
+        self._send(parts, image=channel)
 
     def request(self, channel: str, data: Any, timeout: Optional[float] = 5.0) -> Any:
         """Send ``data`` as a request on ``channel``; block for and return the reply.
@@ -230,6 +266,41 @@ class Client(ClientSeedNames, Endpoint):
         connection is lost first.  Never hangs.
         """
         return self._live_conn().request(channel, data, timeout)
+
+    def _send(self, parts: List[Any], image: Optional[str] = None) -> None:
+        """Send a frame, or keep it for the reconnection when the link is down."""
+        conn = self._conn
+        if conn is not None and not conn._closing:
+            try:
+                conn.send_parts(parts, image=image)
+                return
+            except ConnectionClosed:
+                if not self.reconnect or self.stopped:
+                    raise
+        if not self.reconnect or self.stopped or not self.opened:
+            self._live_conn()  # raises the right error
+        nbytes = frames.frame_size(parts)
+        with self._link_lock:
+            deadline = time.monotonic() + self.timeout
+            while True:
+                conn = self._conn
+                if conn is not None and not conn._closing:
+                    break  # reconnected meanwhile: send directly, after the outbox
+                if self.stopped:
+                    raise EndpointClosed(f"{self!r} was closed while writing")
+                if self._outbox_bytes + nbytes <= self.max_buffer or not self._outbox:
+                    self._outbox.append(parts)
+                    self._outbox_bytes += nbytes
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise WriteTimeout(
+                        f"not connected to {self.addr}:{self._port} (reconnecting); "
+                        f"{self._outbox_bytes} bytes already wait to be sent "
+                        f"(max_buffer={self.max_buffer}): the write was not kept"
+                    )
+                self._link_lock.wait(left)
+        conn.send_parts(parts, image=image)
 
     def _live_conn(self) -> Connection:
         conn = self._conn
@@ -244,6 +315,88 @@ class Client(ClientSeedNames, Endpoint):
         return conn
 
     # -- loop thread ----------------------------------------------------------------------
+
+    def _on_ready(self, conn: Connection) -> None:
+        with self._link_lock:
+            for parts in self._outbox:  # written while disconnected: they go first
+                conn._queue_parts(parts)
+            self._outbox.clear()
+            self._outbox_bytes = 0
+            conn.ready.set()
+            if self.opened:  # a reconnection (the first connection is set by open())
+                self._conn = conn
+                self._pending = None
+                self.reconnects += 1
+                self._retry_delay = _RETRY_FIRST
+                logger.info("%r: reconnected", self)
+            self._link_lock.notify_all()
+
+    def _on_closed(self, conn: Connection) -> None:
+        if self.stopped or not self.opened or not self.reconnect:
+            return
+        if conn is self._pending:  # a reconnection attempt failed in its handshake
+            self._pending = None
+            logger.info("%r: reconnect attempt failed: %s", self, conn.error)
+            self._schedule_reconnect()
+        elif conn is self._conn:
+            logger.warning(
+                "%r: lost the connection (%s); reconnecting",
+                self,
+                conn.error or "closed by the host",
+            )
+            self._schedule_reconnect()
+
+    def _schedule_reconnect(self) -> None:
+        delay = self._retry_delay * random.uniform(0.8, 1.2)
+        self._retry_delay = min(self._retry_delay * 2, self.reconnect_max)
+        self._retry = self._loop.call_later(delay, self._try_reconnect)
+
+    def _cancel_retry(self) -> None:
+        retry, self._retry = self._retry, None
+        if isinstance(retry, socket.socket):
+            self._loop.unregister(retry)
+            retry.close()
+        elif retry is not None:
+            retry.cancel()
+
+    def _try_reconnect(self) -> None:
+        """One non-blocking connection attempt (loop thread)."""
+        self._retry = None
+        if self.stopped:
+            return
+        try:
+            family, kind, proto, _, sockaddr = socket.getaddrinfo(
+                self.addr, self._port, type=socket.SOCK_STREAM
+            )[0]
+            sock = socket.socket(family, kind, proto)
+        except OSError as exc:
+            logger.info("%r: reconnect failed: %s", self, exc)
+            self._schedule_reconnect()
+            return
+        sock.setblocking(False)
+        err = sock.connect_ex(sockaddr)
+        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+            sock.close()
+            self._schedule_reconnect()
+            return
+        self._retry = sock
+        self._loop.register(sock, selectors.EVENT_WRITE, lambda mask: self._connected(sock))
+
+    def _connected(self, sock: socket.socket) -> None:
+        self._loop.unregister(sock)
+        self._retry = None
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err or self.stopped:
+            sock.close()
+            if not self.stopped:
+                self._schedule_reconnect()
+            return
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = self._new_connection(sock)
+        conn.attach()
+        conn.start_handshake_timer(self.handshake_timeout)
+        # Until it is ready, a failure of this connection must schedule the next try.
+        self._pending = conn
 
     def _connections(self) -> List[Connection]:
         return [self._conn] if self._conn is not None else []

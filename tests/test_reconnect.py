@@ -1,0 +1,114 @@
+"""Automatic reconnection of the threaded Client."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import wait_for
+
+from socketengine import Client, ConnectionClosed, Host, WriteTimeout
+
+
+def test_writes_while_the_host_restarts_arrive_in_order() -> None:
+    h = Host(port=0)
+    port = h.port
+    c = Client(port=port, name="cam-1")
+    c.write("n", -1)
+    wait_for(lambda: h.get("n") == -1)
+    h.close()
+    wait_for(lambda: not c.connected, what="the client to notice")
+    for i in range(100):  # kept while disconnected
+        c.write("n", i)
+    h2 = Host(port=port, open=False)
+    sub = h2.subscribe("n")
+    h2.open()
+    got = [sub.get(timeout=10)[0] for _ in range(100)]
+    assert got == list(range(100))
+    wait_for(lambda: c.connected)
+    assert h2.get_client("cam-1") is not None  # same name after reconnecting
+    assert c.reconnects == 1
+    c.write("n", "live")
+    assert sub.get(timeout=10)[0] == "live"
+    c.close()
+    h2.close()
+
+
+def test_the_outbox_is_bounded() -> None:
+    h = Host(port=0)
+    c = Client(port=h.port, max_buffer=100_000, timeout=0.1)
+    h.close()
+    wait_for(lambda: not c.connected)
+    with pytest.raises(WriteTimeout, match="not connected"):
+        for i in range(1000):  # bounded
+            c.write("x", b"y" * 10_000)
+    c.close()  # returns although the host never comes back
+
+
+def test_reconnect_false_raises_connection_closed() -> None:
+    h = Host(port=0)
+    c = Client(port=h.port, reconnect=False)
+    h.close()
+    wait_for(lambda: not c.connected)
+    with pytest.raises(ConnectionClosed):
+        c.write("x", 1)
+    c.close()
+
+
+def test_request_while_disconnected_fails_fast() -> None:
+    h = Host(port=0)
+    c = Client(port=h.port)
+    h.close()
+    wait_for(lambda: not c.connected)
+    with pytest.raises(ConnectionClosed):
+        c.request("anything", 1, timeout=5)
+    c.close()
+
+
+HOST = textwrap.dedent(
+    """
+    import sys
+    from socketengine import Host
+    h = Host(port=int(sys.argv[1]), open=False)
+    sub = h.subscribe("n")  # before open(): not a value can be missed
+    h.open()
+    print(h.port, flush=True)
+    for value, conn in sub:
+        print(value, flush=True)
+    """
+)
+
+
+def _host_process(port: int) -> "tuple[subprocess.Popen[str], int]":
+    """A host in another process; returns it and the port it bound."""
+    p = subprocess.Popen(
+        [sys.executable, "-c", HOST, str(port)], stdout=subprocess.PIPE, text=True
+    )
+    assert p.stdout is not None
+    return p, int(p.stdout.readline())
+
+
+def _next_line(p: "subprocess.Popen[str]") -> str:
+    assert p.stdout is not None
+    return p.stdout.readline().strip()
+
+
+def test_a_killed_host_process_comes_back_and_data_flows_again() -> None:
+    host, port = _host_process(0)
+    c = Client(port=port, heartbeat=0.5)
+    try:
+        c.write("n", 0)
+        assert _next_line(host) == "0"
+        host.kill()  # no BYE, no clean close: the process just dies
+        host.wait(10)
+        wait_for(lambda: not c.connected, what="the client to notice the dead host")
+        c.write("n", 1)  # written while the host is down
+        host, _ = _host_process(port)  # the same port, at once
+        assert _next_line(host) == "1"
+        wait_for(lambda: c.connected)
+        c.write("n", 2)  # data flows again without any call by the user
+        assert _next_line(host) == "2"
+    finally:
+        c.close()
+        host.kill()
+        host.wait(10)
