@@ -1,0 +1,411 @@
+"""One-way streams: ``small`` messages and ``images``, client -> host.
+
+Every library gets a *receiver* (the side that binds, like a socketengine Host) and a
+*sender* (the side that connects, like a Client).  The receiver decodes in a background
+thread and keeps the latest value; whoever waits for the last value polls it, exactly
+as a socketengine program polls ``host.get(channel)``.
+
+Receiver API: ``port``, ``wait_ready(deadline)``, ``measure(n, deadline) -> dict``,
+``close()``.  Sender API: ``warmup()``, ``go(n) -> dict``, ``close()``.  The same objects
+run in one process (sender and receiver threads side by side) or in two (see
+:mod:`bench.xproc`).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Any, Dict, Optional
+
+import msgpack
+
+from .common import (
+    LAST_STAMP,
+    RAW,
+    SE,
+    U32,
+    U64,
+    WARM_SEQ,
+    WARM_STAMP,
+    ZMQ,
+    BenchCheckFailed,
+    close_quietly,
+    frame_nbytes,
+    make_frames,
+    now,
+    raw_accept,
+    raw_connect,
+    raw_listener,
+    raw_msg_loop,
+    recv_exact,
+    small_message,
+    stamp_of,
+    wait_until,
+)
+
+CHANNEL = {"small": "small", "images": "image", "arrays": "frame"}
+#: Kinds whose values are 1080p frames.  ``images``: socketengine sends with
+#: ``write_image`` (a queued, unsent frame may be replaced by a newer one);
+#: ``arrays``: ``write(channel, ndarray)`` (never conflated).  Anchors: the same for both.
+FRAME_KINDS = ("images", "arrays")
+
+
+def _check_images(received: Any, frames: Dict[str, Any]) -> None:
+    import numpy as np
+
+    last = frames["last"]
+    if received is None or not np.array_equal(np.asarray(received).reshape(last.shape), last):
+        raise BenchCheckFailed("the last image frame did not arrive intact")
+
+
+def _sent(kind: str, n: int, count: int) -> None:
+    """Every small message must arrive.  Image frames may be conflated (socketengine
+    replaces a queued, unsent frame by a newer one): the metrics count delivered
+    frames, and the last frame is checked byte for byte."""
+    if kind == "images":
+        if count < 1:
+            raise BenchCheckFailed("images: no frame arrived")
+        return
+    if count < n:
+        raise BenchCheckFailed(f"{kind}: only {count} of {n} messages arrived")
+
+
+# -- socketengine -----------------------------------------------------------------------------
+
+
+class SEReceiver:
+    def __init__(self, kind: str, params: Dict[str, Any]) -> None:
+        from socketengine import Host
+
+        self.kind = kind
+        self.channel = CHANNEL[kind]
+        self.frames = make_frames() if kind in FRAME_KINDS else None
+        self.host = Host(port=0, timeout=5)
+        self.port = self.host.port
+
+    def _seq(self) -> int:
+        v = self.host.get(self.channel)
+        if v is None:
+            return -2
+        return stamp_of(v) if self.kind in FRAME_KINDS else v[0]
+
+    def wait_ready(self, deadline: float) -> None:
+        warm = WARM_STAMP if self.kind in FRAME_KINDS else WARM_SEQ
+        wait_until(lambda: self._seq() == warm, deadline, "the warm-up value", sleep=0.001)
+
+    def measure(self, n: int, deadline: float) -> Dict[str, Any]:
+        h = self.host
+        ch = self.channel
+        if self.kind == "small":
+            last = n - 1
+
+            def done() -> bool:
+                v = h.get(ch)
+                return v is not None and v[0] == last
+
+        else:
+
+            def done() -> bool:
+                return stamp_of(h.get(ch)) == LAST_STAMP
+
+        wait_until(done, deadline, f"the last {self.kind} value")
+        t_end = now()
+        if self.kind in FRAME_KINDS:
+            _check_images(h.get(ch), self.frames)  # type: ignore[arg-type]
+        conns = h.clients()
+        delivered = conns[0].messages_in - 1 if conns else -1
+        _sent(self.kind, n, delivered)
+        return {"t_end": t_end, "delivered": delivered}
+
+    def close(self) -> None:
+        self.host.close()
+
+
+class SESender:
+    def __init__(self, kind: str, params: Dict[str, Any], port: int) -> None:
+        from socketengine import Client
+
+        self.kind = kind
+        self.channel = CHANNEL[kind]
+        self.frames = make_frames() if kind in FRAME_KINDS else None
+        self.client = Client(port=port, timeout=30, connect_timeout=10)
+
+    def warmup(self) -> None:
+        if self.kind == "images":
+            self.client.write_image(self.frames["warm"], self.channel)  # type: ignore[index]
+        elif self.kind == "arrays":
+            self.client.write(self.channel, self.frames["warm"])  # type: ignore[index]
+        else:
+            self.client.write(self.channel, small_message(WARM_SEQ))
+
+    def go(self, n: int) -> Dict[str, Any]:
+        c = self.client
+        ch = self.channel
+        t0 = now()
+        if self.kind == "small":
+            write = c.write
+            text = small_message(0)[1]
+            for i in range(n):
+                write(ch, [i, text])
+        elif self.kind == "images":
+            pool = self.frames["pool"]  # type: ignore[index]
+            write_image = c.write_image
+            for i in range(n - 1):
+                write_image(pool[i % len(pool)], ch)
+            write_image(self.frames["last"], ch)  # type: ignore[index]
+        else:  # arrays: the plain write() of an ndarray (never conflated)
+            pool = self.frames["pool"]  # type: ignore[index]
+            write = c.write
+            for i in range(n - 1):
+                write(ch, pool[i % len(pool)])
+            write(ch, self.frames["last"])  # type: ignore[index]
+        return {"t0": t0, "t_sent": now()}
+
+    def close(self) -> None:
+        self.client.close()
+
+
+# -- pyzmq ------------------------------------------------------------------------------------
+
+
+class ZmqReceiver:
+    """PULL socket; a thread receives, decodes and keeps the latest value."""
+
+    def __init__(self, kind: str, params: Dict[str, Any]) -> None:
+        import zmq
+
+        self.kind = kind
+        self.frames = make_frames() if kind in FRAME_KINDS else None
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.PULL)
+        self.sock.setsockopt(zmq.RCVTIMEO, 100)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.latest: Any = None
+        self.seq = -2
+        self.count = 0
+        self.stop = False
+        self.thread = threading.Thread(target=self._run, name="zmq-recv", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import zmq
+
+        sock = self.sock
+        unpackb = msgpack.unpackb
+        images = self.kind in FRAME_KINDS
+        if images:
+            import numpy as np
+
+            shape = self.frames["last"].shape  # type: ignore[index]
+        while not self.stop:
+            try:
+                msg = sock.recv(copy=not images)
+            except zmq.Again:
+                continue
+            except zmq.ZMQError:
+                return
+            if images:
+                arr = np.frombuffer(msg.buffer, dtype=np.uint8).reshape(shape)  # type: ignore[union-attr]
+                seq = stamp_of(arr)
+                self.latest = arr
+                if seq != WARM_STAMP:
+                    self.count += 1
+                self.seq = seq
+            else:
+                v = unpackb(msg)
+                self.latest = v
+                if v[0] >= 0:
+                    self.count += 1
+                self.seq = v[0]
+
+    def wait_ready(self, deadline: float) -> None:
+        warm = WARM_STAMP if self.kind in FRAME_KINDS else WARM_SEQ
+        wait_until(lambda: self.seq == warm, deadline, "the warm-up value", sleep=0.001)
+
+    def measure(self, n: int, deadline: float) -> Dict[str, Any]:
+        last = LAST_STAMP if self.kind in FRAME_KINDS else n - 1
+        wait_until(lambda: self.seq == last, deadline, f"the last {self.kind} value")
+        t_end = now()
+        if self.kind in FRAME_KINDS:
+            _check_images(self.latest, self.frames)  # type: ignore[arg-type]
+        _sent(self.kind, n, self.count)
+        return {"t_end": t_end, "delivered": self.count}
+
+    def close(self) -> None:
+        self.stop = True
+        self.thread.join(2)
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+class ZmqSender:
+    """PUSH socket; msgpack for small messages, ``send(frame, copy=False)`` for images
+    (what imagezmq does)."""
+
+    def __init__(self, kind: str, params: Dict[str, Any], port: int) -> None:
+        import zmq
+
+        self.kind = kind
+        self.frames = make_frames() if kind in FRAME_KINDS else None
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.PUSH)
+        self.sock.setsockopt(zmq.SNDTIMEO, 30000)
+        self.sock.connect(f"tcp://127.0.0.1:{port}")
+
+    def warmup(self) -> None:
+        if self.kind in FRAME_KINDS:
+            self.sock.send(self.frames["warm"], copy=False)  # type: ignore[index]
+        else:
+            self.sock.send(msgpack.packb(small_message(WARM_SEQ)))
+
+    def go(self, n: int) -> Dict[str, Any]:
+        send = self.sock.send
+        t0 = now()
+        if self.kind == "small":
+            packb = msgpack.packb
+            text = small_message(0)[1]
+            for i in range(n):
+                send(packb([i, text]))
+        else:
+            pool = self.frames["pool"]  # type: ignore[index]
+            for i in range(n - 1):
+                send(pool[i % len(pool)], copy=False)
+            send(self.frames["last"], copy=False)  # type: ignore[index]
+        return {"t0": t0, "t_sent": now()}
+
+    def close(self) -> None:
+        self.sock.close(linger=5000)
+        self.ctx.term()
+
+
+# -- raw TCP ---------------------------------------------------------------------------------
+
+
+class RawReceiver:
+    """A listening socket; a thread accepts one connection and parses its stream.
+
+    Small messages: ``u32 length | msgpack``.  Images: ``u64 length | pixels`` received
+    with ``recv_into`` straight into one preallocated buffer.
+    """
+
+    def __init__(self, kind: str, params: Dict[str, Any]) -> None:
+        self.kind = kind
+        self.frames = make_frames() if kind in FRAME_KINDS else None
+        self.listener = raw_listener()
+        self.port = self.listener.getsockname()[1]
+        self.sock: Optional[socket.socket] = None
+        self.latest: Any = None
+        self.seq = -2
+        self.count = 0
+        self.error: Optional[BaseException] = None
+        self.accept_deadline = now() + float(params.get("timeout", 30))
+        self.thread = threading.Thread(target=self._run, name="raw-recv", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.sock = raw_accept(self.listener, self.accept_deadline)
+            if self.kind in FRAME_KINDS:
+                self._run_images(self.sock)
+            else:
+                self._run_small(self.sock)
+        except OSError:
+            pass  # closed under us
+        except BaseException as exc:  # reported by measure()
+            self.error = exc
+
+    def _run_small(self, sock: socket.socket) -> None:
+        raw_msg_loop(sock, self)
+
+    def _run_images(self, sock: socket.socket) -> None:
+        head = bytearray(8)
+        head_view = memoryview(head)
+        body = bytearray(frame_nbytes())
+        body_view = memoryview(body)
+        self.latest = body
+        while True:
+            if not recv_exact(sock, head_view):
+                return
+            size = U64.unpack_from(head, 0)[0]
+            if size != len(body):
+                raise BenchCheckFailed(f"raw image frame of {size} bytes, expected {len(body)}")
+            if not recv_exact(sock, body_view):
+                return
+            seq = U64.unpack_from(body, 0)[0]
+            if seq != WARM_STAMP:
+                self.count += 1
+            self.seq = seq
+
+    def wait_ready(self, deadline: float) -> None:
+        warm = WARM_STAMP if self.kind in FRAME_KINDS else WARM_SEQ
+        wait_until(
+            lambda: self.seq == warm or self.error, deadline, "the warm-up value", sleep=0.001
+        )
+        if self.error:
+            raise self.error
+
+    def measure(self, n: int, deadline: float) -> Dict[str, Any]:
+        last = LAST_STAMP if self.kind in FRAME_KINDS else n - 1
+        wait_until(lambda: self.seq == last or self.error, deadline, f"the last {self.kind} value")
+        t_end = now()
+        if self.error:
+            raise self.error
+        if self.kind in FRAME_KINDS:
+            _check_images(self.latest, self.frames)  # type: ignore[arg-type]
+        _sent(self.kind, n, self.count)
+        return {"t_end": t_end, "delivered": self.count}
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        close_quietly(self.listener)
+        self.thread.join(2)
+        close_quietly(self.sock)
+
+
+class RawSender:
+    def __init__(self, kind: str, params: Dict[str, Any], port: int) -> None:
+        self.kind = kind
+        self.frames = make_frames() if kind in FRAME_KINDS else None
+        self.sock = raw_connect(port)
+        self.head = U64.pack(frame_nbytes())
+
+    def _send_frame(self, frame: Any) -> None:
+        self.sock.sendall(self.head)
+        self.sock.sendall(frame)
+
+    def warmup(self) -> None:
+        if self.kind in FRAME_KINDS:
+            self._send_frame(self.frames["warm"])  # type: ignore[index]
+        else:
+            body = msgpack.packb(small_message(WARM_SEQ))
+            self.sock.sendall(U32.pack(len(body)) + body)
+
+    def go(self, n: int) -> Dict[str, Any]:
+        sendall = self.sock.sendall
+        t0 = now()
+        if self.kind == "small":
+            packb = msgpack.packb
+            pack_len = U32.pack
+            text = small_message(0)[1]
+            for i in range(n):
+                body = packb([i, text])
+                sendall(pack_len(len(body)) + body)
+        else:
+            pool = self.frames["pool"]  # type: ignore[index]
+            send_frame = self._send_frame
+            for i in range(n - 1):
+                send_frame(pool[i % len(pool)])
+            send_frame(self.frames["last"])  # type: ignore[index]
+        return {"t0": t0, "t_sent": now()}
+
+    def close(self) -> None:
+        close_quietly(self.sock)
+
+
+RECEIVERS = {SE: SEReceiver, ZMQ: ZmqReceiver, RAW: RawReceiver}
+SENDERS = {SE: SESender, ZMQ: ZmqSender, RAW: RawSender}

@@ -1,0 +1,321 @@
+"""The workloads: what each measures, its sizes, and one trial of it for one library."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, NamedTuple
+
+from . import fanout, many, roundtrip, stream
+from .common import (
+    RAW,
+    SE,
+    ZMQ,
+    close_quietly,
+    deadline_in,
+    frame_nbytes,
+    percentile,
+)
+from .xproc import Remote, shutdown_all
+
+LIBS = [SE, ZMQ, RAW]
+
+
+class Metric(NamedTuple):
+    key: str
+    unit: str
+    higher_is_better: bool
+    chart: bool = True
+    ratio: bool = True  # False: a diagnostic, no socketengine/anchor ratio
+
+
+class Workload(NamedTuple):
+    name: str
+    title: str
+    metrics: List[Metric]
+    size_key: str  # which entry of the sizes dict is N
+    trial: Callable[[str, Dict[str, Any]], Dict[str, float]]
+    libs: List[str]
+    layout: str  # "1 process" / "2 processes" / ...
+
+
+#: N per workload.  ``full`` keeps the whole suite (5 runs) around 4-5 minutes on a
+#: 2-core machine; ``quick`` is a smoke test.
+SIZES: Dict[str, Dict[str, int]] = {
+    "full": {
+        "small": 100000,
+        "roundtrip": 5000,
+        "images": 100,
+        "arrays": 100,
+        "fanout": 5000,
+        "fanout_clients": 20,
+        "many": 1000,
+        "many_workers": 4,
+        "small_xproc": 100000,
+        "images_xproc": 100,
+        "arrays_xproc": 100,
+        "roundtrip_xproc": 5000,
+    },
+    "quick": {
+        "small": 2000,
+        "roundtrip": 200,
+        "images": 6,
+        "arrays": 6,
+        "fanout": 200,
+        "fanout_clients": 20,
+        "many": 100,
+        "many_workers": 4,
+        "small_xproc": 2000,
+        "images_xproc": 6,
+        "arrays_xproc": 6,
+        "roundtrip_xproc": 200,
+    },
+}
+
+
+# -- one trial --------------------------------------------------------------------------------
+
+
+def _pair(
+    receivers: Dict[str, Any],
+    senders: Dict[str, Any],
+    kind: str,
+    lib: str,
+    n: int,
+    xproc: bool,
+    timeout: float,
+) -> Dict[str, Any]:
+    """Set up a receiver/sender pair, warm it up, run ``n``; return both results."""
+    params = {"timeout": timeout}
+    if not xproc:
+        r = s = None
+        try:
+            r = receivers[lib](kind, params)
+            s = senders[lib](kind, params, r.port)
+            s.warmup()
+            r.wait_ready(deadline_in(timeout))
+            sres = s.go(n)
+            rres = r.measure(n, deadline_in(timeout))
+        finally:
+            close_quietly(s, r)
+        return {"s": sres, "r": rres}
+    rr = ss = None
+    try:
+        rr = Remote(receivers[lib], (kind, params))
+        ss = Remote(senders[lib], (kind, params, rr.port))
+        ss.call("warmup", timeout=timeout)
+        rr.call("wait_ready", deadline_in(timeout), timeout=timeout + 5)
+        rr.send("measure", n, deadline_in(timeout))
+        ss.send("go", n)
+        sres = ss.result(timeout + 5)
+        rres = rr.result(timeout + 5)
+    finally:
+        shutdown_all(ss, rr)
+    return {"s": sres, "r": rres}
+
+
+def _stream_metrics(kind: str, n: int, res: Dict[str, Any]) -> Dict[str, float]:
+    elapsed = res["r"]["t_end"] - res["s"]["t0"]
+    # Share of the run the sender spent in its send loop: ~100 % = sender-bound.
+    sender_pct = 100.0 * (res["s"]["t_sent"] - res["s"]["t0"]) / elapsed
+    if kind == "small":
+        return {"msgs_per_s": n / elapsed, "sender_pct": sender_pct}
+    # Image frames may be conflated (socketengine write_image): count what arrived.
+    delivered = res["r"]["delivered"]
+    return {
+        "fps": delivered / elapsed,
+        "gb_per_s": delivered * frame_nbytes() / elapsed / 1e9,
+        "delivered_pct": 100.0 * delivered / n,
+        "last_frame_ms": 1000.0 * elapsed,
+        "sender_pct": sender_pct,
+    }
+
+
+def _latency_metrics(res: Dict[str, Any]) -> Dict[str, float]:
+    lat = sorted(res["s"]["lat_ns"])
+    return {
+        "p50_us": percentile(lat, 50) / 1000.0,
+        "p99_us": percentile(lat, 99) / 1000.0,
+    }
+
+
+def stream_trial(kind: str, xproc: bool) -> Callable[[str, Dict[str, Any]], Dict[str, float]]:
+    key = kind + ("_xproc" if xproc else "")
+
+    def trial(lib: str, cfg: Dict[str, Any]) -> Dict[str, float]:
+        n = cfg["sizes"][key]
+        res = _pair(stream.RECEIVERS, stream.SENDERS, kind, lib, n, xproc, cfg["timeout"])
+        return _stream_metrics(kind, n, res)
+
+    return trial
+
+
+def roundtrip_trial(
+    xproc: bool, style: str = "poll"
+) -> Callable[[str, Dict[str, Any]], Dict[str, float]]:
+    key = "roundtrip" + ("_xproc" if xproc else "")
+    server, pinger = roundtrip.STYLES[style]
+    servers = {**roundtrip.SERVERS, SE: server}
+    pingers = {**roundtrip.PINGERS, SE: pinger}
+
+    def trial(lib: str, cfg: Dict[str, Any]) -> Dict[str, float]:
+        n = cfg["sizes"][key]
+        res = _pair(servers, pingers, "ping", lib, n, xproc, cfg["timeout"])
+        return _latency_metrics(res)
+
+    return trial
+
+
+def fanout_trial(lib: str, cfg: Dict[str, Any]) -> Dict[str, float]:
+    sizes = cfg["sizes"]
+    return fanout.RUNNERS[lib](sizes["fanout"], sizes["fanout_clients"], cfg["timeout"])
+
+
+def many_trial(lib: str, cfg: Dict[str, Any]) -> Dict[str, float]:
+    sizes = cfg["sizes"]
+    return many.run(lib, sizes["many"], sizes["many_workers"], cfg["timeout"])
+
+
+_SENDER = Metric("sender_pct", "% of run in send loop", False, chart=False, ratio=False)
+_THROUGHPUT = [Metric("msgs_per_s", "msgs/s", True), _SENDER]
+_IMAGES = [
+    Metric("fps", "delivered frames/s", True, chart=False),
+    Metric("gb_per_s", "delivered GB/s", True, chart=False),
+    Metric("last_frame_ms", "ms until the last frame is in", False),
+    Metric("delivered_pct", "% of frames delivered", True, chart=False, ratio=False),
+    _SENDER,
+]
+_ARRAYS = [
+    Metric("fps", "frames/s", True, chart=False),
+    Metric("gb_per_s", "GB/s", True),
+    Metric("delivered_pct", "% of frames delivered", True, chart=False, ratio=False),
+    _SENDER,
+]
+_LATENCY = [Metric("p50_us", "us", False), Metric("p99_us", "us", False, chart=False)]
+
+WORKLOADS: Dict[str, Workload] = {
+    w.name: w
+    for w in [
+        Workload(
+            "small",
+            "small messages [seq, 100-byte str], client -> host",
+            _THROUGHPUT,
+            "small",
+            stream_trial("small", False),
+            LIBS,
+            "1 process",
+        ),
+        Workload(
+            "roundtrip",
+            "ping -> echo -> pong round trip (socketengine: polling get())",
+            _LATENCY,
+            "roundtrip",
+            roundtrip_trial(False),
+            LIBS,
+            "1 process",
+        ),
+        Workload(
+            "images",
+            "1080x1920x3 uint8 frames, client -> host (socketengine: write_image, may conflate)",
+            _IMAGES,
+            "images",
+            stream_trial("images", False),
+            LIBS,
+            "1 process",
+        ),
+        Workload(
+            "arrays",
+            "1080x1920x3 uint8 frames, client -> host (socketengine: write(ch, ndarray))",
+            _ARRAYS,
+            "arrays",
+            stream_trial("arrays", False),
+            LIBS,
+            "1 process",
+        ),
+        Workload(
+            "fanout",
+            "host -> 20 clients, small messages",
+            [Metric("deliveries_per_s", "deliveries/s", True)],
+            "fanout",
+            fanout_trial,
+            LIBS,
+            "1 process",
+        ),
+        Workload(
+            "many",
+            "idle clients connecting to one host",
+            [
+                Metric("connect_s", "s", False),
+                Metric("rss_per_conn_kb", "kB", False),
+                Metric("host_threads", "threads", False, chart=False),
+                Metric("host_rss_mb", "MB", False, chart=False),
+                Metric("client_side_rss_mb", "MB", False, chart=False),
+            ],
+            "many",
+            many_trial,
+            LIBS,
+            "host process + 4 client processes",
+        ),
+        Workload(
+            "small_xproc",
+            "small messages, host and client in separate processes",
+            _THROUGHPUT,
+            "small_xproc",
+            stream_trial("small", True),
+            LIBS,
+            "2 processes",
+        ),
+        Workload(
+            "images_xproc",
+            "1080p frames, host and client in separate processes",
+            _IMAGES,
+            "images_xproc",
+            stream_trial("images", True),
+            LIBS,
+            "2 processes",
+        ),
+        Workload(
+            "arrays_xproc",
+            "1080p frames with write(ch, ndarray), separate processes",
+            _ARRAYS,
+            "arrays_xproc",
+            stream_trial("arrays", True),
+            LIBS,
+            "2 processes",
+        ),
+        Workload(
+            "roundtrip_xproc",
+            "round trip, separate processes (socketengine: polling get())",
+            _LATENCY,
+            "roundtrip_xproc",
+            roundtrip_trial(True),
+            LIBS,
+            "2 processes",
+        ),
+        Workload(
+            "roundtrip_sub",
+            "round trip, socketengine blocking in subscribe().get() on both sides",
+            _LATENCY,
+            "roundtrip",
+            roundtrip_trial(False, "sub"),
+            LIBS,
+            "1 process",
+        ),
+        Workload(
+            "roundtrip_req",
+            "round trip, socketengine client.request() answered by host.on()",
+            _LATENCY,
+            "roundtrip",
+            roundtrip_trial(False, "req"),
+            LIBS,
+            "1 process",
+        ),
+        Workload(
+            "roundtrip_req_xproc",
+            "round trip, client.request() / host.on(), separate processes",
+            _LATENCY,
+            "roundtrip_xproc",
+            roundtrip_trial(True, "req"),
+            LIBS,
+            "2 processes",
+        ),
+    ]
+}

@@ -1,0 +1,49 @@
+"""Smoke test of the benchmark suite: it runs, stops by itself and writes its results.
+
+No timing assertions: the numbers only have to exist and be positive.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKLOADS = ["small", "images", "roundtrip"]
+
+pytest.importorskip("numpy")
+
+
+@pytest.mark.timeout(150)
+def test_bench_quick_smoke(tmp_path: Path) -> None:
+    if not (ROOT / "bench" / "__main__.py").exists():
+        pytest.skip("bench/ is not in this checkout")
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench",
+        "--quick",
+        "--runs",
+        "1",
+        "--only",
+        ",".join(WORKLOADS),
+        "--out",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    results = tmp_path / "bench-results.json"
+    assert results.exists()
+    doc = json.loads(results.read_text())
+    assert doc["machine"]["nproc"] >= 1
+    for name in WORKLOADS:
+        workload = doc["workloads"][name]
+        for lib, metrics in workload["libs"].items():
+            for key, summary in metrics.items():
+                assert summary is not None, f"{name}/{lib}/{key}: no value"
+                assert summary["median"] > 0, f"{name}/{lib}/{key}: {summary}"
+        assert "socketengine" in workload["libs"]
