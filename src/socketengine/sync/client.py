@@ -7,6 +7,7 @@ import logging
 import random
 import selectors
 import socket
+import ssl
 import threading
 import time
 from typing import Any, Dict, List, Optional, Union
@@ -59,6 +60,9 @@ class Client(ClientSeedNames, Endpoint):
         the background with exponential backoff (from 0.02 s, doubling, capped at
         ``reconnect_max`` seconds, with +-20 % jitter).  Writes made meanwhile are kept,
         up to ``max_buffer`` bytes, and sent first, in order, once reconnected.
+    :param tls: an ``ssl.SSLContext`` (client side, e.g.
+        ``ssl.create_default_context(cafile=...)``): the connection runs over TLS and
+        the host's certificate is verified against ``addr`` as the context says.
     """
 
     _kind = "client"
@@ -80,6 +84,7 @@ class Client(ClientSeedNames, Endpoint):
         heartbeat: Optional[float] = 5.0,
         reconnect: bool = True,
         reconnect_max: float = 5.0,
+        tls: Optional[ssl.SSLContext] = None,
     ) -> None:
         super().__init__(
             addr,
@@ -90,6 +95,7 @@ class Client(ClientSeedNames, Endpoint):
             max_message=max_message,
             max_buffer=max_buffer,
             heartbeat=heartbeat,
+            tls=tls,
         )
         if name is not None and (not isinstance(name, str) or len(name) > 256):
             raise TypeError("name must be a str of at most 256 characters")
@@ -177,6 +183,12 @@ class Client(ClientSeedNames, Endpoint):
         return sock
 
     def _new_connection(self, sock: socket.socket) -> Connection:
+        address = sock.getpeername()
+        if self.tls is not None:
+            # The TLS handshake itself runs non-blocking in the loop (Connection).
+            sock = self.tls.wrap_socket(
+                sock, server_hostname=self.addr or None, do_handshake_on_connect=False
+            )
         protocol = Protocol(
             Role.CLIENT,
             name=self.name,
@@ -184,7 +196,7 @@ class Client(ClientSeedNames, Endpoint):
             max_message=self.max_message,
             read_size=self.read_size,
         )
-        return Connection(self, sock, protocol, sock.getpeername())
+        return Connection(self, sock, protocol, address)
 
     def _handshake(self, sock: socket.socket) -> Connection:
         conn = self._new_connection(sock)

@@ -14,6 +14,7 @@ import itertools
 import logging
 import selectors
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -45,6 +46,8 @@ _IOV = 512
 _READS_PER_EVENT = 16
 
 DEFAULT_MAX_BUFFER = 256 * 1024 * 1024
+# Over TLS, small parts are joined (one TLS record) up to about 4x this many bytes.
+_TLS_JOIN = 64 * 1024
 
 
 class _Reply(Waiter):
@@ -59,6 +62,22 @@ class _Reply(Waiter):
     def fail(self, error: BaseException) -> None:
         self.error = error
         self.event.set()
+
+
+def _tls_payload(batch: List[Buffer]) -> Buffer:
+    """What one ``SSLSocket.send`` gets: a large part alone, or small parts joined."""
+    first = batch[0]
+    if len(batch) == 1 or memoryview(first).nbytes >= _TLS_JOIN:
+        return first
+    group: List[Buffer] = []
+    total = 0
+    for item in batch:
+        size = memoryview(item).nbytes
+        if group and total + size > 4 * _TLS_JOIN:
+            break
+        group.append(item)
+        total += size
+    return b"".join(group)
 
 
 class _Slot:
@@ -112,6 +131,10 @@ class Connection(Pausable):
         self._eof = False  # the peer will send nothing more (BYE or FIN received)
         self._pauses = 0  # reasons to stop reading (full subscriptions, callback backlog)
         self._registered = False
+        # TLS: the handshake runs non-blocking in the loop before anything else is sent.
+        self._tls = isinstance(sock, ssl.SSLSocket)
+        self._tls_pending = self._tls
+        self._tls_want = _READ | _WRITE
         self._requests: Dict[int, _Reply] = {}
         self._slots: Dict[str, _Slot] = {}  # image frames still replaceable, by channel
         self._full_since: Optional[float] = None  # write_all: when max_buffer was first hit
@@ -381,6 +404,8 @@ class Connection(Pausable):
 
     def _flush_locked(self) -> None:
         """Send queued parts until done or the socket would block (lock held)."""
+        if self._tls_pending:
+            return  # sent once the TLS handshake is done
         queue = self._queue
         sock = self.socket
         while queue:
@@ -397,8 +422,11 @@ class Connection(Pausable):
                     break
                 batch.append(item)
             try:
-                sent = sock.sendmsg(batch) if len(batch) > 1 else sock.send(batch[0])
-            except (BlockingIOError, InterruptedError):
+                if self._tls:
+                    sent = sock.send(_tls_payload(batch))  # SSLSocket has no sendmsg
+                else:
+                    sent = sock.sendmsg(batch) if len(batch) > 1 else sock.send(batch[0])
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 sent = 0
             except OSError as exc:
                 # The reader side will see the failure too; close from the loop thread.
@@ -450,7 +478,12 @@ class Connection(Pausable):
         """Tell the selector what to wait for (loop thread)."""
         if self._closed:
             return
-        events = (0 if self._pauses or self._eof else _READ) | (_WRITE if self._want_write else 0)
+        if self._tls_pending:
+            events = self._tls_want
+        else:
+            events = (0 if self._pauses or self._eof else _READ) | (
+                _WRITE if self._want_write else 0
+            )
         try:
             if not events:
                 if self._registered:
@@ -470,9 +503,43 @@ class Connection(Pausable):
         self._registered = True
         out = self.protocol.data_to_send()
         if out:
-            self._send_raw(out)
+            self._send_raw(out)  # held back until the TLS handshake is done
+        if self._tls_pending:
+            self._tls_step()
+
+    def _tls_step(self) -> None:
+        """Advance the non-blocking TLS handshake (loop thread)."""
+        sock: Any = self.socket
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._tls_want = _READ
+            self._update_interest()
+            return
+        except ssl.SSLWantWriteError:
+            self._tls_want = _WRITE
+            self._update_interest()
+            return
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "verify_message", None) or exc
+            self._fail(
+                HandshakeError(
+                    f"TLS handshake with {self._peer()} failed: {reason} "
+                    "(do both sides use tls=, with matching certificates?)"
+                )
+            )
+            return
+        self._tls_pending = False
+        with self._lock:
+            self._flush_locked()
+        self._update_interest()
+        self._on_readable()  # the peer's first bytes may already be decrypted
 
     def on_event(self, mask: int) -> None:
+        if self._tls_pending:
+            if not self._closed:
+                self._tls_step()
+            return
         if mask & _WRITE and not self._closed:
             with self._lock:
                 self._want_write = False
@@ -490,7 +557,7 @@ class Connection(Pausable):
             size = len(buf)
             try:
                 n = sock.recv_into(buf)
-            except (BlockingIOError, InterruptedError):
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 return
             except OSError as exc:
                 self._lost(exc)
@@ -509,7 +576,9 @@ class Connection(Pausable):
             except (ProtocolError, HandshakeError) as exc:
                 self._fail(exc)
                 return
-            if self._closed or self._pauses or self._eof or n < size:
+            if self._closed or self._pauses or self._eof:
+                return
+            if n < size and not (self._tls and sock.pending()):  # type: ignore[attr-defined]
                 return
 
     def _process(self) -> None:
@@ -570,14 +639,15 @@ class Connection(Pausable):
         """The peer went away (EOF, reset)."""
         if self._closed:
             return
-        if exc is not None:
+        if not self.ready.is_set() and self.error is None:
+            how = f"reset the connection ({exc})" if exc is not None else "closed the connection"
+            self.error = HandshakeError(
+                f"{self._peer()} {how} during the handshake: does it expect TLS "
+                "(tls=) or a token, or is it at its max_clients?"
+            )
+        elif exc is not None:
             self.error = self.error or exc
             logger.info("%s: connection to %s lost: %s", self._endpoint, self._peer(), exc)
-        elif not self.ready.is_set() and self.error is None:
-            self.error = HandshakeError(
-                f"{self._peer()} closed the connection during the handshake (does it expect "
-                "TLS or a token, or is it at its max_clients?)"
-            )
         self._finish()
 
     def begin_close(self, linger: float) -> None:
@@ -608,6 +678,8 @@ class Connection(Pausable):
         if self._closed or self._shut_wr:
             return
         self._shut_wr = True
+        if self._tls:
+            return  # SSLSocket.shutdown() drops the TLS layer; BYE alone says we are done
         try:
             self.socket.shutdown(socket.SHUT_WR)
         except OSError:

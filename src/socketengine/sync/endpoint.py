@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, TypeVar, Union
@@ -39,6 +40,7 @@ class Endpoint:
         max_message: int,
         max_buffer: int,
         heartbeat: Optional[float] = 5.0,
+        tls: Optional[ssl.SSLContext] = None,
     ) -> None:
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an int from 0 to 65535, not {port!r}")
@@ -53,6 +55,9 @@ class Endpoint:
         if heartbeat is not None and heartbeat <= 0:
             raise ValueError("heartbeat must be a positive number of seconds, or None")
         self.heartbeat = heartbeat
+        if tls is not None and not isinstance(tls, ssl.SSLContext):
+            raise TypeError(f"tls must be an ssl.SSLContext, not {type(tls).__qualname__}")
+        self.tls = tls
         self._token = token_bytes(token)
         self._loop = Loop(f"socketengine-{self._kind}")
         self._dispatcher = Dispatcher(f"socketengine-{self._kind}")

@@ -7,6 +7,7 @@ import itertools
 import logging
 import selectors
 import socket
+import ssl
 import threading
 import time
 from collections import OrderedDict
@@ -66,7 +67,12 @@ class Host(HostSeedNames, Endpoint):
     :param max_buffer: bytes that may wait unsent for one client before writes to it
         block (up to ``timeout``) and then raise :class:`WriteTimeout`.
     :param token: shared secret clients must prove they know (HMAC challenge).
-    :param handshake_timeout: seconds a new connection has to complete the handshake.
+    :param handshake_timeout: seconds a new connection has to complete the handshake
+        (TLS included).
+    :param heartbeat: seconds between pings on an idle link; a client silent for three
+        intervals is declared dead.  ``None`` disables.
+    :param tls: an ``ssl.SSLContext`` (server side, with ``load_cert_chain``): every
+        connection then runs over TLS, and plaintext clients are refused.
     :param keep_departed: how many disconnected clients' latest values
         :meth:`get_all` keeps reporting (oldest forgotten first).
     """
@@ -89,6 +95,7 @@ class Host(HostSeedNames, Endpoint):
         keep_departed: int = 64,
         backlog: int = 128,
         heartbeat: Optional[float] = 5.0,
+        tls: Optional[ssl.SSLContext] = None,
     ) -> None:
         super().__init__(
             addr,
@@ -99,6 +106,7 @@ class Host(HostSeedNames, Endpoint):
             max_message=max_message,
             max_buffer=max_buffer,
             heartbeat=heartbeat,
+            tls=tls,
         )
         self.max_clients = max_clients
         self.handshake_timeout = handshake_timeout
@@ -310,6 +318,15 @@ class Host(HostSeedNames, Endpoint):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:  # pragma: no cover
                 pass
+            if self.tls is not None:
+                try:
+                    sock = self.tls.wrap_socket(
+                        sock, server_side=True, do_handshake_on_connect=False
+                    )
+                except (ssl.SSLError, OSError) as exc:
+                    logger.warning("%r: TLS setup for %s failed: %s", self, address, exc)
+                    sock.close()
+                    continue
             protocol = Protocol(
                 Role.HOST,
                 token=self._token,

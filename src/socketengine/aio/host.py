@@ -1,0 +1,279 @@
+"""The asyncio Host: listens, accepts clients, keeps their latest values."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections import OrderedDict
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union
+
+from .. import codec, frames
+from ..codec import Buffer
+from ..errors import EndpointClosed
+from ..protocol import Protocol, Role
+from ..sync.host import _listen
+from .connection import READ_SIZE, Connection
+from .endpoint import DEFAULT_SUBSCRIPTION_SIZE, Endpoint
+from .subscription import Subscription
+
+__all__ = ["Host"]
+
+logger = logging.getLogger("socketengine")
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class Host(Endpoint):
+    """An asyncio host that clients (asyncio or threaded) connect to.
+
+    :param addr: address to listen on; ``'127.0.0.1'`` (default) accepts only this
+        machine, ``'0.0.0.0'`` / ``'::'`` every interface (then use ``token=``).
+    :param port: TCP port; ``0`` picks a free one, readable as :attr:`port` after
+        :meth:`start`.
+    :param token: shared secret clients must prove they know (HMAC challenge).
+    :param max_clients: connections beyond this are refused with a REFUSE frame.
+    :param max_message: largest frame accepted from a client, bytes (default 64 MiB).
+    :param handshake_timeout: seconds a new connection has to complete the handshake.
+    :param keep_departed: how many disconnected clients' latest values
+        :meth:`get_all` keeps reporting (oldest forgotten first).
+    :param name: a label for logs and ``repr`` (not sent to clients).
+    :param timeout: seconds :meth:`close` waits for clients to take what was written
+        and for running callbacks to finish.
+    :param backlog: the listening socket's backlog.
+
+    Use ``async with Host(port=0) as h:`` or ``await h.start()`` / ``await h.close()``.
+    """
+
+    _kind = "host"
+    _with_conn = True
+
+    def __init__(
+        self,
+        addr: str = "127.0.0.1",
+        port: int = 8080,
+        *,
+        token: Union[str, bytes, None] = None,
+        max_clients: int = 1024,
+        max_message: int = frames.DEFAULT_MAX_MESSAGE,
+        handshake_timeout: float = 10.0,
+        keep_departed: int = 64,
+        name: Optional[str] = None,
+        timeout: float = 2.0,
+        backlog: int = 128,
+    ) -> None:
+        super().__init__(
+            addr,
+            port,
+            timeout=timeout,
+            token=token,
+            max_message=max_message,
+            handshake_timeout=handshake_timeout,
+        )
+        self.name = name
+        self.max_clients = max_clients
+        self.keep_departed = keep_departed
+        self.backlog = backlog
+        self._server: Optional[asyncio.AbstractServer] = None
+        self._sessions = itertools.count(1)
+        # Every accepted connection, in accept order, until it departs.
+        self._conns: Dict[int, Connection] = {}
+        # Departed clients whose values get_all() still reports (bounded, FIFO).
+        self._departed: OrderedDict[int, Connection] = OrderedDict()
+        self._latest: Dict[str, Any] = {}
+        # Retained values: one complete DATA frame (flag RETAINED) per channel.
+        self._retained: Dict[str, bytes] = {}
+        self._connect_handlers: Tuple[Callable[..., Any], ...] = ()
+        self._disconnect_handlers: Tuple[Callable[..., Any], ...] = ()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> Host:
+        """Bind and listen on ``addr:port``; return the host.  Calling it again is
+        harmless.  Raises ``OSError`` naming ``addr:port`` if it cannot bind."""
+        return await super().start()
+
+    async def _open(self) -> None:
+        sock = _listen(self.addr, self._port, self.backlog)
+        try:
+            self._server = await asyncio.get_running_loop().create_server(
+                self._new_connection, sock=sock
+            )
+        except BaseException:
+            sock.close()
+            raise
+        self._port = int(sock.getsockname()[1])
+
+    async def close(self) -> None:
+        """Stop listening, close every client gracefully (flush, BYE; each bounded by
+        ``timeout`` s), end waiters and subscriptions, and let running callbacks finish
+        (up to ``timeout`` s, then they are cancelled).  Idempotent."""
+        if self.stopped:
+            return
+        self.stopped = True
+        self.opened = False
+        server = self._server
+        if server is not None:
+            server.close()
+        self._end_delivery(EndpointClosed(f"{self!r} was closed"), None)
+        conns = list(self._conns.values())
+        if conns:
+            await asyncio.gather(*(c.close(self.timeout) for c in conns), return_exceptions=True)
+        if server is not None:
+            try:
+                await asyncio.wait_for(server.wait_closed(), self.timeout)
+            except asyncio.TimeoutError:  # pragma: no cover - only if a transport hangs
+                logger.warning("%r: server did not close within %s s", self, self.timeout)
+        await self._stop_tasks(self.timeout)
+        logger.info("%r: closed", self)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def clients(self) -> List[Connection]:
+        """The connected clients (handshake done, not closing), in connection order."""
+        return [c for c in self._conns.values() if c.is_open]
+
+    def get_client(self, name: str) -> Optional[Connection]:
+        """The connected client that gave ``name`` (the newest one), or ``None``."""
+        found = None
+        for conn in self._conns.values():
+            if conn.name == name and conn.is_open:
+                found = conn
+        return found
+
+    def get(self, channel: str, default: Any = None) -> Any:
+        """The most recent value received on ``channel`` from any client, or ``default``."""
+        return self._latest.get(channel, default)
+
+    def get_all(self, channel: str) -> List[Any]:
+        """The latest value on ``channel`` from each client, in connection order.
+
+        Includes clients that have disconnected, up to ``keep_departed`` of them, so a
+        client that writes and closes at once is still seen.  ``[]`` if none sent.
+        """
+        sessions = list(self._conns.items()) + list(self._departed.items())
+        sessions.sort(key=lambda item: item[0])
+        return [conn.values[channel] for _, conn in sessions if channel in conn.values]
+
+    async def wait(self, channel: str, timeout: Optional[float] = None) -> Tuple[Any, Connection]:
+        """Wait for the next message on ``channel`` (from any client) arriving after the
+        call; return ``(data, conn)``.  Raises ``TimeoutError`` after ``timeout`` s,
+        :class:`~socketengine.EndpointClosed` if the host closes meanwhile."""
+        result: Tuple[Any, Connection] = await self._wait(channel, timeout)
+        return result
+
+    def subscribe(
+        self, channel: str, maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
+    ) -> Subscription[Tuple[Any, Connection]]:
+        """Every message on ``channel`` from now on, as ``(data, conn)`` pairs, in order
+        per client: ``async for data, conn in h.subscribe("ch")``.  See
+        :class:`~socketengine.aio.Subscription` for ``maxsize`` and back-pressure."""
+        return self._subscribe(channel, maxsize)
+
+    def on_connect(self, fn: _F) -> _F:
+        """Call ``fn(conn)`` (plain or async) when a client completes its handshake,
+        before any of its messages' callbacks.  Usable as a decorator; returns ``fn``."""
+        self._connect_handlers += (fn,)
+        return fn
+
+    def on_disconnect(self, fn: _F) -> _F:
+        """Call ``fn(conn)`` (plain or async) when a client's connection has ended,
+        after its messages' callbacks.  Usable as a decorator; returns ``fn``."""
+        self._disconnect_handlers += (fn,)
+        return fn
+
+    # -- writing --------------------------------------------------------------------------
+
+    async def write_all(self, channel: str, data: Any, retain: bool = False) -> int:
+        """Send ``data`` on ``channel`` to every connected client; return how many.
+
+        The value is encoded once (``TypeError`` before anything is sent).  With
+        ``retain=True`` the host also keeps it and sends it, flagged RETAINED, to every
+        client that connects later, right after its handshake (a later retained write
+        on the channel replaces it).  Waits while any client's buffer is full.
+        """
+        meta, buffers, data_len = codec.encode(data)
+        parts = frames.encode_frame(frames.DATA, channel, meta, buffers, data_len)
+        self._check_open()
+        if retain:
+            # A snapshot (joined bytes): later changes to an array do not leak into it.
+            frame = b"".join(
+                frames.encode_frame(
+                    frames.DATA, channel, meta, buffers, data_len, flags=frames.FLAG_RETAINED
+                )
+            )
+            self._retained.pop(channel, None)
+            self._retained[channel] = frame
+        return await self._broadcast(parts)
+
+    async def write_image_all(self, img: Any, channel: str = "image") -> int:
+        """Send a numpy image to every connected client on ``channel``; return how many."""
+        self._check_image(img)
+        parts = frames.encode_value_frame(frames.DATA, channel, img, flags=frames.FLAG_IMAGE)
+        self._check_open()
+        return await self._broadcast(parts)
+
+    async def _broadcast(self, parts: List[Buffer]) -> int:
+        conns = self.clients()
+        for conn in conns:
+            conn._send(parts)
+            conn.messages_out += 1
+        paused = [conn.drain() for conn in conns if conn.writing_paused]
+        if paused:
+            await asyncio.gather(*paused, return_exceptions=True)
+        return len(conns)
+
+    # -- connection events ----------------------------------------------------------------
+
+    def _new_connection(self) -> Connection:
+        protocol = Protocol(
+            Role.HOST,
+            token=self._token,
+            max_message=self.max_message,
+            read_size=READ_SIZE,
+            session=next(self._sessions),
+        )
+        return Connection(self, protocol)
+
+    def _connection_made(self, conn: Connection) -> Optional[Tuple[str, str]]:
+        if self.stopped:
+            return ("the host is closing", "closing")
+        if len(self._conns) >= self.max_clients:
+            logger.warning("%r: refused %s:%s: max_clients reached", self, *conn.address[:2])
+            return (f"the host is full (max_clients={self.max_clients})", "full")
+        self._conns[conn.session] = conn
+        conn.start_handshake_timer(self.handshake_timeout)
+        return None
+
+    def _connection_ready(self, conn: Connection) -> None:
+        logger.info("%r: client %r connected", self, conn)
+        if conn.name is not None:
+            # A named client that reconnects replaces its departed record.
+            for session, old in list(self._departed.items()):
+                if old.name == conn.name:
+                    del self._departed[session]
+        for frame in self._retained.values():
+            conn._send((frame,))
+            conn.messages_out += 1
+        if self._connect_handlers:
+            conn._chain.call((self._connect_handlers, (conn,), None, "on_connect"))
+
+    def _connection_closed(self, conn: Connection) -> None:
+        self._conns.pop(conn.session, None)
+        if not conn._ready:
+            return  # never completed the handshake: nothing to remember
+        logger.info("%r: client %r disconnected", self, conn)
+        if conn.values and self.keep_departed > 0:
+            self._departed[conn.session] = conn
+            while len(self._departed) > self.keep_departed:
+                self._departed.popitem(last=False)
+        if self._disconnect_handlers:
+            conn._chain.call((self._disconnect_handlers, (conn,), None, "on_disconnect"))
+
+    def _store(self, channel: str, value: Any) -> None:
+        self._latest[channel] = value
+
+    def __repr__(self) -> str:
+        state = "closed" if self.stopped else ("open" if self.opened else "not started")
+        label = f" {self.name!r}" if self.name else ""
+        return f"<aio.Host{label} {self.addr}:{self.port} {state} clients={len(self._conns)}>"

@@ -1,0 +1,147 @@
+"""Subscriptions: every message of a channel, in order, with back-pressure."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import AsyncIterator, Callable, Deque, List, Optional, TypeVar
+
+from ..errors import EndpointClosed
+from .connection import Gate
+
+__all__ = ["Subscription"]
+
+_T = TypeVar("_T")
+
+
+class Subscription(Gate, AsyncIterator[_T]):
+    """Every message that arrives on one channel from the moment of subscribing.
+
+    Iterate with ``async for`` (or ``await sub.get()``).  Items are the values (on a
+    client) or ``(value, connection)`` pairs (on a host), in arrival order.
+
+    Nothing is dropped: when ``maxsize`` items wait unread, the connection that
+    delivered the last one stops reading (``transport.pause_reading()``) until half
+    of them are read, so the sender's writes block through TCP back-pressure.
+
+    Iteration ends after :meth:`close`, or when the endpoint closes (after the items
+    already received).  On a client whose connection is lost, it raises
+    :class:`~socketengine.ConnectionClosed` once the items received are read.
+    """
+
+    def __init__(
+        self, channel: str, maxsize: int, on_close: Callable[[Subscription[_T]], None]
+    ) -> None:
+        if not isinstance(maxsize, int) or maxsize < 1:
+            raise ValueError(f"maxsize must be an int >= 1, not {maxsize!r}")
+        super().__init__()
+        self.channel = channel
+        self.maxsize = maxsize
+        self._low = maxsize // 2
+        self._items: Deque[_T] = deque()
+        self._getters: List[asyncio.Future[None]] = []
+        self._closed = False
+        self._error: Optional[BaseException] = None
+        self._on_close = on_close
+
+    @property
+    def closed(self) -> bool:
+        """True once no more items will be added."""
+        return self._closed
+
+    def __len__(self) -> int:
+        """Items received and not read yet."""
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Subscription {self.channel!r} {len(self._items)}/{self.maxsize} {state}>"
+
+    def __aiter__(self) -> Subscription[_T]:
+        return self
+
+    async def __anext__(self) -> _T:
+        if not self._items:
+            if self._closed and self._error is None:
+                raise StopAsyncIteration
+            await self._wait()
+            if not self._items:
+                if self._error is not None:
+                    raise self._error
+                raise StopAsyncIteration
+        return self._take()
+
+    async def get(self) -> _T:
+        """The next item; waits for it.
+
+        Raises :class:`~socketengine.EndpointClosed` (or the connection's error) when
+        the subscription is closed and empty.
+        """
+        if not self._items:
+            await self._wait()
+            if not self._items:
+                if self._error is not None:
+                    raise self._error
+                raise EndpointClosed(f"subscription to {self.channel!r} is closed")
+        return self._take()
+
+    def get_nowait(self) -> _T:
+        """The next item if one is waiting; else raise ``IndexError``."""
+        if not self._items:
+            raise IndexError(f"no message waiting on {self.channel!r}")
+        return self._take()
+
+    def close(self) -> None:
+        """Stop receiving; drop unread items; end iteration.  Idempotent."""
+        self._items.clear()
+        self._error = None
+        self._end(None)
+
+    # -- endpoint side ------------------------------------------------------------------
+
+    def _put(self, item: _T) -> bool:
+        """Add an item (endpoint side); return True if the subscription is now full."""
+        if self._closed:
+            return False
+        items = self._items
+        items.append(item)
+        if self._getters:
+            self._wake()
+        return len(items) >= self.maxsize
+
+    def _end(self, error: Optional[BaseException]) -> None:
+        """No more items; iteration ends (or raises ``error``) once the rest is read."""
+        if self._closed:
+            return
+        self._closed = True
+        self._error = error
+        self._on_close(self)
+        self._wake()
+        self.release()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _take(self) -> _T:
+        item = self._items.popleft()
+        if self._held and len(self._items) <= self._low:
+            self.release()
+        return item
+
+    async def _wait(self) -> None:
+        """Wait until an item arrives or the subscription closes."""
+        loop = asyncio.get_running_loop()
+        while not self._items and not self._closed:
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._getters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._getters:
+                    self._getters.remove(waiter)
+
+    def _wake(self) -> None:
+        getters = self._getters
+        self._getters = []
+        for waiter in getters:
+            if not waiter.done():
+                waiter.set_result(None)
