@@ -17,8 +17,9 @@ section gets a buffer of its own that the socket fills directly, and that buffer
 
 from __future__ import annotations
 
+import mmap
 import struct
-from typing import Any, List, NamedTuple, Optional, Sequence, Union
+from typing import Any, List, NamedTuple, Optional, Sequence
 
 from . import codec
 from .errors import HandshakeError, MessageTooBig, ProtocolError
@@ -68,6 +69,13 @@ DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
 # their own (zero-copy) rather than cut out of the shared stream buffer.
 _OWN_BUFFER = 64 * 1024
 _MIN_READ = 64 * 1024
+# An idle connection starts with reads this small; a read that fills its buffer makes
+# the next one four times larger, up to read_size (memory follows the traffic).
+_START_READ = 4096
+# Data sections at least this large are received into anonymous memory maps: the OS
+# commits their pages only as bytes arrive, so a peer announcing a large frame and
+# sending little costs little.
+_MMAP_BODY = 1024 * 1024
 # Received channel names are cached process-wide, and any peer (even one that never
 # completes the handshake) chooses them: only short ones are kept, so the cache stays
 # under ~2 MB instead of 4096 names of up to 64 KiB each.
@@ -82,7 +90,7 @@ class Frame(NamedTuple):
     channel: str
     id: int
     meta: bytes
-    data: Optional[Union[bytes, bytearray]]
+    data: Optional[Any]  # bytes, bytearray or mmap.mmap (large frames): a writable buffer
 
     def value(self) -> Any:
         """The frame's value, decoded.  Raises ``ProtocolError`` if it is malformed."""
@@ -179,14 +187,16 @@ class FrameDecoder:
         expect_preamble: bool = True,
     ) -> None:
         self.max_message = max_message
-        self.read_size = max(read_size, 4096)
-        self._capacity = max(self.read_size * 4, 256 * 1024)
+        self.read_size = max(read_size, _START_READ)
+        self._want = _START_READ
+        self._offered = 0
+        self._capacity = _START_READ
         self._buf = bytearray(self._capacity)
         self._r = 0
         self._w = 0
         self._need_preamble = expect_preamble
         # A frame whose data section is being received into its own buffer.
-        self._body: Optional[bytearray] = None
+        self._body: Optional[Any] = None  # bytearray or mmap.mmap
         self._body_got = 0
         self._body_head: Optional[tuple] = None
         self.frames: List[Frame] = []
@@ -201,8 +211,9 @@ class FrameDecoder:
         if self._body is not None:
             return memoryview(self._body)[self._body_got :]
         free = self._capacity - self._w
-        if free < self.read_size:
-            self._compact(self.read_size)
+        if free < self._want:
+            self._compact(self._want)
+        self._offered = self._capacity - self._w
         return memoryview(self._buf)[self._w :]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -221,6 +232,8 @@ class FrameDecoder:
             self._body = None
             self._body_head = None
             return
+        if nbytes >= self._offered and self._want < self.read_size:
+            self._want = min(self._want * 4, self.read_size)  # the stream is busy: read more
         self._w += nbytes
         self._parse()
 
@@ -298,7 +311,7 @@ class FrameDecoder:
                     # Receive the rest of the data section straight into its own buffer.
                     channel = self._channel(buf, r + HEADER_SIZE, clen)
                     meta = bytes(buf[r + HEADER_SIZE + clen : r + prefix])
-                    body = bytearray(dlen)
+                    body: Any = mmap.mmap(-1, dlen) if dlen >= _MMAP_BODY else bytearray(dlen)
                     got = avail - prefix
                     body[:got] = buf[r + prefix : w]
                     self._body = body
@@ -326,6 +339,9 @@ class FrameDecoder:
         if r == w:
             r = w = 0
             self._w = 0
+            if self._capacity > 4 * self.read_size:  # a large frame passed: give it back
+                self._capacity = self.read_size
+                self._buf = bytearray(self._capacity)
         self._r = r
 
     _names: dict = {}
