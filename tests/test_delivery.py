@@ -319,3 +319,19 @@ def test_callback_threads_are_bounded_and_joined() -> None:
         c.close()
     h.close()
     assert not any(t.is_alive() for t in workers)
+
+
+def test_on_message_sees_every_channel(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
+    seen: list = []
+    host.on_message(lambda channel, data, conn: seen.append((channel, data, conn.name)))
+    c = make_client(name="m")
+    got: list = []
+    c.on_message(lambda channel, data: got.append((channel, data)))
+    c.write("a", 1)
+    c.write("b", [2])
+    wait_for(lambda: seen == [("a", 1, "m"), ("b", [2], "m")])
+    wait_for(lambda: host.clients())
+    host.write_all("down", "x")
+    wait_for(lambda: got == [("down", "x")])
+    with pytest.raises(TypeError):
+        host.on_message("not callable")  # type: ignore[arg-type]

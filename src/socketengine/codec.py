@@ -19,11 +19,22 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Any, Callable, List, Tuple, Union
+from typing import Any, Callable, List, Sequence, Tuple, Union
 
 import msgpack
 
-__all__ = ["encode", "decode", "Buffer", "EXT_NDARRAY", "EXT_TUPLE", "EXT_NPSCALAR", "EXT_BIGINT"]
+from .images import EncodedImage
+
+__all__ = [
+    "encode",
+    "decode",
+    "Buffer",
+    "EXT_NDARRAY",
+    "EXT_TUPLE",
+    "EXT_NPSCALAR",
+    "EXT_BIGINT",
+    "EXT_IMAGE",
+]
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -32,6 +43,7 @@ EXT_NDARRAY = 1
 EXT_TUPLE = 2
 EXT_NPSCALAR = 3
 EXT_BIGINT = 4
+EXT_IMAGE = 5  # an images.EncodedImage (JPEG/PNG bytes in the data section)
 
 _ALIGN = 8
 _PAD = bytes(_ALIGN)
@@ -65,23 +77,36 @@ class _Encoder:
         )
         self.depth = 0
 
-    def encode(self, value: Any) -> Tuple[bytes, List[Buffer], int]:
-        self.buffers = []
-        self.offset = 0
-        self.depth = 0
+    def encode(self, value: Any) -> Tuple[bytes, Sequence[Buffer], int]:
+        # The state is reset after use, not before: most values hold no array, and the
+        # common path then allocates nothing but the msgpack bytes.
         try:
             meta = self.packer.pack(value)
         except OverflowError:
             # An int beyond the 64-bit msgpack range somewhere: pack again with big ints
             # turned into extension values (slow path, rare).
-            self.buffers = []
-            self.offset = 0
-            meta = self.packer.pack(_widen(value))
+            self._reset()
+            try:
+                meta = self.packer.pack(_widen(value))
+            except BaseException:
+                self._reset()
+                raise
         except RecursionError:
+            self._reset()
             raise ValueError("value is nested too deeply to send") from None
+        except BaseException:
+            self._reset()
+            raise
+        if not self.buffers:
+            return meta, (), 0
         buffers, length = self.buffers, self.offset
-        self.buffers = []
+        self._reset()
         return meta, buffers, length
+
+    def _reset(self) -> None:
+        self.buffers = []
+        self.offset = 0
+        self.depth = 0
 
     def _pack_nested(self, value: Any) -> bytes:
         packer = (
@@ -107,6 +132,8 @@ class _Encoder:
         t = type(obj)
         if t is tuple:
             return self._tuple(obj)
+        if t is EncodedImage:
+            return self._image(obj)
         np = _numpy()
         if np is not None:
             if isinstance(obj, np.ndarray):
@@ -157,6 +184,19 @@ class _Encoder:
             head.append(1)
         return msgpack.ExtType(EXT_NDARRAY, self._pack_nested(head))
 
+    def _image(self, img: EncodedImage) -> msgpack.ExtType:
+        """Ext 5: [codec, shape, dtype, offset, nbytes, order]; the bytes go out of band."""
+        raw = memoryview(img.data)
+        nbytes = raw.nbytes
+        offset = self.offset
+        self.buffers.append(raw)
+        pad = -nbytes % _ALIGN
+        if pad:
+            self.buffers.append(_PAD[:pad])
+        self.offset = offset + nbytes + pad
+        head = [img.codec, list(img.shape), img.dtype, offset, nbytes, img.order]
+        return msgpack.ExtType(EXT_IMAGE, self._pack_nested(head))
+
     def _scalar(self, np: Any, obj: Any) -> msgpack.ExtType:
         dtype = obj.dtype
         if dtype.kind not in _ARRAY_KINDS:
@@ -190,7 +230,7 @@ def _widen(value: Any) -> Any:
 _local = threading.local()
 
 
-def encode(value: Any) -> Tuple[bytes, List[Buffer], int]:
+def encode(value: Any) -> Tuple[bytes, Sequence[Buffer], int]:
     """Encode ``value`` into ``(meta, buffers, data_length)``.
 
     ``buffers`` are the data section's parts in order (array memory is referenced, not
@@ -226,12 +266,14 @@ def _make_ext_hook(data: Buffer | None, depth: int = 0) -> Callable[[int, bytes]
             return _decode_scalar(payload)
         if code == EXT_BIGINT:
             return int.from_bytes(payload, "big", signed=True)
+        if code == EXT_IMAGE:
+            return _decode_image(payload, data)
         raise _decode_error(f"unknown msgpack extension type {code}")
 
     return ext_hook
 
 
-_plain_ext_hook = _make_ext_hook(None)
+_plain_ext_hook = plain_ext_hook = _make_ext_hook(None)
 
 
 def _import_numpy() -> Any:
@@ -300,6 +342,23 @@ def _decode_scalar(payload: bytes) -> Any:
     if len(head[1]) != dtype.itemsize:
         raise _decode_error("numpy scalar size does not match its dtype")
     return np.frombuffer(head[1], dtype=dtype)[0]
+
+
+def _decode_image(payload: bytes, data: Buffer | None) -> EncodedImage:
+    """Ext 5 -> EncodedImage whose ``data`` is a read-only view of the data section.
+
+    Still compressed: decompressing is the endpoint's job (off the I/O thread).
+    """
+    head = msgpack.unpackb(payload, raw=False)
+    if type(head) is not list or len(head) < 6:
+        raise _decode_error("image header is not an array of at least 6 items")
+    offset, nbytes = head[3], head[4]
+    if type(offset) is not int or type(nbytes) is not int or offset < 0 or nbytes <= 0:
+        raise _decode_error("image offset/size are not ints (size > 0)")
+    if data is None or offset + nbytes > len(data):
+        raise _decode_error("image bytes lie outside the frame's data section")
+    view = memoryview(data)[offset : offset + nbytes].toreadonly()
+    return EncodedImage.from_wire(head[0], head[1], head[2], head[5], view)
 
 
 def decode(meta: Buffer, data: Buffer | None = None) -> Any:

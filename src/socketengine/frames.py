@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import mmap
 import struct
-from typing import Any, List, NamedTuple, Optional, Sequence
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from . import codec
 from .errors import HandshakeError, MessageTooBig, ProtocolError
@@ -41,6 +41,7 @@ VERSION = (1, 0)
 PREAMBLE = MAGIC + bytes(VERSION) + b"\x00\x00"
 HEADER = struct.Struct("<BBHIII")
 HEADER_SIZE = HEADER.size  # 16
+_pack_header = HEADER.pack
 
 # Frame types (docs/protocol.md, "Frame types").
 HELLO = 0x01
@@ -89,7 +90,7 @@ class Frame(NamedTuple):
     flags: int
     channel: str
     id: int
-    meta: bytes
+    meta: Union[bytes, bytearray]
     data: Optional[Any]  # bytes, bytearray or mmap.mmap (large frames): a writable buffer
 
     def value(self) -> Any:
@@ -141,8 +142,21 @@ def encode_value_frame(
     ftype: int, channel: str, value: Any, *, flags: int = 0, fid: int = 0
 ) -> List[codec.Buffer]:
     """Encode ``value`` and frame it.  Raises ``TypeError`` before producing anything."""
+    return value_frame(ftype, channel, value, flags, fid)[0]
+
+
+def value_frame(
+    ftype: int, channel: str, value: Any, flags: int = 0, fid: int = 0
+) -> Tuple[List[codec.Buffer], int]:
+    """``(parts, total size)`` of a frame carrying ``value``: the writers' hot path."""
     meta, buffers, data_len = codec.encode(value)
-    return encode_frame(ftype, channel, meta, buffers, data_len, flags=flags, fid=fid)
+    ch = _channel_bytes.get(channel)
+    if ch is None:
+        ch = channel_bytes(channel)
+    head = _pack_header(ftype, flags, len(ch), fid, len(meta), data_len) + ch + meta
+    if buffers:
+        return [head, *buffers], len(head) + data_len
+    return [head], len(head)
 
 
 def frame_size(parts: Sequence[codec.Buffer]) -> int:
@@ -200,6 +214,8 @@ class FrameDecoder:
         self._body_got = 0
         self._body_head: Optional[tuple] = None
         self.frames: List[Frame] = []
+        #: Set when a handshake, PING or PONG frame was decoded (cleared by the reader).
+        self.control = False
         self.bytes_received = 0
         self.pause_after_handshake = False
         self._paused = False  # parsing stopped after a handshake frame, until resume()
@@ -293,6 +309,7 @@ class FrameDecoder:
         r, w = self._r, self._w
         unpack = HEADER.unpack_from
         append = self.frames.append
+        new_frame = tuple.__new__
         max_message = self.max_message
         while w - r >= HEADER_SIZE:
             ftype, flags, clen, fid, mlen, dlen = unpack(buf, r)
@@ -310,7 +327,7 @@ class FrameDecoder:
                 if dlen >= _OWN_BUFFER and avail >= prefix:
                     # Receive the rest of the data section straight into its own buffer.
                     channel = self._channel(buf, r + HEADER_SIZE, clen)
-                    meta = bytes(buf[r + HEADER_SIZE + clen : r + prefix])
+                    meta: Any = bytes(buf[r + HEADER_SIZE + clen : r + prefix])
                     body: Any = mmap.mmap(-1, dlen) if dlen >= _MMAP_BODY else bytearray(dlen)
                     got = avail - prefix
                     body[:got] = buf[r + prefix : w]
@@ -327,15 +344,18 @@ class FrameDecoder:
             p = r + HEADER_SIZE
             channel = self._channel(buf, p, clen) if clen else ""
             p += clen
-            meta = bytes(buf[p : p + mlen])
+            meta = buf[p : p + mlen]  # a copy: the stream buffer is reused
             p += mlen
             # A bytearray (not bytes) so that arrays decoded from it are writable.
             data = buf[p : p + dlen] if dlen else None
-            append(Frame(ftype, flags, channel, fid, meta, data))
+            # tuple.__new__ directly: NamedTuple's generated __new__ costs a Python call.
+            append(new_frame(Frame, (ftype, flags, channel, fid, meta, data)))
             r += total
-            if ftype < DATA and self.pause_after_handshake:
-                self._paused = True
-                break
+            if ftype < DATA or ftype == PING or ftype == PONG:
+                self.control = True  # Protocol.events() has frames of its own to handle
+                if ftype < DATA and self.pause_after_handshake:
+                    self._paused = True
+                    break
         if r == w:
             r = w = 0
             self._w = 0

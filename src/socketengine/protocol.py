@@ -145,7 +145,8 @@ class Protocol:
         if not received:
             return received
         if self.state is State.OPEN:
-            if any(f.type < frames.DATA or f.type in (frames.PING, frames.PONG) for f in received):
+            if self.decoder.control:
+                self.decoder.control = False
                 return self._filter(received)
             return received
         out: List[Frame] = []

@@ -10,7 +10,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, List, Optional, Union
 
 from .. import frames
 from ..compat import ClientSeedNames
@@ -21,6 +21,7 @@ from ..errors import (
     HandshakeError,
     WriteTimeout,
 )
+from ..frames import DATA, value_frame
 from ..protocol import Protocol, Role
 from .connection import DEFAULT_MAX_BUFFER, Connection
 from .endpoint import Endpoint
@@ -105,7 +106,6 @@ class Client(ClientSeedNames, Endpoint):
         self.reconnect = reconnect
         self.reconnect_max = reconnect_max
         self._conn: Optional[Connection] = None
-        self._values: Dict[str, Any] = {}
         # Writes made while disconnected (reconnect=True), sent first on reconnect.
         self._link_lock = threading.Condition()
         self._outbox: List[Any] = []
@@ -249,7 +249,7 @@ class Client(ClientSeedNames, Endpoint):
 
     def get(self, channel: str, default: Any = None) -> Any:
         """The most recent value received on ``channel``, or ``default`` (``None``)."""
-        return self._values.get(channel, default)
+        return self._latest.get(channel, default)
 
     def write(self, channel: str, data: Any) -> None:
         """Send ``data`` on ``channel`` to the host.  Thread-safe.
@@ -257,7 +257,15 @@ class Client(ClientSeedNames, Endpoint):
         Raises ``TypeError`` naming the type if ``data`` cannot be sent (nothing is
         sent), :class:`ConnectionClosed` if the host is gone.
         """
-        self._send(frames.encode_value_frame(frames.DATA, channel, data))
+        parts, nbytes = value_frame(DATA, channel, data)
+        conn = self._conn
+        if conn is not None and not conn._closing:  # the common case, inlined
+            try:
+                conn.send_parts(parts, nbytes)
+                return
+            except ConnectionClosed:
+                pass
+        self._send(parts, nbytes)
 
     def write_image(self, img: Any, channel: str = "image") -> None:
         """Send a numpy image (H, W) or (H, W, C) on ``channel`` (default ``"image"``).
@@ -266,8 +274,8 @@ class Client(ClientSeedNames, Endpoint):
         next write returns.
         """
         self._check_image(img)
-        parts = frames.encode_value_frame(frames.DATA, channel, img, flags=frames.FLAG_IMAGE)
-        self._send(parts, image=channel)
+        parts, nbytes = frames.value_frame(frames.DATA, channel, img, frames.FLAG_IMAGE)
+        self._send(parts, nbytes, image=channel)
 
     def request(self, channel: str, data: Any, timeout: Optional[float] = 5.0) -> Any:
         """Send ``data`` as a request on ``channel``; block for and return the reply.
@@ -279,19 +287,18 @@ class Client(ClientSeedNames, Endpoint):
         """
         return self._live_conn().request(channel, data, timeout)
 
-    def _send(self, parts: List[Any], image: Optional[str] = None) -> None:
+    def _send(self, parts: List[Any], nbytes: int, image: Optional[str] = None) -> None:
         """Send a frame, or keep it for the reconnection when the link is down."""
         conn = self._conn
         if conn is not None and not conn._closing:
             try:
-                conn.send_parts(parts, image=image)
+                conn.send_parts(parts, nbytes, image=image)
                 return
             except ConnectionClosed:
                 if not self.reconnect or self.stopped:
                     raise
         if not self.reconnect or self.stopped or not self.opened:
             self._live_conn()  # raises the right error
-        nbytes = frames.frame_size(parts)
         with self._link_lock:
             deadline = time.monotonic() + self.timeout
             while True:
@@ -312,7 +319,7 @@ class Client(ClientSeedNames, Endpoint):
                         f"(max_buffer={self.max_buffer}): the write was not kept"
                     )
                 self._link_lock.wait(left)
-        conn.send_parts(parts, image=image)
+        conn.send_parts(parts, nbytes, image=image)
 
     def _live_conn(self) -> Connection:
         conn = self._conn
@@ -334,7 +341,7 @@ class Client(ClientSeedNames, Endpoint):
                 conn._queue_parts(parts)
             self._outbox.clear()
             self._outbox_bytes = 0
-            conn.ready.set()
+            conn.mark_ready()
             if self.opened:  # a reconnection (the first connection is set by open())
                 self._conn = conn
                 self._pending = None
@@ -412,10 +419,6 @@ class Client(ClientSeedNames, Endpoint):
 
     def _connections(self) -> List[Connection]:
         return [self._conn] if self._conn is not None else []
-
-    def _store(self, conn: Connection, channel: str, value: Any) -> None:
-        conn.values[channel] = value
-        self._values[channel] = value
 
     def __repr__(self) -> str:
         state = "closed" if self.stopped else ("connected" if self.connected else "not connected")

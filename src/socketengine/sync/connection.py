@@ -46,6 +46,9 @@ _IOV = 512
 _READS_PER_EVENT = 16
 
 DEFAULT_MAX_BUFFER = 256 * 1024 * 1024
+# Writes closer together than this (seconds) count as a burst: they are coalesced.
+_BURST_GAP = 50e-6
+_monotonic = time.monotonic
 # Over TLS, small parts are joined (one TLS record) up to about 4x this many bytes.
 _TLS_JOIN = 64 * 1024
 
@@ -124,6 +127,11 @@ class Connection(Pausable):
         self._queue: Deque[Any] = deque()  # frame parts and _Slot placeholders
         self._queued = 0
         self._want_write = False
+        self._is_ready = False  # == ready.is_set(), without a call on the write path
+        self._flush_scheduled = False
+        self._last_write = 0.0
+        self._room_waiters = 0
+        self._max_buffer = endpoint.max_buffer
         self._closing = False  # no more writes; BYE queued
         self._closed = False
         self._shut_wr = False
@@ -173,8 +181,8 @@ class Connection(Pausable):
 
     def write(self, channel: str, data: Any) -> None:
         """Send ``data`` on ``channel`` to this peer only.  Thread-safe."""
-        parts = frames.encode_value_frame(frames.DATA, channel, data)
-        self.send_parts(parts)
+        parts, nbytes = frames.value_frame(frames.DATA, channel, data)
+        self.send_parts(parts, nbytes)
         self.messages_out += 1
 
     def write_image(self, img: Any, channel: str = "image") -> None:
@@ -318,35 +326,61 @@ class Connection(Pausable):
             twice ``max_buffer`` for at most ``timeout`` seconds, then drops the peer as
             a slow consumer and raises :class:`WriteTimeout`.
         """
+        if nbytes is None:
+            nbytes = frames.frame_size(parts)
         with self._lock:
             if self._closing or self._closed:
                 raise ConnectionClosed(f"connection to {self._peer()} is closed")
-            if nbytes is None:
-                nbytes = frames.frame_size(parts)
+            queued = self._queued
             if image is not None:
                 slot = self._slots.get(image)
                 if slot is not None:  # the earlier frame never left: replace it
-                    self._queued += nbytes - slot.nbytes
+                    self._queued = queued + nbytes - slot.nbytes
                     slot.parts, slot.nbytes = parts, nbytes
                     self.images_dropped += 1
                     return
-            limit = self._endpoint.max_buffer
-            if self._queued and self._queued + nbytes > limit:
+            if queued and queued + nbytes > self._max_buffer:
                 if block:
                     self._wait_room(nbytes)
                 else:
                     self._check_slow_consumer(nbytes)
+            queue = self._queue
             if image is not None:
                 self.images_sent += 1
-                if self._queue:
+                if queue:
                     slot = self._slots[image] = _Slot(image, parts, nbytes)
-                    self._queue.append(slot)
+                    queue.append(slot)
                     self._queued += nbytes
                     return
-            self._queue.extend(parts)
+            queue.extend(parts)
             self._queued += nbytes
-            if self.ready.is_set() and not self._want_write:
+            if not self._is_ready or self._want_write:
+                return  # the loop thread sends it (after the handshake / when writable)
+            # Coalescing: a write on an idle link goes out at once from this thread (no
+            # thread hop, lowest latency); writes that follow it closely are left for one
+            # flush on the loop thread, which sends the whole burst in a few syscalls.
+            now = _monotonic()
+            idle = now - self._last_write > _BURST_GAP
+            self._last_write = now
+            if self._flush_scheduled:
+                return
+            if idle:
                 self._flush_locked()
+            else:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        """Send a burst of queued writes (loop thread)."""
+        with self._lock:
+            self._flush_scheduled = False
+            if not self._want_write and not self._closed:
+                self._flush_locked()
+
+    def mark_ready(self) -> None:
+        """The handshake is complete: writes may flow (loop thread)."""
+        self._is_ready = True
+        self.ready.set()
 
     def _check_slow_consumer(self, nbytes: int) -> None:
         """A broadcast found this peer's buffer full (lock held): tolerate it for
@@ -384,7 +418,11 @@ class Connection(Pausable):
                     f"{self._peer()} is not reading: {self._queued} bytes are already queued "
                     f"(max_buffer={self._endpoint.max_buffer}); the write was not sent"
                 )
-            self._drained.wait(left)
+            self._room_waiters += 1
+            try:
+                self._drained.wait(left)
+            finally:
+                self._room_waiters -= 1
 
     def _queue_parts(self, parts: List[Buffer]) -> None:
         """Queue a frame without sending it yet (loop thread, before ``ready``)."""
@@ -459,10 +497,11 @@ class Connection(Pausable):
                     else:
                         self._loop.call_soon(self._update_interest)
                 break
-        if self._queued <= self._endpoint.max_buffer:
+        if self._queued <= self._max_buffer:
             self._full_since = None
         if not queue:
-            self._drained.notify_all()
+            if self._room_waiters:
+                self._drained.notify_all()
             if self._eof:
                 self._loop.call_soon(self._finish)  # the peer is done, and so are we
             elif self._bye_sent and not self._shut_wr:

@@ -8,9 +8,12 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, TypeVar, Union
 
+from msgpack import unpackb
+
 from .. import frames
+from ..codec import plain_ext_hook
 from ..errors import EndpointClosed, SocketEngineError
-from ..frames import Frame
+from ..frames import DATA, Frame
 from ..protocol import token_bytes
 from .connection import Connection
 from .delivery import Dispatcher, Subscription, Waiter
@@ -67,6 +70,9 @@ class Endpoint:
         self._callbacks: Dict[str, List[Callable[..., Any]]] = {}
         self._subs: Dict[str, List[Subscription]] = {}
         self._waiters: Dict[str, List[Waiter]] = {}
+        self._any: List[Callable[..., Any]] = []  # on_message() hooks
+        # The latest value per channel from any peer (the per-peer ones are conn.values).
+        self._latest: Dict[str, Any] = {}
         self._state_lock = threading.Lock()
         self.opened = False
         self.stopped = False
@@ -163,6 +169,31 @@ class Endpoint:
 
         return register if fn is None else register(fn)
 
+    def on_message(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Call ``fn`` for every message on **every** channel (usable as a decorator).
+
+        Host: ``fn(channel, data, conn)``; client: ``fn(channel, data)``.  Runs on the
+        callback threads like :meth:`on` callbacks, after them, in arrival order per
+        connection.  Meant for loggers, recorders and monitors.
+        """
+        if not callable(fn):
+            raise TypeError(f"on_message() needs a callable, not {type(fn).__qualname__}")
+        with self._watch_lock:
+            self._any = [*self._any, fn]
+        return fn
+
+    def _run_any(
+        self, hooks: List[Callable[..., Any]], channel: str, value: Any, conn: Connection
+    ) -> None:
+        for fn in hooks:
+            try:
+                self._call_any(fn, channel, value, conn)
+            except Exception:
+                logger.exception("%r: on_message callback %r raised (ignored)", self, fn)
+
+    def _call_any(self, fn: Callable[..., Any], channel: str, value: Any, conn: Connection) -> Any:
+        return fn(channel, value)
+
     def off(self, channel: str, fn: Optional[Callable[..., Any]] = None) -> None:
         """Remove ``fn`` (or every callback) registered with :meth:`on` for ``channel``."""
         with self._watch_lock:
@@ -236,6 +267,8 @@ class Endpoint:
         callbacks = self._callbacks.get(channel)
         if callbacks:
             self._dispatcher.submit(conn, self._run_callbacks, callbacks, value, conn)
+        if self._any:
+            self._dispatcher.submit(conn, self._run_any, self._any, channel, value, conn)
 
     def _run_callbacks(
         self, callbacks: List[Callable[..., Any]], value: Any, conn: Connection
@@ -307,30 +340,42 @@ class Endpoint:
 
     def _on_ready(self, conn: Connection) -> None:
         """Handshake completed (loop thread); must set ``conn.ready``."""
-        conn.ready.set()
+        conn.mark_ready()
 
     def _on_closed(self, conn: Connection) -> None:
         """Connection closed (loop thread)."""
-
-    def _store(self, conn: Connection, channel: str, value: Any) -> None:
-        """Record a received value (loop thread)."""
-        conn.values[channel] = value
 
     def _dispatch(self, conn: Connection, events: List[Frame]) -> None:
         """Handle application frames from ``conn`` (loop thread).
 
         A malformed value raises ``ProtocolError``, which closes ``conn`` only.
         """
-        watched = self._callbacks or self._subs or self._waiters
+        # The hot path of every received message: kept flat on purpose.
+        watched = self._callbacks or self._subs or self._waiters or self._any
+        latest = self._latest
+        values = conn.values
+        count = 0
         for frame in events:
-            t = frame.type
-            if t == frames.DATA:
-                value = frame.value()
-                conn.messages_in += 1
-                self._store(conn, frame.channel, value)
+            t, _, channel, _, meta, data = frame
+            if t == DATA:
+                if data is None:
+                    try:
+                        value = unpackb(
+                            meta, ext_hook=plain_ext_hook, raw=False, strict_map_key=False
+                        )
+                    except Exception:
+                        value = frame.value()  # raises ProtocolError with the reason
+                else:
+                    value = frame.value()
+                count += 1
+                values[channel] = value
+                latest[channel] = value
                 if watched:
-                    self._deliver(conn, frame.channel, value)
-            elif t == frames.REQUEST:
+                    self._deliver(conn, channel, value)
+                continue
+            conn.messages_in += count
+            count = 0
+            if t == frames.REQUEST:
                 value = frame.value()
                 conn.messages_in += 1
                 self._dispatcher.submit(conn, self._answer, conn, frame.channel, frame.id, value)
@@ -341,6 +386,7 @@ class Endpoint:
                 return
             else:
                 logger.debug("%r: ignoring frame type 0x%02x", self, t)
+        conn.messages_in += count
 
 
 class _Closed:

@@ -118,7 +118,6 @@ class Host(HostSeedNames, Endpoint):
         self._conns: Dict[int, Connection] = {}
         # Departed clients whose values get_all() still reports (bounded, FIFO).
         self._departed: OrderedDict[int, Connection] = OrderedDict()
-        self._latest: Dict[str, Any] = {}
         self._retained: Dict[str, List[Any]] = {}
         self._retain_lock = threading.Lock()
         self._on_connect: List[Callable[[Connection], Any]] = []
@@ -229,14 +228,14 @@ class Host(HostSeedNames, Endpoint):
         configuration and state).  Thread-safe.
         """
         self._check_open()
-        parts = frames.encode_value_frame(frames.DATA, channel, data)
+        parts, nbytes = frames.value_frame(frames.DATA, channel, data)
         if not retain:
-            return self._send_all(parts)
+            return self._send_all(parts, nbytes)
         head = parts[0]
         replay = [bytes((head[0], frames.FLAG_RETAINED)) + head[2:], *parts[1:]]
         with self._retain_lock:  # see _on_ready: no client misses or reorders it
             self._retained[channel] = replay
-            return self._send_all(parts)
+            return self._send_all(parts, nbytes)
 
     def clear_retained(self, channel: Optional[str] = None) -> None:
         """Forget the retained value of ``channel`` (``None``: of every channel)."""
@@ -250,14 +249,11 @@ class Host(HostSeedNames, Endpoint):
         """Send a numpy image to every connected client on ``channel`` (default "image")."""
         self._check_image(img)
         self._check_open()
-        return self._send_all(
-            frames.encode_value_frame(frames.DATA, channel, img, flags=frames.FLAG_IMAGE),
-            image=channel,
-        )
+        parts, nbytes = frames.value_frame(frames.DATA, channel, img, frames.FLAG_IMAGE)
+        return self._send_all(parts, nbytes, image=channel)
 
-    def _send_all(self, parts: List[Any], image: Optional[str] = None) -> int:
+    def _send_all(self, parts: List[Any], nbytes: int, image: Optional[str] = None) -> int:
         """Queue one encoded frame for every client; a slow client never blocks this."""
-        nbytes = frames.frame_size(parts)
         sent = 0
         for conn in self.clients():
             try:
@@ -291,6 +287,9 @@ class Host(HostSeedNames, Endpoint):
 
     def _call_handler(self, fn: Callable[..., Any], value: Any, conn: Connection) -> Any:
         return fn(value, conn)
+
+    def _call_any(self, fn: Callable[..., Any], channel: str, value: Any, conn: Connection) -> Any:
+        return fn(channel, value, conn)
 
     def _notify(self, hooks: List[Callable[[Connection], Any]], conn: Connection) -> None:
         for fn in hooks:
@@ -350,10 +349,6 @@ class Host(HostSeedNames, Endpoint):
     def _connections(self) -> List[Connection]:
         return list(self._conns.values())
 
-    def _store(self, conn: Connection, channel: str, value: Any) -> None:
-        conn.values[channel] = value
-        self._latest[channel] = value
-
     def _on_ready(self, conn: Connection) -> None:
         # Retained values go first, and the connection becomes visible to write_all()
         # under the same lock write_all(retain=True) holds: a value retained meanwhile is
@@ -361,7 +356,7 @@ class Host(HostSeedNames, Endpoint):
         with self._retain_lock:
             for parts in self._retained.values():
                 conn._queue_parts(parts)
-            conn.ready.set()
+            conn.mark_ready()
         logger.info("%r: client %r connected", self, conn)
         if self._on_connect:
             self._dispatcher.submit(conn, self._notify, self._on_connect, conn)
