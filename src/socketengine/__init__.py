@@ -21,6 +21,7 @@ from .errors import (
     SocketEngineError,
     WriteTimeout,
 )
+from .images import CodecUnavailable, EncodedImage
 from .sync.client import Client
 from .sync.connection import Connection
 from .sync.host import Host
@@ -44,4 +45,6 @@ __all__ = [
     "HandshakeError",
     "AuthenticationError",
     "ConnectionClosed",
+    "CodecUnavailable",
+    "EncodedImage",
 ]

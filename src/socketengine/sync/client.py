@@ -61,6 +61,9 @@ class Client(ClientSeedNames, Endpoint):
         the background with exponential backoff (from 0.02 s, doubling, capped at
         ``reconnect_max`` seconds, with +-20 % jitter).  Writes made meanwhile are kept,
         up to ``max_buffer`` bytes, and sent first, in order, once reconnected.
+    :param image_codec: codec of ``write_image``/``writeImg`` when none is given:
+        ``"raw"`` (default, exact), ``"jpeg"`` or ``"png"``.
+    :param image_quality: JPEG quality 1-100 (default 90).
     :param tls: an ``ssl.SSLContext`` (client side, e.g.
         ``ssl.create_default_context(cafile=...)``): the connection runs over TLS and
         the host's certificate is verified against ``addr`` as the context says.
@@ -86,6 +89,8 @@ class Client(ClientSeedNames, Endpoint):
         reconnect: bool = True,
         reconnect_max: float = 5.0,
         tls: Optional[ssl.SSLContext] = None,
+        image_codec: str = "raw",
+        image_quality: int = 90,
     ) -> None:
         super().__init__(
             addr,
@@ -97,6 +102,8 @@ class Client(ClientSeedNames, Endpoint):
             max_buffer=max_buffer,
             heartbeat=heartbeat,
             tls=tls,
+            image_codec=image_codec,
+            image_quality=image_quality,
         )
         if name is not None and (not isinstance(name, str) or len(name) > 256):
             raise TypeError("name must be a str of at most 256 characters")
@@ -248,8 +255,11 @@ class Client(ClientSeedNames, Endpoint):
     # -- reading and writing ------------------------------------------------------------
 
     def get(self, channel: str, default: Any = None) -> Any:
-        """The most recent value received on ``channel``, or ``default`` (``None``)."""
-        return self._latest.get(channel, default)
+        """The most recent value received on ``channel``, or ``default`` (``None``).
+
+        Images sent compressed are returned decoded (numpy arrays).
+        """
+        return self._read(self._latest, channel, default)
 
     def write(self, channel: str, data: Any) -> None:
         """Send ``data`` on ``channel`` to the host.  Thread-safe.
@@ -267,14 +277,22 @@ class Client(ClientSeedNames, Endpoint):
                 pass
         self._send(parts, nbytes)
 
-    def write_image(self, img: Any, channel: str = "image") -> None:
+    def write_image(
+        self,
+        img: Any,
+        channel: str = "image",
+        codec: Optional[str] = None,
+        quality: Optional[int] = None,
+    ) -> None:
         """Send a numpy image (H, W) or (H, W, C) on ``channel`` (default ``"image"``).
 
-        The pixels travel raw and zero-copy: do not modify ``img`` in place until the
-        next write returns.
+        ``codec``: ``"raw"`` (exact, zero-copy: do not modify ``img`` in place until
+        the next write returns), ``"jpeg"`` (uint8, 1 or 3 channels; ``quality`` 1-100)
+        or ``"png"`` (lossless, uint8/uint16); ``None`` uses the client's
+        ``image_codec`` / ``image_quality``.  A newer frame replaces an older one that
+        is still unsent.  ``TypeError``/``ValueError`` before anything is sent.
         """
-        self._check_image(img)
-        parts, nbytes = frames.value_frame(frames.DATA, channel, img, frames.FLAG_IMAGE)
+        parts, nbytes = self._image_frame(img, channel, codec, quality)
         self._send(parts, nbytes, image=channel)
 
     def request(self, channel: str, data: Any, timeout: Optional[float] = 5.0) -> Any:

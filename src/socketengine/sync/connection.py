@@ -30,6 +30,7 @@ from ..errors import (
     SocketEngineError,
     WriteTimeout,
 )
+from ..images import EncodedImage
 from ..protocol import Protocol
 from .delivery import Pausable, Waiter
 
@@ -145,6 +146,7 @@ class Connection(Pausable):
         self._tls_want = _READ | _WRITE
         self._requests: Dict[int, _Reply] = {}
         self._slots: Dict[str, _Slot] = {}  # image frames still replaceable, by channel
+        self._encoded: Dict[str, EncodedImage] = {}  # newest JPEG/PNG file per channel
         self._full_since: Optional[float] = None  # write_all: when max_buffer was first hit
         self.last_recv = self.last_send = time.monotonic()
         self.images_sent = 0
@@ -176,8 +178,22 @@ class Connection(Pausable):
         return self.ready.is_set() and not self._closing and not self._closed
 
     def get(self, channel: str, default: Any = None) -> Any:
-        """The latest value this peer sent on ``channel``, or ``default``."""
-        return self.values.get(channel, default)
+        """The latest value this peer sent on ``channel``, or ``default``.
+
+        An image sent compressed is returned decoded (a numpy array).
+        """
+        value = self.values.get(channel, default)
+        if type(value) is EncodedImage:
+            decoded = value.decode()
+            if self.values.get(channel) is value:
+                self.values[channel] = decoded
+            return decoded
+        return value
+
+    def get_jpeg(self, channel: str = "image") -> Optional[bytes]:
+        """The newest JPEG/PNG file this peer sent on ``channel``, still encoded."""
+        enc = self._encoded.get(channel)
+        return None if enc is None else enc.tobytes()
 
     def write(self, channel: str, data: Any) -> None:
         """Send ``data`` on ``channel`` to this peer only.  Thread-safe."""
@@ -185,17 +201,22 @@ class Connection(Pausable):
         self.send_parts(parts, nbytes)
         self.messages_out += 1
 
-    def write_image(self, img: Any, channel: str = "image") -> None:
+    def write_image(
+        self,
+        img: Any,
+        channel: str = "image",
+        codec: Optional[str] = None,
+        quality: Optional[int] = None,
+    ) -> None:
         """Send a numpy image on ``channel`` (default ``"image"``) to this peer only.
 
-        If an earlier image on ``channel`` is still waiting unsent, this one replaces it
-        (latest frame wins; counted in :attr:`images_dropped`).
+        ``codec`` (``"raw"``, ``"jpeg"``, ``"png"``) and ``quality`` default to the
+        endpoint's ``image_codec`` / ``image_quality``.  If an earlier image on
+        ``channel`` is still waiting unsent, this one replaces it (latest frame wins;
+        counted in :attr:`images_dropped`).
         """
-        self._endpoint._check_image(img)
-        self.send_parts(
-            frames.encode_value_frame(frames.DATA, channel, img, flags=frames.FLAG_IMAGE),
-            image=channel,
-        )
+        parts, nbytes = self._endpoint._image_frame(img, channel, codec, quality)
+        self.send_parts(parts, nbytes, image=channel)
         self.messages_out += 1
 
     def stats(self) -> Dict[str, Any]:
@@ -338,6 +359,7 @@ class Connection(Pausable):
                     self._queued = queued + nbytes - slot.nbytes
                     slot.parts, slot.nbytes = parts, nbytes
                     self.images_dropped += 1
+                    self._endpoint._image_dropped(image)
                     return
             if queued and queued + nbytes > self._max_buffer:
                 if block:
@@ -352,6 +374,7 @@ class Connection(Pausable):
                     queue.append(slot)
                     self._queued += nbytes
                     return
+                self._endpoint._image_sent(image, nbytes)
             queue.extend(parts)
             self._queued += nbytes
             if not self._is_ready or self._want_write:
@@ -453,6 +476,7 @@ class Connection(Pausable):
                 queue.popleft()
                 del self._slots[head.channel]
                 queue.extendleft(reversed(head.parts))
+                self._endpoint._image_sent(head.channel, head.nbytes)
                 continue
             batch: List[Buffer] = []
             for item in queue:

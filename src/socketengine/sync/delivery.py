@@ -166,7 +166,13 @@ class Subscription:
     beyond ``maxsize`` is held.
     """
 
-    def __init__(self, channel: str, maxsize: int, on_close: Callable[[Subscription], None]):
+    def __init__(
+        self,
+        channel: str,
+        maxsize: int,
+        on_close: Callable[[Subscription], None],
+        convert: Optional[Callable[[Any], Any]] = None,
+    ):
         if maxsize < 1:
             raise ValueError("maxsize must be at least 1")
         self.channel = channel
@@ -176,6 +182,7 @@ class Subscription:
         self._paused: Set[Pausable] = set()
         self._closed = False
         self._on_close = on_close
+        self._convert = convert  # applied in the reader's thread (e.g. image decoding)
 
     @property
     def closed(self) -> bool:
@@ -215,7 +222,7 @@ class Subscription:
                 for source in self._paused:
                     source.resume_reading()
                 self._paused.clear()
-            return item
+        return item if self._convert is None else self._convert(item)
 
     def __iter__(self) -> Iterator[Any]:
         from ..errors import EndpointClosed

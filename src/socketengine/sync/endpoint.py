@@ -6,14 +6,14 @@ import logging
 import ssl
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, TypeVar, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union
 
 from msgpack import unpackb
 
-from .. import frames
+from .. import frames, images
 from ..codec import plain_ext_hook
 from ..errors import EndpointClosed, SocketEngineError
-from ..frames import DATA, Frame
+from ..frames import DATA, FLAG_IMAGE, Frame
 from ..protocol import token_bytes
 from .connection import Connection
 from .delivery import Dispatcher, Subscription, Waiter
@@ -44,6 +44,8 @@ class Endpoint:
         max_buffer: int,
         heartbeat: Optional[float] = 5.0,
         tls: Optional[ssl.SSLContext] = None,
+        image_codec: str = "raw",
+        image_quality: int = 90,
     ) -> None:
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an int from 0 to 65535, not {port!r}")
@@ -73,6 +75,12 @@ class Endpoint:
         self._any: List[Callable[..., Any]] = []  # on_message() hooks
         # The latest value per channel from any peer (the per-peer ones are conn.values).
         self._latest: Dict[str, Any] = {}
+        self.image_codec = images._check_codec(image_codec)
+        self.image_quality = images._check_quality(image_quality)
+        self._images_out: Dict[str, images.ImageStats] = {}
+        self._images_in: Dict[str, images.ImageStats] = {}
+        self._encoded: Dict[str, images.EncodedImage] = {}  # newest encoded file per channel
+        self._unread: Dict[str, int] = {}  # image channels whose newest frame is unread
         self._state_lock = threading.Lock()
         self.opened = False
         self.stopped = False
@@ -126,19 +134,78 @@ class Endpoint:
 
     @staticmethod
     def _check_image(img: Any) -> Any:
-        """Validate an image: a 2-D (gray) or 3-D (H, W, 1|3|4 channels) numpy array."""
-        import sys
-
-        np = sys.modules.get("numpy")
-        if np is None or not isinstance(img, np.ndarray):
-            raise TypeError(
-                f"an image must be a numpy array (H, W) or (H, W, C), not {type(img).__qualname__}"
-            )
-        if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 3, 4)):
-            raise ValueError(f"an image must have shape (H, W) or (H, W, 1|3|4), not {img.shape}")
-        if img.dtype.kind not in "biuf":
-            raise TypeError(f"an image must have a numeric dtype, not {img.dtype}")
+        """Validate a raw image: a 2-D (gray) or 3-D (H, W, 1|3|4 channels) numpy array."""
+        images.validate(img, "raw")
         return img
+
+    def _image_frame(
+        self, img: Any, channel: str, codec: Optional[str], quality: Optional[int]
+    ) -> Tuple[List[Any], int]:
+        """Validate, encode (in the caller's thread) and frame an image, once."""
+        codec = images.validate(img, self.image_codec if codec is None else codec)
+        value = images.prepare(img, codec, self.image_quality if quality is None else quality)
+        parts, nbytes = frames.value_frame(frames.DATA, channel, value, frames.FLAG_IMAGE)
+        _stats(self._images_out, channel).record_frame(codec)
+        return parts, nbytes
+
+    def _image_sent(self, channel: str, nbytes: int) -> None:
+        """A frame of an image channel went to a socket (any thread)."""
+        _stats(self._images_out, channel).record_delivered(nbytes)
+
+    def _image_dropped(self, channel: str) -> None:
+        """A queued frame was replaced by a newer one before it was sent (conflation)."""
+        _stats(self._images_out, channel).record_dropped()
+
+    def _image_arrived(self, conn: Connection, channel: str, value: Any) -> None:
+        """An image frame was received (loop thread)."""
+        stats = _stats(self._images_in, channel)
+        encoded = type(value) is images.EncodedImage
+        stats.record_frame(value.codec if encoded else "raw")
+        if channel in self._unread:
+            stats.record_dropped()  # the previous frame was never read: superseded
+        self._unread[channel] = value.nbytes
+        if encoded:
+            self._encoded[channel] = value
+            conn._encoded[channel] = value
+
+    def _read(self, table: Dict[str, Any], channel: str, default: Any) -> Any:
+        """``table[channel]`` for the user: an encoded image is decoded (and cached)."""
+        value = table.get(channel, default)
+        if channel in self._unread:
+            nbytes = self._unread.pop(channel, None)
+            if nbytes is not None:
+                _stats(self._images_in, channel).record_delivered(nbytes)
+        if type(value) is images.EncodedImage:
+            decoded = value.decode()
+            if table.get(channel) is value:
+                table[channel] = decoded
+            return decoded
+        return value
+
+    def get_jpeg(self, channel: str = "image") -> Optional[bytes]:
+        """The newest JPEG/PNG file received on ``channel``, still encoded, or ``None``.
+
+        For saving or forwarding frames without decoding them (only frames that were
+        sent with ``codec="jpeg"`` or ``"png"``; raw frames have no file).
+        """
+        enc = self._encoded.get(channel)
+        return None if enc is None else enc.tobytes()
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters: per image channel, what was sent and received.
+
+        ``{"images": {"sent": {channel: s}, "received": {channel: s}}}`` where each ``s``
+        has ``frames`` (written / arrived), ``delivered`` (handed to a socket / to the
+        user), ``dropped`` (replaced by a newer frame before that: conflation),
+        ``pending``, ``bytes``, ``fps`` (over the last 2 s) and ``codec``.  On a host the
+        sent counts add up over clients.
+        """
+        return {
+            "images": {
+                "sent": {ch: s.snapshot() for ch, s in list(self._images_out.items())},
+                "received": {ch: s.snapshot() for ch, s in list(self._images_in.items())},
+            }
+        }
 
     # -- delivery: callbacks, wait, subscribe -------------------------------------------
 
@@ -185,6 +252,7 @@ class Endpoint:
     def _run_any(
         self, hooks: List[Callable[..., Any]], channel: str, value: Any, conn: Connection
     ) -> None:
+        value = _user_value(value)
         for fn in hooks:
             try:
                 self._call_any(fn, channel, value, conn)
@@ -226,7 +294,7 @@ class Endpoint:
                 raise TimeoutError(f"no message on {channel!r} within {timeout} s")
         if waiter.item is _CLOSED:
             raise EndpointClosed(f"{self!r} closed while waiting on {channel!r}")
-        return waiter.item
+        return _user_item(waiter.item)
 
     def subscribe(self, channel: str, maxsize: int = 10_000) -> Subscription:
         """Receive **every** message on ``channel``, in order, from now on.
@@ -238,7 +306,7 @@ class Endpoint:
         """
         frames.channel_bytes(channel)
         self._check_not_closed()
-        sub = Subscription(channel, maxsize, self._unsubscribe)
+        sub = Subscription(channel, maxsize, self._unsubscribe, convert=_user_item)
         with self._watch_lock:
             self._subs[channel] = [*self._subs.get(channel, ()), sub]
         return sub
@@ -253,6 +321,11 @@ class Endpoint:
 
     def _deliver(self, conn: Connection, channel: str, value: Any) -> None:
         """Hand a received value to waiters, subscriptions and callbacks (loop thread)."""
+        if channel in self._unread and (
+            channel in self._waiters or channel in self._subs or channel in self._callbacks
+        ):
+            # An image handed to the application here counts as delivered.
+            _stats(self._images_in, channel).record_delivered(self._unread.pop(channel))
         if channel in self._waiters:
             with self._watch_lock:
                 waiting = self._waiters.pop(channel, ())
@@ -273,6 +346,7 @@ class Endpoint:
     def _run_callbacks(
         self, callbacks: List[Callable[..., Any]], value: Any, conn: Connection
     ) -> None:
+        value = _user_value(value)  # decoding an image happens here, off the I/O thread
         for fn in callbacks:
             try:
                 self._call_handler(fn, value, conn)
@@ -367,6 +441,8 @@ class Endpoint:
                         value = frame.value()  # raises ProtocolError with the reason
                 else:
                     value = frame.value()
+                    if frame.flags & FLAG_IMAGE:
+                        self._image_arrived(conn, channel, value)
                 count += 1
                 values[channel] = value
                 latest[channel] = value
@@ -387,6 +463,27 @@ class Endpoint:
             else:
                 logger.debug("%r: ignoring frame type 0x%02x", self, t)
         conn.messages_in += count
+
+
+def _stats(table: Dict[str, images.ImageStats], channel: str) -> images.ImageStats:
+    stats = table.get(channel)
+    if stats is None:
+        stats = table.setdefault(channel, images.ImageStats())
+    return stats
+
+
+def _user_value(value: Any) -> Any:
+    """What the application sees of a received value: encoded images are decoded."""
+    if type(value) is images.EncodedImage:
+        return value.decode()
+    return value
+
+
+def _user_item(item: Any) -> Any:
+    """:func:`_user_value` for subscription/waiter items: a value or ``(value, conn)``."""
+    if type(item) is tuple and len(item) == 2 and type(item[0]) is images.EncodedImage:
+        return (item[0].decode(), item[1])
+    return _user_value(item)
 
 
 class _Closed:

@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Union
 
-from .. import frames
+from .. import frames, images
 from ..compat import HostSeedNames
 from ..errors import SocketEngineError
 from ..protocol import Protocol, Role
@@ -73,6 +73,9 @@ class Host(HostSeedNames, Endpoint):
         intervals is declared dead.  ``None`` disables.
     :param tls: an ``ssl.SSLContext`` (server side, with ``load_cert_chain``): every
         connection then runs over TLS, and plaintext clients are refused.
+    :param image_codec: codec of ``write_image_all``/``writeImg_ALL`` when none is given:
+        ``"raw"`` (default), ``"jpeg"`` or ``"png"``.
+    :param image_quality: JPEG quality 1-100 (default 90).
     :param keep_departed: how many disconnected clients' latest values
         :meth:`get_all` keeps reporting (oldest forgotten first).
     """
@@ -96,6 +99,8 @@ class Host(HostSeedNames, Endpoint):
         backlog: int = 128,
         heartbeat: Optional[float] = 5.0,
         tls: Optional[ssl.SSLContext] = None,
+        image_codec: str = "raw",
+        image_quality: int = 90,
     ) -> None:
         super().__init__(
             addr,
@@ -107,6 +112,8 @@ class Host(HostSeedNames, Endpoint):
             max_buffer=max_buffer,
             heartbeat=heartbeat,
             tls=tls,
+            image_codec=image_codec,
+            image_quality=image_quality,
         )
         self.max_clients = max_clients
         self.handshake_timeout = handshake_timeout
@@ -198,8 +205,11 @@ class Host(HostSeedNames, Endpoint):
         return found
 
     def get(self, channel: str, default: Any = None) -> Any:
-        """The most recent value received on ``channel`` from any client, or ``default``."""
-        return self._latest.get(channel, default)
+        """The most recent value received on ``channel`` from any client, or ``default``.
+
+        Images sent compressed are returned decoded (numpy arrays).
+        """
+        return self._read(self._latest, channel, default)
 
     def get_all(self, channel: str) -> List[Any]:
         """The latest value on ``channel`` from each client, in connection order.
@@ -214,6 +224,9 @@ class Host(HostSeedNames, Endpoint):
         for _, conn in sessions:
             values = conn.values
             if channel in values:
+                if type(values[channel]) is images.EncodedImage:
+                    out.append(conn.get(channel))
+                    continue
                 out.append(values[channel])
         return out
 
@@ -245,11 +258,21 @@ class Host(HostSeedNames, Endpoint):
             else:
                 self._retained.pop(channel, None)
 
-    def write_image_all(self, img: Any, channel: str = "image") -> int:
-        """Send a numpy image to every connected client on ``channel`` (default "image")."""
-        self._check_image(img)
+    def write_image_all(
+        self,
+        img: Any,
+        channel: str = "image",
+        codec: Optional[str] = None,
+        quality: Optional[int] = None,
+    ) -> int:
+        """Send a numpy image to every connected client on ``channel`` (default "image").
+
+        ``codec``/``quality`` as for :meth:`Client.write_image` (default: the host's
+        ``image_codec``/``image_quality``).  The image is encoded once, whatever the
+        number of clients; a slow client gets the newest frame, never a backlog.
+        """
         self._check_open()
-        parts, nbytes = frames.value_frame(frames.DATA, channel, img, frames.FLAG_IMAGE)
+        parts, nbytes = self._image_frame(img, channel, codec, quality)
         return self._send_all(parts, nbytes, image=channel)
 
     def _send_all(self, parts: List[Any], nbytes: int, image: Optional[str] = None) -> int:
@@ -345,6 +368,15 @@ class Host(HostSeedNames, Endpoint):
             self._conns[protocol.session] = conn
             conn.attach()
             conn.start_handshake_timer(self.handshake_timeout)
+
+    def stats(self) -> Dict[str, Any]:
+        """Image counters (see :meth:`Endpoint.stats`) plus ``"clients"``: each connected
+        client's ``conn.stats()``, keyed by ``name`` or ``"host:port"``."""
+        out = super().stats()
+        out["clients"] = {
+            c.name or f"{c.address[0]}:{c.address[1]}": c.stats() for c in self.clients()
+        }
+        return out
 
     def _connections(self) -> List[Connection]:
         return list(self._conns.values())
