@@ -186,7 +186,7 @@ class _Encoder:
 
     def _image(self, img: EncodedImage) -> msgpack.ExtType:
         """Ext 5: [codec, shape, dtype, offset, nbytes, order]; the bytes go out of band."""
-        raw = memoryview(img.data)
+        raw = memoryview(img.data).cast("B")  # len() == bytes: the senders rely on it
         nbytes = raw.nbytes
         offset = self.offset
         self.buffers.append(raw)

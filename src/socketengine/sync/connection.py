@@ -71,12 +71,12 @@ class _Reply(Waiter):
 def _tls_payload(batch: List[Buffer]) -> Buffer:
     """What one ``SSLSocket.send`` gets: a large part alone, or small parts joined."""
     first = batch[0]
-    if len(batch) == 1 or memoryview(first).nbytes >= _TLS_JOIN:
+    if len(batch) == 1 or len(first) >= _TLS_JOIN:
         return first
     group: List[Buffer] = []
     total = 0
     for item in batch:
-        size = memoryview(item).nbytes
+        size = len(item)
         if group and total + size > 4 * _TLS_JOIN:
             break
         group.append(item)
@@ -130,6 +130,7 @@ class Connection(Pausable):
         self._want_write = False
         self._is_ready = False  # == ready.is_set(), without a call on the write path
         self._flush_scheduled = False
+        self._flushing = False  # one flusher at a time; it owns the queue's head
         self._last_write = 0.0
         self._room_waiters = 0
         self._max_buffer = endpoint.max_buffer
@@ -387,7 +388,7 @@ class Connection(Pausable):
             self._last_write = now
             if self._flush_scheduled:
                 return
-            if idle:
+            if idle and not self._tls:  # an SSL object must not read and write at once
                 self._flush_locked()
             else:
                 self._flush_scheduled = True
@@ -464,12 +465,33 @@ class Connection(Pausable):
                 self._flush_locked()
 
     def _flush_locked(self) -> None:
-        """Send queued parts until done or the socket would block (lock held)."""
-        if self._tls_pending:
-            return  # sent once the TLS handshake is done
+        """Send queued parts until done or the socket would block (lock held).
+
+        The lock is released around each system call, so writers keep appending while a
+        batch is on its way (they only touch the tail; the one flusher owns the head).
+        """
+        if self._tls_pending or self._flushing:
+            return  # after the TLS handshake / the current flusher picks new parts up
+        self._flushing = True
+        try:
+            self._flush_batches()
+        finally:
+            self._flushing = False
+        if self._queued <= self._max_buffer:
+            self._full_since = None
+        if not self._queue:
+            if self._room_waiters:
+                self._drained.notify_all()
+            if self._eof:
+                self._loop.call_soon(self._finish)  # the peer is done, and so are we
+            elif self._bye_sent and not self._shut_wr:
+                self._loop.call_soon(self._shutdown_write)
+
+    def _flush_batches(self) -> None:
         queue = self._queue
         sock = self.socket
-        while queue:
+        lock = self._lock
+        while queue and not self._closed:
             head = queue[0]
             if type(head) is _Slot:
                 # An image frame's turn: from now on it is being sent, not replaceable.
@@ -483,36 +505,49 @@ class Connection(Pausable):
                 if type(item) is _Slot or len(batch) == _IOV:
                     break
                 batch.append(item)
+            error: Optional[OSError] = None
+            lock.release()
             try:
                 if self._tls:
-                    sent = sock.send(_tls_payload(batch))  # SSLSocket has no sendmsg
+                    payload = _tls_payload(batch)  # SSLSocket has no sendmsg
+                    offered = len(payload)
+                    sent = sock.send(payload)
                 else:
+                    # Every queued part is bytes or a byte-format memoryview: len() == size.
+                    offered = sum(map(len, batch))
                     sent = sock.sendmsg(batch) if len(batch) > 1 else sock.send(batch[0])
             except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 sent = 0
             except OSError as exc:
+                error = exc
+            finally:
+                lock.acquire()
+            if self._closed:
+                return
+            if error is not None:
                 # The reader side will see the failure too; close from the loop thread.
-                self.error = self.error or exc
+                self.error = self.error or error
                 queue.clear()
                 self._queued = 0
                 self._drained.notify_all()
-                self._loop.call_soon(self._lost, exc)
+                self._loop.call_soon(self._lost, error)
                 return
             if sent:
                 self.bytes_out += sent
                 self._queued -= sent
                 self.last_send = time.monotonic()
+            full = sent < offered
             # Drop what was sent; keep the unsent tail of a partly sent buffer.
             while sent:
                 head = queue[0]
-                size = len(head) if not isinstance(head, memoryview) else head.nbytes
+                size = len(head)
                 if sent >= size:
                     queue.popleft()
                     sent -= size
                 else:
                     queue[0] = memoryview(head).cast("B")[sent:]
                     sent = 0
-            if queue and self._queue is queue:
+            if full:
                 # The socket is full: let the loop thread finish when it drains.
                 if not self._want_write:
                     self._want_write = True
@@ -520,16 +555,7 @@ class Connection(Pausable):
                         self._update_interest()
                     else:
                         self._loop.call_soon(self._update_interest)
-                break
-        if self._queued <= self._max_buffer:
-            self._full_since = None
-        if not queue:
-            if self._room_waiters:
-                self._drained.notify_all()
-            if self._eof:
-                self._loop.call_soon(self._finish)  # the peer is done, and so are we
-            elif self._bye_sent and not self._shut_wr:
-                self._loop.call_soon(self._shutdown_write)
+                return
 
     # -- loop thread ------------------------------------------------------------------
 

@@ -76,6 +76,9 @@ class Host(HostSeedNames, Endpoint):
     :param image_codec: codec of ``write_image_all``/``writeImg_ALL`` when none is given:
         ``"raw"`` (default), ``"jpeg"`` or ``"png"``.
     :param image_quality: JPEG quality 1-100 (default 90).
+    :param monitor: serve the live browser monitor on this port (``0``: any free one;
+        ``None``: no monitor); its address is ``host.monitor.url``.
+    :param monitor_addr: the monitor's address (loopback by default).
     :param keep_departed: how many disconnected clients' latest values
         :meth:`get_all` keeps reporting (oldest forgotten first).
     """
@@ -101,6 +104,8 @@ class Host(HostSeedNames, Endpoint):
         tls: Optional[ssl.SSLContext] = None,
         image_codec: str = "raw",
         image_quality: int = 90,
+        monitor: Optional[int] = None,
+        monitor_addr: str = "127.0.0.1",
     ) -> None:
         super().__init__(
             addr,
@@ -129,6 +134,10 @@ class Host(HostSeedNames, Endpoint):
         self._retain_lock = threading.Lock()
         self._on_connect: List[Callable[[Connection], Any]] = []
         self._on_disconnect: List[Callable[[Connection], Any]] = []
+        self._monitor_port = monitor
+        self._monitor_addr = monitor_addr
+        #: The browser monitor (``.url``, ``.port``) when ``monitor=`` was given, once open.
+        self.monitor: Optional[Any] = None
         if open:
             self.open()
 
@@ -150,6 +159,16 @@ class Host(HostSeedNames, Endpoint):
             self._loop.start()
             self.opened = True
         logger.info("%r: listening", self)
+        if self._monitor_port is not None and self.monitor is None:
+            from ..monitor import Monitor  # imported only when asked for
+
+            try:
+                self.monitor = Monitor(
+                    self, port=self._monitor_port, addr=self._monitor_addr
+                ).start()
+            except BaseException:
+                self.close()
+                raise
         return self
 
     @property
@@ -166,6 +185,9 @@ class Host(HostSeedNames, Endpoint):
             self.stopped = True
             was_open = self.opened
             self.opened = False
+        monitor, self.monitor = self.monitor, None
+        if monitor is not None:
+            monitor.close()
         if not was_open:
             self._loop.stop()
             self._release_waiters()
