@@ -6,6 +6,10 @@ from conftest import wait_for
 
 from socketengine import Client, Host, images
 
+_BACKENDS = images.available_backends()
+needs_jpeg = pytest.mark.skipif(not _BACKENDS.get("jpeg"), reason="no JPEG backend installed")
+needs_png = pytest.mark.skipif(not _BACKENDS.get("png"), reason="no PNG backend installed")
+
 
 def _frame(h: int = 240, w: int = 320) -> np.ndarray:
     y, x = np.mgrid[0:h, 0:w]
@@ -22,6 +26,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return 99.0 if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
+@needs_jpeg
 def test_jpeg_round_trip_keeps_shape_dtype_and_channel_order(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
     c = make_client()
     frame = _frame()
@@ -37,6 +42,7 @@ def test_jpeg_round_trip_keeps_shape_dtype_and_channel_order(host: Host, make_cl
     assert host.get("image") is host.get("image")  # decoded once, then cached
 
 
+@needs_png
 def test_png_is_exact_for_uint16_and_gray(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
     c = make_client()
     depth = (np.arange(120 * 160, dtype=np.uint16) * 3).reshape(120, 160)
@@ -48,6 +54,7 @@ def test_png_is_exact_for_uint16_and_gray(host: Host, make_client) -> None:  # t
     assert host.get("gray").ndim == 2 and np.array_equal(host.get("gray"), gray)
 
 
+@needs_jpeg
 def test_seed_writeimg_uses_the_endpoint_default_codec() -> None:
     with Host(port=0, image_codec="jpeg", image_quality=80) as h, Client(
         port=h.port, image_codec="jpeg", image_quality=85
@@ -63,6 +70,7 @@ def test_seed_writeimg_uses_the_endpoint_default_codec() -> None:
         assert c.stats()["images"]["sent"]["image"]["codec"] == "jpeg"
 
 
+@needs_jpeg
 def test_write_image_all_encodes_once(monkeypatch, host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
     clients = [make_client() for _ in range(3)]
     wait_for(lambda: len(host.clients()) == 3)
@@ -81,6 +89,7 @@ def test_write_image_all_encodes_once(monkeypatch, host: Host, make_client) -> N
         assert c.get("image").shape == (240, 320, 3)
 
 
+@needs_jpeg
 def test_callbacks_subscriptions_and_wait_get_decoded_arrays(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
     seen: list = []
     host.on("cam", lambda data, conn: seen.append(data))

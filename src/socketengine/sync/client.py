@@ -316,7 +316,8 @@ class Client(ClientSeedNames, Endpoint):
                 if not self.reconnect or self.stopped:
                     raise
         if not self.reconnect or self.stopped or not self.opened:
-            self._live_conn()  # raises the right error
+            self._live_conn().send_parts(parts, nbytes, image=image)  # or the right error
+            return
         with self._link_lock:
             deadline = time.monotonic() + self.timeout
             while True:
@@ -344,7 +345,7 @@ class Client(ClientSeedNames, Endpoint):
         if conn is None or self.stopped:
             self._check_open()
             raise EndpointClosed(f"{self!r} is not connected")  # pragma: no cover
-        if conn.closed.is_set():
+        if conn._closing or conn.closed.is_set():
             raise ConnectionClosed(
                 f"the connection to {self.addr}:{self._port} is closed "
                 f"({conn.error or 'the host closed it'})"
