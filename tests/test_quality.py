@@ -34,3 +34,25 @@ def test_demo_runs() -> None:
     assert result.returncode == 0, result.stderr
     assert "get_all('test') -> ['client is connected!']" in result.stdout
     assert "identical: True" in result.stdout
+
+
+def test_socketengine_works_without_numpy() -> None:
+    code = (
+        "import sys; sys.modules['numpy'] = None\n"  # makes 'import numpy' fail
+        "import socketengine\n"
+        "from socketengine import Host, Client\n"
+        "with Host(port=0) as h, Client(port=h.port) as c:\n"
+        "    sub = h.subscribe('a')\n"
+        "    c.write('a', [1, (2, 3), {'b': b'x'}])\n"
+        "    print(sub.get(timeout=10)[0])\n"
+        "    try:\n"
+        "        c.write_image([[1]])\n"
+        "    except TypeError as exc:\n"
+        "        print('TypeError', exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "[1, (2, 3), {'b': b'x'}]"
+    assert "TypeError" in result.stdout
