@@ -18,10 +18,9 @@ from typing import (
     overload,
 )
 
-from .. import frames
+from .. import frames, images
 from ..errors import ConnectionClosed, EndpointClosed
 from ..protocol import token_bytes
-from ..sync.endpoint import Endpoint as _SyncEndpoint
 from .connection import Connection, wait_bounded
 from .subscription import Subscription
 
@@ -209,7 +208,8 @@ class Endpoint:
     @staticmethod
     def _check_image(img: Any) -> Any:
         """Validate an image (TypeError / ValueError); the threaded layer's rules."""
-        return _SyncEndpoint._check_image(img)
+        images.validate(img, "raw")
+        return img
 
     # -- tasks ----------------------------------------------------------------------------
 

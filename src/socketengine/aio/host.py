@@ -11,8 +11,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union
 from .. import codec, frames
 from ..codec import Buffer
 from ..errors import EndpointClosed
+from ..net import listen
 from ..protocol import Protocol, Role
-from ..sync.host import _listen
 from .connection import READ_SIZE, Connection
 from .endpoint import DEFAULT_SUBSCRIPTION_SIZE, Endpoint
 from .subscription import Subscription
@@ -94,7 +94,7 @@ class Host(Endpoint):
         return await super().start()
 
     async def _open(self) -> None:
-        sock = _listen(self.addr, self._port, self.backlog)
+        sock = listen(self.addr, self._port, self.backlog)
         try:
             self._server = await asyncio.get_running_loop().create_server(
                 self._new_connection, sock=sock

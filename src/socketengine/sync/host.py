@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import itertools
 import logging
 import selectors
@@ -16,6 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 from .. import frames, images
 from ..compat import HostSeedNames
 from ..errors import SocketEngineError
+from ..net import listen
 from ..protocol import Protocol, Role
 from .connection import DEFAULT_MAX_BUFFER, Connection
 from .endpoint import Endpoint
@@ -23,30 +23,6 @@ from .endpoint import Endpoint
 logger = logging.getLogger("socketengine")
 
 _ACCEPTS_PER_EVENT = 64
-
-
-def _listen(addr: str, port: int, backlog: int) -> socket.socket:
-    """Bind and listen on ``addr:port`` (IPv4 or IPv6), restart-friendly."""
-    infos = socket.getaddrinfo(addr or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, kind, proto, _, sockaddr = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        if hasattr(socket, "SO_REUSEADDR") and not hasattr(socket, "SO_EXCLUSIVEADDRUSE"):
-            # Lets a restarted host bind while old connections sit in TIME_WAIT; on
-            # POSIX this never lets two live hosts share a port.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(sockaddr)
-        sock.listen(backlog)
-    except OSError as exc:
-        sock.close()
-        reason = (
-            "the port is in use by another program"
-            if exc.errno == errno.EADDRINUSE
-            else (exc.strerror or str(exc))
-        )
-        raise OSError(exc.errno, f"cannot listen on {addr}:{port}: {reason}") from exc
-    sock.setblocking(False)
-    return sock
 
 
 class Host(HostSeedNames, Endpoint):
@@ -152,7 +128,7 @@ class Host(HostSeedNames, Endpoint):
         with self._state_lock:
             if self.opened:
                 return self
-            self._listener = _listen(self.addr, self._port, self.backlog)
+            self._listener = listen(self.addr, self._port, self.backlog)
             self._port = int(self._listener.getsockname()[1])
             self._loop.register(self._listener, selectors.EVENT_READ, self._on_accept)
             self._loop.call_soon(self._start_heartbeat)
