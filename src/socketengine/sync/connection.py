@@ -337,6 +337,7 @@ class Connection(Pausable):
         *,
         image: Optional[str] = None,
         block: bool = True,
+        defer: bool = False,
     ) -> None:
         """Queue a frame's parts and send what the socket takes now.  Thread-safe.
 
@@ -347,6 +348,8 @@ class Connection(Pausable):
             :class:`WriteTimeout` without sending; ``False`` (``write_all``) queues up to
             twice ``max_buffer`` for at most ``timeout`` seconds, then drops the peer as
             a slow consumer and raises :class:`WriteTimeout`.
+        :param defer: leave the sending to the loop thread even on an idle link (a
+            burst of broadcasts: one flush per connection instead of a syscall each).
         """
         if nbytes is None:
             nbytes = frames.frame_size(parts)
@@ -388,7 +391,7 @@ class Connection(Pausable):
             self._last_write = now
             if self._flush_scheduled:
                 return
-            if idle and not self._tls:  # an SSL object must not read and write at once
+            if idle and not defer and not self._tls:  # SSL: never read and write at once
                 self._flush_locked()
             else:
                 self._flush_scheduled = True

@@ -23,6 +23,8 @@ from .endpoint import Endpoint
 logger = logging.getLogger("socketengine")
 
 _ACCEPTS_PER_EVENT = 64
+# Broadcasts closer together than this (seconds) are a burst: their sends are deferred.
+_BROADCAST_GAP = 1e-3
 
 
 class Host(HostSeedNames, Endpoint):
@@ -108,6 +110,7 @@ class Host(HostSeedNames, Endpoint):
         self._departed: OrderedDict[int, Connection] = OrderedDict()
         self._retained: Dict[str, List[Any]] = {}
         self._retain_lock = threading.Lock()
+        self._last_broadcast = 0.0
         self._on_connect: List[Callable[[Connection], Any]] = []
         self._on_disconnect: List[Callable[[Connection], Any]] = []
         self._monitor_port = monitor
@@ -276,9 +279,15 @@ class Host(HostSeedNames, Endpoint):
     def _send_all(self, parts: List[Any], nbytes: int, image: Optional[str] = None) -> int:
         """Queue one encoded frame for every client; a slow client never blocks this."""
         sent = 0
-        for conn in self.clients():
+        clients = self.clients()
+        # An isolated broadcast goes out at once; in a burst of them the loop thread
+        # flushes each connection once for many frames instead of a syscall per frame.
+        now = time.monotonic()
+        defer = len(clients) > 1 and now - self._last_broadcast < _BROADCAST_GAP
+        self._last_broadcast = now
+        for conn in clients:
             try:
-                conn.send_parts(parts, nbytes, image=image, block=False)
+                conn.send_parts(parts, nbytes, image=image, block=False, defer=defer)
                 conn.messages_out += 1
                 sent += 1
             except (ConnectionError, SocketEngineError) as exc:
