@@ -12,9 +12,12 @@ import time
 import traceback
 from typing import Any, Dict, List, Optional
 
-from . import common, report
+from . import common, jpeg, report
 from .common import SE, log, raise_nofile
 from .workloads import LIBS, SIZES, WORKLOADS
+
+#: Sizes that are not multiplied by ``--scale``.
+FIXED_SIZES = ("fanout_clients", "many_workers", "slow_fps", "slow_work_ms")
 
 #: Stop everything (children too) if the suite runs longer than this, seconds.
 MAX_TIME = {"quick": 150.0, "full": 1800.0}
@@ -61,6 +64,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--max-time", type=float, default=None, help="abort the suite after this")
     p.add_argument("--list", action="store_true", help="list the workloads and exit")
     p.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print the results table as Markdown (for the README) instead of plain text",
+    )
+    p.add_argument(
         "--replot",
         metavar="JSON",
         default=None,
@@ -85,7 +93,23 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         except ImportError:
             log("bench: pyzmq is not installed; running without the pyzmq anchor")
             libs = [x for x in libs if x != "pyzmq"]
+    izmq = [jpeg.IZMQ, jpeg.IZMQ_PS]
+    if any(x in libs for x in izmq) and any(set(WORKLOADS[n].libs) & set(izmq) for n in names):
+        why = jpeg.imagezmq_missing()
+        if why:
+            if args.libs:
+                p.error(f"imagezmq anchors requested but {why}")
+            log(f"bench: {why}; running the JPEG workloads without the imagezmq anchors")
+            libs = [x for x in libs if x not in izmq]
     args.lib_list = [x for x in LIBS if x in libs]
+    skipped = []
+    for n in names:
+        requires = WORKLOADS[n].requires
+        why = requires() if requires else None
+        if why:
+            log(f"bench: skipping {n}: {why}")
+            skipped.append(n)
+    args.names = [n for n in names if n not in skipped]
     return args
 
 
@@ -115,7 +139,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if args.replot:
         return report.replot(
-            args.replot, os.path.join(os.path.dirname(args.replot) or ".", "bench-chart.png")
+            args.replot,
+            os.path.join(os.path.dirname(args.replot) or ".", "bench-chart.png"),
+            as_markdown=args.markdown,
         )
     if args.list:
         for name, wl in WORKLOADS.items():
@@ -124,10 +150,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     mode = "quick" if args.quick else "full"
     runs = args.runs if args.runs is not None else (2 if args.quick else 5)
     sizes = {k: max(1, int(round(v * args.scale))) for k, v in SIZES[mode].items()}
-    sizes["images"] = max(2, sizes["images"])
-    sizes["images_xproc"] = max(2, sizes["images_xproc"])
-    sizes["fanout_clients"] = SIZES[mode]["fanout_clients"]
-    sizes["many_workers"] = SIZES[mode]["many_workers"]
+    for key in ("images", "images_xproc", "jpeg", "jpeg_xproc"):
+        sizes[key] = max(2, sizes[key])
+    sizes["slow_receiver"] = max(1000, sizes["slow_receiver"])
+    for key in FIXED_SIZES:
+        sizes[key] = SIZES[mode][key]
     common.POLL_SLEEP = args.poll
     common.WAIT_SLEEP = args.wait_poll
     if args.out:
@@ -143,6 +170,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     libs = args.lib_list
     raw: Dict[str, Dict[str, Dict[str, List[Optional[float]]]]] = {}
+    #: Per-run time series some workloads return (``"series"``), for their own chart.
+    series: Dict[str, Dict[str, List[Any]]] = {}
     errors: List[Dict[str, Any]] = []
     total = sum(len([x for x in libs if x in WORKLOADS[n].libs]) for n in args.names) * runs
     step = 0
@@ -158,6 +187,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in args.names:
         wl = WORKLOADS[name]
         wl_libs = [x for x in libs if x in wl.libs]
+        if not wl_libs:
+            log(f"== {name}: skipped (none of its libraries is selected)")
+            continue
         raw[name] = {lib: {m.key: [None] * runs for m in wl.metrics} for lib in wl_libs}
         log(f"== {name}: {wl.title} [{wl.layout}; N={sizes[wl.size_key]}]")
         for run in range(runs):
@@ -187,6 +219,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for k, v in metrics.items():
                     if k in raw[name][lib]:
                         raw[name][lib][k][run] = float(v)
+                    elif k == "series":
+                        series.setdefault(name, {}).setdefault(lib, [None] * runs)[run] = v
                 shown = "  ".join(
                     f"{m.key}={report.fmt(metrics.get(m.key))}" for m in wl.metrics if m.chart
                 )
@@ -204,6 +238,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "anchors": [x for x in libs if x != SE],
         "workloads": results,
         "errors": errors,
+        "series": series,
     }
     doc["machine"]["loadavg_at_start"] = load_at_start
     try:
@@ -214,12 +249,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     report.write_json(json_path, doc)
     png_path = os.path.join(out_dir, "bench-chart.png")
     why = report.chart(png_path, results, libs, report.chart_title(doc))
+    lat_path = os.path.join(out_dir, "bench-latency.png")
+    lat_why = report.latency_chart(lat_path, doc) if series else "no time series"
     watchdog.cancel()
 
-    print(report.table(results, libs))
+    print(report.markdown(results, libs) if args.markdown else report.table(results, libs))
     print()
     print(f"results: {json_path}")
     print(f"chart:   {png_path}" if why is None else f"chart:   not drawn ({why})")
+    if series:
+        print(f"latency: {lat_path}" if lat_why is None else f"latency: not drawn ({lat_why})")
     print(f"time:    {doc['duration_s']} s")
     if errors:
         print(f"{len(errors)} trial(s) failed:", file=sys.stderr)

@@ -29,7 +29,9 @@ from .common import (
     WARM_STAMP,
     ZMQ,
     BenchCheckFailed,
+    BenchTimeout,
     close_quietly,
+    deadline_in,
     frame_nbytes,
     make_frames,
     now,
@@ -113,7 +115,23 @@ class SEReceiver:
         if self.kind in FRAME_KINDS:
             _check_images(h.get(ch), self.frames)  # type: ignore[arg-type]
         conns = h.clients()
-        delivered = conns[0].messages_in - 1 if conns else -1
+        if not conns:
+            raise BenchCheckFailed(f"{self.kind}: the client is gone")
+        if self.kind == "images":
+            # Counted when each frame arrives, before it becomes the latest value.
+            stats = h.stats()["images"]["received"].get(ch, {})
+            delivered = int(stats.get("frames", 0)) - 1  # minus the warm-up frame
+        else:
+            # ``messages_in`` is bumped once per received batch, just *after* the
+            # batch's values are visible: give the I/O thread a moment (after t_end).
+            conn = conns[0]
+            try:
+                wait_until(
+                    lambda: conn.messages_in - 1 >= n, deadline_in(2.0), "messages_in", 0.001
+                )
+            except BenchTimeout:
+                pass  # _sent() reports the shortfall
+            delivered = conn.messages_in - 1
         _sent(self.kind, n, delivered)
         return {"t_end": t_end, "delivered": delivered}
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, NamedTuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
-from . import fanout, many, roundtrip, stream
+from . import fanout, jpeg, many, roundtrip, stream
 from .common import (
     RAW,
     SE,
@@ -16,7 +16,10 @@ from .common import (
 )
 from .xproc import Remote, shutdown_all
 
-LIBS = [SE, ZMQ, RAW]
+#: The anchors of the socket-level workloads.
+BASE_LIBS = [SE, ZMQ, RAW]
+#: Every library the suite knows: imagezmq (REQ/REP and PUB/SUB) anchors the JPEG ones.
+LIBS = [SE, ZMQ, RAW, jpeg.IZMQ, jpeg.IZMQ_PS]
 
 
 class Metric(NamedTuple):
@@ -25,6 +28,8 @@ class Metric(NamedTuple):
     higher_is_better: bool
     chart: bool = True
     ratio: bool = True  # False: a diagnostic, no socketengine/anchor ratio
+    #: Chart panel: "throughput", "latency" or "cost"; "" = from higher_is_better.
+    panel: str = ""
 
 
 class Workload(NamedTuple):
@@ -35,6 +40,8 @@ class Workload(NamedTuple):
     trial: Callable[[str, Dict[str, Any]], Dict[str, float]]
     libs: List[str]
     layout: str  # "1 process" / "2 processes" / ...
+    #: Returns why the workload cannot run on this machine (a missing package), or None.
+    requires: Optional[Callable[[], Optional[str]]] = None
 
 
 #: N per workload.  ``full`` keeps the whole suite (5 runs) around 4-5 minutes on a
@@ -53,6 +60,11 @@ SIZES: Dict[str, Dict[str, int]] = {
         "images_xproc": 100,
         "arrays_xproc": 100,
         "roundtrip_xproc": 5000,
+        "jpeg": 200,
+        "jpeg_xproc": 200,
+        "slow_receiver": 8000,  # ms the camera sends for
+        "slow_fps": 30,
+        "slow_work_ms": 100,
     },
     "quick": {
         "small": 2000,
@@ -67,6 +79,11 @@ SIZES: Dict[str, Dict[str, int]] = {
         "images_xproc": 6,
         "arrays_xproc": 6,
         "roundtrip_xproc": 200,
+        "jpeg": 12,
+        "jpeg_xproc": 12,
+        "slow_receiver": 2000,
+        "slow_fps": 30,
+        "slow_work_ms": 100,
     },
 }
 
@@ -174,6 +191,26 @@ def many_trial(lib: str, cfg: Dict[str, Any]) -> Dict[str, float]:
     return many.run(lib, sizes["many"], sizes["many_workers"], cfg["timeout"])
 
 
+def jpeg_trial(xproc: bool) -> Callable[[str, Dict[str, Any]], Dict[str, float]]:
+    key = "jpeg" + ("_xproc" if xproc else "")
+
+    def trial(lib: str, cfg: Dict[str, Any]) -> Dict[str, float]:
+        return jpeg.throughput_trial(lib, cfg["sizes"][key], xproc, cfg["timeout"])
+
+    return trial
+
+
+def slow_receiver_trial(lib: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    sizes = cfg["sizes"]
+    return jpeg.slow_receiver_trial(
+        lib,
+        sizes["slow_receiver"] / 1000.0,
+        float(sizes["slow_fps"]),
+        sizes["slow_work_ms"] / 1000.0,
+        cfg["timeout"],
+    )
+
+
 _SENDER = Metric("sender_pct", "% of run in send loop", False, chart=False, ratio=False)
 _THROUGHPUT = [Metric("msgs_per_s", "msgs/s", True), _SENDER]
 _IMAGES = [
@@ -190,6 +227,21 @@ _ARRAYS = [
     _SENDER,
 ]
 _LATENCY = [Metric("p50_us", "us", False), Metric("p99_us", "us", False, chart=False)]
+_JPEG = [
+    Metric("fps", "frames/s delivered and decoded", True),
+    Metric("last_frame_ms", "ms until the last frame is decoded", False, chart=False),
+    Metric("delivered_pct", "% of frames delivered", True, chart=False, ratio=False),
+    _SENDER,
+]
+_SLOW = [
+    Metric("age_last_ms", "ms, median age of the frames handled in the last second", False),
+    Metric("age_last_max_ms", "ms, max age in the last second", False, chart=False),
+    Metric("age_first_ms", "ms, median age in the first second", False, chart=False),
+    Metric("age_growth_ms", "ms, last minus first second", False, chart=False, ratio=False),
+    Metric("send_fps", "frames/s the camera sent", True, chart=False, ratio=False),
+    Metric("handled_fps", "frames/s the receiver handled", True, chart=False, ratio=False),
+    Metric("backlog_end", "frames still queued at the end", False, chart=False, ratio=False),
+]
 
 WORKLOADS: Dict[str, Workload] = {
     w.name: w
@@ -200,7 +252,7 @@ WORKLOADS: Dict[str, Workload] = {
             _THROUGHPUT,
             "small",
             stream_trial("small", False),
-            LIBS,
+            BASE_LIBS,
             "1 process",
         ),
         Workload(
@@ -209,7 +261,7 @@ WORKLOADS: Dict[str, Workload] = {
             _LATENCY,
             "roundtrip",
             roundtrip_trial(False),
-            LIBS,
+            BASE_LIBS,
             "1 process",
         ),
         Workload(
@@ -218,7 +270,7 @@ WORKLOADS: Dict[str, Workload] = {
             _IMAGES,
             "images",
             stream_trial("images", False),
-            LIBS,
+            BASE_LIBS,
             "1 process",
         ),
         Workload(
@@ -227,7 +279,7 @@ WORKLOADS: Dict[str, Workload] = {
             _ARRAYS,
             "arrays",
             stream_trial("arrays", False),
-            LIBS,
+            BASE_LIBS,
             "1 process",
         ),
         Workload(
@@ -236,22 +288,22 @@ WORKLOADS: Dict[str, Workload] = {
             [Metric("deliveries_per_s", "deliveries/s", True)],
             "fanout",
             fanout_trial,
-            LIBS,
+            BASE_LIBS,
             "1 process",
         ),
         Workload(
             "many",
             "idle clients connecting to one host",
             [
-                Metric("connect_s", "s", False),
-                Metric("rss_per_conn_kb", "kB", False),
+                Metric("connect_s", "s", False, panel="cost"),
+                Metric("rss_per_conn_kb", "kB", False, panel="cost"),
                 Metric("host_threads", "threads", False, chart=False),
                 Metric("host_rss_mb", "MB", False, chart=False),
                 Metric("client_side_rss_mb", "MB", False, chart=False),
             ],
             "many",
             many_trial,
-            LIBS,
+            BASE_LIBS,
             "host process + 4 client processes",
         ),
         Workload(
@@ -260,7 +312,7 @@ WORKLOADS: Dict[str, Workload] = {
             _THROUGHPUT,
             "small_xproc",
             stream_trial("small", True),
-            LIBS,
+            BASE_LIBS,
             "2 processes",
         ),
         Workload(
@@ -269,7 +321,7 @@ WORKLOADS: Dict[str, Workload] = {
             _IMAGES,
             "images_xproc",
             stream_trial("images", True),
-            LIBS,
+            BASE_LIBS,
             "2 processes",
         ),
         Workload(
@@ -278,7 +330,7 @@ WORKLOADS: Dict[str, Workload] = {
             _ARRAYS,
             "arrays_xproc",
             stream_trial("arrays", True),
-            LIBS,
+            BASE_LIBS,
             "2 processes",
         ),
         Workload(
@@ -287,7 +339,7 @@ WORKLOADS: Dict[str, Workload] = {
             _LATENCY,
             "roundtrip_xproc",
             roundtrip_trial(True),
-            LIBS,
+            BASE_LIBS,
             "2 processes",
         ),
         Workload(
@@ -296,7 +348,7 @@ WORKLOADS: Dict[str, Workload] = {
             _LATENCY,
             "roundtrip",
             roundtrip_trial(False, "sub"),
-            LIBS,
+            BASE_LIBS,
             "1 process",
         ),
         Workload(
@@ -305,7 +357,7 @@ WORKLOADS: Dict[str, Workload] = {
             _LATENCY,
             "roundtrip",
             roundtrip_trial(False, "req"),
-            LIBS,
+            BASE_LIBS,
             "1 process",
         ),
         Workload(
@@ -314,8 +366,40 @@ WORKLOADS: Dict[str, Workload] = {
             _LATENCY,
             "roundtrip_xproc",
             roundtrip_trial(True, "req"),
-            LIBS,
+            BASE_LIBS,
             "2 processes",
+        ),
+        Workload(
+            "jpeg",
+            "1080p colour frames as JPEG q90 (simplejpeg), every frame decoded; "
+            "socketengine write_image vs imagezmq send_jpg",
+            _JPEG,
+            "jpeg",
+            jpeg_trial(False),
+            jpeg.LIBS,
+            "1 process",
+            jpeg.missing,
+        ),
+        Workload(
+            "jpeg_xproc",
+            "1080p JPEG q90 frames, every frame decoded, separate processes",
+            _JPEG,
+            "jpeg_xproc",
+            jpeg_trial(True),
+            jpeg.LIBS,
+            "2 processes",
+            jpeg.missing,
+        ),
+        Workload(
+            "slow_receiver",
+            "camera at 30 fps (JPEG q90) -> receiver taking 100 ms per frame: "
+            "age of the frames it handles (N = ms of sending)",
+            _SLOW,
+            "slow_receiver",
+            slow_receiver_trial,
+            jpeg.LIBS,
+            "2 processes",
+            jpeg.missing,
         ),
     ]
 }

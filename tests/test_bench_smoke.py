@@ -9,17 +9,19 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import List
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = ["small", "images", "roundtrip"]
+#: socketengine write_image(codec="jpeg") against imagezmq's send_jpg (simplejpeg).
+JPEG_WORKLOADS = ["jpeg"]
 
 pytest.importorskip("numpy")
 
 
-@pytest.mark.timeout(150)
-def test_bench_quick_smoke(tmp_path: Path) -> None:
+def _run_quick(tmp_path: Path, workloads: List[str], timeout: float) -> dict:
     if not (ROOT / "bench" / "__main__.py").exists():
         pytest.skip("bench/ is not in this checkout")
     cmd = [
@@ -30,20 +32,37 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
         "--runs",
         "1",
         "--only",
-        ",".join(WORKLOADS),
+        ",".join(workloads),
         "--out",
         str(tmp_path),
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     results = tmp_path / "bench-results.json"
     assert results.exists()
     doc = json.loads(results.read_text())
     assert doc["machine"]["nproc"] >= 1
-    for name in WORKLOADS:
+    for name in workloads:
         workload = doc["workloads"][name]
         for lib, metrics in workload["libs"].items():
             for key, summary in metrics.items():
                 assert summary is not None, f"{name}/{lib}/{key}: no value"
                 assert summary["median"] > 0, f"{name}/{lib}/{key}: {summary}"
         assert "socketengine" in workload["libs"]
+    return doc
+
+
+@pytest.mark.timeout(150)
+def test_bench_quick_smoke(tmp_path: Path) -> None:
+    _run_quick(tmp_path, WORKLOADS, 120)
+
+
+@pytest.mark.timeout(90)
+def test_bench_quick_jpeg(tmp_path: Path) -> None:
+    pytest.importorskip("simplejpeg")
+    pytest.importorskip("zmq")
+    pytest.importorskip("imagezmq")
+    doc = _run_quick(tmp_path, JPEG_WORKLOADS, 60)
+    libs = doc["workloads"]["jpeg"]["libs"]
+    assert set(libs) == {"socketengine", "imagezmq", "imagezmq-pubsub"}
+    assert doc["workloads"]["jpeg"]["ratios"]["imagezmq"]["fps"]["median"] > 0
