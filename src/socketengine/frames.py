@@ -343,7 +343,11 @@ class FrameDecoder:
                     return
                 break
             p = r + HEADER_SIZE
-            channel = self._channel(buf, p, clen) if clen else ""
+            try:
+                # Decoding afresh is cheaper than any cache lookup for short names.
+                channel = buf[p : p + clen].decode("utf-8") if clen else ""
+            except UnicodeDecodeError:
+                raise ProtocolError("channel name is not valid UTF-8") from None
             p += clen
             meta = buf[p : p + mlen]  # a copy: the stream buffer is reused
             p += mlen

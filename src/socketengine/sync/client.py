@@ -377,7 +377,10 @@ class Client(ClientSeedNames, Endpoint):
             logger.info("%r: reconnect attempt failed: %s", self, conn.error)
             self._schedule_reconnect()
         elif conn is self._conn:
-            logger.warning(
+            # A host that closes politely (restart, shutdown) is routine: info, not warning.
+            level = logging.INFO if conn.error is None else logging.WARNING
+            logger.log(
+                level,
                 "%r: lost the connection (%s); reconnecting",
                 self,
                 conn.error or "closed by the host",
