@@ -170,9 +170,10 @@ def test_a_frozen_client_is_dropped_and_does_not_stall_others() -> None:
 
 def test_many_connect_and_drop_sockets() -> None:
     with Host(port=0) as h, Client(port=h.port) as good:
-        for _ in range(500):
+        for _ in range(1000):  # a thousand connect-and-drop sockets
             s = socket.create_connection(("127.0.0.1", h.port))
             s.close()
+        assert h._loop.running  # the I/O thread survived all of them
         good.write("alive", True)
         wait_for(lambda: h.get("alive") is True)
         wait_for(lambda: len(h._conns) == 1, what="dropped sockets to be forgotten")
