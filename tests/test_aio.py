@@ -284,7 +284,8 @@ async def test_subscribe_receives_100000_messages_complete_and_in_order() -> Non
 async def test_full_subscription_pauses_the_sender_and_loses_nothing() -> None:
     n, maxsize = 600, 4
     payload = bytes(100_000)  # 60 MB in all: more than the socket buffers hold
-    async with aio.Host(port=0) as h, aio.Client(port=h.port) as c:
+    # timeout: how long a write waits for a paused transport before it stops waiting.
+    async with aio.Host(port=0, timeout=30) as h, aio.Client(port=h.port) as c:
         sub = c.subscribe("big", maxsize=maxsize)
         conn = h.clients()[0]
         written = 0
@@ -395,7 +396,7 @@ async def test_request_errors() -> None:
 
 @run_async
 async def test_request_fails_when_the_peer_disconnects_meanwhile() -> None:
-    async with aio.Host(port=0) as h, aio.Client(port=h.port) as c:
+    async with aio.Host(port=0) as h, aio.Client(port=h.port, reconnect=False) as c:
         started = asyncio.Event()
         release = asyncio.Event()
 

@@ -1,15 +1,25 @@
-"""The asyncio Client: connects to a host, keeps the latest value of every channel."""
+"""The asyncio Client: connects to a host, keeps the latest value of every channel,
+and reconnects by itself when the connection is lost."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Dict, Optional, Union
+import random
+import ssl
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 from .. import frames
-from ..errors import ConnectionClosed, ConnectTimeout, EndpointClosed
+from ..codec import Buffer
+from ..errors import (
+    ConnectionClosed,
+    ConnectTimeout,
+    EndpointClosed,
+    HandshakeError,
+    WriteTimeout,
+)
 from ..protocol import Protocol, Role
-from .connection import READ_SIZE, Connection
+from .connection import DEFAULT_MAX_BUFFER, READ_SIZE, Connection
 from .endpoint import DEFAULT_SUBSCRIPTION_SIZE, Endpoint
 from .subscription import Subscription
 
@@ -29,6 +39,16 @@ _RETRY_FIRST = 0.02
 _RETRY_MAX = 0.5
 
 
+def backoff(first: float, cap: float, jitter: float = 0.2) -> Iterator[float]:
+    """Delays between reconnection attempts, seconds: ``first``, doubling each time up
+    to ``cap``, each multiplied by a random factor in ``1 +- jitter`` (so that clients
+    that lost the same host do not all come back at the same instant)."""
+    delay = first
+    while True:
+        yield delay * random.uniform(1.0 - jitter, 1.0 + jitter)
+        delay = min(delay * 2, cap)
+
+
 def _retryable(exc: OSError) -> bool:
     if isinstance(exc, _RETRYABLE):
         return True
@@ -36,6 +56,17 @@ def _retryable(exc: OSError) -> bool:
     # 127.0.0.1) raises a plain OSError listing every failed attempt.
     text = str(exc)
     return text.startswith("Multiple exceptions") and "Connect call failed" in text
+
+
+class _Kept:
+    """A frame written while disconnected, waiting for the reconnection."""
+
+    __slots__ = ("parts", "nbytes", "image")
+
+    def __init__(self, parts: Sequence[Buffer], nbytes: int, image: Optional[str]) -> None:
+        self.parts = parts
+        self.nbytes = nbytes
+        self.image = image
 
 
 class Client(Endpoint):
@@ -49,10 +80,31 @@ class Client(Endpoint):
     :param connect_timeout: total seconds :meth:`start` keeps retrying while the host
         refuses the connection; ``None`` (default) retries forever.  Then
         :class:`~socketengine.ConnectTimeout` names ``addr:port``.
-    :param timeout: seconds each connection attempt may take, and the bound of the
-        flush in :meth:`close` and of running callbacks at close.
+    :param timeout: seconds each connection attempt may take, that a write may wait for
+        a host that does not keep up (or for room in the reconnection buffer), and the
+        bound of the flush in :meth:`close` and of running callbacks at close.
     :param max_message: largest frame accepted from the host, bytes.
-    :param handshake_timeout: seconds the host has to complete the handshake.
+    :param max_buffer: bytes (default 256 MiB) the transport's buffer may hold before
+        ``await write`` waits (up to ``timeout`` s, then
+        :class:`~socketengine.WriteTimeout`); also the bound of what is kept for the
+        reconnection while disconnected.
+    :param handshake_timeout: seconds the host has to complete the handshake (TLS
+        included).
+    :param heartbeat: seconds (default 5): a link idle that long gets a PING; a host
+        that sends nothing for ``3 * heartbeat`` s is declared dead (and, with
+        ``reconnect``, reconnected to).  ``None`` disables.
+    :param reconnect: when the connection is lost (not closed by us), reconnect in a
+        background task with exponential backoff (from 0.02 s, doubling, capped at
+        ``reconnect_max`` s, +-20 % jitter).  Writes made meanwhile are kept, in order,
+        up to ``max_buffer`` bytes, and sent first once reconnected.  ``False``: a lost
+        connection is final (writes raise :class:`~socketengine.ConnectionClosed`).
+    :param reconnect_max: the largest delay between reconnection attempts, seconds.
+    :param tls: an ``ssl.SSLContext`` (client side, e.g.
+        ``ssl.create_default_context(cafile=...)``): the connection runs over TLS and
+        the host's certificate is verified against ``addr``.
+    :param image_codec: codec of :meth:`write_image` when none is given: ``"raw"``
+        (default), ``"jpeg"`` or ``"png"``.
+    :param image_quality: JPEG quality 1-100 (default 90).
 
     Use ``async with Client(port=...) as c:`` or ``await c.start()`` /
     ``await c.close()``.
@@ -70,7 +122,14 @@ class Client(Endpoint):
         connect_timeout: Optional[float] = None,
         timeout: float = 2.0,
         max_message: int = frames.DEFAULT_MAX_MESSAGE,
+        max_buffer: int = DEFAULT_MAX_BUFFER,
         handshake_timeout: float = 10.0,
+        heartbeat: Optional[float] = 5.0,
+        reconnect: bool = True,
+        reconnect_max: float = 5.0,
+        tls: Optional[ssl.SSLContext] = None,
+        image_codec: str = "raw",
+        image_quality: int = 90,
     ) -> None:
         super().__init__(
             addr,
@@ -79,13 +138,30 @@ class Client(Endpoint):
             token=token,
             max_message=max_message,
             handshake_timeout=handshake_timeout,
+            max_buffer=max_buffer,
+            heartbeat=heartbeat,
+            tls=tls,
+            image_codec=image_codec,
+            image_quality=image_quality,
         )
         if name is not None and (not isinstance(name, str) or len(name) > 256):
             raise TypeError("name must be a str of at most 256 characters")
+        if reconnect_max <= 0:
+            raise ValueError("reconnect_max must be a positive number of seconds")
         self.name = name
         self.connect_timeout = connect_timeout
+        self.reconnect = bool(reconnect)
+        self.reconnect_max = float(reconnect_max)
+        #: How many times the client reconnected after losing the connection.
+        self.reconnects = 0
         self._conn: Optional[Connection] = None
-        self._values: Dict[str, Any] = {}
+        self._pending: Optional[Connection] = None  # a reconnection in its handshake
+        self._reconnector: Optional[asyncio.Task[None]] = None
+        # Writes made while disconnected (reconnect=True), sent first on reconnect.
+        self._outbox: List[_Kept] = []
+        self._outbox_images: Dict[str, _Kept] = {}
+        self._outbox_bytes = 0
+        self._outbox_waiters: List[asyncio.Future[None]] = []
 
     @property
     def connected(self) -> bool:
@@ -95,7 +171,7 @@ class Client(Endpoint):
 
     @property
     def connection(self) -> Optional[Connection]:
-        """The :class:`~socketengine.aio.Connection` to the host (once started)."""
+        """The current :class:`~socketengine.aio.Connection` to the host (once started)."""
         return self._conn
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -105,7 +181,8 @@ class Client(Endpoint):
 
         Retries while the host refuses (it may not be up yet), for at most
         ``connect_timeout`` s in all.  Raises :class:`~socketengine.ConnectTimeout`,
-        :class:`~socketengine.HandshakeError` or
+        :class:`~socketengine.HandshakeError` (also for a TLS failure, e.g. a host
+        certificate the context does not trust) or
         :class:`~socketengine.AuthenticationError`.  Calling it again is harmless.
         """
         return await super().start()
@@ -114,12 +191,17 @@ class Client(Endpoint):
         conn = await self._connect()
         self._conn = conn
         try:
-            await conn._wait_ready(self.handshake_timeout)
+            await conn._wait_ready(conn._handshake_left(self.handshake_timeout))
             if self.stopped:
                 raise EndpointClosed(f"{self!r} was closed while it was connecting")
         except BaseException:
             conn._abort()
             raise
+        self._start_heartbeat()
+        if conn.closed and self.reconnect:
+            # Lost between its handshake and now, before a loss could start this.
+            logger.warning("%r: lost the connection at once (%s); reconnecting", self, conn.error)
+            self._reconnector = asyncio.get_running_loop().create_task(self._reconnect())
 
     async def _connect(self) -> Connection:
         loop = asyncio.get_running_loop()
@@ -133,11 +215,7 @@ class Client(Endpoint):
                 attempt = left if attempt is None else min(attempt, left)
             if attempt is None or attempt > 0:
                 try:
-                    _, conn = await asyncio.wait_for(
-                        loop.create_connection(self._new_connection, self.addr, self._port),
-                        attempt,
-                    )
-                    return conn
+                    return await self._attempt(attempt)
                 except OSError as exc:
                     if not _retryable(exc):
                         raise
@@ -154,6 +232,53 @@ class Client(Endpoint):
             await asyncio.sleep(delay)  # backoff between attempts, not synchronisation
             delay = min(delay * 2, _RETRY_MAX)
 
+    async def _attempt(self, timeout: Optional[float], reconnecting: bool = False) -> Connection:
+        """One connection attempt (TCP, then TLS if configured), bounded by ``timeout``
+        s for TCP plus ``handshake_timeout`` for TLS.  A TLS failure raises
+        :class:`HandshakeError`; "not there (yet)" errors are ``OSError``."""
+        loop = asyncio.get_running_loop()
+        made: List[Connection] = []
+
+        def factory() -> Connection:  # called once TCP is connected
+            conn = self._new_connection()
+            made.append(conn)
+            if reconnecting:
+                self._pending = conn  # its handshake may complete before we resume
+            return conn
+
+        if self.tls is None:
+            coro = loop.create_connection(factory, self.addr, self._port)
+        else:
+            coro = loop.create_connection(
+                factory,
+                self.addr,
+                self._port,
+                ssl=self.tls,
+                server_hostname=self.addr or None,
+                ssl_handshake_timeout=self.handshake_timeout,
+            )
+            if timeout is not None:
+                timeout += self.handshake_timeout
+        try:
+            _, conn = await asyncio.wait_for(coro, timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            if self.tls is not None and made:
+                raise self._tls_error(exc) from exc
+            raise
+        return conn
+
+    def _tls_error(self, exc: BaseException) -> HandshakeError:
+        if isinstance(exc, ssl.SSLError):
+            reason = str(exc)
+        elif isinstance(exc, asyncio.TimeoutError):
+            reason = f"no answer within {self.handshake_timeout} s"
+        else:
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return HandshakeError(
+            f"TLS handshake with {self.addr}:{self._port} failed: {reason} "
+            "(does the host use tls=, with a certificate this context trusts?)"
+        )
+
     def _new_connection(self) -> Connection:
         protocol = Protocol(
             Role.CLIENT,
@@ -166,12 +291,26 @@ class Client(Endpoint):
 
     async def close(self) -> None:
         """Flush what was written (bounded by ``timeout`` s), send BYE, half-close and
-        wait for the host to close; end waiters and subscriptions; let running
-        callbacks finish (up to ``timeout`` s, then cancel them).  Idempotent."""
+        wait for the host to close; stop reconnecting; end waiters and subscriptions;
+        let running callbacks finish (up to ``timeout`` s, then cancel them).  Writes
+        still kept for a reconnection are dropped (logged).  Idempotent."""
         if self.stopped:
             return
         self.stopped = True
         self.opened = False
+        self._stop_heartbeat()
+        reconnector, self._reconnector = self._reconnector, None
+        if reconnector is not None and not reconnector.done():
+            reconnector.cancel()
+            await asyncio.gather(reconnector, return_exceptions=True)
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending._abort()
+        if self._outbox:
+            logger.warning(
+                "%r: %d bytes written while disconnected were never sent", self, self._outbox_bytes
+            )
+        self._drop_outbox()
         self._end_delivery(EndpointClosed(f"{self!r} was closed"), None)
         conn = self._conn
         if conn is not None:
@@ -182,15 +321,19 @@ class Client(Endpoint):
     # -- reading --------------------------------------------------------------------------
 
     def get(self, channel: str, default: Any = None) -> Any:
-        """The most recent value received on ``channel``, or ``default`` (``None``)."""
-        return self._values.get(channel, default)
+        """The most recent value received on ``channel``, or ``default`` (``None``).
+
+        Images sent compressed are returned decoded (numpy arrays; decoded here, once).
+        """
+        return self._read(self._latest, channel, default)
 
     async def wait(self, channel: str, timeout: Optional[float] = None) -> Any:
         """The value of the next message on ``channel`` arriving after the call.
 
         Raises ``TimeoutError`` after ``timeout`` s (``None``: no bound),
-        :class:`~socketengine.ConnectionClosed` if the connection is lost,
-        :class:`~socketengine.EndpointClosed` if the client is closed.
+        :class:`~socketengine.EndpointClosed` if the client is closed and, without
+        ``reconnect``, :class:`~socketengine.ConnectionClosed` if the connection is
+        lost.  A reconnecting client keeps waiting across reconnections.
         """
         return await self._wait(channel, timeout)
 
@@ -205,7 +348,7 @@ class Client(Endpoint):
     def _check_receiving(self) -> None:
         self._check_not_closed()
         conn = self._conn
-        if conn is not None and conn.closed:
+        if not self.reconnect and conn is not None and conn.closed:
             raise self._lost_error(conn)
 
     # -- writing --------------------------------------------------------------------------
@@ -215,28 +358,115 @@ class Client(Endpoint):
 
         Raises ``TypeError`` naming the type if ``data`` cannot be sent (nothing is
         sent), :class:`~socketengine.EndpointClosed` if the client is closed or not
-        started, :class:`~socketengine.ConnectionClosed` if the host is gone.  Waits
-        while the host does not keep up.
+        started.  Waits (at most ``timeout`` s) while the host does not keep up, and
+        raises :class:`~socketengine.WriteTimeout` (nothing sent) if ``max_buffer``
+        bytes stay unsent that long.  While disconnected with ``reconnect``, the value
+        is kept and sent first once reconnected (the same bound applies); without
+        ``reconnect``, :class:`~socketengine.ConnectionClosed`.
         """
-        parts = frames.encode_value_frame(frames.DATA, channel, data)
-        await self._live()._send_frame(parts)
+        parts, nbytes = frames.value_frame(frames.DATA, channel, data)
+        await self._send(parts, nbytes)
 
-    async def write_image(self, img: Any, channel: str = "image") -> None:
+    async def write_image(
+        self,
+        img: Any,
+        channel: str = "image",
+        codec: Optional[str] = None,
+        quality: Optional[int] = None,
+    ) -> None:
         """Send a numpy image (H, W) or (H, W, C) on ``channel`` (default ``"image"``).
 
-        The pixels travel raw: do not modify ``img`` in place until the write returns.
+        ``codec``: ``"raw"`` (exact, zero-copy: do not modify ``img`` in place until a
+        later write returned), ``"jpeg"`` (uint8, 1 or 3 channels; ``quality`` 1-100) or
+        ``"png"`` (lossless, uint8/uint16); ``None`` uses the client's ``image_codec`` /
+        ``image_quality``.  JPEG/PNG encoding runs in a worker thread.  A newer frame
+        replaces an older one on the same channel that is still unsent (also while
+        disconnected).  ``TypeError``/``ValueError`` before anything is sent.
         """
-        self._check_image(img)
-        parts = frames.encode_value_frame(frames.DATA, channel, img, flags=frames.FLAG_IMAGE)
-        await self._live()._send_frame(parts)
+        parts, nbytes = await self._image_frame(img, channel, codec, quality)
+        await self._send(parts, nbytes, image=channel)
 
     async def request(self, channel: str, data: Any, timeout: Optional[float] = 5.0) -> Any:
         """Send a request on ``channel``; return the host's reply.
 
         Raises :class:`~socketengine.RemoteError` (the host's handler raised, or it has
-        none), ``TimeoutError``, :class:`~socketengine.ConnectionClosed`.
+        none), ``TimeoutError``, :class:`~socketengine.ConnectionClosed` (also at once
+        while disconnected: a request is never kept for a reconnection).
         """
         return await self._live().request(channel, data, timeout)
+
+    async def _send(
+        self, parts: Sequence[Buffer], nbytes: int, image: Optional[str] = None
+    ) -> None:
+        """Send a frame, or keep it for the reconnection while the link is down."""
+        conn = self._conn
+        if conn is not None and conn.is_open and self.opened:
+            try:
+                await conn._send_frame(parts, nbytes, image)
+                return
+            except ConnectionClosed:
+                if not self.reconnect or self.stopped:
+                    raise
+                # Lost before the frame was handed over: keep it for the reconnection.
+        if self.stopped or not self.opened:
+            self._check_open()
+        if not self.reconnect:
+            raise self._lost_error(self._live_or_last())
+        await self._keep(parts, nbytes, image)
+
+    async def _keep(self, parts: Sequence[Buffer], nbytes: int, image: Optional[str]) -> None:
+        """Keep a frame for the reconnection, waiting (up to ``timeout`` s) for room."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        while True:
+            if self.stopped:
+                raise EndpointClosed(f"{self!r} was closed while writing")
+            conn = self._conn
+            if conn is not None and conn.is_open:
+                # Reconnected meanwhile (the kept frames went first): send directly.
+                try:
+                    await conn._send_frame(parts, nbytes, image)
+                    return
+                except ConnectionClosed:
+                    continue  # lost again before it was handed over: keep it
+            if image is not None and image in self._outbox_images:
+                kept = self._outbox_images[image]  # latest frame wins, in its place
+                self._outbox_bytes += nbytes - kept.nbytes
+                kept.parts, kept.nbytes = parts, nbytes
+                self._image_dropped(image)
+                return
+            if self._outbox_bytes + nbytes <= self.max_buffer or not self._outbox:
+                kept = _Kept(parts, nbytes, image)
+                self._outbox.append(kept)
+                self._outbox_bytes += nbytes
+                if image is not None:
+                    self._outbox_images[image] = kept
+                return
+            left = deadline - loop.time()
+            if left <= 0:
+                raise WriteTimeout(
+                    f"not connected to {self.addr}:{self._port} (reconnecting); "
+                    f"{self._outbox_bytes} bytes already wait to be sent "
+                    f"(max_buffer={self.max_buffer}): the write was not kept"
+                )
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._outbox_waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, left)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                if waiter in self._outbox_waiters:
+                    self._outbox_waiters.remove(waiter)
+
+    def _drop_outbox(self) -> None:
+        self._outbox.clear()
+        self._outbox_images.clear()
+        self._outbox_bytes = 0
+        waiters, self._outbox_waiters = self._outbox_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _live(self) -> Connection:
         conn = self._conn
@@ -247,13 +477,81 @@ class Client(Endpoint):
             raise self._lost_error(conn)
         return conn
 
+    def _live_or_last(self) -> Connection:
+        conn = self._conn
+        if conn is None:  # pragma: no cover - opened implies a connection
+            raise EndpointClosed(f"{self!r} is not connected")
+        return conn
+
+    def _lost_error(self, conn: Connection) -> ConnectionClosed:
+        again = " (reconnecting)" if self.reconnect and not self.stopped else ""
+        return ConnectionClosed(
+            f"the connection to {self.addr}:{self._port} is closed"
+            f"{again} ({conn.error or 'closed by the host'})"
+        )
+
+    # -- reconnecting ---------------------------------------------------------------------
+
+    async def _reconnect(self) -> None:
+        """Reconnect with capped, jittered exponential backoff until connected or
+        closed (a background task)."""
+        delays = backoff(_RETRY_FIRST, self.reconnect_max)
+        attempt: Optional[float] = self.timeout if self.timeout > 0 else None
+        while not self.stopped:
+            await asyncio.sleep(next(delays))  # backoff between attempts, not sync
+            try:
+                conn = await self._attempt(attempt, reconnecting=True)
+            except (OSError, HandshakeError, asyncio.TimeoutError) as exc:
+                logger.debug("%r: reconnect attempt failed: %s", self, exc)
+                continue
+            try:
+                await conn._wait_ready(conn._handshake_left(self.handshake_timeout))
+            except HandshakeError as exc:
+                logger.info("%r: reconnect attempt failed: %s", self, exc)
+                continue
+            except BaseException:
+                conn._abort()  # cancelled by close()
+                raise
+            finally:
+                if self._pending is conn:
+                    self._pending = None
+            if conn is self._conn and not conn.closed:
+                return  # _connection_ready switched to it
+            # Lost again at once (its loss found this task still running): go on.
+
     # -- connection events ----------------------------------------------------------------
 
-    def _store(self, channel: str, value: Any) -> None:
-        self._values[channel] = value
+    def _connections(self) -> List[Connection]:
+        return [self._conn] if self._conn is not None else []
+
+    def _connection_ready(self, conn: Connection) -> None:
+        if not self.opened or self.stopped or conn is self._conn:
+            return  # the first connection: start() takes it
+        # A reconnection: what was written meanwhile goes first, before any later write.
+        for kept in self._outbox:
+            conn._send(kept.parts, kept.nbytes)
+            conn.messages_out += 1
+            if kept.image is not None:
+                conn.images_sent += 1
+                self._image_sent(kept.image, kept.nbytes)
+        self._drop_outbox()
+        self._conn = conn
+        self.reconnects += 1
+        logger.info("%r: reconnected", self)
+
+    def _connection_lost(self, conn: Connection) -> None:
+        if conn is not self._conn or not conn._ready or self.stopped or not self.opened:
+            return
+        if not self.reconnect:
+            return
+        logger.warning(
+            "%r: lost the connection (%s); reconnecting", self, conn.error or "closed by the host"
+        )
+        if self._reconnector is None or self._reconnector.done():
+            self._reconnector = asyncio.get_running_loop().create_task(self._reconnect())
 
     def _connection_closed(self, conn: Connection) -> None:
-        if conn is not self._conn or not conn._ready or self.stopped:
+        if conn is not self._conn or not conn._ready or self.stopped or self.reconnect:
             return
         logger.info("%r: connection to the host ended: %s", self, conn.error or "closed")
         error: ConnectionClosed = self._lost_error(conn)

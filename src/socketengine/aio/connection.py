@@ -2,20 +2,37 @@
 
 The sans-I/O core does all protocol work: the event loop's ``get_buffer`` /
 ``buffer_updated`` calls go straight to :class:`socketengine.frames.FrameDecoder`, the
-handshake, authentication and pongs are :class:`socketengine.protocol.Protocol`'s, and
-frames are built by :mod:`socketengine.frames`.  This module adds what asyncio needs:
-flow control in both directions, request/reply futures, and ordered callbacks.
+handshake, authentication, pings and pongs are :class:`socketengine.protocol.Protocol`'s,
+and frames are built by :mod:`socketengine.frames`.  This module adds what asyncio needs:
+flow control in both directions, image conflation, heartbeats, request/reply futures and
+ordered callbacks.
 
 Flow control
-    *Sending*: writes go to the transport at once; while its buffer is above the
-    high-water mark (``pause_writing``), ``await write(...)`` waits until it drains
-    below the low-water mark (``resume_writing``), as ``StreamWriter.drain`` does.
+    *Sending*: frames go to the transport at once.  While its buffer is above the
+    high-water mark (``pause_writing``), ``await write(...)`` then waits until it drains
+    below the low-water mark (``resume_writing``), as ``StreamWriter.drain`` does -- but
+    for at most the endpoint's ``timeout``: a peer that takes nothing for that long is
+    *stalled*, and later writes stop waiting for it until it drains.  ``max_buffer``
+    bounds the memory: a write that would take the transport's buffer beyond it first
+    waits (up to ``timeout``) for room, then raises :class:`~socketengine.WriteTimeout`
+    without sending anything.  ``write_all`` never waits for one client: a client whose
+    buffer stays above ``max_buffer`` for ``timeout`` s (or would exceed twice that) is
+    disconnected as a slow consumer.
+    *Images* are conflated: while the transport is paused, an image frame is parked in a
+    slot per channel instead, a newer frame on the same channel replaces it (counted in
+    ``images_dropped``), and the newest one is handed over when the transport resumes.
     *Receiving*: decoded frames are handled one by one, in order.  When handling a
     frame fills a :class:`~socketengine.aio.subscription.Subscription` (``maxsize``
     items) or the connection's callback backlog, handling stops, the rest waits in
     order and ``transport.pause_reading()`` is called; it resumes when the consumer
     has drained half of it.  So nothing is dropped and the peer's writes block: the
     back-pressure reaches the sender through TCP.
+
+Heartbeats
+    The endpoint calls :meth:`Connection._heartbeat` every ``heartbeat / 2`` s: an idle
+    link (nothing sent for ``heartbeat`` s) gets a PING, and a peer that sent nothing
+    for ``3 * heartbeat`` s is declared dead and aborted -- unless this side stopped
+    reading it (back-pressure): then its silence proves nothing.
 """
 
 from __future__ import annotations
@@ -40,7 +57,7 @@ from typing import (
     cast,
 )
 
-from .. import codec, frames
+from .. import frames
 from ..codec import Buffer
 from ..errors import (
     ConnectionClosed,
@@ -48,9 +65,12 @@ from ..errors import (
     HandshakeError,
     ProtocolError,
     RemoteError,
+    WriteTimeout,
 )
 from ..frames import Frame
+from ..images import EncodedImage
 from ..protocol import Protocol
+from .decoding import LazyImage
 
 if TYPE_CHECKING:  # pragma: no cover
     from .endpoint import Endpoint
@@ -66,11 +86,17 @@ READ_SIZE = 64 * 1024
 #: Callback invocations that may wait behind a slow async callback before the
 #: connection stops reading (see "Flow control" above).
 CALLBACK_BACKLOG = 10_000
+#: Default ``max_buffer``: bytes a peer's transport buffer may hold before writes wait.
+DEFAULT_MAX_BUFFER = 256 * 1024 * 1024
+#: Seconds between checks of the transport's buffer while a write waits for room
+#: (asyncio reports only the low-water mark, often far below ``max_buffer``).
+_ROOM_POLL = 0.005
 
 #: ``fn(result, exc)``: receives the first handler's outcome of a request.
 ReplyFn = Callable[[Any, Optional[BaseException]], None]
-#: One callback invocation: handlers, their arguments, the reply function, a label.
-Job = Tuple[Sequence[Callable[..., Any]], Tuple[Any, ...], Optional[ReplyFn], str]
+#: One callback invocation: handlers, their arguments, the reply function, a label, and
+#: the index in the arguments of a :class:`LazyImage` to decode first (-1: none).
+Job = Tuple[Sequence[Callable[..., Any]], Tuple[Any, ...], Optional[ReplyFn], str, int]
 
 
 async def wait_bounded(aw: Awaitable[Any], timeout: Optional[float], message: str) -> Any:
@@ -85,6 +111,11 @@ async def wait_bounded(aw: Awaitable[Any], timeout: Optional[float], message: st
         return await asyncio.wait_for(aw, timeout)
     except asyncio.TimeoutError:
         raise TimeoutError(message) from None
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class Gate:
@@ -114,8 +145,9 @@ class CallbackChain(Gate):
     """The callbacks of one connection, run strictly in arrival order.
 
     A job whose handlers are plain functions runs inline when nothing is queued.
-    Once a handler returns an awaitable (a coroutine function was called), it is
-    awaited in a task and every later job of this connection queues behind it.
+    Once a handler returns an awaitable (a coroutine function was called), or a job
+    carries a received JPEG/PNG image that must be decoded first (in a worker thread),
+    it is awaited in a task and every later job of this connection queues behind it.
     More than :data:`CALLBACK_BACKLOG` queued jobs hold the connection.
     """
 
@@ -155,7 +187,12 @@ class CallbackChain(Gate):
     def _start(self, job: Job, first: int = 0) -> Optional[Awaitable[None]]:
         """Call the handlers of ``job`` from index ``first`` until one returns an
         awaitable; return a coroutine that finishes the job, or ``None`` if done."""
-        handlers, args, reply, label = job
+        handlers, args, reply, label, lazy_at = job
+        if lazy_at >= 0:
+            image = cast(LazyImage, args[lazy_at])
+            if not image.done:
+                return self._decode_then(job)
+            args = (*args[:lazy_at], image.decode_now(), *args[lazy_at + 1 :])
         for i in range(first, len(handlers)):
             fn = handlers[i]
             try:
@@ -166,13 +203,31 @@ class CallbackChain(Gate):
                     reply(None, exc)
                 continue
             if inspect.isawaitable(result):
-                return self._finish(job, i, result)
+                return self._finish((handlers, args, reply, label, -1), i, result)
             if i == 0 and reply is not None:
                 reply(result, None)
         return None
 
+    async def _decode_then(self, job: Job) -> None:
+        """Decode the job's image in a worker thread, then run the job."""
+        handlers, args, reply, label, lazy_at = job
+        try:
+            await cast(LazyImage, args[lazy_at]).decoded()
+        except Exception as exc:
+            logger.error(
+                "%r: the image for %s could not be decoded (%s: %s); its callbacks were not called",
+                self._conn._endpoint,
+                label,
+                type(exc).__name__,
+                exc,
+            )
+            return
+        rest = self._start(job)
+        if rest is not None:
+            await rest
+
     async def _finish(self, job: Job, index: int, awaitable: Awaitable[Any]) -> None:
-        handlers, _, reply, label = job
+        handlers, _, reply, label, _ = job
         try:
             result = await awaitable
         except Exception as exc:
@@ -214,7 +269,9 @@ class Connection(asyncio.BufferedProtocol):
     * ``values`` -- the latest value received on each channel from this peer;
     * ``connected_at`` / ``closed_at`` -- ``time.time()`` of accept / close;
     * ``error`` -- why the connection ended, if it ended badly;
-    * ``bytes_in``, ``bytes_out``, ``messages_in``, ``messages_out`` -- counters.
+    * ``bytes_in``, ``bytes_out``, ``messages_in``, ``messages_out`` -- counters;
+    * ``images_sent``, ``images_dropped`` -- image frames handed over (or waiting in a
+      slot) and replaced by a newer frame first (conflation).
 
     It is also the ``asyncio.BufferedProtocol`` of its transport; the protocol
     methods (``get_buffer``, ``buffer_updated``, ...) are called by the event loop.
@@ -234,6 +291,13 @@ class Connection(asyncio.BufferedProtocol):
         self.bytes_out = 0
         self.messages_in = 0
         self.messages_out = 0
+        self.images_sent = 0
+        self.images_dropped = 0
+        # Created when the TCP connection is accepted/connected, before any TLS
+        # handshake: the handshake deadline counts from here.
+        self._created = self._loop.time()
+        self.last_recv = self.last_send = self._created
+        self._tls = False
         self._ready = False  # handshake completed
         self._closing = False  # no more writes (we or the peer started closing)
         self._lost = False  # the transport is gone
@@ -243,6 +307,14 @@ class Connection(asyncio.BufferedProtocol):
         self._resume_scheduled = False
         self._reading_paused = False
         self._write_paused = False
+        self._stalled = False  # paused for longer than `timeout`: writes stop waiting
+        self._full_since: Optional[float] = None  # write_all found it above max_buffer
+        self._max_buffer = endpoint.max_buffer
+        # Image frames parked while the transport is paused, newest per channel.
+        self._slots: Dict[str, Tuple[Sequence[Buffer], int]] = {}
+        self._slot_bytes = 0
+        self._slot_flush_scheduled = False
+        self._encoded: Dict[str, EncodedImage] = {}  # newest JPEG/PNG file per channel
         self._drain_waiters: List[asyncio.Future[None]] = []
         self._requests: Dict[int, asyncio.Future[Any]] = {}
         self._next_id = 1
@@ -274,6 +346,11 @@ class Connection(asyncio.BufferedProtocol):
         return self._lost
 
     @property
+    def tls(self) -> bool:
+        """True if the connection runs over TLS."""
+        return self._tls
+
+    @property
     def writing_paused(self) -> bool:
         """True while the peer does not take our data: writes wait for it."""
         return self._write_paused
@@ -284,26 +361,75 @@ class Connection(asyncio.BufferedProtocol):
         backlog of this connection is full."""
         return self._reading_paused
 
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes written and not yet taken by the peer: the transport's buffer plus
+        image frames waiting in their slots."""
+        return self._buffered() + self._slot_bytes
+
     def get(self, channel: str, default: Any = None) -> Any:
-        """The latest value this peer sent on ``channel``, or ``default``."""
-        return self.values.get(channel, default)
+        """The latest value this peer sent on ``channel``, or ``default``.
+
+        An image sent compressed is returned decoded (a numpy array; decoded here,
+        once).
+        """
+        value = self.values.get(channel, default)
+        if type(value) is EncodedImage:
+            decoded = value.decode()
+            for table in (self.values, self._endpoint._latest):  # decoded once for both
+                if table.get(channel) is value:
+                    table[channel] = decoded
+            return decoded
+        return value
+
+    def get_jpeg(self, channel: str = "image") -> Optional[bytes]:
+        """The newest JPEG/PNG file this peer sent on ``channel``, still encoded."""
+        enc = self._encoded.get(channel)
+        return None if enc is None else enc.tobytes()
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters of this connection (bytes and messages each way, images, queue)."""
+        return {
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "messages_in": self.messages_in,
+            "messages_out": self.messages_out,
+            "images_sent": self.images_sent,
+            "images_dropped": self.images_dropped,
+            "queued_bytes": self.queued_bytes,
+            "reading_paused": self.reading_paused,
+        }
 
     async def write(self, channel: str, data: Any) -> None:
         """Send ``data`` on ``channel`` to this peer.
 
         Raises ``TypeError`` if ``data`` cannot be sent (nothing is sent),
         :class:`EndpointClosed` after the endpoint's ``close()``,
-        :class:`ConnectionClosed` if the connection is gone.  Waits while the
-        peer does not keep up (transport above its high-water mark).
+        :class:`ConnectionClosed` if the connection is gone, and
+        :class:`~socketengine.WriteTimeout` if the peer's buffer stayed above
+        ``max_buffer`` for ``timeout`` s (nothing is sent).  Waits (at most
+        ``timeout`` s) while the peer does not keep up.
         """
-        parts = frames.encode_value_frame(frames.DATA, channel, data)
-        await self._send_frame(parts)
+        parts, nbytes = frames.value_frame(frames.DATA, channel, data)
+        await self._send_frame(parts, nbytes)
 
-    async def write_image(self, img: Any, channel: str = "image") -> None:
-        """Send a numpy image (H, W) or (H, W, C) on ``channel`` to this peer."""
-        self._endpoint._check_image(img)
-        parts = frames.encode_value_frame(frames.DATA, channel, img, flags=frames.FLAG_IMAGE)
-        await self._send_frame(parts)
+    async def write_image(
+        self,
+        img: Any,
+        channel: str = "image",
+        codec: Optional[str] = None,
+        quality: Optional[int] = None,
+    ) -> None:
+        """Send a numpy image (H, W) or (H, W, C) on ``channel`` to this peer only.
+
+        ``codec`` (``"raw"``, ``"jpeg"``, ``"png"``) and ``quality`` (JPEG, 1-100)
+        default to the endpoint's ``image_codec`` / ``image_quality``; JPEG/PNG encoding
+        runs in a worker thread.  If an earlier image on ``channel`` still waits unsent,
+        this one replaces it (latest frame wins); an image write never waits for the
+        peer.  ``TypeError`` / ``ValueError`` before anything is sent.
+        """
+        parts, nbytes = await self._endpoint._image_frame(img, channel, codec, quality)
+        await self._send_frame(parts, nbytes, image=channel)
 
     async def request(self, channel: str, data: Any, timeout: Optional[float] = 5.0) -> Any:
         """Send a request on ``channel`` and return the peer's reply.
@@ -313,14 +439,14 @@ class Connection(asyncio.BufferedProtocol):
         ``TimeoutError`` after ``timeout`` s (``None``: no bound),
         :class:`ConnectionClosed` if the connection is lost meanwhile.
         """
-        meta, buffers, data_len = codec.encode(data)
         fid = self._new_id()
-        parts = frames.encode_frame(frames.REQUEST, channel, meta, buffers, data_len, fid=fid)
+        parts, nbytes = frames.value_frame(frames.REQUEST, channel, data, fid=fid)
         self._check_writable()
         future: asyncio.Future[Any] = self._loop.create_future()
         self._requests[fid] = future
         try:
-            self._send(parts)
+            await self._make_room(nbytes)
+            self._send(parts, nbytes)
             self.messages_out += 1
             return await wait_bounded(
                 self._await_reply(future),
@@ -334,8 +460,9 @@ class Connection(asyncio.BufferedProtocol):
     async def close(self, timeout: Optional[float] = None) -> None:
         """Close gracefully: flush, say BYE, half-close, wait for the peer to close.
 
-        Bounded by ``timeout`` s (default: the endpoint's ``timeout``); then the
-        connection is aborted.  Idempotent.
+        Over TLS there is no half-close (it would end the TLS session): BYE alone
+        announces the end, and the peer closes.  Bounded by ``timeout`` s (default:
+        the endpoint's ``timeout``); then the connection is aborted.  Idempotent.
         """
         linger = self._endpoint.timeout if timeout is None else timeout
         transport = self.transport
@@ -344,10 +471,15 @@ class Connection(asyncio.BufferedProtocol):
         if not self._closing:
             self._closing = True
             if self._ready:
+                self._flush_slots(force=True)  # the newest images still go out
                 transport.write(_BYE)
-            if transport.can_write_eof():
-                transport.write_eof()  # after the buffered data: a graceful half-close
-            else:  # pragma: no cover - TCP transports can
+                if not self._tls:
+                    try:
+                        transport.write_eof()  # after the buffered data: a graceful half-close
+                    except OSError as exc:  # e.g. the peer reset it while we did not read
+                        self.error = self.error or exc
+                        transport.abort()
+            else:
                 transport.close()
         # Keep reading (and storing) until the peer closes: the protocol's step 4.
         self._unpause_for_close()
@@ -370,13 +502,78 @@ class Connection(asyncio.BufferedProtocol):
 
     # -- sending --------------------------------------------------------------------------
 
-    async def _send_frame(self, parts: List[Buffer]) -> None:
-        """Send one encoded frame (``frames.encode_*`` parts); wait while paused."""
+    async def _send_frame(
+        self, parts: Sequence[Buffer], nbytes: int, image: Optional[str] = None
+    ) -> None:
+        """Send one encoded frame of ``nbytes`` bytes; wait while the peer lags.
+
+        :param image: the channel of an image frame: it is conflated (parked in the
+            channel's slot while the transport is paused) and never waits.
+        """
         self._check_writable()
-        self._send(parts)
+        if image is not None and (self._write_paused or image in self._slots):
+            self._park(image, parts, nbytes)
+            self.messages_out += 1
+            await asyncio.sleep(0)  # let the loop flush: a tight loop must not starve it
+            return
+        await self._make_room(nbytes)
+        if image is not None and (self._write_paused or image in self._slots):
+            self._park(image, parts, nbytes)  # the transport paused meanwhile
+            self.messages_out += 1
+            return
+        self._send(parts, nbytes)
         self.messages_out += 1
-        if self._write_paused:
-            await self.drain()
+        if image is not None:
+            self.images_sent += 1
+            self._endpoint._image_sent(image, nbytes)
+        elif self._write_paused and not self._stalled:
+            await self._drain_for(self._endpoint.timeout)
+
+    async def _make_room(self, nbytes: int) -> None:
+        """Wait until ``nbytes`` more fit under ``max_buffer`` (an empty buffer takes
+        any frame); :class:`WriteTimeout` after ``timeout`` s, nothing sent."""
+        buffered = self._buffered()
+        if not buffered or buffered + nbytes <= self._max_buffer:
+            return
+        deadline = self._loop.time() + self._endpoint.timeout
+        while True:
+            if self._lost or self._closing:
+                raise ConnectionClosed(f"the connection to {self._peer()} closed while writing")
+            buffered = self._buffered()
+            if not buffered or buffered + nbytes <= self._max_buffer:
+                return
+            left = deadline - self._loop.time()
+            if left <= 0:
+                raise WriteTimeout(
+                    f"{self._peer()} is not reading: {buffered} bytes are already buffered "
+                    f"(max_buffer={self._max_buffer}); the write was not sent"
+                )
+            await self._progress(min(left, _ROOM_POLL))
+
+    async def _drain_for(self, timeout: float) -> None:
+        """Wait until the transport resumes, for at most ``timeout`` s; then mark the
+        peer stalled (later writes do not wait until it drains)."""
+        deadline = self._loop.time() + timeout
+        while self._write_paused and not self._lost:
+            left = deadline - self._loop.time()
+            if left <= 0:
+                self._stalled = True
+                logger.debug("%r: %s has taken nothing for %s s", self._endpoint, self, timeout)
+                return
+            await self._progress(left)
+
+    async def _progress(self, seconds: float) -> None:
+        """Sleep until the transport resumes writing, the connection is lost, or
+        ``seconds`` pass, whichever comes first."""
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._drain_waiters.append(waiter)
+        timer = self._loop.call_later(seconds, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            if waiter in self._drain_waiters:
+                self._drain_waiters.remove(waiter)
 
     async def drain(self) -> None:
         """Wait until the transport's buffer is below its low-water mark.
@@ -390,6 +587,87 @@ class Connection(asyncio.BufferedProtocol):
             self._drain_waiters.append(waiter)
             await waiter
 
+    def _offer(self, parts: Sequence[Buffer], nbytes: int, image: Optional[str]) -> bool:
+        """Hand a broadcast frame over without ever waiting (``write_all``).
+
+        A peer whose buffer is above ``max_buffer`` still gets it, up to twice that and
+        for ``timeout`` s; past either bound it is disconnected as a slow consumer.
+        Returns False if the frame was not sent.
+        """
+        if not self.is_open:
+            return False
+        if image is not None and (self._write_paused or image in self._slots):
+            self._park(image, parts, nbytes)
+            self.messages_out += 1
+            return True
+        buffered = self._buffered()
+        limit = self._max_buffer
+        if buffered and buffered + nbytes > limit:
+            now = self._loop.time()
+            if self._full_since is None:
+                self._full_since = now
+            if now - self._full_since > self._endpoint.timeout or buffered + nbytes > 2 * limit:
+                self._drop_slow_consumer(buffered, now - self._full_since)
+                return False
+        else:
+            self._full_since = None
+        self._send(parts, nbytes)
+        self.messages_out += 1
+        if image is not None:
+            self.images_sent += 1
+            self._endpoint._image_sent(image, nbytes)
+        return True
+
+    def _drop_slow_consumer(self, buffered: int, seconds: float) -> None:
+        logger.warning(
+            "%r: disconnecting slow consumer %s (%d bytes unsent for %.1f s, max_buffer=%d)",
+            self._endpoint,
+            self._peer(),
+            buffered,
+            seconds,
+            self._max_buffer,
+        )
+        self.error = WriteTimeout(f"{self._peer()} was disconnected as a slow consumer")
+        self._closing = True
+        self._abort()
+
+    def _park(self, channel: str, parts: Sequence[Buffer], nbytes: int) -> None:
+        """Keep an image frame in its channel's slot until the transport resumes."""
+        old = self._slots.get(channel)
+        self._slots[channel] = (parts, nbytes)  # a replaced slot keeps its turn
+        if old is None:
+            self._slot_bytes += nbytes
+            self.images_sent += 1
+        else:
+            self._slot_bytes += nbytes - old[1]
+            self.images_dropped += 1
+            self._endpoint._image_dropped(channel)
+        if not self._write_paused and not self._slot_flush_scheduled:
+            self._slot_flush_scheduled = True
+            self._loop.call_soon(self._flush_slots)
+
+    def _flush_slots(self, force: bool = False) -> None:
+        """Hand the parked images over, oldest slot first, until the transport pauses
+        again (``force``: all of them, when closing)."""
+        self._slot_flush_scheduled = False
+        slots = self._slots
+        while slots and (force or not self._write_paused):
+            if self._lost or self.transport is None:
+                slots.clear()
+                self._slot_bytes = 0
+                return
+            channel = next(iter(slots))
+            parts, nbytes = slots.pop(channel)
+            self._slot_bytes -= nbytes
+            self._send(parts, nbytes)
+            self._endpoint._image_sent(channel, nbytes)
+
+    def _buffered(self) -> int:
+        transport = self.transport
+        if transport is None or self._lost:
+            return 0
+        return transport.get_write_buffer_size()
+
     def _check_writable(self) -> None:
         if self._endpoint.stopped:
             raise EndpointClosed(f"cannot write: {self._endpoint!r} is closed")
@@ -400,15 +678,22 @@ class Connection(asyncio.BufferedProtocol):
                 f"the connection to {self._peer()} is closed ({self.error or 'closed'})"
             )
 
-    def _send(self, parts: Sequence[Buffer]) -> None:
+    def _send(self, parts: Sequence[Buffer], nbytes: int) -> None:
         transport = cast(asyncio.Transport, self.transport)
         if len(parts) == 1:
-            part = parts[0]
-            transport.write(part)
-            self.bytes_out += len(part) if not isinstance(part, memoryview) else part.nbytes
+            transport.write(parts[0])
         else:
             transport.writelines(parts)
-            self.bytes_out += frames.frame_size(parts)
+        self.bytes_out += nbytes
+        self.last_send = self._loop.time()
+
+    def _send_protocol_bytes(self) -> None:
+        """Send what the core wants sent (handshake frames, PONG, PING)."""
+        out = self.protocol.data_to_send()
+        if out and self.transport is not None and not self._lost:
+            self.transport.write(out)
+            self.bytes_out += len(out)
+            self.last_send = self._loop.time()
 
     def _send_reply(
         self, channel: str, fid: int, result: Any, exc: Optional[BaseException]
@@ -419,11 +704,11 @@ class Connection(asyncio.BufferedProtocol):
             return
         if exc is None:
             try:
-                parts = frames.encode_value_frame(frames.REPLY, channel, result, fid=fid)
+                parts, nbytes = frames.value_frame(frames.REPLY, channel, result, fid=fid)
             except (TypeError, ValueError) as error:
                 exc = error
             else:
-                self._send(parts)
+                self._send(parts, nbytes)
                 self.messages_out += 1
                 return
         self._send_error(channel, fid, f"{type(exc).__name__}: {exc}")
@@ -433,7 +718,8 @@ class Connection(asyncio.BufferedProtocol):
         if not self.is_open:
             logger.debug("%r: dropping the reply to request %d: closed", self, fid)
             return
-        self._send(frames.encode_value_frame(frames.REPLY_ERROR, channel, message, fid=fid))
+        parts, nbytes = frames.value_frame(frames.REPLY_ERROR, channel, message, fid=fid)
+        self._send(parts, nbytes)
         self.messages_out += 1
 
     def _new_id(self) -> int:
@@ -444,15 +730,42 @@ class Connection(asyncio.BufferedProtocol):
         return fid
 
     async def _await_reply(self, future: asyncio.Future[Any]) -> Any:
-        if self._write_paused:
-            await self.drain()
+        if self._write_paused and not self._stalled:
+            await self._drain_for(self._endpoint.timeout)
         return await future
+
+    # -- heartbeats -----------------------------------------------------------------------
+
+    def _heartbeat(self, interval: float, now: float) -> None:
+        """Ping an idle link; abort a peer silent for three intervals (event loop)."""
+        if not self._ready or self._lost:
+            return
+        if self._reading_paused or self._closing:
+            self.last_recv = now  # we are not reading it: its silence proves nothing
+        elif now - self.last_recv > 3 * interval:
+            logger.warning(
+                "%r: %s sent nothing for %.1f s (heartbeat %.1f s): declaring it dead",
+                self._endpoint,
+                self._peer(),
+                now - self.last_recv,
+                interval,
+            )
+            self.error = ConnectionClosed(f"{self._peer()} stopped answering heartbeats")
+            self._closing = True
+            self._abort()
+            return
+        if not self._closing and now - self.last_send >= interval:
+            self.protocol.send_ping()
+            self._send_protocol_bytes()
 
     # -- asyncio.BufferedProtocol ---------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Called by the event loop when the TCP connection is established."""
+        """Called by the event loop when the connection is established (over TLS:
+        once the TLS handshake completed)."""
         self.transport = cast(asyncio.Transport, transport)
+        self._tls = transport.get_extra_info("ssl_object") is not None
+        self.last_recv = self.last_send = self._loop.time()
         peer = transport.get_extra_info("peername")
         if peer:
             self.address = tuple(peer)
@@ -462,12 +775,16 @@ class Connection(asyncio.BufferedProtocol):
             self.protocol.refuse(reason, code)
             self.error = HandshakeError(f"refused {self._peer()}: {reason}")
             self._closing = True
-            self.transport.write(self.protocol.data_to_send())
-            self.transport.close()
+            self._send_protocol_bytes()
+            if self._tls:
+                self.transport.close()
+                return
+            # Half-close and read until the client hangs up, so that the REFUSE is not
+            # lost to a TCP reset (bounded by the linger).
+            self.transport.write_eof()
+            self._linger(min(self._endpoint.timeout, 2.0))
             return
-        out = self.protocol.data_to_send()
-        if out:
-            self.transport.write(out)
+        self._send_protocol_bytes()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         """Where the event loop should receive the next bytes (the decoder's buffer)."""
@@ -476,6 +793,7 @@ class Connection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` arrived in the buffer: decode, finish the handshake, handle frames."""
         self.bytes_in += nbytes
+        self.last_recv = self._loop.time()
         decoder = self.protocol.decoder
         try:
             decoder.buffer_updated(nbytes)
@@ -498,20 +816,21 @@ class Connection(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._slots.clear()
+        self._slot_bytes = 0
         if exc is not None:
             self.error = self.error or exc
             logger.info("%r: connection to %s lost: %s", self._endpoint, self._peer(), exc)
         if not self._ready and self.error is None:
             self.error = HandshakeError(
-                f"{self._peer()} closed the connection during the handshake (does it expect "
-                "a token, or is it at its max_clients?)"
+                f"{self._peer()} closed the connection during the handshake: does it expect "
+                "TLS (tls=) or a token, or is it at its max_clients?"
             )
         waiter = self._ready_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(self._handshake_error())
         for drain in self._drain_waiters:
-            if not drain.done():
-                drain.set_result(None)
+            _wake(drain)
         self._drain_waiters.clear()
         if self._requests:
             lost = ConnectionClosed(
@@ -523,6 +842,7 @@ class Connection(asyncio.BufferedProtocol):
                     future.set_exception(lost)
         if not self._lost_waiter.done():
             self._lost_waiter.set_result(None)
+        self._endpoint._connection_lost(self)
         if not self._pending:
             self._finish()
 
@@ -533,11 +853,16 @@ class Connection(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         """The transport's buffer drained below its low-water mark."""
         self._write_paused = False
+        self._stalled = False
+        self._full_since = None
         waiters = self._drain_waiters
         self._drain_waiters = []
         for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+            _wake(waiter)
+        if self._slots and not self._slot_flush_scheduled:
+            # Not from inside the transport's own write path: on the next loop step.
+            self._slot_flush_scheduled = True
+            self._loop.call_soon(self._flush_slots)
 
     # -- receiving ---------------------------------------------------------------------------
 
@@ -546,9 +871,7 @@ class Connection(asyncio.BufferedProtocol):
         try:
             events = self.protocol.events()
         finally:
-            out = self.protocol.data_to_send()
-            if out and self.transport is not None and not self._lost:
-                self.transport.write(out)
+            self._send_protocol_bytes()
         if not was_ready and self.protocol.is_open:
             self._ready = True
             if self._timer is not None:
@@ -590,7 +913,7 @@ class Connection(asyncio.BufferedProtocol):
         if t == frames.DATA:
             value = frame.value()
             self.messages_in += 1
-            self._endpoint._deliver(self, frame.channel, value)
+            self._endpoint._deliver(self, frame.channel, value, frame.flags & frames.FLAG_IMAGE)
         elif t == frames.REQUEST:
             value = frame.value()
             self.messages_in += 1
@@ -647,6 +970,11 @@ class Connection(asyncio.BufferedProtocol):
             f"{self._peer()} did not complete the socketengine handshake ({error or 'no answer'})"
         )
 
+    def _handshake_left(self, seconds: float) -> float:
+        """What is left of a ``seconds`` handshake deadline counted from the TCP
+        connection (so a TLS handshake counts against it)."""
+        return max(0.0, self._created + seconds - self._loop.time())
+
     async def _wait_ready(self, timeout: float) -> None:
         """Wait for the handshake (client side); raise :class:`HandshakeError`."""
         if self._ready:
@@ -660,7 +988,8 @@ class Connection(asyncio.BufferedProtocol):
             await asyncio.wait_for(self._ready_waiter, timeout)
         except asyncio.TimeoutError:
             self.error = HandshakeError(
-                f"{self._peer()} did not complete the handshake within {timeout} s"
+                f"{self._peer()} did not complete the handshake within "
+                f"{self._endpoint.handshake_timeout} s"
             )
             self._abort()
             raise self.error from None
@@ -673,7 +1002,8 @@ class Connection(asyncio.BufferedProtocol):
             if not self._ready and not self._lost:
                 self._fail(
                     HandshakeError(
-                        f"{self._peer()} did not complete the handshake within {seconds} s"
+                        f"{self._peer()} did not complete the handshake within "
+                        f"{self._endpoint.handshake_timeout} s"
                     )
                 )
 
@@ -685,6 +1015,7 @@ class Connection(asyncio.BufferedProtocol):
         self._closing = True
         transport = self.transport
         if transport is not None and not self._lost:
+            self._flush_slots(force=True)
             transport.close()  # flushes the buffer first
             self._linger()
 
@@ -697,16 +1028,15 @@ class Connection(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or self._lost:
             return
-        out = self.protocol.data_to_send()  # e.g. a REFUSE frame
-        if out:
-            transport.write(out)
+        self._send_protocol_bytes()  # e.g. a REFUSE frame
         transport.close()
         self._linger()
 
-    def _linger(self) -> None:
+    def _linger(self, seconds: Optional[float] = None) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = self._loop.call_later(self._endpoint.timeout, self._abort)
+        linger = self._endpoint.timeout if seconds is None else seconds
+        self._timer = self._loop.call_later(linger, self._abort)
 
     def _abort(self) -> None:
         if self.transport is not None and not self._lost:

@@ -1,9 +1,11 @@
-"""What the asyncio Host and Client share: limits, callbacks, waiters, subscriptions."""
+"""What the asyncio Host and Client share: limits, callbacks, waiters, subscriptions,
+images and heartbeats."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from typing import (
     Any,
     Callable,
@@ -11,6 +13,7 @@ from typing import (
     Dict,
     List,
     Optional,
+    Sequence,
     Set,
     Tuple,
     TypeVar,
@@ -19,9 +22,11 @@ from typing import (
 )
 
 from .. import frames, images
+from ..codec import Buffer
 from ..errors import ConnectionClosed, EndpointClosed
 from ..protocol import token_bytes
 from .connection import Connection, wait_bounded
+from .decoding import LazyImage, resolve
 from .subscription import Subscription
 
 __all__ = ["Endpoint", "DEFAULT_SUBSCRIPTION_SIZE"]
@@ -33,6 +38,13 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 #: Default ``maxsize`` of a subscription (items waiting unread).
 DEFAULT_SUBSCRIPTION_SIZE = 10_000
+
+
+def _stats(table: Dict[str, images.ImageStats], channel: str) -> images.ImageStats:
+    stats = table.get(channel)
+    if stats is None:
+        stats = table[channel] = images.ImageStats()
+    return stats
 
 
 class Endpoint:
@@ -51,6 +63,11 @@ class Endpoint:
         token: Union[str, bytes, None],
         max_message: int,
         handshake_timeout: float,
+        max_buffer: int,
+        heartbeat: Optional[float],
+        tls: Optional[ssl.SSLContext],
+        image_codec: str,
+        image_quality: int,
     ) -> None:
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an int from 0 to 65535, not {port!r}")
@@ -58,20 +75,39 @@ class Endpoint:
             raise ValueError("max_message must be at least 1024 bytes")
         if timeout is None or timeout < 0:
             raise ValueError("timeout must be a number of seconds >= 0")
+        if max_buffer < 1:
+            raise ValueError("max_buffer must be at least 1 byte")
+        if heartbeat is not None and heartbeat <= 0:
+            raise ValueError("heartbeat must be a positive number of seconds, or None")
+        if tls is not None and not isinstance(tls, ssl.SSLContext):
+            raise TypeError(f"tls must be an ssl.SSLContext, not {type(tls).__qualname__}")
         self.addr = addr
         self._port = port
         self.timeout = float(timeout)
         self.max_message = int(max_message)
         self.handshake_timeout = float(handshake_timeout)
+        self.max_buffer = int(max_buffer)
+        self.heartbeat = None if heartbeat is None else float(heartbeat)
+        self.tls = tls
+        self.image_codec = images._check_codec(image_codec)
+        self.image_quality = images._check_quality(image_quality)
         self._token = token_bytes(token)
         self.opened = False
         self.stopped = False
         self._start_lock: Optional[asyncio.Lock] = None
         # Tuples, replaced on change: a queued callback job keeps the handlers it saw.
         self._handlers: Dict[str, Tuple[Callable[..., Any], ...]] = {}
+        self._any: Tuple[Callable[..., Any], ...] = ()  # on_message() hooks
         self._subs: Dict[str, Tuple[Subscription[Any], ...]] = {}
         self._waiters: Dict[str, List[asyncio.Future[Any]]] = {}
         self._tasks: Set[asyncio.Task[Any]] = set()
+        # The latest value per channel from any peer (per peer: conn.values).
+        self._latest: Dict[str, Any] = {}
+        self._images_out: Dict[str, images.ImageStats] = {}
+        self._images_in: Dict[str, images.ImageStats] = {}
+        self._encoded: Dict[str, images.EncodedImage] = {}  # newest JPEG/PNG per channel
+        self._unread: Dict[str, int] = {}  # image channels whose newest frame is unread
+        self._heartbeat_timer: Optional[asyncio.TimerHandle] = None
 
     @property
     def port(self) -> int:
@@ -134,6 +170,7 @@ class Endpoint:
         a host ``fn(data, conn)``.  Requests on ``channel`` are answered with the
         return value (awaited if it is awaitable) of the first handler registered.
         Exceptions are logged on the ``socketengine`` logger and change nothing else.
+        Images sent as JPEG/PNG arrive decoded (decoded in a worker thread first).
         Returns ``fn``.
         """
         frames.channel_bytes(channel)  # TypeError/ValueError for a bad name, now
@@ -156,6 +193,18 @@ class Endpoint:
         else:
             self._handlers.pop(channel, None)
 
+    def on_message(self, fn: _F) -> _F:
+        """Call ``fn`` for every message on **every** channel (usable as a decorator).
+
+        Host: ``fn(channel, data, conn)``; client: ``fn(channel, data)``.  Plain or
+        ``async``; scheduled like :meth:`on` callbacks, after them, in arrival order
+        per connection.  Meant for loggers, recorders and monitors.  Returns ``fn``.
+        """
+        if not callable(fn):
+            raise TypeError(f"on_message() needs a callable, not {fn!r}")
+        self._any += (fn,)
+        return fn
+
     # -- waiting and subscribing ----------------------------------------------------------
 
     def _check_receiving(self) -> None:
@@ -167,7 +216,7 @@ class Endpoint:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(channel, []).append(future)
         try:
-            return await wait_bounded(
+            item = await wait_bounded(
                 future, timeout, f"no message on channel {channel!r} within {timeout} s"
             )
         finally:
@@ -176,6 +225,7 @@ class Endpoint:
                 waiters.remove(future)
                 if not waiters:
                     del self._waiters[channel]
+        return await resolve(item)
 
     def _subscribe(self, channel: str, maxsize: int) -> Subscription[Any]:
         frames.channel_bytes(channel)
@@ -205,11 +255,109 @@ class Endpoint:
 
     # -- images ---------------------------------------------------------------------------
 
-    @staticmethod
-    def _check_image(img: Any) -> Any:
-        """Validate an image (TypeError / ValueError); the threaded layer's rules."""
-        images.validate(img, "raw")
-        return img
+    async def _image_frame(
+        self, img: Any, channel: str, codec: Optional[str], quality: Optional[int]
+    ) -> Tuple[Sequence[Buffer], int]:
+        """Validate, encode (JPEG/PNG in a worker thread) and frame an image, once.
+
+        ``TypeError`` / ``ValueError`` name the problem before anything is encoded.
+        """
+        name = images.validate(img, self.image_codec if codec is None else codec)
+        level = self.image_quality if quality is None else images._check_quality(quality)
+        frames.channel_bytes(channel)
+        if name == "raw":
+            value: Any = img
+        else:
+            loop = asyncio.get_running_loop()
+            value = await loop.run_in_executor(None, images.prepare, img, name, level)
+        parts, nbytes = frames.value_frame(frames.DATA, channel, value, frames.FLAG_IMAGE)
+        _stats(self._images_out, channel).record_frame(name)
+        return parts, nbytes
+
+    def _image_sent(self, channel: str, nbytes: int) -> None:
+        """An image frame of ``channel`` was handed to a transport."""
+        _stats(self._images_out, channel).record_delivered(nbytes)
+
+    def _image_dropped(self, channel: str) -> None:
+        """A parked image frame was replaced by a newer one (conflation)."""
+        _stats(self._images_out, channel).record_dropped()
+
+    def _image_arrived(self, conn: Connection, channel: str, value: Any) -> None:
+        """An image frame was received."""
+        stats = _stats(self._images_in, channel)
+        encoded = type(value) is images.EncodedImage
+        stats.record_frame(value.codec if encoded else "raw")
+        if channel in self._unread:
+            stats.record_dropped()  # the previous frame was never read: superseded
+        self._unread[channel] = getattr(value, "nbytes", 0)
+        if encoded:
+            self._encoded[channel] = value
+            conn._encoded[channel] = value
+
+    def _read(self, table: Dict[str, Any], channel: str, default: Any) -> Any:
+        """``table[channel]`` for the user: an encoded image is decoded here (once)."""
+        value = table.get(channel, default)
+        nbytes = self._unread.pop(channel, None)
+        if nbytes is not None:
+            _stats(self._images_in, channel).record_delivered(nbytes)
+        if type(value) is images.EncodedImage:
+            decoded = value.decode()
+            if table.get(channel) is value:
+                table[channel] = decoded
+            return decoded
+        return value
+
+    def get_jpeg(self, channel: str = "image") -> Optional[bytes]:
+        """The newest JPEG/PNG file received on ``channel``, still encoded, or ``None``.
+
+        For saving or forwarding frames without decoding them (only frames sent with
+        ``codec="jpeg"`` or ``"png"``; raw frames have no file).
+        """
+        enc = self._encoded.get(channel)
+        return None if enc is None else enc.tobytes()
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters: per image channel, what was sent and received.
+
+        ``{"images": {"sent": {channel: s}, "received": {channel: s}}}`` where each
+        ``s`` is an :meth:`ImageStats.snapshot() <socketengine.images.ImageStats.snapshot>`:
+        ``frames`` (written / arrived), ``delivered`` (handed to a transport / to the
+        application), ``dropped`` (replaced by a newer frame first: conflation),
+        ``pending``, ``bytes``, ``fps`` and ``codec``.  On a host the sent counts add up
+        over clients.
+        """
+        return {
+            "images": {
+                "sent": {ch: s.snapshot() for ch, s in list(self._images_out.items())},
+                "received": {ch: s.snapshot() for ch, s in list(self._images_in.items())},
+            }
+        }
+
+    # -- heartbeats -----------------------------------------------------------------------
+
+    def _connections(self) -> List[Connection]:
+        """Every connection the heartbeat should look after."""
+        return []
+
+    def _start_heartbeat(self) -> None:
+        """Check every connection each ``heartbeat / 2`` s (no-op if disabled)."""
+        interval = self.heartbeat
+        if interval is None or self._heartbeat_timer is not None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def tick() -> None:
+            now = loop.time()
+            for conn in self._connections():
+                conn._heartbeat(interval, now)
+            self._heartbeat_timer = loop.call_later(interval / 2, tick)
+
+        self._heartbeat_timer = loop.call_later(interval / 2, tick)
+
+    def _stop_heartbeat(self) -> None:
+        timer, self._heartbeat_timer = self._heartbeat_timer, None
+        if timer is not None:
+            timer.cancel()
 
     # -- tasks ----------------------------------------------------------------------------
 
@@ -242,31 +390,49 @@ class Endpoint:
     def _connection_ready(self, conn: Connection) -> None:
         """The handshake of ``conn`` completed."""
 
+    def _connection_lost(self, conn: Connection) -> None:
+        """The transport of ``conn`` is gone (frames it received may still wait)."""
+
     def _connection_closed(self, conn: Connection) -> None:
         """``conn`` is closed and every frame it received has been handled."""
 
-    def _store(self, channel: str, value: Any) -> None:
-        """Record the endpoint-wide latest value of ``channel``."""
-
-    def _deliver(self, conn: Connection, channel: str, value: Any) -> None:
-        """A DATA value arrived: store it, then waiters, subscriptions, callbacks."""
+    def _deliver(self, conn: Connection, channel: str, value: Any, image: int = 0) -> None:
+        """A DATA value arrived: store it, then waiters, subscriptions, callbacks,
+        ``on_message`` hooks.  ``image``: the frame has the IMAGE flag."""
         conn.values[channel] = value
-        self._store(channel, value)
-        item = (value, conn) if self._with_conn else value
+        self._latest[channel] = value
+        if image:
+            self._image_arrived(conn, channel, value)
         waiters = self._waiters.pop(channel, None)
+        subs = self._subs.get(channel)
+        handlers = self._handlers.get(channel)
+        hooks = self._any
+        if waiters is None and subs is None and handlers is None and not hooks:
+            return
+        if channel in self._unread:
+            # An image handed to the application here counts as delivered.
+            _stats(self._images_in, channel).record_delivered(self._unread.pop(channel))
+        user = value
+        lazy_at = -1
+        if type(value) is images.EncodedImage:
+            # Decoded later, off the event loop, once for every consumer.
+            user = LazyImage(value, ((conn.values, channel), (self._latest, channel)))
+            lazy_at = 0
+        item = (user, conn) if self._with_conn else user
         if waiters is not None:
             for future in waiters:
                 if not future.done():
                     future.set_result(item)
-        subs = self._subs.get(channel)
         if subs is not None:
             for sub in subs:
                 if sub._put(item):
                     conn._block(sub)
-        handlers = self._handlers.get(channel)
         if handlers is not None:
-            args = (value, conn) if self._with_conn else (value,)
-            conn._chain.call((handlers, args, None, f"channel {channel!r}"))
+            args: Tuple[Any, ...] = (user, conn) if self._with_conn else (user,)
+            conn._chain.call((handlers, args, None, f"channel {channel!r}", lazy_at))
+        if hooks:
+            args = (channel, user, conn) if self._with_conn else (channel, user)
+            conn._chain.call((hooks, args, None, "on_message", 1 if lazy_at == 0 else -1))
 
     def _answer(self, conn: Connection, channel: str, fid: int, value: Any) -> None:
         """A REQUEST arrived: run the channel's handlers; the first one's result replies."""
@@ -279,7 +445,7 @@ class Endpoint:
             conn._send_reply(channel, fid, result, exc)
 
         args = (value, conn) if self._with_conn else (value,)
-        conn._chain.call((handlers, args, reply, f"requests on channel {channel!r}"))
+        conn._chain.call((handlers, args, reply, f"requests on channel {channel!r}", -1))
 
     def _lost_error(self, conn: Connection) -> ConnectionClosed:
         return ConnectionClosed(

@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import ssl
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
-from .. import codec, frames
+from .. import codec, frames, images
 from ..codec import Buffer
 from ..errors import EndpointClosed
 from ..net import listen
 from ..protocol import Protocol, Role
-from .connection import READ_SIZE, Connection
+from .connection import DEFAULT_MAX_BUFFER, READ_SIZE, Connection
 from .endpoint import DEFAULT_SUBSCRIPTION_SIZE, Endpoint
 from .subscription import Subscription
 
@@ -34,12 +35,27 @@ class Host(Endpoint):
     :param token: shared secret clients must prove they know (HMAC challenge).
     :param max_clients: connections beyond this are refused with a REFUSE frame.
     :param max_message: largest frame accepted from a client, bytes (default 64 MiB).
-    :param handshake_timeout: seconds a new connection has to complete the handshake.
+    :param max_buffer: bytes one client's transport buffer may hold (default 256 MiB):
+        beyond it ``await conn.write`` waits up to ``timeout`` s, then raises
+        :class:`~socketengine.WriteTimeout` without sending; ``write_all`` disconnects
+        a client that stays beyond it for ``timeout`` s (or reaches twice it) as a slow
+        consumer.
+    :param handshake_timeout: seconds a new connection has to complete the handshake
+        (TLS included).
+    :param heartbeat: seconds (default 5): a link idle that long gets a PING; a client
+        that sends nothing for ``3 * heartbeat`` s is declared dead and disconnected.
+        ``None`` disables.
+    :param tls: an ``ssl.SSLContext`` (server side, with ``load_cert_chain``): every
+        connection then runs over TLS, and plaintext clients are refused.
+    :param image_codec: codec of :meth:`write_image_all` / ``conn.write_image`` when
+        none is given: ``"raw"`` (default), ``"jpeg"`` or ``"png"``.
+    :param image_quality: JPEG quality 1-100 (default 90).
     :param keep_departed: how many disconnected clients' latest values
         :meth:`get_all` keeps reporting (oldest forgotten first).
     :param name: a label for logs and ``repr`` (not sent to clients).
-    :param timeout: seconds :meth:`close` waits for clients to take what was written
-        and for running callbacks to finish.
+    :param timeout: seconds a write may wait for a client that does not keep up, and
+        that :meth:`close` waits for clients to take what was written and for running
+        callbacks to finish.
     :param backlog: the listening socket's backlog.
 
     Use ``async with Host(port=0) as h:`` or ``await h.start()`` / ``await h.close()``.
@@ -56,7 +72,12 @@ class Host(Endpoint):
         token: Union[str, bytes, None] = None,
         max_clients: int = 1024,
         max_message: int = frames.DEFAULT_MAX_MESSAGE,
+        max_buffer: int = DEFAULT_MAX_BUFFER,
         handshake_timeout: float = 10.0,
+        heartbeat: Optional[float] = 5.0,
+        tls: Optional[ssl.SSLContext] = None,
+        image_codec: str = "raw",
+        image_quality: int = 90,
         keep_departed: int = 64,
         name: Optional[str] = None,
         timeout: float = 2.0,
@@ -69,6 +90,11 @@ class Host(Endpoint):
             token=token,
             max_message=max_message,
             handshake_timeout=handshake_timeout,
+            max_buffer=max_buffer,
+            heartbeat=heartbeat,
+            tls=tls,
+            image_codec=image_codec,
+            image_quality=image_quality,
         )
         self.name = name
         self.max_clients = max_clients
@@ -80,7 +106,6 @@ class Host(Endpoint):
         self._conns: Dict[int, Connection] = {}
         # Departed clients whose values get_all() still reports (bounded, FIFO).
         self._departed: OrderedDict[int, Connection] = OrderedDict()
-        self._latest: Dict[str, Any] = {}
         # Retained values: one complete DATA frame (flag RETAINED) per channel.
         self._retained: Dict[str, bytes] = {}
         self._connect_handlers: Tuple[Callable[..., Any], ...] = ()
@@ -95,14 +120,24 @@ class Host(Endpoint):
 
     async def _open(self) -> None:
         sock = listen(self.addr, self._port, self.backlog)
+        loop = asyncio.get_running_loop()
         try:
-            self._server = await asyncio.get_running_loop().create_server(
-                self._new_connection, sock=sock
-            )
+            if self.tls is None:
+                self._server = await loop.create_server(self._new_connection, sock=sock)
+            else:
+                # The TLS handshake runs before connection_made(); its time counts
+                # against handshake_timeout (see _connection_made).
+                self._server = await loop.create_server(
+                    self._new_connection,
+                    sock=sock,
+                    ssl=self.tls,
+                    ssl_handshake_timeout=self.handshake_timeout,
+                )
         except BaseException:
             sock.close()
             raise
         self._port = int(sock.getsockname()[1])
+        self._start_heartbeat()
 
     async def close(self) -> None:
         """Stop listening, close every client gracefully (flush, BYE; each bounded by
@@ -112,6 +147,7 @@ class Host(Endpoint):
             return
         self.stopped = True
         self.opened = False
+        self._stop_heartbeat()
         server = self._server
         if server is not None:
             server.close()
@@ -142,8 +178,18 @@ class Host(Endpoint):
         return found
 
     def get(self, channel: str, default: Any = None) -> Any:
-        """The most recent value received on ``channel`` from any client, or ``default``."""
-        return self._latest.get(channel, default)
+        """The most recent value received on ``channel`` from any client, or ``default``.
+
+        Images sent compressed are returned decoded (numpy arrays; decoded here, once).
+        """
+        value = self._latest.get(channel)
+        decoded = self._read(self._latest, channel, default)
+        if type(value) is images.EncodedImage:
+            # The sender's own entry holds the same file: decoded once for get_all() too.
+            for conn in [*self._conns.values(), *self._departed.values()]:
+                if conn.values.get(channel) is value:
+                    conn.values[channel] = decoded
+        return decoded
 
     def get_all(self, channel: str) -> List[Any]:
         """The latest value on ``channel`` from each client, in connection order.
@@ -153,7 +199,22 @@ class Host(Endpoint):
         """
         sessions = list(self._conns.items()) + list(self._departed.items())
         sessions.sort(key=lambda item: item[0])
-        return [conn.values[channel] for _, conn in sessions if channel in conn.values]
+        out = []
+        for _, conn in sessions:
+            values = conn.values
+            if channel in values:
+                value = values[channel]
+                out.append(conn.get(channel) if type(value) is images.EncodedImage else value)
+        return out
+
+    def stats(self) -> Dict[str, Any]:
+        """Image counters (see :meth:`Endpoint.stats`) plus ``"clients"``: each connected
+        client's ``conn.stats()``, keyed by ``name`` or ``"host:port"``."""
+        out = super().stats()
+        out["clients"] = {
+            c.name or f"{c.address[0]}:{c.address[1]}": c.stats() for c in self.clients()
+        }
+        return out
 
     async def wait(self, channel: str, timeout: Optional[float] = None) -> Tuple[Any, Connection]:
         """Wait for the next message on ``channel`` (from any client) arriving after the
@@ -190,10 +251,14 @@ class Host(Endpoint):
         The value is encoded once (``TypeError`` before anything is sent).  With
         ``retain=True`` the host also keeps it and sends it, flagged RETAINED, to every
         client that connects later, right after its handshake (a later retained write
-        on the channel replaces it).  Waits while any client's buffer is full.
+        on the channel replaces it).  Never waits for one slow client: a client whose
+        buffer stays above ``max_buffer`` for ``timeout`` s (or would exceed twice it)
+        is disconnected as a slow consumer (logged, ``on_disconnect``) and the others
+        go on receiving.
         """
         meta, buffers, data_len = codec.encode(data)
         parts = frames.encode_frame(frames.DATA, channel, meta, buffers, data_len)
+        nbytes = frames.frame_size(parts)
         self._check_open()
         if retain:
             # A snapshot (joined bytes): later changes to an array do not leak into it.
@@ -204,28 +269,47 @@ class Host(Endpoint):
             )
             self._retained.pop(channel, None)
             self._retained[channel] = frame
-        return await self._broadcast(parts)
+        return await self._broadcast(parts, nbytes)
 
-    async def write_image_all(self, img: Any, channel: str = "image") -> int:
-        """Send a numpy image to every connected client on ``channel``; return how many."""
-        self._check_image(img)
-        parts = frames.encode_value_frame(frames.DATA, channel, img, flags=frames.FLAG_IMAGE)
+    async def write_image_all(
+        self,
+        img: Any,
+        channel: str = "image",
+        codec: Optional[str] = None,
+        quality: Optional[int] = None,
+    ) -> int:
+        """Send a numpy image to every connected client on ``channel``; return how many.
+
+        ``codec`` (``"raw"``, ``"jpeg"``, ``"png"``) and ``quality`` default to the
+        host's ``image_codec`` / ``image_quality``.  The image is encoded once (in a
+        worker thread), whatever the number of clients; a client that does not keep up
+        gets the newest frame, never a backlog (conflation).
+        """
         self._check_open()
-        return await self._broadcast(parts)
+        parts, nbytes = await self._image_frame(img, channel, codec, quality)
+        self._check_open()
+        return await self._broadcast(parts, nbytes, image=channel)
 
-    async def _broadcast(self, parts: List[Buffer]) -> int:
-        conns = self.clients()
-        for conn in conns:
-            conn._send(parts)
-            conn.messages_out += 1
-        paused = [conn.drain() for conn in conns if conn.writing_paused]
+    async def _broadcast(
+        self, parts: Sequence[Buffer], nbytes: int, image: Optional[str] = None
+    ) -> int:
+        """Hand one encoded frame to every client without waiting for any of them."""
+        sent = 0
+        paused = False
+        for conn in self.clients():
+            if conn._offer(parts, nbytes, image):
+                sent += 1
+            paused = paused or conn.writing_paused
         if paused:
-            await asyncio.gather(*paused, return_exceptions=True)
-        return len(conns)
+            # Let the event loop flush the transports: a producer that calls this in a
+            # tight loop must not starve them (without waiting for any client).
+            await asyncio.sleep(0)
+        return sent
 
     # -- connection events ----------------------------------------------------------------
 
     def _new_connection(self) -> Connection:
+        # Called at accept time, before a TLS handshake.
         protocol = Protocol(
             Role.HOST,
             token=self._token,
@@ -242,7 +326,7 @@ class Host(Endpoint):
             logger.warning("%r: refused %s:%s: max_clients reached", self, *conn.address[:2])
             return (f"the host is full (max_clients={self.max_clients})", "full")
         self._conns[conn.session] = conn
-        conn.start_handshake_timer(self.handshake_timeout)
+        conn.start_handshake_timer(conn._handshake_left(self.handshake_timeout))
         return None
 
     def _connection_ready(self, conn: Connection) -> None:
@@ -253,10 +337,10 @@ class Host(Endpoint):
                 if old.name == conn.name:
                     del self._departed[session]
         for frame in self._retained.values():
-            conn._send((frame,))
+            conn._send((frame,), len(frame))
             conn.messages_out += 1
         if self._connect_handlers:
-            conn._chain.call((self._connect_handlers, (conn,), None, "on_connect"))
+            conn._chain.call((self._connect_handlers, (conn,), None, "on_connect", -1))
 
     def _connection_closed(self, conn: Connection) -> None:
         self._conns.pop(conn.session, None)
@@ -268,10 +352,10 @@ class Host(Endpoint):
             while len(self._departed) > self.keep_departed:
                 self._departed.popitem(last=False)
         if self._disconnect_handlers:
-            conn._chain.call((self._disconnect_handlers, (conn,), None, "on_disconnect"))
+            conn._chain.call((self._disconnect_handlers, (conn,), None, "on_disconnect", -1))
 
-    def _store(self, channel: str, value: Any) -> None:
-        self._latest[channel] = value
+    def _connections(self) -> List[Connection]:
+        return list(self._conns.values())
 
     def __repr__(self) -> str:
         state = "closed" if self.stopped else ("open" if self.opened else "not started")

@@ -8,6 +8,7 @@ from typing import AsyncIterator, Callable, Deque, List, Optional, TypeVar
 
 from ..errors import EndpointClosed
 from .connection import Gate
+from .decoding import pending, resolve_now
 
 __all__ = ["Subscription"]
 
@@ -24,9 +25,13 @@ class Subscription(Gate, AsyncIterator[_T]):
     delivered the last one stops reading (``transport.pause_reading()``) until half
     of them are read, so the sender's writes block through TCP back-pressure.
 
+    Images sent as JPEG/PNG are decoded when they are read, in a worker thread (the
+    event loop is not blocked); a corrupt file raises ``ValueError`` from that read.
+
     Iteration ends after :meth:`close`, or when the endpoint closes (after the items
-    already received).  On a client whose connection is lost, it raises
-    :class:`~socketengine.ConnectionClosed` once the items received are read.
+    already received).  On a client without ``reconnect`` whose connection is lost, it
+    raises :class:`~socketengine.ConnectionClosed` once the items received are read; a
+    reconnecting client's subscriptions go on across reconnections.
     """
 
     def __init__(
@@ -61,15 +66,17 @@ class Subscription(Gate, AsyncIterator[_T]):
         return self
 
     async def __anext__(self) -> _T:
-        if not self._items:
-            if self._closed and self._error is None:
-                raise StopAsyncIteration
-            await self._wait()
+        while True:
             if not self._items:
-                if self._error is not None:
-                    raise self._error
-                raise StopAsyncIteration
-        return self._take()
+                if self._closed and self._error is None:
+                    raise StopAsyncIteration
+                await self._wait()
+                if not self._items:
+                    if self._error is not None:
+                        raise self._error
+                    raise StopAsyncIteration
+            if await self._decoded_head():
+                return self._take()
 
     async def get(self) -> _T:
         """The next item; waits for it.
@@ -77,16 +84,21 @@ class Subscription(Gate, AsyncIterator[_T]):
         Raises :class:`~socketengine.EndpointClosed` (or the connection's error) when
         the subscription is closed and empty.
         """
-        if not self._items:
-            await self._wait()
+        while True:
             if not self._items:
-                if self._error is not None:
-                    raise self._error
-                raise EndpointClosed(f"subscription to {self.channel!r} is closed")
-        return self._take()
+                await self._wait()
+                if not self._items:
+                    if self._error is not None:
+                        raise self._error
+                    raise EndpointClosed(f"subscription to {self.channel!r} is closed")
+            if await self._decoded_head():
+                return self._take()
 
     def get_nowait(self) -> _T:
-        """The next item if one is waiting; else raise ``IndexError``."""
+        """The next item if one is waiting; else raise ``IndexError``.
+
+        A JPEG/PNG image is decoded here, blocking the event loop for that time.
+        """
         if not self._items:
             raise IndexError(f"no message waiting on {self.channel!r}")
         return self._take()
@@ -125,7 +137,25 @@ class Subscription(Gate, AsyncIterator[_T]):
         item = self._items.popleft()
         if self._held and len(self._items) <= self._low:
             self.release()
-        return item
+        return resolve_now(item)
+
+    async def _decoded_head(self) -> bool:
+        """Decode the first item's image, if any, in a worker thread while it stays
+        queued (a reader cancelled meanwhile loses nothing); False if another reader
+        took it first.  A corrupt image is consumed and its ``ValueError`` raised."""
+        image = pending(self._items[0])
+        if image is None:
+            return True
+        head = self._items[0]
+        try:
+            await image.decoded()
+        except Exception:
+            if self._items and self._items[0] is head:
+                self._items.popleft()
+                if self._held and len(self._items) <= self._low:
+                    self.release()
+            raise
+        return bool(self._items) and self._items[0] is head
 
     async def _wait(self) -> None:
         """Wait until an item arrives or the subscription closes."""
