@@ -820,3 +820,68 @@ class ImageStats:
 
     def __repr__(self) -> str:
         return f"ImageStats({self.snapshot()})"
+
+
+class ImageLedger:
+    """Per-endpoint image bookkeeping, shared by the threaded and asyncio layers.
+
+    Sans-I/O: the endpoints call it when an image frame is written, sent, replaced,
+    received and read; it keeps an :class:`ImageStats` per channel and direction, the
+    newest encoded file per channel (for ``get_jpeg``) and which channels hold an image
+    nobody has read yet (a newer frame then counts the old one as dropped).
+    """
+
+    def __init__(self) -> None:
+        self.sent: Dict[str, ImageStats] = {}
+        self.received: Dict[str, ImageStats] = {}
+        self.encoded: Dict[str, EncodedImage] = {}  # newest JPEG/PNG file per channel
+        self.unread: Dict[str, int] = {}  # channel -> bytes of its unread newest frame
+
+    @staticmethod
+    def _stats(table: Dict[str, ImageStats], channel: str) -> ImageStats:
+        stats = table.get(channel)
+        if stats is None:
+            stats = table.setdefault(channel, ImageStats())
+        return stats
+
+    def written(self, channel: str, codec: str) -> None:
+        """The application wrote a frame on ``channel`` (any thread)."""
+        self._stats(self.sent, channel).record_frame(codec)
+
+    def transmitted(self, channel: str, nbytes: int) -> None:
+        """A frame of ``channel`` was handed to a socket / transport."""
+        self._stats(self.sent, channel).record_delivered(nbytes)
+
+    def replaced(self, channel: str) -> None:
+        """A queued frame was replaced by a newer one before it was sent (conflation)."""
+        self._stats(self.sent, channel).record_dropped()
+
+    def arrived(self, channel: str, value: Any) -> Optional[EncodedImage]:
+        """A frame was received; returns it if it is still encoded (JPEG/PNG)."""
+        stats = self._stats(self.received, channel)
+        encoded = value if type(value) is EncodedImage else None
+        stats.record_frame(encoded.codec if encoded is not None else "raw")
+        if channel in self.unread:
+            stats.record_dropped()  # the previous frame was never read: superseded
+        self.unread[channel] = getattr(value, "nbytes", 0)
+        if encoded is not None:
+            self.encoded[channel] = encoded
+        return encoded
+
+    def read(self, channel: str) -> None:
+        """The application took the newest frame of ``channel`` (if it was unread)."""
+        nbytes = self.unread.pop(channel, None)
+        if nbytes is not None:
+            self._stats(self.received, channel).record_delivered(nbytes)
+
+    def get_jpeg(self, channel: str) -> Optional[bytes]:
+        """The newest encoded file received on ``channel``, or ``None``."""
+        enc = self.encoded.get(channel)
+        return None if enc is None else enc.tobytes()
+
+    def snapshot(self) -> Dict[str, Any]:
+        """``{"sent": {channel: stats}, "received": {channel: stats}}``."""
+        return {
+            "sent": {ch: s.snapshot() for ch, s in list(self.sent.items())},
+            "received": {ch: s.snapshot() for ch, s in list(self.received.items())},
+        }

@@ -40,13 +40,6 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 DEFAULT_SUBSCRIPTION_SIZE = 10_000
 
 
-def _stats(table: Dict[str, images.ImageStats], channel: str) -> images.ImageStats:
-    stats = table.get(channel)
-    if stats is None:
-        stats = table[channel] = images.ImageStats()
-    return stats
-
-
 class Endpoint:
     """Base of :class:`~socketengine.aio.Host` and :class:`~socketengine.aio.Client`."""
 
@@ -103,10 +96,7 @@ class Endpoint:
         self._tasks: Set[asyncio.Task[Any]] = set()
         # The latest value per channel from any peer (per peer: conn.values).
         self._latest: Dict[str, Any] = {}
-        self._images_out: Dict[str, images.ImageStats] = {}
-        self._images_in: Dict[str, images.ImageStats] = {}
-        self._encoded: Dict[str, images.EncodedImage] = {}  # newest JPEG/PNG per channel
-        self._unread: Dict[str, int] = {}  # image channels whose newest frame is unread
+        self._images = images.ImageLedger()
         self._heartbeat_timer: Optional[asyncio.TimerHandle] = None
 
     @property
@@ -271,35 +261,27 @@ class Endpoint:
             loop = asyncio.get_running_loop()
             value = await loop.run_in_executor(None, images.prepare, img, name, level)
         parts, nbytes = frames.value_frame(frames.DATA, channel, value, frames.FLAG_IMAGE)
-        _stats(self._images_out, channel).record_frame(name)
+        self._images.written(channel, name)
         return parts, nbytes
 
     def _image_sent(self, channel: str, nbytes: int) -> None:
         """An image frame of ``channel`` was handed to a transport."""
-        _stats(self._images_out, channel).record_delivered(nbytes)
+        self._images.transmitted(channel, nbytes)
 
     def _image_dropped(self, channel: str) -> None:
         """A parked image frame was replaced by a newer one (conflation)."""
-        _stats(self._images_out, channel).record_dropped()
+        self._images.replaced(channel)
 
     def _image_arrived(self, conn: Connection, channel: str, value: Any) -> None:
         """An image frame was received."""
-        stats = _stats(self._images_in, channel)
-        encoded = type(value) is images.EncodedImage
-        stats.record_frame(value.codec if encoded else "raw")
-        if channel in self._unread:
-            stats.record_dropped()  # the previous frame was never read: superseded
-        self._unread[channel] = getattr(value, "nbytes", 0)
-        if encoded:
-            self._encoded[channel] = value
-            conn._encoded[channel] = value
+        encoded = self._images.arrived(channel, value)
+        if encoded is not None:
+            conn._encoded[channel] = encoded
 
     def _read(self, table: Dict[str, Any], channel: str, default: Any) -> Any:
         """``table[channel]`` for the user: an encoded image is decoded here (once)."""
         value = table.get(channel, default)
-        nbytes = self._unread.pop(channel, None)
-        if nbytes is not None:
-            _stats(self._images_in, channel).record_delivered(nbytes)
+        self._images.read(channel)
         if type(value) is images.EncodedImage:
             decoded = value.decode()
             if table.get(channel) is value:
@@ -313,8 +295,7 @@ class Endpoint:
         For saving or forwarding frames without decoding them (only frames sent with
         ``codec="jpeg"`` or ``"png"``; raw frames have no file).
         """
-        enc = self._encoded.get(channel)
-        return None if enc is None else enc.tobytes()
+        return self._images.get_jpeg(channel)
 
     def stats(self) -> Dict[str, Any]:
         """Counters: per image channel, what was sent and received.
@@ -326,12 +307,7 @@ class Endpoint:
         ``pending``, ``bytes``, ``fps`` and ``codec``.  On a host the sent counts add up
         over clients.
         """
-        return {
-            "images": {
-                "sent": {ch: s.snapshot() for ch, s in list(self._images_out.items())},
-                "received": {ch: s.snapshot() for ch, s in list(self._images_in.items())},
-            }
-        }
+        return {"images": self._images.snapshot()}
 
     # -- heartbeats -----------------------------------------------------------------------
 
@@ -409,9 +385,8 @@ class Endpoint:
         hooks = self._any
         if waiters is None and subs is None and handlers is None and not hooks:
             return
-        if channel in self._unread:
-            # An image handed to the application here counts as delivered.
-            _stats(self._images_in, channel).record_delivered(self._unread.pop(channel))
+        if channel in self._images.unread:
+            self._images.read(channel)  # an image handed to the application is delivered
         user = value
         lazy_at = -1
         if type(value) is images.EncodedImage:

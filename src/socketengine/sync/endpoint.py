@@ -77,10 +77,7 @@ class Endpoint:
         self._latest: Dict[str, Any] = {}
         self.image_codec = images._check_codec(image_codec)
         self.image_quality = images._check_quality(image_quality)
-        self._images_out: Dict[str, images.ImageStats] = {}
-        self._images_in: Dict[str, images.ImageStats] = {}
-        self._encoded: Dict[str, images.EncodedImage] = {}  # newest encoded file per channel
-        self._unread: Dict[str, int] = {}  # image channels whose newest frame is unread
+        self._images = images.ImageLedger()
         self._state_lock = threading.Lock()
         self.opened = False
         self.stopped = False
@@ -145,36 +142,28 @@ class Endpoint:
         codec = images.validate(img, self.image_codec if codec is None else codec)
         value = images.prepare(img, codec, self.image_quality if quality is None else quality)
         parts, nbytes = frames.value_frame(frames.DATA, channel, value, frames.FLAG_IMAGE)
-        _stats(self._images_out, channel).record_frame(codec)
+        self._images.written(channel, codec)
         return parts, nbytes
 
     def _image_sent(self, channel: str, nbytes: int) -> None:
         """A frame of an image channel went to a socket (any thread)."""
-        _stats(self._images_out, channel).record_delivered(nbytes)
+        self._images.transmitted(channel, nbytes)
 
     def _image_dropped(self, channel: str) -> None:
         """A queued frame was replaced by a newer one before it was sent (conflation)."""
-        _stats(self._images_out, channel).record_dropped()
+        self._images.replaced(channel)
 
     def _image_arrived(self, conn: Connection, channel: str, value: Any) -> None:
         """An image frame was received (loop thread)."""
-        stats = _stats(self._images_in, channel)
-        encoded = type(value) is images.EncodedImage
-        stats.record_frame(value.codec if encoded else "raw")
-        if channel in self._unread:
-            stats.record_dropped()  # the previous frame was never read: superseded
-        self._unread[channel] = value.nbytes
-        if encoded:
-            self._encoded[channel] = value
-            conn._encoded[channel] = value
+        encoded = self._images.arrived(channel, value)
+        if encoded is not None:
+            conn._encoded[channel] = encoded
 
     def _read(self, table: Dict[str, Any], channel: str, default: Any) -> Any:
         """``table[channel]`` for the user: an encoded image is decoded (and cached)."""
         value = table.get(channel, default)
-        if channel in self._unread:
-            nbytes = self._unread.pop(channel, None)
-            if nbytes is not None:
-                _stats(self._images_in, channel).record_delivered(nbytes)
+        if channel in self._images.unread:
+            self._images.read(channel)
         if type(value) is images.EncodedImage:
             decoded = value.decode()
             if table.get(channel) is value:
@@ -188,8 +177,7 @@ class Endpoint:
         For saving or forwarding frames without decoding them (only frames that were
         sent with ``codec="jpeg"`` or ``"png"``; raw frames have no file).
         """
-        enc = self._encoded.get(channel)
-        return None if enc is None else enc.tobytes()
+        return self._images.get_jpeg(channel)
 
     def stats(self) -> Dict[str, Any]:
         """Counters: per image channel, what was sent and received.
@@ -200,12 +188,7 @@ class Endpoint:
         ``pending``, ``bytes``, ``fps`` (over the last 2 s) and ``codec``.  On a host the
         sent counts add up over clients.
         """
-        return {
-            "images": {
-                "sent": {ch: s.snapshot() for ch, s in list(self._images_out.items())},
-                "received": {ch: s.snapshot() for ch, s in list(self._images_in.items())},
-            }
-        }
+        return {"images": self._images.snapshot()}
 
     # -- delivery: callbacks, wait, subscribe -------------------------------------------
 
@@ -321,11 +304,10 @@ class Endpoint:
 
     def _deliver(self, conn: Connection, channel: str, value: Any) -> None:
         """Hand a received value to waiters, subscriptions and callbacks (loop thread)."""
-        if channel in self._unread and (
+        if channel in self._images.unread and (
             channel in self._waiters or channel in self._subs or channel in self._callbacks
         ):
-            # An image handed to the application here counts as delivered.
-            _stats(self._images_in, channel).record_delivered(self._unread.pop(channel))
+            self._images.read(channel)  # an image handed to the application is delivered
         if channel in self._waiters:
             with self._watch_lock:
                 waiting = self._waiters.pop(channel, ())
@@ -463,13 +445,6 @@ class Endpoint:
             else:
                 logger.debug("%r: ignoring frame type 0x%02x", self, t)
         conn.messages_in += count
-
-
-def _stats(table: Dict[str, images.ImageStats], channel: str) -> images.ImageStats:
-    stats = table.get(channel)
-    if stats is None:
-        stats = table.setdefault(channel, images.ImageStats())
-    return stats
 
 
 def _user_value(value: Any) -> Any:
