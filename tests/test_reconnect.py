@@ -112,3 +112,14 @@ def test_a_killed_host_process_comes_back_and_data_flows_again() -> None:
         c.close()
         host.kill()
         host.wait(10)
+
+
+def test_flush_while_disconnected_times_out() -> None:
+    h = Host(port=0)
+    c = Client(port=h.port)
+    h.close()
+    wait_for(lambda: not c.connected)
+    c.write("kept", 1)
+    with pytest.raises(WriteTimeout, match="reconnection"):
+        c.flush(0.2)
+    c.close()

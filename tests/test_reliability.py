@@ -207,3 +207,20 @@ def test_heartbeat_detects_a_frozen_client_without_traffic() -> None:
         finally:
             p.kill()
             p.wait(10)
+
+
+def test_flush_waits_until_the_kernel_has_everything_or_times_out() -> None:
+    with Host(port=0) as h, Client(port=h.port, max_buffer=1 << 24) as c:
+        big = b"q" * 4_000_000
+        c.write("big", big)
+        c.flush(5)
+        assert c._conn._queued == 0
+        wait_for(lambda: h.get("big") == big)
+        conn = wait_for(lambda: h.clients() and h.clients()[0])
+        conn.pause_reading()  # the host stops reading: the kernel buffers fill up
+        with pytest.raises(WriteTimeout, match="did not take"):
+            for _ in range(3):  # 12 MB: more than the kernel buffers, less than max_buffer
+                c.write("big", big)
+            c.flush(0.3)
+        conn.resume_reading()
+        c.flush(10)  # everything goes once the host reads again

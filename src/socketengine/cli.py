@@ -658,8 +658,9 @@ def cmd_send(args: argparse.Namespace) -> int:
             client.write_image(value, args.channel)
         else:
             client.write(args.channel, value)
+        client.flush(args.timeout)  # WriteTimeout (exit 1) if the host did not take it
     finally:
-        client.close()  # flushes what was written (up to --timeout), then says goodbye
+        client.close()  # then says goodbye
     return EXIT_OK
 
 

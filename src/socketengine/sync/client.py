@@ -295,6 +295,27 @@ class Client(ClientSeedNames, Endpoint):
         parts, nbytes = self._image_frame(img, channel, codec, quality)
         self._send(parts, nbytes, image=channel)
 
+    def flush(self, timeout: Optional[float] = None) -> None:
+        """Block until everything written so far is handed to the operating system.
+
+        Includes writes kept while reconnecting (they must reach a new connection
+        first).  Raises :class:`WriteTimeout` after ``timeout`` seconds (default: the
+        client's ``timeout``), :class:`ConnectionClosed` if the connection is lost and
+        ``reconnect=False``.
+        """
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        with self._link_lock:
+            while self._outbox:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.stopped:
+                    raise WriteTimeout(
+                        f"not connected to {self.addr}:{self._port}: {self._outbox_bytes} "
+                        f"bytes still wait for the reconnection after {limit} s"
+                    )
+                self._link_lock.wait(left)
+        self._live_conn().flush(max(0.0, deadline - time.monotonic()))
+
     def request(self, channel: str, data: Any, timeout: Optional[float] = 5.0) -> Any:
         """Send ``data`` as a request on ``channel``; block for and return the reply.
 

@@ -434,6 +434,32 @@ class Connection(Pausable):
         self.error = WriteTimeout(f"{self._peer()} was disconnected as a slow consumer")
         self._finish()
 
+    def flush(self, timeout: Optional[float] = None) -> None:
+        """Block until everything written so far is handed to the operating system.
+
+        Raises :class:`WriteTimeout` after ``timeout`` seconds (default: the endpoint's
+        ``timeout``) and :class:`ConnectionClosed` if the connection closes first.
+        """
+        limit = self._endpoint.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        with self._lock:
+            if self._queue and not self._want_write and not self._flushing:
+                if not self._flush_scheduled and not self._tls and self._is_ready:
+                    self._flush_locked()
+            while self._queue:
+                if self._closed:
+                    raise ConnectionClosed(f"connection to {self._peer()} closed before flushing")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise WriteTimeout(
+                        f"{self._peer()} did not take {self._queued} queued bytes within {limit} s"
+                    )
+                self._room_waiters += 1
+                try:
+                    self._drained.wait(min(left, 0.05))
+                finally:
+                    self._room_waiters -= 1
+
     def _wait_room(self, nbytes: int) -> None:
         deadline = time.monotonic() + self._endpoint.timeout
         while self._queued and self._queued + nbytes > self._endpoint.max_buffer:
