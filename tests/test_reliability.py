@@ -210,7 +210,7 @@ def test_heartbeat_detects_a_frozen_client_without_traffic() -> None:
 
 
 def test_flush_waits_until_the_kernel_has_everything_or_times_out() -> None:
-    with Host(port=0) as h, Client(port=h.port, max_buffer=1 << 24) as c:
+    with Host(port=0) as h, Client(port=h.port, max_buffer=1 << 27) as c:
         big = b"q" * 4_000_000
         c.write("big", big)
         c.flush(5)
@@ -218,8 +218,9 @@ def test_flush_waits_until_the_kernel_has_everything_or_times_out() -> None:
         wait_for(lambda: h.get("big") == big)
         conn = wait_for(lambda: h.clients() and h.clients()[0])
         conn.pause_reading()  # the host stops reading: the kernel buffers fill up
+        wait_for(lambda: conn.reading_paused)
         with pytest.raises(WriteTimeout, match="did not take"):
-            for _ in range(3):  # 12 MB: more than the kernel buffers, less than max_buffer
+            for _ in range(10):  # 40 MB: more than loopback's buffers, less than max_buffer
                 c.write("big", big)
             c.flush(0.3)
         conn.resume_reading()
