@@ -501,3 +501,17 @@ def test_resume_still_enforces_the_limit() -> None:
     assert [f.type for f in dec.feed(stream)] == [frames.HELLO]
     with pytest.raises(MessageTooBig):
         dec.resume()
+
+
+def test_channel_names_of_equal_length_are_never_confused() -> None:
+    names = ["ab", "cd", "ab", "ab", "cd", "é", "xy", "", "ab"]
+    stream = frames.PREAMBLE + b"".join(
+        b"".join(frames.encode_value_frame(frames.DATA, name, i)) for i, name in enumerate(names)
+    )
+    for step in (1, 7, len(stream)):  # also across reads, where the last name is carried over
+        dec = frames.FrameDecoder()
+        got = []
+        for i in range(0, len(stream), step):
+            got += dec.feed(stream[i : i + step])
+        assert [f.channel for f in got] == names
+        assert [f.value() for f in got] == list(range(len(names)))

@@ -217,6 +217,7 @@ class FrameDecoder:
         self.frames: List[Frame] = []
         #: Set when a handshake, PING or PONG frame was decoded (cleared by the reader).
         self.control = False
+        self._last_channel: Tuple[int, bytes, str] = (-1, b"", "")
         self.bytes_received = 0
         self.pause_after_handshake = False
         self._paused = False  # parsing stopped after a handshake frame, until resume()
@@ -311,6 +312,7 @@ class FrameDecoder:
         unpack = HEADER.unpack_from
         append = self.frames.append
         new_frame = tuple.__new__
+        last_len, last_raw, last_name = self._last_channel
         max_message = self.max_message
         while w - r >= HEADER_SIZE:
             ftype, flags, clen, fid, mlen, dlen = unpack(buf, r)
@@ -343,11 +345,17 @@ class FrameDecoder:
                     return
                 break
             p = r + HEADER_SIZE
-            try:
-                # Decoding afresh is cheaper than any cache lookup for short names.
-                channel = buf[p : p + clen].decode("utf-8") if clen else ""
-            except UnicodeDecodeError:
-                raise ProtocolError("channel name is not valid UTF-8") from None
+            if clen == last_len and buf.startswith(last_raw, p):
+                channel = last_name  # the same channel as the frame before: no allocation
+            elif clen:
+                raw = buf[p : p + clen]
+                try:
+                    channel = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ProtocolError("channel name is not valid UTF-8") from None
+                last_len, last_raw, last_name = clen, bytes(raw), channel
+            else:
+                channel = ""
             p += clen
             meta = buf[p : p + mlen]  # a copy: the stream buffer is reused
             p += mlen
@@ -361,6 +369,7 @@ class FrameDecoder:
                 if ftype < DATA and self.pause_after_handshake:
                     self._paused = True
                     break
+        self._last_channel = (last_len, last_raw, last_name)
         if r == w:
             r = w = 0
             self._w = 0
