@@ -12,8 +12,6 @@ pings that arrive, never by sleeping.  TLS certificates are made at run time.
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import logging
 import ssl
 import threading
@@ -23,6 +21,7 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import pytest
+from certs import self_signed
 from test_aio import _feed, raw_client, run_async, until, within
 
 import socketengine
@@ -62,50 +61,10 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 # -- TLS ------------------------------------------------------------------------------------
 
 
-def _self_signed(directory: Path, name: str) -> Tuple[Path, Path]:
-    """A throw-away self-signed certificate for localhost / 127.0.0.1 (from test_tls)."""
-    x509 = pytest.importorskip("cryptography.x509")
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path = directory / f"{name}.pem"
-    key_path = directory / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Tuple[Path, Path]]:
     d = tmp_path_factory.mktemp("aio-certs")
-    return {"good": _self_signed(d, "good"), "other": _self_signed(d, "other")}
+    return {"good": self_signed(d, "good"), "other": self_signed(d, "other")}
 
 
 def _server_ctx(certs: Dict[str, Tuple[Path, Path]]) -> ssl.SSLContext:

@@ -8,11 +8,9 @@ screenshot there (the README shows it).
 
 from __future__ import annotations
 
-import datetime
 import http.client
 import inspect
 import io
-import ipaddress
 import json
 import os
 import shutil
@@ -26,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
+from certs import self_signed
 
 from socketengine import Client, Host
 from socketengine.monitor import (
@@ -426,41 +425,12 @@ def test_bind_failure_names_the_address() -> None:
 
 
 def test_https_with_a_tls_context(tmp_path: Path) -> None:
-    x509 = pytest.importorskip("cryptography.x509")
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    (tmp_path / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "c.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    cert, key = self_signed(tmp_path, "c")
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(tmp_path / "c.pem", tmp_path / "c.key")
+    server.load_cert_chain(cert, key)
     with Host(port=0) as host, Monitor(host, port=0, tls=server) as monitor:
         assert monitor.url.startswith("https://")
-        ctx = ssl.create_default_context(cafile=str(tmp_path / "c.pem"))
+        ctx = ssl.create_default_context(cafile=str(cert))
         with urllib.request.urlopen(monitor.url + "api/state", context=ctx, timeout=10) as r:
             assert json.loads(r.read())["clients"] == []
 
