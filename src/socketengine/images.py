@@ -822,6 +822,23 @@ class ImageStats:
         return f"ImageStats({self.snapshot()})"
 
 
+def read_latest(channel: str, default: Any, *tables: Dict[str, Any]) -> Any:
+    """``tables[0][channel]`` for the application: an encoded image is decoded, once.
+
+    The decoded array replaces the encoded value in every one of ``tables`` that still
+    holds that very value (a newer frame that arrived meanwhile is left alone), so the
+    next read of any of them costs nothing.
+    """
+    value = tables[0].get(channel, default)
+    if type(value) is not EncodedImage:
+        return value
+    decoded = value.decode()
+    for table in tables:
+        if table.get(channel) is value:
+            table[channel] = decoded
+    return decoded
+
+
 class ImageLedger:
     """Per-endpoint image bookkeeping, shared by the threaded and asyncio layers.
 

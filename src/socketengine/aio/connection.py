@@ -68,7 +68,7 @@ from ..errors import (
     WriteTimeout,
 )
 from ..frames import Frame
-from ..images import EncodedImage
+from ..images import EncodedImage, read_latest
 from ..protocol import Protocol
 from .decoding import LazyImage
 
@@ -373,14 +373,7 @@ class Connection(asyncio.BufferedProtocol):
         An image sent compressed is returned decoded (a numpy array; decoded here,
         once).
         """
-        value = self.values.get(channel, default)
-        if type(value) is EncodedImage:
-            decoded = value.decode()
-            for table in (self.values, self._endpoint._latest):  # decoded once for both
-                if table.get(channel) is value:
-                    table[channel] = decoded
-            return decoded
-        return value
+        return read_latest(channel, default, self.values, self._endpoint._latest)
 
     def get_jpeg(self, channel: str = "image") -> Optional[bytes]:
         """The newest JPEG/PNG file this peer sent on ``channel``, still encoded."""

@@ -280,14 +280,8 @@ class Endpoint:
 
     def _read(self, table: Dict[str, Any], channel: str, default: Any) -> Any:
         """``table[channel]`` for the user: an encoded image is decoded here (once)."""
-        value = table.get(channel, default)
         self._images.read(channel)
-        if type(value) is images.EncodedImage:
-            decoded = value.decode()
-            if table.get(channel) is value:
-                table[channel] = decoded
-            return decoded
-        return value
+        return images.read_latest(channel, default, table)
 
     def get_jpeg(self, channel: str = "image") -> Optional[bytes]:
         """The newest JPEG/PNG file received on ``channel``, still encoded, or ``None``.

@@ -30,7 +30,7 @@ from ..errors import (
     SocketEngineError,
     WriteTimeout,
 )
-from ..images import EncodedImage
+from ..images import EncodedImage, read_latest
 from ..protocol import Protocol
 from .delivery import Pausable, Waiter
 
@@ -183,13 +183,8 @@ class Connection(Pausable):
 
         An image sent compressed is returned decoded (a numpy array).
         """
-        value = self.values.get(channel, default)
-        if type(value) is EncodedImage:
-            decoded = value.decode()
-            if self.values.get(channel) is value:
-                self.values[channel] = decoded
-            return decoded
-        return value
+        # Decoded once for this connection and the endpoint's latest value alike.
+        return read_latest(channel, default, self.values, self._endpoint._latest)
 
     def get_jpeg(self, channel: str = "image") -> Optional[bytes]:
         """The newest JPEG/PNG file this peer sent on ``channel``, still encoded."""

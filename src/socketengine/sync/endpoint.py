@@ -161,15 +161,9 @@ class Endpoint:
 
     def _read(self, table: Dict[str, Any], channel: str, default: Any) -> Any:
         """``table[channel]`` for the user: an encoded image is decoded (and cached)."""
-        value = table.get(channel, default)
         if channel in self._images.unread:
             self._images.read(channel)
-        if type(value) is images.EncodedImage:
-            decoded = value.decode()
-            if table.get(channel) is value:
-                table[channel] = decoded
-            return decoded
-        return value
+        return images.read_latest(channel, default, table)
 
     def get_jpeg(self, channel: str = "image") -> Optional[bytes]:
         """The newest JPEG/PNG file received on ``channel``, still encoded, or ``None``.
