@@ -873,6 +873,14 @@ class ImageLedger:
         """A queued frame was replaced by a newer one before it was sent (conflation)."""
         self._stats(self.sent, channel).record_dropped()
 
+    def queue_hook(self, channel: str, nbytes: int) -> None:
+        """The send queues' image hook: a frame handed over (``nbytes``) or replaced
+        before that (``-1``)."""
+        if nbytes < 0:
+            self.replaced(channel)
+        else:
+            self.transmitted(channel, nbytes)
+
     def arrived(self, channel: str, value: Any) -> Optional[EncodedImage]:
         """A frame was received; returns it if it is still encoded (JPEG/PNG)."""
         stats = self._stats(self.received, channel)

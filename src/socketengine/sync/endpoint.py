@@ -14,7 +14,7 @@ from .. import frames, images
 from ..codec import plain_ext_hook
 from ..errors import EndpointClosed, SocketEngineError
 from ..frames import DATA, FLAG_IMAGE, Frame
-from ..protocol import token_bytes
+from ..limits import DEFAULT_SUBSCRIPTION_SIZE, MIN_READ_SIZE, check_settings, check_timeout
 from .connection import Connection
 from .delivery import Dispatcher, Subscription, Waiter
 from .loop import Loop
@@ -22,9 +22,6 @@ from .loop import Loop
 logger = logging.getLogger("socketengine")
 
 _E = TypeVar("_E", bound="Endpoint")
-
-#: Read size floor, bytes: the seed's 256-byte reads would cripple throughput.
-MIN_READ_SIZE = 64 * 1024
 
 
 class Endpoint:
@@ -42,28 +39,32 @@ class Endpoint:
         token: Union[str, bytes, None],
         max_message: int,
         max_buffer: int,
-        heartbeat: Optional[float] = 5.0,
-        tls: Optional[ssl.SSLContext] = None,
-        image_codec: str = "raw",
-        image_quality: int = 90,
+        handshake_timeout: float,
+        heartbeat: Optional[float],
+        tls: Optional[ssl.SSLContext],
+        image_codec: str,
+        image_quality: int,
     ) -> None:
-        if not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ValueError(f"port must be an int from 0 to 65535, not {port!r}")
-        if max_message < 1024:
-            raise ValueError("max_message must be at least 1024 bytes")
+        settings = check_settings(
+            port=port,
+            timeout=timeout,
+            max_message=max_message,
+            max_buffer=max_buffer,
+            handshake_timeout=handshake_timeout,
+            heartbeat=heartbeat,
+            tls=tls,
+            token=token,
+        )
         self.addr = addr
-        self._port = port
-        self.timeout = float(timeout)
+        self._port = settings.port
+        self.timeout = settings.timeout
         self.size = int(size)
-        self.max_message = int(max_message)
-        self.max_buffer = int(max_buffer)
-        if heartbeat is not None and heartbeat <= 0:
-            raise ValueError("heartbeat must be a positive number of seconds, or None")
-        self.heartbeat = heartbeat
-        if tls is not None and not isinstance(tls, ssl.SSLContext):
-            raise TypeError(f"tls must be an ssl.SSLContext, not {type(tls).__qualname__}")
-        self.tls = tls
-        self._token = token_bytes(token)
+        self.max_message = settings.max_message
+        self.max_buffer = settings.max_buffer
+        self.handshake_timeout = settings.handshake_timeout
+        self.heartbeat = settings.heartbeat
+        self.tls = settings.tls
+        self._token = settings.token
         self._loop = Loop(f"socketengine-{self._kind}")
         self._dispatcher = Dispatcher(f"socketengine-{self._kind}")
         # Registrations are replaced, never mutated, so the loop thread reads them
@@ -81,7 +82,6 @@ class Endpoint:
         self._state_lock = threading.Lock()
         self.opened = False
         self.stopped = False
-        self.started = False
 
     # -- seed-compatible lifecycle --------------------------------------------------------
 
@@ -93,9 +93,7 @@ class Endpoint:
     def set_timeout(self, time: float) -> None:
         """Set the timeout in seconds for blocking calls (connect attempts, full send
         buffers, the linger of ``close()``)."""
-        if time is None or time < 0:
-            raise ValueError("timeout must be a number of seconds >= 0")
-        self.timeout = float(time)
+        self.timeout = check_timeout(time)
 
     def start(self: _E) -> _E:
         """Open the endpoint if it is not open yet; return it (so calls can chain).
@@ -106,7 +104,6 @@ class Endpoint:
         self._check_not_closed()
         if not self.opened:
             self.open()  # type: ignore[attr-defined]
-        self.started = True
         return self
 
     def __enter__(self: _E) -> _E:
@@ -129,12 +126,6 @@ class Endpoint:
 
     # -- images ---------------------------------------------------------------------------
 
-    @staticmethod
-    def _check_image(img: Any) -> Any:
-        """Validate a raw image: a 2-D (gray) or 3-D (H, W, 1|3|4 channels) numpy array."""
-        images.validate(img, "raw")
-        return img
-
     def _image_frame(
         self, img: Any, channel: str, codec: Optional[str], quality: Optional[int]
     ) -> Tuple[List[Any], int]:
@@ -144,14 +135,6 @@ class Endpoint:
         parts, nbytes = frames.value_frame(frames.DATA, channel, value, frames.FLAG_IMAGE)
         self._images.written(channel, codec)
         return parts, nbytes
-
-    def _image_sent(self, channel: str, nbytes: int) -> None:
-        """A frame of an image channel went to a socket (any thread)."""
-        self._images.transmitted(channel, nbytes)
-
-    def _image_dropped(self, channel: str) -> None:
-        """A queued frame was replaced by a newer one before it was sent (conflation)."""
-        self._images.replaced(channel)
 
     def _image_arrived(self, conn: Connection, channel: str, value: Any) -> None:
         """An image frame was received (loop thread)."""
@@ -273,7 +256,7 @@ class Endpoint:
             raise EndpointClosed(f"{self!r} closed while waiting on {channel!r}")
         return _user_item(waiter.item)
 
-    def subscribe(self, channel: str, maxsize: int = 10_000) -> Subscription:
+    def subscribe(self, channel: str, maxsize: int = DEFAULT_SUBSCRIPTION_SIZE) -> Subscription:
         """Receive **every** message on ``channel``, in order, from now on.
 
         Returns a :class:`Subscription`: iterate it or call ``get(timeout)``; on a host
@@ -383,7 +366,7 @@ class Endpoint:
         def tick() -> None:
             now = time.monotonic()
             for conn in self._connections():
-                conn.heartbeat(interval, now)
+                conn.heartbeat(now)
             self._loop.call_later(interval / 2, tick)
 
         self._loop.call_later(interval / 2, tick)
@@ -431,13 +414,8 @@ class Endpoint:
                 value = frame.value()
                 conn.messages_in += 1
                 self._dispatcher.submit(conn, self._answer, conn, frame.channel, frame.id, value)
-            elif t == frames.REPLY or t == frames.REPLY_ERROR:
-                conn._on_reply(frame)
-            elif t == frames.BYE:
-                conn._on_bye()
-                return
-            else:
-                logger.debug("%r: ignoring frame type 0x%02x", self, t)
+            elif conn._on_control(frame):
+                return  # BYE: the peer sends nothing after it
         conn.messages_in += count
 
 
