@@ -33,7 +33,6 @@ from socketengine import (
     aio,
     images,
 )
-from socketengine.aio.client import backoff
 from socketengine.protocol import Protocol, Role
 
 _BACKENDS = images.available_backends()
@@ -412,17 +411,6 @@ async def test_reconnect_false_makes_a_lost_connection_final() -> None:
         await within(sub.get())
     assert not c.connected and c.reconnects == 0
     await c.close()
-
-
-def test_backoff_is_exponential_capped_and_jittered() -> None:
-    for _ in range(20):
-        delays = backoff(0.02, 5.0)
-        got = [next(delays) for _ in range(12)]
-        nominal = [min(0.02 * 2**i, 5.0) for i in range(12)]
-        for delay, base in zip(got, nominal):
-            assert base * 0.8 <= delay <= base * 1.2
-    samples = {round(next(backoff(1.0, 5.0)), 6) for _ in range(50)}
-    assert len(samples) > 10  # jittered, not a constant
 
 
 # -- max_buffer and slow consumers ----------------------------------------------------------

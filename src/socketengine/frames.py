@@ -2,7 +2,7 @@
 
 Layout (little-endian; docs/protocol.md is the normative description)::
 
-    preamble, once per direction:  b"SENG" | u8 major=1 | u8 minor=0 | u16 reserved=0
+    preamble, once per direction:  b"SENG" | u8 major=1 | u8 minor=1 | u16 reserved=0
     frame:   u8 type | u8 flags | u16 channel_len | u32 id | u32 meta_len | u32 data_len
              | channel (UTF-8) | meta (msgpack) | data (raw array bytes)
 
@@ -21,7 +21,7 @@ import mmap
 import struct
 from typing import Any, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-from . import codec
+from . import codec, limits
 from .errors import HandshakeError, MessageTooBig, ProtocolError
 
 __all__ = [
@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 MAGIC = b"SENG"
-VERSION = (1, 0)
+VERSION = (1, 1)
 PREAMBLE = MAGIC + bytes(VERSION) + b"\x00\x00"
 HEADER = struct.Struct("<BBHIII")
 HEADER_SIZE = HEADER.size  # 16
@@ -64,8 +64,7 @@ FRAME_TYPES = frozenset(
 FLAG_RETAINED = 0x01  # replay of a value the host retains (sent right after the handshake)
 FLAG_IMAGE = 0x02  # an image frame: may be conflated (only the newest one matters)
 
-#: 64 MiB: a 4K (2160x3840) RGB frame is 24.9 MB, RGBA uint16 66 MB would need more.
-DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
+DEFAULT_MAX_MESSAGE = limits.DEFAULT_MAX_MESSAGE
 # Frames whose data section is at least this large are received into a buffer of
 # their own (zero-copy) rather than cut out of the shared stream buffer.
 _OWN_BUFFER = 64 * 1024

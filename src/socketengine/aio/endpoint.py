@@ -24,8 +24,8 @@ from typing import (
 from .. import frames, images
 from ..codec import Buffer
 from ..errors import ConnectionClosed, EndpointClosed
-from ..protocol import token_bytes
-from .connection import Connection, wait_bounded
+from ..limits import DEFAULT_SUBSCRIPTION_SIZE, check_settings
+from .connection import Connection, Job, wait_bounded
 from .decoding import LazyImage, resolve
 from .subscription import Subscription
 
@@ -35,9 +35,6 @@ logger = logging.getLogger("socketengine")
 
 _E = TypeVar("_E", bound="Endpoint")
 _F = TypeVar("_F", bound=Callable[..., Any])
-
-#: Default ``maxsize`` of a subscription (items waiting unread).
-DEFAULT_SUBSCRIPTION_SIZE = 10_000
 
 
 class Endpoint:
@@ -62,29 +59,27 @@ class Endpoint:
         image_codec: str,
         image_quality: int,
     ) -> None:
-        if not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ValueError(f"port must be an int from 0 to 65535, not {port!r}")
-        if max_message < 1024:
-            raise ValueError("max_message must be at least 1024 bytes")
-        if timeout is None or timeout < 0:
-            raise ValueError("timeout must be a number of seconds >= 0")
-        if max_buffer < 1:
-            raise ValueError("max_buffer must be at least 1 byte")
-        if heartbeat is not None and heartbeat <= 0:
-            raise ValueError("heartbeat must be a positive number of seconds, or None")
-        if tls is not None and not isinstance(tls, ssl.SSLContext):
-            raise TypeError(f"tls must be an ssl.SSLContext, not {type(tls).__qualname__}")
+        settings = check_settings(
+            port=port,
+            timeout=timeout,
+            max_message=max_message,
+            max_buffer=max_buffer,
+            handshake_timeout=handshake_timeout,
+            heartbeat=heartbeat,
+            tls=tls,
+            token=token,
+        )
         self.addr = addr
-        self._port = port
-        self.timeout = float(timeout)
-        self.max_message = int(max_message)
-        self.handshake_timeout = float(handshake_timeout)
-        self.max_buffer = int(max_buffer)
-        self.heartbeat = None if heartbeat is None else float(heartbeat)
-        self.tls = tls
+        self._port = settings.port
+        self.timeout = settings.timeout
+        self.max_message = settings.max_message
+        self.handshake_timeout = settings.handshake_timeout
+        self.max_buffer = settings.max_buffer
+        self.heartbeat = settings.heartbeat
+        self.tls = settings.tls
         self.image_codec = images._check_codec(image_codec)
         self.image_quality = images._check_quality(image_quality)
-        self._token = token_bytes(token)
+        self._token = settings.token
         self.opened = False
         self.stopped = False
         self._start_lock: Optional[asyncio.Lock] = None
@@ -175,9 +170,12 @@ class Endpoint:
             return register
         return register(fn)
 
-    def off(self, channel: str, fn: Callable[..., Any]) -> None:
-        """Unregister ``fn`` from ``channel`` (no error if it was not registered)."""
-        handlers = tuple(h for h in self._handlers.get(channel, ()) if h is not fn)
+    def off(self, channel: str, fn: Optional[Callable[..., Any]] = None) -> None:
+        """Remove ``fn`` (or, without ``fn``, every callback) registered with
+        :meth:`on` for ``channel``; no error if it was not registered."""
+        handlers = tuple(
+            h for h in self._handlers.get(channel, ()) if fn is not None and h is not fn
+        )
         if handlers:
             self._handlers[channel] = handlers
         else:
@@ -264,14 +262,6 @@ class Endpoint:
         self._images.written(channel, name)
         return parts, nbytes
 
-    def _image_sent(self, channel: str, nbytes: int) -> None:
-        """An image frame of ``channel`` was handed to a transport."""
-        self._images.transmitted(channel, nbytes)
-
-    def _image_dropped(self, channel: str) -> None:
-        """A parked image frame was replaced by a newer one (conflation)."""
-        self._images.replaced(channel)
-
     def _image_arrived(self, conn: Connection, channel: str, value: Any) -> None:
         """An image frame was received."""
         encoded = self._images.arrived(channel, value)
@@ -319,7 +309,7 @@ class Endpoint:
         def tick() -> None:
             now = loop.time()
             for conn in self._connections():
-                conn._heartbeat(interval, now)
+                conn._heartbeat(now)
             self._heartbeat_timer = loop.call_later(interval / 2, tick)
 
         self._heartbeat_timer = loop.call_later(interval / 2, tick)
@@ -398,10 +388,10 @@ class Endpoint:
                     conn._block(sub)
         if handlers is not None:
             args: Tuple[Any, ...] = (user, conn) if self._with_conn else (user,)
-            conn._chain.call((handlers, args, None, f"channel {channel!r}", lazy_at))
+            conn._chain.call(Job(handlers, args, None, f"channel {channel!r}", lazy_at))
         if hooks:
             args = (channel, user, conn) if self._with_conn else (channel, user)
-            conn._chain.call((hooks, args, None, "on_message", 1 if lazy_at == 0 else -1))
+            conn._chain.call(Job(hooks, args, None, "on_message", 1 if lazy_at == 0 else -1))
 
     def _answer(self, conn: Connection, channel: str, fid: int, value: Any) -> None:
         """A REQUEST arrived: run the channel's handlers; the first one's result replies."""
@@ -414,7 +404,7 @@ class Endpoint:
             conn._send_reply(channel, fid, result, exc)
 
         args = (value, conn) if self._with_conn else (value,)
-        conn._chain.call((handlers, args, reply, f"requests on channel {channel!r}", -1))
+        conn._chain.call(Job(handlers, args, reply, f"requests on channel {channel!r}"))
 
     def _lost_error(self, conn: Connection) -> ConnectionClosed:
         return ConnectionClosed(

@@ -7,6 +7,7 @@ from collections import deque
 from typing import AsyncIterator, Callable, Deque, List, Optional, TypeVar
 
 from ..errors import EndpointClosed
+from ..limits import check_maxsize
 from .connection import Gate
 from .decoding import pending, resolve_now
 
@@ -37,8 +38,7 @@ class Subscription(Gate, AsyncIterator[_T]):
     def __init__(
         self, channel: str, maxsize: int, on_close: Callable[[Subscription[_T]], None]
     ) -> None:
-        if not isinstance(maxsize, int) or maxsize < 1:
-            raise ValueError(f"maxsize must be an int >= 1, not {maxsize!r}")
+        check_maxsize(maxsize)
         super().__init__()
         self.channel = channel
         self.maxsize = maxsize
@@ -104,8 +104,8 @@ class Subscription(Gate, AsyncIterator[_T]):
         return self._take()
 
     def close(self) -> None:
-        """Stop receiving; drop unread items; end iteration.  Idempotent."""
-        self._items.clear()
+        """Stop receiving; iteration ends once the items already queued are read (as
+        in the threaded layer).  Idempotent."""
         self._error = None
         self._end(None)
 

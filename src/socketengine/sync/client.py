@@ -223,6 +223,7 @@ class Client(ClientSeedNames, Endpoint):
             name=self.name,
             token=self._token,
             max_message=self.max_message,
+            heartbeat=self.heartbeat,
             read_size=self.read_size,
         )
         return Connection(self, sock, protocol, address)

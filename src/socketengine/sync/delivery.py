@@ -18,6 +18,8 @@ import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
 
+from ..limits import CALLBACK_BACKLOG, check_maxsize
+
 logger = logging.getLogger("socketengine")
 
 Task = Tuple[Callable[..., Any], Tuple[Any, ...]]
@@ -42,7 +44,7 @@ class Dispatcher:
         being read; reading resumes when half of them have run.
     """
 
-    def __init__(self, name: str, workers: int = 4, pause_at: int = 10_000) -> None:
+    def __init__(self, name: str, workers: int = 4, pause_at: int = CALLBACK_BACKLOG) -> None:
         self.name = name
         self.max_workers = workers
         self.pause_at = pause_at
@@ -80,10 +82,6 @@ class Dispatcher:
                     )
                     self._threads.append(t)
                     t.start()
-
-    def pending(self, key: Any) -> int:
-        queue = self._queues.get(key)
-        return len(queue) if queue else 0
 
     def _work(self) -> None:
         cond = self._cond
@@ -173,8 +171,7 @@ class Subscription:
         on_close: Callable[[Subscription], None],
         convert: Optional[Callable[[Any], Any]] = None,
     ):
-        if maxsize < 1:
-            raise ValueError("maxsize must be at least 1")
+        check_maxsize(maxsize)
         self.channel = channel
         self.maxsize = maxsize
         self._items: Deque[Any] = deque()

@@ -366,6 +366,7 @@ class Host(HostSeedNames, Endpoint):
                 Role.HOST,
                 token=self._token,
                 max_message=self.max_message,
+                heartbeat=self.heartbeat,
                 read_size=self.read_size,
                 session=next(self._sessions),
             )
