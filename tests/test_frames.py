@@ -122,8 +122,15 @@ specs = st.tuples(
 # -- encoding ----------------------------------------------------------------------------
 
 
+def test_preamble_is_version_1_1_and_accepts_other_minors() -> None:
+    assert PREAMBLE == b"SENG\x01\x01\x00\x00"
+    frames.check_preamble(b"SENG\x01\x00\x00\x00")  # a 1.0 peer
+    frames.check_preamble(b"SENG\x01\x09\x00\x00")  # a later 1.x peer
+    with pytest.raises(HandshakeError, match="upgrade"):
+        frames.check_preamble(b"SENG\x02\x00\x00\x00")
+
+
 def test_preamble_and_header_layout() -> None:
-    assert PREAMBLE == b"SENG\x01\x00\x00\x00"
     parts = frames.encode_value_frame(frames.DATA, "cam", [1, 2], flags=3, fid=7)
     raw = wire(parts)
     ftype, flags, clen, fid, mlen, dlen = frames.HEADER.unpack_from(raw)

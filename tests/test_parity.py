@@ -15,11 +15,10 @@ import threading
 from typing import Any, Awaitable, Callable, Dict, Iterator, List, Optional, TypeVar
 
 import pytest
+from conftest import wait_for
 
 from socketengine import Client, Host, aio, frames
 from socketengine.protocol import Protocol, Role
-
-from conftest import wait_for
 
 T = TypeVar("T")
 LAYERS = ["sync", "aio"]

@@ -48,7 +48,6 @@ from typing import (
     Awaitable,
     Callable,
     Deque,
-    Dict,
     List,
     NamedTuple,
     Optional,
@@ -69,8 +68,8 @@ from ..errors import (
     WriteTimeout,
 )
 from ..frames import Frame
-from ..images import EncodedImage, read_latest
 from ..limits import CALLBACK_BACKLOG, MIN_READ_SIZE
+from ..peer import PeerView
 from ..protocol import Protocol
 from .decoding import LazyImage
 
@@ -263,7 +262,7 @@ class CallbackChain(Gate):
         )
 
 
-class Connection(asyncio.BufferedProtocol):
+class Connection(PeerView, asyncio.BufferedProtocol):
     """A connection to one peer (asyncio).
 
     On an :class:`~socketengine.aio.Host` these are the objects ``clients()`` returns
@@ -289,7 +288,7 @@ class Connection(asyncio.BufferedProtocol):
         self.address: Tuple[Any, ...] = ("", 0)
         # Created when the TCP connection is accepted/connected, before any TLS
         # handshake: the handshake deadline counts from here.
-        self.engine = ConnectionEngine(
+        engine = ConnectionEngine(
             protocol,
             peer=describe_peer(None, self.address),
             max_buffer=endpoint.max_buffer,
@@ -298,14 +297,7 @@ class Connection(asyncio.BufferedProtocol):
             now=self._loop.time(),
             on_image=endpoint._images.queue_hook,
         )
-        self._queue = self.engine.queue
-        self.values: Dict[str, Any] = {}
-        self.connected_at = time.time()
-        self.closed_at: Optional[float] = None
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.messages_in = 0
-        self.messages_out = 0
+        self._init_peer(engine, endpoint._latest)
         self._tls = False
         self._lost = False  # the transport is gone
         self._finished = False  # the endpoint was told the connection ended
@@ -316,34 +308,13 @@ class Connection(asyncio.BufferedProtocol):
         self._write_paused = False
         self._stalled = False  # paused for longer than `timeout`: writes stop waiting
         self._pump_scheduled = False
-        self._encoded: Dict[str, EncodedImage] = {}  # newest JPEG/PNG file per channel
         self._drain_waiters: List[asyncio.Future[None]] = []
         self._ready_waiter: Optional[asyncio.Future[None]] = None
         self._lost_waiter: asyncio.Future[None] = self._loop.create_future()
         self._timer: Optional[asyncio.TimerHandle] = None
         self._chain = CallbackChain(self)
-        self._chain = CallbackChain(self)
 
     # -- public ---------------------------------------------------------------------
-
-    @property
-    def protocol(self) -> Protocol:
-        return self.engine.protocol
-
-    @property
-    def name(self) -> Optional[str]:
-        """The client's name from its handshake (on a host), else ``None``."""
-        return self.engine.protocol.peer_name
-
-    @property
-    def session(self) -> int:
-        """The id the host gave this connection (unique per host, in accept order)."""
-        return self.engine.protocol.session
-
-    @property
-    def error(self) -> Optional[BaseException]:
-        """Why the connection ended, if it ended badly."""
-        return self.engine.error
 
     @property
     def _ready(self) -> bool:
@@ -354,16 +325,6 @@ class Connection(asyncio.BufferedProtocol):
     def is_open(self) -> bool:
         """True between the end of the handshake and the start of closing."""
         return self.engine.state is ConnState.OPEN and not self._lost
-
-    @property
-    def images_sent(self) -> int:
-        """Image frames accepted for sending (replaced ones count in images_dropped)."""
-        return self._queue.images_sent
-
-    @property
-    def images_dropped(self) -> int:
-        """Image frames replaced by a newer one before they were sent (conflation)."""
-        return self._queue.images_dropped
 
     @property
     def closed(self) -> bool:
@@ -392,31 +353,8 @@ class Connection(asyncio.BufferedProtocol):
         the frames waiting in the send queue."""
         return self._buffered() + self._queue.queued
 
-    def get(self, channel: str, default: Any = None) -> Any:
-        """The latest value this peer sent on ``channel``, or ``default``.
-
-        An image sent compressed is returned decoded (a numpy array; decoded here,
-        once).
-        """
-        return read_latest(channel, default, self.values, self._endpoint._latest)
-
-    def get_jpeg(self, channel: str = "image") -> Optional[bytes]:
-        """The newest JPEG/PNG file this peer sent on ``channel``, still encoded."""
-        enc = self._encoded.get(channel)
-        return None if enc is None else enc.tobytes()
-
-    def stats(self) -> Dict[str, Any]:
-        """Counters of this connection (bytes and messages each way, images, queue)."""
-        return {
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "messages_in": self.messages_in,
-            "messages_out": self.messages_out,
-            "images_sent": self.images_sent,
-            "images_dropped": self.images_dropped,
-            "queued_bytes": self.queued_bytes,
-            "reading_paused": self.reading_paused,
-        }
+    def _queued_bytes(self) -> int:
+        return self.queued_bytes
 
     async def write(self, channel: str, data: Any) -> None:
         """Send ``data`` on ``channel`` to this peer.
@@ -936,9 +874,6 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
     # -- closing ----------------------------------------------------------------------------
-
-    def _peer(self) -> str:
-        return f"{self.name or 'peer'} at {self.address[0]}:{self.address[1]}"
 
     def _handshake_error(self) -> BaseException:
         error = self.error

@@ -23,8 +23,9 @@ from typing import (
 
 from .. import frames, images
 from ..codec import Buffer
+from ..endpoint import EndpointBase
 from ..errors import ConnectionClosed, EndpointClosed
-from ..limits import DEFAULT_SUBSCRIPTION_SIZE, check_settings
+from ..limits import DEFAULT_SUBSCRIPTION_SIZE
 from .connection import Connection, Job, wait_bounded
 from .decoding import LazyImage, resolve
 from .subscription import Subscription
@@ -37,10 +38,9 @@ _E = TypeVar("_E", bound="Endpoint")
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-class Endpoint:
+class Endpoint(EndpointBase):
     """Base of :class:`~socketengine.aio.Host` and :class:`~socketengine.aio.Client`."""
 
-    _kind = "endpoint"
     #: Host: callbacks get ``(value, conn)`` and waiters/subscriptions yield pairs.
     _with_conn = False
 
@@ -59,29 +59,19 @@ class Endpoint:
         image_codec: str,
         image_quality: int,
     ) -> None:
-        settings = check_settings(
+        self._init_endpoint(
+            addr,
             port=port,
             timeout=timeout,
+            token=token,
             max_message=max_message,
             max_buffer=max_buffer,
             handshake_timeout=handshake_timeout,
             heartbeat=heartbeat,
             tls=tls,
-            token=token,
+            image_codec=image_codec,
+            image_quality=image_quality,
         )
-        self.addr = addr
-        self._port = settings.port
-        self.timeout = settings.timeout
-        self.max_message = settings.max_message
-        self.handshake_timeout = settings.handshake_timeout
-        self.max_buffer = settings.max_buffer
-        self.heartbeat = settings.heartbeat
-        self.tls = settings.tls
-        self.image_codec = images._check_codec(image_codec)
-        self.image_quality = images._check_quality(image_quality)
-        self._token = settings.token
-        self.opened = False
-        self.stopped = False
         self._start_lock: Optional[asyncio.Lock] = None
         # Tuples, replaced on change: a queued callback job keeps the handlers it saw.
         self._handlers: Dict[str, Tuple[Callable[..., Any], ...]] = {}
@@ -89,15 +79,7 @@ class Endpoint:
         self._subs: Dict[str, Tuple[Subscription[Any], ...]] = {}
         self._waiters: Dict[str, List[asyncio.Future[Any]]] = {}
         self._tasks: Set[asyncio.Task[Any]] = set()
-        # The latest value per channel from any peer (per peer: conn.values).
-        self._latest: Dict[str, Any] = {}
-        self._images = images.ImageLedger()
         self._heartbeat_timer: Optional[asyncio.TimerHandle] = None
-
-    @property
-    def port(self) -> int:
-        """The TCP port (a host's real one once started with ``port=0``)."""
-        return self._port
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -129,10 +111,6 @@ class Endpoint:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
-
-    def _check_not_closed(self) -> None:
-        if self.stopped:
-            raise EndpointClosed(f"{self!r} is closed; create a new {self._kind}")
 
     def _check_open(self) -> None:
         if self.stopped:
@@ -250,8 +228,7 @@ class Endpoint:
 
         ``TypeError`` / ``ValueError`` name the problem before anything is encoded.
         """
-        name = images.validate(img, self.image_codec if codec is None else codec)
-        level = self.image_quality if quality is None else images._check_quality(quality)
+        name, level = self._image_settings(img, codec, quality)
         frames.channel_bytes(channel)
         if name == "raw":
             value: Any = img
@@ -261,37 +238,6 @@ class Endpoint:
         parts, nbytes = frames.value_frame(frames.DATA, channel, value, frames.FLAG_IMAGE)
         self._images.written(channel, name)
         return parts, nbytes
-
-    def _image_arrived(self, conn: Connection, channel: str, value: Any) -> None:
-        """An image frame was received."""
-        encoded = self._images.arrived(channel, value)
-        if encoded is not None:
-            conn._encoded[channel] = encoded
-
-    def _read(self, table: Dict[str, Any], channel: str, default: Any) -> Any:
-        """``table[channel]`` for the user: an encoded image is decoded here (once)."""
-        self._images.read(channel)
-        return images.read_latest(channel, default, table)
-
-    def get_jpeg(self, channel: str = "image") -> Optional[bytes]:
-        """The newest JPEG/PNG file received on ``channel``, still encoded, or ``None``.
-
-        For saving or forwarding frames without decoding them (only frames sent with
-        ``codec="jpeg"`` or ``"png"``; raw frames have no file).
-        """
-        return self._images.get_jpeg(channel)
-
-    def stats(self) -> Dict[str, Any]:
-        """Counters: per image channel, what was sent and received.
-
-        ``{"images": {"sent": {channel: s}, "received": {channel: s}}}`` where each
-        ``s`` is an :meth:`ImageStats.snapshot() <socketengine.images.ImageStats.snapshot>`:
-        ``frames`` (written / arrived), ``delivered`` (handed to a transport / to the
-        application), ``dropped`` (replaced by a newer frame first: conflation),
-        ``pending``, ``bytes``, ``fps`` and ``codec``.  On a host the sent counts add up
-        over clients.
-        """
-        return {"images": self._images.snapshot()}
 
     # -- heartbeats -----------------------------------------------------------------------
 

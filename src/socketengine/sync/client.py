@@ -136,10 +136,6 @@ class Client(ClientSeedNames, Endpoint):
             self.open()
 
     @property
-    def port(self) -> int:
-        return self._port
-
-    @property
     def connected(self) -> bool:
         """True while the connection to the host is open."""
         conn = self._conn

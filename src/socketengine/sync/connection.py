@@ -21,7 +21,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 from .. import frames
 from ..codec import Buffer
@@ -33,7 +33,7 @@ from ..errors import (
     SocketEngineError,
     WriteTimeout,
 )
-from ..images import EncodedImage, read_latest
+from ..peer import PeerView
 from ..protocol import Protocol
 from ..sendqueue import SendQueue
 from .delivery import Pausable, Waiter
@@ -92,7 +92,7 @@ def _tls_payload(batch: List[Buffer]) -> Buffer:
     return b"".join(group)
 
 
-class Connection(Pausable):
+class Connection(PeerView, Pausable):
     """A connection to one peer.
 
     On a host these are the objects :meth:`Host.clients` returns.  Attributes:
@@ -116,7 +116,7 @@ class Connection(Pausable):
         self._loop = endpoint._loop
         self.socket = sock
         self.address = address
-        self.engine = ConnectionEngine(
+        engine = ConnectionEngine(
             protocol,
             peer=describe_peer(None, address),
             max_buffer=endpoint.max_buffer,
@@ -125,10 +125,7 @@ class Connection(Pausable):
             now=_monotonic(),
             on_image=endpoint._images.queue_hook,
         )
-        self._queue = self.engine.queue
-        self.values: Dict[str, Any] = {}
-        self.connected_at = time.time()
-        self.closed_at: Optional[float] = None
+        self._init_peer(engine, endpoint._latest)
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)
         self._want_write = False
@@ -143,61 +140,17 @@ class Connection(Pausable):
         self._tls = isinstance(sock, ssl.SSLSocket)
         self._tls_pending = self._tls
         self._tls_want = _READ | _WRITE
-        self._encoded: Dict[str, EncodedImage] = {}  # newest JPEG/PNG file per channel
         self.ready = threading.Event()  # handshake completed
         self.closed = threading.Event()  # socket closed
         self.settled = threading.Event()  # ready or closed, whichever came first
         self._timer: Any = None
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.messages_in = 0
-        self.messages_out = 0
 
     # -- public ---------------------------------------------------------------------
-
-    @property
-    def protocol(self) -> Protocol:
-        return self.engine.protocol
-
-    @property
-    def name(self) -> Optional[str]:
-        return self.engine.protocol.peer_name
-
-    @property
-    def session(self) -> int:
-        """The id the host gave this connection (unique per host)."""
-        return self.engine.protocol.session
-
-    @property
-    def error(self) -> Optional[BaseException]:
-        """Why the connection ended, if it ended badly."""
-        return self.engine.error
 
     @property
     def is_open(self) -> bool:
         """True between the end of the handshake and the start of closing."""
         return self.engine.state is ConnState.OPEN
-
-    @property
-    def images_sent(self) -> int:
-        return self._queue.images_sent
-
-    @property
-    def images_dropped(self) -> int:
-        return self._queue.images_dropped
-
-    def get(self, channel: str, default: Any = None) -> Any:
-        """The latest value this peer sent on ``channel``, or ``default``.
-
-        An image sent compressed is returned decoded (a numpy array).
-        """
-        # Decoded once for this connection and the endpoint's latest value alike.
-        return read_latest(channel, default, self.values, self._endpoint._latest)
-
-    def get_jpeg(self, channel: str = "image") -> Optional[bytes]:
-        """The newest JPEG/PNG file this peer sent on ``channel``, still encoded."""
-        enc = self._encoded.get(channel)
-        return None if enc is None else enc.tobytes()
 
     def write(self, channel: str, data: Any) -> None:
         """Send ``data`` on ``channel`` to this peer only.  Thread-safe."""
@@ -222,19 +175,6 @@ class Connection(Pausable):
         parts, nbytes = self._endpoint._image_frame(img, channel, codec, quality)
         self.send_parts(parts, nbytes, image=channel)
         self.messages_out += 1
-
-    def stats(self) -> Dict[str, Any]:
-        """Counters of this connection (bytes and messages each way, images, queue)."""
-        return {
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "messages_in": self.messages_in,
-            "messages_out": self.messages_out,
-            "images_sent": self.images_sent,
-            "images_dropped": self.images_dropped,
-            "queued_bytes": self._queue.queued,
-            "reading_paused": self.reading_paused,
-        }
 
     def request(self, channel: str, data: Any, timeout: Optional[float] = 5.0) -> Any:
         """Send ``data`` as a request on ``channel`` and return the peer's reply.
@@ -555,9 +495,6 @@ class Connection(Pausable):
                 return
 
     # -- loop thread ------------------------------------------------------------------
-
-    def _peer(self) -> str:
-        return describe_peer(self.name, self.address)
 
     def _update_interest(self) -> None:
         """Tell the selector what to wait for (loop thread)."""

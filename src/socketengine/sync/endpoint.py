@@ -12,9 +12,10 @@ from msgpack import unpackb
 
 from .. import frames, images
 from ..codec import plain_ext_hook
+from ..endpoint import EndpointBase
 from ..errors import EndpointClosed, SocketEngineError
 from ..frames import DATA, FLAG_IMAGE, Frame
-from ..limits import DEFAULT_SUBSCRIPTION_SIZE, MIN_READ_SIZE, check_settings, check_timeout
+from ..limits import DEFAULT_SUBSCRIPTION_SIZE, MIN_READ_SIZE, check_timeout
 from .connection import Connection
 from .delivery import Dispatcher, Subscription, Waiter
 from .loop import Loop
@@ -24,10 +25,8 @@ logger = logging.getLogger("socketengine")
 _E = TypeVar("_E", bound="Endpoint")
 
 
-class Endpoint:
+class Endpoint(EndpointBase):
     """Base of :class:`Host` and :class:`Client` (not used directly)."""
-
-    _kind = "endpoint"
 
     def __init__(
         self,
@@ -45,26 +44,20 @@ class Endpoint:
         image_codec: str,
         image_quality: int,
     ) -> None:
-        settings = check_settings(
+        self._init_endpoint(
+            addr,
             port=port,
             timeout=timeout,
+            token=token,
             max_message=max_message,
             max_buffer=max_buffer,
             handshake_timeout=handshake_timeout,
             heartbeat=heartbeat,
             tls=tls,
-            token=token,
+            image_codec=image_codec,
+            image_quality=image_quality,
         )
-        self.addr = addr
-        self._port = settings.port
-        self.timeout = settings.timeout
         self.size = int(size)
-        self.max_message = settings.max_message
-        self.max_buffer = settings.max_buffer
-        self.handshake_timeout = settings.handshake_timeout
-        self.heartbeat = settings.heartbeat
-        self.tls = settings.tls
-        self._token = settings.token
         self._loop = Loop(f"socketengine-{self._kind}")
         self._dispatcher = Dispatcher(f"socketengine-{self._kind}")
         # Registrations are replaced, never mutated, so the loop thread reads them
@@ -74,14 +67,7 @@ class Endpoint:
         self._subs: Dict[str, List[Subscription]] = {}
         self._waiters: Dict[str, List[Waiter]] = {}
         self._any: List[Callable[..., Any]] = []  # on_message() hooks
-        # The latest value per channel from any peer (the per-peer ones are conn.values).
-        self._latest: Dict[str, Any] = {}
-        self.image_codec = images._check_codec(image_codec)
-        self.image_quality = images._check_quality(image_quality)
-        self._images = images.ImageLedger()
         self._state_lock = threading.Lock()
-        self.opened = False
-        self.stopped = False
 
     # -- seed-compatible lifecycle --------------------------------------------------------
 
@@ -114,10 +100,6 @@ class Endpoint:
     def __exit__(self, *exc: Any) -> None:
         self.close()  # type: ignore[attr-defined]
 
-    def _check_not_closed(self) -> None:
-        if self.stopped:
-            raise EndpointClosed(f"{self!r} is closed; create a new {self._kind}")
-
     def _check_open(self) -> None:
         if self.stopped:
             raise EndpointClosed(f"cannot write: {self!r} is closed; create a new {self._kind}")
@@ -130,42 +112,11 @@ class Endpoint:
         self, img: Any, channel: str, codec: Optional[str], quality: Optional[int]
     ) -> Tuple[List[Any], int]:
         """Validate, encode (in the caller's thread) and frame an image, once."""
-        codec = images.validate(img, self.image_codec if codec is None else codec)
-        value = images.prepare(img, codec, self.image_quality if quality is None else quality)
+        name, level = self._image_settings(img, codec, quality)
+        value = images.prepare(img, name, level)
         parts, nbytes = frames.value_frame(frames.DATA, channel, value, frames.FLAG_IMAGE)
-        self._images.written(channel, codec)
+        self._images.written(channel, name)
         return parts, nbytes
-
-    def _image_arrived(self, conn: Connection, channel: str, value: Any) -> None:
-        """An image frame was received (loop thread)."""
-        encoded = self._images.arrived(channel, value)
-        if encoded is not None:
-            conn._encoded[channel] = encoded
-
-    def _read(self, table: Dict[str, Any], channel: str, default: Any) -> Any:
-        """``table[channel]`` for the user: an encoded image is decoded (and cached)."""
-        if channel in self._images.unread:
-            self._images.read(channel)
-        return images.read_latest(channel, default, table)
-
-    def get_jpeg(self, channel: str = "image") -> Optional[bytes]:
-        """The newest JPEG/PNG file received on ``channel``, still encoded, or ``None``.
-
-        For saving or forwarding frames without decoding them (only frames that were
-        sent with ``codec="jpeg"`` or ``"png"``; raw frames have no file).
-        """
-        return self._images.get_jpeg(channel)
-
-    def stats(self) -> Dict[str, Any]:
-        """Counters: per image channel, what was sent and received.
-
-        ``{"images": {"sent": {channel: s}, "received": {channel: s}}}`` where each ``s``
-        has ``frames`` (written / arrived), ``delivered`` (handed to a socket / to the
-        user), ``dropped`` (replaced by a newer frame before that: conflation),
-        ``pending``, ``bytes``, ``fps`` (over the last 2 s) and ``codec``.  On a host the
-        sent counts add up over clients.
-        """
-        return {"images": self._images.snapshot()}
 
     # -- delivery: callbacks, wait, subscribe -------------------------------------------
 

@@ -161,11 +161,6 @@ class Host(HostSeedNames, Endpoint):
                 raise
         return self
 
-    @property
-    def port(self) -> int:
-        """The TCP port (the real one once open, when constructed with ``port=0``)."""
-        return self._port
-
     def close(self) -> None:
         """Close every client connection gracefully (flush, BYE; up to ``timeout`` s),
         stop listening and join the I/O thread.  Idempotent."""
