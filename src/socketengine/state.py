@@ -7,6 +7,7 @@ their own locks or run on one event loop, and call these for the rules.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import OrderedDict, deque
 from typing import Any, Deque, Dict, Generic, Iterator, List, Optional, Set, Tuple, TypeVar
@@ -22,6 +23,8 @@ __all__ = [
     "SubscriptionBuffer",
     "Backoff",
 ]
+
+logger = logging.getLogger("socketengine")
 
 T = TypeVar("T")
 K = TypeVar("K")
@@ -157,6 +160,15 @@ class SubscriptionBuffer(Generic[T]):
     def exhausted(self) -> bool:
         """Closed and nothing left to read: iteration ends."""
         return self.closed and not self.items
+
+
+def log_lost_link(endpoint: Any, error: Optional[BaseException]) -> None:
+    """Log that a reconnecting client lost its host: a host that closed politely
+    (restart, shutdown) is routine (INFO); anything else is a WARNING."""
+    level = logging.INFO if error is None else logging.WARNING
+    logger.log(
+        level, "%r: lost the connection (%s); reconnecting", endpoint, error or "closed by the host"
+    )
 
 
 class Backoff:

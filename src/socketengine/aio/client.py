@@ -31,7 +31,7 @@ from ..limits import (
 )
 from ..protocol import Protocol, Role
 from ..sendqueue import SendQueue
-from ..state import Backoff
+from ..state import Backoff, log_lost_link
 from .connection import READ_SIZE, Connection
 from .endpoint import Endpoint
 from .subscription import Subscription
@@ -528,9 +528,7 @@ class Client(Endpoint):
             return
         if not self.reconnect:
             return
-        logger.warning(
-            "%r: lost the connection (%s); reconnecting", self, conn.error or "closed by the host"
-        )
+        log_lost_link(self, conn.error)
         if self._reconnector is None or self._reconnector.done():
             self._reconnector = asyncio.get_running_loop().create_task(self._reconnect())
 

@@ -330,8 +330,7 @@ class Endpoint(EndpointBase):
                     future.set_result(item)
         if subs is not None:
             for sub in subs:
-                if sub._put(item):
-                    conn._block(sub)
+                sub._put(item, conn)
         if handlers is not None:
             args: Tuple[Any, ...] = (user, conn) if self._with_conn else (user,)
             conn._chain.call(Job(handlers, args, None, f"channel {channel!r}", lazy_at))

@@ -33,7 +33,7 @@ from ..limits import (
 )
 from ..protocol import Protocol, Role
 from ..sendqueue import SendQueue
-from ..state import Backoff
+from ..state import Backoff, log_lost_link
 from .connection import Connection
 from .endpoint import Endpoint
 from .loop import Loop, TimerHandle
@@ -410,14 +410,7 @@ class Client(ClientSeedNames, Endpoint):
             logger.info("%r: reconnect attempt failed: %s", self, conn.error)
             self._schedule_reconnect()
         elif conn is self._conn:
-            # A host that closes politely (restart, shutdown) is routine: info, not warning.
-            level = logging.INFO if conn.error is None else logging.WARNING
-            logger.log(
-                level,
-                "%r: lost the connection (%s); reconnecting",
-                self,
-                conn.error or "closed by the host",
-            )
+            log_lost_link(self, conn.error)
             self._schedule_reconnect()
 
     def _schedule_reconnect(self) -> None:
