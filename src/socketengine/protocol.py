@@ -126,10 +126,10 @@ class Protocol:
 
     def _announce(self, info: Dict[str, Any]) -> Dict[str, Any]:
         """What every HELLO / WELCOME carries: the version, and this side's heartbeat."""
-        info["v"] = 1
+        out: Dict[str, Any] = {"v": 1, **info}
         if self.heartbeat is not None:
-            info["hb"] = self.heartbeat
-        return info
+            out["hb"] = float(self.heartbeat)
+        return out
 
     def _note_peer(self, meta: Dict[str, Any]) -> None:
         hb = meta.get("hb")
