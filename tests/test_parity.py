@@ -316,3 +316,76 @@ def test_images_written_while_reconnecting_are_conflated(
             assert second.stats()["images"]["received"]["cam"]["frames"] == 1
     finally:
         client.close()
+
+
+# -- heartbeats ----------------------------------------------------------------------------
+
+
+def _listener_that_only_answers_pings(port: int, stop: threading.Event, got: List[Any]) -> None:
+    """A minimal client written from docs/protocol.md: it handshakes (as a 1.0 peer
+    would: no "hb"), answers every PING with a PONG and never sends anything else."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    proto = Protocol(Role.CLIENT, name="listener")
+    sock.sendall(proto.data_to_send())
+    sock.settimeout(0.2)
+    decoder = proto.decoder
+    while not stop.is_set():
+        try:
+            data = sock.recv(65536)
+        except socket.timeout:
+            continue
+        if not data:
+            break
+        buf = decoder.get_buffer()
+        buf[: len(data)] = data
+        buf.release()
+        decoder.buffer_updated(len(data))
+        for frame in proto.events():
+            if frame.type == frames.DATA:
+                got.append(frame.value())
+        out = proto.data_to_send()  # the handshake, and PONGs for PINGs
+        if out:
+            sock.sendall(out)
+    sock.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_streaming_host_keeps_a_client_that_only_answers_pings(
+    layer: str, loop_thread: AioThread
+) -> None:
+    """Protocol 1.0 pinged only after H without *sending*: a host streaming to a client
+    never pinged it and declared it dead after 3·H.  The 1.1 rule pings on silence."""
+    host = make_host(layer, loop_thread, heartbeat=0.2)
+    stop = threading.Event()
+    got: List[Any] = []
+    reader = threading.Thread(
+        target=_listener_that_only_answers_pings, args=(host.ep.port, stop, got), daemon=True
+    )
+    reader.start()
+    try:
+        wait_for(lambda: host.ep.clients(), what="the listener")
+        for i in range(40):  # 2 s = 10 heartbeat intervals, at 20 messages/s
+            host.do("write_all", "stream", i)
+            stop.wait(0.05)  # pacing the producer, not synchronisation
+        assert len(host.ep.clients()) == 1, "the listener was declared dead"
+        wait_for(lambda: len(got) == 40, what="every streamed value")
+        assert got == list(range(40))
+    finally:
+        stop.set()
+        reader.join(10)
+        host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_peer_that_goes_silent_is_declared_dead(layer: str, loop_thread: AioThread) -> None:
+    host = make_host(layer, loop_thread, heartbeat=0.2)
+    try:
+        sock = socket.create_connection(("127.0.0.1", host.ep.port), timeout=10)
+        proto = Protocol(Role.CLIENT, name="mute")
+        sock.sendall(proto.data_to_send())
+        wait_for(lambda: host.ep.clients(), what="the mute client")
+        # It never reads nor answers again: dead within 3·H (+ one check interval).
+        wait_for(lambda: not host.ep.clients(), timeout=5, what="the heartbeat verdict")
+        sock.close()
+    finally:
+        host.close()
