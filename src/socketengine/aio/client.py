@@ -7,10 +7,9 @@ import asyncio
 import logging
 import socket
 import ssl
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Union
 
 from .. import frames
-from ..codec import Buffer
 from ..errors import (
     ConnectionClosed,
     ConnectTimeout,
@@ -30,7 +29,7 @@ from ..limits import (
     check_seconds,
 )
 from ..protocol import Protocol, Role
-from ..sendqueue import SendQueue
+from ..sendqueue import Outgoing, SendQueue
 from ..state import Backoff, log_lost_link
 from .connection import READ_SIZE, Connection
 from .endpoint import Endpoint
@@ -363,8 +362,11 @@ class Client(Endpoint):
         is kept and sent first once reconnected (the same bound applies); without
         ``reconnect``, :class:`~socketengine.ConnectionClosed`.
         """
-        parts, nbytes = frames.value_frame(frames.DATA, channel, data)
-        await self._send(parts, nbytes)
+        encoded = frames.value_item(channel, data)
+        if type(encoded) is bytes:
+            await self._send(encoded, len(encoded))
+        else:
+            await self._send(*encoded)
 
     async def write_image(
         self,
@@ -394,9 +396,7 @@ class Client(Endpoint):
         """
         return await self._live().request(channel, data, timeout)
 
-    async def _send(
-        self, parts: Sequence[Buffer], nbytes: int, image: Optional[str] = None
-    ) -> None:
+    async def _send(self, parts: Outgoing, nbytes: int, image: Optional[str] = None) -> None:
         """Send a frame, or keep it for the reconnection while the link is down."""
         conn = self._conn
         if conn is not None and conn.is_open and self.opened:
@@ -413,7 +413,7 @@ class Client(Endpoint):
             raise self._lost_error(self._live_or_last())
         await self._keep(parts, nbytes, image)
 
-    async def _keep(self, parts: Sequence[Buffer], nbytes: int, image: Optional[str]) -> None:
+    async def _keep(self, parts: Outgoing, nbytes: int, image: Optional[str]) -> None:
         """Keep a frame for the reconnection, waiting (up to ``timeout`` s) for room."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
@@ -430,7 +430,10 @@ class Client(Endpoint):
                     continue  # lost again before it was handed over: keep it
             outbox = self._outbox
             if outbox.fits(nbytes) or (image is not None and outbox.waiting_image(image)):
-                outbox.push(list(parts), nbytes, image)
+                if isinstance(parts, bytes):
+                    outbox.push_item(parts)
+                else:
+                    outbox.push(list(parts), nbytes, image)
                 return
             left = deadline - loop.time()
             if left <= 0:

@@ -6,10 +6,9 @@ import asyncio
 import itertools
 import logging
 import ssl
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union
 
 from .. import frames, images
-from ..codec import Buffer
 from ..errors import EndpointClosed
 from ..limits import (
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -24,6 +23,7 @@ from ..limits import (
 )
 from ..net import listen
 from ..protocol import Protocol, Role
+from ..sendqueue import Outgoing
 from ..state import Admission, Departed, RetainedValues
 from .connection import READ_SIZE, Connection, Job
 from .endpoint import Endpoint
@@ -270,11 +270,15 @@ class Host(Endpoint):
         is disconnected as a slow consumer (logged, ``on_disconnect``) and the others
         go on receiving.
         """
-        parts, nbytes = frames.value_frame(frames.DATA, channel, data)
         self._check_open()
         if retain:
+            parts, nbytes = frames.value_frame(frames.DATA, channel, data)
             self._retained.retain(channel, parts)
-        return await self._broadcast(parts, nbytes)
+            return await self._broadcast(parts, nbytes)
+        encoded = frames.value_item(channel, data)
+        if type(encoded) is bytes:
+            return await self._broadcast(encoded, len(encoded))
+        return await self._broadcast(*encoded)
 
     def clear_retained(self, channel: Optional[str] = None) -> None:
         """Forget the retained value of ``channel`` (``None``: of every channel)."""
@@ -299,9 +303,7 @@ class Host(Endpoint):
         self._check_open()
         return await self._broadcast(parts, nbytes, image=channel)
 
-    async def _broadcast(
-        self, parts: Sequence[Buffer], nbytes: int, image: Optional[str] = None
-    ) -> int:
+    async def _broadcast(self, parts: Outgoing, nbytes: int, image: Optional[str] = None) -> int:
         """Hand one encoded frame to every client without waiting for any of them."""
         sent = 0
         paused = False

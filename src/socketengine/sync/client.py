@@ -21,7 +21,7 @@ from ..errors import (
     SocketEngineConnectionError,
     WriteTimeout,
 )
-from ..frames import DATA, value_frame
+from ..frames import value_item
 from ..limits import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT,
@@ -282,7 +282,12 @@ class Client(ClientSeedNames, Endpoint):
         Raises ``TypeError`` naming the type if ``data`` cannot be sent (nothing is
         sent), :class:`ConnectionClosed` if the host is gone.
         """
-        parts, nbytes = value_frame(DATA, channel, data)
+        encoded = value_item(channel, data)
+        if type(encoded) is bytes:
+            parts: Any = encoded
+            nbytes = len(encoded)
+        else:
+            parts, nbytes = encoded
         conn = self._conn
         if conn is not None and conn.engine.state is ConnState.OPEN:  # the common case
             try:
@@ -364,7 +369,10 @@ class Client(ClientSeedNames, Endpoint):
                     raise EndpointClosed(f"{self!r} was closed while writing")
                 outbox = self._outbox
                 if outbox.fits(nbytes) or (image is not None and outbox.waiting_image(image)):
-                    outbox.push(parts, nbytes, image)
+                    if type(parts) is bytes:
+                        outbox.push_item(parts)
+                    else:
+                        outbox.push(parts, nbytes, image)
                     return
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -14,7 +14,7 @@ from .. import frames, images
 from ..codec import plain_ext_hook
 from ..endpoint import EndpointBase
 from ..errors import EndpointClosed, SocketEngineError
-from ..frames import DATA, FLAG_IMAGE, Frame
+from ..frames import BATCH, DATA, FLAG_IMAGE, Frame
 from ..limits import DEFAULT_SUBSCRIPTION_SIZE, MIN_READ_SIZE, check_timeout
 from .connection import Connection
 from .delivery import Dispatcher, Subscription, Waiter
@@ -358,6 +358,17 @@ class Endpoint(EndpointBase):
                 latest[channel] = value
                 if watched:
                     self._deliver(conn, channel, value)
+                continue
+            if t == BATCH:
+                items = frame.items()
+                for i in range(0, len(items), 2):
+                    channel = items[i]
+                    value = items[i + 1]
+                    values[channel] = value
+                    latest[channel] = value
+                    if watched:
+                        self._deliver(conn, channel, value)
+                count += len(items) // 2
                 continue
             conn.messages_in += count
             count = 0

@@ -25,6 +25,7 @@ from ..limits import (
 )
 from ..net import listen
 from ..protocol import Protocol, Role
+from ..sendqueue import Outgoing
 from ..state import Admission, Departed, RetainedValues
 from .connection import Connection
 from .endpoint import Endpoint
@@ -248,9 +249,12 @@ class Host(HostSeedNames, Endpoint):
         configuration and state).  Thread-safe.
         """
         self._check_open()
-        parts, nbytes = frames.value_frame(frames.DATA, channel, data)
         if not retain:
-            return self._send_all(parts, nbytes)
+            encoded = frames.value_item(channel, data)
+            if type(encoded) is bytes:
+                return self._send_all(encoded, len(encoded))
+            return self._send_all(*encoded)
+        parts, nbytes = frames.value_frame(frames.DATA, channel, data)
         with self._retain_lock:  # see _on_ready: no client misses or reorders it
             self._retained.retain(channel, parts)
             return self._send_all(parts, nbytes)
@@ -277,7 +281,7 @@ class Host(HostSeedNames, Endpoint):
         parts, nbytes = self._image_frame(img, channel, codec, quality)
         return self._send_all(parts, nbytes, image=channel)
 
-    def _send_all(self, parts: List[Any], nbytes: int, image: Optional[str] = None) -> int:
+    def _send_all(self, parts: Outgoing, nbytes: int, image: Optional[str] = None) -> int:
         """Queue one encoded frame for every client; a slow client never blocks this."""
         sent = 0
         clients = self.clients()
