@@ -131,9 +131,6 @@ class View:
             entry.updated = stamp
         return entry
 
-    def forget(self, key: Tuple[int, str]) -> None:
-        self.entries.pop(key, None)
-
     def host_info(self) -> Dict[str, Any]:
         host = self.host
         return {
