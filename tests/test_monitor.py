@@ -636,6 +636,60 @@ def test_host_monitor_parameter() -> None:
     assert not any(t.name.startswith("socketengine-monitor") for t in threading.enumerate())
 
 
+def test_host_forwards_bgr_to_its_monitor() -> None:
+    if "monitor_bgr" not in inspect.signature(Host.__init__).parameters:
+        pytest.skip("Host(monitor_bgr=...) is not wired in this version")
+    host: Any = Host(port=0, monitor=0, monitor_bgr=True)
+    try:
+        assert host.monitor.bgr is True
+    finally:
+        host.close()
+
+
+def test_monitor_serves_an_asyncio_host_through_the_interface() -> None:
+    """The monitor reads only the documented interface (state.py), which the asyncio
+    host has too: its clients, values and frames show up like a threaded host's."""
+    import asyncio
+
+    from socketengine import aio
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def on_loop(coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(TIMEOUT)
+
+    async def make() -> Any:
+        h = aio.Host(port=0)
+        await h.start()
+        return h
+
+    async def values() -> List[Any]:
+        return [dict(c.values) for c in host.clients()]
+
+    host = on_loop(make())
+    try:
+        with Client(port=host.port, name="to-aio") as c:
+            c.write("mode", "async")
+            c.write_image(np.full((8, 8, 3), 7, np.uint8))
+            poll(lambda: any("image" in v for v in on_loop(values())), what="the values")
+            # No client comes or goes while the monitor reads (the asyncio host's
+            # clients() is not meant for other threads yet).
+            with Monitor(host, port=0, image_format="png") as monitor:
+                doc = state(monitor)
+                assert channel_text(doc, "to-aio", "mode") == '"async"'
+                assert doc["host"]["port"] == host.port and doc["host"]["open"] is True
+                (image,) = doc["images"]
+                status, headers, _ = get(f"{monitor.url}frame?s={image['session']}&c=image")
+                assert status == 200 and headers["X-Frame-Shape"] == "8x8x3"
+    finally:
+        on_loop(host.close())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(TIMEOUT)
+        loop.close()
+
+
 # -- the page in a real browser -------------------------------------------------------------
 
 

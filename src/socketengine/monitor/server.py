@@ -351,6 +351,12 @@ class Monitor:
             # Shutting down.  Ending normally also spares Python 3.11's stream callback,
             # which logs cancelled handlers as errors.
             return
+        except Exception:  # a bug: say so once, answer 500, keep serving the others
+            logger.exception("monitor: answering a request failed")
+            try:
+                await http.refuse(HTTPError(500, "the monitor failed; see its log"))
+            except Exception:  # noqa: BLE001 - the connection is closed next anyway
+                pass
         finally:
             self._tasks.discard(task)
             self._writers.discard(writer)
