@@ -174,8 +174,10 @@ def _run_host(args: argparse.Namespace, show: bool, monitor_port: Optional[int])
         try:
             host.open()
             if monitor_port is not None:
-                from ..monitor import Monitor  # needs the monitor extra (h11)
-
+                try:
+                    from ..monitor import Monitor  # needs the monitor extra (h11)
+                except ImportError as exc:
+                    raise CommandError(str(exc)) from None
                 monitor = Monitor(
                     host,
                     port=monitor_port,
