@@ -26,6 +26,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 from certs import self_signed
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from socketengine import Client, Host
 from socketengine.monitor import MAX_CONNECTIONS, Monitor, encode_image, encode_png
@@ -527,6 +529,70 @@ def test_malformed_requests_are_refused(
     loud = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert loud == [], [r.getMessage() for r in loud]
     assert not any(r.exc_info for r in caplog.records)
+
+
+_TOKENS = st.sampled_from(
+    [
+        b"GET",
+        b"POST",
+        b"HEAD",
+        b"/",
+        b"/api/state",
+        b"/frame?s=1&c=x",
+        b"HTTP/1.1",
+        b"HTTP/1.0",
+        b"HTTP/1.9",
+        b"Host:",
+        b"localhost",
+        b"Content-Length:",
+        b"12",
+        b"+1",
+        b"Transfer-Encoding:",
+        b"chunked",
+        b" ",
+        b"\t",
+        b":",
+        b"\r\n",
+        b"\n",
+        b"\r\n\r\n",
+        b"\x00",
+        b"\xff",
+        b"0\r\n\r\n",
+        b"token=s3cret",
+    ]
+)
+_REQUESTS = st.one_of(
+    st.binary(max_size=200),
+    st.lists(_TOKENS, max_size=30).map(b"".join),
+    st.lists(_TOKENS, max_size=30).map(lambda parts: b"GET / HTTP/1.1\r\n" + b"".join(parts)),
+)
+
+
+@pytest.fixture(scope="module")
+def shared_monitor() -> Iterator[Monitor]:
+    host = Host(port=0, token="s3cret")
+    monitor = Monitor(host, port=0).start()
+    yield monitor
+    monitor.close()
+    host.close()
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=_REQUESTS)
+def test_any_bytes_get_an_http_answer_or_a_quiet_close(
+    shared_monitor: Monitor, caplog: pytest.LogCaptureFixture, data: bytes
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    answer = _raw(shared_monitor, data)
+    if answer:
+        status = int(answer[9:12])
+        assert answer.startswith(b"HTTP/1.1 ") and 200 <= status < 600, answer[:100]
+        assert status < 500 or status in (501, 505), answer[:200]  # refused, never failed
+    else:  # nothing but blank lines was sent: nothing to answer
+        assert not data.strip(b"\r\n"), data
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_pipelined_and_http_1_0_requests(monitored: Tuple[Host, Monitor]) -> None:
