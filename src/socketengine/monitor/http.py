@@ -8,8 +8,8 @@ unfolded, only HTTP/1.0 and 1.1 are served (505 otherwise), a request with both
 and heads and bodies are bounded.  h11 refuses the rest: malformed request lines and
 header lines (a space before the colon), bad or conflicting ``Content-Length``
 values, a missing ``Host`` on HTTP/1.1, a transfer coding other than chunked (501).
-Every refusal is an :class:`HTTPError`
-that the server answers (4xx/505) and logs at DEBUG, never higher.
+Every refusal is an :class:`HTTPError` that the server answers (4xx, 501, 505) and
+logs at DEBUG, never higher.
 """
 
 from __future__ import annotations
