@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 from certs import self_signed
+from conftest import wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -568,8 +569,10 @@ _REQUESTS = st.one_of(
 )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def shared_monitor() -> Iterator[Monitor]:
+    # One monitor for all of a test's hypothesis examples (the fixture is created once
+    # per test function); function scope so that it is gone before the next test.
     host = Host(port=0, token="s3cret")
     monitor = Monitor(host, port=0).start()
     yield monitor
@@ -690,8 +693,6 @@ def test_https_with_a_tls_context(tmp_path: Path) -> None:
 
 
 def test_host_monitor_parameter() -> None:
-    if "monitor" not in inspect.signature(Host.__init__).parameters:
-        pytest.skip("Host(monitor=...) is not wired in this version")
     host: Any = Host(port=0, monitor=0)
     try:
         monitor = host.monitor
@@ -703,13 +704,45 @@ def test_host_monitor_parameter() -> None:
 
 
 def test_host_forwards_bgr_to_its_monitor() -> None:
-    if "monitor_bgr" not in inspect.signature(Host.__init__).parameters:
-        pytest.skip("Host(monitor_bgr=...) is not wired in this version")
     host: Any = Host(port=0, monitor=0, monitor_bgr=True)
     try:
         assert host.monitor.bgr is True
     finally:
         host.close()
+
+
+def test_an_asyncio_host_serves_its_own_monitor() -> None:
+    import asyncio
+
+    from socketengine import aio
+
+    async def main() -> None:
+        async with aio.Host(port=0, monitor=0, monitor_bgr=True) as h:
+            assert h.monitor is not None and h.monitor.bgr is True
+            async with aio.Client(port=h.port, name="cam") as c:
+                await c.write("pose", [1, 2])
+                for _ in range(200):  # bounded: the value arrives within 2 s
+                    if h.get("pose") is not None:
+                        break
+                    await asyncio.sleep(0.01)
+                loop = asyncio.get_running_loop()
+                status, _, body = await loop.run_in_executor(None, get, h.monitor.url + "api/state")
+                assert status == 200 and b"cam" in body
+        assert h.monitor is None
+
+    asyncio.run(main())
+    assert not any(t.name.startswith("socketengine-monitor") for t in threading.enumerate())
+
+
+def test_received_at_moves_when_an_unchanged_value_is_sent_again() -> None:
+    with Host(port=0) as h, Client(port=h.port) as c:
+        c.write("flag", True)
+        wait_for(lambda: h.get("flag") is True)
+        (conn,) = h.clients()
+        first = conn.received_at["flag"]
+        c.write("other", 1)
+        c.write("flag", True)  # the same object again: only the stamp shows it arrived
+        wait_for(lambda: conn.received_at["flag"] > first, what="a newer stamp")
 
 
 def test_monitor_serves_an_asyncio_host_through_the_interface() -> None:

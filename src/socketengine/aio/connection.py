@@ -54,6 +54,7 @@ from typing import (
     Sequence,
     Set,
     Tuple,
+    Union,
     cast,
 )
 
@@ -70,6 +71,7 @@ from ..frames import Frame
 from ..limits import CALLBACK_BACKLOG, MIN_READ_SIZE
 from ..peer import PeerView
 from ..protocol import Protocol
+from ..requests import reply_frame
 from ..sendqueue import Outgoing
 from .decoding import LazyImage
 
@@ -637,31 +639,17 @@ class Connection(PeerView, asyncio.BufferedProtocol):
             self.engine.sent(self._loop.time())
 
     def _send_reply(
-        self, channel: str, fid: int, result: Any, exc: Optional[BaseException]
-    ) -> None:
-        """Answer request ``fid``: REPLY with ``result``, or REPLY_ERROR naming ``exc``."""
+        self, channel: str, fid: int, result: Any, exc: Union[BaseException, str, None]
+    ) -> Optional[str]:
+        """Answer request ``fid``: REPLY with ``result``, or REPLY_ERROR naming ``exc``
+        (an exception, or the text itself); return the error text (``None``: a REPLY)."""
+        parts, nbytes, text = reply_frame(channel, fid, result, exc)
         if not self.is_open:
             logger.debug("%r: dropping the reply to request %d: closed", self, fid)
-            return
-        if exc is None:
-            try:
-                parts, nbytes = frames.value_frame(frames.REPLY, channel, result, fid=fid)
-            except (TypeError, ValueError) as error:
-                exc = error
-            else:
-                self._enqueue(parts, nbytes)
-                self.messages_out += 1
-                return
-        self._send_error(channel, fid, f"{type(exc).__name__}: {exc}")
-
-    def _send_error(self, channel: str, fid: int, message: str) -> None:
-        """Answer request ``fid`` with REPLY_ERROR ``message``."""
-        if not self.is_open:
-            logger.debug("%r: dropping the reply to request %d: closed", self, fid)
-            return
-        parts, nbytes = frames.value_frame(frames.REPLY_ERROR, channel, message, fid=fid)
-        self._enqueue(parts, nbytes)
-        self.messages_out += 1
+        else:
+            self._enqueue(parts, nbytes)
+            self.messages_out += 1
+        return text
 
     async def _await_reply(self, future: asyncio.Future[Any]) -> Any:
         if self._write_paused and not self._stalled:

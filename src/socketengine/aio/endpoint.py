@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from typing import (
     Any,
     Callable,
@@ -26,6 +27,7 @@ from ..codec import Buffer
 from ..endpoint import EndpointBase
 from ..errors import ConnectionClosed, EndpointClosed
 from ..limits import DEFAULT_SUBSCRIPTION_SIZE
+from ..requests import no_handler
 from .connection import Connection, Job, wait_bounded
 from .decoding import LazyImage, resolve
 from .subscription import Subscription
@@ -33,6 +35,7 @@ from .subscription import Subscription
 __all__ = ["Endpoint", "DEFAULT_SUBSCRIPTION_SIZE"]
 
 logger = logging.getLogger("socketengine")
+_now = time.time
 
 _E = TypeVar("_E", bound="Endpoint")
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -307,6 +310,7 @@ class Endpoint(EndpointBase):
         ``on_message`` hooks.  ``image``: the frame has the IMAGE flag."""
         conn.values[channel] = value
         self._latest[channel] = value
+        conn.received_at[channel] = _now()
         if image:
             self._image_arrived(conn, channel, value)
         waiters = self._waiters.pop(channel, None)
@@ -342,11 +346,13 @@ class Endpoint(EndpointBase):
         """A REQUEST arrived: run the channel's handlers; the first one's result replies."""
         handlers = self._handlers.get(channel)
         if handlers is None:
-            conn._send_error(channel, fid, f"no handler for requests on channel {channel!r}")
+            text = conn._send_reply(channel, fid, None, no_handler(channel))
+            self._requested(conn, channel, value, None, text)
             return
 
         def reply(result: Any, exc: Optional[BaseException]) -> None:
-            conn._send_reply(channel, fid, result, exc)
+            text = conn._send_reply(channel, fid, result, exc)
+            self._requested(conn, channel, value, None if text is not None else result, text)
 
         args = (value, conn) if self._with_conn else (value,)
         conn._chain.call(Job(handlers, args, reply, f"requests on channel {channel!r}"))

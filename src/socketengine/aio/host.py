@@ -68,6 +68,10 @@ class Host(Endpoint):
         that :meth:`close` waits for clients to take what was written and for running
         callbacks to finish.
     :param backlog: the listening socket's backlog.
+    :param monitor: serve the live browser monitor on this port (``0``: any free one;
+        ``None``: no monitor), in its own thread; its address is ``host.monitor.url``.
+    :param monitor_addr: the monitor's address (loopback by default).
+    :param monitor_bgr: the monitor shows raw 3-channel frames as BGR (OpenCV's order).
 
     Use ``async with Host(port=0) as h:`` or ``await h.start()`` / ``await h.close()``.
     """
@@ -93,6 +97,9 @@ class Host(Endpoint):
         name: Optional[str] = None,
         timeout: float = 2.0,
         backlog: int = 128,
+        monitor: Optional[int] = None,
+        monitor_addr: str = "127.0.0.1",
+        monitor_bgr: bool = False,
     ) -> None:
         super().__init__(
             addr,
@@ -113,6 +120,7 @@ class Host(Endpoint):
         self.max_clients = max_clients
         self.keep_departed = keep_departed
         self._admission = Admission(max_clients)
+        self._init_monitor(monitor, monitor_addr, monitor_bgr)
         self.backlog = backlog
         self._server: Optional[asyncio.AbstractServer] = None
         self._sessions = itertools.count(1)
@@ -152,6 +160,11 @@ class Host(Endpoint):
             raise
         self._port = int(sock.getsockname()[1])
         self._start_heartbeat()
+        try:
+            self._start_monitor()
+        except BaseException:
+            self._server.close()
+            raise
 
     async def close(self) -> None:
         """Stop listening, close every client gracefully (flush, BYE; each bounded by
@@ -162,6 +175,8 @@ class Host(Endpoint):
         self.stopped = True
         self.opened = False
         self._stop_heartbeat()
+        if self.monitor is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._stop_monitor)
         server = self._server
         if server is not None:
             server.close()
@@ -181,7 +196,8 @@ class Host(Endpoint):
 
     def clients(self) -> List[Connection]:
         """The connected clients (handshake done, not closing), in connection order."""
-        return [c for c in self._conns.values() if c.is_open]
+        # A copy first: the monitor calls this from its own thread.
+        return [c for c in list(self._conns.values()) if c.is_open]
 
     def get_client(self, name: str) -> Optional[Connection]:
         """The connected client that gave ``name`` (the newest one), or ``None``."""

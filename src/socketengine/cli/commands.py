@@ -98,25 +98,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- host and monitor -------------------------------------------------------------------
 
-#: What the command-line host answers to every request (it has no handlers).
-NO_HANDLER = "error: no handler (the command-line host answers no requests)"
-
-
-class _ShowingHost(Host):
-    """A host that also reports each request it answered, with the reply.
-
-    The command-line host registers no ``on()`` handler, so every request gets the
-    library's "no handler" error reply; this reports it after it was sent.
-    """
-
-    def __init__(self, *args: Any, on_request: Callable[..., None], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._on_request = on_request
-
-    def _answer(self, conn: Connection, channel: str, rid: int, value: Any) -> None:
-        super()._answer(conn, channel, rid, value)
-        self._on_request(conn, channel, value, NO_HANDLER)
-
 
 def _run_host(args: argparse.Namespace, show: bool, monitor_port: Optional[int]) -> int:
     """``host`` and ``monitor``: run a host until Ctrl-C/SIGTERM or ``--duration``."""
@@ -157,14 +138,19 @@ def _run_host(args: argparse.Namespace, show: bool, monitor_port: Optional[int])
         announce(conn)
         put((time.time(), "message", conn, channel, value, None))
 
-    def request(conn: Connection, channel: str, value: Any, reply: str) -> None:
+    def request(
+        conn: Connection, channel: str, value: Any, reply: Any, error: Optional[str]
+    ) -> None:
+        # The command-line host registers no handler: the library answers "no handler".
         announce(conn)
-        put((time.time(), "request", conn, channel, value, reply))
+        shown = f"error: {error}" if error is not None else reply
+        put((time.time(), "request", conn, channel, value, shown))
 
     kw: Dict[str, Any] = {"timeout": args.timeout, "token": args.token or None, "tls": tls}
     with Stop(args.duration) as stop:
         if show:
-            host: Host = _ShowingHost(args.addr, args.port, open=False, on_request=request, **kw)
+            host = Host(args.addr, args.port, open=False, **kw)
+            host.on_request(request)
             host.on_message(message)
             host.on_connect(announce)
             host.on_disconnect(farewell)

@@ -16,6 +16,7 @@ from ..endpoint import EndpointBase
 from ..errors import EndpointClosed, SocketEngineError
 from ..frames import BATCH, DATA, FLAG_IMAGE, Frame
 from ..limits import DEFAULT_SUBSCRIPTION_SIZE, MIN_READ_SIZE, check_timeout
+from ..requests import no_handler, reply_frame
 from .connection import Connection
 from .delivery import Dispatcher, Subscription, Waiter
 from .loop import Loop
@@ -266,30 +267,26 @@ class Endpoint(EndpointBase):
     def _answer(self, conn: Connection, channel: str, rid: int, value: Any) -> None:
         """Run the request handler on a callback thread and send its reply."""
         callbacks = self._callbacks.get(channel)
-        ftype, reply = frames.REPLY, None
+        result: Any = None
+        error: Union[BaseException, str, None] = None
         if not callbacks:
-            ftype = frames.REPLY_ERROR
-            reply = f"no handler for requests on channel {channel!r}"
+            error = no_handler(channel)
         else:
             try:
-                reply = self._call_handler(callbacks[0], value, conn)
+                result = self._call_handler(callbacks[0], value, conn)
             except Exception as exc:
-                ftype, reply = frames.REPLY_ERROR, f"{type(exc).__name__}: {exc}"
+                error = exc
             for fn in callbacks[1:]:
                 try:
                     self._call_handler(fn, value, conn)
                 except Exception:
                     logger.exception("%r: callback %r raised (ignored)", self, fn)
+        parts, size, text = reply_frame(channel, rid, result, error)
         try:
-            parts = frames.encode_value_frame(ftype, channel, reply, fid=rid)
-        except (TypeError, ValueError) as exc:
-            parts = frames.encode_value_frame(
-                frames.REPLY_ERROR, channel, f"the reply could not be sent: {exc}", fid=rid
-            )
-        try:
-            conn.send_parts(parts)
+            conn.send_parts(parts, size)
         except (ConnectionError, SocketEngineError) as exc:
             logger.info("%r: reply to %r not sent: %s", self, conn, exc)
+        self._requested(conn, channel, value, None if text is not None else result, text)
 
     def _release_waiters(self) -> None:
         """Wake every wait() and end every subscription (endpoint closing)."""
@@ -338,6 +335,8 @@ class Endpoint(EndpointBase):
         watched = self._callbacks or self._subs or self._waiters or self._any
         latest = self._latest
         values = conn.values
+        stamps = conn.received_at
+        now = time.time()
         count = 0
         for frame in events:
             t, _, channel, _, meta, data = frame
@@ -356,19 +355,28 @@ class Endpoint(EndpointBase):
                 count += 1
                 values[channel] = value
                 latest[channel] = value
+                stamps[channel] = now
                 if watched:
                     self._deliver(conn, channel, value)
                 continue
             if t == BATCH:
                 items = frame.items()
-                for i in range(0, len(items), 2):
-                    channel = items[i]
-                    value = items[i + 1]
-                    values[channel] = value
-                    latest[channel] = value
-                    if watched:
-                        self._deliver(conn, channel, value)
                 count += len(items) // 2
+                if watched:
+                    for i in range(0, len(items), 2):
+                        channel = items[i]
+                        value = items[i + 1]
+                        values[channel] = value
+                        latest[channel] = value
+                        stamps[channel] = now
+                        self._deliver(conn, channel, value)
+                else:
+                    # Nobody waits on anything: store in bulk (the last value of each
+                    # channel wins, as if the items were stored one by one).
+                    pairs = dict(zip(items[0::2], items[1::2]))
+                    values.update(pairs)
+                    latest.update(pairs)
+                    stamps.update(dict.fromkeys(pairs, now))
                 continue
             conn.messages_in += count
             count = 0

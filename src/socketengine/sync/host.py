@@ -67,6 +67,8 @@ class Host(HostSeedNames, Endpoint):
     :param monitor: serve the live browser monitor on this port (``0``: any free one;
         ``None``: no monitor); its address is ``host.monitor.url``.
     :param monitor_addr: the monitor's address (loopback by default).
+    :param monitor_bgr: the monitor shows raw 3-channel frames as BGR (OpenCV's order)
+        rather than RGB.
     :param keep_departed: how many disconnected clients' latest values
         :meth:`get_all` keeps reporting (oldest forgotten first).
     """
@@ -94,6 +96,7 @@ class Host(HostSeedNames, Endpoint):
         image_quality: int = 90,
         monitor: Optional[int] = None,
         monitor_addr: str = "127.0.0.1",
+        monitor_bgr: bool = False,
     ) -> None:
         super().__init__(
             addr,
@@ -125,10 +128,7 @@ class Host(HostSeedNames, Endpoint):
         self._last_broadcast = 0.0
         self._on_connect: List[Callable[[Connection], Any]] = []
         self._on_disconnect: List[Callable[[Connection], Any]] = []
-        self._monitor_port = monitor
-        self._monitor_addr = monitor_addr
-        #: The browser monitor (``.url``, ``.port``) when ``monitor=`` was given, once open.
-        self.monitor: Optional[Any] = None
+        self._init_monitor(monitor, monitor_addr, monitor_bgr)
         if open:
             self.open()
 
@@ -150,16 +150,11 @@ class Host(HostSeedNames, Endpoint):
             self._loop.start()
             self.opened = True
         logger.info("%r: listening", self)
-        if self._monitor_port is not None and self.monitor is None:
-            from ..monitor import Monitor  # imported only when asked for
-
-            try:
-                self.monitor = Monitor(
-                    self, port=self._monitor_port, addr=self._monitor_addr
-                ).start()
-            except BaseException:
-                self.close()
-                raise
+        try:
+            self._start_monitor()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def close(self) -> None:
@@ -171,9 +166,7 @@ class Host(HostSeedNames, Endpoint):
             self.stopped = True
             was_open = self.opened
             self.opened = False
-        monitor, self.monitor = self.monitor, None
-        if monitor is not None:
-            monitor.close()
+        self._stop_monitor()
         if not was_open:
             self._loop.stop()
             self._release_waiters()
