@@ -45,9 +45,7 @@ def test_every_split_boundary_round_trips(payload: int, data: st.DataObject) -> 
 
 
 @given(st.lists(st.integers(1, 400), min_size=1, max_size=8), st.integers(40, 100))
-def test_streams_from_several_senders_interleaved_by_message(
-    sizes: list, payload: int
-) -> None:
+def test_streams_from_several_senders_interleaved_by_message(sizes: list, payload: int) -> None:
     a, b = Chunker(payload, sender=1), Chunker(payload, sender=2)
     r = Reassembler(max_message=1000)
     got = []

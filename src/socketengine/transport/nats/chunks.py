@@ -234,6 +234,13 @@ class Reassembler:
                 self.pending_bytes -= len(p.buf)
                 self._lose(source, key[1], p.mid, p.next, p.count, "source closed")
 
+    def drop_source_all(self) -> None:
+        """Forget every incomplete message (the subscription ended), reporting each."""
+        for key, p in list(self._pending.items()):
+            del self._pending[key]
+            self.pending_bytes -= len(p.buf)
+            self._lose(key[0], key[1], p.mid, p.next, p.count, "subscription closed")
+
     # -- internals ---------------------------------------------------------------------
 
     def _refuse(
