@@ -8,9 +8,9 @@ import time
 from typing import Any, List, Tuple
 
 import pytest
+from nats_cluster import start_cluster
 from nats_fixtures import *  # noqa: F403
 from nats_fixtures import LocalCluster
-from nats_cluster import start_cluster
 
 from socketengine import frames
 from socketengine.errors import AuthenticationError, ConnectTimeout, EndpointClosed
@@ -24,9 +24,9 @@ S = Subjects("se.test")
 PROBE = frame_bytes(frames.encode_frame(frames.PING))
 
 
-def collector() -> Tuple["queue.Queue[Tuple[str, Any]]", Any]:
+def collector() -> Tuple[queue.Queue[Tuple[str, Any]], Any]:
     """A queue and a callback filling it, skipping the probes of :func:`wait_interest`."""
-    q: "queue.Queue[Tuple[str, Any]]" = queue.Queue()
+    q: queue.Queue[Tuple[str, Any]] = queue.Queue()
 
     def cb(subject: str, body: Any) -> None:
         if body != PROBE:
@@ -34,7 +34,7 @@ def collector() -> Tuple["queue.Queue[Tuple[str, Any]]", Any]:
         else:
             probes.put(subject)
 
-    probes: "queue.Queue[str]" = queue.Queue()
+    probes: queue.Queue[str] = queue.Queue()
     cb.probes = probes  # type: ignore[attr-defined]
     return q, cb
 
@@ -187,7 +187,7 @@ def test_callbacks_may_publish(nats_cluster: LocalCluster, make_link: Any) -> No
     a.publish("se.test.ping", b"hello")
     assert q.get(timeout=10)[1] == b"hello"
     with pytest.raises(RuntimeError, match="own thread"):
-        done: "queue.Queue[BaseException]" = queue.Queue()
+        done: queue.Queue[BaseException] = queue.Queue()
 
         def blocking(subject: str, body: Any) -> None:
             try:
