@@ -13,7 +13,9 @@ is split over the keys ``<key>.0``, ``<key>.1``, ... of the same bucket (each va
 ``b"\xc6SEKV1"`` + ``<QIQ`` (write id, piece count, total size).  A frame never starts
 with 0xC6, so a manifest cannot be mistaken for a value.  A reader checks every piece's
 write id against the manifest and reads again if a writer was overwriting the value
-meanwhile.  (Why not the JetStream object store: its reads need the stream leader, and
+meanwhile.  The key ``=channels`` (no token has ``=``) lists the channel keys, so that
+:meth:`~AsyncRetainedStore.channels` is a direct get too; one writer per host bucket (the
+host) keeps it.  (Why not the JetStream object store: its reads need the stream leader, and
 after the leader's server died they waited 6.7 s for the election in our measurement.)
 
 :class:`AsyncRetainedStore` is for asyncio code (an :class:`AsyncNatsLink`);
@@ -29,6 +31,8 @@ import struct
 import time
 from typing import Any, Dict, List, Optional
 
+import msgpack
+
 from ...errors import ProtocolError, SocketEngineError
 from .link import AsyncNatsLink, NatsLink
 from .subjects import DEFAULT_PREFIX, bucket_name, decode_token, encode_token
@@ -39,6 +43,8 @@ log = logging.getLogger("socketengine")
 
 POINTER = b"\xc6SEKV1"
 _MANIFEST = struct.Struct("<QIQ")
+#: The key listing the channel keys of a bucket (msgpack list); "=" is no token character.
+DIRECTORY_KEY = "=channels"
 _WID = struct.Struct("<Q")
 
 
@@ -48,6 +54,18 @@ def _parse_manifest(raw: Optional[bytes]) -> Optional[tuple]:
     if len(raw) != len(POINTER) + _MANIFEST.size:
         raise ProtocolError(f"malformed retained-value manifest ({len(raw)} bytes)")
     return _MANIFEST.unpack_from(raw, len(POINTER))
+
+
+def _directory(raw: Optional[bytes]) -> List[str]:
+    if not raw:
+        return []
+    try:
+        keys = msgpack.unpackb(raw, raw=False)
+    except Exception as exc:
+        raise ProtocolError(f"malformed retained-value directory: {exc}") from None
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise ProtocolError("malformed retained-value directory: not a list of keys")
+    return keys
 
 
 class RetainedUnavailable(SocketEngineError):
@@ -117,6 +135,7 @@ class AsyncRetainedStore:
         self._inline_max = inline_max
         self._kv: Any = None
         self._pieces: Dict[str, int] = {}  # key -> piece count, for keys this store wrote
+        self._directory: Optional[List[str]] = None  # keys with a value (this store's view)
 
     @property
     def inline_max(self) -> int:
@@ -213,8 +232,11 @@ class AsyncRetainedStore:
             value = POINTER + _MANIFEST.pack(wid, count, len(body))
         else:
             value = bytes(body)
+        directory = await self._load_directory()
         await self._retry(lambda: kv.put(key, value))
         self._pieces[key] = count
+        if key not in directory:
+            await self._set_directory([*directory, key])
         await self._drop_pieces(key, count, old)
 
     async def _drop_pieces(self, key: str, start: int, stop: int) -> None:
@@ -254,24 +276,30 @@ class AsyncRetainedStore:
         old = await self._pieces_of(key)
         await self._retry(lambda: kv.delete(key))
         self._pieces[key] = 0
+        directory = await self._load_directory()
+        if key in directory:
+            await self._set_directory([k for k in directory if k != key])
         await self._drop_pieces(key, 0, old)
+
+    async def _load_directory(self) -> List[str]:
+        if self._directory is None:
+            self._directory = _directory(await self._raw(DIRECTORY_KEY))
+        return self._directory
+
+    async def _set_directory(self, keys: List[str]) -> None:
+        kv = self._kv_or_raise()
+        body = msgpack.packb(sorted(keys))
+        await self._retry(lambda: kv.put(DIRECTORY_KEY, body))
+        self._directory = sorted(keys)
 
     async def channels(self) -> List[str]:
         """Channels that have a retained value.
 
-        Asks the stream leader for the bucket's subjects (a KV key listing through a
-        consumer could miss a value written just before), then drops deleted keys.
+        Read from the bucket's directory key (a direct get: works while a new stream
+        leader is being elected); keys whose value is gone are left out.
         """
-        self._kv_or_raise()
-        js = self._js()
-        pre = f"$KV.{self.kv_bucket}."
-
-        async def info() -> Any:
-            # "*": one token, so the piece keys ("<key>.<n>") are left out.
-            return await js.stream_info(f"KV_{self.kv_bucket}", subjects_filter=f"{pre}*")
-
-        si = await self._retry(info)
-        keys = [subject[len(pre) :] for subject in (si.state.subjects or {})]
+        raw = await self._raw(DIRECTORY_KEY)  # read fresh: another store may have written
+        keys = _directory(raw)
         values = await asyncio.gather(*(self._raw(k) for k in keys))
         return sorted(decode_token(k) for k, v in zip(keys, values) if v is not None)
 
@@ -295,6 +323,7 @@ class AsyncRetainedStore:
             pass
         self._kv = None
         self._pieces.clear()
+        self._directory = None
 
 
 class RetainedStore:
