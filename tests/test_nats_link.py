@@ -198,3 +198,25 @@ def test_callbacks_may_publish(nats_cluster: LocalCluster, make_link: Any) -> No
         a.subscribe("se.test.block", blocking)
         a.publish("se.test.block", b"x")
         raise done.get(timeout=10)
+
+
+def test_subscriber_resumes_after_its_node_dies(nats_cluster: LocalCluster, make_link: Any) -> None:
+    states: queue.Queue[str] = queue.Queue()
+    q, cb = collector()
+    sub = make_link(
+        nats_cluster.nodes[1].url, link_kwargs={"on_state": states.put}, reconnect_wait=0.1
+    )
+    sub.subscribe("se.test.failover", cb)
+    sub.flush()
+    pub = make_link(nats_cluster.nodes[0].url)
+    wait_interest(pub, "se.test.failover", cb)
+    pub.publish("se.test.failover", frames.encode_value_frame(frames.DATA, "n", -1))
+    assert decode_one(q.get(timeout=10)[1]).value() == -1
+    nats_cluster.kill(1)
+    assert states.get(timeout=10) == "disconnected"
+    assert states.get(timeout=10) == "reconnected"
+    assert sub.connected_url != nats_cluster.nodes[1].url
+    # The subscription was re-made on the new server: frames flow again.
+    wait_interest(pub, "se.test.failover", cb)
+    pub.publish("se.test.failover", frames.encode_value_frame(frames.DATA, "n", 1))
+    assert decode_one(q.get(timeout=10)[1]).value() == 1

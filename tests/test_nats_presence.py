@@ -34,7 +34,7 @@ def wait_until(cond: Any, timeout: float, what: str) -> Any:
 
 def test_presence_table() -> None:
     t = PresenceTable(timeout=2.0)
-    assert t.beat("a", 0.0) and not t.beat("a", 1.0) and t.beat("b", 1.0)
+    assert t.beat("a", 0.0) and not t.beat("a", 1.0) and t.beat("b", 2.0)
     assert t.expire(3.0) == [] and t.expire(3.1) == ["a"]
     assert t.bye("b") and not t.bye("b") and t.clients == []
 
@@ -45,7 +45,7 @@ def test_list_hosts_and_expiry(nats_cluster: LocalCluster, make_link: Any) -> No
     b = make_link(nats_cluster.nodes[1].url)
     c = make_link(nats_cluster.nodes[2].url)
     ha = HostAnnouncer(a, "cam.1", {"port": 1}, prefix=prefix, ttl=2.0)
-    hb = HostAnnouncer(b, "cam *2", prefix=prefix, ttl=2.0)
+    HostAnnouncer(b, "cam *2", prefix=prefix, ttl=2.0)
     hosts = list_hosts(c, prefix=prefix)
     assert set(hosts) == {"cam.1", "cam *2"} and hosts["cam.1"]["port"] == 1
     ha.stop()  # goodbye: gone at once
@@ -54,7 +54,6 @@ def test_list_hosts_and_expiry(nats_cluster: LocalCluster, make_link: Any) -> No
     t0 = time.monotonic()
     wait_until(lambda: list_hosts(c, prefix=prefix) == {}, 15, "the dead host to expire")
     assert time.monotonic() - t0 > 0.5  # it was listed until the TTL ran out
-    del hb
     c.run(_delete_bucket(c.aio, f"{prefix}_hosts"))
 
 
@@ -73,26 +72,13 @@ def test_goodbye(nats_cluster: LocalCluster, make_link: Any) -> None:
     mon_link = make_link(nats_cluster.nodes[0].url)
     mon = PresenceMonitor(mon_link, host, timeout=1.0, on_join=join, on_leave=leave)
     cl = make_link(nats_cluster.nodes[2].url)
-    wait_until(lambda: _interest(cl, mon_link, host), 10, "presence interest")
+    # No need to wait for the subscription to cross the routes: heartbeats repeat.
     hb = ClientHeartbeat(cl, host, "client 1", interval=0.2)
     assert q.get(timeout=10) == ("join", "client 1")
     assert mon.clients == ["client 1"]
     hb.stop()
     assert q.get(timeout=10) == ("leave", "client 1", "goodbye")
     mon.stop()
-
-
-def _interest(pub: Any, mon_link: Any, host: str) -> bool:
-    """Has the monitor's subscription reached the publisher's server (via the routes)?"""
-    from socketengine.transport.nats.subjects import Subjects
-
-    subject = Subjects().presence(host, "probe")
-    try:
-        pub.request(subject + ".x", b"", timeout=0.2)  # never answered: only flushes
-    except Exception:
-        pass
-    pub.publish(subject, b"\x80")  # an empty msgpack map: neither heartbeat nor bye
-    return True
 
 
 CLIENT = """
@@ -129,6 +115,7 @@ def test_killed_client_is_reported_gone(nats_cluster: LocalCluster, make_link: A
         # The bound is timeout + timeout/4 after the last heartbeat (1.25 s here); the
         # check is loose (loaded machine) but proves the report is not open-ended.
         assert gone_after < 8, gone_after
+        print(f"killed client reported gone {gone_after:.2f} s after the kill")
         assert mon.clients == []
     finally:
         if proc.poll() is None:
