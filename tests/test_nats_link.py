@@ -220,3 +220,40 @@ def test_subscriber_resumes_after_its_node_dies(nats_cluster: LocalCluster, make
     wait_interest(pub, "se.test.failover", cb)
     pub.publish("se.test.failover", frames.encode_value_frame(frames.DATA, "n", 1))
     assert decode_one(q.get(timeout=10)[1]).value() == 1
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(tmp_path_factory: Any) -> Any:
+    from certs import self_signed
+
+    cert, key = self_signed(tmp_path_factory.mktemp("nats-tls"), "localhost")
+    cluster = start_cluster(3, user="cam", password="pw", tls_cert=str(cert), tls_key=str(key))
+    cluster.ca = str(cert)  # type: ignore[attr-defined]
+    yield cluster
+    cluster.stop()
+
+
+def test_tls_and_user_password(tls_cluster: LocalCluster, make_link: Any) -> None:
+    import ssl
+
+    from socketengine.errors import HandshakeError
+
+    ctx = ssl.create_default_context(cafile=tls_cluster.ca)  # type: ignore[attr-defined]
+    a = make_link(tls_cluster.nodes[0].url, user="cam", password="pw", tls=ctx)
+    b = make_link(tls_cluster.nodes[2].url, user="cam", password="pw", tls=ctx)
+    q, cb = collector()
+    b.subscribe("se.test.tls", cb)
+    b.flush()
+    wait_interest(a, "se.test.tls", cb)
+    a.publish("se.test.tls", frames.encode_value_frame(frames.DATA, "c", b"x" * 2_000_000))
+    assert decode_one(q.get(timeout=10)[1]).value() == b"x" * 2_000_000
+    link = NatsLink()
+    with pytest.raises(AuthenticationError):
+        link.connect(tls_cluster.urls, user="cam", password="wrong", tls=ctx)
+    # Without tls= nats-py still speaks TLS to a server that requires it, with the
+    # system's CAs: the self-signed certificate does not verify.
+    with pytest.raises(HandshakeError, match="did not verify"):
+        link.connect(tls_cluster.urls, user="cam", password="pw")
+    with pytest.raises(HandshakeError, match="did not verify"):
+        link.connect(tls_cluster.urls, user="cam", password="pw", tls=ssl.create_default_context())
+    link.close()

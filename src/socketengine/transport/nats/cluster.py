@@ -130,6 +130,8 @@ class LocalCluster:
     :param token: clients must send this token (``authorization { token }``).
     :param user, password: clients must send these instead.
     :param max_payload: the servers' ``max_payload`` in bytes (default: server's, 1 MiB).
+    :param tls_cert, tls_key: PEM files: clients must connect with TLS (routes stay
+        plain: they are on loopback).
     :param directory: where configs, logs and JetStream data go (default: a temp dir,
         removed by :meth:`stop`).
     """
@@ -145,6 +147,8 @@ class LocalCluster:
         directory: Optional[str] = None,
         binary: Optional[str] = None,
         cluster_name: str = "socketengine",
+        tls_cert: Optional[str] = None,
+        tls_key: Optional[str] = None,
     ) -> None:
         if size < 1:
             raise ValueError("a cluster has at least one node")
@@ -155,6 +159,8 @@ class LocalCluster:
         self.max_payload = max_payload
         self.binary = binary or find_server_binary()
         self.cluster_name = cluster_name
+        self.tls_cert = tls_cert
+        self.tls_key = tls_key
         self._own_dir = directory is None
         self.dir = directory or tempfile.mkdtemp(prefix="socketengine-nats-")
         self.nodes: List[NatsNode] = []
@@ -283,6 +289,11 @@ class LocalCluster:
         ]
         if self.max_payload is not None:
             lines.append(f"max_payload: {int(self.max_payload)}")
+        if self.tls_cert is not None:
+            lines.append(
+                f"tls {{ cert_file: {_conf_str(self.tls_cert)}, "
+                f"key_file: {_conf_str(self.tls_key or '')} }}"
+            )
         if self.token is not None:
             lines.append(f"authorization {{ token: {_conf_str(self.token)} }}")
         elif self.user is not None:

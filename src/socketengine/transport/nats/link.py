@@ -17,7 +17,9 @@ this link publishes under one lock, so frames arrive in the order they were publ
 
 Errors: no server reachable within ``connect_timeout`` ->
 :class:`~socketengine.errors.ConnectTimeout` (naming the URLs); the server refuses the
-credentials -> :class:`~socketengine.errors.AuthenticationError`; an operation after
+credentials -> :class:`~socketengine.errors.AuthenticationError`; a TLS mismatch (the
+server requires TLS, or its certificate does not verify) ->
+:class:`~socketengine.errors.HandshakeError` saying what to change; an operation after
 :meth:`close` -> :class:`~socketengine.errors.EndpointClosed`; the reconnect buffer is
 full while the link is reconnecting -> :class:`~socketengine.errors.ConnectionClosed`.
 """
@@ -48,6 +50,7 @@ from ...errors import (
     ConnectionClosed,
     ConnectTimeout,
     EndpointClosed,
+    HandshakeError,
     MessageTooBig,
     SocketEngineError,
 )
@@ -85,6 +88,22 @@ def _is_auth_error(exc: BaseException) -> bool:
         or "authorization violation" in text
         or "authentication" in text
     )
+
+
+def _tls_problem(exc: BaseException) -> Optional[str]:
+    """What to tell the user when ``exc`` is a TLS mismatch, else ``None``."""
+    name = type(exc).__name__
+    if name == "SecureConnRequiredError":
+        return "the NATS server requires TLS: pass tls=ssl.SSLContext(...)"
+    if name == "SecureConnWantedError":
+        return "the NATS server does not offer TLS: connect without tls="
+    if isinstance(exc, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        return (
+            "the NATS server's TLS certificate did not verify: pass "
+            "tls=ssl.create_default_context(cafile=<its CA>) and check tls_hostname "
+            f"({exc})"
+        )
+    return None
 
 
 def _redact(url: str) -> str:
@@ -215,14 +234,20 @@ class AsyncNatsLink:
         shown = ", ".join(_redact(u) for u in urls)
         loop = asyncio.get_running_loop()
         auth_error: List[BaseException] = []
+        tls_error: List[str] = []
         last_error: List[BaseException] = []
         task: Optional[asyncio.Future] = None
 
         async def error_cb(exc: Exception) -> None:
             if self._nc is None:  # still connecting
                 last_error[:] = [exc]
-                if _is_auth_error(exc) and task is not None and not auth_error:
+                if task is None or auth_error or tls_error:
+                    return
+                if _is_auth_error(exc):
                     auth_error.append(exc)
+                    task.cancel()
+                elif _tls_problem(exc) is not None:
+                    tls_error.append(f"{_tls_problem(exc)}")
                     task.cancel()
                 return
             self._on_error(exc)
@@ -275,6 +300,9 @@ class AsyncNatsLink:
                     f"the NATS server at {shown} refused the credentials "
                     f"({auth_error[0]}): check token / user / password"
                 ) from None
+            problem = tls_error[0] if tls_error else _tls_problem(exc)
+            if problem is not None:
+                raise HandshakeError(f"connecting to NATS at {shown}: {problem}") from None
             if isinstance(exc, asyncio.CancelledError):
                 raise
             if isinstance(exc, asyncio.TimeoutError):
