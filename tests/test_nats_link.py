@@ -257,3 +257,34 @@ def test_tls_and_user_password(tls_cluster: LocalCluster, make_link: Any) -> Non
     with pytest.raises(HandshakeError, match="did not verify"):
         link.connect(tls_cluster.urls, user="cam", password="pw", tls=ssl.create_default_context())
     link.close()
+
+
+def test_incomplete_chunked_message_is_reported_lost(
+    nats_cluster: LocalCluster, make_link: Any
+) -> None:
+    from socketengine.transport.nats.chunks import Chunker
+
+    losses: queue.Queue[Any] = queue.Queue()
+    sub = make_link(
+        nats_cluster.nodes[1].url, link_kwargs={"on_loss": losses.put, "chunk_timeout": 0.5}
+    )
+    pub = make_link(nats_cluster.nodes[0].url)
+    q, cb = collector()
+    s = sub.subscribe("se.test.loss", cb)
+    sub.flush()
+    wait_interest(pub, "se.test.loss", cb)
+    chunks = Chunker(100_000, sender=77).split(b"\x10" * 350_000)
+    for m in chunks[:2]:  # the rest never comes: the sender died mid-message
+        pub.publish("se.test.loss", m)
+    loss = losses.get(timeout=10)
+    assert (loss.sender, loss.received, loss.chunks) == (77, 2, 4)
+    assert "timeout" in loss.reason and sub.losses == 1
+    # Whole frames still flow; after unsubscribe nothing arrives.
+    pub.publish("se.test.loss", frames.encode_value_frame(frames.DATA, "c", 5))
+    assert decode_one(q.get(timeout=10)[1]).value() == 5
+    s.unsubscribe()
+    sub.flush()
+    pub.publish("se.test.loss", frames.encode_value_frame(frames.DATA, "c", 6))
+    pub.flush()
+    sub.flush()  # a round trip through the subscriber's server after the publish
+    assert q.empty()
