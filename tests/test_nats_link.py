@@ -288,3 +288,56 @@ def test_incomplete_chunked_message_is_reported_lost(
     pub.flush()
     sub.flush()  # a round trip through the subscriber's server after the publish
     assert q.empty()
+
+
+def test_publish_nowait_keeps_order_and_flush_waits(
+    nats_cluster: LocalCluster, make_link: Any
+) -> None:
+    pub = make_link(nats_cluster.nodes[0].url)
+    sub = make_link(nats_cluster.nodes[2].url)
+    q, cb = collector()
+    sub.subscribe("se.test.nowait", cb)
+    sub.flush()
+    wait_interest(pub, "se.test.nowait", cb)
+    sent = []
+    for i in range(1000):
+        value: Any = b"\x07" * 1_500_000 if i in (10, 500) else i  # two chunked ones
+        sent.append(value)
+        if i % 3:
+            pub.publish_nowait("se.test.nowait", frames.encode_value_frame(frames.DATA, "c", value))
+        else:
+            pub.publish("se.test.nowait", frames.encode_value_frame(frames.DATA, "c", value))
+    pub.flush()
+    assert pub._queued == 0 and pub.send_failures == 0
+    got = [decode_one(q.get(timeout=10)[1]).value() for _ in range(1000)]
+    assert got == sent
+
+
+def test_publish_nowait_blocks_then_times_out_when_the_queue_is_full(
+    nats_cluster: LocalCluster, make_link: Any
+) -> None:
+    import threading
+
+    from socketengine.errors import WriteTimeout
+
+    link = make_link(nats_cluster.nodes[0].url, link_kwargs={"max_queue": 1000})
+    release = threading.Event()
+    stalled = threading.Event()
+
+    def stall(subject: str, body: Any) -> None:
+        stalled.set()
+        release.wait(10)  # holds the link thread: queued frames cannot be handed over
+
+    link.subscribe("se.test.stall", stall)
+    link.flush()
+    link.publish("se.test.stall", b"x")
+    assert stalled.wait(10)
+    try:
+        link.publish_nowait("se.test.other", b"y" * 800)  # fits in the queue
+        with pytest.raises(WriteTimeout, match="queued"):
+            link.publish_nowait("se.test.other", b"z" * 800, timeout=0.2)
+    finally:
+        release.set()
+    link.publish_nowait("se.test.other", b"z" * 800, timeout=10)  # room again
+    link.flush()
+    assert link._queued == 0

@@ -53,6 +53,7 @@ from ...errors import (
     HandshakeError,
     MessageTooBig,
     SocketEngineError,
+    WriteTimeout,
 )
 from .chunks import Chunker, Loss, Reassembler
 
@@ -507,9 +508,14 @@ class NatsLink:
     raise ``RuntimeError`` there.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, max_queue: int = 64 * 1024 * 1024, **kwargs: Any) -> None:
         self.aio = AsyncNatsLink(**kwargs)
         self.aio._owner = self
+        #: bytes :meth:`publish_nowait` may have queued before it blocks.
+        self.max_queue = max_queue
+        self.send_failures = 0  # publish_nowait frames that could not be sent
+        self._queued = 0
+        self._cv = threading.Condition()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
         self._started = threading.Event()
@@ -609,6 +615,53 @@ class NatsLink:
             return
         self.run(self.aio._publish(subject, data), timeout)
 
+    def publish_nowait(self, subject: str, body: Body, timeout: Optional[float] = 30.0) -> None:
+        """Queue one frame for publishing and return at once (the fast path).
+
+        Frames keep their order (with each other and with :meth:`publish`).  At most
+        ``max_queue`` bytes wait on the link thread; beyond, this blocks up to ``timeout``
+        s, then raises :class:`~socketengine.errors.WriteTimeout` (nothing queued).  A
+        frame that fails later (the link closed, the reconnect buffer full) is logged and
+        counted in :attr:`send_failures`; :meth:`flush` then waits for the queue.
+        """
+        data = _join(body)
+        if len(data) > self.aio.max_message:
+            raise MessageTooBig(
+                f"a {len(data)}-byte frame exceeds max_message ({self.aio.max_message} bytes)"
+            )
+        loop = self._loop
+        if loop is None or self.aio._closed:
+            raise EndpointClosed("the NATS link is not running: connect() it (again)")
+        n = len(data)
+        with self._cv:
+            if self._queued + n > self.max_queue and self._queued and not self._on_loop_thread():
+                if not self._cv.wait_for(
+                    lambda: self._queued + n <= self.max_queue or not self._queued, timeout
+                ):
+                    raise WriteTimeout(
+                        f"the NATS link kept {self._queued} bytes queued for {timeout} s: "
+                        "the network or the server is not taking frames fast enough"
+                    )
+            self._queued += n
+        loop.call_soon_threadsafe(self._send_later, subject, data)
+
+    def _send_later(self, subject: str, data: bytes) -> None:
+        """On the loop: start publishing ``data`` (tasks start, and take the publish
+        lock, in the order they were created)."""
+        task = asyncio.ensure_future(self.aio._publish(subject, data))
+        n = len(data)
+
+        def done(t: asyncio.Task) -> None:
+            with self._cv:
+                self._queued -= n
+                self._cv.notify_all()
+            if t.cancelled() or t.exception() is not None:
+                self.send_failures += 1
+                why = "cancelled" if t.cancelled() else t.exception()
+                log.error("NATS link: a frame on %s was not sent: %s", subject, why)
+
+        task.add_done_callback(done)
+
     def subscribe(self, subject: str, callback: Callback, queue: str = "") -> Subscription:
         """See :meth:`AsyncNatsLink.subscribe`; ``callback`` runs on the link thread."""
         return self.run(self.aio.subscribe(subject, callback, queue), 10.0)
@@ -620,6 +673,11 @@ class NatsLink:
         return self.run(self.aio.serve(subject, handler), 10.0)
 
     def flush(self, timeout: float = 5.0) -> None:
+        """Wait until frames queued by :meth:`publish_nowait` are handed over and the
+        server has processed everything published so far."""
+        with self._cv:
+            if not self._cv.wait_for(lambda: self._queued == 0, timeout):
+                raise TimeoutError(f"{self._queued} queued bytes were not sent within {timeout} s")
         self.run(self.aio.flush(timeout), timeout + 5.0)
 
     def close(self, timeout: float = 5.0) -> None:
