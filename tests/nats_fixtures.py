@@ -12,7 +12,9 @@ import pytest
 
 pytest.importorskip("nats", reason="needs nats-py: pip install 'socket.engine[nats]'")
 
-from nats_cluster import LocalCluster, start_cluster  # noqa: E402
+from nats_cluster import ClusterError, LocalCluster, start_cluster  # noqa: E402
+
+from socketengine.transport.nats.cluster import find_server_binary  # noqa: E402
 
 from socketengine.transport.nats.link import NatsLink  # noqa: E402
 
@@ -21,6 +23,10 @@ __all__ = ["nats_session_cluster", "nats_cluster", "make_link"]
 
 @pytest.fixture(scope="session")
 def nats_session_cluster() -> Iterator[LocalCluster]:
+    try:
+        find_server_binary()
+    except ClusterError as exc:
+        pytest.skip(str(exc))
     cluster = start_cluster(3)
     try:
         yield cluster
