@@ -15,7 +15,6 @@ pytest.importorskip("nats", reason="needs nats-py: pip install 'socket.engine[na
 from nats_cluster import ClusterError, LocalCluster, start_cluster  # noqa: E402
 
 from socketengine.transport.nats.cluster import find_server_binary  # noqa: E402
-
 from socketengine.transport.nats.link import NatsLink  # noqa: E402
 
 __all__ = ["nats_session_cluster", "nats_cluster", "make_link"]
