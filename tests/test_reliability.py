@@ -146,10 +146,9 @@ def test_a_client_killed_mid_frame_does_not_disturb_the_host() -> None:
 @pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="POSIX signals")
 def test_a_frozen_client_is_dropped_and_does_not_stall_others() -> None:
     gone: list = []
-    with (
-        Host(port=0, heartbeat=0.2, max_buffer=1 << 20, timeout=0.5) as h,
-        Client(port=h.port, name="healthy", heartbeat=0.2) as healthy,
-    ):
+    with Host(port=0, heartbeat=0.2, max_buffer=1 << 20, timeout=0.5) as h, Client(
+        port=h.port, name="healthy", heartbeat=0.2
+    ) as healthy:
         h.on_disconnect(lambda conn: gone.append(conn.name))
         p = _child(h.port, "frozen")
         wait_for(lambda: h.get_client("frozen") is not None)
@@ -159,9 +158,7 @@ def test_a_frozen_client_is_dropped_and_does_not_stall_others() -> None:
             for i in range(2_000):  # bounded; the frozen one is dropped long before
                 h.write_all("feed", [i, payload])
                 # The healthy client keeps receiving everything, paced at its speed.
-                wait_for(
-                    lambda i=i: healthy.get("feed") is not None and healthy.get("feed")[0] == i
-                )
+                wait_for(lambda i=i: healthy.get("feed") is not None and healthy.get("feed")[0] == i)
                 if "frozen" in gone:
                     break
             assert gone == ["frozen"]

@@ -5,11 +5,11 @@ h = host()
 h.start()
 
 while True:
-    data = h.get_ALL("test")
+	data = h.get_ALL("test")
 
-    if data is not None:
-        for item in data:
-            print(item)
-            break
+	if data is not None:
+		for item in data:
+			print(item)
+			break
 
 h.close()
