@@ -337,23 +337,24 @@ def _seq(entry: _Entry) -> int:
 
 
 class _Index:
-    """One immutable state of a Matcher; only ``cache`` is ever written after publishing."""
+    """One immutable state of a Matcher; only ``cache`` is ever written after publishing.
 
-    __slots__ = ("exact", "root", "entries", "cache")
+    ``by_key`` maps every key to its entries.  A str and a Pattern never compare equal,
+    so looking a channel name up in it finds the exact entries only.
+    """
+
+    __slots__ = ("by_key", "root", "count", "cache")
 
     def __init__(
-        self,
-        exact: Dict[str, Tuple[_Entry, ...]],
-        root: Optional[_Node],
-        entries: Tuple[_Entry, ...],
+        self, by_key: Dict[Key, Tuple[_Entry, ...]], root: Optional[_Node], count: int
     ) -> None:
-        self.exact = exact
+        self.by_key = by_key
         self.root = root
-        self.entries = entries
+        self.count = count
         self.cache: Dict[str, Tuple[Tuple[Key, Any], ...]] = {}
 
     def compute(self, channel: str) -> Tuple[Tuple[Key, Any], ...]:
-        found: List[_Entry] = list(self.exact.get(channel, ()))
+        found: List[_Entry] = list(self.by_key.get(channel, ()))
         if self.root is not None:
             _trie_collect(self.root, channel.split("/"), 0, found)
         if not found:
@@ -362,10 +363,15 @@ class _Index:
             found.sort(key=_seq)
         return tuple(e.pair for e in found)
 
+    def entries(self) -> List[_Entry]:
+        out = [e for entries in self.by_key.values() for e in entries]
+        out.sort(key=_seq)
+        return out
+
 
 def _empty_index() -> _Index:
     # a fresh one each time: an index's cache belongs to it alone
-    return _Index({}, None, ())
+    return _Index({}, None, 0)
 
 
 class Matcher(Generic[T]):
@@ -381,8 +387,8 @@ class Matcher(Generic[T]):
     update, never a mix.  Cost: ``match`` is one dict lookup for a channel seen since the
     last update (up to :data:`CACHE_SIZE` names); otherwise a walk of the trie, whose
     cost grows with the channel's depth and the wildcards on its path, not with the
-    number of patterns.  ``add``/``remove`` copy the exact-name table and the trie nodes
-    on the key's path.
+    number of patterns.  ``add``/``remove`` copy the key table (one C-level dict copy) and
+    the trie nodes on the key's path.
     """
 
     __slots__ = ("_index", "_lock", "_next_seq")
@@ -416,18 +422,17 @@ class Matcher(Generic[T]):
         _check_key(key)
         with self._lock:
             old = self._index
-            if _find(old.entries, key, item) is not None:
+            same = old.by_key.get(key, ())
+            if _find(same, item) is not None:
                 return False
             entry = _Entry(self._next_seq, key, item)
             self._next_seq += 1
-            exact = old.exact
+            by_key = old.by_key.copy()
+            by_key[key] = same + (entry,)
             root = old.root
             if isinstance(key, Pattern):
                 root = _trie_add(root, key.levels, 0, entry)
-            else:
-                exact = exact.copy()
-                exact[key] = exact.get(key, ()) + (entry,)
-            self._index = _Index(exact, root, old.entries + (entry,))
+            self._index = _Index(by_key, root, old.count + 1)
             return True
 
     def remove(self, key: Key, item: T) -> None:
@@ -443,23 +448,24 @@ class Matcher(Generic[T]):
         _check_key(key)
         with self._lock:
             old = self._index
-            entry = _find(old.entries, key, item)
+            same = old.by_key.get(key, ())
+            entry = _find(same, item)
             if entry is None:
                 return False
-            exact = old.exact
+            if old.count == 1:
+                self._index = _empty_index()
+                return True
+            by_key = old.by_key.copy()
+            rest = tuple(e for e in same if e is not entry)
+            if rest:
+                by_key[key] = rest
+            else:
+                del by_key[key]
             root = old.root
             if isinstance(key, Pattern):
                 assert root is not None
                 root = _trie_remove(root, key.levels, 0, entry)
-            else:
-                exact = exact.copy()
-                rest = tuple(e for e in exact[key] if e is not entry)
-                if rest:
-                    exact[key] = rest
-                else:
-                    del exact[key]
-            entries = tuple(e for e in old.entries if e is not entry)
-            self._index = _Index(exact, root, entries) if entries else _empty_index()
+            self._index = _Index(by_key, root, old.count - 1)
             return True
 
     def clear(self) -> None:
@@ -469,17 +475,17 @@ class Matcher(Generic[T]):
 
     def keys(self) -> FrozenSet[Key]:
         """Every key that has at least one entry."""
-        return frozenset(e.key for e in self._index.entries)
+        return frozenset(self._index.by_key)
 
     def items(self) -> Tuple[Tuple[Key, T], ...]:
         """Every ``(key, item)``, in insertion order."""
-        return tuple(e.pair for e in self._index.entries)
+        return tuple(e.pair for e in self._index.entries())
 
     def __len__(self) -> int:
-        return len(self._index.entries)
+        return self._index.count
 
     def __bool__(self) -> bool:
-        return bool(self._index.entries)
+        return self._index.count > 0
 
     def __iter__(self) -> Iterator[Tuple[Key, T]]:
         return iter(self.items())
@@ -488,9 +494,9 @@ class Matcher(Generic[T]):
         return f"Matcher({list(self.items())!r})"
 
 
-def _find(entries: Tuple[_Entry, ...], key: Key, item: Any) -> Optional[_Entry]:
+def _find(entries: Tuple[_Entry, ...], item: Any) -> Optional[_Entry]:
     for e in entries:
-        if type(e.key) is type(key) and e.key == key and e.item == item:
+        if e.item == item:
             return e
     return None
 
