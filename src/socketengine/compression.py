@@ -263,7 +263,9 @@ def _zstd_decompress(zstd: Any, view: memoryview, max_size: int) -> bytes:
         raise ProtocolError("a zstd frame that needs a dictionary")
     # The decoder refuses to produce more than the declared size (its buffers are sized
     # from it), so a frame lying about it fails instead of expanding.
-    dobj = _zstd_decompressor().decompressobj()
+    # One output chunk of exactly the declared size (at most max_size): no joining, and no
+    # 128 KiB default buffer for a small value.
+    dobj = _zstd_decompressor().decompressobj(write_size=max(size, 1))
     try:
         out = dobj.decompress(view)
     except Exception as exc:  # zstd.ZstdError
