@@ -64,10 +64,15 @@ Buffer = Union[bytes, bytearray, memoryview]
 
 #: Codec names, in the order :func:`available` prefers them.
 CODECS = ("zstd", "lz4")
-#: Level used when ``compress`` gets ``level=None``.  zstd 1 and 3 give nearly the same
-#: ratio on sensor data (see bench/README.md) and 1 is ~1.5x faster; lz4 0 is its default.
+#: Level used when ``compress`` gets ``level=None``.  zstd 3 compresses 2-8x slower than
+#: zstd 1 for the same ratio on noisy floats and telemetry (a third better on millimetre
+#: depth maps), and lost to zstd 1 end to end at 100 Mbit/s on every payload of
+#: bench/compression.py; lz4 0 is lz4's default.
 DEFAULT_LEVELS: Dict[str, int] = {"zstd": 1, "lz4": 0}
 #: Values smaller than this many bytes are sent as they are (see :func:`should_compress`).
+#: Measured on telemetry (bench/compression.py --threshold): compressing saves link time
+#: from ~1 KiB at 100 Mbit/s and wins end to end from 4 KiB (x1.5); at 1 Gbit/s it only
+#: breaks even near 64 KiB, so fast-LAN users should raise it or leave compression off.
 DEFAULT_THRESHOLD = 4096
 
 _LEVELS = {"zstd": (-131072, 22), "lz4": (0, 16)}
