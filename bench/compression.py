@@ -162,9 +162,15 @@ class PacedRelay:
             _shutdown(src, dst)
 
     def close(self) -> None:
+        """Wait for the threads (they end when the sender closes), then close the sockets.
+
+        Closing a socket does not wake a thread blocked in ``recv`` on it: shut down
+        first, close last.
+        """
+        self.thread.join(30)
+        _shutdown(*self.socks)
         for s in self.socks:
             s.close()
-        self.thread.join(30)
 
 
 def _shutdown(*socks: socket.socket) -> None:

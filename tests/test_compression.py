@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import resource
 import struct
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from typing import List
 
 import lz4.frame
@@ -302,3 +305,45 @@ def test_corrupted_frames_raise_only_protocol_error(
     except ProtocolError:
         return
     assert len(out) <= len(data) + 16
+
+
+# -- the benchmark's link and the benchmark itself --------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_relay_forwards_every_byte_and_stops_by_itself() -> None:
+    if not (ROOT / "bench" / "compression.py").exists():
+        pytest.skip("bench/ is not in this checkout")
+    from bench.compression import Link
+
+    link = Link(1000.0)
+    try:
+        payload = np.random.default_rng(5).bytes(300_000)
+        link.receiver.keep.set()
+        _, _, wire = link.send(payload, "raw", None)
+        assert wire == len(payload) and link.receiver.last == payload
+        _, _, wire = link.send(payload, "zstd", 1)
+        assert link.receiver.last == payload
+    finally:
+        link.close()
+    assert link.relay is not None
+    assert not link.relay.thread.is_alive()  # the relay ended when the sender closed
+    assert not link.receiver.thread.is_alive()
+
+
+def test_bench_compression_runs() -> None:
+    """Smoke test of bench/compression.py: it runs and prints every row (no timing checks)."""
+    if not (ROOT / "bench" / "compression.py").exists():
+        pytest.skip("bench/ is not in this checkout")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.compression", "--runs", "1", "--repeat", "1"]
+        + ["--rates", "1000"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| depth 1mm |")]
+    assert [r.split("|")[3].strip() for r in rows] == ["raw", "zstd-1", "zstd-3", "lz4"]

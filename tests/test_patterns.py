@@ -491,3 +491,28 @@ def test_from_wire_garbage_raises_only_protocol_error(obj: object) -> None:
         pass
     else:
         assert obj is None or len(interest.keys) <= len(obj)  # type: ignore[arg-type]
+
+
+# -- the benchmark runs -----------------------------------------------------------------------
+
+
+def test_bench_patterns_runs() -> None:
+    """Smoke test of bench/patterns.py: it runs and prints a row per size (no timing checks)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bench" / "patterns.py").exists():
+        pytest.skip("bench/ is not in this checkout")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.patterns", "--runs", "1", "--sizes", "1,20"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| 1 |", "| 20 |"))]
+    assert len(rows) == 2
+    assert all(line.count("|") == 8 for line in rows)
