@@ -30,7 +30,7 @@ When it pays
 ------------
 Compression costs CPU on both sides to save link time.  Measured end to end
 (``bench/compression.py``, figures in bench/README.md): at 100 Mbit/s (Wi-Fi class) it
-wins for data that compresses: 219 KiB of msgpack'd telemetry 4.5x faster with zstd 1,
+wins for data that compresses: 219 KiB of msgpack'd telemetry 4.6x faster with zstd 1,
 a millimetre depth map 1.3-1.5x.  It loses on 1 Gbit/s links and loopback for arrays
 (0.3-0.5x), on noisy float32 such as point clouds (ratio 1.13) and on data already
 compressed (JPEG, PNG).  :data:`DEFAULT_THRESHOLD` is the size below which the saving
@@ -67,15 +67,15 @@ Buffer = Union[bytes, bytearray, memoryview]
 
 #: Codec names, in the order :func:`available` prefers them.
 CODECS = ("zstd", "lz4")
-#: Level used when ``compress`` gets ``level=None``.  zstd 3 compresses 2-8x slower than
+#: Level used when ``compress`` gets ``level=None``.  zstd 3 compresses 2-14x slower than
 #: zstd 1 for the same ratio on noisy floats and telemetry (a third better on millimetre
 #: depth maps), and lost to zstd 1 end to end at 100 Mbit/s on every payload of
 #: bench/compression.py; lz4 0 is lz4's default.
 DEFAULT_LEVELS: Dict[str, int] = {"zstd": 1, "lz4": 0}
 #: Values smaller than this many bytes are sent as they are (see :func:`should_compress`).
 #: Measured on telemetry (bench/compression.py --threshold): compressing saves link time
-#: from ~1 KiB at 100 Mbit/s and wins end to end from 4 KiB (x1.5); at 1 Gbit/s it only
-#: breaks even near 64 KiB, so fast-LAN users should raise it or leave compression off.
+#: from ~1 KiB at 100 Mbit/s and wins end to end from 4 KiB (x1.2-1.5); at 1 Gbit/s it
+#: breaks even only from 8-64 KiB, so fast-LAN users should raise it or leave it off.
 DEFAULT_THRESHOLD = 4096
 
 _LEVELS = {"zstd": (-131072, 22), "lz4": (0, 16)}
