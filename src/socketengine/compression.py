@@ -69,7 +69,7 @@ Buffer = Union[bytes, bytearray, memoryview]
 CODECS = ("zstd", "lz4")
 #: Level used when ``compress`` gets ``level=None``.  zstd 3 compresses 2-14x slower than
 #: zstd 1 for the same ratio on noisy floats and telemetry (a third better on millimetre
-#: depth maps), and lost to zstd 1 end to end at 100 Mbit/s on every payload of
+#: depth maps), and never beat zstd 1 end to end at 100 Mbit/s on any payload of
 #: bench/compression.py; lz4 0 is lz4's default.
 DEFAULT_LEVELS: Dict[str, int] = {"zstd": 1, "lz4": 0}
 #: Values smaller than this many bytes are sent as they are (see :func:`should_compress`).
