@@ -243,9 +243,7 @@ class Endpoint(EndpointBase, Generic[_I]):
             raise EndpointClosed(f"{self!r} closed while waiting on {channel!r}")
         return _user_item(waiter.item)
 
-    def subscribe(
-        self, channel: str, maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
-    ) -> Subscription[_I]:
+    def subscribe(self, channel: str, maxsize: int = DEFAULT_SUBSCRIPTION_SIZE) -> Subscription[_I]:
         """Receive **every** message on ``channel``, in order, from now on.
 
         Returns a :class:`Subscription`: iterate it or call ``get(timeout)``; on a host
