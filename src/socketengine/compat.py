@@ -3,6 +3,8 @@
 This module is the only place the camelCase names exist.  Each alias resolves to the
 very same method (``h.get_ALL == h.get_all``); the ``*Lock`` variants are the same as
 the plain ones because every write is thread-safe.
+A type checker sees each alias as the method it names (``h.get_ALL`` has the signature
+of ``Host.get_all``) and ``host`` / ``client`` as the classes themselves.
 
 ======================  ==========================
 seed name               socketengine name
