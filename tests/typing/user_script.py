@@ -77,6 +77,13 @@ def pep8_threaded() -> None:
             print("bye", conn.name)
 
         h.on_connect(lambda conn: print("hello", conn.name))
+
+        @h.on_request
+        def answered(
+            conn: Connection, channel: str, value: Any, reply: Any, error: Optional[str]
+        ) -> None:
+            print(conn.name, channel, value, reply, error)
+
         hello(h.clients()[0])
         command("stop")
         c.write("pose", {"x": 1.5})
@@ -106,7 +113,7 @@ def pep8_threaded() -> None:
         for item in client_sub:
             print(item)
         c.off("command", command)
-        print(total, value, name, latest, stats, log_host, log_client, bye)
+        print(total, value, name, latest, stats, log_host, log_client, bye, answered)
     opened = Host(port=0, open=False).open()
     assert_type(opened, Host)
     started = Client(port=opened.port, open=False).start()
