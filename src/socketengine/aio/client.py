@@ -7,7 +7,7 @@ import asyncio
 import logging
 import socket
 import ssl
-from typing import Any, List, Optional, Union
+from typing import Any, List, Optional, TypeVar, Union
 
 from .. import frames
 from ..errors import (
@@ -38,6 +38,8 @@ from .subscription import Subscription
 __all__ = ["Client"]
 
 logger = logging.getLogger("socketengine")
+
+_K = TypeVar("_K", bound="Client")
 
 # Errors that mean "the host is not (yet) there": keep trying.
 _RETRYABLE = (
@@ -162,7 +164,7 @@ class Client(Endpoint):
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def start(self) -> Client:
+    async def start(self: _K) -> _K:
         """Connect and complete the handshake; return the client.
 
         Retries while the host refuses (it may not be up yet), for at most

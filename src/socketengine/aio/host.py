@@ -33,7 +33,9 @@ __all__ = ["Host"]
 
 logger = logging.getLogger("socketengine")
 
-_F = TypeVar("_F", bound=Callable[..., Any])
+_H = TypeVar("_H", bound="Host")
+#: An ``on_connect`` / ``on_disconnect`` callback: ``fn(conn)``, plain or ``async``.
+_C = TypeVar("_C", bound=Callable[[Connection], Any])
 
 
 class Host(Endpoint):
@@ -135,7 +137,7 @@ class Host(Endpoint):
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def start(self) -> Host:
+    async def start(self: _H) -> _H:
         """Bind and listen on ``addr:port``; return the host.  Calling it again is
         harmless.  Raises ``OSError`` naming ``addr:port`` if it cannot bind."""
         return await super().start()
@@ -261,13 +263,13 @@ class Host(Endpoint):
         :class:`~socketengine.aio.Subscription` for ``maxsize`` and back-pressure."""
         return self._subscribe(channel, maxsize)
 
-    def on_connect(self, fn: _F) -> _F:
+    def on_connect(self, fn: _C) -> _C:
         """Call ``fn(conn)`` (plain or async) when a client completes its handshake,
         before any of its messages' callbacks.  Usable as a decorator; returns ``fn``."""
         self._connect_handlers += (fn,)
         return fn
 
-    def on_disconnect(self, fn: _F) -> _F:
+    def on_disconnect(self, fn: _C) -> _C:
         """Call ``fn(conn)`` (plain or async) when a client's connection has ended,
         after its messages' callbacks.  Usable as a decorator; returns ``fn``."""
         self._disconnect_handlers += (fn,)

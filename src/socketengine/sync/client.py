@@ -9,7 +9,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, List, Optional, Union
+from typing import Any, List, Optional, TypeVar, Union
 
 from ..compat import ClientSeedNames
 from ..engine import ConnState
@@ -40,6 +40,8 @@ from .loop import Loop, TimerHandle
 
 logger = logging.getLogger("socketengine")
 
+_K = TypeVar("_K", bound="Client")
+
 # Errors that mean "the host is not (yet) there": keep trying.
 _RETRYABLE = (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 # open() retries a refused connection with this backoff cap (seconds): a host that is
@@ -47,7 +49,7 @@ _RETRYABLE = (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedErr
 _OPEN_RETRY_MAX = 0.5
 
 
-class Client(ClientSeedNames, Endpoint):
+class Client(ClientSeedNames, Endpoint[Any]):
     """A client of a :class:`Host`.
 
     :param addr: the host's address (name, IPv4 or IPv6).
@@ -143,7 +145,7 @@ class Client(ClientSeedNames, Endpoint):
 
     # -- lifecycle ------------------------------------------------------------------
 
-    def open(self) -> Client:
+    def open(self: _K) -> _K:
         """Connect to the host and complete the handshake; start the I/O thread.
 
         Retries while the host refuses (it may not be up yet), for at most

@@ -6,7 +6,19 @@ import logging
 import ssl
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Generic,
+    List,
+    Optional,
+    Tuple,
+    TypeVar,
+    Union,
+    overload,
+)
 
 from msgpack import unpackb
 
@@ -23,11 +35,19 @@ from .loop import Loop
 
 logger = logging.getLogger("socketengine")
 
-_E = TypeVar("_E", bound="Endpoint")
+_E = TypeVar("_E", bound="Endpoint[Any]")
+_F = TypeVar("_F", bound=Callable[..., Any])
+#: What ``wait()`` returns and a subscription yields: ``(data, conn)`` on a host, the
+#: data on a client.
+_I = TypeVar("_I")
 
 
-class Endpoint(EndpointBase):
-    """Base of :class:`Host` and :class:`Client` (not used directly)."""
+class Endpoint(EndpointBase, Generic[_I]):
+    """Base of :class:`Host` and :class:`Client` (not used directly).
+
+    Generic over the item type of :meth:`wait` and :meth:`subscribe`: ``Host`` is an
+    ``Endpoint[Tuple[Any, Connection]]``, ``Client`` an ``Endpoint[Any]``.
+    """
 
     def __init__(
         self,
@@ -65,7 +85,7 @@ class Endpoint(EndpointBase):
         # without a lock; _watch_lock serialises writers (and the waiter lists).
         self._watch_lock = threading.Lock()
         self._callbacks: Dict[str, List[Callable[..., Any]]] = {}
-        self._subs: Dict[str, List[Subscription]] = {}
+        self._subs: Dict[str, List[Subscription[_I]]] = {}
         self._waiters: Dict[str, List[Waiter]] = {}
         self._any: List[Callable[..., Any]] = []  # on_message() hooks
         self._state_lock = threading.Lock()
@@ -82,6 +102,12 @@ class Endpoint(EndpointBase):
         buffers, the linger of ``close()``)."""
         self.timeout = check_timeout(time)
 
+    if TYPE_CHECKING:  # defined by Host and Client
+
+        def open(self: _E) -> _E: ...
+
+        def close(self) -> None: ...
+
     def start(self: _E) -> _E:
         """Open the endpoint if it is not open yet; return it (so calls can chain).
 
@@ -90,7 +116,7 @@ class Endpoint(EndpointBase):
         """
         self._check_not_closed()
         if not self.opened:
-            self.open()  # type: ignore[attr-defined]
+            self.open()
         return self
 
     def __enter__(self: _E) -> _E:
@@ -99,7 +125,7 @@ class Endpoint(EndpointBase):
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.close()  # type: ignore[attr-defined]
+        self.close()
 
     def _check_open(self) -> None:
         if self.stopped:
@@ -129,8 +155,17 @@ class Endpoint(EndpointBase):
         """Call a user callback with the role's signature: fn(data) or fn(data, conn)."""
         return fn(value)
 
-    def on(self, channel: str, fn: Optional[Callable[..., Any]] = None) -> Any:
+    @overload
+    def on(self, channel: str) -> Callable[[_F], _F]: ...
+
+    @overload
+    def on(self, channel: str, fn: _F) -> _F: ...
+
+    def on(self, channel: str, fn: Optional[_F] = None) -> Any:
         """Call ``fn`` for every message on ``channel``; usable as ``@endpoint.on(ch)``.
+
+        A client calls ``fn(data)``, a host ``fn(data, conn)``.  Returns ``fn`` (as a
+        decorator: the function itself, with its signature).
 
         Callbacks run on a callback thread (never the I/O thread), in arrival order for
         each connection.  An exception in a callback is logged and changes nothing
@@ -139,7 +174,7 @@ class Endpoint(EndpointBase):
         """
         frames.channel_bytes(channel)  # validates the name
 
-        def register(func: Callable[..., Any]) -> Callable[..., Any]:
+        def register(func: _F) -> _F:
             if not callable(func):
                 raise TypeError(f"on() needs a callable, not {type(func).__qualname__}")
             with self._watch_lock:
@@ -148,12 +183,12 @@ class Endpoint(EndpointBase):
 
         return register if fn is None else register(fn)
 
-    def on_message(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def on_message(self, fn: _F) -> _F:
         """Call ``fn`` for every message on **every** channel (usable as a decorator).
 
         Host: ``fn(channel, data, conn)``; client: ``fn(channel, data)``.  Runs on the
         callback threads like :meth:`on` callbacks, after them, in arrival order per
-        connection.  Meant for loggers, recorders and monitors.
+        connection.  Meant for loggers, recorders and monitors.  Returns ``fn``.
         """
         if not callable(fn):
             raise TypeError(f"on_message() needs a callable, not {type(fn).__qualname__}")
@@ -183,7 +218,7 @@ class Endpoint(EndpointBase):
             else:
                 self._callbacks.pop(channel, None)
 
-    def wait(self, channel: str, timeout: Optional[float] = None) -> Any:
+    def wait(self, channel: str, timeout: Optional[float] = None) -> _I:
         """Block until the next value arrives on ``channel`` after this call; return it.
 
         On a host the result is ``(data, conn)``.  Raises ``TimeoutError`` after
@@ -208,7 +243,7 @@ class Endpoint(EndpointBase):
             raise EndpointClosed(f"{self!r} closed while waiting on {channel!r}")
         return _user_item(waiter.item)
 
-    def subscribe(self, channel: str, maxsize: int = DEFAULT_SUBSCRIPTION_SIZE) -> Subscription:
+    def subscribe(self, channel: str, maxsize: int = DEFAULT_SUBSCRIPTION_SIZE) -> Subscription[_I]:
         """Receive **every** message on ``channel``, in order, from now on.
 
         Returns a :class:`Subscription`: iterate it or call ``get(timeout)``; on a host
@@ -218,12 +253,14 @@ class Endpoint(EndpointBase):
         """
         frames.channel_bytes(channel)
         self._check_not_closed()
-        sub = Subscription(channel, maxsize, self._unsubscribe, convert=_user_item)
+        sub: Subscription[_I] = Subscription(
+            channel, maxsize, self._unsubscribe, convert=_user_item
+        )
         with self._watch_lock:
             self._subs[channel] = [*self._subs.get(channel, ()), sub]
         return sub
 
-    def _unsubscribe(self, sub: Subscription) -> None:
+    def _unsubscribe(self, sub: Subscription[_I]) -> None:
         with self._watch_lock:
             kept = [s for s in self._subs.get(sub.channel, ()) if s is not sub]
             if kept:

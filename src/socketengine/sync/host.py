@@ -9,7 +9,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union
 
 from .. import frames, images
 from ..compat import HostSeedNames
@@ -32,12 +32,16 @@ from .endpoint import Endpoint
 
 logger = logging.getLogger("socketengine")
 
+_H = TypeVar("_H", bound="Host")
+#: An ``on_connect`` / ``on_disconnect`` callback: ``fn(conn)``.
+_C = TypeVar("_C", bound=Callable[[Connection], Any])
+
 _ACCEPTS_PER_EVENT = 64
 # Broadcasts closer together than this (seconds) are a burst: their sends are deferred.
 _BROADCAST_GAP = 1e-3
 
 
-class Host(HostSeedNames, Endpoint):
+class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
     """A host that clients connect to.
 
     :param addr: address to listen on.  ``'127.0.0.1'`` (default) accepts only this
@@ -134,7 +138,7 @@ class Host(HostSeedNames, Endpoint):
 
     # -- lifecycle ------------------------------------------------------------------
 
-    def open(self) -> Host:
+    def open(self: _H) -> _H:
         """Bind and listen on ``addr:port`` and start the I/O thread.
 
         Raises ``OSError`` naming ``addr:port`` if it cannot bind (e.g. in use).
@@ -294,18 +298,20 @@ class Host(HostSeedNames, Endpoint):
 
     # -- callbacks ----------------------------------------------------------------------
 
-    def on_connect(self, fn: Callable[[Connection], Any]) -> Callable[[Connection], Any]:
+    def on_connect(self, fn: _C) -> _C:
         """Call ``fn(conn)`` when a client completes its handshake (usable as a decorator).
 
         Runs on a callback thread, before any callback for that client's messages.
+        Returns ``fn``.
         """
         self._on_connect = [*self._on_connect, fn]
         return fn
 
-    def on_disconnect(self, fn: Callable[[Connection], Any]) -> Callable[[Connection], Any]:
+    def on_disconnect(self, fn: _C) -> _C:
         """Call ``fn(conn)`` when a client's connection closes (usable as a decorator).
 
         Runs on a callback thread, after the callbacks for that client's messages.
+        Returns ``fn``.
         """
         self._on_disconnect = [*self._on_disconnect, fn]
         return fn
