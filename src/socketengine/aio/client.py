@@ -28,6 +28,7 @@ from ..limits import (
     check_name,
     check_seconds,
 )
+from ..patterns import Pattern
 from ..protocol import Protocol, Role
 from ..sendqueue import Outgoing, SendQueue
 from ..state import Backoff, log_lost_link
@@ -327,8 +328,9 @@ class Client(Endpoint):
         """
         return self._read(self._latest, channel, default)
 
-    async def wait(self, channel: str, timeout: Optional[float] = None) -> Any:
-        """The value of the next message on ``channel`` arriving after the call.
+    async def wait(self, channel: Union[str, Pattern], timeout: Optional[float] = None) -> Any:
+        """The value of the next message on ``channel`` arriving after the call (with a
+        :class:`~socketengine.Pattern`: ``(channel, value)``).
 
         Raises ``TimeoutError`` after ``timeout`` s (``None``: no bound),
         :class:`~socketengine.EndpointClosed` if the client is closed and, without
@@ -338,10 +340,11 @@ class Client(Endpoint):
         return await self._wait(channel, timeout)
 
     def subscribe(
-        self, channel: str, maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
+        self, channel: Union[str, Pattern], maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
     ) -> Subscription[Any]:
         """Every message on ``channel`` from now on, in order:
-        ``async for data in c.subscribe("ch")``.  May be called before :meth:`start`
+        ``async for data in c.subscribe("ch")`` (with a :class:`~socketengine.Pattern`,
+        items are ``(channel, data)``).  May be called before :meth:`start`
         (to see retained values).  See :class:`~socketengine.aio.Subscription`."""
         return self._subscribe(channel, maxsize)
 

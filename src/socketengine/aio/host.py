@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import logging
 import ssl
-from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union, overload
 
 from .. import frames, images
 from ..errors import EndpointClosed
@@ -22,9 +22,11 @@ from ..limits import (
     check_name,
 )
 from ..net import listen
+from ..patterns import Pattern
 from ..protocol import Protocol, Role
 from ..sendqueue import Outgoing
 from ..state import Admission, Departed, RetainedValues
+from ..watch import matching_channels
 from .connection import READ_SIZE, Connection, Job
 from .endpoint import Endpoint
 from .subscription import Subscription
@@ -223,13 +225,24 @@ class Host(Endpoint):
                     conn.values[channel] = decoded
         return decoded
 
-    def get_all(self, channel: str) -> List[Any]:
+    @overload
+    def get_all(self, channel: str) -> List[Any]: ...
+
+    @overload
+    def get_all(self, channel: Pattern) -> Dict[str, List[Any]]: ...
+
+    def get_all(self, channel: Union[str, Pattern]) -> Any:
         """The latest value on ``channel`` from each client, in connection order.
 
         Includes clients that have disconnected, up to ``keep_departed`` of them, so a
-        client that writes and closes at once is still seen.  ``[]`` if none sent.
+        client that writes and closes at once is still seen.  ``[]`` if none sent.  With a
+        :class:`~socketengine.Pattern`: ``{channel: [values]}`` for every matching
+        channel any of them sent on.
         """
         sessions = list(self._conns.items()) + self._departed.items()
+        if isinstance(channel, Pattern):
+            names = matching_channels(channel, (c.values for _, c in sessions))
+            return {name: self.get_all(name) for name in names}
         sessions.sort(key=lambda item: item[0])
         out = []
         for _, conn in sessions:
@@ -248,18 +261,39 @@ class Host(Endpoint):
         }
         return out
 
-    async def wait(self, channel: str, timeout: Optional[float] = None) -> Tuple[Any, Connection]:
-        """Wait for the next message on ``channel`` (from any client) arriving after the
-        call; return ``(data, conn)``.  Raises ``TimeoutError`` after ``timeout`` s,
-        :class:`~socketengine.EndpointClosed` if the host closes meanwhile."""
-        result: Tuple[Any, Connection] = await self._wait(channel, timeout)
-        return result
+    @overload
+    async def wait(
+        self, channel: str, timeout: Optional[float] = None
+    ) -> Tuple[Any, Connection]: ...
 
+    @overload
+    async def wait(
+        self, channel: Pattern, timeout: Optional[float] = None
+    ) -> Tuple[str, Any, Connection]: ...
+
+    async def wait(self, channel: Union[str, Pattern], timeout: Optional[float] = None) -> Any:
+        """Wait for the next message on ``channel`` (from any client) arriving after the
+        call; return ``(data, conn)`` (with a :class:`~socketengine.Pattern`:
+        ``(channel, data, conn)``).  Raises ``TimeoutError`` after ``timeout`` s,
+        :class:`~socketengine.EndpointClosed` if the host closes meanwhile."""
+        return await self._wait(channel, timeout)
+
+    @overload
     def subscribe(
         self, channel: str, maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
-    ) -> Subscription[Tuple[Any, Connection]]:
+    ) -> Subscription[Tuple[Any, Connection]]: ...
+
+    @overload
+    def subscribe(
+        self, channel: Pattern, maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
+    ) -> Subscription[Tuple[str, Any, Connection]]: ...
+
+    def subscribe(
+        self, channel: Union[str, Pattern], maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
+    ) -> Any:
         """Every message on ``channel`` from now on, as ``(data, conn)`` pairs, in order
-        per client: ``async for data, conn in h.subscribe("ch")``.  See
+        per client: ``async for data, conn in h.subscribe("ch")``; with a
+        :class:`~socketengine.Pattern`, ``(channel, data, conn)``.  See
         :class:`~socketengine.aio.Subscription` for ``maxsize`` and back-pressure."""
         return self._subscribe(channel, maxsize)
 

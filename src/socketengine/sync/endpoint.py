@@ -28,7 +28,9 @@ from ..endpoint import EndpointBase
 from ..errors import EndpointClosed, SocketEngineError
 from ..frames import BATCH, DATA, FLAG_IMAGE, Frame
 from ..limits import DEFAULT_SUBSCRIPTION_SIZE, MIN_READ_SIZE, check_timeout
+from ..patterns import Pattern
 from ..requests import no_handler, reply_frame
+from ..watch import PatternWatch, check_key, pattern_item
 from .connection import Connection
 from .delivery import Dispatcher, Subscription, Waiter
 from .loop import Loop
@@ -88,6 +90,7 @@ class Endpoint(EndpointBase, Generic[_I]):
         self._subs: Dict[str, List[Subscription[_I]]] = {}
         self._waiters: Dict[str, List[Waiter]] = {}
         self._any: List[Callable[..., Any]] = []  # on_message() hooks
+        self._patterns: PatternWatch[Waiter, Subscription[Any]] = PatternWatch()
         self._state_lock = threading.Lock()
 
     # -- seed-compatible lifecycle --------------------------------------------------------
@@ -156,27 +159,33 @@ class Endpoint(EndpointBase, Generic[_I]):
         return fn(value)
 
     @overload
-    def on(self, channel: str) -> Callable[[_F], _F]: ...
+    def on(self, channel: Union[str, Pattern]) -> Callable[[_F], _F]: ...
 
     @overload
-    def on(self, channel: str, fn: _F) -> _F: ...
+    def on(self, channel: Union[str, Pattern], fn: _F) -> _F: ...
 
-    def on(self, channel: str, fn: Optional[_F] = None) -> Any:
+    def on(self, channel: Union[str, Pattern], fn: Optional[_F] = None) -> Any:
         """Call ``fn`` for every message on ``channel``; usable as ``@endpoint.on(ch)``.
 
-        A client calls ``fn(data)``, a host ``fn(data, conn)``.  Returns ``fn`` (as a
-        decorator: the function itself, with its signature).
+        A client calls ``fn(data)``, a host ``fn(data, conn)``.  With a
+        :class:`~socketengine.Pattern` (``on(Pattern("sensors/+"), fn)``) it is called
+        for every matching channel with the concrete name first: ``fn(channel, data)``,
+        on a host ``fn(channel, data, conn)``.  Returns ``fn`` (as a decorator: the
+        function itself, with its signature).
 
         Callbacks run on a callback thread (never the I/O thread), in arrival order for
         each connection.  An exception in a callback is logged and changes nothing
         else.  For a request on ``channel``, the first callback's return value is the
-        reply (see :meth:`request`).
+        reply (see :meth:`request`; pattern callbacks answer no requests).
         """
-        frames.channel_bytes(channel)  # validates the name
+        check_key(channel)
 
         def register(func: _F) -> _F:
             if not callable(func):
                 raise TypeError(f"on() needs a callable, not {type(func).__qualname__}")
+            if isinstance(channel, Pattern):
+                self._patterns.on(channel, func)
+                return func
             with self._watch_lock:
                 self._callbacks[channel] = [*self._callbacks.get(channel, ()), func]
             return func
@@ -209,8 +218,12 @@ class Endpoint(EndpointBase, Generic[_I]):
     def _call_any(self, fn: Callable[..., Any], channel: str, value: Any, conn: Connection) -> Any:
         return fn(channel, value)
 
-    def off(self, channel: str, fn: Optional[Callable[..., Any]] = None) -> None:
-        """Remove ``fn`` (or every callback) registered with :meth:`on` for ``channel``."""
+    def off(self, channel: Union[str, Pattern], fn: Optional[Callable[..., Any]] = None) -> None:
+        """Remove ``fn`` (or every callback) registered with :meth:`on` for ``channel``
+        (an exact name or the same :class:`~socketengine.Pattern`)."""
+        if isinstance(channel, Pattern):
+            self._patterns.off(channel, fn)
+            return
         with self._watch_lock:
             kept = [f for f in self._callbacks.get(channel, ()) if fn is not None and f != fn]
             if kept:
@@ -218,15 +231,26 @@ class Endpoint(EndpointBase, Generic[_I]):
             else:
                 self._callbacks.pop(channel, None)
 
-    def wait(self, channel: str, timeout: Optional[float] = None) -> _I:
+    @overload
+    def wait(self, channel: str, timeout: Optional[float] = None) -> _I: ...
+
+    @overload
+    def wait(self, channel: Pattern, timeout: Optional[float] = None) -> Tuple[Any, ...]: ...
+
+    def wait(self, channel: Union[str, Pattern], timeout: Optional[float] = None) -> Any:
         """Block until the next value arrives on ``channel`` after this call; return it.
 
-        On a host the result is ``(data, conn)``.  Raises ``TimeoutError`` after
-        ``timeout`` seconds (``None``: wait forever) and :class:`EndpointClosed` if the
-        endpoint closes first.
+        Only values that arrive **after** the call are seen (``get()`` has the latest
+        one); to see every message, :meth:`subscribe`.  On a host the result is
+        ``(data, conn)``.  With a :class:`~socketengine.Pattern` the result starts with
+        the concrete channel: ``(channel, data)``, on a host ``(channel, data, conn)``.
+        Raises ``TimeoutError`` after ``timeout`` seconds (``None``: wait forever) and
+        :class:`EndpointClosed` if the endpoint closes first.
         """
-        frames.channel_bytes(channel)
+        check_key(channel)
         self._check_not_closed()
+        if isinstance(channel, Pattern):
+            return self._wait_pattern(channel, timeout)
         waiter = Waiter()
         with self._watch_lock:
             self._waiters.setdefault(channel, []).append(waiter)
@@ -243,16 +267,51 @@ class Endpoint(EndpointBase, Generic[_I]):
             raise EndpointClosed(f"{self!r} closed while waiting on {channel!r}")
         return _user_item(waiter.item)
 
-    def subscribe(self, channel: str, maxsize: int = DEFAULT_SUBSCRIPTION_SIZE) -> Subscription[_I]:
+    def _wait_pattern(self, pattern: Pattern, timeout: Optional[float]) -> Tuple[Any, ...]:
+        waiter = Waiter()
+        self._patterns.wait(pattern, waiter)
+        if not waiter.event.wait(timeout):
+            self._patterns.unwait(pattern, waiter)
+            if not waiter.event.is_set():
+                raise TimeoutError(f"no message matching {pattern} within {timeout} s")
+        if waiter.item is _CLOSED:
+            raise EndpointClosed(f"{self!r} closed while waiting on {pattern}")
+        return _user_pattern_item(waiter.item)
+
+    @overload
+    def subscribe(
+        self, channel: str, maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
+    ) -> Subscription[_I]: ...
+
+    @overload
+    def subscribe(
+        self, channel: Pattern, maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
+    ) -> Subscription[Tuple[Any, ...]]: ...
+
+    def subscribe(
+        self, channel: Union[str, Pattern], maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
+    ) -> Any:
         """Receive **every** message on ``channel``, in order, from now on.
 
         Returns a :class:`Subscription`: iterate it or call ``get(timeout)``; on a host
-        items are ``(data, conn)``.  When ``maxsize`` messages wait unread, reading the
-        sending connection pauses (TCP backpressure slows the sender): nothing is
-        dropped and memory stays bounded.
+        items are ``(data, conn)``.  With a :class:`~socketengine.Pattern` items start
+        with the concrete channel: ``(channel, data)``, on a host ``(channel, data,
+        conn)``.  When ``maxsize`` messages wait unread, reading the sending connection
+        pauses (TCP backpressure slows the sender): nothing is dropped and memory stays
+        bounded.
         """
-        frames.channel_bytes(channel)
+        check_key(channel)
         self._check_not_closed()
+        if isinstance(channel, Pattern):
+            pattern = channel
+            psub: Subscription[Tuple[Any, ...]] = Subscription(
+                str(pattern),
+                maxsize,
+                lambda s: self._patterns.unsubscribe(pattern, s),
+                convert=_user_pattern_item,
+            )
+            self._patterns.subscribe(pattern, psub)
+            return psub
         sub: Subscription[_I] = Subscription(
             channel, maxsize, self._unsubscribe, convert=_user_item
         )
@@ -288,6 +347,19 @@ class Endpoint(EndpointBase, Generic[_I]):
         callbacks = self._callbacks.get(channel)
         if callbacks:
             self._dispatcher.submit(conn, self._run_callbacks, callbacks, value, conn)
+        if self._patterns:
+            fired = self._patterns.take(channel)
+            if fired is not None:
+                self._images.read(channel)
+                item = pattern_item(channel, value, conn, self._with_conn)
+                for waiter in fired.waiters:
+                    waiter.set(item)
+                for sub in fired.subs:
+                    sub.put(item, conn)
+                if fired.callbacks:
+                    self._dispatcher.submit(
+                        conn, self._run_any, fired.callbacks, channel, value, conn
+                    )
         if self._any:
             self._dispatcher.submit(conn, self._run_any, self._any, channel, value, conn)
 
@@ -330,7 +402,9 @@ class Endpoint(EndpointBase, Generic[_I]):
         with self._watch_lock:
             waiting = [w for ws in self._waiters.values() for w in ws]
             self._waiters.clear()
-            subs = [s for ss in self._subs.values() for s in ss]
+            subs: List[Subscription[Any]] = [s for ss in self._subs.values() for s in ss]
+        waiting += self._patterns.all_waiters()
+        subs += self._patterns.all_subs()
         for waiter in waiting:
             waiter.set(_CLOSED)
         for sub in subs:
@@ -369,7 +443,7 @@ class Endpoint(EndpointBase, Generic[_I]):
         A malformed value raises ``ProtocolError``, which closes ``conn`` only.
         """
         # The hot path of every received message: kept flat on purpose.
-        watched = self._callbacks or self._subs or self._waiters or self._any
+        watched = self._callbacks or self._subs or self._waiters or self._any or self._patterns
         latest = self._latest
         values = conn.values
         stamps = conn.received_at
@@ -431,6 +505,13 @@ def _user_value(value: Any) -> Any:
     if type(value) is images.EncodedImage:
         return value.decode()
     return value
+
+
+def _user_pattern_item(item: Any) -> Any:
+    """A pattern item ``(channel, value[, conn])`` for the user: images decoded."""
+    if type(item[1]) is images.EncodedImage:
+        return (item[0], item[1].decode(), *item[2:])
+    return item
 
 
 def _user_item(item: Any) -> Any:

@@ -9,7 +9,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union, overload
 
 from .. import frames, images
 from ..compat import HostSeedNames
@@ -24,9 +24,11 @@ from ..limits import (
     check_host_limits,
 )
 from ..net import listen
+from ..patterns import Pattern
 from ..protocol import Protocol, Role
 from ..sendqueue import Outgoing
 from ..state import Admission, Departed, RetainedValues
+from ..watch import matching_channels
 from .connection import Connection
 from .endpoint import Endpoint
 
@@ -78,6 +80,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
     """
 
     _kind = "host"
+    _with_conn = True
 
     def __init__(
         self,
@@ -216,14 +219,25 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         """
         return self._read(self._latest, channel, default)
 
-    def get_all(self, channel: str) -> List[Any]:
+    @overload
+    def get_all(self, channel: str) -> List[Any]: ...
+
+    @overload
+    def get_all(self, channel: Pattern) -> Dict[str, List[Any]]: ...
+
+    def get_all(self, channel: Union[str, Pattern]) -> Any:
         """The latest value on ``channel`` from each client, in connection order.
 
         Includes clients that have disconnected, up to ``keep_departed`` of them
         (the most recently departed), so a client that writes and closes at once is
-        still seen.  ``[]`` when no client sent on ``channel``.
+        still seen.  ``[]`` when no client sent on ``channel``.  With a
+        :class:`~socketengine.Pattern`: ``{channel: [values]}`` for every matching
+        channel any of them sent on.
         """
         sessions = list(self._conns.items()) + self._departed.items()
+        if isinstance(channel, Pattern):
+            names = matching_channels(channel, (c.values for _, c in sessions))
+            return {name: self.get_all(name) for name in names}
         sessions.sort(key=lambda item: item[0])
         out = []
         for _, conn in sessions:
