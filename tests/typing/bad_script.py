@@ -33,7 +33,7 @@ def threaded() -> None:
 def seed_style() -> None:
     h = host(port="8080")  # E: Argument "port" to "Host" has incompatible type "str"
     c = client(reconect=True)  # E: Unexpected keyword argument "reconect"
-    h.get_ALL(1)  # E: Argument 1 has incompatible type "int"
+    h.get_ALL(1)  # E: No overload variant matches argument type "int"
     c.writeLock(1, "data")  # E: Argument 1 has incompatible type "int"
     count: str = h.write_ALL("config", 1)  # E: Incompatible types in assignment
     print(count)
