@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import random
 import selectors
 import socket
@@ -426,19 +427,20 @@ class Client(ClientSeedNames, Endpoint):
         self._retry = None
         if self.stopped:
             return
+        sock: Optional[socket.socket] = None
         try:
             family, kind, proto, _, sockaddr = socket.getaddrinfo(
                 self.addr, self._port, type=socket.SOCK_STREAM
             )[0]
             sock = socket.socket(family, kind, proto)
+            sock.setblocking(False)
+            err = sock.connect_ex(sockaddr)
+            if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+                raise OSError(err, os.strerror(err))
         except OSError as exc:
+            if sock is not None:
+                sock.close()
             logger.info("%r: reconnect failed: %s", self, exc)
-            self._schedule_reconnect()
-            return
-        sock.setblocking(False)
-        err = sock.connect_ex(sockaddr)
-        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
-            sock.close()
             self._schedule_reconnect()
             return
         self._retry = sock
@@ -447,18 +449,34 @@ class Client(ClientSeedNames, Endpoint):
     def _connected(self, sock: socket.socket) -> None:
         self._loop.unregister(sock)
         self._retry = None
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err or self.stopped:
+        if self.stopped:
             sock.close()
-            if not self.stopped:
-                self._schedule_reconnect()
             return
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = self._new_connection(sock)
-        conn.attach()
-        conn.start_handshake_timer(self.handshake_timeout)
-        # Until it is ready, a failure of this connection must schedule the next try.
+        # Any step can fail on a socket the host reset meanwhile (getsockopt() said 0,
+        # then getpeername() raises ENOTCONN): close it and schedule the next try, or
+        # the client would stay disconnected for ever.
+        try:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = self._new_connection(sock)  # getpeername(), TLS wrap
+        except Exception as exc:  # OSError (ssl.SSLError included) or anything else
+            sock.close()
+            log = logger.info if isinstance(exc, OSError) else logger.warning
+            log("%r: reconnect attempt failed: %s", self, exc)
+            self._schedule_reconnect()
+            return
+        # Until it is ready, a failure of this connection must schedule the next try;
+        # set before attach(), which may fail and close it at once (a TLS first step).
         self._pending = conn
+        try:
+            conn.attach()
+            conn.start_handshake_timer(self.handshake_timeout)
+        except Exception as exc:
+            logger.info("%r: reconnect attempt failed: %s", self, exc)
+            conn.error = conn.error or exc
+            conn._finish()  # -> _on_closed(): schedules the next try
 
     def _connections(self) -> List[Connection]:
         return [self._conn] if self._conn is not None else []
