@@ -35,7 +35,7 @@ import sys
 import textwrap
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import IO, Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 from socketengine import frames
 from socketengine.protocol import Protocol, Role, token_bytes
@@ -880,9 +880,10 @@ class HostProcess:
 
 _CLIENTS_SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import json, logging, sys
     from socketengine import Client
     cfg = json.loads(sys.argv[1])
+    logging.basicConfig(level=logging.ERROR)  # to stderr: errors the I/O thread swallowed
     clients = [
         Client(port=cfg["port"], name=f"{cfg['prefix']}{i}", **cfg["kwargs"])
         for i in range(cfg["n"])
@@ -905,15 +906,25 @@ class ClientsProcess:
     """``n`` threaded Clients named ``f"{prefix}{i}"`` in a subprocess.
 
     :meth:`status` returns the names of those not connected now and the sum of their
-    ``reconnects``.  The child exits when :meth:`stop` is called or this process dies.
+    ``reconnects``.  Errors logged by the clients (level ERROR, e.g. an exception the
+    I/O thread caught) go to ``stderr`` (a file; default: inherited).  The child exits when :meth:`stop` is called or this process dies.
     """
 
-    def __init__(self, port: int, n: int, *, prefix: str = "c", **client_kwargs: Any) -> None:
+    def __init__(
+        self,
+        port: int,
+        n: int,
+        *,
+        prefix: str = "c",
+        stderr: Optional[IO[str]] = None,
+        **client_kwargs: Any,
+    ) -> None:
         cfg = {"port": port, "n": n, "prefix": prefix, "kwargs": client_kwargs}
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _CLIENTS_SCRIPT, json.dumps(cfg)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            stderr=stderr,
             text=True,
         )
         assert self.proc.stdout is not None
