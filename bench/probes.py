@@ -317,7 +317,11 @@ def probe_kill(
 
 
 def probe_flood(
-    mode: str = "idle", count: int = 2000, tries: int = 26, try_timeout: float = 3.0
+    mode: str = "idle",
+    count: int = 2000,
+    tries: int = 26,
+    try_timeout: float = 3.0,
+    spacing: float = 1.0,
 ) -> Result:
     raise_fd_limit(count + 1024)
     token = "right-token"
@@ -328,8 +332,12 @@ def probe_flood(
     durations: List[float] = []
     try:
         with HandshakeFlooder(port, count, mode=mode, duration=600) as flood:
-            flood.wait_open(count, timeout=60)
-            for _ in range(tries):
+            flood.wait_established(count, timeout=60)
+            first = time.monotonic()
+            for k in range(tries):
+                # One try a second: the tries span several handshake timeouts of the flood.
+                while time.monotonic() < first + k * spacing:
+                    time.sleep(0.01)
                 t0 = time.monotonic()
                 try:
                     c = Client(
@@ -348,6 +356,7 @@ def probe_flood(
                 durations.append(time.monotonic() - t0)
             stats = {
                 "flood_opened": flood.opened,
+                "flood_established": flood.established,
                 "flood_closed_by_host": flood.closed_by_host,
                 "flood_open_at_end": flood.open_now,
             }
@@ -360,6 +369,7 @@ def probe_flood(
         "got_in": got_in,
         "failures": failures,
         "try_timeout_s": try_timeout,
+        "try_spacing_s": spacing,
         "median_try_s": round(statistics.median(durations), 2),
         **stats,
     }

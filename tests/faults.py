@@ -507,7 +507,8 @@ class HandshakeFlooder:
     so it never completes in practice).  A connection the host closes (or refuses) is
     re-opened after ``reopen_delay`` seconds.  Everything stops after ``duration``
     seconds or at :meth:`stop`; the count is capped at 20,000.  Raises the process's
-    file limit as needed.  Counters: ``opened``, ``closed_by_host``, ``failed``,
+    file limit as needed.  Counters: ``opened``, ``established``, ``closed_by_host``
+    (closed, reset or refused by the host), ``failed`` (connect() itself failed),
     ``bytes_sent`` and :attr:`open_now`.
     """
 
@@ -532,7 +533,8 @@ class HandshakeFlooder:
         self.interval = 1.0 / rate
         self.duration = duration
         self.reopen_delay = reopen_delay
-        self.opened = 0
+        self.opened = 0  # connect() calls
+        self.established = 0  # TCP handshakes completed
         self.closed_by_host = 0
         self.failed = 0
         self.bytes_sent = 0
@@ -551,12 +553,16 @@ class HandshakeFlooder:
         self._thread.start()
         return self
 
-    def wait_open(self, n: int, timeout: float = 30.0) -> None:
-        """Wait until ``n`` connections were opened (counting re-opens)."""
+    def wait_established(self, n: int, timeout: float = 30.0) -> None:
+        """Wait until ``n`` TCP connections were established (counting re-opens).
+
+        Established means the kernel completed the TCP handshake: the host may not have
+        accepted the connection yet (it may sit in the listen backlog).
+        """
         deadline = time.monotonic() + timeout
-        while self.opened < n:
+        while self.established < n:
             if time.monotonic() > deadline or not self._thread.is_alive():
-                raise TimeoutError(f"only {self.opened} of {n} flood connections opened")
+                raise TimeoutError(f"only {self.established} of {n} flood connections established")
             time.sleep(0.01)
 
     def stop(self) -> None:
@@ -581,7 +587,7 @@ class HandshakeFlooder:
         self._socks[i] = sock
         self._sent[i] = 0
         self.opened += 1
-        sel.register(sock, selectors.EVENT_READ, i)
+        sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, i)
 
     def _run(self) -> None:
         sel = selectors.DefaultSelector()
@@ -601,16 +607,24 @@ class HandshakeFlooder:
                 wait = 0.05
                 if due:
                     wait = min(wait, max(0.0, due[0][0] - now))
-                for key, _ in sel.select(wait):
+                for key, mask in sel.select(wait):
                     i = key.data
                     sock = self._socks[i]
-                    try:
-                        data = sock.recv(65536)
-                    except (BlockingIOError, InterruptedError):
-                        continue
-                    except OSError:
-                        data = b""
-                    if data:
+                    data: Optional[bytes] = None
+                    if mask & selectors.EVENT_WRITE:  # the TCP connection is made, or failed
+                        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                            self.established += 1
+                            sel.modify(sock, selectors.EVENT_READ, i)
+                        else:
+                            data = b""
+                    if data is None and mask & selectors.EVENT_READ:
+                        try:
+                            data = sock.recv(65536)
+                        except (BlockingIOError, InterruptedError):
+                            continue
+                        except OSError:
+                            data = b""
+                    if data is None or data:
                         continue  # e.g. a REFUSE: wait for the close that follows
                     sel.unregister(sock)
                     _reset_close(sock)
@@ -907,7 +921,8 @@ class ClientsProcess:
 
     :meth:`status` returns the names of those not connected now and the sum of their
     ``reconnects``.  Errors logged by the clients (level ERROR, e.g. an exception the
-    I/O thread caught) go to ``stderr`` (a file; default: inherited).  The child exits when :meth:`stop` is called or this process dies.
+    I/O thread caught) go to ``stderr`` (a file; default: inherited).  The child exits
+    when :meth:`stop` is called or this process dies.
     """
 
     def __init__(

@@ -175,6 +175,7 @@ def test_the_handshake_flooder_reopens_what_the_host_closes() -> None:
         with HandshakeFlooder(h.port, 5, mode="drip", rate=20, duration=30) as flood:
             wait_for(lambda: flood.closed_by_host >= 5, timeout=10, what="handshake timeouts")
             wait_for(lambda: flood.opened >= 10, what="re-opened connections")
+            assert flood.established >= 5
             assert flood.bytes_sent > 0
             assert flood.open_now <= 5
             assert h.clients() == []  # none of them ever got in
