@@ -479,7 +479,8 @@ def probe_memory_never_read(size: int = 64 * 1024, limit: int = 12_000) -> Resul
         host.kill()
     return {
         "value_bytes": size,
-        "written_before_backpressure": written,
+        "written": written,
+        "write_limit": limit,
         "writer_error": error,
         "rss_growth_mb": round((full - base) / MB, 1),
         "rss_growth_per_value_bytes": round((full - base) / max(written, 1)),
