@@ -140,6 +140,7 @@ class CuttingProxy:
         self.accepted = 0
         self.cuts = 0
         self.blackholed = False
+        self._cut_at: Optional[Tuple[str, int, str]] = None  # (direction, byte mark, mode)
         self._links: List[_Link] = []
         self._sel = selectors.DefaultSelector()
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -192,6 +193,27 @@ class CuttingProxy:
         if mode == "reset":
             return self.cut_reset()
         raise ValueError(f"mode must be 'close' or 'reset', not {mode!r}")
+
+    def cut_after(
+        self, up: Optional[int] = None, down: Optional[int] = None, mode: str = "reset"
+    ) -> None:
+        """Cut every link (``mode`` "reset" or "close") once exactly ``up`` more bytes
+        were forwarded to the target, or ``down`` more to the client (give one).
+
+        Deterministic mid-frame cuts: the bytes beyond the mark are never forwarded.
+        """
+        if (up is None) == (down is None) or mode not in ("reset", "close"):
+            raise ValueError("give exactly one of up= or down=, and mode 'reset' or 'close'")
+
+        def do() -> None:
+            if up is not None:
+                self._cut_at = ("up", self.bytes_up + up, mode)
+            else:
+                assert down is not None
+                self._cut_at = ("down", self.bytes_down + down, mode)
+            self._update_all()
+
+        self._call(do)
 
     def blackhole(self, new_links: bool = True) -> None:
         """Stop forwarding in both directions without closing anything.
@@ -413,19 +435,35 @@ class CuttingProxy:
                 else:
                     link.to_down += data
         if mask & selectors.EVENT_WRITE and not link.draining:
-            buf = link.to_down if sock is link.down else link.to_up
+            to_client = sock is link.down
+            buf = link.to_down if to_client else link.to_up
+            view = memoryview(buf)
+            armed = self._cut_at
+            if armed is not None and armed[0] == ("down" if to_client else "up"):
+                sent_so_far = self.bytes_down if to_client else self.bytes_up
+                view = view[: max(0, armed[1] - sent_so_far)]
             try:
-                n = sock.send(buf)
+                n = sock.send(view) if view else 0
             except (BlockingIOError, InterruptedError):
                 n = 0
             except OSError:
+                view.release()
                 self._drop(link, reset=True)
                 return
+            view.release()
             del buf[:n]
-            if sock is link.down:
+            if to_client:
                 self.bytes_down += n
             else:
                 self.bytes_up += n
+            if armed is not None and armed[0] == ("down" if to_client else "up"):
+                if (self.bytes_down if to_client else self.bytes_up) >= armed[1]:
+                    self._cut_at = None
+                    if armed[2] == "reset":
+                        self._cut_reset()
+                    else:
+                        self._cut_close()
+                    return
         if not link.draining:
             # Pass a half-close on once everything before it was forwarded.
             if link.eof_down and not link.to_up and link.up is not None:

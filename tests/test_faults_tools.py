@@ -132,6 +132,27 @@ def test_blackhole_then_cut_loses_what_was_held(ends: Ends) -> None:
     assert proxy.bytes_up == 0
 
 
+@pytest.mark.parametrize("mode", ["close", "reset"])
+def test_cut_after_forwards_exactly_that_many_bytes(ends: Ends, mode: str) -> None:
+    proxy, client, server = ends
+    client.sendall(b"a" * 10)
+    assert _recv_exactly(server, 10) == b"a" * 10
+    proxy.cut_after(up=50, mode=mode)
+    client.sendall(bytes(range(100)))
+    got = b""
+    try:
+        while True:
+            data = server.recv(65536)
+            if not data:
+                break
+            got += data
+    except ConnectionResetError:
+        assert mode == "reset"
+    assert got == bytes(range(50))  # the mark falls mid-write: the rest is never forwarded
+    wait_for(lambda: proxy.cuts == 1)  # counted right after the FIN or RST went out
+    assert proxy.bytes_up == 60
+
+
 def test_blackhole_holds_new_links_until_resume() -> None:
     with (
         socket.create_server(("127.0.0.1", 0)) as target,
