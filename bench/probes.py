@@ -25,6 +25,7 @@ Probes (see docs/guarantees.md, "Measured failure behaviour"):
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import logging
 import os
@@ -129,7 +130,8 @@ def probe_cuts(heartbeat: float, n: int = 20_000, rate: float = 600.0) -> Result
     c = Client(port=proxy.port, heartbeat=heartbeat, name="seq")
     errors: Dict[str, int] = {}
     done = threading.Event()
-    cut_log: List[Tuple[str, int, float]] = []
+    cut_log: List[Tuple[str, int, float, int]] = []  # kind, links cut, seconds, next seq
+    next_seq = [0]
 
     def cutter() -> None:
         period = n / rate / (len(events) + 1)
@@ -140,6 +142,7 @@ def probe_cuts(heartbeat: float, n: int = 20_000, rate: float = 600.0) -> Result
                 time.sleep(0.01)
             _wait(lambda: c.connected and proxy.links > 0, 15)  # a live link to cut
             t0 = time.monotonic()
+            at = next_seq[0]
             if event == "blackhole":
                 proxy.blackhole()
                 # Until the client's heartbeat gives the link up (3 x heartbeat), then
@@ -148,7 +151,7 @@ def probe_cuts(heartbeat: float, n: int = 20_000, rate: float = 600.0) -> Result
                 links = proxy.cut_reset()
             else:
                 links = proxy.cut(event)
-            cut_log.append((event, links, round(time.monotonic() - t0, 3)))
+            cut_log.append((event, links, round(time.monotonic() - t0, 3), at))
 
     t = threading.Thread(target=cutter, daemon=True)
     start = time.monotonic()
@@ -161,6 +164,7 @@ def probe_cuts(heartbeat: float, n: int = 20_000, rate: float = 600.0) -> Result
             time.sleep(delay)  # pacing the writer, not synchronisation
         try:
             c.write("n", i)
+            next_seq[0] = i + 1
         except Exception as exc:  # counted: a write the application saw fail
             errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
     write_s = time.monotonic() - start
@@ -174,7 +178,15 @@ def probe_cuts(heartbeat: float, n: int = 20_000, rate: float = 600.0) -> Result
     total_s = time.monotonic() - start
     collector.stop()
     result = _sequence_stats(collector.got, n)
+    # Each lost value is blamed on the last cut that began before it was written.
+    marks = [entry[3] for entry in cut_log]
+    lost_by_kind: Dict[str, int] = {}
+    for v in set(range(n)) - set(collector.got):
+        k = bisect.bisect_right(marks, v) - 1
+        kind = cut_log[k][0] if k >= 0 else "before any cut"
+        lost_by_kind[kind] = lost_by_kind.get(kind, 0) + 1
     result.update(
+        lost_by_cut_kind=lost_by_kind,
         heartbeat=heartbeat,
         rate=rate,
         write_errors=errors,
