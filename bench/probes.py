@@ -271,6 +271,7 @@ def probe_kill(
             clients // processes,
             prefix=f"p{k}-",
             stderr=logs[k],
+            log_level="INFO",  # failed attempts are logged at INFO once handled
             heartbeat=0.5,
             reconnect_max=reconnect_max,
         )
@@ -307,10 +308,14 @@ def probe_kill(
             f.close()
     handler_errors = 0
     enotconn = 0
+    enotconn_retried = 0
     for path in paths:
         text = path.read_text(errors="replace")
         handler_errors += text.count("error in I/O handler") + text.count("error in loop call")
-        enotconn += text.count("Errno 107")
+        enotconn += text.count("Errno 107")  # raised, or handled and retried
+        enotconn_retried += sum(
+            1 for line in text.splitlines() if "attempt failed" in line and "Errno 107" in line
+        )
     return {
         "cycles": cycles,
         "clients": clients,
@@ -322,6 +327,7 @@ def probe_kill(
         "final_wait_s": round(final_wait, 2),
         "io_handler_errors_logged": handler_errors,
         "enotconn_logged": enotconn,
+        "enotconn_retried": enotconn_retried,
     }
 
 

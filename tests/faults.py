@@ -935,7 +935,7 @@ _CLIENTS_SCRIPT = textwrap.dedent(
     import json, logging, sys
     from socketengine import Client
     cfg = json.loads(sys.argv[1])
-    logging.basicConfig(level=logging.ERROR)  # to stderr: errors the I/O thread swallowed
+    logging.basicConfig(level=cfg["log_level"])  # to stderr, e.g. errors the I/O thread caught
     clients = [
         Client(port=cfg["port"], name=f"{cfg['prefix']}{i}", **cfg["kwargs"])
         for i in range(cfg["n"])
@@ -958,9 +958,9 @@ class ClientsProcess:
     """``n`` threaded Clients named ``f"{prefix}{i}"`` in a subprocess.
 
     :meth:`status` returns the names of those not connected now and the sum of their
-    ``reconnects``.  Errors logged by the clients (level ERROR, e.g. an exception the
-    I/O thread caught) go to ``stderr`` (a file; default: inherited).  The child exits
-    when :meth:`stop` is called or this process dies.
+    ``reconnects``.  What the clients log at ``log_level`` and above (default ERROR, e.g.
+    an exception the I/O thread caught) goes to ``stderr`` (a file; default: inherited).
+    The child exits when :meth:`stop` is called or this process dies.
     """
 
     def __init__(
@@ -970,9 +970,16 @@ class ClientsProcess:
         *,
         prefix: str = "c",
         stderr: Optional[IO[str]] = None,
+        log_level: str = "ERROR",
         **client_kwargs: Any,
     ) -> None:
-        cfg = {"port": port, "n": n, "prefix": prefix, "kwargs": client_kwargs}
+        cfg = {
+            "port": port,
+            "n": n,
+            "prefix": prefix,
+            "log_level": log_level,
+            "kwargs": client_kwargs,
+        }
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _CLIENTS_SCRIPT, json.dumps(cfg)],
             stdin=subprocess.PIPE,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import random
 import selectors
 import socket
@@ -435,12 +434,14 @@ class Client(ClientSeedNames, Endpoint):
             sock = socket.socket(family, kind, proto)
             sock.setblocking(False)
             err = sock.connect_ex(sockaddr)
-            if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
-                raise OSError(err, os.strerror(err))
         except OSError as exc:
             if sock is not None:
                 sock.close()
             logger.info("%r: reconnect failed: %s", self, exc)
+            self._schedule_reconnect()
+            return
+        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+            sock.close()
             self._schedule_reconnect()
             return
         self._retry = sock
@@ -456,9 +457,10 @@ class Client(ClientSeedNames, Endpoint):
         # then getpeername() raises ENOTCONN): close it and schedule the next try, or
         # the client would stay disconnected for ever.
         try:
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                raise OSError(err, os.strerror(err))
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                sock.close()  # refused or reset: routine while the host is away
+                self._schedule_reconnect()
+                return
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = self._new_connection(sock)  # getpeername(), TLS wrap
         except Exception as exc:  # OSError (ssl.SSLError included) or anything else
