@@ -485,3 +485,43 @@ def test_malformed_patterns_are_refused_at_the_call(text: str) -> None:
 
     with pytest.raises(ValueError):
         Pattern(text)
+
+
+# -- lossless image streams ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_lossless_image_channel_delivers_every_frame_in_order(
+    layer: str, loop_thread: AioThread
+) -> None:
+    """The imagezmq receive loop, ported: the camera writes 100 frames with
+    conflate=False, the hub reads them one by one through a subscription (slower than
+    the camera) and gets 100 of 100, in order; the writer is slowed by backpressure."""
+    np = pytest.importorskip("numpy")
+    with Host(port=0) as hub:
+        frames_in = hub.subscribe("image", maxsize=4)  # a small queue: backpressure early
+        camera = make_client(layer, loop_thread, hub.port, max_buffer=1 << 20)
+        try:
+            wait_for(lambda: hub.clients(), what="the camera")
+            done = threading.Event()
+
+            def run_camera() -> None:
+                for i in range(100):
+                    frame = np.full((480, 640, 3), i % 256, dtype=np.uint8)
+                    camera.do("write_image", frame, "image", conflate=False)
+                done.set()
+
+            writer = threading.Thread(target=run_camera, daemon=True)
+            writer.start()
+            got = []
+            for _ in range(100):
+                img, conn = frames_in.get(timeout=20)
+                got.append(int(img[0, 0, 0]))
+                if len(got) == 10:
+                    assert not done.is_set()  # the camera waits for the slow hub
+            writer.join(20)
+            assert got == list(range(100))
+            sent = camera.do("stats")["images"]["sent"]["image"]
+            assert sent["frames"] == 100 and sent["dropped"] == 0
+        finally:
+            camera.close()

@@ -379,6 +379,7 @@ class Client(Endpoint):
         channel: str = "image",
         codec: Optional[str] = None,
         quality: Optional[int] = None,
+        conflate: bool = True,
     ) -> None:
         """Send a numpy image (H, W) or (H, W, C) on ``channel`` (default ``"image"``).
 
@@ -388,9 +389,13 @@ class Client(Endpoint):
         ``image_quality``.  JPEG/PNG encoding runs in a worker thread.  A newer frame
         replaces an older one on the same channel that is still unsent (also while
         disconnected).  ``TypeError``/``ValueError`` before anything is sent.
+
+        ``conflate=False`` makes the channel lossless: every frame is queued like a
+        plain value, in order, and a slow receiver slows the writer (backpressure,
+        bounded by ``max_buffer``) instead of getting only the newest frame.
         """
-        parts, nbytes = await self._image_frame(img, channel, codec, quality)
-        await self._send(parts, nbytes, image=channel)
+        parts, nbytes = await self._image_frame(img, channel, codec, quality, conflate)
+        await self._send(parts, nbytes, image=channel if conflate else None)
 
     async def request(self, channel: str, data: Any, timeout: Optional[float] = 5.0) -> Any:
         """Send a request on ``channel``; return the host's reply.

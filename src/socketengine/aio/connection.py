@@ -380,6 +380,7 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         channel: str = "image",
         codec: Optional[str] = None,
         quality: Optional[int] = None,
+        conflate: bool = True,
     ) -> None:
         """Send a numpy image (H, W) or (H, W, C) on ``channel`` to this peer only.
 
@@ -388,9 +389,13 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         runs in a worker thread.  If an earlier image on ``channel`` still waits unsent,
         this one replaces it (latest frame wins); an image write never waits for the
         peer.  ``TypeError`` / ``ValueError`` before anything is sent.
+
+        ``conflate=False`` makes the channel lossless: every frame is queued like a
+        plain value, in order, and a slow receiver slows the writer (backpressure,
+        bounded by ``max_buffer``) instead of getting only the newest frame.
         """
-        parts, nbytes = await self._endpoint._image_frame(img, channel, codec, quality)
-        await self._send_frame(parts, nbytes, image=channel)
+        parts, nbytes = await self._endpoint._image_frame(img, channel, codec, quality, conflate)
+        await self._send_frame(parts, nbytes, image=channel if conflate else None)
 
     async def request(self, channel: str, data: Any, timeout: Optional[float] = 5.0) -> Any:
         """Send a request on ``channel`` and return the peer's reply.

@@ -249,7 +249,12 @@ class Endpoint(EndpointBase):
     # -- images ---------------------------------------------------------------------------
 
     async def _image_frame(
-        self, img: Any, channel: str, codec: Optional[str], quality: Optional[int]
+        self,
+        img: Any,
+        channel: str,
+        codec: Optional[str],
+        quality: Optional[int],
+        conflate: bool = True,
     ) -> Tuple[Sequence[Buffer], int]:
         """Validate, encode (JPEG/PNG in a worker thread) and frame an image, once.
 
@@ -264,6 +269,9 @@ class Endpoint(EndpointBase):
             value = await loop.run_in_executor(None, images.prepare, img, name, level)
         parts, nbytes = frames.value_frame(frames.DATA, channel, value, frames.FLAG_IMAGE)
         self._images.written(channel, name)
+        if not conflate:
+            # Never replaced: handed over in order like a plain value (stats count it now).
+            self._images.transmitted(channel, nbytes)
         return parts, nbytes
 
     # -- heartbeats -----------------------------------------------------------------------

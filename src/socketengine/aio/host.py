@@ -342,6 +342,7 @@ class Host(Endpoint):
         channel: str = "image",
         codec: Optional[str] = None,
         quality: Optional[int] = None,
+        conflate: bool = True,
     ) -> int:
         """Send a numpy image to every connected client on ``channel``; return how many.
 
@@ -349,11 +350,15 @@ class Host(Endpoint):
         host's ``image_codec`` / ``image_quality``.  The image is encoded once (in a
         worker thread), whatever the number of clients; a client that does not keep up
         gets the newest frame, never a backlog (conflation).
+
+        ``conflate=False`` makes the channel lossless: every frame is queued like a
+        plain value, in order, and a slow receiver slows the writer (backpressure,
+        bounded by ``max_buffer``) instead of getting only the newest frame.
         """
         self._check_open()
-        parts, nbytes = await self._image_frame(img, channel, codec, quality)
+        parts, nbytes = await self._image_frame(img, channel, codec, quality, conflate)
         self._check_open()
-        return await self._broadcast(parts, nbytes, image=channel)
+        return await self._broadcast(parts, nbytes, image=channel if conflate else None)
 
     async def _broadcast(self, parts: Outgoing, nbytes: int, image: Optional[str] = None) -> int:
         """Hand one encoded frame to every client without waiting for any of them."""

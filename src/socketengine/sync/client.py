@@ -305,6 +305,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
         channel: str = "image",
         codec: Optional[str] = None,
         quality: Optional[int] = None,
+        conflate: bool = True,
     ) -> None:
         """Send a numpy image (H, W) or (H, W, C) on ``channel`` (default ``"image"``).
 
@@ -313,9 +314,13 @@ class Client(ClientSeedNames, Endpoint[Any]):
         or ``"png"`` (lossless, uint8/uint16); ``None`` uses the client's
         ``image_codec`` / ``image_quality``.  A newer frame replaces an older one that
         is still unsent.  ``TypeError``/``ValueError`` before anything is sent.
+
+        ``conflate=False`` makes the channel lossless: every frame is queued like a
+        plain value, in order, and a slow receiver slows the writer (backpressure,
+        bounded by ``max_buffer``) instead of getting only the newest frame.
         """
-        parts, nbytes = self._image_frame(img, channel, codec, quality)
-        self._send(parts, nbytes, image=channel)
+        parts, nbytes = self._image_frame(img, channel, codec, quality, conflate)
+        self._send(parts, nbytes, image=channel if conflate else None)
 
     def flush(self, timeout: Optional[float] = None) -> None:
         """Block until everything written so far is handed to the operating system.

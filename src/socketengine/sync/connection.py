@@ -171,6 +171,7 @@ class Connection(PeerView, Pausable):
         channel: str = "image",
         codec: Optional[str] = None,
         quality: Optional[int] = None,
+        conflate: bool = True,
     ) -> None:
         """Send a numpy image on ``channel`` (default ``"image"``) to this peer only.
 
@@ -178,9 +179,13 @@ class Connection(PeerView, Pausable):
         endpoint's ``image_codec`` / ``image_quality``.  If an earlier image on
         ``channel`` is still waiting unsent, this one replaces it (latest frame wins;
         counted in :attr:`images_dropped`).
+
+        ``conflate=False`` makes the channel lossless: every frame is queued like a
+        plain value, in order, and a slow receiver slows the writer (backpressure,
+        bounded by ``max_buffer``) instead of getting only the newest frame.
         """
-        parts, nbytes = self._endpoint._image_frame(img, channel, codec, quality)
-        self.send_parts(parts, nbytes, image=channel)
+        parts, nbytes = self._endpoint._image_frame(img, channel, codec, quality, conflate)
+        self.send_parts(parts, nbytes, image=channel if conflate else None)
         self.messages_out += 1
 
     def request(self, channel: str, data: Any, timeout: Optional[float] = 5.0) -> Any:

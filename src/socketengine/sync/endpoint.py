@@ -139,13 +139,21 @@ class Endpoint(EndpointBase, Generic[_I]):
     # -- images ---------------------------------------------------------------------------
 
     def _image_frame(
-        self, img: Any, channel: str, codec: Optional[str], quality: Optional[int]
+        self,
+        img: Any,
+        channel: str,
+        codec: Optional[str],
+        quality: Optional[int],
+        conflate: bool = True,
     ) -> Tuple[List[Any], int]:
         """Validate, encode (in the caller's thread) and frame an image, once."""
         name, level = self._image_settings(img, codec, quality)
         value = images.prepare(img, name, level)
         parts, nbytes = frames.value_frame(frames.DATA, channel, value, frames.FLAG_IMAGE)
         self._images.written(channel, name)
+        if not conflate:
+            # Never replaced: handed over in order like a plain value (stats count it now).
+            self._images.transmitted(channel, nbytes)
         return parts, nbytes
 
     # -- delivery: callbacks, wait, subscribe -------------------------------------------

@@ -281,16 +281,21 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         channel: str = "image",
         codec: Optional[str] = None,
         quality: Optional[int] = None,
+        conflate: bool = True,
     ) -> int:
         """Send a numpy image to every connected client on ``channel`` (default "image").
 
         ``codec``/``quality`` as for :meth:`Client.write_image` (default: the host's
         ``image_codec``/``image_quality``).  The image is encoded once, whatever the
         number of clients; a slow client gets the newest frame, never a backlog.
+
+        ``conflate=False`` makes the channel lossless: every frame is queued like a
+        plain value, in order, and a slow receiver slows the writer (backpressure,
+        bounded by ``max_buffer``) instead of getting only the newest frame.
         """
         self._check_open()
-        parts, nbytes = self._image_frame(img, channel, codec, quality)
-        return self._send_all(parts, nbytes, image=channel)
+        parts, nbytes = self._image_frame(img, channel, codec, quality, conflate)
+        return self._send_all(parts, nbytes, image=channel if conflate else None)
 
     def _send_all(self, parts: Outgoing, nbytes: int, image: Optional[str] = None) -> int:
         """Queue one encoded frame for every client; a slow client never blocks this."""
