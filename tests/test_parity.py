@@ -525,3 +525,84 @@ def test_a_lossless_image_channel_delivers_every_frame_in_order(
             assert sent["frames"] == 100 and sent["dropped"] == 0
         finally:
             camera.close()
+
+
+# -- acknowledged writes -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_acknowledged_writes_both_ways(layer: str, loop_thread: AioThread) -> None:
+    host = make_host(layer, loop_thread)
+    try:
+        with Client(port=host.ep.port, name="c") as c:
+            c.write("cfg", {"gain": 2}, ack=True, timeout=5)
+            assert host.ep.get("cfg") == {"gain": 2}  # stored before write() returned
+            for i in range(50):
+                c.write("n", i)
+            c.flush(timeout=5, acked=True)
+            assert host.ep.get("n") == 49
+            wait_for(lambda: host.ep.clients(), what="the client")
+            (conn,) = host.ep.clients()
+            if layer == "sync":
+                conn.write("cmd", "go", ack=True, timeout=5)
+                conn.flush(acked=True)
+            else:
+                loop_thread.run(conn.write("cmd", "go", ack=True, timeout=5))
+                loop_thread.run(conn.flush(acked=True))
+            assert c.get("cmd") == "go"
+    finally:
+        host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_an_acknowledged_write_to_a_peer_that_stopped_reading_times_out(
+    layer: str, loop_thread: AioThread
+) -> None:
+    from socketengine import WriteTimeout
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: List[socket.socket] = []
+
+    def mute_host() -> None:
+        conn, _ = listener.accept()
+        accepted.append(conn)
+        proto = Protocol(Role.HOST)
+        while not proto.is_open:
+            data = conn.recv(65536)
+            buf = proto.decoder.get_buffer()
+            buf[: len(data)] = data
+            buf.release()
+            proto.decoder.buffer_updated(len(data))
+            proto.events()
+            conn.sendall(proto.data_to_send())
+        # then it never reads again, nor answers
+
+    server = threading.Thread(target=mute_host, daemon=True)
+    server.start()
+    client = make_client(layer, loop_thread, listener.getsockname()[1], heartbeat=None)
+    try:
+        with pytest.raises(WriteTimeout, match="acknowledge"):
+            client.do("write", "x", 1, ack=True, timeout=0.5)
+    finally:
+        client.close()
+        server.join(5)
+        for s in accepted:
+            s.close()
+        listener.close()
+
+
+def test_acknowledged_writes_need_a_1_1_peer() -> None:
+    from socketengine import NotSupported
+    from socketengine.engine import ConnectionEngine
+
+    engine = ConnectionEngine(
+        Protocol(Role.CLIENT),
+        peer="old host",
+        max_buffer=1 << 20,
+        heartbeat=None,
+        handshake_timeout=10,
+        now=0.0,
+    )
+    # A 1.0 host's WELCOME has no "ack": nothing would ever answer a SYNC.
+    with pytest.raises(NotSupported, match="1.0"):
+        engine.sync_frame(1)

@@ -356,8 +356,12 @@ class Client(Endpoint):
 
     # -- writing --------------------------------------------------------------------------
 
-    async def write(self, channel: str, data: Any) -> None:
-        """Send ``data`` on ``channel`` to the host.
+    async def write(
+        self, channel: str, data: Any, ack: bool = False, timeout: Optional[float] = None
+    ) -> None:
+        """Send ``data`` on ``channel`` to the host (``ack=True``: and wait until the
+        host confirms it has stored it; :class:`~socketengine.WriteTimeout` after
+        ``timeout`` s, :class:`~socketengine.ConnectionClosed` without a live link).
 
         Raises ``TypeError`` naming the type if ``data`` cannot be sent (nothing is
         sent), :class:`~socketengine.EndpointClosed` if the client is closed or not
@@ -367,11 +371,21 @@ class Client(Endpoint):
         is kept and sent first once reconnected (the same bound applies); without
         ``reconnect``, :class:`~socketengine.ConnectionClosed`.
         """
+        if ack:
+            await self._live().write(channel, data, ack=True, timeout=timeout)
+            return
         encoded = frames.value_item(channel, data)
         if type(encoded) is bytes:
             await self._send(encoded, len(encoded))
         else:
             await self._send(*encoded)
+
+    async def flush(self, timeout: Optional[float] = None, acked: bool = False) -> None:
+        """Wait until everything written so far is handed to the operating system
+        (``acked=True``: until the host confirms it has stored all of it).  Raises
+        :class:`~socketengine.WriteTimeout` after ``timeout`` s (default: the client's
+        ``timeout``) and :class:`~socketengine.ConnectionClosed` without a live link."""
+        await self._live().flush(timeout, acked)
 
     async def write_image(
         self,

@@ -278,12 +278,21 @@ class Client(ClientSeedNames, Endpoint[Any]):
         """
         return self._read(self._latest, channel, default)
 
-    def write(self, channel: str, data: Any) -> None:
+    def write(
+        self, channel: str, data: Any, ack: bool = False, timeout: Optional[float] = None
+    ) -> None:
         """Send ``data`` on ``channel`` to the host.  Thread-safe.
 
         Raises ``TypeError`` naming the type if ``data`` cannot be sent (nothing is
-        sent), :class:`ConnectionClosed` if the host is gone.
+        sent), :class:`ConnectionClosed` if the host is gone.  ``ack=True`` blocks
+        until the host confirms it has stored the value (socket.engine 1.x's
+        ``writeSync``): :class:`WriteTimeout` after ``timeout`` seconds (default: the
+        client's ``timeout``), :class:`ConnectionClosed` if the connection is lost
+        first (also while reconnecting: an acknowledged write needs a live link).
         """
+        if ack:
+            self._live_conn().write(channel, data, ack=True, timeout=timeout)
+            return
         encoded = value_item(channel, data)
         if type(encoded) is bytes:
             parts: Any = encoded
@@ -322,8 +331,9 @@ class Client(ClientSeedNames, Endpoint[Any]):
         parts, nbytes = self._image_frame(img, channel, codec, quality, conflate)
         self._send(parts, nbytes, image=channel if conflate else None)
 
-    def flush(self, timeout: Optional[float] = None) -> None:
-        """Block until everything written so far is handed to the operating system.
+    def flush(self, timeout: Optional[float] = None, acked: bool = False) -> None:
+        """Block until everything written so far is handed to the operating system
+        (``acked=True``: until the host confirms it has stored all of it).
 
         Includes writes kept while reconnecting (they must reach a new connection
         first).  Raises :class:`WriteTimeout` after ``timeout`` seconds (default: the
@@ -341,7 +351,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
                         f"bytes still wait for the reconnection after {limit} s"
                     )
                 self._link_lock.wait(left)
-        self._live_conn().flush(max(0.0, deadline - time.monotonic()))
+        self._live_conn().flush(max(0.0, deadline - time.monotonic()), acked=acked)
 
     def request(self, channel: str, data: Any, timeout: Optional[float] = 5.0) -> Any:
         """Send ``data`` as a request on ``channel``; block for and return the reply.
