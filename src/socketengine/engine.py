@@ -30,7 +30,7 @@ Rules owned here, once:
 from __future__ import annotations
 
 import enum
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 from . import frames
 from .errors import ConnectionClosed, HandshakeError, NotSupported, ProtocolError
@@ -106,6 +106,7 @@ class ConnectionEngine:
         self.handshake_timeout = handshake_timeout
         self.linger_deadline: Optional[float] = None
         self.bye_sent = False
+        self.polite = False  # our BYE came from a close() (not from failing the peer)
         self.bye_received = False
         self.eof_received = False
         self.error: Optional[BaseException] = None
@@ -275,6 +276,7 @@ class ConnectionEngine:
             return b""
         opened = self.protocol.is_open
         self.bye_sent = True
+        self.polite = True
         self._to(ConnState.CLOSING)
         self.linger_deadline = now + max(linger, 0.0)
         return BYE_FRAME if opened else b""
@@ -359,6 +361,15 @@ class ConnectionEngine:
         ):
             return Tick.PING
         return Tick.NOTHING
+
+    def will_due(self) -> Optional[Tuple[str, bytes]]:
+        """The peer's last will, if it is due: the connection was open and ended
+        without the peer's BYE (a crash, a kill, a link declared dead, a protocol
+        error, a slow consumer dropped) and not by our own polite close."""
+        will = self.protocol.peer_will
+        if will is None or self.bye_received or self.polite or not self.protocol.is_open:
+            return None
+        return will
 
     def next_deadline(self) -> Optional[float]:
         """The earliest time :meth:`tick` may close the connection (handshake or linger)."""

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import socket
 import ssl
-from typing import Any, List, Optional, TypeVar, Union
+from typing import Any, List, Optional, Tuple, TypeVar, Union
 
 from .. import frames
 from ..errors import (
@@ -29,7 +29,7 @@ from ..limits import (
     check_seconds,
 )
 from ..patterns import Pattern
-from ..protocol import Protocol, Role
+from ..protocol import Protocol, Role, encode_will
 from ..sendqueue import Outgoing, SendQueue
 from ..state import Backoff, log_lost_link
 from .connection import READ_SIZE, Connection
@@ -93,6 +93,11 @@ class Client(Endpoint):
         up to ``max_buffer`` bytes, and sent first once reconnected.  ``False``: a lost
         connection is final (writes raise :class:`~socketengine.ConnectionClosed`).
     :param reconnect_max: the largest delay between reconnection attempts, seconds.
+    :param will: a last will ``(channel, value)``: the host publishes ``value`` on
+        ``channel`` as if this client had written it (to its own callbacks, waiters and
+        subscriptions, and to its other clients) if this client vanishes without
+        saying goodbye -- a crash, a kill, a link declared dead.  A polite
+        :meth:`close` does not trigger it.  At most 16 KiB encoded, no arrays.
     :param tls: an ``ssl.SSLContext`` (client side, e.g.
         ``ssl.create_default_context(cafile=...)``): the connection runs over TLS and
         the host's certificate is verified against ``addr``.
@@ -124,6 +129,7 @@ class Client(Endpoint):
         tls: Optional[ssl.SSLContext] = None,
         image_codec: str = "raw",
         image_quality: int = 90,
+        will: Optional[Tuple[str, Any]] = None,
     ) -> None:
         super().__init__(
             addr,
@@ -139,6 +145,7 @@ class Client(Endpoint):
             image_quality=image_quality,
         )
         self.name = check_name(name)
+        self._will = None if will is None else encode_will(*will)
         self.connect_timeout = check_seconds("connect_timeout", connect_timeout, allow_none=True)
         self.reconnect = bool(reconnect)
         self.reconnect_max = check_seconds("reconnect_max", reconnect_max) or 0.0
@@ -286,6 +293,7 @@ class Client(Endpoint):
             token=self._token,
             max_message=self.max_message,
             heartbeat=self.heartbeat,
+            will=self._will,
             read_size=READ_SIZE,
         )
         return Connection(self, protocol)

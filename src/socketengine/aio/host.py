@@ -8,7 +8,7 @@ import logging
 import ssl
 from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union, overload
 
-from .. import frames, images
+from .. import codec, frames, images
 from ..errors import EndpointClosed
 from ..limits import (
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -411,10 +411,23 @@ class Host(Endpoint):
         if not conn._ready:
             return  # never completed the handshake: nothing to remember
         logger.info("%r: client %r disconnected", self, conn)
+        will = conn.engine.will_due()
+        if will is not None and not self.stopped:
+            self._publish_will(conn, *will)
         if conn.values:
             self._departed.add(conn.session, conn)
         if self._disconnect_handlers:
             conn._chain.call(Job(self._disconnect_handlers, (conn,), None, "on_disconnect"))
+
+    def _publish_will(self, conn: Connection, channel: str, meta: bytes) -> None:
+        """A client vanished: its last will arrives as if it had written it, here and
+        at every other client."""
+        logger.info("%r: publishing the last will of %r on %r", self, conn, channel)
+        value = codec.decode(meta, None)
+        self._deliver(conn, channel, value)
+        parts, nbytes = frames.value_frame(frames.DATA, channel, value)
+        for other in self.clients():
+            other._offer(parts, nbytes, None)
 
     def _connections(self) -> List[Connection]:
         return list(self._conns.values())

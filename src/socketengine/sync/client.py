@@ -9,7 +9,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, List, Optional, TypeVar, Union
+from typing import Any, List, Optional, Tuple, TypeVar, Union
 
 from ..compat import ClientSeedNames
 from ..engine import ConnState
@@ -31,7 +31,7 @@ from ..limits import (
     check_name,
     check_seconds,
 )
-from ..protocol import Protocol, Role
+from ..protocol import Protocol, Role, encode_will
 from ..sendqueue import SendQueue
 from ..state import Backoff, log_lost_link
 from .connection import Connection
@@ -78,6 +78,11 @@ class Client(ClientSeedNames, Endpoint[Any]):
     :param image_codec: codec of ``write_image``/``writeImg`` when none is given:
         ``"raw"`` (default, exact), ``"jpeg"`` or ``"png"``.
     :param image_quality: JPEG quality 1-100 (default 90).
+    :param will: a last will ``(channel, value)``: the host publishes ``value`` on
+        ``channel`` as if this client had written it (to its own callbacks, waiters and
+        subscriptions, and to its other clients) if this client vanishes without
+        saying goodbye -- a crash, a kill, a link declared dead.  A polite
+        :meth:`close` does not trigger it.  At most 16 KiB encoded, no arrays.
     :param tls: an ``ssl.SSLContext`` (client side, e.g.
         ``ssl.create_default_context(cafile=...)``): the connection runs over TLS and
         the host's certificate is verified against ``addr`` as the context says.
@@ -105,6 +110,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
         tls: Optional[ssl.SSLContext] = None,
         image_codec: str = "raw",
         image_quality: int = 90,
+        will: Optional[Tuple[str, Any]] = None,
     ) -> None:
         super().__init__(
             addr,
@@ -121,6 +127,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
             image_quality=image_quality,
         )
         self.name = check_name(name)
+        self._will = None if will is None else encode_will(*will)
         self.connect_timeout = check_seconds("connect_timeout", connect_timeout, allow_none=True)
         self.reconnect = bool(reconnect)
         self.reconnect_max = check_seconds("reconnect_max", reconnect_max) or 0.0
@@ -222,6 +229,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
             token=self._token,
             max_message=self.max_message,
             heartbeat=self.heartbeat,
+            will=self._will,
             read_size=self.read_size,
         )
         return Connection(self, sock, protocol, address)

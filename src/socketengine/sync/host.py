@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union, overload
 
-from .. import frames, images
+from .. import codec, frames, images
 from ..compat import HostSeedNames
 from ..errors import SocketEngineError
 from ..limits import (
@@ -425,10 +425,24 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         if not conn.ready.is_set():
             return  # never completed the handshake: nothing to remember
         logger.info("%r: client %r disconnected", self, conn)
+        will = conn.engine.will_due()
+        if will is not None and not self.stopped:
+            self._publish_will(conn, *will)
         if self._on_disconnect:
             self._dispatcher.submit(conn, self._notify, self._on_disconnect, conn)
         if conn.values:
             self._departed.add(conn.session, conn)
+
+    def _publish_will(self, conn: Connection, channel: str, meta: bytes) -> None:
+        """A client vanished: its last will arrives as if it had written it, here and
+        at every other client (loop thread)."""
+        logger.info("%r: publishing the last will of %r on %r", self, conn, channel)
+        value = codec.decode(meta, None)
+        conn.values[channel] = value
+        self._latest[channel] = value
+        self._deliver(conn, channel, value)
+        parts, nbytes = frames.value_frame(frames.DATA, channel, value)
+        self._send_all(parts, nbytes)
 
     def __repr__(self) -> str:
         state = "closed" if self.stopped else ("open" if self.opened else "not open")
