@@ -56,6 +56,7 @@ REPLY_ERROR = 0x13
 BATCH = 0x14  # protocol 1.1: several small DATA values in one frame
 SYNC = 0x15  # protocol 1.1: "tell me when everything before this is stored"
 ACK = 0x16  # protocol 1.1: the answer to SYNC (same id)
+INTEREST = 0x17  # protocol 1.1: a client's new interest (the channels it wants)
 PING = 0x20
 PONG = 0x21
 BYE = 0x22
@@ -73,6 +74,7 @@ FRAME_TYPES = frozenset(
         BATCH,
         SYNC,
         ACK,
+        INTEREST,
         PING,
         PONG,
         BYE,
@@ -82,6 +84,7 @@ FRAME_TYPES = frozenset(
 # DATA flags.
 FLAG_RETAINED = 0x01  # replay of a value the host retains (sent right after the handshake)
 FLAG_IMAGE = 0x02  # an image frame: may be conflated (only the newest one matters)
+FLAG_RELAYED = 0x08  # forwarded by a relaying host: meta starts with the sender's name
 
 DEFAULT_MAX_MESSAGE = limits.DEFAULT_MAX_MESSAGE
 # Frames whose data section is at least this large are received into a buffer of

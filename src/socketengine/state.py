@@ -10,7 +10,19 @@ from __future__ import annotations
 import logging
 import random
 from collections import OrderedDict, deque
-from typing import Any, Deque, Dict, Generic, Iterator, List, Optional, Set, Tuple, TypeVar
+from typing import (
+    Any,
+    Callable,
+    Deque,
+    Dict,
+    Generic,
+    Iterator,
+    List,
+    Optional,
+    Set,
+    Tuple,
+    TypeVar,
+)
 
 from . import frames
 from .codec import Buffer
@@ -58,9 +70,11 @@ class RetainedValues:
         else:
             self._frames.pop(channel, None)
 
-    def replay(self) -> List[bytes]:
-        """The frames a new client gets, in order."""
-        return list(self._frames.values())
+    def replay(self, wants: Optional[Callable[[str], bool]] = None) -> List[bytes]:
+        """The frames a new client gets, in order (only the channels ``wants``)."""
+        if wants is None:
+            return list(self._frames.values())
+        return [frame for channel, frame in self._frames.items() if wants(channel)]
 
     def __contains__(self, channel: object) -> bool:
         return channel in self._frames

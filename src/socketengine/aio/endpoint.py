@@ -385,6 +385,12 @@ class Endpoint(EndpointBase):
             args = (channel, user, conn) if self._with_conn else (channel, user)
             conn._chain.call(Job(hooks, args, None, "on_message", 1 if lazy_at == 0 else -1))
 
+    def _relay_out(self, conn: Connection, channel: str, meta: Any, data: Any) -> None:
+        """A relaying host forwards a client's write (hosts only)."""
+
+    def _relay_value(self, conn: Connection, channel: str, value: Any) -> None:
+        """A relaying host forwards a client's BATCH item (hosts only)."""
+
     def _answer(self, conn: Connection, channel: str, fid: int, value: Any) -> None:
         """A REQUEST arrived: run the channel's handlers; the first one's result replies."""
         handlers = self._handlers.get(channel)

@@ -24,6 +24,7 @@ from ..limits import (
 from ..net import listen
 from ..patterns import Pattern
 from ..protocol import Protocol, Role
+from ..relay import RelayPolicy, RelaySpec, WritersSpec, relayed_frame, relayed_value
 from ..sendqueue import Outgoing
 from ..state import Admission, Departed, RetainedValues
 from ..watch import matching_channels
@@ -72,6 +73,15 @@ class Host(Endpoint):
         that :meth:`close` waits for clients to take what was written and for running
         callbacks to finish.
     :param backlog: the listening socket's backlog.
+    :param relay: relay what clients write to the other clients: ``True`` (every
+        channel) or the channels / :class:`~socketengine.Pattern` s to relay (``False``:
+        none, the default).  A receiving client sees who wrote it in
+        ``Client.sender(channel)``.  Each client's ``interest`` applies.
+    :param writers: with ``relay``: ``{client name: [channels or patterns]}`` it may
+        have relayed; a client not listed has nothing relayed.  Names are chosen by
+        the clients: use a ``token``.
+    :param retain_relayed: with ``relay``: keep the latest relayed value of each channel
+        and send it to clients that connect later (like ``write_all(retain=True)``).
     :param monitor: serve the live browser monitor on this port (``0``: any free one;
         ``None``: no monitor), in its own thread; its address is ``host.monitor.url``.
     :param monitor_addr: the monitor's address (loopback by default).
@@ -101,6 +111,9 @@ class Host(Endpoint):
         name: Optional[str] = None,
         timeout: float = 2.0,
         backlog: int = 128,
+        relay: RelaySpec = False,
+        writers: WritersSpec = None,
+        retain_relayed: bool = False,
         monitor: Optional[int] = None,
         monitor_addr: str = "127.0.0.1",
         monitor_bgr: bool = False,
@@ -125,6 +138,8 @@ class Host(Endpoint):
         self.keep_departed = keep_departed
         self._admission = Admission(max_clients)
         self._init_monitor(monitor, monitor_addr, monitor_bgr)
+        self._relay = RelayPolicy(relay, writers) if relay else None
+        self._retain_relayed = bool(retain_relayed)
         self.backlog = backlog
         self._server: Optional[asyncio.AbstractServer] = None
         self._sessions = itertools.count(1)
@@ -326,11 +341,12 @@ class Host(Endpoint):
         if retain:
             parts, nbytes = frames.value_frame(frames.DATA, channel, data)
             self._retained.retain(channel, parts)
-            return await self._broadcast(parts, nbytes)
+            return await self._broadcast(parts, nbytes, channel=channel)
         encoded = frames.value_item(channel, data)
-        if type(encoded) is bytes:
-            return await self._broadcast(encoded, len(encoded))
-        return await self._broadcast(*encoded)
+        if isinstance(encoded, bytes):
+            return await self._broadcast(encoded, len(encoded), channel=channel)
+        frame_parts, size = encoded
+        return await self._broadcast(frame_parts, size, channel=channel)
 
     def clear_retained(self, channel: Optional[str] = None) -> None:
         """Forget the retained value of ``channel`` (``None``: of every channel)."""
@@ -358,13 +374,18 @@ class Host(Endpoint):
         self._check_open()
         parts, nbytes = await self._image_frame(img, channel, codec, quality, conflate)
         self._check_open()
-        return await self._broadcast(parts, nbytes, image=channel if conflate else None)
+        return await self._broadcast(
+            parts, nbytes, image=channel if conflate else None, channel=channel
+        )
 
-    async def _broadcast(self, parts: Outgoing, nbytes: int, image: Optional[str] = None) -> int:
-        """Hand one encoded frame to every client without waiting for any of them."""
+    async def _broadcast(
+        self, parts: Outgoing, nbytes: int, image: Optional[str] = None, channel: str = ""
+    ) -> int:
+        """Hand one encoded frame to every client (that wants ``channel``) without
+        waiting for any of them."""
         sent = 0
         paused = False
-        for conn in self.clients():
+        for conn in self._audience(channel):
             if conn._offer(parts, nbytes, image):
                 sent += 1
             paused = paused or conn.writing_paused
@@ -400,7 +421,7 @@ class Host(Endpoint):
     def _connection_ready(self, conn: Connection) -> None:
         logger.info("%r: client %r connected", self, conn)
         self._departed.forget_named(conn.name)  # a named client that reconnects
-        for frame in self._retained.replay():
+        for frame in self._retained.replay(conn.wants):
             conn._enqueue((frame,), len(frame))
             conn.messages_out += 1
         if self._connect_handlers:
@@ -419,6 +440,23 @@ class Host(Endpoint):
         if self._disconnect_handlers:
             conn._chain.call(Job(self._disconnect_handlers, (conn,), None, "on_disconnect"))
 
+    def _audience(self, channel: str, exclude: Optional[Connection] = None) -> List[Connection]:
+        """The clients a broadcast on ``channel`` goes to (their interest)."""
+        return [c for c in self.clients() if c is not exclude and c.wants(channel)]
+
+    def _relay_out(self, conn: Connection, channel: str, meta: Any, data: Any) -> None:
+        """A client wrote a value this host relays: to the other clients."""
+        self._relay_send(conn, channel, *relayed_frame(channel, conn._origin(), meta, data))
+
+    def _relay_value(self, conn: Connection, channel: str, value: Any) -> None:
+        self._relay_send(conn, channel, *relayed_value(channel, conn._origin(), value))
+
+    def _relay_send(self, conn: Connection, channel: str, parts: List[Any], nbytes: int) -> None:
+        if self._retain_relayed:
+            self._retained.retain(channel, parts)
+        for other in self._audience(channel, exclude=conn):
+            other._offer(parts, nbytes, None)
+
     def _publish_will(self, conn: Connection, channel: str, meta: bytes) -> None:
         """A client vanished: its last will arrives as if it had written it, here and
         at every other client."""
@@ -426,7 +464,7 @@ class Host(Endpoint):
         value = codec.decode(meta, None)
         self._deliver(conn, channel, value)
         parts, nbytes = frames.value_frame(frames.DATA, channel, value)
-        for other in self.clients():
+        for other in self._audience(channel, exclude=conn):
             other._offer(parts, nbytes, None)
 
     def _connections(self) -> List[Connection]:

@@ -26,6 +26,7 @@ from ..limits import (
 from ..net import listen
 from ..patterns import Pattern
 from ..protocol import Protocol, Role
+from ..relay import RelayPolicy, RelaySpec, WritersSpec, relayed_frame, relayed_value
 from ..sendqueue import Outgoing
 from ..state import Admission, Departed, RetainedValues
 from ..watch import matching_channels
@@ -70,6 +71,15 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
     :param image_codec: codec of ``write_image_all``/``writeImg_ALL`` when none is given:
         ``"raw"`` (default), ``"jpeg"`` or ``"png"``.
     :param image_quality: JPEG quality 1-100 (default 90).
+    :param relay: relay what clients write to the other clients: ``True`` (every
+        channel) or the channels / :class:`~socketengine.Pattern` s to relay (``False``:
+        none, the default).  A receiving client sees who wrote it in
+        ``Client.sender(channel)``.  Each client's ``interest`` applies.
+    :param writers: with ``relay``: ``{client name: [channels or patterns]}`` it may
+        have relayed; a client not listed has nothing relayed.  Names are chosen by
+        the clients: use a ``token``.
+    :param retain_relayed: with ``relay``: keep the latest relayed value of each channel
+        and send it to clients that connect later (like ``write_all(retain=True)``).
     :param monitor: serve the live browser monitor on this port (``0``: any free one;
         ``None``: no monitor); its address is ``host.monitor.url``.
     :param monitor_addr: the monitor's address (loopback by default).
@@ -101,6 +111,9 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         tls: Optional[ssl.SSLContext] = None,
         image_codec: str = "raw",
         image_quality: int = 90,
+        relay: RelaySpec = False,
+        writers: WritersSpec = None,
+        retain_relayed: bool = False,
         monitor: Optional[int] = None,
         monitor_addr: str = "127.0.0.1",
         monitor_bgr: bool = False,
@@ -136,6 +149,8 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         self._on_connect: List[Callable[[Connection], Any]] = []
         self._on_disconnect: List[Callable[[Connection], Any]] = []
         self._init_monitor(monitor, monitor_addr, monitor_bgr)
+        self._relay = RelayPolicy(relay, writers) if relay else None
+        self._retain_relayed = bool(retain_relayed)
         if open:
             self.open()
 
@@ -262,13 +277,14 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         self._check_open()
         if not retain:
             encoded = frames.value_item(channel, data)
-            if type(encoded) is bytes:
-                return self._send_all(encoded, len(encoded))
-            return self._send_all(*encoded)
+            if isinstance(encoded, bytes):
+                return self._send_all(encoded, len(encoded), channel=channel)
+            frame_parts, size = encoded
+            return self._send_all(frame_parts, size, channel=channel)
         parts, nbytes = frames.value_frame(frames.DATA, channel, data)
         with self._retain_lock:  # see _on_ready: no client misses or reorders it
             self._retained.retain(channel, parts)
-            return self._send_all(parts, nbytes)
+            return self._send_all(parts, nbytes, channel=channel)
 
     def clear_retained(self, channel: Optional[str] = None) -> None:
         """Forget the retained value of ``channel`` (``None``: of every channel)."""
@@ -295,12 +311,22 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         """
         self._check_open()
         parts, nbytes = self._image_frame(img, channel, codec, quality, conflate)
-        return self._send_all(parts, nbytes, image=channel if conflate else None)
+        return self._send_all(parts, nbytes, image=channel if conflate else None, channel=channel)
 
-    def _send_all(self, parts: Outgoing, nbytes: int, image: Optional[str] = None) -> int:
-        """Queue one encoded frame for every client; a slow client never blocks this."""
+    def _send_all(
+        self,
+        parts: Outgoing,
+        nbytes: int,
+        image: Optional[str] = None,
+        channel: Optional[str] = None,
+        exclude: Optional[Connection] = None,
+    ) -> int:
+        """Queue one encoded frame for every client (that wants ``channel``, but
+        ``exclude``); a slow client never blocks this."""
         sent = 0
         clients = self.clients()
+        if channel is not None:
+            clients = [c for c in clients if c is not exclude and c.wants(channel)]
         # An isolated broadcast goes out at once; in a burst of them the loop thread
         # flushes each connection once for many frames instead of a syscall per frame.
         now = time.monotonic()
@@ -412,7 +438,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         # under the same lock write_all(retain=True) holds: a value retained meanwhile is
         # either in this replay or written to the (now visible) connection after it.
         with self._retain_lock:
-            for frame in self._retained.replay():
+            for frame in self._retained.replay(conn.wants):
                 conn._queue_parts([frame])
             conn.mark_ready()
         logger.info("%r: client %r connected", self, conn)
@@ -442,7 +468,24 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         self._latest[channel] = value
         self._deliver(conn, channel, value)
         parts, nbytes = frames.value_frame(frames.DATA, channel, value)
-        self._send_all(parts, nbytes)
+        self._send_all(parts, nbytes, channel=channel, exclude=conn)
+
+    def _relay_out(self, conn: Connection, channel: str, meta: Any, data: Any) -> None:
+        """A client wrote a value this host relays: to the other clients (loop thread)."""
+        parts, nbytes = relayed_frame(channel, conn._origin(), meta, data)
+        self._relay_send(conn, channel, parts, nbytes)
+
+    def _relay_value(self, conn: Connection, channel: str, value: Any) -> None:
+        parts, nbytes = relayed_value(channel, conn._origin(), value)
+        self._relay_send(conn, channel, parts, nbytes)
+
+    def _relay_send(self, conn: Connection, channel: str, parts: List[Any], nbytes: int) -> None:
+        if self._retain_relayed:
+            with self._retain_lock:
+                self._retained.retain(channel, parts)
+                self._send_all(parts, nbytes, channel=channel, exclude=conn)
+            return
+        self._send_all(parts, nbytes, channel=channel, exclude=conn)
 
     def __repr__(self) -> str:
         state = "closed" if self.stopped else ("open" if self.opened else "not open")
