@@ -16,6 +16,7 @@ from ..endpoint import EndpointBase
 from ..errors import EndpointClosed, SocketEngineError
 from ..frames import DATA, FLAG_IMAGE, Frame
 from ..limits import DEFAULT_SUBSCRIPTION_SIZE, MIN_READ_SIZE, check_timeout
+from ..state import StoredValues
 from .connection import Connection
 from .delivery import Dispatcher, Subscription, Waiter
 from .loop import Loop
@@ -68,6 +69,8 @@ class Endpoint(EndpointBase):
         self._waiters: Dict[str, List[Waiter]] = {}
         self._any: List[Callable[..., Any]] = []  # on_message() hooks
         self._state_lock = threading.Lock()
+        # Per connection whose values are budgeted (a host's clients): what they cost.
+        self._stored: Dict[Connection, StoredValues] = {}
 
     # -- seed-compatible lifecycle --------------------------------------------------------
 
@@ -338,10 +341,13 @@ class Endpoint(EndpointBase):
         watched = self._callbacks or self._subs or self._waiters or self._any
         latest = self._latest
         values = conn.values
+        stored = self._stored.get(conn)
         count = 0
         for frame in events:
             t, _, channel, _, meta, data = frame
             if t == DATA:
+                if stored is not None:  # raises ProtocolError beyond a budget
+                    stored.store(channel, len(meta) if data is None else len(meta) + len(data))
                 if data is None:
                     try:
                         value = unpackb(
