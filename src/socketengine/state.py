@@ -10,7 +10,19 @@ from __future__ import annotations
 import logging
 import random
 from collections import OrderedDict, deque
-from typing import Any, Deque, Dict, Generic, Iterator, List, Optional, Set, Tuple, TypeVar
+from typing import (
+    Any,
+    Callable,
+    Deque,
+    Dict,
+    Generic,
+    Iterator,
+    List,
+    Optional,
+    Set,
+    Tuple,
+    TypeVar,
+)
 
 from . import frames
 from .codec import Buffer
@@ -205,22 +217,27 @@ class Admission:
       connection is refused (REFUSE ``full``) when that many are connected; a handshake
       that completes when the seats were taken meanwhile is closed right after it.
     * ``max_pending`` counts handshakes in progress (TLS included in the threaded
-      layer).  When one more arrives and it is full, the oldest pending handshake of the
-      address holding the most pending handshakes is evicted (the host sends REFUSE
-      ``busy`` and closes it): a flood from a few addresses evicts itself, and a client
-      that completes its handshake before ``max_pending`` newer connections arrive
-      always gets in.
+      layer).  When one more arrives and it is full, one pending handshake is evicted
+      (the host sends REFUSE ``busy`` and closes it): among those whose peer has not
+      even sent a complete HELLO, if there are any, and preferably among those of them
+      older than :attr:`GRACE` (idle and trickling connections go first), the oldest
+      one of the address holding the most of them (a flood from a few addresses evicts
+      itself).  A client that completes its handshake before
+      ``max_pending`` newer connections arrive always gets in.
 
     Keys are the host's session ids; ``address`` is the peer's IP address.
     """
 
     #: Seconds between two warnings about evicted handshakes.
     WARN_EVERY = 10.0
+    #: Seconds a new connection has to send its HELLO before it is evicted in the
+    #: first place (its HELLO is often already in flight when it is accepted).
+    GRACE = 0.1
 
     def __init__(self, max_clients: int, max_pending: int = DEFAULT_MAX_PENDING) -> None:
         self.max_clients = max_clients
         self.max_pending = max_pending
-        self._pending: OrderedDict[int, Any] = OrderedDict()
+        self._pending: OrderedDict[int, Tuple[Any, float]] = OrderedDict()  # (address, at)
         self._per_address: Dict[Any, int] = {}
         self._clients: Set[int] = set()
         #: Handshakes evicted so far.
@@ -249,35 +266,56 @@ class Admission:
             "busy",
         )
 
-    def arrive(self, key: int, address: Any) -> Tuple[Optional[Tuple[str, str]], List[int]]:
-        """A new connection: ``(refusal, evicted)``.  ``refusal`` is ``(reason, code)``
-        for a REFUSE (the connection is not admitted), else ``None``; ``evicted`` are the
-        keys of pending handshakes the host must close now (REFUSE ``busy``)."""
+    def arrive(
+        self,
+        key: int,
+        address: Any,
+        now: float = 0.0,
+        progressed: Optional[Callable[[int], bool]] = None,
+    ) -> Tuple[Optional[Tuple[str, str]], List[int]]:
+        """A new connection at ``now``: ``(refusal, evicted)``.  ``refusal`` is
+        ``(reason, code)`` for a REFUSE (the connection is not admitted), else ``None``;
+        ``evicted`` are the keys of pending handshakes the host must close now (REFUSE
+        ``busy``).  ``progressed(key)``: that pending handshake got somewhere (its peer
+        sent a complete HELLO)."""
         if len(self._clients) >= self.max_clients:
             return self.full(), []
         evicted: List[int] = []
         while len(self._pending) >= self.max_pending:
-            victim = self._victim()
+            victim = self._victim(now, progressed)
             self._drop_pending(victim)
             evicted.append(victim)
         self.evicted += len(evicted)
-        self._pending[key] = address
+        self._pending[key] = (address, now)
         self._per_address[address] = self._per_address.get(address, 0) + 1
         return None, evicted
 
-    def _victim(self) -> int:
-        """The oldest pending handshake of the address with the most of them."""
-        per_address = self._per_address
-        most = max(per_address.values())
-        for key, address in self._pending.items():
-            if per_address[address] == most:
+    def _victim(self, now: float, progressed: Optional[Callable[[int], bool]]) -> int:
+        """Which pending handshake to give up on: among those that made no progress
+        and are older than :attr:`GRACE` s if any (else those that made no progress, if
+        any; else all), the oldest one of the address with the most of them."""
+        candidates = [(key, address, at) for key, (address, at) in self._pending.items()]
+        if progressed is not None:
+            stalled = [c for c in candidates if not progressed(c[0])]
+            if stalled:
+                candidates = stalled
+                old = [c for c in stalled if now - c[2] >= self.GRACE]
+                if old:
+                    candidates = old
+        counts: Dict[Any, int] = {}
+        for _, address, _ in candidates:
+            counts[address] = counts.get(address, 0) + 1
+        most = max(counts.values())
+        for key, address, _ in candidates:
+            if counts[address] == most:
                 return key
         raise AssertionError("no pending handshake")  # pragma: no cover
 
     def _drop_pending(self, key: int) -> bool:
-        address = self._pending.pop(key, _MISSING)
-        if address is _MISSING:
+        entry = self._pending.pop(key, None)
+        if entry is None:
             return False
+        address = entry[0]
         left = self._per_address[address] - 1
         if left:
             self._per_address[address] = left
@@ -316,9 +354,6 @@ class Admission:
             f"evicted {count} unfinished handshake(s) (max_pending={self.max_pending}): "
             "peers open connections faster than they complete the handshake"
         )
-
-
-_MISSING = object()
 
 
 class SubscriptionBuffer(Generic[T]):

@@ -363,7 +363,9 @@ class Host(Endpoint):
     def _connection_made(self, conn: Connection) -> Optional[Tuple[str, str]]:
         if self.stopped:
             return ("the host is closing", "closing")
-        refusal, evicted = self._admission.arrive(conn.session, conn.address[0])
+        refusal, evicted = self._admission.arrive(
+            conn.session, conn.address[0], asyncio.get_running_loop().time(), self._said_hello
+        )
         if refusal is not None:
             return refusal
         for key in evicted:
@@ -375,6 +377,11 @@ class Host(Endpoint):
             logger.warning("%r: %s", self, warning)
         self._conns[conn.session] = conn
         return None
+
+    def _said_hello(self, key: int) -> bool:
+        """The pending connection ``key`` sent a complete HELLO."""
+        conn = self._conns.get(key)
+        return conn is not None and bool(conn.engine.protocol._peer_nonce)
 
     def _evict(self, conn: Connection) -> None:
         """Give up on a pending handshake: REFUSE ``busy``, close."""

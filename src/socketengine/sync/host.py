@@ -396,7 +396,9 @@ class Host(HostSeedNames, Endpoint):
                 session=next(self._sessions),
             )
             conn = Connection(self, sock, protocol, address)
-            refusal, evicted = self._admission.arrive(protocol.session, address[0])
+            refusal, evicted = self._admission.arrive(
+                protocol.session, address[0], time.monotonic(), self._said_hello
+            )
             if refusal is not None:
                 conn.refuse(*refusal, linger=min(self.timeout, 2.0))
                 continue
@@ -409,6 +411,11 @@ class Host(HostSeedNames, Endpoint):
         warning = self._admission.warning(time.monotonic())
         if warning is not None:
             logger.warning("%r: %s", self, warning)
+
+    def _said_hello(self, key: int) -> bool:
+        """The pending connection ``key`` sent a complete HELLO."""
+        conn = self._conns.get(key)
+        return conn is not None and bool(conn.engine.protocol._peer_nonce)
 
     def _evict(self, conn: Connection) -> None:
         """Give up on a pending handshake (loop thread): REFUSE ``busy``, close."""
