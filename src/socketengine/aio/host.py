@@ -166,9 +166,15 @@ class Host(Endpoint):
     async def _open(self) -> None:
         sock = listen(self.addr, self._port, self.backlog)
         loop = asyncio.get_running_loop()
+        # asyncio accepts up to `backlog` connections per event before it reads any: a
+        # smaller batch lets the HELLOs of new clients be read before the next accepts
+        # could evict them (max_pending); the kernel's backlog is restored below.
+        batch = max(1, min(self.backlog, self.max_pending // 4))
         try:
             if self.tls is None:
-                self._server = await loop.create_server(self._new_connection, sock=sock)
+                self._server = await loop.create_server(
+                    self._new_connection, sock=sock, backlog=batch
+                )
             else:
                 # The TLS handshake runs before connection_made(); its time counts
                 # against handshake_timeout (see _connection_made).
@@ -177,7 +183,9 @@ class Host(Endpoint):
                     sock=sock,
                     ssl=self.tls,
                     ssl_handshake_timeout=self.handshake_timeout,
+                    backlog=batch,
                 )
+            sock.listen(self.backlog)
         except BaseException:
             sock.close()
             raise

@@ -408,6 +408,10 @@ class Host(HostSeedNames, Endpoint):
                     self._evict(victim)
             self._conns[protocol.session] = conn
             conn.attach()
+            if self.tls is None:
+                # A client's HELLO is often here already: read it now, so that this
+                # handshake counts as progressing before the next accepts evict one.
+                conn.on_event(selectors.EVENT_READ)
         warning = self._admission.warning(time.monotonic())
         if warning is not None:
             logger.warning("%r: %s", self, warning)
