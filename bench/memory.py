@@ -51,7 +51,8 @@ sender += "c.write('big', b'x' * int(sys.argv[2])); c.close()"
 async def main():
     async with aio.Host(port=0, max_message=size + 4096) as h:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", sender, str(h.port), str(size))
+        args = ["-c", sender, str(h.port), str(size)]
+        proc = await asyncio.create_subprocess_exec(sys.executable, *args)
         await proc.wait()
         for _ in range(6000):
             if h.get("big") is not None:

@@ -402,7 +402,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FLOOD_TOKEN = "flood-test-token"  # bench/flood.py's
 
 
-def _flooder(port: int, count: int, seconds: float) -> "subprocess.Popen[str]":
+def _flooder(port: int, count: int, seconds: float) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "bench.flood", "--flooder", str(port), str(count), str(seconds)],
         cwd=str(ROOT),
@@ -501,7 +501,7 @@ def test_departed_clients_are_bounded_in_bytes_and_forgotten_everywhere(
             with _writer(host.ep.port, name=name) as c:
                 c.write("v", name.encode() * 1000)
                 c.write(name, 1)
-                wait_for(lambda: host.ep.get(name) == 1, what=f"{name}'s values")
+                wait_for(lambda n=name: host.ep.get(n) == 1, what=f"{name}'s values")
             wait_for(lambda: not host.ep.clients(), what=f"{name} to leave")
         # ~6 KB each: only the newest departed client fits in 10,000 bytes.
         assert host.ep.get_all("v") == [b"second" * 1000]
