@@ -510,3 +510,30 @@ def test_departed_clients_are_bounded_in_bytes_and_forgotten_everywhere(
         assert len(host.ep._departed) == 1
     finally:
         host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_handshake_that_completes_after_the_last_seat_went_is_closed(
+    layer: str, loop_thread: AioThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    host = make_host(layer, loop_thread, max_clients=1, heartbeat=None)
+    late = socket.create_connection(("127.0.0.1", host.ep.port), timeout=10)
+    try:
+        wait_for(lambda: host.ep._admission.pending == 1, what="the pending handshake")
+        with caplog.at_level(logging.WARNING, logger="socketengine"), _writer(host.ep.port):
+            wait_for(lambda: host.ep._admission.clients == 1, what="the first client")
+            proto = Protocol(Role.CLIENT, name="late")
+            late.sendall(proto.data_to_send())  # the handshake completes now...
+            stream = b""
+            while True:
+                data = late.recv(65536)
+                if not data:
+                    break
+                stream += data
+            # ...and the host welcomes it, says BYE and closes: no seat was left.
+            assert _types(stream[len(frames.PREAMBLE) :]) == [frames.WELCOME, frames.BYE]
+            assert [c.name for c in host.ep.clients()] == [None]
+        assert "max_clients=1" in caplog.text
+    finally:
+        late.close()
+        host.close()
