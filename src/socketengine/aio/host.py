@@ -404,13 +404,14 @@ class Host(Endpoint):
         conn._linger(min(self.timeout, 1.0))
 
     def _connection_ready(self, conn: Connection) -> None:
+        # Bounded like any client, also while a turned-away one is being closed.
+        self._stored[conn] = StoredValues(self.max_channels, self.max_stored)
         refusal = self._admission.opened(conn.session)
         if refusal is not None:
             # Every seat was taken while this handshake ran: close it at once.
             logger.warning("%r: closing %s after its handshake: %s", self, conn._peer(), refusal[0])
             self._spawn(conn.close(min(self.timeout, 2.0)))
             return
-        self._stored[conn] = StoredValues(self.max_channels, self.max_stored)
         logger.info("%r: client %r connected", self, conn)
         self._forget(self._departed.forget_named(conn.name))  # a named client that reconnects
         for frame in self._retained.replay():
@@ -423,7 +424,9 @@ class Host(Endpoint):
         self._conns.pop(conn.session, None)
         stored = self._stored.pop(conn, None)
         if not self._admission.left(conn.session):
-            return  # never completed the handshake (or turned away): nothing to remember
+            # Never completed the handshake, or turned away after it: nothing to remember.
+            forget_latest(self._latest, conn.values)
+            return
         logger.info("%r: client %r disconnected", self, conn)
         if conn.values:
             size = 0 if stored is None else stored.nbytes

@@ -445,13 +445,14 @@ class Host(HostSeedNames, Endpoint):
         return list(self._conns.values())
 
     def _on_ready(self, conn: Connection) -> None:
+        # Bounded like any client, also while a turned-away one is being closed.
+        self._stored[conn] = StoredValues(self.max_channels, self.max_stored)
         refusal = self._admission.opened(conn.session)
         if refusal is not None:
             # Every seat was taken while this handshake ran: close it at once.
             logger.warning("%r: closing %s after its handshake: %s", self, conn._peer(), refusal[0])
             conn.begin_close(min(self.timeout, 2.0))
             return
-        self._stored[conn] = StoredValues(self.max_channels, self.max_stored)
         # Retained values go first, and the connection becomes visible to write_all()
         # under the same lock write_all(retain=True) holds: a value retained meanwhile is
         # either in this replay or written to the (now visible) connection after it.
@@ -468,7 +469,9 @@ class Host(HostSeedNames, Endpoint):
         self._conns.pop(conn.session, None)
         stored = self._stored.pop(conn, None)
         if not self._admission.left(conn.session):
-            return  # never completed the handshake (or turned away): nothing to remember
+            # Never completed the handshake, or turned away after it: nothing to remember.
+            forget_latest(self._latest, conn.values)
+            return
         logger.info("%r: client %r disconnected", self, conn)
         if self._on_disconnect:
             self._dispatcher.submit(conn, self._notify, self._on_disconnect, conn)
