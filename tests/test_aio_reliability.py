@@ -488,7 +488,7 @@ async def test_images_decode_lazily_once_and_off_the_event_loop(
         calls.append(threading.get_ident())
         return real_decode(*args, **kwargs)
 
-    monkeypatch.setattr(images, "decode", counting)
+    monkeypatch.setattr(images.codecs, "decode", counting)
     loop_thread = threading.get_ident()
     frame = _frame()
     async with aio.Host(port=0) as h, aio.Client(port=h.port, name="cam") as c:
@@ -551,7 +551,7 @@ async def test_image_codec_defaults_and_encoding_once(monkeypatch: pytest.Monkey
         encoded.append(codec)
         return real_encode(img, codec, *args, **kwargs)
 
-    monkeypatch.setattr(images, "encode", counting)
+    monkeypatch.setattr(images.codecs, "encode", counting)
     frame = _frame()
     async with aio.Host(port=0, image_codec="jpeg", image_quality=80) as h:
         clients = [await aio.Client(port=h.port).start() for _ in range(3)]

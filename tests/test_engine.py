@@ -221,13 +221,107 @@ def test_send_queue_orders_conflates_and_bounds() -> None:
     assert sent[-1] == ("cam", 20) and q.queued == 0
 
 
+def _flush(q: SendQueue) -> None:
+    q.to_wire(q.take_inbox())
+
+
 def test_send_queue_partial_sends_keep_the_tail() -> None:
     q = SendQueue(1 << 20)
     q.push([b"hello", b"world"], 10)
-    batch = q.batch(512)
+    _flush(q)
+    batch = q.wire_batch(512)
     assert [bytes(b) for b in batch] == [b"hello", b"world"]
     q.consumed(7)
-    assert [bytes(b) for b in q.batch(512)] == [b"rld"] and q.queued == 3
+    assert [bytes(b) for b in q.wire_batch(512)] == [b"rld"] and q.queued == 3
+
+
+def _decode_all(data: bytes) -> List[Tuple[str, Any]]:
+    decoder = frames.FrameDecoder(1 << 20, 4096, expect_preamble=False)
+    out: List[Tuple[str, Any]] = []
+    for frame in decoder.feed(data):
+        if frame.type == frames.BATCH:
+            items = frame.items()
+            out.extend(zip(items[0::2], items[1::2]))
+        else:
+            assert frame.type == frames.DATA
+            out.append((frame.channel, frame.value()))
+    return out
+
+
+@pytest.mark.parametrize("batch_limit", [0, 40, 1 << 16])
+def test_items_become_batch_frames_only_for_peers_that_read_them(batch_limit: int) -> None:
+    q = SendQueue(1 << 20)
+    q.batch_limit = batch_limit
+    values = [("a", 1), ("b/c", "x" * 10), ("é" * 40, [1, 2.0]), ("a", None)]
+    for channel, value in values:
+        item = frames.value_item(channel, value)
+        assert type(item) is bytes
+        q.push_item(item)
+    q.push(frames.encode_value_frame(frames.DATA, "big", b"\0" * 5000), 5000 + 21)
+    q.push_item(frames.value_item("z", 9))  # type: ignore[arg-type]
+    wire = b"".join(bytes(p) for p in q.take_all())
+    assert _decode_all(wire) == [*values, ("big", b"\0" * 5000), ("z", 9)]
+    decoder = frames.FrameDecoder(1 << 20, 4096, expect_preamble=False)
+    types = [f.type for f in decoder.feed(wire)]
+    if batch_limit == 0:
+        assert frames.BATCH not in types  # a 1.0 peer never gets one
+    elif batch_limit == 1 << 16:
+        assert types == [frames.BATCH, frames.DATA, frames.DATA]
+    else:
+        assert types.count(frames.BATCH) == 1 and len(types) == 5  # split at the limit
+        for frame in frames.FrameDecoder(1 << 20, 4096, expect_preamble=False).feed(wire):
+            if frame.type == frames.BATCH:
+                assert len(frame.meta) <= batch_limit
+
+
+def test_queued_bytes_return_to_zero_after_batching() -> None:
+    q = SendQueue(1 << 20)
+    q.batch_limit = 1 << 16
+    for i in range(100):
+        q.push_item(frames.value_item("c", i))  # type: ignore[arg-type]
+    _flush(q)
+    total = sum(len(b) for b in q.wire_batch(1000))
+    assert q.queued == total
+    q.consumed(total)
+    assert q.queued == 0 and not q
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x01",  # channel is not a string
+        b"\xa1a",  # a channel without its value
+        b"\xa1a\x92\x01",  # a truncated value
+        b"\xa1a\xc7\x01\x01\x00",  # an array (ext 1) without a data section
+        b"\xa1a\xc1",  # a reserved byte
+    ],
+)
+def test_malformed_batch_bodies_are_protocol_errors(body: bytes) -> None:
+    from socketengine.errors import ProtocolError
+
+    frame = b"".join(frames.encode_frame(frames.BATCH, "", body))
+    (decoded,) = frames.FrameDecoder(1 << 20, 4096, expect_preamble=False).feed(frame)
+    with pytest.raises(ProtocolError):
+        decoded.items()
+
+
+def test_batch_limit_follows_the_handshake() -> None:
+    client, host = _open_pair()
+    assert client.queue.batch_limit == host.queue.batch_limit == 64 * 1024
+    old = _engine(Role.HOST)
+    old.protocol.peer_batch = False  # what a 1.0 peer's HELLO gives
+    old._negotiate()
+    assert old.queue.batch_limit == 0
+
+
+def test_batch_to_a_peer_that_did_not_ask_closes_the_connection() -> None:
+    from socketengine.errors import ProtocolError
+
+    _, host = _open_pair()
+    frame = b"".join(frames.encode_frame(frames.BATCH, "", b"\xa1a\x01"))
+    (decoded,) = frames.FrameDecoder(1 << 20, 4096, expect_preamble=False).feed(frame)
+    with pytest.raises(ProtocolError):
+        host.control(decoded)
 
 
 def test_send_queue_slow_consumer_verdict() -> None:

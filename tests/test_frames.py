@@ -344,7 +344,7 @@ def test_max_message_can_be_raised_on_a_live_decoder() -> None:
     check(dec.feed(build([(frames.DATA, 0, "a", 0, arr)])[8:]), [(frames.DATA, 0, "a", 0, arr)])
 
 
-@pytest.mark.parametrize("ftype", [0x00, 0x06, 0x0F, 0x14, 0x23, 0x7F, 0xFF])
+@pytest.mark.parametrize("ftype", [0x00, 0x06, 0x0F, 0x15, 0x1F, 0x23, 0x7F, 0xFF])
 def test_unknown_frame_type_is_a_protocol_error(ftype: int) -> None:
     with pytest.raises(ProtocolError, match="unknown frame type"):
         FrameDecoder().feed(PREAMBLE + header(ftype))

@@ -537,3 +537,99 @@ def test_a_handshake_that_completes_after_the_last_seat_went_is_closed(
     finally:
         late.close()
         host.close()
+
+
+# -- channel patterns ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_patterns_on_wait_subscribe_in_both_layers(layer: str, loop_thread: AioThread) -> None:
+    from socketengine import Pattern
+
+    with Host(port=0) as host:
+        client = make_client(layer, loop_thread, host.port)
+        try:
+            seen: List[Any] = []
+            client.do("on", Pattern("sensors/+/temp"), lambda ch, v: seen.append((ch, v)))
+            sub = client.do("subscribe", Pattern("sensors/#"))
+            exact_plus: List[Any] = []
+            client.do("on", "sensors/+/temp", exact_plus.append)  # a str stays exact
+            wait_for(lambda: host.clients(), what="the client")
+            host.write_all("sensors/left/temp", 21.5)
+            host.write_all("sensors/left/hum", 40)
+            host.write_all("other", 1)
+            host.write_all("sensors/+/temp", "literal")
+            wait_for(lambda: len(seen) == 2, what="two pattern callbacks")
+            assert seen == [("sensors/left/temp", 21.5), ("sensors/+/temp", "literal")]
+            wait_for(lambda: len(sub) == 3, what="three matching messages")
+            if layer == "sync":
+                got = [sub.get(timeout=5) for _ in range(3)]
+            else:
+                got = [loop_thread.run(sub.get()) for _ in range(3)]
+            assert got == [
+                ("sensors/left/temp", 21.5),
+                ("sensors/left/hum", 40),
+                ("sensors/+/temp", "literal"),
+            ]
+            wait_for(lambda: exact_plus == ["literal"], what="the exact '+' name")
+            client.do("off", Pattern("sensors/+/temp"))
+            if layer == "sync":
+                waiter = threading.Thread(
+                    target=lambda: seen.append(client.ep.wait(Pattern("a/+"), timeout=5))
+                )
+                waiter.start()
+                wait_for(lambda: client.ep._patterns, what="the pattern waiter")
+                host.write_all("a/b", "x")
+                waiter.join(10)
+                assert seen[-1] == ("a/b", "x")
+            else:
+
+                async def wait_one() -> Any:
+                    task = asyncio.ensure_future(client.ep.wait(Pattern("a/+"), timeout=5))
+                    for _ in range(200):
+                        if client.ep._patterns.all_waiters():
+                            break
+                        await asyncio.sleep(0.01)
+                    host.write_all("a/b", "x")
+                    return await task
+
+                assert loop_thread.run(wait_one()) == ("a/b", "x")
+            host.write_all("sensors/right/temp", 3)  # off(): no pattern callback any more
+            wait_for(lambda: len(sub) == 1, what="the subscription to go on")
+            assert len(seen) == 2 + (1 if layer == "sync" else 0)
+        finally:
+            client.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_host_get_all_and_wait_with_a_pattern(layer: str, loop_thread: AioThread) -> None:
+    from socketengine import Pattern
+
+    host = make_host(layer, loop_thread)
+    try:
+        with Client(port=host.ep.port, name="a") as a, Client(port=host.ep.port, name="b") as b:
+            a.write("robot/1/pose", [1, 2])
+            b.write("robot/2/pose", [3, 4])
+            b.write("robot/2/speed", 5)
+            wait_for(lambda: len(host.ep.get_all(Pattern("robot/#"))) == 3)
+            assert host.ep.get_all(Pattern("robot/+/pose")) == {
+                "robot/1/pose": [[1, 2]],
+                "robot/2/pose": [[3, 4]],
+            }
+            assert host.ep.get_all(Pattern("nothing/#")) == {}
+            sub = host.do("subscribe", Pattern("robot/#"))
+            a.write("robot/1/pose", [9, 9])
+            wait_for(lambda: len(sub) == 1)
+            item = sub.get(timeout=5) if layer == "sync" else loop_thread.run(sub.get())
+            channel, value, conn = item
+            assert (channel, value, conn.name) == ("robot/1/pose", [9, 9], "a")
+    finally:
+        host.close()
+
+
+@pytest.mark.parametrize("text", ["", "a/#/b", "a+/b", "#x", "a/b+"])
+def test_malformed_patterns_are_refused_at_the_call(text: str) -> None:
+    from socketengine import Pattern
+
+    with pytest.raises(ValueError):
+        Pattern(text)

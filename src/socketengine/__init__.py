@@ -22,8 +22,10 @@ from .errors import (
     WriteTimeout,
 )
 from .images import CodecUnavailable, EncodedImage
+from .patterns import Pattern
 from .sync.client import Client
 from .sync.connection import Connection
+from .sync.delivery import Subscription
 from .sync.host import Host
 
 __version__ = "2.0.0a1"
@@ -32,6 +34,8 @@ __all__ = [
     "Host",
     "Client",
     "Connection",
+    "Subscription",
+    "Pattern",
     "host",
     "client",
     "SocketEngineError",

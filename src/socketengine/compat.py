@@ -3,6 +3,8 @@
 This module is the only place the camelCase names exist.  Each alias resolves to the
 very same method (``h.get_ALL == h.get_all``); the ``*Lock`` variants are the same as
 the plain ones because every write is thread-safe.
+A type checker sees each alias as the method it names (``h.get_ALL`` has the signature
+of ``Host.get_all``) and ``host`` / ``client`` as the classes themselves.
 
 ======================  ==========================
 seed name               socketengine name
@@ -23,7 +25,11 @@ seed name               socketengine name
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Tuple, Type
+
+if TYPE_CHECKING:
+    from .sync.client import Client
+    from .sync.host import Host
 
 
 class Alias:
@@ -43,27 +49,44 @@ class Alias:
 class HostSeedNames:
     """Mixed into :class:`Host`: the seed's method names."""
 
-    get_ALL = Alias("get_all")
-    getClients = Alias("clients")
-    write_ALL = Alias("write_all")
-    writeLock_ALL = Alias("write_all")
-    writeImg_ALL = Alias("write_image_all")
-    writeImgLock_ALL = Alias("write_image_all")
+    if TYPE_CHECKING:  # a type checker sees each alias as the method it names
+        get_ALL = Host.get_all
+        getClients = Host.clients
+        write_ALL = Host.write_all
+        writeLock_ALL = Host.write_all
+        writeImg_ALL = Host.write_image_all
+        writeImgLock_ALL = Host.write_image_all
+    else:
+        get_ALL = Alias("get_all")
+        getClients = Alias("clients")
+        write_ALL = Alias("write_all")
+        writeLock_ALL = Alias("write_all")
+        writeImg_ALL = Alias("write_image_all")
+        writeImgLock_ALL = Alias("write_image_all")
 
 
 class ClientSeedNames:
     """Mixed into :class:`Client`: the seed's method names."""
 
-    writeLock = Alias("write")
-    writeImg = Alias("write_image")
-    writeImgLock = Alias("write_image")
+    if TYPE_CHECKING:
+        writeLock = Client.write
+        writeImg = Client.write_image
+        writeImgLock = Client.write_image
+    else:
+        writeLock = Alias("write")
+        writeImg = Alias("write_image")
+        writeImgLock = Alias("write_image")
 
 
-def _seed_classes() -> Any:
+def _seed_classes() -> Tuple[Type[Host], Type[Client]]:
     from .sync.client import Client
     from .sync.host import Host
 
     return Host, Client
 
 
-host, client = _seed_classes()
+if TYPE_CHECKING:  # the classes themselves: ``h: host`` is an annotation too
+    host = Host
+    client = Client
+else:
+    host, client = _seed_classes()

@@ -7,8 +7,9 @@ build on :class:`EndpointBase`; they add only threads or tasks, and how callers 
 
 from __future__ import annotations
 
+import logging
 import ssl
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, TypeVar, Union
 
 from . import images
 from .errors import EndpointClosed
@@ -17,11 +18,19 @@ from .peer import PeerView
 
 __all__ = ["EndpointBase"]
 
+logger = logging.getLogger("socketengine")
+
+#: ``fn(conn, channel, value, reply, error)``, see :meth:`EndpointBase.on_request`.
+RequestHook = Callable[[Any, str, Any, Any, Optional[str]], Any]
+_H = TypeVar("_H", bound=RequestHook)
+
 
 class EndpointBase:
     """The layer-independent half of an endpoint (not used directly)."""
 
     _kind = "endpoint"
+    #: Hosts: callbacks get the connection too, and items carry it.
+    _with_conn = False
 
     def _init_endpoint(
         self,
@@ -64,6 +73,52 @@ class EndpointBase:
         self._latest: Dict[str, Any] = {}
         self.opened = False
         self.stopped = False
+        self._request_hooks: Tuple[RequestHook, ...] = ()
+
+    def on_request(self, fn: _H) -> _H:
+        """Call ``fn(conn, channel, value, reply, error)`` after every request this
+        endpoint answered (usable as a decorator): ``reply`` is what was sent, or
+        ``error`` the REPLY_ERROR text (no handler, the handler raised, the reply could
+        not be encoded).  For logs and tools (``socketengine host`` prints requests
+        with it).  Runs where the reply was made (a callback thread / the event loop);
+        an exception in it is logged and changes nothing else."""
+        if not callable(fn):
+            raise TypeError(f"on_request() needs a callable, not {type(fn).__qualname__}")
+        self._request_hooks = (*self._request_hooks, fn)
+        return fn
+
+    def _requested(
+        self, conn: Any, channel: str, value: Any, reply: Any, error: Optional[str]
+    ) -> None:
+        for fn in self._request_hooks:
+            try:
+                fn(conn, channel, value, reply, error)
+            except Exception:
+                logger.exception("%r: on_request hook %r raised (ignored)", self, fn)
+
+    # -- the browser monitor (hosts) --------------------------------------------------
+
+    def _init_monitor(self, port: Optional[int], addr: str, bgr: bool) -> None:
+        self._monitor_port = port
+        self._monitor_addr = addr
+        self._monitor_bgr = bool(bgr)
+        #: The browser monitor (``.url``, ``.port``) when ``monitor=`` was given, once open.
+        self.monitor: Optional[Any] = None
+
+    def _start_monitor(self) -> None:
+        """Serve the monitor if ``monitor=`` was given (in its own thread)."""
+        if self._monitor_port is None or self.monitor is not None:
+            return
+        from .monitor import Monitor  # imported only when asked for
+
+        self.monitor = Monitor(
+            self, port=self._monitor_port, addr=self._monitor_addr, bgr=self._monitor_bgr
+        ).start()
+
+    def _stop_monitor(self) -> None:
+        monitor, self.monitor = self.monitor, None
+        if monitor is not None:
+            monitor.close()
 
     @property
     def port(self) -> int:

@@ -37,7 +37,7 @@ from .errors import ConnectionClosed, HandshakeError, ProtocolError
 from .frames import Frame
 from .protocol import Protocol
 from .requests import ReplySink, RequestTable
-from .sendqueue import ImageHook, SendQueue
+from .sendqueue import BATCH_MAX, ImageHook, SendQueue
 
 __all__ = ["ConnState", "Tick", "ConnectionEngine", "BYE_FRAME"]
 
@@ -163,7 +163,18 @@ class ConnectionEngine:
         out = self.protocol.events()
         if self.state is ConnState.HANDSHAKE and self.protocol.is_open:
             self._to(ConnState.OPEN)
+            self._negotiate()
         return out
+
+    def _negotiate(self) -> None:
+        """What the handshake settled: BATCH frames only to a peer that reads them,
+        never larger than its ``max_message``."""
+        protocol = self.protocol
+        if protocol.peer_batch:
+            limit = BATCH_MAX
+            if protocol.peer_max_message is not None:
+                limit = min(limit, protocol.peer_max_message - frames.HEADER_SIZE)
+            self.queue.batch_limit = max(limit, 0)
 
     def control(self, frame: Frame) -> bool:
         """Handle a frame that is not DATA or REQUEST; True if handling must stop
@@ -175,6 +186,8 @@ class ConnectionEngine:
         if t == frames.BYE:
             self.receive_bye()
             return True
+        if t == frames.BATCH:
+            raise ProtocolError("BATCH frame from a peer that was not told this side reads them")
         raise ProtocolError(f"unexpected frame type 0x{t:02x} after the handshake")
 
     def receive_bye(self) -> None:

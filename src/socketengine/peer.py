@@ -42,6 +42,9 @@ class PeerView:
         self.messages_in = 0
         self.messages_out = 0
         self._encoded: Dict[str, EncodedImage] = {}  # newest JPEG/PNG file per channel
+        #: ``time.time()`` when the latest value on each channel arrived (the monitor's
+        #: "updated"; a value re-sent unchanged still updates it).
+        self.received_at: Dict[str, float] = {}
 
     @property
     def protocol(self) -> Protocol:

@@ -103,6 +103,10 @@ class Protocol:
         self.role = role
         self.heartbeat = heartbeat
         self.peer_heartbeat: Optional[float] = None
+        #: The peer reads BATCH frames (it announced ``"batch"``, protocol 1.1).
+        self.peer_batch = False
+        #: The peer's ``max_message`` (``"mm"``, protocol 1.1), or ``None`` (1.0 peer).
+        self.peer_max_message: Optional[int] = None
         self.state = State.HANDSHAKE
         self.name = name
         self.peer_name: Optional[str] = None
@@ -129,12 +133,18 @@ class Protocol:
         out: Dict[str, Any] = {"v": 1, **info}
         if self.heartbeat is not None:
             out["hb"] = float(self.heartbeat)
+        out["batch"] = True
+        out["mm"] = self._max_message
         return out
 
     def _note_peer(self, meta: Dict[str, Any]) -> None:
         hb = meta.get("hb")
         if isinstance(hb, (int, float)) and not isinstance(hb, bool) and hb > 0:
             self.peer_heartbeat = float(hb)
+        self.peer_batch = meta.get("batch") is True
+        mm = meta.get("mm")
+        if type(mm) is int and mm > 0:
+            self.peer_max_message = mm
 
     @property
     def is_open(self) -> bool:

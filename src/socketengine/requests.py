@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any, Dict, Generic, Optional, Protocol, TypeVar
+from typing import Any, Dict, Generic, List, Optional, Protocol, Tuple, TypeVar, Union
 
+from . import frames
+from .codec import Buffer
 from .errors import RemoteError
 from .frames import REPLY, Frame
 
-__all__ = ["ReplySink", "RequestTable", "MAX_REQUEST_ID"]
+__all__ = ["ReplySink", "RequestTable", "MAX_REQUEST_ID", "no_handler", "reply_frame"]
 
 logger = logging.getLogger("socketengine")
 
@@ -85,3 +87,32 @@ class RequestTable(Generic[S]):
         for sink in pending.values():
             if not sink.done():
                 sink.set_exception(error)
+
+
+def no_handler(channel: str) -> str:
+    """The REPLY_ERROR text for a request on a channel nobody handles."""
+    return f"no handler for requests on channel {channel!r}"
+
+
+def reply_frame(
+    channel: str, rid: int, result: Any, error: Union[BaseException, str, None]
+) -> Tuple[List[Buffer], int, Optional[str]]:
+    """The frame answering request ``rid``: ``(parts, size, error_text)``.
+
+    A REPLY carrying ``result`` when ``error`` is ``None`` (and the result can be
+    encoded), else a REPLY_ERROR whose text is ``error`` (a str, verbatim), the
+    exception's ``"Type: message"``, or why the result could not be sent;
+    ``error_text`` is ``None`` for a REPLY.
+    """
+    if error is None:
+        try:
+            parts, size = frames.value_frame(frames.REPLY, channel, result, fid=rid)
+            return parts, size, None
+        except (TypeError, ValueError) as exc:
+            text = f"the reply could not be sent: {exc}"
+    elif isinstance(error, str):
+        text = error
+    else:
+        text = f"{type(error).__name__}: {error}"
+    parts, size = frames.value_frame(frames.REPLY_ERROR, channel, text, fid=rid)
+    return parts, size, text

@@ -7,10 +7,9 @@ import asyncio
 import logging
 import socket
 import ssl
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Optional, TypeVar, Union
 
 from .. import frames
-from ..codec import Buffer
 from ..errors import (
     ConnectionClosed,
     ConnectTimeout,
@@ -29,8 +28,9 @@ from ..limits import (
     check_name,
     check_seconds,
 )
+from ..patterns import Pattern
 from ..protocol import Protocol, Role
-from ..sendqueue import SendQueue
+from ..sendqueue import Outgoing, SendQueue
 from ..state import Backoff, log_lost_link
 from .connection import READ_SIZE, Connection
 from .endpoint import Endpoint
@@ -39,6 +39,8 @@ from .subscription import Subscription
 __all__ = ["Client"]
 
 logger = logging.getLogger("socketengine")
+
+_K = TypeVar("_K", bound="Client")
 
 # Errors that mean "the host is not (yet) there": keep trying.
 _RETRYABLE = (
@@ -163,7 +165,7 @@ class Client(Endpoint):
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def start(self) -> Client:
+    async def start(self: _K) -> _K:
         """Connect and complete the handshake; return the client.
 
         Retries while the host refuses (it may not be up yet), for at most
@@ -326,8 +328,9 @@ class Client(Endpoint):
         """
         return self._read(self._latest, channel, default)
 
-    async def wait(self, channel: str, timeout: Optional[float] = None) -> Any:
-        """The value of the next message on ``channel`` arriving after the call.
+    async def wait(self, channel: Union[str, Pattern], timeout: Optional[float] = None) -> Any:
+        """The value of the next message on ``channel`` arriving after the call (with a
+        :class:`~socketengine.Pattern`: ``(channel, value)``).
 
         Raises ``TimeoutError`` after ``timeout`` s (``None``: no bound),
         :class:`~socketengine.EndpointClosed` if the client is closed and, without
@@ -337,10 +340,11 @@ class Client(Endpoint):
         return await self._wait(channel, timeout)
 
     def subscribe(
-        self, channel: str, maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
+        self, channel: Union[str, Pattern], maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
     ) -> Subscription[Any]:
         """Every message on ``channel`` from now on, in order:
-        ``async for data in c.subscribe("ch")``.  May be called before :meth:`start`
+        ``async for data in c.subscribe("ch")`` (with a :class:`~socketengine.Pattern`,
+        items are ``(channel, data)``).  May be called before :meth:`start`
         (to see retained values).  See :class:`~socketengine.aio.Subscription`."""
         return self._subscribe(channel, maxsize)
 
@@ -363,8 +367,11 @@ class Client(Endpoint):
         is kept and sent first once reconnected (the same bound applies); without
         ``reconnect``, :class:`~socketengine.ConnectionClosed`.
         """
-        parts, nbytes = frames.value_frame(frames.DATA, channel, data)
-        await self._send(parts, nbytes)
+        encoded = frames.value_item(channel, data)
+        if type(encoded) is bytes:
+            await self._send(encoded, len(encoded))
+        else:
+            await self._send(*encoded)
 
     async def write_image(
         self,
@@ -394,9 +401,7 @@ class Client(Endpoint):
         """
         return await self._live().request(channel, data, timeout)
 
-    async def _send(
-        self, parts: Sequence[Buffer], nbytes: int, image: Optional[str] = None
-    ) -> None:
+    async def _send(self, parts: Outgoing, nbytes: int, image: Optional[str] = None) -> None:
         """Send a frame, or keep it for the reconnection while the link is down."""
         conn = self._conn
         if conn is not None and conn.is_open and self.opened:
@@ -413,7 +418,7 @@ class Client(Endpoint):
             raise self._lost_error(self._live_or_last())
         await self._keep(parts, nbytes, image)
 
-    async def _keep(self, parts: Sequence[Buffer], nbytes: int, image: Optional[str]) -> None:
+    async def _keep(self, parts: Outgoing, nbytes: int, image: Optional[str]) -> None:
         """Keep a frame for the reconnection, waiting (up to ``timeout`` s) for room."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
@@ -430,7 +435,10 @@ class Client(Endpoint):
                     continue  # lost again before it was handed over: keep it
             outbox = self._outbox
             if outbox.fits(nbytes) or (image is not None and outbox.waiting_image(image)):
-                outbox.push(list(parts), nbytes, image)
+                if isinstance(parts, bytes):
+                    outbox.push_item(parts)
+                else:
+                    outbox.push(list(parts), nbytes, image)
                 return
             left = deadline - loop.time()
             if left <= 0:

@@ -54,11 +54,11 @@ from typing import (
     Sequence,
     Set,
     Tuple,
+    Union,
     cast,
 )
 
 from .. import frames
-from ..codec import Buffer
 from ..engine import ConnectionEngine, ConnState, Tick, describe_peer
 from ..errors import (
     ConnectionClosed,
@@ -71,6 +71,8 @@ from ..frames import Frame
 from ..limits import CALLBACK_BACKLOG, MIN_READ_SIZE
 from ..peer import PeerView
 from ..protocol import Protocol
+from ..requests import reply_frame
+from ..sendqueue import Outgoing
 from .decoding import LazyImage
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -366,8 +368,11 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         ``max_buffer`` for ``timeout`` s (nothing is sent).  Waits (at most
         ``timeout`` s) while the peer does not keep up.
         """
-        parts, nbytes = frames.value_frame(frames.DATA, channel, data)
-        await self._send_frame(parts, nbytes)
+        encoded = frames.value_item(channel, data)
+        if type(encoded) is bytes:
+            await self._send_item(encoded)
+        else:
+            await self._send_frame(*encoded)
 
     async def write_image(
         self,
@@ -455,15 +460,16 @@ class Connection(PeerView, asyncio.BufferedProtocol):
 
     # -- sending --------------------------------------------------------------------------
 
-    async def _send_frame(
-        self, parts: Sequence[Buffer], nbytes: int, image: Optional[str] = None
-    ) -> None:
+    async def _send_frame(self, parts: Outgoing, nbytes: int, image: Optional[str] = None) -> None:
         """Send one encoded frame of ``nbytes`` bytes; wait while the peer lags.
 
         :param image: the channel of an image frame: it is conflated (it replaces an
             earlier frame of that channel still waiting in the send queue) and never
             waits.
         """
+        if type(parts) is bytes:
+            await self._send_item(parts)
+            return
         self._check_writable()
         if image is not None:
             self._enqueue(parts, nbytes, image)
@@ -472,6 +478,17 @@ class Connection(PeerView, asyncio.BufferedProtocol):
             return
         await self._make_room(nbytes)
         self._enqueue(parts, nbytes)
+        self.messages_out += 1
+        if self._write_paused and not self._stalled:
+            await self._drain_for(self._endpoint.timeout)
+
+    async def _send_item(self, item: bytes) -> None:
+        """Send a small value encoded as a BATCH item; wait while the peer lags."""
+        self._check_writable()
+        await self._make_room(len(item))
+        self._queue.push_item(item)
+        if not self._write_paused:
+            self._pump()
         self.messages_out += 1
         if self._write_paused and not self._stalled:
             await self._drain_for(self._endpoint.timeout)
@@ -534,7 +551,7 @@ class Connection(PeerView, asyncio.BufferedProtocol):
             self._drain_waiters.append(waiter)
             await waiter
 
-    def _offer(self, parts: Sequence[Buffer], nbytes: int, image: Optional[str]) -> bool:
+    def _offer(self, parts: Outgoing, nbytes: int, image: Optional[str]) -> bool:
         """Hand a broadcast frame over without ever waiting (``write_all``).
 
         A peer whose buffer is above ``max_buffer`` still gets it, up to twice that and
@@ -565,10 +582,13 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         self.engine.fail(WriteTimeout(f"{self._peer()} was disconnected as a slow consumer"))
         self._abort()
 
-    def _enqueue(self, parts: Sequence[Buffer], nbytes: int, image: Optional[str] = None) -> None:
-        """Queue a frame (in order; an image replaces its channel's waiting frame) and
-        hand what the transport takes over to it."""
-        self._queue.push(list(parts), nbytes, image)
+    def _enqueue(self, parts: Outgoing, nbytes: int, image: Optional[str] = None) -> None:
+        """Queue a frame (in order; an image replaces its channel's waiting frame) or
+        a BATCH item (``bytes``), and hand what the transport takes over to it."""
+        if isinstance(parts, bytes):
+            self._queue.push_item(parts)
+        else:
+            self._queue.push(list(parts), nbytes, image)
         if not self._write_paused:
             self._pump()
 
@@ -582,9 +602,10 @@ class Connection(PeerView, asyncio.BufferedProtocol):
             queue.clear()
             return
         while queue and (force or not self._write_paused):
-            batch = queue.batch(1 << 30)
-            if not batch:
-                continue  # an image slot was opened at the head
+            if not queue.wire_pending:
+                queue.to_wire(queue.take_inbox())
+                continue
+            batch = queue.wire_batch(1 << 30)
             size = sum(memoryview(part).nbytes for part in batch)
             queue.consumed(size)
             if len(batch) == 1:
@@ -618,31 +639,17 @@ class Connection(PeerView, asyncio.BufferedProtocol):
             self.engine.sent(self._loop.time())
 
     def _send_reply(
-        self, channel: str, fid: int, result: Any, exc: Optional[BaseException]
-    ) -> None:
-        """Answer request ``fid``: REPLY with ``result``, or REPLY_ERROR naming ``exc``."""
+        self, channel: str, fid: int, result: Any, exc: Union[BaseException, str, None]
+    ) -> Optional[str]:
+        """Answer request ``fid``: REPLY with ``result``, or REPLY_ERROR naming ``exc``
+        (an exception, or the text itself); return the error text (``None``: a REPLY)."""
+        parts, nbytes, text = reply_frame(channel, fid, result, exc)
         if not self.is_open:
             logger.debug("%r: dropping the reply to request %d: closed", self, fid)
-            return
-        if exc is None:
-            try:
-                parts, nbytes = frames.value_frame(frames.REPLY, channel, result, fid=fid)
-            except (TypeError, ValueError) as error:
-                exc = error
-            else:
-                self._enqueue(parts, nbytes)
-                self.messages_out += 1
-                return
-        self._send_error(channel, fid, f"{type(exc).__name__}: {exc}")
-
-    def _send_error(self, channel: str, fid: int, message: str) -> None:
-        """Answer request ``fid`` with REPLY_ERROR ``message``."""
-        if not self.is_open:
-            logger.debug("%r: dropping the reply to request %d: closed", self, fid)
-            return
-        parts, nbytes = frames.value_frame(frames.REPLY_ERROR, channel, message, fid=fid)
-        self._enqueue(parts, nbytes)
-        self.messages_out += 1
+        else:
+            self._enqueue(parts, nbytes)
+            self.messages_out += 1
+        return text
 
     async def _await_reply(self, future: asyncio.Future[Any]) -> Any:
         if self._write_paused and not self._stalled:
@@ -841,6 +848,12 @@ class Connection(PeerView, asyncio.BufferedProtocol):
             value = frame.value()
             self.messages_in += 1
             self._endpoint._deliver(self, frame.channel, value, frame.flags & frames.FLAG_IMAGE)
+        elif t == frames.BATCH:
+            items = frame.items()
+            deliver = self._endpoint._deliver
+            for i in range(0, len(items), 2):
+                deliver(self, items[i], items[i + 1], 0)
+            self.messages_in += len(items) // 2
         elif t == frames.REQUEST:
             value = frame.value()
             self.messages_in += 1

@@ -6,10 +6,9 @@ import asyncio
 import itertools
 import logging
 import ssl
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union, overload
 
 from .. import frames, images
-from ..codec import Buffer
 from ..errors import EndpointClosed
 from ..limits import (
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -26,8 +25,11 @@ from ..limits import (
     check_name,
 )
 from ..net import listen
+from ..patterns import Pattern
 from ..protocol import Protocol, Role
+from ..sendqueue import Outgoing
 from ..state import Admission, Departed, RetainedValues, StoredValues, forget_latest
+from ..watch import matching_channels
 from .connection import READ_SIZE, Connection, Job
 from .endpoint import Endpoint
 from .subscription import Subscription
@@ -36,7 +38,9 @@ __all__ = ["Host"]
 
 logger = logging.getLogger("socketengine")
 
-_F = TypeVar("_F", bound=Callable[..., Any])
+_H = TypeVar("_H", bound="Host")
+#: An ``on_connect`` / ``on_disconnect`` callback: ``fn(conn)``, plain or ``async``.
+_C = TypeVar("_C", bound=Callable[[Connection], Any])
 
 
 class Host(Endpoint):
@@ -82,6 +86,10 @@ class Host(Endpoint):
         that :meth:`close` waits for clients to take what was written and for running
         callbacks to finish.
     :param backlog: the listening socket's backlog.
+    :param monitor: serve the live browser monitor on this port (``0``: any free one;
+        ``None``: no monitor), in its own thread; its address is ``host.monitor.url``.
+    :param monitor_addr: the monitor's address (loopback by default).
+    :param monitor_bgr: the monitor shows raw 3-channel frames as BGR (OpenCV's order).
 
     Use ``async with Host(port=0) as h:`` or ``await h.start()`` / ``await h.close()``.
     """
@@ -107,6 +115,9 @@ class Host(Endpoint):
         name: Optional[str] = None,
         timeout: float = 2.0,
         backlog: int = 128,
+        monitor: Optional[int] = None,
+        monitor_addr: str = "127.0.0.1",
+        monitor_bgr: bool = False,
         max_pending: int = DEFAULT_MAX_PENDING,
         max_channels: int = DEFAULT_MAX_CHANNELS,
         max_stored: Optional[int] = None,
@@ -144,6 +155,7 @@ class Host(Endpoint):
         self.max_channels = limits.max_channels
         self.max_stored = limits.max_stored
         self._admission = Admission(limits.max_clients, limits.max_pending)
+        self._init_monitor(monitor, monitor_addr, monitor_bgr)
         self.backlog = limits.backlog
         self._server: Optional[asyncio.AbstractServer] = None
         self._sessions = itertools.count(1)
@@ -158,7 +170,7 @@ class Host(Endpoint):
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def start(self) -> Host:
+    async def start(self: _H) -> _H:
         """Bind and listen on ``addr:port``; return the host.  Calling it again is
         harmless.  Raises ``OSError`` naming ``addr:port`` if it cannot bind."""
         return await super().start()
@@ -191,6 +203,11 @@ class Host(Endpoint):
             raise
         self._port = int(sock.getsockname()[1])
         self._start_heartbeat()
+        try:
+            self._start_monitor()
+        except BaseException:
+            self._server.close()
+            raise
 
     async def close(self) -> None:
         """Stop listening, close every client gracefully (flush, BYE; each bounded by
@@ -201,6 +218,8 @@ class Host(Endpoint):
         self.stopped = True
         self.opened = False
         self._stop_heartbeat()
+        if self.monitor is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._stop_monitor)
         server = self._server
         if server is not None:
             server.close()
@@ -220,7 +239,8 @@ class Host(Endpoint):
 
     def clients(self) -> List[Connection]:
         """The connected clients (handshake done, not closing), in connection order."""
-        return [c for c in self._conns.values() if c.is_open]
+        # A copy first: the monitor calls this from its own thread.
+        return [c for c in list(self._conns.values()) if c.is_open]
 
     def get_client(self, name: str) -> Optional[Connection]:
         """The connected client that gave ``name`` (the newest one), or ``None``."""
@@ -244,13 +264,24 @@ class Host(Endpoint):
                     conn.values[channel] = decoded
         return decoded
 
-    def get_all(self, channel: str) -> List[Any]:
+    @overload
+    def get_all(self, channel: str) -> List[Any]: ...
+
+    @overload
+    def get_all(self, channel: Pattern) -> Dict[str, List[Any]]: ...
+
+    def get_all(self, channel: Union[str, Pattern]) -> Any:
         """The latest value on ``channel`` from each client, in connection order.
 
         Includes clients that have disconnected, up to ``keep_departed`` of them, so a
-        client that writes and closes at once is still seen.  ``[]`` if none sent.
+        client that writes and closes at once is still seen.  ``[]`` if none sent.  With a
+        :class:`~socketengine.Pattern`: ``{channel: [values]}`` for every matching
+        channel any of them sent on.
         """
         sessions = list(self._conns.items()) + self._departed.items()
+        if isinstance(channel, Pattern):
+            names = matching_channels(channel, (c.values for _, c in sessions))
+            return {name: self.get_all(name) for name in names}
         sessions.sort(key=lambda item: item[0])
         out = []
         for _, conn in sessions:
@@ -269,28 +300,49 @@ class Host(Endpoint):
         }
         return out
 
-    async def wait(self, channel: str, timeout: Optional[float] = None) -> Tuple[Any, Connection]:
-        """Wait for the next message on ``channel`` (from any client) arriving after the
-        call; return ``(data, conn)``.  Raises ``TimeoutError`` after ``timeout`` s,
-        :class:`~socketengine.EndpointClosed` if the host closes meanwhile."""
-        result: Tuple[Any, Connection] = await self._wait(channel, timeout)
-        return result
+    @overload
+    async def wait(
+        self, channel: str, timeout: Optional[float] = None
+    ) -> Tuple[Any, Connection]: ...
 
+    @overload
+    async def wait(
+        self, channel: Pattern, timeout: Optional[float] = None
+    ) -> Tuple[str, Any, Connection]: ...
+
+    async def wait(self, channel: Union[str, Pattern], timeout: Optional[float] = None) -> Any:
+        """Wait for the next message on ``channel`` (from any client) arriving after the
+        call; return ``(data, conn)`` (with a :class:`~socketengine.Pattern`:
+        ``(channel, data, conn)``).  Raises ``TimeoutError`` after ``timeout`` s,
+        :class:`~socketengine.EndpointClosed` if the host closes meanwhile."""
+        return await self._wait(channel, timeout)
+
+    @overload
     def subscribe(
         self, channel: str, maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
-    ) -> Subscription[Tuple[Any, Connection]]:
+    ) -> Subscription[Tuple[Any, Connection]]: ...
+
+    @overload
+    def subscribe(
+        self, channel: Pattern, maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
+    ) -> Subscription[Tuple[str, Any, Connection]]: ...
+
+    def subscribe(
+        self, channel: Union[str, Pattern], maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
+    ) -> Any:
         """Every message on ``channel`` from now on, as ``(data, conn)`` pairs, in order
-        per client: ``async for data, conn in h.subscribe("ch")``.  See
+        per client: ``async for data, conn in h.subscribe("ch")``; with a
+        :class:`~socketengine.Pattern`, ``(channel, data, conn)``.  See
         :class:`~socketengine.aio.Subscription` for ``maxsize`` and back-pressure."""
         return self._subscribe(channel, maxsize)
 
-    def on_connect(self, fn: _F) -> _F:
+    def on_connect(self, fn: _C) -> _C:
         """Call ``fn(conn)`` (plain or async) when a client completes its handshake,
         before any of its messages' callbacks.  Usable as a decorator; returns ``fn``."""
         self._connect_handlers += (fn,)
         return fn
 
-    def on_disconnect(self, fn: _F) -> _F:
+    def on_disconnect(self, fn: _C) -> _C:
         """Call ``fn(conn)`` (plain or async) when a client's connection has ended,
         after its messages' callbacks.  Usable as a decorator; returns ``fn``."""
         self._disconnect_handlers += (fn,)
@@ -309,11 +361,15 @@ class Host(Endpoint):
         is disconnected as a slow consumer (logged, ``on_disconnect``) and the others
         go on receiving.
         """
-        parts, nbytes = frames.value_frame(frames.DATA, channel, data)
         self._check_open()
         if retain:
+            parts, nbytes = frames.value_frame(frames.DATA, channel, data)
             self._retained.retain(channel, parts)
-        return await self._broadcast(parts, nbytes)
+            return await self._broadcast(parts, nbytes)
+        encoded = frames.value_item(channel, data)
+        if type(encoded) is bytes:
+            return await self._broadcast(encoded, len(encoded))
+        return await self._broadcast(*encoded)
 
     def clear_retained(self, channel: Optional[str] = None) -> None:
         """Forget the retained value of ``channel`` (``None``: of every channel)."""
@@ -338,9 +394,7 @@ class Host(Endpoint):
         self._check_open()
         return await self._broadcast(parts, nbytes, image=channel)
 
-    async def _broadcast(
-        self, parts: Sequence[Buffer], nbytes: int, image: Optional[str] = None
-    ) -> int:
+    async def _broadcast(self, parts: Outgoing, nbytes: int, image: Optional[str] = None) -> int:
         """Hand one encoded frame to every client without waiting for any of them."""
         sent = 0
         paused = False

@@ -9,7 +9,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, List, Optional, Union
+from typing import Any, List, Optional, TypeVar, Union
 
 from ..compat import ClientSeedNames
 from ..engine import ConnState
@@ -21,7 +21,7 @@ from ..errors import (
     SocketEngineConnectionError,
     WriteTimeout,
 )
-from ..frames import DATA, value_frame
+from ..frames import value_item
 from ..limits import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT,
@@ -40,6 +40,8 @@ from .loop import Loop, TimerHandle
 
 logger = logging.getLogger("socketengine")
 
+_K = TypeVar("_K", bound="Client")
+
 # Errors that mean "the host is not (yet) there": keep trying.
 _RETRYABLE = (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 # open() retries a refused connection with this backoff cap (seconds): a host that is
@@ -47,7 +49,7 @@ _RETRYABLE = (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedErr
 _OPEN_RETRY_MAX = 0.5
 
 
-class Client(ClientSeedNames, Endpoint):
+class Client(ClientSeedNames, Endpoint[Any]):
     """A client of a :class:`Host`.
 
     :param addr: the host's address (name, IPv4 or IPv6).
@@ -143,7 +145,7 @@ class Client(ClientSeedNames, Endpoint):
 
     # -- lifecycle ------------------------------------------------------------------
 
-    def open(self) -> Client:
+    def open(self: _K) -> _K:
         """Connect to the host and complete the handshake; start the I/O thread.
 
         Retries while the host refuses (it may not be up yet), for at most
@@ -282,7 +284,12 @@ class Client(ClientSeedNames, Endpoint):
         Raises ``TypeError`` naming the type if ``data`` cannot be sent (nothing is
         sent), :class:`ConnectionClosed` if the host is gone.
         """
-        parts, nbytes = value_frame(DATA, channel, data)
+        encoded = value_item(channel, data)
+        if type(encoded) is bytes:
+            parts: Any = encoded
+            nbytes = len(encoded)
+        else:
+            parts, nbytes = encoded
         conn = self._conn
         if conn is not None and conn.engine.state is ConnState.OPEN:  # the common case
             try:
@@ -364,7 +371,10 @@ class Client(ClientSeedNames, Endpoint):
                     raise EndpointClosed(f"{self!r} was closed while writing")
                 outbox = self._outbox
                 if outbox.fits(nbytes) or (image is not None and outbox.waiting_image(image)):
-                    outbox.push(parts, nbytes, image)
+                    if type(parts) is bytes:
+                        outbox.push_item(parts)
+                    else:
+                        outbox.push(parts, nbytes, image)
                     return
                 left = deadline - time.monotonic()
                 if left <= 0:

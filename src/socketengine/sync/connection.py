@@ -154,9 +154,16 @@ class Connection(PeerView, Pausable):
 
     def write(self, channel: str, data: Any) -> None:
         """Send ``data`` on ``channel`` to this peer only.  Thread-safe."""
-        parts, nbytes = frames.value_frame(frames.DATA, channel, data)
-        self.send_parts(parts, nbytes)
+        self.send_value(frames.value_item(channel, data))
         self.messages_out += 1
+
+    def send_value(self, encoded: Any, *, block: bool = True, defer: bool = False) -> None:
+        """Queue a value encoded by :func:`frames.value_item`: a BATCH item or a
+        DATA frame's ``(parts, size)``.  Thread-safe."""
+        if type(encoded) is bytes:
+            self.send_parts(encoded, len(encoded), block=block, defer=defer)
+        else:
+            self.send_parts(encoded[0], encoded[1], block=block, defer=defer)
 
     def write_image(
         self,
@@ -280,7 +287,7 @@ class Connection(PeerView, Pausable):
 
     def send_parts(
         self,
-        parts: List[Buffer],
+        parts: Any,
         nbytes: Optional[int] = None,
         *,
         image: Optional[str] = None,
@@ -298,6 +305,8 @@ class Connection(PeerView, Pausable):
             a slow consumer and raises :class:`WriteTimeout`.
         :param defer: leave the sending to the loop thread even on an idle link (a
             burst of broadcasts: one flush per connection instead of a syscall each).
+
+        ``parts`` may also be a BATCH item (``bytes``, see :func:`frames.value_item`).
         """
         if nbytes is None:
             nbytes = frames.frame_size(parts)
@@ -311,7 +320,9 @@ class Connection(PeerView, Pausable):
                     self._wait_room(nbytes)
                 elif queue.slow_consumer(nbytes, _monotonic(), self._endpoint.timeout):
                     self._drop_slow_consumer_locked()
-            if not queue.push(parts, nbytes, image):
+            if type(parts) is bytes:
+                queue.push_item(parts)
+            elif not queue.push(parts, nbytes, image):
                 return  # replaced a waiting image frame: it keeps that frame's turn
             if self._want_write:
                 return  # the loop thread sends it when the socket drains
@@ -450,10 +461,19 @@ class Connection(PeerView, Pausable):
         engine = self.engine
         sock = self.socket
         lock = self._lock
-        while queue and not engine.closed:
-            batch = queue.batch(_IOV)
-            if not batch:
-                continue  # an image slot was opened at the head
+        while not engine.closed:
+            if not queue.wire_pending:
+                entries = queue.take_inbox()
+                if not entries:
+                    return
+                # Framing (BATCH building) happens outside the lock: writers go on.
+                lock.release()
+                try:
+                    queue.to_wire(entries)
+                finally:
+                    lock.acquire()
+                continue
+            batch = queue.wire_batch(_IOV)
             error: Optional[OSError] = None
             lock.release()
             try:
@@ -462,7 +482,7 @@ class Connection(PeerView, Pausable):
                     offered = len(payload)
                     sent = sock.send(payload)
                 else:
-                    # Every queued part is bytes or a byte-format memoryview: len() == size.
+                    # Every wire buffer is bytes or a byte-format memoryview: len() == size.
                     offered = sum(map(len, batch))
                     sent = sock.sendmsg(batch) if len(batch) > 1 else sock.send(batch[0])
             except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):

@@ -9,7 +9,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union, overload
 
 from .. import frames, images
 from ..compat import HostSeedNames
@@ -27,19 +27,26 @@ from ..limits import (
     check_host_limits,
 )
 from ..net import listen
+from ..patterns import Pattern
 from ..protocol import Protocol, Role
+from ..sendqueue import Outgoing
 from ..state import Admission, Departed, RetainedValues, StoredValues, forget_latest
+from ..watch import matching_channels
 from .connection import Connection
 from .endpoint import Endpoint
 
 logger = logging.getLogger("socketengine")
+
+_H = TypeVar("_H", bound="Host")
+#: An ``on_connect`` / ``on_disconnect`` callback: ``fn(conn)``.
+_C = TypeVar("_C", bound=Callable[[Connection], Any])
 
 _ACCEPTS_PER_EVENT = 64
 # Broadcasts closer together than this (seconds) are a burst: their sends are deferred.
 _BROADCAST_GAP = 1e-3
 
 
-class Host(HostSeedNames, Endpoint):
+class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
     """A host that clients connect to.
 
     :param addr: address to listen on.  ``'127.0.0.1'`` (default) accepts only this
@@ -77,6 +84,8 @@ class Host(HostSeedNames, Endpoint):
     :param monitor: serve the live browser monitor on this port (``0``: any free one;
         ``None``: no monitor); its address is ``host.monitor.url``.
     :param monitor_addr: the monitor's address (loopback by default).
+    :param monitor_bgr: the monitor shows raw 3-channel frames as BGR (OpenCV's order)
+        rather than RGB.
     :param keep_departed: how many disconnected clients' latest values
         :meth:`get_all` keeps reporting (oldest forgotten first).
     :param keep_departed_bytes: bytes of values those departed clients keep, together
@@ -84,6 +93,7 @@ class Host(HostSeedNames, Endpoint):
     """
 
     _kind = "host"
+    _with_conn = True
 
     def __init__(
         self,
@@ -106,6 +116,7 @@ class Host(HostSeedNames, Endpoint):
         image_quality: int = 90,
         monitor: Optional[int] = None,
         monitor_addr: str = "127.0.0.1",
+        monitor_bgr: bool = False,
         max_pending: int = DEFAULT_MAX_PENDING,
         max_channels: int = DEFAULT_MAX_CHANNELS,
         max_stored: Optional[int] = None,
@@ -154,16 +165,13 @@ class Host(HostSeedNames, Endpoint):
         self._last_broadcast = 0.0
         self._on_connect: List[Callable[[Connection], Any]] = []
         self._on_disconnect: List[Callable[[Connection], Any]] = []
-        self._monitor_port = monitor
-        self._monitor_addr = monitor_addr
-        #: The browser monitor (``.url``, ``.port``) when ``monitor=`` was given, once open.
-        self.monitor: Optional[Any] = None
+        self._init_monitor(monitor, monitor_addr, monitor_bgr)
         if open:
             self.open()
 
     # -- lifecycle ------------------------------------------------------------------
 
-    def open(self) -> Host:
+    def open(self: _H) -> _H:
         """Bind and listen on ``addr:port`` and start the I/O thread.
 
         Raises ``OSError`` naming ``addr:port`` if it cannot bind (e.g. in use).
@@ -179,16 +187,11 @@ class Host(HostSeedNames, Endpoint):
             self._loop.start()
             self.opened = True
         logger.info("%r: listening", self)
-        if self._monitor_port is not None and self.monitor is None:
-            from ..monitor import Monitor  # imported only when asked for
-
-            try:
-                self.monitor = Monitor(
-                    self, port=self._monitor_port, addr=self._monitor_addr
-                ).start()
-            except BaseException:
-                self.close()
-                raise
+        try:
+            self._start_monitor()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def close(self) -> None:
@@ -200,9 +203,7 @@ class Host(HostSeedNames, Endpoint):
             self.stopped = True
             was_open = self.opened
             self.opened = False
-        monitor, self.monitor = self.monitor, None
-        if monitor is not None:
-            monitor.close()
+        self._stop_monitor()
         if not was_open:
             self._loop.stop()
             self._release_waiters()
@@ -248,14 +249,25 @@ class Host(HostSeedNames, Endpoint):
         """
         return self._read(self._latest, channel, default)
 
-    def get_all(self, channel: str) -> List[Any]:
+    @overload
+    def get_all(self, channel: str) -> List[Any]: ...
+
+    @overload
+    def get_all(self, channel: Pattern) -> Dict[str, List[Any]]: ...
+
+    def get_all(self, channel: Union[str, Pattern]) -> Any:
         """The latest value on ``channel`` from each client, in connection order.
 
         Includes clients that have disconnected, up to ``keep_departed`` of them
         (the most recently departed), so a client that writes and closes at once is
-        still seen.  ``[]`` when no client sent on ``channel``.
+        still seen.  ``[]`` when no client sent on ``channel``.  With a
+        :class:`~socketengine.Pattern`: ``{channel: [values]}`` for every matching
+        channel any of them sent on.
         """
         sessions = list(self._conns.items()) + self._departed.items()
+        if isinstance(channel, Pattern):
+            names = matching_channels(channel, (c.values for _, c in sessions))
+            return {name: self.get_all(name) for name in names}
         sessions.sort(key=lambda item: item[0])
         out = []
         for _, conn in sessions:
@@ -278,9 +290,12 @@ class Host(HostSeedNames, Endpoint):
         configuration and state).  Thread-safe.
         """
         self._check_open()
-        parts, nbytes = frames.value_frame(frames.DATA, channel, data)
         if not retain:
-            return self._send_all(parts, nbytes)
+            encoded = frames.value_item(channel, data)
+            if type(encoded) is bytes:
+                return self._send_all(encoded, len(encoded))
+            return self._send_all(*encoded)
+        parts, nbytes = frames.value_frame(frames.DATA, channel, data)
         with self._retain_lock:  # see _on_ready: no client misses or reorders it
             self._retained.retain(channel, parts)
             return self._send_all(parts, nbytes)
@@ -307,7 +322,7 @@ class Host(HostSeedNames, Endpoint):
         parts, nbytes = self._image_frame(img, channel, codec, quality)
         return self._send_all(parts, nbytes, image=channel)
 
-    def _send_all(self, parts: List[Any], nbytes: int, image: Optional[str] = None) -> int:
+    def _send_all(self, parts: Outgoing, nbytes: int, image: Optional[str] = None) -> int:
         """Queue one encoded frame for every client; a slow client never blocks this."""
         sent = 0
         clients = self.clients()
@@ -327,18 +342,20 @@ class Host(HostSeedNames, Endpoint):
 
     # -- callbacks ----------------------------------------------------------------------
 
-    def on_connect(self, fn: Callable[[Connection], Any]) -> Callable[[Connection], Any]:
+    def on_connect(self, fn: _C) -> _C:
         """Call ``fn(conn)`` when a client completes its handshake (usable as a decorator).
 
         Runs on a callback thread, before any callback for that client's messages.
+        Returns ``fn``.
         """
         self._on_connect = [*self._on_connect, fn]
         return fn
 
-    def on_disconnect(self, fn: Callable[[Connection], Any]) -> Callable[[Connection], Any]:
+    def on_disconnect(self, fn: _C) -> _C:
         """Call ``fn(conn)`` when a client's connection closes (usable as a decorator).
 
         Runs on a callback thread, after the callbacks for that client's messages.
+        Returns ``fn``.
         """
         self._on_disconnect = [*self._on_disconnect, fn]
         return fn
