@@ -31,6 +31,7 @@ from ..limits import DEFAULT_SUBSCRIPTION_SIZE, MIN_READ_SIZE, check_timeout
 from ..patterns import Pattern
 from ..relay import split_relayed
 from ..requests import no_handler, reply_frame
+from ..state import StoredValues, value_size
 from ..watch import PatternWatch, check_key, pattern_item
 from .connection import Connection
 from .delivery import Dispatcher, Subscription, Waiter
@@ -93,6 +94,8 @@ class Endpoint(EndpointBase, Generic[_I]):
         self._any: List[Callable[..., Any]] = []  # on_message() hooks
         self._patterns: PatternWatch[Waiter, Subscription[Any]] = PatternWatch()
         self._state_lock = threading.Lock()
+        # Per connection whose values are budgeted (a host's clients): what they cost.
+        self._stored: Dict[Connection, StoredValues] = {}
 
     # -- seed-compatible lifecycle --------------------------------------------------------
 
@@ -473,6 +476,7 @@ class Endpoint(EndpointBase, Generic[_I]):
         watched = self._callbacks or self._subs or self._waiters or self._any or self._patterns
         latest = self._latest
         values = conn.values
+        stored = self._stored.get(conn)
         stamps = conn.received_at
         now = time.time()
         count = 0
@@ -480,6 +484,8 @@ class Endpoint(EndpointBase, Generic[_I]):
         for frame in events:
             t, flags, channel, _, meta, data = frame
             if t == DATA:
+                if stored is not None:  # raises ProtocolError beyond a budget
+                    stored.store(channel, len(meta) if data is None else len(meta) + len(data))
                 if flags:
                     value = self._special_value(conn, frame)
                 elif data is None:
@@ -503,6 +509,9 @@ class Endpoint(EndpointBase, Generic[_I]):
             if t == BATCH:
                 items = frame.items()
                 count += len(items) // 2
+                if stored is not None:  # each item at its size (as the asyncio layer)
+                    for i in range(0, len(items), 2):
+                        stored.store(items[i], value_size(items[i + 1]))
                 if relay is not None:
                     for i in range(0, len(items), 2):
                         if relay.allows(items[i], conn.name):

@@ -18,9 +18,12 @@ from ..limits import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT,
     DEFAULT_KEEP_DEPARTED,
+    DEFAULT_KEEP_DEPARTED_BYTES,
     DEFAULT_MAX_BUFFER,
+    DEFAULT_MAX_CHANNELS,
     DEFAULT_MAX_CLIENTS,
     DEFAULT_MAX_MESSAGE,
+    DEFAULT_MAX_PENDING,
     check_host_limits,
 )
 from ..net import listen
@@ -28,7 +31,7 @@ from ..patterns import Pattern
 from ..protocol import Protocol, Role
 from ..relay import RelayPolicy, RelaySpec, WritersSpec, relayed_frame, relayed_value
 from ..sendqueue import Outgoing
-from ..state import Admission, Departed, RetainedValues
+from ..state import Admission, Departed, RetainedValues, StoredValues, forget_latest
 from ..watch import matching_channels
 from .connection import Connection
 from .endpoint import Endpoint
@@ -57,7 +60,15 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         ``max(size, 65536)`` bytes so small values never cripple throughput.
     :param open: bind and listen now (and start the I/O thread); ``False`` defers to
         :meth:`open`.
-    :param max_clients: connections beyond this are refused with a REFUSE frame.
+    :param max_clients: clients (connections that completed the handshake) served at
+        once; more are refused with a REFUSE frame.
+    :param max_pending: handshakes in progress at once; one more evicts the oldest
+        pending handshake of the address with the most of them (see SECURITY.md).
+    :param max_channels: distinct channels one client may write on; one more closes
+        its connection (logged).
+    :param max_stored: bytes of latest values kept for one client (wire size); a value
+        beyond it closes the connection (logged).  Default 256 MiB, or ``max_message``
+        if larger.
     :param max_message: largest frame accepted from a client, bytes (default 64 MiB).
     :param max_buffer: bytes that may wait unsent for one client before writes to it
         block (up to ``timeout``) and then raise :class:`WriteTimeout`.
@@ -87,6 +98,8 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         rather than RGB.
     :param keep_departed: how many disconnected clients' latest values
         :meth:`get_all` keeps reporting (oldest forgotten first).
+    :param keep_departed_bytes: bytes of values those departed clients keep, together
+        (oldest forgotten first).
     """
 
     _kind = "host"
@@ -117,6 +130,10 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         monitor: Optional[int] = None,
         monitor_addr: str = "127.0.0.1",
         monitor_bgr: bool = False,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        max_channels: int = DEFAULT_MAX_CHANNELS,
+        max_stored: Optional[int] = None,
+        keep_departed_bytes: int = DEFAULT_KEEP_DEPARTED_BYTES,
     ) -> None:
         super().__init__(
             addr,
@@ -132,17 +149,30 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
             image_codec=image_codec,
             image_quality=image_quality,
         )
-        check_host_limits(max_clients, keep_departed, backlog)
-        self.max_clients = max_clients
-        self.keep_departed = keep_departed
-        self.backlog = backlog
+        limits = check_host_limits(
+            max_clients,
+            keep_departed,
+            backlog,
+            max_pending=max_pending,
+            keep_departed_bytes=keep_departed_bytes,
+            max_channels=max_channels,
+            max_stored=max_stored,
+            max_message=self.max_message,
+        )
+        self.max_clients = limits.max_clients
+        self.max_pending = limits.max_pending
+        self.keep_departed = limits.keep_departed
+        self.keep_departed_bytes = limits.keep_departed_bytes
+        self.max_channels = limits.max_channels
+        self.max_stored = limits.max_stored
+        self.backlog = limits.backlog
         self._listener: Optional[socket.socket] = None
         self._sessions = itertools.count(1)
         # Every accepted connection, in accept order, until it departs.
         self._conns: Dict[int, Connection] = {}
         # Departed clients whose values get_all() still reports (bounded, FIFO).
-        self._departed: Departed[int, Connection] = Departed(keep_departed)
-        self._admission = Admission(max_clients)
+        self._departed: Departed[int, Connection] = Departed(keep_departed, keep_departed_bytes)
+        self._admission = Admission(max_clients, limits.max_pending)
         self._retained = RetainedValues()
         self._retain_lock = threading.Lock()
         self._last_broadcast = 0.0
@@ -414,12 +444,41 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
                 session=next(self._sessions),
             )
             conn = Connection(self, sock, protocol, address)
-            refusal = self._admission.refusal(len(self._conns))
+            refusal, evicted = self._admission.arrive(
+                protocol.session, address[0], time.monotonic(), self._said_hello
+            )
             if refusal is not None:
                 conn.refuse(*refusal, linger=min(self.timeout, 2.0))
                 continue
+            for key in evicted:
+                victim = self._conns.get(key)
+                if victim is not None:
+                    self._evict(victim)
             self._conns[protocol.session] = conn
             conn.attach()
+            if self.tls is None:
+                # A client's HELLO is often here already: read it now, so that this
+                # handshake counts as progressing before the next accepts evict one.
+                conn.on_event(selectors.EVENT_READ)
+        warning = self._admission.warning(time.monotonic())
+        if warning is not None:
+            logger.warning("%r: %s", self, warning)
+
+    def _said_hello(self, key: int) -> bool:
+        """The pending connection ``key`` sent a complete HELLO."""
+        conn = self._conns.get(key)
+        return conn is not None and bool(conn.engine.protocol._peer_nonce)
+
+    def _evict(self, conn: Connection) -> None:
+        """Give up on a pending handshake (loop thread): REFUSE ``busy``, close."""
+        reason, code = Admission.busy(self.max_pending)
+        logger.debug("%r: evicting %s: %s", self, conn._peer(), reason)
+        out = conn.engine.refuse(reason, code, time.monotonic(), 0.0)
+        with conn._lock:
+            conn._queue.push([out], len(out))
+            if not conn._want_write:
+                conn._flush_locked()  # best effort: tell the peer why
+        conn._finish()
 
     def stats(self) -> Dict[str, Any]:
         """Image counters (see :meth:`Endpoint.stats`) plus ``"clients"``: each connected
@@ -434,6 +493,14 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         return list(self._conns.values())
 
     def _on_ready(self, conn: Connection) -> None:
+        # Bounded like any client, also while a turned-away one is being closed.
+        self._stored[conn] = StoredValues(self.max_channels, self.max_stored)
+        refusal = self._admission.opened(conn.session)
+        if refusal is not None:
+            # Every seat was taken while this handshake ran: close it at once.
+            logger.warning("%r: closing %s after its handshake: %s", self, conn._peer(), refusal[0])
+            conn.begin_close(min(self.timeout, 2.0))
+            return
         # Retained values go first, and the connection becomes visible to write_all()
         # under the same lock write_all(retain=True) holds: a value retained meanwhile is
         # either in this replay or written to the (now visible) connection after it.
@@ -444,12 +511,15 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         logger.info("%r: client %r connected", self, conn)
         if self._on_connect:
             self._dispatcher.submit(conn, self._notify, self._on_connect, conn)
-        self._departed.forget_named(conn.name)  # a named client that reconnects
+        self._forget(self._departed.forget_named(conn.name))  # a named client that reconnects
 
     def _on_closed(self, conn: Connection) -> None:
         self._conns.pop(conn.session, None)
-        if not conn.ready.is_set():
-            return  # never completed the handshake: nothing to remember
+        stored = self._stored.pop(conn, None)
+        if not self._admission.left(conn.session):
+            # Never completed the handshake, or turned away after it: nothing to remember.
+            forget_latest(self._latest, conn.values)
+            return
         logger.info("%r: client %r disconnected", self, conn)
         will = conn.engine.will_due()
         if will is not None and not self.stopped:
@@ -457,7 +527,13 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         if self._on_disconnect:
             self._dispatcher.submit(conn, self._notify, self._on_disconnect, conn)
         if conn.values:
-            self._departed.add(conn.session, conn)
+            size = 0 if stored is None else stored.nbytes
+            self._forget(self._departed.add(conn.session, conn, size))
+
+    def _forget(self, conns: List[Connection]) -> None:
+        """These clients' values are forgotten: by get() too (loop thread)."""
+        for conn in conns:
+            forget_latest(self._latest, conn.values)
 
     def _publish_will(self, conn: Connection, channel: str, meta: bytes) -> None:
         """A client vanished: its last will arrives as if it had written it, here and
