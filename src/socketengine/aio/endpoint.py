@@ -218,17 +218,19 @@ class Endpoint(EndpointBase):
                     del self._waiters[channel]
         return await resolve(item)
 
-    def _subscribe(self, channel: Union[str, Pattern], maxsize: int) -> Subscription[Any]:
+    def _subscribe(
+        self, channel: Union[str, Pattern], maxsize: int, maxbytes: Optional[int] = None
+    ) -> Subscription[Any]:
         check_key(channel)
         self._check_receiving()
         if isinstance(channel, Pattern):
             pattern = channel
             psub: Subscription[Any] = Subscription(
-                str(pattern), maxsize, lambda s: self._patterns.unsubscribe(pattern, s)
+                str(pattern), maxsize, lambda s: self._patterns.unsubscribe(pattern, s), maxbytes
             )
             self._patterns.subscribe(pattern, psub)
             return psub
-        sub: Subscription[Any] = Subscription(channel, maxsize, self._unsubscribe)
+        sub: Subscription[Any] = Subscription(channel, maxsize, self._unsubscribe, maxbytes)
         self._subs[channel] = self._subs.get(channel, ()) + (sub,)
         return sub
 
@@ -377,8 +379,9 @@ class Endpoint(EndpointBase):
                 if not future.done():
                     future.set_result(item)
         if subs is not None:
+            size = value_size(value)
             for sub in subs:
-                sub._put(item, conn)
+                sub._put(item, conn, size)
         if handlers is not None:
             args: Tuple[Any, ...] = (user, conn) if self._with_conn else (user,)
             conn._chain.call(Job(handlers, args, None, f"channel {channel!r}", lazy_at))
@@ -387,8 +390,9 @@ class Endpoint(EndpointBase):
             for future in fired.waiters:
                 if not future.done():
                     future.set_result(pitem)
+            psize = value_size(value) if fired.subs else 0
             for psub in fired.subs:
-                psub._put(pitem, conn)
+                psub._put(pitem, conn, psize)
             if fired.callbacks:
                 lazy = 1 if lazy_at == 0 else -1
                 conn._chain.call(Job(fired.callbacks, pitem, None, "a channel pattern", lazy))

@@ -27,7 +27,12 @@ from ..codec import plain_ext_hook
 from ..endpoint import EndpointBase
 from ..errors import EndpointClosed, SocketEngineError
 from ..frames import BATCH, DATA, FLAG_IMAGE, FLAG_RELAYED, Frame
-from ..limits import DEFAULT_SUBSCRIPTION_SIZE, MIN_READ_SIZE, check_timeout
+from ..limits import (
+    DEFAULT_SUBSCRIPTION_BYTES,
+    DEFAULT_SUBSCRIPTION_SIZE,
+    MIN_READ_SIZE,
+    check_timeout,
+)
 from ..patterns import Pattern
 from ..relay import split_relayed
 from ..requests import no_handler, reply_frame
@@ -292,16 +297,25 @@ class Endpoint(EndpointBase, Generic[_I]):
 
     @overload
     def subscribe(
-        self, channel: str, maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
+        self,
+        channel: str,
+        maxsize: int = DEFAULT_SUBSCRIPTION_SIZE,
+        maxbytes: Optional[int] = DEFAULT_SUBSCRIPTION_BYTES,
     ) -> Subscription[_I]: ...
 
     @overload
     def subscribe(
-        self, channel: Pattern, maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
+        self,
+        channel: Pattern,
+        maxsize: int = DEFAULT_SUBSCRIPTION_SIZE,
+        maxbytes: Optional[int] = DEFAULT_SUBSCRIPTION_BYTES,
     ) -> Subscription[Tuple[Any, ...]]: ...
 
     def subscribe(
-        self, channel: Union[str, Pattern], maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
+        self,
+        channel: Union[str, Pattern],
+        maxsize: int = DEFAULT_SUBSCRIPTION_SIZE,
+        maxbytes: Optional[int] = DEFAULT_SUBSCRIPTION_BYTES,
     ) -> Any:
         """Receive **every** message on ``channel``, in order, from now on.
 
@@ -321,11 +335,12 @@ class Endpoint(EndpointBase, Generic[_I]):
                 maxsize,
                 lambda s: self._patterns.unsubscribe(pattern, s),
                 convert=_user_pattern_item,
+                maxbytes=maxbytes,
             )
             self._patterns.subscribe(pattern, psub)
             return psub
         sub: Subscription[_I] = Subscription(
-            channel, maxsize, self._unsubscribe, convert=_user_item
+            channel, maxsize, self._unsubscribe, convert=_user_item, maxbytes=maxbytes
         )
         with self._watch_lock:
             self._subs[channel] = [*self._subs.get(channel, ()), sub]
@@ -354,8 +369,9 @@ class Endpoint(EndpointBase, Generic[_I]):
         subs = self._subs.get(channel)
         if subs:
             item = self._item(value, conn)
+            size = value_size(value)
             for sub in subs:
-                sub.put(item, conn)
+                sub.put(item, conn, size)
         callbacks = self._callbacks.get(channel)
         if callbacks:
             self._dispatcher.submit(conn, self._run_callbacks, callbacks, value, conn)
@@ -366,8 +382,9 @@ class Endpoint(EndpointBase, Generic[_I]):
                 item = pattern_item(channel, value, conn, self._with_conn)
                 for waiter in fired.waiters:
                     waiter.set(item)
+                size = value_size(value) if fired.subs else 0
                 for sub in fired.subs:
-                    sub.put(item, conn)
+                    sub.put(item, conn, size)
                 if fired.callbacks:
                     self._dispatcher.submit(
                         conn, self._run_any, fired.callbacks, channel, value, conn
