@@ -127,12 +127,14 @@ class Endpoint(EndpointBase):
     # -- callbacks ------------------------------------------------------------------------
 
     @overload
-    def on(self, channel: Union[str, Pattern]) -> Callable[[_F], _F]: ...
+    def on(self, channel: Union[str, Pattern], *, inline: bool = False) -> Callable[[_F], _F]: ...
 
     @overload
-    def on(self, channel: Union[str, Pattern], fn: _F) -> _F: ...
+    def on(self, channel: Union[str, Pattern], fn: _F, *, inline: bool = False) -> _F: ...
 
-    def on(self, channel: Union[str, Pattern], fn: Optional[_F] = None) -> Any:
+    def on(
+        self, channel: Union[str, Pattern], fn: Optional[_F] = None, *, inline: bool = False
+    ) -> Any:
         """Call ``fn`` for every message on ``channel``; use as ``@ep.on("name")``.
 
         ``fn`` may be a plain or an ``async`` function.  A client calls ``fn(data)``,
@@ -142,7 +144,8 @@ class Endpoint(EndpointBase):
         if it is awaitable) of the first handler registered (pattern handlers answer
         none).  Exceptions are logged on the ``socketengine`` logger and change nothing
         else.  Images sent as JPEG/PNG arrive decoded (decoded in a worker thread
-        first).  Returns ``fn``.
+        first).  Returns ``fn``.  ``inline`` is accepted for parity with the threaded
+        layer: here plain callbacks always run on the event loop, in order.
         """
         check_key(channel)  # TypeError/ValueError for a bad name, now
 
