@@ -43,6 +43,7 @@ from .delivery import Dispatcher, Subscription, Waiter
 from .loop import Loop
 
 logger = logging.getLogger("socketengine")
+_yield_gil = time.sleep
 
 _E = TypeVar("_E", bound="Endpoint[Any]")
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -99,6 +100,10 @@ class Endpoint(EndpointBase, Generic[_I]):
         self._subs: Dict[str, List[Subscription[_I]]] = {}
         self._waiters: Dict[str, List[Waiter]] = {}
         self._any: List[Callable[..., Any]] = []  # on_message() hooks
+        # Busy readers: how many batches the I/O thread has stored, and what each
+        # polling thread saw last (see _polled).
+        self._version = 0
+        self._pollers = threading.local()
         self._patterns: PatternWatch[Waiter, Subscription[Any]] = PatternWatch()
         self._state_lock = threading.Lock()
         # Per connection whose values are budgeted (a host's clients): what they cost.
@@ -414,6 +419,19 @@ class Endpoint(EndpointBase, Generic[_I]):
         if self._any:
             self._dispatcher.submit(conn, self._run_any, self._any, channel, value, conn)
 
+    def _polled(self) -> None:
+        """A reader looked at the latest values (``get``/``get_all``).  If nothing
+        arrived since this thread's previous look, it is polling in a loop (the seed's
+        ``while True: h.get_ALL(...)``): give the GIL to the I/O thread now, or it would
+        wait for it after every receive (measured: a no-sleep poll loop cut 1080p
+        throughput to 0.14x a raw socket)."""
+        poller = self._pollers
+        version = self._version
+        if getattr(poller, "seen", -1) == version:
+            _yield_gil(0)
+        else:
+            poller.seen = version
+
     def _special_value(self, conn: Connection, frame: Frame) -> Any:
         """The value of a DATA frame with flags (image, relayed, retained)."""
         flags = frame.flags
@@ -527,6 +545,7 @@ class Endpoint(EndpointBase, Generic[_I]):
         now = time.time()
         count = 0
         relay = self._relay
+        self._version += 1  # only this thread writes it
         for frame in events:
             t, flags, channel, _, meta, data = frame
             if t == DATA:
