@@ -25,7 +25,7 @@ from ..limits import (
     check_host_limits,
     check_name,
 )
-from ..net import listen
+from ..net import forget_listener, listen, listening_port
 from ..patterns import Pattern
 from ..protocol import Protocol, Role
 from ..relay import RelayPolicy, RelaySpec, WritersSpec, relayed_frame, relayed_value
@@ -217,7 +217,7 @@ class Host(Endpoint):
         except BaseException:
             sock.close()
             raise
-        self._port = int(sock.getsockname()[1])
+        self._port = listening_port(sock)
         self._start_heartbeat()
         try:
             self._start_monitor()
@@ -239,6 +239,7 @@ class Host(Endpoint):
         server = self._server
         if server is not None:
             server.close()
+            forget_listener(self.addr)
         self._end_delivery(EndpointClosed(f"{self!r} was closed"), None)
         conns = list(self._conns.values())
         if conns:

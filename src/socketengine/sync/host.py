@@ -26,7 +26,7 @@ from ..limits import (
     DEFAULT_MAX_PENDING,
     check_host_limits,
 )
-from ..net import listen
+from ..net import forget_listener, listen, listening_port, unix_path
 from ..patterns import Pattern
 from ..protocol import Protocol, Role
 from ..relay import RelayPolicy, RelaySpec, WritersSpec, relayed_frame, relayed_value
@@ -196,7 +196,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
             if self.opened:
                 return self
             self._listener = listen(self.addr, self._port, self.backlog)
-            self._port = int(self._listener.getsockname()[1])
+            self._port = listening_port(self._listener)
             self._loop.register(self._listener, selectors.EVENT_READ, self._on_accept)
             self._loop.call_soon(self._start_heartbeat)
             self._loop.start()
@@ -229,6 +229,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
             if self._listener is not None:
                 self._loop.unregister(self._listener)
                 self._listener.close()
+                forget_listener(self.addr)
             for conn in list(self._conns.values()):
                 conn.begin_close(self.timeout)
             done.set()
@@ -410,6 +411,8 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         for _ in range(_ACCEPTS_PER_EVENT):
             try:
                 sock, address = listener.accept()
+                if not isinstance(address, tuple):  # a Unix socket: named by its file
+                    address = (unix_path(self.addr) or "unix", 0)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # e.g. EMFILE: too many open files
