@@ -225,9 +225,14 @@ class SEOut:
             raise ValueError("the socketengine sender connects: it needs the host's port")
         self.client = Client(port=port, timeout=params["timeout"], connect_timeout=10)
         self.port: Optional[int] = None
+        # conflate=False: the lossless mode (every frame, backpressure), the one to
+        # compare with imagezmq's REQ/REP
+        self.conflate = bool(params.get("conflate", True))
 
     def send(self, frame: Any) -> None:
-        self.client.write_image(frame, CHANNEL, codec="jpeg", quality=QUALITY)
+        self.client.write_image(
+            frame, CHANNEL, codec="jpeg", quality=QUALITY, conflate=self.conflate
+        )
 
     def close(self) -> None:
         self.client.close()
@@ -502,8 +507,10 @@ def _warm_up(s: Any, r: Any, xproc: bool, timeout: float) -> None:
     raise BenchTimeout("the receiver never got a warm-up frame")
 
 
-def throughput_trial(lib: str, n: int, xproc: bool, timeout: float) -> Dict[str, float]:
-    params = {"timeout": timeout}
+def throughput_trial(
+    lib: str, n: int, xproc: bool, timeout: float, conflate: bool = True
+) -> Dict[str, float]:
+    params: Dict[str, Any] = {"timeout": timeout, "conflate": conflate}
     s, r = _connect_pair(lib, ThroughputSender, ThroughputReceiver, params, xproc)
     try:
         _warm_up(s, r, xproc, timeout)

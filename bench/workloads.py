@@ -191,11 +191,13 @@ def many_trial(lib: str, cfg: Dict[str, Any]) -> Dict[str, float]:
     return many.run(lib, sizes["many"], sizes["many_workers"], cfg["timeout"])
 
 
-def jpeg_trial(xproc: bool) -> Callable[[str, Dict[str, Any]], Dict[str, float]]:
+def jpeg_trial(
+    xproc: bool, conflate: bool = True
+) -> Callable[[str, Dict[str, Any]], Dict[str, float]]:
     key = "jpeg" + ("_xproc" if xproc else "")
 
     def trial(lib: str, cfg: Dict[str, Any]) -> Dict[str, float]:
-        return jpeg.throughput_trial(lib, cfg["sizes"][key], xproc, cfg["timeout"])
+        return jpeg.throughput_trial(lib, cfg["sizes"][key], xproc, cfg["timeout"], conflate)
 
     return trial
 
@@ -395,6 +397,17 @@ WORKLOADS: Dict[str, Workload] = {
             _JPEG,
             "jpeg_xproc",
             jpeg_trial(True),
+            jpeg.LIBS,
+            "2 processes",
+            jpeg.missing,
+        ),
+        Workload(
+            "jpeg_lossless_xproc",
+            "1080p JPEG q90, every frame (write_image(conflate=False): lossless, "
+            "backpressure) vs imagezmq REQ/REP and PUB/SUB, separate processes",
+            _JPEG,
+            "jpeg_xproc",
+            jpeg_trial(True, conflate=False),
             jpeg.LIBS,
             "2 processes",
             jpeg.missing,
