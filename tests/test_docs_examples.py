@@ -298,14 +298,7 @@ def _expectations(block: Block) -> List[str]:
     return claims + (expect.split("\n") if expect else [])
 
 
-def _met(block: Block, lines: List[str]) -> bool:
-    """Whether ``lines`` holds every claimed line, in order (``repeat``: each ``expect``
-    line that many times)."""
-    repeat = int(block.options.get("repeat", "1"))
-    expect = block.options.get("expect")
-    wanted = [m["text"] for m in map(CLAIM.match, block.code.splitlines()) if m]
-    for text in expect.split("\n") if expect else []:
-        wanted += [text] * repeat
+def _in_order(wanted: List[str], lines: List[str]) -> bool:
     position = 0
     for text in wanted:
         try:
@@ -313,6 +306,16 @@ def _met(block: Block, lines: List[str]) -> bool:
         except ValueError:
             return False
     return True
+
+
+def _met(block: Block, lines: List[str]) -> bool:
+    """Whether ``lines`` holds every ``# ->`` claim in source order, and every ``expect``
+    line in its order (``repeat``: each that many times)."""
+    claims = [m["text"] for m in map(CLAIM.match, block.code.splitlines()) if m]
+    expect = block.options.get("expect")
+    repeat = int(block.options.get("repeat", "1"))
+    expected = [t for t in (expect.split("\n") if expect else []) for _ in range(repeat)]
+    return _in_order(claims, lines) and _in_order(expected, lines)
 
 
 def _check(run: Run) -> None:
@@ -382,4 +385,4 @@ def test_the_harness_checks_claims() -> None:
     assert not _met(block, ["1"])
     block.options = {"expect": "x", "repeat": "3"}
     assert not _met(block, ["1", "2", "x", "x"])
-    assert _met(block, ["1", "2", "x", "x", "x"])
+    assert _met(block, ["x", "1", "x", "2", "x"])
