@@ -33,7 +33,6 @@ from socketengine import (
     aio,
     images,
 )
-from socketengine.aio.client import backoff
 from socketengine.protocol import Protocol, Role
 
 _BACKENDS = images.available_backends()
@@ -414,17 +413,6 @@ async def test_reconnect_false_makes_a_lost_connection_final() -> None:
     await c.close()
 
 
-def test_backoff_is_exponential_capped_and_jittered() -> None:
-    for _ in range(20):
-        delays = backoff(0.02, 5.0)
-        got = [next(delays) for _ in range(12)]
-        nominal = [min(0.02 * 2**i, 5.0) for i in range(12)]
-        for delay, base in zip(got, nominal):
-            assert base * 0.8 <= delay <= base * 1.2
-    samples = {round(next(backoff(1.0, 5.0)), 6) for _ in range(50)}
-    assert len(samples) > 10  # jittered, not a constant
-
-
 # -- max_buffer and slow consumers ----------------------------------------------------------
 
 
@@ -500,7 +488,7 @@ async def test_images_decode_lazily_once_and_off_the_event_loop(
         calls.append(threading.get_ident())
         return real_decode(*args, **kwargs)
 
-    monkeypatch.setattr(images, "decode", counting)
+    monkeypatch.setattr(images.codecs, "decode", counting)
     loop_thread = threading.get_ident()
     frame = _frame()
     async with aio.Host(port=0) as h, aio.Client(port=h.port, name="cam") as c:
@@ -563,7 +551,7 @@ async def test_image_codec_defaults_and_encoding_once(monkeypatch: pytest.Monkey
         encoded.append(codec)
         return real_encode(img, codec, *args, **kwargs)
 
-    monkeypatch.setattr(images, "encode", counting)
+    monkeypatch.setattr(images.codecs, "encode", counting)
     frame = _frame()
     async with aio.Host(port=0, image_codec="jpeg", image_quality=80) as h:
         clients = [await aio.Client(port=h.port).start() for _ in range(3)]

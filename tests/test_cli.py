@@ -21,7 +21,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import pytest
 from certs import self_signed
 
-from socketengine import Client, Host
+from socketengine import Client, Host, RemoteError
+from socketengine.render import describe
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "socketengine"]
@@ -206,6 +207,9 @@ def test_host_prints_every_message(running: Callable[..., Running]) -> None:
         for i in range(200):
             c.write("seq", i)
         r.wait_line(r"  seq  199$", "out")
+        with pytest.raises(RemoteError, match="no handler"):
+            c.request("lookup", {"k": [1, 2]}, timeout=TIMEOUT)
+        r.wait_line(r"  lookup  request \{\"k\": \[1, 2\]\}  -> error: no handler", "out")
     r.wait_line(r"- cli-test@127\.0\.0\.1:\d+ disconnected", "out")
     assert r.stop() == 0
     out = r.out
@@ -236,7 +240,9 @@ def test_host_json_lines(running: Callable[..., Running]) -> None:
         c.write("small", np.arange(6, dtype=np.int16).reshape(2, 3))
         c.write_image(np.zeros((48, 64, 3), np.uint8))
         c.write("nan", float("nan"))
-        r.wait_line(r'"channel": "nan"', "out")
+        with pytest.raises(RemoteError):
+            c.request("ask", [1], timeout=TIMEOUT)
+        r.wait_line(r'"channel": "ask"', "out")
     assert r.stop(signal.SIGTERM) == 0
     docs = [json.loads(line) for line in r.out]  # every line is one JSON object
     messages = {d["channel"]: d for d in docs if d["event"] == "message"}
@@ -253,6 +259,9 @@ def test_host_json_lines(running: Callable[..., Running]) -> None:
     assert messages["image"]["value"] == {"$ndarray": [48, 64, 3], "dtype": "uint8"}
     assert messages["image"]["summary"] == "<ndarray 48x64x3 uint8>"
     assert messages["nan"]["value"] is None
+    (asked,) = [d for d in docs if d["event"] == "request"]
+    assert asked["channel"] == "ask" and asked["value"] == [1] and asked["client"] == "j"
+    assert asked["reply"].startswith("error: no handler")
 
 
 def test_host_errors_are_one_line() -> None:
@@ -297,9 +306,39 @@ def host() -> Iterator[Host]:
 def test_send_values(host: Host, args: List[str], channel: str, expected: Any) -> None:
     proc = run("send", channel, *args, "--port", str(host.port), "--name", "sender")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == "" and proc.stderr == ""
+    assert proc.stdout == ""  # stdout stays clean for scripts; one status line on stderr
+    port = host.port
+    assert proc.stderr.splitlines() == [
+        f"socketengine: sent value {describe(expected, 60)} on {channel!r} to 127.0.0.1:{port}"
+    ]
     wait_for(lambda: host.get_all(channel), what="the value")
     assert host.get_all(channel) == [expected]
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_quiet_send_prints_nothing(host: Host, where: str) -> None:
+    args = ["send", "q", "7", "--port", str(host.port)]
+    proc = run("-q", *args) if where == "before" else run(*args, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and proc.stderr == ""
+    wait_for(lambda: host.get_all("q") == [7], what="the value")
+
+
+def test_global_options_go_before_or_after_the_command(host: Host) -> None:
+    port = str(host.port)
+    before = run("-v", "send", "x", "1", "--port", port)
+    assert before.returncode == 0, before.stderr
+    assert "sent value 1" in before.stderr
+    assert "connected" in before.stderr.lower()  # -v: the library's INFO log
+    after = run("send", "x", "2", "--port", port, "-v")
+    assert after.returncode == 0 and "connected" in after.stderr.lower(), after.stderr
+    both = run("-v", "send", "x", "3", "--port", port, "-v")  # counted together: debug
+    assert both.returncode == 0, both.stderr
+    wait_for(lambda: host.get_all("x") == [1, 2, 3], what="the three values")
+    assert_clean_error(run("-v", "-q", "send", "x", "4", "--port", port), 2, "choose one")
+    assert_clean_error(run("-q", "send", "x", "--port", port), 2, "give a VALUE")
+    help_text = run("--help").stdout
+    assert "-q, --quiet" in help_text and "-v, --verbose" in help_text
 
 
 def test_send_files(host: Host, tmp_path: Path) -> None:
@@ -422,10 +461,49 @@ def test_watch_errors(host: Host) -> None:
     assert_clean_error(run("watch", "cmd", "--count", "0"), 2, "at least 1")
 
 
-def test_watch_stops_on_sigint(host: Host, running: Callable[..., Running]) -> None:
+def test_watch_exits_130_on_ctrl_c_and_0_on_sigterm(
+    host: Host, running: Callable[..., Running]
+) -> None:
     r = running("watch", "cmd", "--port", str(host.port))
     r.wait_line("watching cmd")
-    assert r.stop(signal.SIGINT) == 0
+    assert r.stop(signal.SIGINT) == 130
+    assert "interrupted" in r.err[-1]
+    r = running("watch", "cmd", "--port", str(host.port))
+    r.wait_line("watching cmd")
+    assert r.stop(signal.SIGTERM) == 0
+
+
+@pytest.fixture
+def stalled() -> Iterator[socket.socket]:
+    """A TCP listener on port 0 that accepts but never answers the handshake: a host
+    too busy to finish connecting."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.settimeout(TIMEOUT)
+        yield listener
+
+
+@pytest.mark.parametrize("command", ["watch", "send"])
+def test_ctrl_c_while_connecting_exits_130_at_once(
+    stalled: socket.socket, running: Callable[..., Running], command: str
+) -> None:
+    port = str(stalled.getsockname()[1])
+    args = ["cmd", "--port", port, "--timeout", "120"]
+    r = running(command, *args, *(["1"] if command == "send" else []))
+    accepted, _ = stalled.accept()  # the CLI is connected and waits for the handshake
+    try:
+        # It would wait 120 s; it must exit as soon as it is interrupted.
+        assert r.stop(signal.SIGINT, timeout=TIMEOUT) == 130
+    finally:
+        accepted.close()
+    assert "Traceback" not in "\n".join(r.err) and "interrupted" in r.err[-1]
+
+
+def test_ctrl_c_while_retrying_a_refused_connection(running: Callable[..., Running]) -> None:
+    r = running("-v", "watch", "cmd", "--port", str(free_port()), "--timeout", "120")
+    r.wait_line("retrying until")  # the library logs (-v) that it retries
+    assert r.stop(signal.SIGINT, timeout=TIMEOUT) == 130
 
 
 # -- request --------------------------------------------------------------------------------------
@@ -485,6 +563,14 @@ def test_bench_quick_run_with_progress(tmp_path: Path) -> None:
     assert (tmp_path / "bench-results.json").exists()
 
 
+def test_bench_help_states_the_measured_duration() -> None:
+    results = json.loads((ROOT / "docs" / "bench-results.json").read_text())
+    minutes = round(results["duration_s"] / 60)  # the last full run, measured
+    assert results["mode"] == "full" and results["runs"] == 5
+    assert f"about {minutes} minutes" in " ".join(run("bench", "--help").stdout.split())
+    assert f"~{minutes} min" in (ROOT / "README.md").read_text()
+
+
 def test_bench_errors() -> None:
     if not (ROOT / "bench" / "__main__.py").exists():
         pytest.skip("bench/ is not in this checkout")
@@ -526,6 +612,29 @@ def test_monitor_command(running: Callable[..., Running]) -> None:
         wait_for(listed, what="the client in the monitor's state")
     assert r.stop() == 0
     assert r.out == [url]  # without --print, only the address
+
+
+def test_monitor_command_bgr_shows_true_colours(running: Callable[..., Running]) -> None:
+    np = pytest.importorskip("numpy")
+    image_mod = pytest.importorskip("PIL.Image")
+    import io
+
+    r = running("monitor", "--port", "0", "--monitor", "0", "--bgr")
+    url = r.wait_line(r"^(http://127\.0\.0\.1:\d+/)$", "out").group(1)
+    frame = np.zeros((32, 32, 3), np.uint8)
+    frame[..., 0] = 240  # blue, in OpenCV's BGR order
+    with Client(port=r.port(), name="cv") as c:
+        c.write_image(frame)
+        doc = wait_for(
+            lambda: (d := json.loads(_http(url + "api/state")[1]))["images"] and d,
+            what="the image",
+        )
+        session = doc["images"][0]["session"]
+        status, body = _http(f"{url}frame?s={session}&c=image")
+    assert status == 200
+    red, green, blue = np.asarray(image_mod.open(io.BytesIO(body)).convert("RGB"))[16, 16]
+    assert blue > 200 and red < 40 and green < 40  # shown blue, not red
+    assert r.stop() == 0
 
 
 def test_monitor_command_honours_the_token(running: Callable[..., Running]) -> None:

@@ -81,7 +81,7 @@ def test_write_image_all_encodes_once(monkeypatch, host: Host, make_client) -> N
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(images, "encode", counting)
+    monkeypatch.setattr(images.codecs, "encode", counting)
     assert host.write_image_all(_frame(), codec="jpeg") == 3
     assert len(calls) == 1
     for c in clients:
@@ -120,7 +120,7 @@ def test_refused_images_raise_before_sending(host: Host, make_client) -> None:  
 
 
 def test_missing_codec_names_the_extra(monkeypatch, host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(images, "_load", lambda backend: None)
+    monkeypatch.setattr(images.codecs, "_load", lambda backend: None)
     c = make_client()
     with pytest.raises(ImportError, match=r"socket\.engine\[jpeg\]"):
         c.write_image(_frame(), codec="jpeg")

@@ -2,7 +2,7 @@
 
 Sans-I/O: no sockets.  Backends that are not installed are skipped (the suite needs at
 least one of them for the round trips); missing backends are simulated by replacing
-``images._load``, the one place backends are looked up.
+``images.codecs._load``, the one place backends are looked up.
 """
 
 from __future__ import annotations
@@ -409,7 +409,7 @@ def test_png_header_must_match_the_declared_dtype_and_channels() -> None:
 def test_decompression_bombs_are_refused_before_decoding(monkeypatch: Any) -> None:
     # A 16 Kpx x 16 Kpx PNG: the declared size is checked first (nothing is allocated).
     big = EncodedImage("png", b"\x89PNG\r\n\x1a\n" + bytes(40), (16000, 16000, 4), "<u2")
-    monkeypatch.setattr(images, "_choose", lambda *a: pytest.fail("decoder reached"))
+    monkeypatch.setattr(images.codecs, "_choose", lambda *a: pytest.fail("decoder reached"))
     with pytest.raises(ValueError, match="max_bytes"):
         images.decode(big)
     with pytest.raises(ValueError, match="max_bytes"):
@@ -504,7 +504,7 @@ def test_refused_images_name_the_problem(
     img: Any, codec_name: Any, exc: type, message: str, monkeypatch: Any
 ) -> None:
     # Validation comes first: no backend is even looked up.
-    monkeypatch.setattr(images, "_load", lambda name: pytest.fail("backend looked up"))
+    monkeypatch.setattr(images.codecs, "_load", lambda name: pytest.fail("backend looked up"))
     with pytest.raises(exc, match=message):
         images.validate(img, codec_name)
     with pytest.raises(exc, match=message):
@@ -547,7 +547,9 @@ def test_valid_images_pass_validation() -> None:
 
 def only(monkeypatch: Any, *present: str) -> None:
     """Pretend that only the ``present`` backends are installed."""
-    monkeypatch.setattr(images, "_load", lambda name: REAL_LOAD(name) if name in present else None)
+    monkeypatch.setattr(
+        images.codecs, "_load", lambda name: REAL_LOAD(name) if name in present else None
+    )
 
 
 REAL_LOAD = images._load
@@ -575,7 +577,9 @@ _FAKE_JPEG = b"\xff\xd8\xff\xc0\x00\x0b\x08\x00\x02\x00\x02\x01\x01\x11\x00"
 
 def test_jpeg_falls_back_to_opencv_then_pillow(monkeypatch: Any) -> None:
     def pretend(*present: str) -> None:  # the choice only, whatever is really installed
-        monkeypatch.setattr(images, "_load", lambda name: object() if name in present else None)
+        monkeypatch.setattr(
+            images.codecs, "_load", lambda name: object() if name in present else None
+        )
 
     pretend("simplejpeg", "opencv", "pillow")
     assert images.backend_for("jpeg") == "simplejpeg" and images.backend_for("png") == "opencv"
@@ -801,7 +805,7 @@ def test_a_broken_backend_counts_as_missing(monkeypatch: Any, tmp_path: Any) -> 
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(images._MODULES, "simplejpeg", "broken_jpeg_mod")
     monkeypatch.setitem(images._MODULES, "opencv", "no_such_module_anywhere")
-    monkeypatch.setattr(images, "_loaded", {})
+    monkeypatch.setattr(images.codecs, "_loaded", {})
     assert images._load("simplejpeg") is None and images._load("opencv") is None
     expected = ["pillow"] if "pillow" in INSTALLED["jpeg"] else []
     assert images.available_backends()["jpeg"] == expected

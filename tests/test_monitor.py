@@ -12,6 +12,7 @@ import http.client
 import inspect
 import io
 import json
+import logging
 import os
 import shutil
 import socket
@@ -25,16 +26,15 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 from certs import self_signed
+from conftest import wait_for
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from socketengine import Client, Host
-from socketengine.monitor import (
-    MAX_CONNECTIONS,
-    Monitor,
-    describe,
-    encode_image,
-    encode_png,
-    image_shape,
-)
+from socketengine.monitor import MAX_CONNECTIONS, Monitor, encode_image, encode_png
+from socketengine.monitor.auth import Gate
+from socketengine.monitor.state import View, same_value
+from socketengine.render import describe, image_shape
 
 np = pytest.importorskip("numpy")
 
@@ -252,6 +252,72 @@ def test_compressed_frames_are_served_as_sent(monitored: Tuple[Host, Monitor]) -
         assert shown[0, 0].tolist() == [255, 0, 0] and shown[0, 47].tolist() == [0, 0, 0]
 
 
+def test_bgr_option_swaps_raw_frames() -> None:
+    image_mod = pytest.importorskip("PIL.Image")
+    frame = np.zeros((16, 24, 3), np.uint8)
+    frame[..., 0] = 250  # blue in OpenCV's BGR order
+    with Host(port=0) as host, Monitor(host, port=0, bgr=True, image_format="png") as monitor:
+        assert monitor.bgr is True
+        with Client(port=host.port, name="opencv") as c:
+            c.write_image(frame)
+            (image,) = poll(lambda: state(monitor)["images"], what="the image channel")
+            status, _, body = get(f"{monitor.url}frame?s={image['session']}&c=image")
+    assert status == 200
+    assert np.asarray(image_mod.open(io.BytesIO(body)))[0, 0].tolist() == [0, 0, 250]
+
+
+def _channel(doc: Dict[str, Any], client: str, name: str) -> Optional[Dict[str, Any]]:
+    found = client_named(doc, client)
+    if found is None:
+        return None
+    return next((c for c in found["channels"] if c["name"] == name), None)
+
+
+def test_state_tells_updated_from_changed(monitored: Tuple[Host, Monitor]) -> None:
+    host, monitor = monitored
+    with Client(port=host.port, name="beat") as c:
+        c.write("speed", 1.5)
+        first = poll(lambda: _channel(state(monitor), "beat", "speed"), what="the value")
+        assert first["updated"] == first["changed"]
+
+        def received_again() -> Optional[Dict[str, Any]]:
+            c.write("speed", 1.5)  # the same value, sent again (a new message)
+            now = _channel(state(monitor), "beat", "speed")
+            return now if now and now["updated"] > first["updated"] else None
+
+        again = poll(received_again, what="the value re-sent to count as updated")
+        assert again["changed"] == first["changed"] and again["text"] == "1.5"
+        assert again["seq"] > first["seq"]
+        c.write("speed", 2.5)
+
+        def changed() -> Optional[Dict[str, Any]]:
+            now = _channel(state(monitor), "beat", "speed")
+            return now if now and now["text"] == "2.5" else None
+
+        moved = poll(changed, what="the change")
+        assert moved["changed"] > first["changed"] and moved["updated"] >= moved["changed"]
+
+
+def test_view_tracks_receptions_and_changes() -> None:
+    view = View(None)
+    key = (1, "x")
+    e = view.track(key, [1, 2], now=10.0)
+    assert (e.seq, e.updated, e.changed, e.text) == (1, 10.0, 10.0, "[1, 2]")
+    e = view.track(key, e.value, now=11.0)  # the same object: nothing new arrived
+    assert (e.seq, e.updated, e.changed) == (1, 10.0, 10.0)
+    e = view.track(key, [1, 2], now=12.0)  # an equal value, received again
+    assert (e.seq, e.updated, e.changed) == (2, 12.0, 10.0)
+    e = view.track(key, [1, 3], now=13.0)
+    assert (e.seq, e.updated, e.changed, e.text) == (3, 13.0, 13.0, "[1, 3]")
+    # The host's own receive time wins, and tells a re-sent shared object (True) apart.
+    e = view.track((1, "flag"), True, now=20.0, received=19.5)
+    e = view.track((1, "flag"), True, now=21.0, received=20.5)
+    assert (e.seq, e.updated, e.changed) == (2, 20.5, 19.5)
+    assert same_value(np.arange(4), np.arange(4)) and not same_value(np.arange(4), np.ones(4))
+    assert not same_value(np.zeros((480, 640, 3), np.uint8), np.zeros((480, 640, 3), np.uint8))
+    assert not same_value(1, 1.0) and same_value(float("inf"), float("inf"))
+
+
 def _read_events(sock_file: Any, until: Callable[[str, Any], bool], timeout: float) -> None:
     """Read Server-Sent Events until ``until(event, data)`` is true (bounded)."""
     deadline = time.monotonic() + timeout
@@ -320,14 +386,38 @@ def test_token_is_required_and_traded_for_a_cookie() -> None:
         assert get(base + "events?token=nope")[0] == 401
         status, headers, _ = get(base + "?token=s3cret")
         assert status == 303 and headers["Location"] == "./"
-        cookie = headers["Set-Cookie"].split(";")[0]
-        assert "s3cret" not in cookie and "HttpOnly" in headers["Set-Cookie"]
-        assert "SameSite=Strict" in headers["Set-Cookie"]
+        set_cookie = headers["Set-Cookie"]
+        cookie = set_cookie.split(";")[0]
+        attributes = [a.strip() for a in set_cookie.split(";")[1:]]
+        assert "s3cret" not in cookie and "HttpOnly" in attributes
+        assert "SameSite=Strict" in attributes and "Max-Age=43200" in attributes
+        assert "Secure" not in attributes  # plain HTTP: a Secure cookie would be dropped
         assert get(base + "api/state", {"Cookie": cookie})[0] == 200
-        assert get(base + "api/state", {"Cookie": cookie[:-1] + "0"})[0] == 401
+        tampered = cookie[:-1] + ("0" if cookie[-1] != "0" else "1")
+        assert get(base + "api/state", {"Cookie": tampered})[0] == 401
+        name, _, value = cookie.partition("=")
+        expiry, _, mac = value.partition(".")
+        later = f"{name}={int(expiry) + 3600}.{mac}"  # a longer life is not the same MAC
+        assert get(base + "api/state", {"Cookie": later})[0] == 401
         assert get(base + "login", data=b"token=wrong")[0] == 401
         status, headers, _ = get(base + "login", data=b"token=s3cret")
-        assert status == 204 and headers["Set-Cookie"].split(";")[0] == cookie
+        assert status == 204 and headers["Set-Cookie"].startswith("socketengine_monitor=")
+        assert get(base + "api/state", {"Cookie": headers["Set-Cookie"].split(";")[0]})[0] == 200
+
+
+def test_login_cookie_expires() -> None:
+    gate = Gate(b"s3cret", "127.0.0.1", secure=True, max_age=60)
+    header = gate.cookie_header()
+    value = header.split(";")[0].split("=", 1)[1]
+    assert "Max-Age=60" in header and "Secure" in header.split("; ")
+    expiry = int(value.split(".")[0])
+    assert abs(expiry - (time.time() + 60)) < 5
+    assert gate.check_cookie(value)
+    assert gate.check_cookie(value, now=expiry - 1)
+    assert not gate.check_cookie(value, now=expiry + 1)  # expired: refused by the server too
+    assert not Gate(b"other", "127.0.0.1", secure=True).check_cookie(value)
+    for junk in ("", ".", "abc.def", "99999999999999999.00", value.replace(".", "")):
+        assert not gate.check_cookie(junk)
 
 
 def test_foreign_host_header_is_refused_on_loopback(monitored: Tuple[Host, Monitor]) -> None:
@@ -362,6 +452,166 @@ def test_bad_requests_get_clean_errors(monitored: Tuple[Host, Monitor]) -> None:
         b"GET /api/state HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
     )
     assert both.count(b"HTTP/1.1 200 OK") == 2
+
+
+_HOST = b"Host: localhost\r\n"
+_MANY_FIELDS = "&".join(f"f{i}=1" for i in range(17)).encode()
+
+MALFORMED = {
+    "content-length with a sign": (
+        b"POST /login HTTP/1.1\r\n" + _HOST + b"Content-Length: +12\r\n\r\ntoken=abcdef",
+        400,
+    ),
+    "content-length with an underscore": (
+        b"POST /login HTTP/1.1\r\n" + _HOST + b"Content-Length: 1_1\r\n\r\ntoken=abcde",
+        400,
+    ),
+    "two different content-lengths": (
+        b"POST /login HTTP/1.1\r\n" + _HOST + b"Content-Length: 3\r\nContent-Length: 4\r\n\r\n",
+        400,
+    ),
+    "space before the colon": (b"GET /api/state HTTP/1.1\r\nHost : localhost\r\n\r\n", 400),
+    "obs-fold continuation line": (
+        b"GET /api/state HTTP/1.1\r\n" + _HOST + b"X-Note: a\r\n  folded\r\n\r\n",
+        400,
+    ),
+    "folded first header": (b"GET / HTTP/1.1\r\n Host: localhost\r\n\r\n", 400),
+    "HTTP/1.9": (b"GET / HTTP/1.9\r\n" + _HOST + b"\r\n", 505),
+    "HTTP/2.0 in a 1.x head": (b"GET / HTTP/2.0\r\n" + _HOST + b"\r\n", 505),
+    "17 query fields": (b"GET /api/state?%s HTTP/1.1\r\n%s\r\n" % (_MANY_FIELDS, _HOST), 400),
+    "17 query fields on the page": (b"GET /?%s HTTP/1.1\r\n%s\r\n" % (_MANY_FIELDS, _HOST), 400),
+    "17 form fields": (
+        b"POST /login HTTP/1.1\r\n"
+        + _HOST
+        + b"Content-Length: %d\r\n\r\n" % len(_MANY_FIELDS)
+        + _MANY_FIELDS,
+        400,
+    ),
+    "transfer-encoding and content-length": (
+        b"POST /login HTTP/1.1\r\n" + _HOST + b"Transfer-Encoding: chunked\r\n"
+        b"Content-Length: 5\r\n\r\n0\r\n\r\n",
+        400,
+    ),
+    "two host headers": (b"GET / HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\n\r\n", 400),
+    "no host header on HTTP/1.1": (b"GET /api/state HTTP/1.1\r\n\r\n", 400),
+    "body larger than allowed": (
+        b"POST /login HTTP/1.1\r\n" + _HOST + b"Content-Length: 100000\r\n\r\n",
+        413,
+    ),
+    "chunked body larger than allowed": (
+        b"POST /login HTTP/1.1\r\n"
+        + _HOST
+        + b"Transfer-Encoding: chunked\r\n\r\n"
+        + (b"1000\r\n" + b"a" * 4096 + b"\r\n") * 2
+        + b"0\r\n\r\n",
+        413,
+    ),
+    "not a request line": (b"NONSENSE\r\n\r\n", 400),
+    "cut short": (b"GET /api/state HTTP/1.1\r\nHost: loc", 400),
+    "head too large": (b"GET / HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n", 431),
+}
+
+
+@pytest.mark.parametrize("request_bytes, status", MALFORMED.values(), ids=list(MALFORMED))
+def test_malformed_requests_are_refused(
+    request_bytes: bytes, status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with Host(port=0, token="s3cret") as host:
+        monitor = Monitor(host, port=0).start()
+        try:
+            answer = _raw(monitor, request_bytes)
+            assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]
+            assert b"Connection: close" in answer.split(b"\r\n\r\n")[0]
+            # The monitor still serves (a refusal ends one connection only).
+            assert get(monitor.url, {})[0] == 200
+        finally:
+            monitor.close()  # joins the thread: everything it logged is in caplog now
+    loud = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert loud == [], [r.getMessage() for r in loud]
+    assert not any(r.exc_info for r in caplog.records)
+
+
+_TOKENS = st.sampled_from(
+    [
+        b"GET",
+        b"POST",
+        b"HEAD",
+        b"/",
+        b"/api/state",
+        b"/frame?s=1&c=x",
+        b"HTTP/1.1",
+        b"HTTP/1.0",
+        b"HTTP/1.9",
+        b"Host:",
+        b"localhost",
+        b"Content-Length:",
+        b"12",
+        b"+1",
+        b"Transfer-Encoding:",
+        b"chunked",
+        b" ",
+        b"\t",
+        b":",
+        b"\r\n",
+        b"\n",
+        b"\r\n\r\n",
+        b"\x00",
+        b"\xff",
+        b"0\r\n\r\n",
+        b"token=s3cret",
+    ]
+)
+_REQUESTS = st.one_of(
+    st.binary(max_size=200),
+    st.lists(_TOKENS, max_size=30).map(b"".join),
+    st.lists(_TOKENS, max_size=30).map(lambda parts: b"GET / HTTP/1.1\r\n" + b"".join(parts)),
+)
+
+
+@pytest.fixture
+def shared_monitor() -> Iterator[Monitor]:
+    # One monitor for all of a test's hypothesis examples (the fixture is created once
+    # per test function); function scope so that it is gone before the next test.
+    host = Host(port=0, token="s3cret")
+    monitor = Monitor(host, port=0).start()
+    yield monitor
+    monitor.close()
+    host.close()
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=_REQUESTS)
+def test_any_bytes_get_an_http_answer_or_a_quiet_close(
+    shared_monitor: Monitor, caplog: pytest.LogCaptureFixture, data: bytes
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    answer = _raw(shared_monitor, data)
+    if answer:
+        status = int(answer[9:12])
+        assert answer.startswith(b"HTTP/1.1 ") and 200 <= status < 600, answer[:100]
+        assert status < 500 or status in (501, 505), answer[:200]  # refused, never failed
+    else:  # nothing but blank lines was sent: nothing to answer
+        assert not data.strip(b"\r\n"), data
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_pipelined_and_http_1_0_requests(monitored: Tuple[Host, Monitor]) -> None:
+    _, monitor = monitored
+    answer = _raw(monitor, b"GET /api/state HTTP/1.0\r\nHost: localhost\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK") and json.loads(body)["clients"] == []
+    # A form body, then a pipelined request in the same packet.
+    both = _raw(
+        monitor,
+        b"POST /login HTTP/1.1\r\nHost: localhost\r\nContent-Length: 7\r\n\r\ntoken=x"
+        b"GET /nope HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    assert both.startswith(b"HTTP/1.1 204 ") and b"HTTP/1.1 404 Not Found" in both
+    head = _raw(monitor, b"HEAD / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK") and head.endswith(b"\r\n\r\n")  # no body
 
 
 def test_connections_are_capped(monitored: Tuple[Host, Monitor]) -> None:
@@ -428,16 +678,21 @@ def test_https_with_a_tls_context(tmp_path: Path) -> None:
     cert, key = self_signed(tmp_path, "c")
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server.load_cert_chain(cert, key)
-    with Host(port=0) as host, Monitor(host, port=0, tls=server) as monitor:
+    with Host(port=0) as host, Monitor(host, port=0, tls=server, token="t0k") as monitor:
         assert monitor.url.startswith("https://")
         ctx = ssl.create_default_context(cafile=str(cert))
-        with urllib.request.urlopen(monitor.url + "api/state", context=ctx, timeout=10) as r:
+        request = urllib.request.Request(
+            monitor.url + "api/state", headers={"Authorization": "Bearer t0k"}
+        )
+        with urllib.request.urlopen(request, context=ctx, timeout=10) as r:
             assert json.loads(r.read())["clients"] == []
+        login = urllib.request.Request(monitor.url + "login", data=b"token=t0k")
+        with urllib.request.urlopen(login, context=ctx, timeout=10) as r:
+            attributes = [a.strip() for a in r.headers["Set-Cookie"].split(";")]
+        assert r.status == 204 and "Secure" in attributes and "HttpOnly" in attributes
 
 
 def test_host_monitor_parameter() -> None:
-    if "monitor" not in inspect.signature(Host.__init__).parameters:
-        pytest.skip("Host(monitor=...) is not wired in this version")
     host: Any = Host(port=0, monitor=0)
     try:
         monitor = host.monitor
@@ -446,6 +701,92 @@ def test_host_monitor_parameter() -> None:
     finally:
         host.close()
     assert not any(t.name.startswith("socketengine-monitor") for t in threading.enumerate())
+
+
+def test_host_forwards_bgr_to_its_monitor() -> None:
+    host: Any = Host(port=0, monitor=0, monitor_bgr=True)
+    try:
+        assert host.monitor.bgr is True
+    finally:
+        host.close()
+
+
+def test_an_asyncio_host_serves_its_own_monitor() -> None:
+    import asyncio
+
+    from socketengine import aio
+
+    async def main() -> None:
+        async with aio.Host(port=0, monitor=0, monitor_bgr=True) as h:
+            assert h.monitor is not None and h.monitor.bgr is True
+            async with aio.Client(port=h.port, name="cam") as c:
+                await c.write("pose", [1, 2])
+                for _ in range(200):  # bounded: the value arrives within 2 s
+                    if h.get("pose") is not None:
+                        break
+                    await asyncio.sleep(0.01)
+                loop = asyncio.get_running_loop()
+                status, _, body = await loop.run_in_executor(None, get, h.monitor.url + "api/state")
+                assert status == 200 and b"cam" in body
+        assert h.monitor is None
+
+    asyncio.run(main())
+    assert not any(t.name.startswith("socketengine-monitor") for t in threading.enumerate())
+
+
+def test_received_at_moves_when_an_unchanged_value_is_sent_again() -> None:
+    with Host(port=0) as h, Client(port=h.port) as c:
+        c.write("flag", True)
+        wait_for(lambda: h.get("flag") is True)
+        (conn,) = h.clients()
+        first = conn.received_at["flag"]
+        c.write("other", 1)
+        c.write("flag", True)  # the same object again: only the stamp shows it arrived
+        wait_for(lambda: conn.received_at["flag"] > first, what="a newer stamp")
+
+
+def test_monitor_serves_an_asyncio_host_through_the_interface() -> None:
+    """The monitor reads only the documented interface (state.py), which the asyncio
+    host has too: its clients, values and frames show up like a threaded host's."""
+    import asyncio
+
+    from socketengine import aio
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def on_loop(coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(TIMEOUT)
+
+    async def make() -> Any:
+        h = aio.Host(port=0)
+        await h.start()
+        return h
+
+    async def values() -> List[Any]:
+        return [dict(c.values) for c in host.clients()]
+
+    host = on_loop(make())
+    try:
+        with Client(port=host.port, name="to-aio") as c:
+            c.write("mode", "async")
+            c.write_image(np.full((8, 8, 3), 7, np.uint8))
+            poll(lambda: any("image" in v for v in on_loop(values())), what="the values")
+            # No client comes or goes while the monitor reads (the asyncio host's
+            # clients() is not meant for other threads yet).
+            with Monitor(host, port=0, image_format="png") as monitor:
+                doc = state(monitor)
+                assert channel_text(doc, "to-aio", "mode") == '"async"'
+                assert doc["host"]["port"] == host.port and doc["host"]["open"] is True
+                (image,) = doc["images"]
+                status, headers, _ = get(f"{monitor.url}frame?s={image['session']}&c=image")
+                assert status == 200 and headers["X-Frame-Shape"] == "8x8x3"
+    finally:
+        on_loop(host.close())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(TIMEOUT)
+        loop.close()
 
 
 # -- the page in a real browser -------------------------------------------------------------
@@ -632,3 +973,44 @@ def test_browser_asks_for_the_token(browser: Any) -> None:
                 assert not page.is_visible("#login")
             finally:
                 context.close()
+
+
+def _age(text: Optional[str]) -> float:
+    """Seconds from the page's age text ("0.4 s", "12 s", "3 min")."""
+    assert text, text
+    number, unit = text.split()
+    return float(number) * {"s": 1, "min": 60, "h": 3600, "d": 86400}[unit]
+
+
+def test_browser_value_table_has_headers_and_both_ages(
+    browser: Any, monitored: Tuple[Host, Monitor]
+) -> None:
+    host, monitor = monitored
+    with Client(port=host.port, name="pulse") as c:
+        c.write("heartbeat", "alive")
+        c.write("mode", "auto")
+        context = browser.new_context()
+        page = context.new_page()
+        try:
+            page.goto(monitor.url)
+            card = 'article.client[data-name="pulse"]'
+            poll(lambda: page.query_selector(f'{card} tr[data-channel="mode"]'), what="rows")
+            headers = page.eval_on_selector_all(
+                f"{card} table.values thead th", "ths => ths.map(t => t.textContent)"
+            )
+            assert headers == ["channel", "value", "updated", "changed"]
+            row = f'{card} tr[data-channel="heartbeat"]'
+
+            def resent_but_unchanged() -> bool:
+                c.write("heartbeat", "alive")  # the same value again, as a heartbeat does
+                updated = _age(_text(page, f"{row} td.updated"))
+                changed = _age(_text(page, f"{row} td.changed"))
+                return changed - updated >= 1.5
+
+            poll(resent_but_unchanged, what="'updated' to stay fresh while 'changed' ages")
+            assert _text(page, f"{row} td.value") == '"alive"'
+            mode = f'{card} tr[data-channel="mode"]'
+            assert _age(_text(page, f"{mode} td.updated")) >= 1.0  # not re-sent: both age
+            assert "received at" in (page.get_attribute(f"{row} td.updated", "title") or "")
+        finally:
+            context.close()

@@ -58,7 +58,7 @@ def test_images_are_conflated_for_a_slow_receiver() -> None:
             frame = np.full((500, 1000, 3), i, np.uint8)
             h.write_image_all(frame)
             # Never more than the kernel's buffers plus one waiting frame per channel.
-            assert conn._queued <= 3 * frame.nbytes
+            assert conn.stats()["queued_bytes"] <= 3 * frame.nbytes
         assert conn.images_dropped > 0
         assert conn.images_sent + conn.images_dropped == 60
         c._conn.resume_reading()
@@ -80,7 +80,7 @@ def test_write_all_drops_a_slow_consumer_and_keeps_serving_the_rest() -> None:
         i = 0
         for i in range(2_000):  # bounded; the slow one is dropped long before
             h.write_all("data", [i, payload])
-            assert slow_conn._queued <= 2 * (1 << 20) + 65600
+            assert slow_conn.stats()["queued_bytes"] <= 2 * (1 << 20) + 65600
             # A healthy consumer keeps up with a producer paced at its speed.
             wait_for(lambda i=i: fast.get("data") is not None and fast.get("data")[0] == i)
             if dropped:
@@ -214,7 +214,7 @@ def test_flush_waits_until_the_kernel_has_everything_or_times_out() -> None:
         big = b"q" * 4_000_000
         c.write("big", big)
         c.flush(5)
-        assert c._conn._queued == 0
+        assert c._conn.stats()["queued_bytes"] == 0
         wait_for(lambda: h.get("big") == big)
         conn = wait_for(lambda: h.clients() and h.clients()[0])
         conn.pause_reading()  # the host stops reading: the kernel buffers fill up

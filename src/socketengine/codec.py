@@ -244,6 +244,32 @@ def encode(value: Any) -> Tuple[bytes, Sequence[Buffer], int]:
     return enc.encode(value)
 
 
+def decode_batch(body: Buffer) -> List[Any]:
+    """The items of a BATCH frame body, flat: ``[channel, value, channel, value, ...]``.
+
+    Raises ``ValueError`` if the body is not a whole number of (str, value) pairs of
+    msgpack objects (arrays and encoded images cannot be in a BATCH: they have a data
+    section of their own).
+    """
+    size = len(body)
+    unpacker = msgpack.Unpacker(
+        ext_hook=_plain_ext_hook, raw=False, strict_map_key=False, max_buffer_size=max(size, 1)
+    )
+    unpacker.feed(body)
+    try:
+        out = list(unpacker)
+    except ValueError:
+        raise
+    except Exception as exc:  # msgpack raises several types; normalise for the caller
+        raise ValueError(f"malformed BATCH item: {type(exc).__name__}: {exc}") from None
+    if unpacker.tell() != size or len(out) % 2:
+        raise ValueError("BATCH body does not end with a whole (channel, value) item")
+    for channel in out[0::2]:
+        if type(channel) is not str:
+            raise ValueError("BATCH item channel is not a string")
+    return out
+
+
 def _decode_error(msg: str) -> ValueError:
     return ValueError(msg)
 

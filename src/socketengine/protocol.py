@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional, Union
 from . import codec, frames
 from .errors import AuthenticationError, HandshakeError, ProtocolError
 from .frames import Frame
+from .limits import MAX_NAME_BYTES, PRE_HANDSHAKE_MAX
 
 __all__ = ["Role", "State", "Protocol", "token_bytes"]
 
@@ -83,6 +84,9 @@ class Protocol:
     :param max_message: largest accepted frame, bytes.
     :param read_size: minimum receive size offered to the socket, bytes.
     :param session: an id the host gives the connection (host role; sent in WELCOME).
+    :param heartbeat: this side's heartbeat H in seconds (``None``: none), announced in
+        HELLO / WELCOME (protocol 1.1) so the peer knows how often it will be pinged
+        when silent; the peer's is :attr:`peer_heartbeat` (``None`` from a 1.0 peer).
     """
 
     def __init__(
@@ -94,8 +98,15 @@ class Protocol:
         max_message: int = frames.DEFAULT_MAX_MESSAGE,
         read_size: int = 65536,
         session: int = 0,
+        heartbeat: Optional[float] = None,
     ) -> None:
         self.role = role
+        self.heartbeat = heartbeat
+        self.peer_heartbeat: Optional[float] = None
+        #: The peer reads BATCH frames (it announced ``"batch"``, protocol 1.1).
+        self.peer_batch = False
+        #: The peer's ``max_message`` (``"mm"``, protocol 1.1), or ``None`` (1.0 peer).
+        self.peer_max_message: Optional[int] = None
         self.state = State.HANDSHAKE
         self.name = name
         self.peer_name: Optional[str] = None
@@ -106,7 +117,7 @@ class Protocol:
         self._challenged = False
         # Before the handshake completes, frames are tiny: a small limit stops a peer
         # that has not proven anything from making us allocate max_message bytes.
-        self.decoder = frames.FrameDecoder(min(max_message, 64 * 1024), read_size)
+        self.decoder = frames.FrameDecoder(min(max_message, PRE_HANDSHAKE_MAX), read_size)
         # ... and the frames behind the one that opens the connection must be sized
         # against max_message, not that small limit (events() resumes the decoder).
         self.decoder.pause_after_handshake = True
@@ -114,11 +125,26 @@ class Protocol:
         self._out: List[bytes] = [frames.PREAMBLE]
         if role is Role.CLIENT:
             self._out.append(
-                _frame(
-                    frames.HELLO,
-                    {"v": 1, "name": name, "nonce": self._nonce},
-                )
+                _frame(frames.HELLO, self._announce({"name": name, "nonce": self._nonce}))
             )
+
+    def _announce(self, info: Dict[str, Any]) -> Dict[str, Any]:
+        """What every HELLO / WELCOME carries: the version, and this side's heartbeat."""
+        out: Dict[str, Any] = {"v": 1, **info}
+        if self.heartbeat is not None:
+            out["hb"] = float(self.heartbeat)
+        out["batch"] = True
+        out["mm"] = self._max_message
+        return out
+
+    def _note_peer(self, meta: Dict[str, Any]) -> None:
+        hb = meta.get("hb")
+        if isinstance(hb, (int, float)) and not isinstance(hb, bool) and hb > 0:
+            self.peer_heartbeat = float(hb)
+        self.peer_batch = meta.get("batch") is True
+        mm = meta.get("mm")
+        if type(mm) is int and mm > 0:
+            self.peer_max_message = mm
 
     @property
     def is_open(self) -> bool:
@@ -204,8 +230,11 @@ class Protocol:
             name = meta.get("name")
             if type(nonce) is not bytes or len(nonce) != NONCE_SIZE:
                 raise ProtocolError("HELLO without a 16-byte nonce")
-            if name is not None and (type(name) is not str or len(name) > 256):
-                raise ProtocolError("HELLO name is not a short string")
+            if name is not None and (
+                type(name) is not str or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES
+            ):
+                raise ProtocolError(f"HELLO name is not a string of at most {MAX_NAME_BYTES} bytes")
+            self._note_peer(meta)
             self._peer_nonce = nonce
             self.peer_name = name
             if self._token is None:
@@ -229,7 +258,7 @@ class Protocol:
             raise ProtocolError(f"unexpected frame 0x{t:02x} during the handshake")
 
     def _welcome(self, mac: Optional[bytes]) -> None:
-        info: Dict[str, Any] = {"v": 1, "id": self.session}
+        info: Dict[str, Any] = self._announce({"id": self.session})
         if mac is not None:
             info["mac"] = mac
         self._out.append(_frame(frames.WELCOME, info))
@@ -272,6 +301,7 @@ class Protocol:
                     raise AuthenticationError("the host could not prove it knows the token")
             session = meta.get("id", 0)
             self.session = session if type(session) is int else 0
+            self._note_peer(meta)
             self._open()
         else:
             raise ProtocolError(f"unexpected frame 0x{t:02x} during the handshake")

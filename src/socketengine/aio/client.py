@@ -5,22 +5,34 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
+import socket
 import ssl
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Union
 
 from .. import frames
-from ..codec import Buffer
 from ..errors import (
     ConnectionClosed,
     ConnectTimeout,
     EndpointClosed,
     HandshakeError,
+    SocketEngineConnectionError,
     WriteTimeout,
 )
+from ..limits import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_HEARTBEAT,
+    DEFAULT_MAX_BUFFER,
+    DEFAULT_MAX_MESSAGE,
+    DEFAULT_RECONNECT_MAX,
+    DEFAULT_SUBSCRIPTION_SIZE,
+    check_name,
+    check_seconds,
+)
 from ..protocol import Protocol, Role
-from .connection import DEFAULT_MAX_BUFFER, READ_SIZE, Connection
-from .endpoint import DEFAULT_SUBSCRIPTION_SIZE, Endpoint
+from ..sendqueue import Outgoing, SendQueue
+from ..state import Backoff, log_lost_link
+from .connection import READ_SIZE, Connection
+from .endpoint import Endpoint
 from .subscription import Subscription
 
 __all__ = ["Client"]
@@ -35,18 +47,8 @@ _RETRYABLE = (
     TimeoutError,
     asyncio.TimeoutError,
 )
-_RETRY_FIRST = 0.02
-_RETRY_MAX = 0.5
-
-
-def backoff(first: float, cap: float, jitter: float = 0.2) -> Iterator[float]:
-    """Delays between reconnection attempts, seconds: ``first``, doubling each time up
-    to ``cap``, each multiplied by a random factor in ``1 +- jitter`` (so that clients
-    that lost the same host do not all come back at the same instant)."""
-    delay = first
-    while True:
-        yield delay * random.uniform(1.0 - jitter, 1.0 + jitter)
-        delay = min(delay * 2, cap)
+# start() retries a refused connection with this backoff cap (seconds).
+_OPEN_RETRY_MAX = 0.5
 
 
 def _retryable(exc: OSError) -> bool:
@@ -56,17 +58,6 @@ def _retryable(exc: OSError) -> bool:
     # 127.0.0.1) raises a plain OSError listing every failed attempt.
     text = str(exc)
     return text.startswith("Multiple exceptions") and "Connect call failed" in text
-
-
-class _Kept:
-    """A frame written while disconnected, waiting for the reconnection."""
-
-    __slots__ = ("parts", "nbytes", "image")
-
-    def __init__(self, parts: Sequence[Buffer], nbytes: int, image: Optional[str]) -> None:
-        self.parts = parts
-        self.nbytes = nbytes
-        self.image = image
 
 
 class Client(Endpoint):
@@ -121,12 +112,12 @@ class Client(Endpoint):
         token: Union[str, bytes, None] = None,
         connect_timeout: Optional[float] = None,
         timeout: float = 2.0,
-        max_message: int = frames.DEFAULT_MAX_MESSAGE,
+        max_message: int = DEFAULT_MAX_MESSAGE,
         max_buffer: int = DEFAULT_MAX_BUFFER,
-        handshake_timeout: float = 10.0,
-        heartbeat: Optional[float] = 5.0,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        heartbeat: Optional[float] = DEFAULT_HEARTBEAT,
         reconnect: bool = True,
-        reconnect_max: float = 5.0,
+        reconnect_max: float = DEFAULT_RECONNECT_MAX,
         tls: Optional[ssl.SSLContext] = None,
         image_codec: str = "raw",
         image_quality: int = 90,
@@ -144,23 +135,18 @@ class Client(Endpoint):
             image_codec=image_codec,
             image_quality=image_quality,
         )
-        if name is not None and (not isinstance(name, str) or len(name) > 256):
-            raise TypeError("name must be a str of at most 256 characters")
-        if reconnect_max <= 0:
-            raise ValueError("reconnect_max must be a positive number of seconds")
-        self.name = name
-        self.connect_timeout = connect_timeout
+        self.name = check_name(name)
+        self.connect_timeout = check_seconds("connect_timeout", connect_timeout, allow_none=True)
         self.reconnect = bool(reconnect)
-        self.reconnect_max = float(reconnect_max)
+        self.reconnect_max = check_seconds("reconnect_max", reconnect_max) or 0.0
         #: How many times the client reconnected after losing the connection.
         self.reconnects = 0
         self._conn: Optional[Connection] = None
         self._pending: Optional[Connection] = None  # a reconnection in its handshake
         self._reconnector: Optional[asyncio.Task[None]] = None
-        # Writes made while disconnected (reconnect=True), sent first on reconnect.
-        self._outbox: List[_Kept] = []
-        self._outbox_images: Dict[str, _Kept] = {}
-        self._outbox_bytes = 0
+        # Writes made while disconnected (reconnect=True), sent first on reconnect;
+        # image frames in it conflate like in a connection's queue.
+        self._outbox = SendQueue(self.max_buffer, self._images.queue_hook)
         self._outbox_waiters: List[asyncio.Future[None]] = []
 
     @property
@@ -191,7 +177,7 @@ class Client(Endpoint):
         conn = await self._connect()
         self._conn = conn
         try:
-            await conn._wait_ready(conn._handshake_left(self.handshake_timeout))
+            await conn._wait_ready(conn._handshake_left())
             if self.stopped:
                 raise EndpointClosed(f"{self!r} was closed while it was connecting")
         except BaseException:
@@ -206,7 +192,7 @@ class Client(Endpoint):
     async def _connect(self) -> Connection:
         loop = asyncio.get_running_loop()
         deadline = None if self.connect_timeout is None else loop.time() + self.connect_timeout
-        delay = _RETRY_FIRST
+        delays = Backoff(_OPEN_RETRY_MAX, jitter=0.0)
         attempts = 0
         while True:
             attempt: Optional[float] = self.timeout if self.timeout > 0 else None
@@ -216,21 +202,32 @@ class Client(Endpoint):
             if attempt is None or attempt > 0:
                 try:
                     return await self._attempt(attempt)
+                except socket.gaierror as exc:
+                    raise SocketEngineConnectionError(
+                        f"cannot resolve the host name {self.addr!r}: {exc.strerror or exc} "
+                        "(check addr=; use an IP address or a name this machine can resolve)"
+                    ) from exc
                 except OSError as exc:
                     if not _retryable(exc):
                         raise
                     attempts += 1
                     if attempts == 1:
-                        logger.info("%r: %s; retrying until the host accepts", self, exc)
+                        logger.info(
+                            "%r: waiting for the host at %s:%s (%s); retrying until it accepts",
+                            self,
+                            self.addr,
+                            self._port,
+                            exc,
+                        )
                 except asyncio.TimeoutError:
                     attempts += 1
+            delay = next(delays)
             if deadline is not None and loop.time() + delay >= deadline:
                 raise ConnectTimeout(
                     f"could not connect to {self.addr}:{self._port} within "
                     f"{self.connect_timeout} s ({attempts} attempts): is the host running?"
                 )
             await asyncio.sleep(delay)  # backoff between attempts, not synchronisation
-            delay = min(delay * 2, _RETRY_MAX)
 
     async def _attempt(self, timeout: Optional[float], reconnecting: bool = False) -> Connection:
         """One connection attempt (TCP, then TLS if configured), bounded by ``timeout``
@@ -285,6 +282,7 @@ class Client(Endpoint):
             name=self.name,
             token=self._token,
             max_message=self.max_message,
+            heartbeat=self.heartbeat,
             read_size=READ_SIZE,
         )
         return Connection(self, protocol)
@@ -308,7 +306,7 @@ class Client(Endpoint):
             pending._abort()
         if self._outbox:
             logger.warning(
-                "%r: %d bytes written while disconnected were never sent", self, self._outbox_bytes
+                "%r: %d bytes written while disconnected were never sent", self, self._outbox.queued
             )
         self._drop_outbox()
         self._end_delivery(EndpointClosed(f"{self!r} was closed"), None)
@@ -364,8 +362,11 @@ class Client(Endpoint):
         is kept and sent first once reconnected (the same bound applies); without
         ``reconnect``, :class:`~socketengine.ConnectionClosed`.
         """
-        parts, nbytes = frames.value_frame(frames.DATA, channel, data)
-        await self._send(parts, nbytes)
+        encoded = frames.value_item(channel, data)
+        if type(encoded) is bytes:
+            await self._send(encoded, len(encoded))
+        else:
+            await self._send(*encoded)
 
     async def write_image(
         self,
@@ -395,9 +396,7 @@ class Client(Endpoint):
         """
         return await self._live().request(channel, data, timeout)
 
-    async def _send(
-        self, parts: Sequence[Buffer], nbytes: int, image: Optional[str] = None
-    ) -> None:
+    async def _send(self, parts: Outgoing, nbytes: int, image: Optional[str] = None) -> None:
         """Send a frame, or keep it for the reconnection while the link is down."""
         conn = self._conn
         if conn is not None and conn.is_open and self.opened:
@@ -414,7 +413,7 @@ class Client(Endpoint):
             raise self._lost_error(self._live_or_last())
         await self._keep(parts, nbytes, image)
 
-    async def _keep(self, parts: Sequence[Buffer], nbytes: int, image: Optional[str]) -> None:
+    async def _keep(self, parts: Outgoing, nbytes: int, image: Optional[str]) -> None:
         """Keep a frame for the reconnection, waiting (up to ``timeout`` s) for room."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
@@ -429,24 +428,18 @@ class Client(Endpoint):
                     return
                 except ConnectionClosed:
                     continue  # lost again before it was handed over: keep it
-            if image is not None and image in self._outbox_images:
-                kept = self._outbox_images[image]  # latest frame wins, in its place
-                self._outbox_bytes += nbytes - kept.nbytes
-                kept.parts, kept.nbytes = parts, nbytes
-                self._image_dropped(image)
-                return
-            if self._outbox_bytes + nbytes <= self.max_buffer or not self._outbox:
-                kept = _Kept(parts, nbytes, image)
-                self._outbox.append(kept)
-                self._outbox_bytes += nbytes
-                if image is not None:
-                    self._outbox_images[image] = kept
+            outbox = self._outbox
+            if outbox.fits(nbytes) or (image is not None and outbox.waiting_image(image)):
+                if isinstance(parts, bytes):
+                    outbox.push_item(parts)
+                else:
+                    outbox.push(list(parts), nbytes, image)
                 return
             left = deadline - loop.time()
             if left <= 0:
                 raise WriteTimeout(
                     f"not connected to {self.addr}:{self._port} (reconnecting); "
-                    f"{self._outbox_bytes} bytes already wait to be sent "
+                    f"{self._outbox.queued} bytes already wait to be sent "
                     f"(max_buffer={self.max_buffer}): the write was not kept"
                 )
             waiter: asyncio.Future[None] = loop.create_future()
@@ -461,8 +454,6 @@ class Client(Endpoint):
 
     def _drop_outbox(self) -> None:
         self._outbox.clear()
-        self._outbox_images.clear()
-        self._outbox_bytes = 0
         waiters, self._outbox_waiters = self._outbox_waiters, []
         for waiter in waiters:
             if not waiter.done():
@@ -495,7 +486,7 @@ class Client(Endpoint):
     async def _reconnect(self) -> None:
         """Reconnect with capped, jittered exponential backoff until connected or
         closed (a background task)."""
-        delays = backoff(_RETRY_FIRST, self.reconnect_max)
+        delays = Backoff(self.reconnect_max)
         attempt: Optional[float] = self.timeout if self.timeout > 0 else None
         while not self.stopped:
             await asyncio.sleep(next(delays))  # backoff between attempts, not sync
@@ -505,7 +496,7 @@ class Client(Endpoint):
                 logger.debug("%r: reconnect attempt failed: %s", self, exc)
                 continue
             try:
-                await conn._wait_ready(conn._handshake_left(self.handshake_timeout))
+                await conn._wait_ready(conn._handshake_left())
             except HandshakeError as exc:
                 logger.info("%r: reconnect attempt failed: %s", self, exc)
                 continue
@@ -528,12 +519,8 @@ class Client(Endpoint):
         if not self.opened or self.stopped or conn is self._conn:
             return  # the first connection: start() takes it
         # A reconnection: what was written meanwhile goes first, before any later write.
-        for kept in self._outbox:
-            conn._send(kept.parts, kept.nbytes)
-            conn.messages_out += 1
-            if kept.image is not None:
-                conn.images_sent += 1
-                self._image_sent(kept.image, kept.nbytes)
+        conn._queue.absorb(self._outbox)
+        conn._pump()
         self._drop_outbox()
         self._conn = conn
         self.reconnects += 1
@@ -544,9 +531,7 @@ class Client(Endpoint):
             return
         if not self.reconnect:
             return
-        logger.warning(
-            "%r: lost the connection (%s); reconnecting", self, conn.error or "closed by the host"
-        )
+        log_lost_link(self, conn.error)
         if self._reconnector is None or self._reconnector.done():
             self._reconnector = asyncio.get_running_loop().create_task(self._reconnect())
 

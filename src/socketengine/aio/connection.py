@@ -48,28 +48,31 @@ from typing import (
     Awaitable,
     Callable,
     Deque,
-    Dict,
     List,
+    NamedTuple,
     Optional,
     Sequence,
     Set,
     Tuple,
+    Union,
     cast,
 )
 
 from .. import frames
-from ..codec import Buffer
+from ..engine import ConnectionEngine, ConnState, Tick, describe_peer
 from ..errors import (
     ConnectionClosed,
     EndpointClosed,
     HandshakeError,
     ProtocolError,
-    RemoteError,
     WriteTimeout,
 )
 from ..frames import Frame
-from ..images import EncodedImage, read_latest
+from ..limits import CALLBACK_BACKLOG, MIN_READ_SIZE
+from ..peer import PeerView
 from ..protocol import Protocol
+from ..requests import reply_frame
+from ..sendqueue import Outgoing
 from .decoding import LazyImage
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -79,24 +82,27 @@ __all__ = ["Connection"]
 
 logger = logging.getLogger("socketengine")
 
-_BYE = b"".join(frames.encode_frame(frames.BYE))
-_MAX_ID = 0xFFFFFFFF
 #: Bytes offered to each receive (the decoder's minimum free space).
-READ_SIZE = 64 * 1024
-#: Callback invocations that may wait behind a slow async callback before the
-#: connection stops reading (see "Flow control" above).
-CALLBACK_BACKLOG = 10_000
-#: Default ``max_buffer``: bytes a peer's transport buffer may hold before writes wait.
-DEFAULT_MAX_BUFFER = 256 * 1024 * 1024
+READ_SIZE = MIN_READ_SIZE
 #: Seconds between checks of the transport's buffer while a write waits for room
 #: (asyncio reports only the low-water mark, often far below ``max_buffer``).
 _ROOM_POLL = 0.005
 
 #: ``fn(result, exc)``: receives the first handler's outcome of a request.
 ReplyFn = Callable[[Any, Optional[BaseException]], None]
-#: One callback invocation: handlers, their arguments, the reply function, a label, and
-#: the index in the arguments of a :class:`LazyImage` to decode first (-1: none).
-Job = Tuple[Sequence[Callable[..., Any]], Tuple[Any, ...], Optional[ReplyFn], str, int]
+
+
+class Job(NamedTuple):
+    """One callback invocation of a connection's :class:`CallbackChain`."""
+
+    handlers: Sequence[Callable[..., Any]]
+    args: Tuple[Any, ...]
+    #: receives the first handler's outcome (requests), or ``None``
+    reply: Optional[ReplyFn]
+    #: what the job is for, in log messages
+    label: str
+    #: index in ``args`` of a :class:`LazyImage` to decode first (-1: none)
+    lazy_at: int = -1
 
 
 async def wait_bounded(aw: Awaitable[Any], timeout: Optional[float], message: str) -> Any:
@@ -203,7 +209,7 @@ class CallbackChain(Gate):
                     reply(None, exc)
                 continue
             if inspect.isawaitable(result):
-                return self._finish((handlers, args, reply, label, -1), i, result)
+                return self._finish(Job(handlers, args, reply, label), i, result)
             if i == 0 and reply is not None:
                 reply(result, None)
         return None
@@ -258,7 +264,7 @@ class CallbackChain(Gate):
         )
 
 
-class Connection(asyncio.BufferedProtocol):
+class Connection(PeerView, asyncio.BufferedProtocol):
     """A connection to one peer (asyncio).
 
     On an :class:`~socketengine.aio.Host` these are the objects ``clients()`` returns
@@ -280,26 +286,21 @@ class Connection(asyncio.BufferedProtocol):
     def __init__(self, endpoint: Endpoint, protocol: Protocol) -> None:
         self._endpoint = endpoint
         self._loop = asyncio.get_running_loop()
-        self.protocol = protocol
         self.transport: Optional[asyncio.Transport] = None
         self.address: Tuple[Any, ...] = ("", 0)
-        self.values: Dict[str, Any] = {}
-        self.connected_at = time.time()
-        self.closed_at: Optional[float] = None
-        self.error: Optional[BaseException] = None
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.messages_in = 0
-        self.messages_out = 0
-        self.images_sent = 0
-        self.images_dropped = 0
         # Created when the TCP connection is accepted/connected, before any TLS
         # handshake: the handshake deadline counts from here.
-        self._created = self._loop.time()
-        self.last_recv = self.last_send = self._created
+        engine = ConnectionEngine(
+            protocol,
+            peer=describe_peer(None, self.address),
+            max_buffer=endpoint.max_buffer,
+            heartbeat=endpoint.heartbeat,
+            handshake_timeout=endpoint.handshake_timeout,
+            now=self._loop.time(),
+            on_image=endpoint._images.queue_hook,
+        )
+        self._init_peer(engine, endpoint._latest)
         self._tls = False
-        self._ready = False  # handshake completed
-        self._closing = False  # no more writes (we or the peer started closing)
         self._lost = False  # the transport is gone
         self._finished = False  # the endpoint was told the connection ended
         self._pending: Deque[Frame] = deque()  # decoded frames not handled yet
@@ -308,16 +309,8 @@ class Connection(asyncio.BufferedProtocol):
         self._reading_paused = False
         self._write_paused = False
         self._stalled = False  # paused for longer than `timeout`: writes stop waiting
-        self._full_since: Optional[float] = None  # write_all found it above max_buffer
-        self._max_buffer = endpoint.max_buffer
-        # Image frames parked while the transport is paused, newest per channel.
-        self._slots: Dict[str, Tuple[Sequence[Buffer], int]] = {}
-        self._slot_bytes = 0
-        self._slot_flush_scheduled = False
-        self._encoded: Dict[str, EncodedImage] = {}  # newest JPEG/PNG file per channel
+        self._pump_scheduled = False
         self._drain_waiters: List[asyncio.Future[None]] = []
-        self._requests: Dict[int, asyncio.Future[Any]] = {}
-        self._next_id = 1
         self._ready_waiter: Optional[asyncio.Future[None]] = None
         self._lost_waiter: asyncio.Future[None] = self._loop.create_future()
         self._timer: Optional[asyncio.TimerHandle] = None
@@ -326,19 +319,14 @@ class Connection(asyncio.BufferedProtocol):
     # -- public ---------------------------------------------------------------------
 
     @property
-    def name(self) -> Optional[str]:
-        """The client's name from its handshake (on a host), else ``None``."""
-        return self.protocol.peer_name
-
-    @property
-    def session(self) -> int:
-        """The id the host gave this connection (unique per host, in accept order)."""
-        return self.protocol.session
+    def _ready(self) -> bool:
+        """The handshake completed (the connection is or was open)."""
+        return self.engine.state is not ConnState.HANDSHAKE and self.engine.protocol.is_open
 
     @property
     def is_open(self) -> bool:
         """True between the end of the handshake and the start of closing."""
-        return self._ready and not self._closing and not self._lost
+        return self.engine.state is ConnState.OPEN and not self._lost
 
     @property
     def closed(self) -> bool:
@@ -364,34 +352,11 @@ class Connection(asyncio.BufferedProtocol):
     @property
     def queued_bytes(self) -> int:
         """Bytes written and not yet taken by the peer: the transport's buffer plus
-        image frames waiting in their slots."""
-        return self._buffered() + self._slot_bytes
+        the frames waiting in the send queue."""
+        return self._buffered() + self._queue.queued
 
-    def get(self, channel: str, default: Any = None) -> Any:
-        """The latest value this peer sent on ``channel``, or ``default``.
-
-        An image sent compressed is returned decoded (a numpy array; decoded here,
-        once).
-        """
-        return read_latest(channel, default, self.values, self._endpoint._latest)
-
-    def get_jpeg(self, channel: str = "image") -> Optional[bytes]:
-        """The newest JPEG/PNG file this peer sent on ``channel``, still encoded."""
-        enc = self._encoded.get(channel)
-        return None if enc is None else enc.tobytes()
-
-    def stats(self) -> Dict[str, Any]:
-        """Counters of this connection (bytes and messages each way, images, queue)."""
-        return {
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "messages_in": self.messages_in,
-            "messages_out": self.messages_out,
-            "images_sent": self.images_sent,
-            "images_dropped": self.images_dropped,
-            "queued_bytes": self.queued_bytes,
-            "reading_paused": self.reading_paused,
-        }
+    def _queued_bytes(self) -> int:
+        return self.queued_bytes
 
     async def write(self, channel: str, data: Any) -> None:
         """Send ``data`` on ``channel`` to this peer.
@@ -403,8 +368,11 @@ class Connection(asyncio.BufferedProtocol):
         ``max_buffer`` for ``timeout`` s (nothing is sent).  Waits (at most
         ``timeout`` s) while the peer does not keep up.
         """
-        parts, nbytes = frames.value_frame(frames.DATA, channel, data)
-        await self._send_frame(parts, nbytes)
+        encoded = frames.value_item(channel, data)
+        if type(encoded) is bytes:
+            await self._send_item(encoded)
+        else:
+            await self._send_frame(*encoded)
 
     async def write_image(
         self,
@@ -432,14 +400,14 @@ class Connection(asyncio.BufferedProtocol):
         ``TimeoutError`` after ``timeout`` s (``None``: no bound),
         :class:`ConnectionClosed` if the connection is lost meanwhile.
         """
-        fid = self._new_id()
-        parts, nbytes = frames.value_frame(frames.REQUEST, channel, data, fid=fid)
         self._check_writable()
         future: asyncio.Future[Any] = self._loop.create_future()
-        self._requests[fid] = future
+        requests = self.engine.requests
+        fid = requests.open(future)
         try:
+            parts, nbytes = frames.value_frame(frames.REQUEST, channel, data, fid=fid)
             await self._make_room(nbytes)
-            self._send(parts, nbytes)
+            self._enqueue(parts, nbytes)
             self.messages_out += 1
             return await wait_bounded(
                 self._await_reply(future),
@@ -448,7 +416,7 @@ class Connection(asyncio.BufferedProtocol):
                 f"within {timeout} s",
             )
         finally:
-            self._requests.pop(fid, None)
+            requests.cancel(fid)
 
     async def close(self, timeout: Optional[float] = None) -> None:
         """Close gracefully: flush, say BYE, half-close, wait for the peer to close.
@@ -461,16 +429,18 @@ class Connection(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or self._lost:
             return
-        if not self._closing:
-            self._closing = True
-            if self._ready:
-                self._flush_slots(force=True)  # the newest images still go out
-                transport.write(_BYE)
+        engine = self.engine
+        if not engine.bye_sent:
+            opened = self._ready
+            bye = engine.send_bye(self._loop.time(), linger)
+            if opened and bye:
+                self._pump(force=True)  # everything queued, the newest images too
+                transport.write(bye)
                 if not self._tls:
                     try:
                         transport.write_eof()  # after the buffered data: a graceful half-close
                     except OSError as exc:  # e.g. the peer reset it while we did not read
-                        self.error = self.error or exc
+                        engine.lost(exc)
                         transport.abort()
             else:
                 transport.close()
@@ -484,62 +454,63 @@ class Connection(asyncio.BufferedProtocol):
             await self._lost_waiter
 
     def __repr__(self) -> str:
-        if self._lost:
-            state = "closed"
-        elif self._closing:
-            state = "closing"
-        else:
-            state = "open" if self._ready else "handshake"
+        state = "closed" if self._lost else self.engine.state.value
         name = f" name={self.name!r}" if self.name else ""
         return f"<aio.Connection {self.address[0]}:{self.address[1]}{name} {state}>"
 
     # -- sending --------------------------------------------------------------------------
 
-    async def _send_frame(
-        self, parts: Sequence[Buffer], nbytes: int, image: Optional[str] = None
-    ) -> None:
+    async def _send_frame(self, parts: Outgoing, nbytes: int, image: Optional[str] = None) -> None:
         """Send one encoded frame of ``nbytes`` bytes; wait while the peer lags.
 
-        :param image: the channel of an image frame: it is conflated (parked in the
-            channel's slot while the transport is paused) and never waits.
+        :param image: the channel of an image frame: it is conflated (it replaces an
+            earlier frame of that channel still waiting in the send queue) and never
+            waits.
         """
+        if type(parts) is bytes:
+            await self._send_item(parts)
+            return
         self._check_writable()
-        if image is not None and (self._write_paused or image in self._slots):
-            self._park(image, parts, nbytes)
+        if image is not None:
+            self._enqueue(parts, nbytes, image)
             self.messages_out += 1
             await asyncio.sleep(0)  # let the loop flush: a tight loop must not starve it
             return
         await self._make_room(nbytes)
-        if image is not None and (self._write_paused or image in self._slots):
-            self._park(image, parts, nbytes)  # the transport paused meanwhile
-            self.messages_out += 1
-            return
-        self._send(parts, nbytes)
+        self._enqueue(parts, nbytes)
         self.messages_out += 1
-        if image is not None:
-            self.images_sent += 1
-            self._endpoint._image_sent(image, nbytes)
-        elif self._write_paused and not self._stalled:
+        if self._write_paused and not self._stalled:
+            await self._drain_for(self._endpoint.timeout)
+
+    async def _send_item(self, item: bytes) -> None:
+        """Send a small value encoded as a BATCH item; wait while the peer lags."""
+        self._check_writable()
+        await self._make_room(len(item))
+        self._queue.push_item(item)
+        if not self._write_paused:
+            self._pump()
+        self.messages_out += 1
+        if self._write_paused and not self._stalled:
             await self._drain_for(self._endpoint.timeout)
 
     async def _make_room(self, nbytes: int) -> None:
         """Wait until ``nbytes`` more fit under ``max_buffer`` (an empty buffer takes
         any frame); :class:`WriteTimeout` after ``timeout`` s, nothing sent."""
-        buffered = self._buffered()
-        if not buffered or buffered + nbytes <= self._max_buffer:
+        queue = self._queue
+        if queue.fits(nbytes, self._buffered()):
             return
         deadline = self._loop.time() + self._endpoint.timeout
         while True:
-            if self._lost or self._closing:
+            if self._lost or not self.is_open:
                 raise ConnectionClosed(f"the connection to {self._peer()} closed while writing")
             buffered = self._buffered()
-            if not buffered or buffered + nbytes <= self._max_buffer:
+            if queue.fits(nbytes, buffered):
                 return
             left = deadline - self._loop.time()
             if left <= 0:
                 raise WriteTimeout(
-                    f"{self._peer()} is not reading: {buffered} bytes are already buffered "
-                    f"(max_buffer={self._max_buffer}); the write was not sent"
+                    f"{self._peer()} is not reading: {buffered + queue.queued} bytes are "
+                    f"already buffered (max_buffer={queue.max_buffer}); the write was not sent"
                 )
             await self._progress(min(left, _ROOM_POLL))
 
@@ -580,35 +551,23 @@ class Connection(asyncio.BufferedProtocol):
             self._drain_waiters.append(waiter)
             await waiter
 
-    def _offer(self, parts: Sequence[Buffer], nbytes: int, image: Optional[str]) -> bool:
+    def _offer(self, parts: Outgoing, nbytes: int, image: Optional[str]) -> bool:
         """Hand a broadcast frame over without ever waiting (``write_all``).
 
         A peer whose buffer is above ``max_buffer`` still gets it, up to twice that and
-        for ``timeout`` s; past either bound it is disconnected as a slow consumer.
-        Returns False if the frame was not sent.
+        for ``timeout`` s; past either bound it is disconnected as a slow consumer
+        (the send queue's verdict).  Returns False if the frame was not sent.
         """
         if not self.is_open:
             return False
-        if image is not None and (self._write_paused or image in self._slots):
-            self._park(image, parts, nbytes)
-            self.messages_out += 1
-            return True
-        buffered = self._buffered()
-        limit = self._max_buffer
-        if buffered and buffered + nbytes > limit:
+        queue = self._queue
+        if not (image is not None and queue.waiting_image(image)):
             now = self._loop.time()
-            if self._full_since is None:
-                self._full_since = now
-            if now - self._full_since > self._endpoint.timeout or buffered + nbytes > 2 * limit:
-                self._drop_slow_consumer(buffered, now - self._full_since)
+            if queue.slow_consumer(nbytes, now, self._endpoint.timeout, self._buffered()):
+                self._drop_slow_consumer(self._buffered() + queue.queued, now - queue.full_for)
                 return False
-        else:
-            self._full_since = None
-        self._send(parts, nbytes)
+        self._enqueue(parts, nbytes, image)
         self.messages_out += 1
-        if image is not None:
-            self.images_sent += 1
-            self._endpoint._image_sent(image, nbytes)
         return True
 
     def _drop_slow_consumer(self, buffered: int, seconds: float) -> None:
@@ -618,42 +577,43 @@ class Connection(asyncio.BufferedProtocol):
             self._peer(),
             buffered,
             seconds,
-            self._max_buffer,
+            self._queue.max_buffer,
         )
-        self.error = WriteTimeout(f"{self._peer()} was disconnected as a slow consumer")
-        self._closing = True
+        self.engine.fail(WriteTimeout(f"{self._peer()} was disconnected as a slow consumer"))
         self._abort()
 
-    def _park(self, channel: str, parts: Sequence[Buffer], nbytes: int) -> None:
-        """Keep an image frame in its channel's slot until the transport resumes."""
-        old = self._slots.get(channel)
-        self._slots[channel] = (parts, nbytes)  # a replaced slot keeps its turn
-        if old is None:
-            self._slot_bytes += nbytes
-            self.images_sent += 1
+    def _enqueue(self, parts: Outgoing, nbytes: int, image: Optional[str] = None) -> None:
+        """Queue a frame (in order; an image replaces its channel's waiting frame) or
+        a BATCH item (``bytes``), and hand what the transport takes over to it."""
+        if isinstance(parts, bytes):
+            self._queue.push_item(parts)
         else:
-            self._slot_bytes += nbytes - old[1]
-            self.images_dropped += 1
-            self._endpoint._image_dropped(channel)
-        if not self._write_paused and not self._slot_flush_scheduled:
-            self._slot_flush_scheduled = True
-            self._loop.call_soon(self._flush_slots)
+            self._queue.push(list(parts), nbytes, image)
+        if not self._write_paused:
+            self._pump()
 
-    def _flush_slots(self, force: bool = False) -> None:
-        """Hand the parked images over, oldest slot first, until the transport pauses
-        again (``force``: all of them, when closing)."""
-        self._slot_flush_scheduled = False
-        slots = self._slots
-        while slots and (force or not self._write_paused):
-            if self._lost or self.transport is None:
-                slots.clear()
-                self._slot_bytes = 0
-                return
-            channel = next(iter(slots))
-            parts, nbytes = slots.pop(channel)
-            self._slot_bytes -= nbytes
-            self._send(parts, nbytes)
-            self._endpoint._image_sent(channel, nbytes)
+    def _pump(self, force: bool = False) -> None:
+        """Hand queued frames to the transport until it pauses (``force``: all of them,
+        when closing)."""
+        self._pump_scheduled = False
+        transport = self.transport
+        queue = self._queue
+        if transport is None or self._lost:
+            queue.clear()
+            return
+        while queue and (force or not self._write_paused):
+            if not queue.wire_pending:
+                queue.to_wire(queue.take_inbox())
+                continue
+            batch = queue.wire_batch(1 << 30)
+            size = sum(memoryview(part).nbytes for part in batch)
+            queue.consumed(size)
+            if len(batch) == 1:
+                transport.write(batch[0])
+            else:
+                transport.writelines(batch)
+            self.bytes_out += size
+            self.engine.sent(self._loop.time())
 
     def _buffered(self) -> int:
         transport = self.transport
@@ -664,63 +624,32 @@ class Connection(asyncio.BufferedProtocol):
     def _check_writable(self) -> None:
         if self._endpoint.stopped:
             raise EndpointClosed(f"cannot write: {self._endpoint!r} is closed")
-        if not self.is_open:
-            if not self._ready and not self._lost and not self._closing:
-                raise ConnectionClosed(f"the handshake with {self._peer()} has not completed")
+        if self._lost and self.engine.state is not ConnState.CLOSED:
             raise ConnectionClosed(
                 f"the connection to {self._peer()} is closed ({self.error or 'closed'})"
             )
-
-    def _send(self, parts: Sequence[Buffer], nbytes: int) -> None:
-        transport = cast(asyncio.Transport, self.transport)
-        if len(parts) == 1:
-            transport.write(parts[0])
-        else:
-            transport.writelines(parts)
-        self.bytes_out += nbytes
-        self.last_send = self._loop.time()
+        self.engine.check_writable()
 
     def _send_protocol_bytes(self) -> None:
-        """Send what the core wants sent (handshake frames, PONG, PING)."""
-        out = self.protocol.data_to_send()
+        """Send what the core wants sent (handshake frames, PONG): never after BYE."""
+        out = self.engine.control_bytes()
         if out and self.transport is not None and not self._lost:
             self.transport.write(out)
             self.bytes_out += len(out)
-            self.last_send = self._loop.time()
+            self.engine.sent(self._loop.time())
 
     def _send_reply(
-        self, channel: str, fid: int, result: Any, exc: Optional[BaseException]
-    ) -> None:
-        """Answer request ``fid``: REPLY with ``result``, or REPLY_ERROR naming ``exc``."""
+        self, channel: str, fid: int, result: Any, exc: Union[BaseException, str, None]
+    ) -> Optional[str]:
+        """Answer request ``fid``: REPLY with ``result``, or REPLY_ERROR naming ``exc``
+        (an exception, or the text itself); return the error text (``None``: a REPLY)."""
+        parts, nbytes, text = reply_frame(channel, fid, result, exc)
         if not self.is_open:
             logger.debug("%r: dropping the reply to request %d: closed", self, fid)
-            return
-        if exc is None:
-            try:
-                parts, nbytes = frames.value_frame(frames.REPLY, channel, result, fid=fid)
-            except (TypeError, ValueError) as error:
-                exc = error
-            else:
-                self._send(parts, nbytes)
-                self.messages_out += 1
-                return
-        self._send_error(channel, fid, f"{type(exc).__name__}: {exc}")
-
-    def _send_error(self, channel: str, fid: int, message: str) -> None:
-        """Answer request ``fid`` with REPLY_ERROR ``message``."""
-        if not self.is_open:
-            logger.debug("%r: dropping the reply to request %d: closed", self, fid)
-            return
-        parts, nbytes = frames.value_frame(frames.REPLY_ERROR, channel, message, fid=fid)
-        self._send(parts, nbytes)
-        self.messages_out += 1
-
-    def _new_id(self) -> int:
-        fid = self._next_id
-        while fid in self._requests:
-            fid = fid % _MAX_ID + 1
-        self._next_id = fid % _MAX_ID + 1
-        return fid
+        else:
+            self._enqueue(parts, nbytes)
+            self.messages_out += 1
+        return text
 
     async def _await_reply(self, future: asyncio.Future[Any]) -> Any:
         if self._write_paused and not self._stalled:
@@ -729,27 +658,29 @@ class Connection(asyncio.BufferedProtocol):
 
     # -- heartbeats -----------------------------------------------------------------------
 
-    def _heartbeat(self, interval: float, now: float) -> None:
-        """Ping an idle link; abort a peer silent for three intervals (event loop)."""
-        if not self._ready or self._lost:
+    def _heartbeat(self, now: float) -> None:
+        """The endpoint's periodic tick (event loop)."""
+        if self._lost:
             return
-        if self._reading_paused or self._closing:
-            self.last_recv = now  # we are not reading it: its silence proves nothing
-        elif now - self.last_recv > 3 * interval:
-            logger.warning(
-                "%r: %s sent nothing for %.1f s (heartbeat %.1f s): declaring it dead",
-                self._endpoint,
-                self._peer(),
-                now - self.last_recv,
-                interval,
-            )
-            self.error = ConnectionClosed(f"{self._peer()} stopped answering heartbeats")
-            self._closing = True
+        self._act(self.engine.tick(now, self._reading_paused))
+
+    def _act(self, verdict: Tick) -> None:
+        if verdict is Tick.NOTHING:
+            return
+        if verdict is Tick.PING:
+            ping = self.engine.ping(self._loop.time())
+            if ping and self.transport is not None:
+                self.transport.write(ping)
+                self.bytes_out += len(ping)
+                self.engine.sent(self._loop.time())
+        elif verdict is Tick.DEAD:
+            logger.warning("%r: %s", self._endpoint, self.engine.error)
+            self.engine.fail(self.engine.error or ConnectionClosed("dead"))
             self._abort()
-            return
-        if not self._closing and now - self.last_send >= interval:
-            self.protocol.send_ping()
-            self._send_protocol_bytes()
+        elif verdict is Tick.HANDSHAKE_TIMEOUT:
+            self._fail(self.engine.error or HandshakeError("handshake timeout"))
+        else:  # LINGER_OVER
+            self._abort()
 
     # -- asyncio.BufferedProtocol ---------------------------------------------------------
 
@@ -758,36 +689,57 @@ class Connection(asyncio.BufferedProtocol):
         once the TLS handshake completed)."""
         self.transport = cast(asyncio.Transport, transport)
         self._tls = transport.get_extra_info("ssl_object") is not None
-        self.last_recv = self.last_send = self._loop.time()
+        engine = self.engine
+        engine.received(self._loop.time())
+        engine.sent(self._loop.time())
         peer = transport.get_extra_info("peername")
         if peer:
             self.address = tuple(peer)
+            engine.peer = self._peer()
         refusal = self._endpoint._connection_made(self)
         if refusal is not None:
             reason, code = refusal
-            self.protocol.refuse(reason, code)
-            self.error = HandshakeError(f"refused {self._peer()}: {reason}")
-            self._closing = True
-            self._send_protocol_bytes()
+            logger.warning("%r: refused %s: %s", self._endpoint, self._peer(), reason)
+            linger = min(self._endpoint.timeout, 2.0)
+            out = engine.refuse(reason, code, self._loop.time(), linger)
+            self.transport.write(out)
             if self._tls:
                 self.transport.close()
                 return
             # Half-close and read until the client hangs up, so that the REFUSE is not
             # lost to a TCP reset (bounded by the linger).
             self.transport.write_eof()
-            self._linger(min(self._endpoint.timeout, 2.0))
+            self._arm_deadline()
             return
         self._send_protocol_bytes()
+        self._arm_deadline()
+
+    def _arm_deadline(self) -> None:
+        """Check the engine at its next deadline (handshake, linger)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.engine.next_deadline()
+        if deadline is not None and not self._lost:
+            self._timer = self._loop.call_at(deadline, self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        self._timer = None
+        if self._lost:
+            return
+        self._act(self.engine.tick(self._loop.time(), self._reading_paused))
+        if not self._lost:
+            self._arm_deadline()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         """Where the event loop should receive the next bytes (the decoder's buffer)."""
-        return self.protocol.decoder.get_buffer()
+        return self.engine.protocol.decoder.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` arrived in the buffer: decode, finish the handshake, handle frames."""
         self.bytes_in += nbytes
-        self.last_recv = self._loop.time()
-        decoder = self.protocol.decoder
+        self.engine.received(self._loop.time())
+        decoder = self.engine.protocol.decoder
         try:
             decoder.buffer_updated(nbytes)
             if decoder.frames:
@@ -797,6 +749,8 @@ class Connection(asyncio.BufferedProtocol):
 
     def eof_received(self) -> Optional[bool]:
         """The peer half-closed: let the transport close (after flushing)."""
+        if not self.engine.receive_eof():
+            self.engine.lost(None)
         return None
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
@@ -804,35 +758,22 @@ class Connection(asyncio.BufferedProtocol):
         if self._lost:
             return
         self._lost = True
-        self._closing = True
         self.closed_at = time.time()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._slots.clear()
-        self._slot_bytes = 0
-        if exc is not None:
-            self.error = self.error or exc
+        engine = self.engine
+        was_open = self._ready
+        engine.lost(exc)
+        if exc is not None and was_open:
             logger.info("%r: connection to %s lost: %s", self._endpoint, self._peer(), exc)
-        if not self._ready and self.error is None:
-            self.error = HandshakeError(
-                f"{self._peer()} closed the connection during the handshake: does it expect "
-                "TLS (tls=) or a token, or is it at its max_clients?"
-            )
+        engine.finish()  # fails outstanding requests, drops the queue
         waiter = self._ready_waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(self._handshake_error())
         for drain in self._drain_waiters:
             _wake(drain)
         self._drain_waiters.clear()
-        if self._requests:
-            lost = ConnectionClosed(
-                f"the connection to {self._peer()} was lost before the reply "
-                f"({self.error or 'closed'})"
-            )
-            for future in self._requests.values():
-                if not future.done():
-                    future.set_exception(lost)
         if not self._lost_waiter.done():
             self._lost_waiter.set_result(None)
         self._endpoint._connection_lost(self)
@@ -847,33 +788,33 @@ class Connection(asyncio.BufferedProtocol):
         """The transport's buffer drained below its low-water mark."""
         self._write_paused = False
         self._stalled = False
-        self._full_since = None
         waiters = self._drain_waiters
         self._drain_waiters = []
         for waiter in waiters:
             _wake(waiter)
-        if self._slots and not self._slot_flush_scheduled:
+        if self._queue and not self._pump_scheduled:
             # Not from inside the transport's own write path: on the next loop step.
-            self._slot_flush_scheduled = True
-            self._loop.call_soon(self._flush_slots)
+            self._pump_scheduled = True
+            self._loop.call_soon(self._pump)
 
     # -- receiving ---------------------------------------------------------------------------
 
     def _process(self) -> None:
-        was_ready = self._ready
+        engine = self.engine
+        was_open = engine.state is not ConnState.HANDSHAKE
         try:
-            events = self.protocol.events()
+            events = engine.events()
         finally:
             self._send_protocol_bytes()
-        if not was_ready and self.protocol.is_open:
-            self._ready = True
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+        if not was_open and engine.state is ConnState.OPEN:
+            engine.peer = self._peer()
+            self._arm_deadline()  # the handshake deadline no longer applies
             waiter = self._ready_waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
             self._endpoint._connection_ready(self)
+            if self._queue and not self._write_paused:
+                self._pump()
         if events:
             if self._pending or self._blockers:
                 self._pending.extend(events)
@@ -907,23 +848,18 @@ class Connection(asyncio.BufferedProtocol):
             value = frame.value()
             self.messages_in += 1
             self._endpoint._deliver(self, frame.channel, value, frame.flags & frames.FLAG_IMAGE)
+        elif t == frames.BATCH:
+            items = frame.items()
+            deliver = self._endpoint._deliver
+            for i in range(0, len(items), 2):
+                deliver(self, items[i], items[i + 1], 0)
+            self.messages_in += len(items) // 2
         elif t == frames.REQUEST:
             value = frame.value()
             self.messages_in += 1
             self._endpoint._answer(self, frame.channel, frame.id, value)
-        elif t == frames.REPLY or t == frames.REPLY_ERROR:
-            future = self._requests.get(frame.id)
-            value = frame.value()
-            if future is None or future.done():
-                logger.debug("%r: reply to unknown or expired request %d", self, frame.id)
-            elif t == frames.REPLY:
-                future.set_result(value)
-            else:
-                future.set_exception(RemoteError(str(value)))
-        elif t == frames.BYE:
+        elif self.engine.control(frame):
             self._on_bye()
-        else:
-            logger.debug("%r: ignoring frame type 0x%02x", self, t)
 
     def _block(self, gate: Gate) -> None:
         """``gate`` is full: stop handling frames until it releases this connection."""
@@ -952,9 +888,6 @@ class Connection(asyncio.BufferedProtocol):
 
     # -- closing ----------------------------------------------------------------------------
 
-    def _peer(self) -> str:
-        return f"{self.name or 'peer'} at {self.address[0]}:{self.address[1]}"
-
     def _handshake_error(self) -> BaseException:
         error = self.error
         if isinstance(error, HandshakeError):
@@ -963,10 +896,10 @@ class Connection(asyncio.BufferedProtocol):
             f"{self._peer()} did not complete the socketengine handshake ({error or 'no answer'})"
         )
 
-    def _handshake_left(self, seconds: float) -> float:
-        """What is left of a ``seconds`` handshake deadline counted from the TCP
-        connection (so a TLS handshake counts against it)."""
-        return max(0.0, self._created + seconds - self._loop.time())
+    def _handshake_left(self) -> float:
+        """What is left of the handshake deadline, counted from the TCP connection
+        (so a TLS handshake counts against it)."""
+        return max(0.0, self.engine.handshake_deadline - self._loop.time())
 
     async def _wait_ready(self, timeout: float) -> None:
         """Wait for the handshake (client side); raise :class:`HandshakeError`."""
@@ -980,48 +913,28 @@ class Connection(asyncio.BufferedProtocol):
             # leaves it alone (no exception that nobody retrieves).
             await asyncio.wait_for(self._ready_waiter, timeout)
         except asyncio.TimeoutError:
-            self.error = HandshakeError(
-                f"{self._peer()} did not complete the handshake within "
-                f"{self._endpoint.handshake_timeout} s"
-            )
-            self._abort()
-            raise self.error from None
-
-    def start_handshake_timer(self, seconds: float) -> None:
-        """Close the connection if the handshake has not completed in ``seconds``."""
-
-        def expired() -> None:
-            self._timer = None
-            if not self._ready and not self._lost:
-                self._fail(
-                    HandshakeError(
-                        f"{self._peer()} did not complete the handshake within "
-                        f"{self._endpoint.handshake_timeout} s"
-                    )
-                )
-
-        self._timer = self._loop.call_later(seconds, expired)
+            self._act(self.engine.tick(self.engine.handshake_deadline, self._reading_paused))
+            raise self._handshake_error() from None
 
     def _on_bye(self) -> None:
         """The peer said BYE: it sends nothing more.  Flush what is queued and close."""
         self._pending.clear()
-        self._closing = True
         transport = self.transport
         if transport is not None and not self._lost:
-            self._flush_slots(force=True)
+            self._pump(force=True)
             transport.close()  # flushes the buffer first
             self._linger()
 
     def _fail(self, exc: BaseException) -> None:
         """The peer broke the protocol (or the handshake failed): log, tell it, close."""
         logger.warning("%r: closing connection to %s: %s", self._endpoint, self._peer(), exc)
-        self.error = exc
+        last = self.engine.fail(exc)
         self._pending.clear()
-        self._closing = True
         transport = self.transport
         if transport is None or self._lost:
             return
-        self._send_protocol_bytes()  # e.g. a REFUSE frame
+        if last:
+            transport.write(last)  # e.g. a REFUSE frame
         transport.close()
         self._linger()
 

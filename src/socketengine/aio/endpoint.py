@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from typing import (
     Any,
     Callable,
@@ -23,27 +24,26 @@ from typing import (
 
 from .. import frames, images
 from ..codec import Buffer
+from ..endpoint import EndpointBase
 from ..errors import ConnectionClosed, EndpointClosed
-from ..protocol import token_bytes
-from .connection import Connection, wait_bounded
+from ..limits import DEFAULT_SUBSCRIPTION_SIZE
+from ..requests import no_handler
+from .connection import Connection, Job, wait_bounded
 from .decoding import LazyImage, resolve
 from .subscription import Subscription
 
 __all__ = ["Endpoint", "DEFAULT_SUBSCRIPTION_SIZE"]
 
 logger = logging.getLogger("socketengine")
+_now = time.time
 
 _E = TypeVar("_E", bound="Endpoint")
 _F = TypeVar("_F", bound=Callable[..., Any])
 
-#: Default ``maxsize`` of a subscription (items waiting unread).
-DEFAULT_SUBSCRIPTION_SIZE = 10_000
 
-
-class Endpoint:
+class Endpoint(EndpointBase):
     """Base of :class:`~socketengine.aio.Host` and :class:`~socketengine.aio.Client`."""
 
-    _kind = "endpoint"
     #: Host: callbacks get ``(value, conn)`` and waiters/subscriptions yield pairs.
     _with_conn = False
 
@@ -62,31 +62,19 @@ class Endpoint:
         image_codec: str,
         image_quality: int,
     ) -> None:
-        if not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ValueError(f"port must be an int from 0 to 65535, not {port!r}")
-        if max_message < 1024:
-            raise ValueError("max_message must be at least 1024 bytes")
-        if timeout is None or timeout < 0:
-            raise ValueError("timeout must be a number of seconds >= 0")
-        if max_buffer < 1:
-            raise ValueError("max_buffer must be at least 1 byte")
-        if heartbeat is not None and heartbeat <= 0:
-            raise ValueError("heartbeat must be a positive number of seconds, or None")
-        if tls is not None and not isinstance(tls, ssl.SSLContext):
-            raise TypeError(f"tls must be an ssl.SSLContext, not {type(tls).__qualname__}")
-        self.addr = addr
-        self._port = port
-        self.timeout = float(timeout)
-        self.max_message = int(max_message)
-        self.handshake_timeout = float(handshake_timeout)
-        self.max_buffer = int(max_buffer)
-        self.heartbeat = None if heartbeat is None else float(heartbeat)
-        self.tls = tls
-        self.image_codec = images._check_codec(image_codec)
-        self.image_quality = images._check_quality(image_quality)
-        self._token = token_bytes(token)
-        self.opened = False
-        self.stopped = False
+        self._init_endpoint(
+            addr,
+            port=port,
+            timeout=timeout,
+            token=token,
+            max_message=max_message,
+            max_buffer=max_buffer,
+            handshake_timeout=handshake_timeout,
+            heartbeat=heartbeat,
+            tls=tls,
+            image_codec=image_codec,
+            image_quality=image_quality,
+        )
         self._start_lock: Optional[asyncio.Lock] = None
         # Tuples, replaced on change: a queued callback job keeps the handlers it saw.
         self._handlers: Dict[str, Tuple[Callable[..., Any], ...]] = {}
@@ -94,15 +82,7 @@ class Endpoint:
         self._subs: Dict[str, Tuple[Subscription[Any], ...]] = {}
         self._waiters: Dict[str, List[asyncio.Future[Any]]] = {}
         self._tasks: Set[asyncio.Task[Any]] = set()
-        # The latest value per channel from any peer (per peer: conn.values).
-        self._latest: Dict[str, Any] = {}
-        self._images = images.ImageLedger()
         self._heartbeat_timer: Optional[asyncio.TimerHandle] = None
-
-    @property
-    def port(self) -> int:
-        """The TCP port (a host's real one once started with ``port=0``)."""
-        return self._port
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -134,10 +114,6 @@ class Endpoint:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
-
-    def _check_not_closed(self) -> None:
-        if self.stopped:
-            raise EndpointClosed(f"{self!r} is closed; create a new {self._kind}")
 
     def _check_open(self) -> None:
         if self.stopped:
@@ -175,9 +151,12 @@ class Endpoint:
             return register
         return register(fn)
 
-    def off(self, channel: str, fn: Callable[..., Any]) -> None:
-        """Unregister ``fn`` from ``channel`` (no error if it was not registered)."""
-        handlers = tuple(h for h in self._handlers.get(channel, ()) if h is not fn)
+    def off(self, channel: str, fn: Optional[Callable[..., Any]] = None) -> None:
+        """Remove ``fn`` (or, without ``fn``, every callback) registered with
+        :meth:`on` for ``channel``; no error if it was not registered."""
+        handlers = tuple(
+            h for h in self._handlers.get(channel, ()) if fn is not None and h is not fn
+        )
         if handlers:
             self._handlers[channel] = handlers
         else:
@@ -252,8 +231,7 @@ class Endpoint:
 
         ``TypeError`` / ``ValueError`` name the problem before anything is encoded.
         """
-        name = images.validate(img, self.image_codec if codec is None else codec)
-        level = self.image_quality if quality is None else images._check_quality(quality)
+        name, level = self._image_settings(img, codec, quality)
         frames.channel_bytes(channel)
         if name == "raw":
             value: Any = img
@@ -263,45 +241,6 @@ class Endpoint:
         parts, nbytes = frames.value_frame(frames.DATA, channel, value, frames.FLAG_IMAGE)
         self._images.written(channel, name)
         return parts, nbytes
-
-    def _image_sent(self, channel: str, nbytes: int) -> None:
-        """An image frame of ``channel`` was handed to a transport."""
-        self._images.transmitted(channel, nbytes)
-
-    def _image_dropped(self, channel: str) -> None:
-        """A parked image frame was replaced by a newer one (conflation)."""
-        self._images.replaced(channel)
-
-    def _image_arrived(self, conn: Connection, channel: str, value: Any) -> None:
-        """An image frame was received."""
-        encoded = self._images.arrived(channel, value)
-        if encoded is not None:
-            conn._encoded[channel] = encoded
-
-    def _read(self, table: Dict[str, Any], channel: str, default: Any) -> Any:
-        """``table[channel]`` for the user: an encoded image is decoded here (once)."""
-        self._images.read(channel)
-        return images.read_latest(channel, default, table)
-
-    def get_jpeg(self, channel: str = "image") -> Optional[bytes]:
-        """The newest JPEG/PNG file received on ``channel``, still encoded, or ``None``.
-
-        For saving or forwarding frames without decoding them (only frames sent with
-        ``codec="jpeg"`` or ``"png"``; raw frames have no file).
-        """
-        return self._images.get_jpeg(channel)
-
-    def stats(self) -> Dict[str, Any]:
-        """Counters: per image channel, what was sent and received.
-
-        ``{"images": {"sent": {channel: s}, "received": {channel: s}}}`` where each
-        ``s`` is an :meth:`ImageStats.snapshot() <socketengine.images.ImageStats.snapshot>`:
-        ``frames`` (written / arrived), ``delivered`` (handed to a transport / to the
-        application), ``dropped`` (replaced by a newer frame first: conflation),
-        ``pending``, ``bytes``, ``fps`` and ``codec``.  On a host the sent counts add up
-        over clients.
-        """
-        return {"images": self._images.snapshot()}
 
     # -- heartbeats -----------------------------------------------------------------------
 
@@ -319,7 +258,7 @@ class Endpoint:
         def tick() -> None:
             now = loop.time()
             for conn in self._connections():
-                conn._heartbeat(interval, now)
+                conn._heartbeat(now)
             self._heartbeat_timer = loop.call_later(interval / 2, tick)
 
         self._heartbeat_timer = loop.call_later(interval / 2, tick)
@@ -371,6 +310,7 @@ class Endpoint:
         ``on_message`` hooks.  ``image``: the frame has the IMAGE flag."""
         conn.values[channel] = value
         self._latest[channel] = value
+        conn.received_at[channel] = _now()
         if image:
             self._image_arrived(conn, channel, value)
         waiters = self._waiters.pop(channel, None)
@@ -394,27 +334,28 @@ class Endpoint:
                     future.set_result(item)
         if subs is not None:
             for sub in subs:
-                if sub._put(item):
-                    conn._block(sub)
+                sub._put(item, conn)
         if handlers is not None:
             args: Tuple[Any, ...] = (user, conn) if self._with_conn else (user,)
-            conn._chain.call((handlers, args, None, f"channel {channel!r}", lazy_at))
+            conn._chain.call(Job(handlers, args, None, f"channel {channel!r}", lazy_at))
         if hooks:
             args = (channel, user, conn) if self._with_conn else (channel, user)
-            conn._chain.call((hooks, args, None, "on_message", 1 if lazy_at == 0 else -1))
+            conn._chain.call(Job(hooks, args, None, "on_message", 1 if lazy_at == 0 else -1))
 
     def _answer(self, conn: Connection, channel: str, fid: int, value: Any) -> None:
         """A REQUEST arrived: run the channel's handlers; the first one's result replies."""
         handlers = self._handlers.get(channel)
         if handlers is None:
-            conn._send_error(channel, fid, f"no handler for requests on channel {channel!r}")
+            text = conn._send_reply(channel, fid, None, no_handler(channel))
+            self._requested(conn, channel, value, None, text)
             return
 
         def reply(result: Any, exc: Optional[BaseException]) -> None:
-            conn._send_reply(channel, fid, result, exc)
+            text = conn._send_reply(channel, fid, result, exc)
+            self._requested(conn, channel, value, None if text is not None else result, text)
 
         args = (value, conn) if self._with_conn else (value,)
-        conn._chain.call((handlers, args, reply, f"requests on channel {channel!r}", -1))
+        conn._chain.call(Job(handlers, args, reply, f"requests on channel {channel!r}"))
 
     def _lost_error(self, conn: Connection) -> ConnectionClosed:
         return ConnectionClosed(

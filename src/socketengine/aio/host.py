@@ -6,16 +6,27 @@ import asyncio
 import itertools
 import logging
 import ssl
-from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union
 
-from .. import codec, frames, images
-from ..codec import Buffer
+from .. import frames, images
 from ..errors import EndpointClosed
+from ..limits import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_HEARTBEAT,
+    DEFAULT_KEEP_DEPARTED,
+    DEFAULT_MAX_BUFFER,
+    DEFAULT_MAX_CLIENTS,
+    DEFAULT_MAX_MESSAGE,
+    DEFAULT_SUBSCRIPTION_SIZE,
+    check_host_limits,
+    check_name,
+)
 from ..net import listen
 from ..protocol import Protocol, Role
-from .connection import DEFAULT_MAX_BUFFER, READ_SIZE, Connection
-from .endpoint import DEFAULT_SUBSCRIPTION_SIZE, Endpoint
+from ..sendqueue import Outgoing
+from ..state import Admission, Departed, RetainedValues
+from .connection import READ_SIZE, Connection, Job
+from .endpoint import Endpoint
 from .subscription import Subscription
 
 __all__ = ["Host"]
@@ -57,6 +68,10 @@ class Host(Endpoint):
         that :meth:`close` waits for clients to take what was written and for running
         callbacks to finish.
     :param backlog: the listening socket's backlog.
+    :param monitor: serve the live browser monitor on this port (``0``: any free one;
+        ``None``: no monitor), in its own thread; its address is ``host.monitor.url``.
+    :param monitor_addr: the monitor's address (loopback by default).
+    :param monitor_bgr: the monitor shows raw 3-channel frames as BGR (OpenCV's order).
 
     Use ``async with Host(port=0) as h:`` or ``await h.start()`` / ``await h.close()``.
     """
@@ -70,18 +85,21 @@ class Host(Endpoint):
         port: int = 8080,
         *,
         token: Union[str, bytes, None] = None,
-        max_clients: int = 1024,
-        max_message: int = frames.DEFAULT_MAX_MESSAGE,
+        max_clients: int = DEFAULT_MAX_CLIENTS,
+        max_message: int = DEFAULT_MAX_MESSAGE,
         max_buffer: int = DEFAULT_MAX_BUFFER,
-        handshake_timeout: float = 10.0,
-        heartbeat: Optional[float] = 5.0,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        heartbeat: Optional[float] = DEFAULT_HEARTBEAT,
         tls: Optional[ssl.SSLContext] = None,
         image_codec: str = "raw",
         image_quality: int = 90,
-        keep_departed: int = 64,
+        keep_departed: int = DEFAULT_KEEP_DEPARTED,
         name: Optional[str] = None,
         timeout: float = 2.0,
         backlog: int = 128,
+        monitor: Optional[int] = None,
+        monitor_addr: str = "127.0.0.1",
+        monitor_bgr: bool = False,
     ) -> None:
         super().__init__(
             addr,
@@ -96,18 +114,22 @@ class Host(Endpoint):
             image_codec=image_codec,
             image_quality=image_quality,
         )
-        self.name = name
+
+        check_host_limits(max_clients, keep_departed, backlog)
+        self.name = check_name(name)
         self.max_clients = max_clients
         self.keep_departed = keep_departed
+        self._admission = Admission(max_clients)
+        self._init_monitor(monitor, monitor_addr, monitor_bgr)
         self.backlog = backlog
         self._server: Optional[asyncio.AbstractServer] = None
         self._sessions = itertools.count(1)
         # Every accepted connection, in accept order, until it departs.
         self._conns: Dict[int, Connection] = {}
         # Departed clients whose values get_all() still reports (bounded, FIFO).
-        self._departed: OrderedDict[int, Connection] = OrderedDict()
+        self._departed: Departed[int, Connection] = Departed(keep_departed)
         # Retained values: one complete DATA frame (flag RETAINED) per channel.
-        self._retained: Dict[str, bytes] = {}
+        self._retained = RetainedValues()
         self._connect_handlers: Tuple[Callable[..., Any], ...] = ()
         self._disconnect_handlers: Tuple[Callable[..., Any], ...] = ()
 
@@ -138,6 +160,11 @@ class Host(Endpoint):
             raise
         self._port = int(sock.getsockname()[1])
         self._start_heartbeat()
+        try:
+            self._start_monitor()
+        except BaseException:
+            self._server.close()
+            raise
 
     async def close(self) -> None:
         """Stop listening, close every client gracefully (flush, BYE; each bounded by
@@ -148,6 +175,8 @@ class Host(Endpoint):
         self.stopped = True
         self.opened = False
         self._stop_heartbeat()
+        if self.monitor is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._stop_monitor)
         server = self._server
         if server is not None:
             server.close()
@@ -167,7 +196,8 @@ class Host(Endpoint):
 
     def clients(self) -> List[Connection]:
         """The connected clients (handshake done, not closing), in connection order."""
-        return [c for c in self._conns.values() if c.is_open]
+        # A copy first: the monitor calls this from its own thread.
+        return [c for c in list(self._conns.values()) if c.is_open]
 
     def get_client(self, name: str) -> Optional[Connection]:
         """The connected client that gave ``name`` (the newest one), or ``None``."""
@@ -186,7 +216,7 @@ class Host(Endpoint):
         decoded = self._read(self._latest, channel, default)
         if type(value) is images.EncodedImage:
             # The sender's own entry holds the same file: decoded once for get_all() too.
-            for conn in [*self._conns.values(), *self._departed.values()]:
+            for conn in [*self._conns.values(), *(c for _, c in self._departed.items())]:
                 if conn.values.get(channel) is value:
                     conn.values[channel] = decoded
         return decoded
@@ -197,7 +227,7 @@ class Host(Endpoint):
         Includes clients that have disconnected, up to ``keep_departed`` of them, so a
         client that writes and closes at once is still seen.  ``[]`` if none sent.
         """
-        sessions = list(self._conns.items()) + list(self._departed.items())
+        sessions = list(self._conns.items()) + self._departed.items()
         sessions.sort(key=lambda item: item[0])
         out = []
         for _, conn in sessions:
@@ -256,20 +286,19 @@ class Host(Endpoint):
         is disconnected as a slow consumer (logged, ``on_disconnect``) and the others
         go on receiving.
         """
-        meta, buffers, data_len = codec.encode(data)
-        parts = frames.encode_frame(frames.DATA, channel, meta, buffers, data_len)
-        nbytes = frames.frame_size(parts)
         self._check_open()
         if retain:
-            # A snapshot (joined bytes): later changes to an array do not leak into it.
-            frame = b"".join(
-                frames.encode_frame(
-                    frames.DATA, channel, meta, buffers, data_len, flags=frames.FLAG_RETAINED
-                )
-            )
-            self._retained.pop(channel, None)
-            self._retained[channel] = frame
-        return await self._broadcast(parts, nbytes)
+            parts, nbytes = frames.value_frame(frames.DATA, channel, data)
+            self._retained.retain(channel, parts)
+            return await self._broadcast(parts, nbytes)
+        encoded = frames.value_item(channel, data)
+        if type(encoded) is bytes:
+            return await self._broadcast(encoded, len(encoded))
+        return await self._broadcast(*encoded)
+
+    def clear_retained(self, channel: Optional[str] = None) -> None:
+        """Forget the retained value of ``channel`` (``None``: of every channel)."""
+        self._retained.clear(channel)
 
     async def write_image_all(
         self,
@@ -290,9 +319,7 @@ class Host(Endpoint):
         self._check_open()
         return await self._broadcast(parts, nbytes, image=channel)
 
-    async def _broadcast(
-        self, parts: Sequence[Buffer], nbytes: int, image: Optional[str] = None
-    ) -> int:
+    async def _broadcast(self, parts: Outgoing, nbytes: int, image: Optional[str] = None) -> int:
         """Hand one encoded frame to every client without waiting for any of them."""
         sent = 0
         paused = False
@@ -314,6 +341,7 @@ class Host(Endpoint):
             Role.HOST,
             token=self._token,
             max_message=self.max_message,
+            heartbeat=self.heartbeat,
             read_size=READ_SIZE,
             session=next(self._sessions),
         )
@@ -322,37 +350,30 @@ class Host(Endpoint):
     def _connection_made(self, conn: Connection) -> Optional[Tuple[str, str]]:
         if self.stopped:
             return ("the host is closing", "closing")
-        if len(self._conns) >= self.max_clients:
-            logger.warning("%r: refused %s:%s: max_clients reached", self, *conn.address[:2])
-            return (f"the host is full (max_clients={self.max_clients})", "full")
+        refusal = self._admission.refusal(len(self._conns))
+        if refusal is not None:
+            return refusal
         self._conns[conn.session] = conn
-        conn.start_handshake_timer(conn._handshake_left(self.handshake_timeout))
         return None
 
     def _connection_ready(self, conn: Connection) -> None:
         logger.info("%r: client %r connected", self, conn)
-        if conn.name is not None:
-            # A named client that reconnects replaces its departed record.
-            for session, old in list(self._departed.items()):
-                if old.name == conn.name:
-                    del self._departed[session]
-        for frame in self._retained.values():
-            conn._send((frame,), len(frame))
+        self._departed.forget_named(conn.name)  # a named client that reconnects
+        for frame in self._retained.replay():
+            conn._enqueue((frame,), len(frame))
             conn.messages_out += 1
         if self._connect_handlers:
-            conn._chain.call((self._connect_handlers, (conn,), None, "on_connect", -1))
+            conn._chain.call(Job(self._connect_handlers, (conn,), None, "on_connect"))
 
     def _connection_closed(self, conn: Connection) -> None:
         self._conns.pop(conn.session, None)
         if not conn._ready:
             return  # never completed the handshake: nothing to remember
         logger.info("%r: client %r disconnected", self, conn)
-        if conn.values and self.keep_departed > 0:
-            self._departed[conn.session] = conn
-            while len(self._departed) > self.keep_departed:
-                self._departed.popitem(last=False)
+        if conn.values:
+            self._departed.add(conn.session, conn)
         if self._disconnect_handlers:
-            conn._chain.call((self._disconnect_handlers, (conn,), None, "on_disconnect", -1))
+            conn._chain.call(Job(self._disconnect_handlers, (conn,), None, "on_disconnect"))
 
     def _connections(self) -> List[Connection]:
         return list(self._conns.values())

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections import deque
-from typing import AsyncIterator, Callable, Deque, List, Optional, TypeVar
+from typing import AsyncIterator, Callable, List, Optional, TypeVar
 
 from ..errors import EndpointClosed
-from .connection import Gate
+from ..limits import check_maxsize
+from ..state import SubscriptionBuffer
+from .connection import Connection, Gate
 from .decoding import pending, resolve_now
 
 __all__ = ["Subscription"]
@@ -37,29 +38,27 @@ class Subscription(Gate, AsyncIterator[_T]):
     def __init__(
         self, channel: str, maxsize: int, on_close: Callable[[Subscription[_T]], None]
     ) -> None:
-        if not isinstance(maxsize, int) or maxsize < 1:
-            raise ValueError(f"maxsize must be an int >= 1, not {maxsize!r}")
+        check_maxsize(maxsize)
         super().__init__()
         self.channel = channel
         self.maxsize = maxsize
-        self._low = maxsize // 2
-        self._items: Deque[_T] = deque()
+        self._buffer: SubscriptionBuffer[_T] = SubscriptionBuffer(maxsize)
+        self._items = self._buffer.items
         self._getters: List[asyncio.Future[None]] = []
-        self._closed = False
         self._error: Optional[BaseException] = None
         self._on_close = on_close
 
     @property
     def closed(self) -> bool:
         """True once no more items will be added."""
-        return self._closed
+        return self._buffer.closed
 
     def __len__(self) -> int:
         """Items received and not read yet."""
         return len(self._items)
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
+        state = "closed" if self.closed else "open"
         return f"<Subscription {self.channel!r} {len(self._items)}/{self.maxsize} {state}>"
 
     def __aiter__(self) -> Subscription[_T]:
@@ -68,7 +67,7 @@ class Subscription(Gate, AsyncIterator[_T]):
     async def __anext__(self) -> _T:
         while True:
             if not self._items:
-                if self._closed and self._error is None:
+                if self.closed and self._error is None:
                     raise StopAsyncIteration
                 await self._wait()
                 if not self._items:
@@ -104,39 +103,43 @@ class Subscription(Gate, AsyncIterator[_T]):
         return self._take()
 
     def close(self) -> None:
-        """Stop receiving; drop unread items; end iteration.  Idempotent."""
-        self._items.clear()
+        """Stop receiving; iteration ends once the items already queued are read (as
+        in the threaded layer).  Idempotent."""
         self._error = None
         self._end(None)
 
     # -- endpoint side ------------------------------------------------------------------
 
-    def _put(self, item: _T) -> bool:
-        """Add an item (endpoint side); return True if the subscription is now full."""
-        if self._closed:
-            return False
-        items = self._items
-        items.append(item)
+    def _put(self, item: _T, source: Connection) -> None:
+        """Add an item (endpoint side); a full subscription holds ``source`` (it stops
+        handling frames, and reading) until the reader has taken half of them."""
+        if self._buffer.put(item, source):
+            source._block(self)
         if self._getters:
             self._wake()
-        return len(items) >= self.maxsize
+
+    def hold(self, conn: Connection) -> None:
+        """The buffer's watermarks already track who waits for room here."""
+
+    def _let_go(self, sources: List[Connection]) -> None:
+        for conn in sources:
+            conn._unblock(self)
 
     def _end(self, error: Optional[BaseException]) -> None:
         """No more items; iteration ends (or raises ``error``) once the rest is read."""
-        if self._closed:
+        if self._buffer.closed:
             return
-        self._closed = True
+        released = self._buffer.close()
         self._error = error
         self._on_close(self)
         self._wake()
-        self.release()
+        self._let_go(released)
 
     # -- internals ------------------------------------------------------------------------
 
     def _take(self) -> _T:
-        item = self._items.popleft()
-        if self._held and len(self._items) <= self._low:
-            self.release()
+        item, released = self._buffer.take()
+        self._let_go(released)
         return resolve_now(item)
 
     async def _decoded_head(self) -> bool:
@@ -151,16 +154,15 @@ class Subscription(Gate, AsyncIterator[_T]):
             await image.decoded()
         except Exception:
             if self._items and self._items[0] is head:
-                self._items.popleft()
-                if self._held and len(self._items) <= self._low:
-                    self.release()
+                _, released = self._buffer.take()
+                self._let_go(released)
             raise
         return bool(self._items) and self._items[0] is head
 
     async def _wait(self) -> None:
         """Wait until an item arrives or the subscription closes."""
         loop = asyncio.get_running_loop()
-        while not self._items and not self._closed:
+        while not self._items and not self.closed:
             waiter: asyncio.Future[None] = loop.create_future()
             self._getters.append(waiter)
             try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import random
 import selectors
 import socket
 import ssl
@@ -12,27 +11,40 @@ import threading
 import time
 from typing import Any, List, Optional, Union
 
-from .. import frames
 from ..compat import ClientSeedNames
+from ..engine import ConnState
 from ..errors import (
     ConnectionClosed,
     ConnectTimeout,
     EndpointClosed,
     HandshakeError,
+    SocketEngineConnectionError,
     WriteTimeout,
 )
-from ..frames import DATA, value_frame
+from ..frames import value_item
+from ..limits import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_HEARTBEAT,
+    DEFAULT_MAX_BUFFER,
+    DEFAULT_MAX_MESSAGE,
+    DEFAULT_RECONNECT_MAX,
+    check_name,
+    check_seconds,
+)
 from ..protocol import Protocol, Role
-from .connection import DEFAULT_MAX_BUFFER, Connection
+from ..sendqueue import SendQueue
+from ..state import Backoff, log_lost_link
+from .connection import Connection
 from .endpoint import Endpoint
-from .loop import Loop
+from .loop import Loop, TimerHandle
 
 logger = logging.getLogger("socketengine")
 
 # Errors that mean "the host is not (yet) there": keep trying.
 _RETRYABLE = (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
-_RETRY_FIRST = 0.02
-_RETRY_MAX = 0.5
+# open() retries a refused connection with this backoff cap (seconds): a host that is
+# starting up is found quickly.
+_OPEN_RETRY_MAX = 0.5
 
 
 class Client(ClientSeedNames, Endpoint):
@@ -82,12 +94,12 @@ class Client(ClientSeedNames, Endpoint):
         connect_timeout: Optional[float] = None,
         name: Optional[str] = None,
         token: Union[str, bytes, None] = None,
-        max_message: int = frames.DEFAULT_MAX_MESSAGE,
+        max_message: int = DEFAULT_MAX_MESSAGE,
         max_buffer: int = DEFAULT_MAX_BUFFER,
-        handshake_timeout: float = 10.0,
-        heartbeat: Optional[float] = 5.0,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        heartbeat: Optional[float] = DEFAULT_HEARTBEAT,
         reconnect: bool = True,
-        reconnect_max: float = 5.0,
+        reconnect_max: float = DEFAULT_RECONNECT_MAX,
         tls: Optional[ssl.SSLContext] = None,
         image_codec: str = "raw",
         image_quality: int = 90,
@@ -100,33 +112,28 @@ class Client(ClientSeedNames, Endpoint):
             token=token,
             max_message=max_message,
             max_buffer=max_buffer,
+            handshake_timeout=handshake_timeout,
             heartbeat=heartbeat,
             tls=tls,
             image_codec=image_codec,
             image_quality=image_quality,
         )
-        if name is not None and (not isinstance(name, str) or len(name) > 256):
-            raise TypeError("name must be a str of at most 256 characters")
-        self.name = name
-        self.connect_timeout = connect_timeout
-        self.handshake_timeout = handshake_timeout
-        self.reconnect = reconnect
-        self.reconnect_max = reconnect_max
+        self.name = check_name(name)
+        self.connect_timeout = check_seconds("connect_timeout", connect_timeout, allow_none=True)
+        self.reconnect = bool(reconnect)
+        self.reconnect_max = check_seconds("reconnect_max", reconnect_max) or 0.0
         self._conn: Optional[Connection] = None
-        # Writes made while disconnected (reconnect=True), sent first on reconnect.
+        # Writes made while disconnected (reconnect=True), sent first on reconnect;
+        # image frames in it conflate like in a connection's queue.
         self._link_lock = threading.Condition()
-        self._outbox: List[Any] = []
-        self._outbox_bytes = 0
-        self._retry_delay = _RETRY_FIRST
-        self._retry: Any = None  # pending reconnect timer or socket
+        self._outbox = SendQueue(self.max_buffer, self._images.queue_hook)
+        self._backoff = Backoff(self.reconnect_max)
+        self._retry_timer: Optional[TimerHandle] = None  # the next reconnection attempt
+        self._retry_sock: Optional[socket.socket] = None  # an attempt connecting now
         self._pending: Optional[Connection] = None  # a reconnection in its handshake
         self.reconnects = 0
         if open:
             self.open()
-
-    @property
-    def port(self) -> int:
-        return self._port
 
     @property
     def connected(self) -> bool:
@@ -164,7 +171,7 @@ class Client(ClientSeedNames, Endpoint):
 
     def _connect(self) -> socket.socket:
         deadline = None if self.connect_timeout is None else time.monotonic() + self.connect_timeout
-        delay = _RETRY_FIRST
+        backoff = Backoff(_OPEN_RETRY_MAX, jitter=0.0)
         attempts = 0
         while True:
             attempt = self.timeout if self.timeout > 0 else None
@@ -174,17 +181,28 @@ class Client(ClientSeedNames, Endpoint):
             try:
                 sock = socket.create_connection((self.addr, self._port), timeout=attempt)
                 break
+            except socket.gaierror as exc:
+                raise SocketEngineConnectionError(
+                    f"cannot resolve the host name {self.addr!r}: {exc.strerror or exc} "
+                    "(check addr=; use an IP address or a name this machine can resolve)"
+                ) from exc
             except _RETRYABLE as exc:
                 attempts += 1
                 if attempts == 1:
-                    logger.info("%r: %s; retrying until the host accepts", self, exc)
+                    logger.info(
+                        "%r: waiting for the host at %s:%s (%s); retrying until it accepts",
+                        self,
+                        self.addr,
+                        self._port,
+                        exc,
+                    )
+            delay = next(backoff)
             if deadline is not None and time.monotonic() + delay >= deadline:
                 raise ConnectTimeout(
                     f"could not connect to {self.addr}:{self._port} within "
                     f"{self.connect_timeout} s ({attempts} attempts): is the host running?"
                 )
             time.sleep(delay)  # backoff between attempts, not synchronisation
-            delay = min(delay * 2, _RETRY_MAX)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setblocking(False)
         return sock
@@ -201,6 +219,7 @@ class Client(ClientSeedNames, Endpoint):
             name=self.name,
             token=self._token,
             max_message=self.max_message,
+            heartbeat=self.heartbeat,
             read_size=self.read_size,
         )
         return Connection(self, sock, protocol, address)
@@ -208,7 +227,6 @@ class Client(ClientSeedNames, Endpoint):
     def _handshake(self, sock: socket.socket) -> Connection:
         conn = self._new_connection(sock)
         self._loop.call_soon(conn.attach)
-        self._loop.call_soon(conn.start_handshake_timer, self.handshake_timeout)
         conn.settled.wait(self.handshake_timeout + 1.0)
         if conn.ready.is_set():
             return conn
@@ -239,14 +257,11 @@ class Client(ClientSeedNames, Endpoint):
         self._loop.call_soon(self._cancel_retry)
         self._loop.stop()
         with self._link_lock:
-            if self._outbox:
+            dropped = self._outbox.clear()
+            if dropped:
                 logger.warning(
-                    "%r: %d bytes written while disconnected were never sent",
-                    self,
-                    self._outbox_bytes,
+                    "%r: %d bytes written while disconnected were never sent", self, dropped
                 )
-            self._outbox.clear()
-            self._outbox_bytes = 0
             self._link_lock.notify_all()
         self._release_waiters()
         self._dispatcher.stop(self.timeout)
@@ -267,9 +282,14 @@ class Client(ClientSeedNames, Endpoint):
         Raises ``TypeError`` naming the type if ``data`` cannot be sent (nothing is
         sent), :class:`ConnectionClosed` if the host is gone.
         """
-        parts, nbytes = value_frame(DATA, channel, data)
+        encoded = value_item(channel, data)
+        if type(encoded) is bytes:
+            parts: Any = encoded
+            nbytes = len(encoded)
+        else:
+            parts, nbytes = encoded
         conn = self._conn
-        if conn is not None and not conn._closing:  # the common case, inlined
+        if conn is not None and conn.engine.state is ConnState.OPEN:  # the common case
             try:
                 conn.send_parts(parts, nbytes)
                 return
@@ -310,7 +330,7 @@ class Client(ClientSeedNames, Endpoint):
                 left = deadline - time.monotonic()
                 if left <= 0 or self.stopped:
                     raise WriteTimeout(
-                        f"not connected to {self.addr}:{self._port}: {self._outbox_bytes} "
+                        f"not connected to {self.addr}:{self._port}: {self._outbox.queued} "
                         f"bytes still wait for the reconnection after {limit} s"
                     )
                 self._link_lock.wait(left)
@@ -329,7 +349,7 @@ class Client(ClientSeedNames, Endpoint):
     def _send(self, parts: List[Any], nbytes: int, image: Optional[str] = None) -> None:
         """Send a frame, or keep it for the reconnection when the link is down."""
         conn = self._conn
-        if conn is not None and not conn._closing:
+        if conn is not None and conn.engine.state is ConnState.OPEN:
             try:
                 conn.send_parts(parts, nbytes, image=image)
                 return
@@ -343,19 +363,22 @@ class Client(ClientSeedNames, Endpoint):
             deadline = time.monotonic() + self.timeout
             while True:
                 conn = self._conn
-                if conn is not None and not conn._closing:
+                if conn is not None and conn.engine.state is ConnState.OPEN:
                     break  # reconnected meanwhile: send directly, after the outbox
                 if self.stopped:
                     raise EndpointClosed(f"{self!r} was closed while writing")
-                if self._outbox_bytes + nbytes <= self.max_buffer or not self._outbox:
-                    self._outbox.append(parts)
-                    self._outbox_bytes += nbytes
+                outbox = self._outbox
+                if outbox.fits(nbytes) or (image is not None and outbox.waiting_image(image)):
+                    if type(parts) is bytes:
+                        outbox.push_item(parts)
+                    else:
+                        outbox.push(parts, nbytes, image)
                     return
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise WriteTimeout(
                         f"not connected to {self.addr}:{self._port} (reconnecting); "
-                        f"{self._outbox_bytes} bytes already wait to be sent "
+                        f"{outbox.queued} bytes already wait to be sent "
                         f"(max_buffer={self.max_buffer}): the write was not kept"
                     )
                 self._link_lock.wait(left)
@@ -366,7 +389,7 @@ class Client(ClientSeedNames, Endpoint):
         if conn is None or self.stopped:
             self._check_open()
             raise EndpointClosed(f"{self!r} is not connected")  # pragma: no cover
-        if conn._closing or conn.closed.is_set():
+        if conn.engine.state is not ConnState.OPEN:
             raise ConnectionClosed(
                 f"the connection to {self.addr}:{self._port} is closed "
                 f"({conn.error or 'the host closed it'})"
@@ -377,16 +400,13 @@ class Client(ClientSeedNames, Endpoint):
 
     def _on_ready(self, conn: Connection) -> None:
         with self._link_lock:
-            for parts in self._outbox:  # written while disconnected: they go first
-                conn._queue_parts(parts)
-            self._outbox.clear()
-            self._outbox_bytes = 0
+            conn._absorb(self._outbox)  # written while disconnected: they go first
             conn.mark_ready()
             if self.opened:  # a reconnection (the first connection is set by open())
                 self._conn = conn
                 self._pending = None
                 self.reconnects += 1
-                self._retry_delay = _RETRY_FIRST
+                self._backoff.reset()
                 logger.info("%r: reconnected", self)
             self._link_lock.notify_all()
 
@@ -398,67 +418,78 @@ class Client(ClientSeedNames, Endpoint):
             logger.info("%r: reconnect attempt failed: %s", self, conn.error)
             self._schedule_reconnect()
         elif conn is self._conn:
-            # A host that closes politely (restart, shutdown) is routine: info, not warning.
-            level = logging.INFO if conn.error is None else logging.WARNING
-            logger.log(
-                level,
-                "%r: lost the connection (%s); reconnecting",
-                self,
-                conn.error or "closed by the host",
-            )
+            log_lost_link(self, conn.error)
             self._schedule_reconnect()
 
     def _schedule_reconnect(self) -> None:
-        delay = self._retry_delay * random.uniform(0.8, 1.2)
-        self._retry_delay = min(self._retry_delay * 2, self.reconnect_max)
-        self._retry = self._loop.call_later(delay, self._try_reconnect)
-
-    def _cancel_retry(self) -> None:
-        retry, self._retry = self._retry, None
-        if isinstance(retry, socket.socket):
-            self._loop.unregister(retry)
-            retry.close()
-        elif retry is not None:
-            retry.cancel()
-
-    def _try_reconnect(self) -> None:
-        """One non-blocking connection attempt (loop thread)."""
-        self._retry = None
+        """Try again after the next backoff delay (loop thread)."""
         if self.stopped:
             return
+        self._retry_timer = self._loop.call_later(next(self._backoff), self._try_reconnect)
+
+    def _cancel_retry(self) -> None:
+        timer, self._retry_timer = self._retry_timer, None
+        if timer is not None:
+            timer.cancel()
+        self._drop_attempt()
+
+    def _drop_attempt(self) -> None:
+        sock, self._retry_sock = self._retry_sock, None
+        if sock is not None:
+            self._loop.unregister(sock)
+            sock.close()
+
+    def _try_reconnect(self) -> None:
+        """One non-blocking connection attempt (loop thread).
+
+        Any failure of an attempt, at any step, closes its socket and schedules the
+        next one: a client with ``reconnect=True`` never stops trying.
+        """
+        self._retry_timer = None
+        if self.stopped:
+            return
+        sock: Optional[socket.socket] = None
         try:
             family, kind, proto, _, sockaddr = socket.getaddrinfo(
                 self.addr, self._port, type=socket.SOCK_STREAM
             )[0]
             sock = socket.socket(family, kind, proto)
+            sock.setblocking(False)
+            err = sock.connect_ex(sockaddr)
+            if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+                raise OSError(err, errno.errorcode.get(err, "connect failed"))
+            self._retry_sock = sock
+            self._loop.register(sock, selectors.EVENT_WRITE, lambda mask: self._connected(sock))
         except OSError as exc:
-            logger.info("%r: reconnect failed: %s", self, exc)
+            logger.debug("%r: reconnect attempt failed: %s", self, exc)
+            if sock is not None:
+                self._retry_sock = None
+                self._loop.unregister(sock)
+                sock.close()
             self._schedule_reconnect()
-            return
-        sock.setblocking(False)
-        err = sock.connect_ex(sockaddr)
-        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
-            sock.close()
-            self._schedule_reconnect()
-            return
-        self._retry = sock
-        self._loop.register(sock, selectors.EVENT_WRITE, lambda mask: self._connected(sock))
 
     def _connected(self, sock: socket.socket) -> None:
+        """The attempt's socket is writable: connected, or failed (loop thread)."""
         self._loop.unregister(sock)
-        self._retry = None
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err or self.stopped:
+        self._retry_sock = None
+        if self.stopped:
             sock.close()
-            if not self.stopped:
-                self._schedule_reconnect()
             return
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = self._new_connection(sock)
-        conn.attach()
-        conn.start_handshake_timer(self.handshake_timeout)
-        # Until it is ready, a failure of this connection must schedule the next try.
+        try:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, errno.errorcode.get(err, "connect failed"))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # May raise too (ENOTCONN: reset between the two calls; TLS set-up).
+            conn = self._new_connection(sock)
+        except OSError as exc:
+            logger.debug("%r: reconnect attempt failed: %s", self, exc)
+            sock.close()
+            self._schedule_reconnect()
+            return
+        # Until it is ready, a failure of this connection schedules the next try.
         self._pending = conn
+        conn.attach()
 
     def _connections(self) -> List[Connection]:
         return [self._conn] if self._conn is not None else []

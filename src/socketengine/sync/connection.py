@@ -1,37 +1,41 @@
-"""One peer connection in the threaded layer.
+"""One peer connection in the threaded layer: moves bytes for the connection engine.
+
+Every rule (states, closing, heartbeats, requests, the send queue) is the sans-I/O
+:class:`~socketengine.engine.ConnectionEngine`'s.  This module only owns the socket,
+the lock and the waiting:
 
 Threading model: the endpoint's loop thread does all reading, the handshake and the
 closing; any thread may write.  A write encodes in the caller's thread (so bad values
-raise there, before anything is queued), appends the frame to this connection's send
-queue and, when the link is idle, sends it at once from the caller's thread.  When
-the socket's buffer is full, the rest stays queued and the loop thread sends it as the
-socket drains; frames written meanwhile are coalesced into the same ``sendmsg`` call.
+raise there, before anything is queued), pushes the frame to the engine's send queue
+under this connection's lock and, when the link is idle, sends it at once from the
+caller's thread.  When the socket's buffer is full, the rest stays queued and the loop
+thread sends it as the socket drains; frames written meanwhile are coalesced into the
+same ``sendmsg`` call.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import selectors
 import socket
 import ssl
 import threading
 import time
-from collections import deque
-from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 from .. import frames
 from ..codec import Buffer
+from ..engine import ConnectionEngine, ConnState, Tick, describe_peer
 from ..errors import (
     ConnectionClosed,
     HandshakeError,
     ProtocolError,
-    RemoteError,
     SocketEngineError,
     WriteTimeout,
 )
-from ..images import EncodedImage, read_latest
+from ..peer import PeerView
 from ..protocol import Protocol
+from ..sendqueue import SendQueue
 from .delivery import Pausable, Waiter
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,8 +49,6 @@ _WRITE = selectors.EVENT_WRITE
 _IOV = 512
 # Reads per readiness event before the loop serves other sockets (fairness).
 _READS_PER_EVENT = 16
-
-DEFAULT_MAX_BUFFER = 256 * 1024 * 1024
 # Writes closer together than this (seconds) count as a burst: they are coalesced.
 _BURST_GAP = 50e-6
 _monotonic = time.monotonic
@@ -55,7 +57,7 @@ _TLS_JOIN = 64 * 1024
 
 
 class _Reply(Waiter):
-    """A request waiting for its reply (filled by the loop thread)."""
+    """A request waiting for its reply (a reply sink of the engine's request table)."""
 
     __slots__ = ("error",)
 
@@ -63,8 +65,14 @@ class _Reply(Waiter):
         super().__init__()
         self.error: Optional[BaseException] = None
 
-    def fail(self, error: BaseException) -> None:
-        self.error = error
+    def done(self) -> bool:
+        return self.event.is_set()
+
+    def set_result(self, result: Any) -> None:
+        self.set(result)
+
+    def set_exception(self, exception: BaseException) -> None:
+        self.error = exception
         self.event.set()
 
 
@@ -84,18 +92,7 @@ def _tls_payload(batch: List[Buffer]) -> Buffer:
     return b"".join(group)
 
 
-class _Slot:
-    """A queued image frame that a newer frame on the same channel may replace."""
-
-    __slots__ = ("channel", "parts", "nbytes")
-
-    def __init__(self, channel: str, parts: List[Buffer], nbytes: int) -> None:
-        self.channel = channel
-        self.parts = parts
-        self.nbytes = nbytes
-
-
-class Connection(Pausable):
+class Connection(PeerView, Pausable):
     """A connection to one peer.
 
     On a host these are the objects :meth:`Host.clients` returns.  Attributes:
@@ -103,7 +100,8 @@ class Connection(Pausable):
     * ``address`` -- the peer's ``(host, port)``;
     * ``name`` -- the name the client gave (``Client(name=...)``), or ``None``;
     * ``values`` -- the latest value received on each channel from this peer;
-    * ``connected_at`` -- ``time.time()`` when the connection was accepted;
+    * ``connected_at`` / ``closed_at`` -- ``time.time()`` of accept / close;
+    * ``error`` -- why the connection ended, if it ended badly;
     * ``socket`` -- the underlying socket, for inspection only (the I/O thread owns it).
     """
 
@@ -117,85 +115,55 @@ class Connection(Pausable):
         self._endpoint = endpoint
         self._loop = endpoint._loop
         self.socket = sock
-        self.protocol = protocol
         self.address = address
-        self.values: Dict[str, Any] = {}
-        self.connected_at = time.time()
-        self.closed_at: Optional[float] = None
-        self.error: Optional[BaseException] = None
+        engine = ConnectionEngine(
+            protocol,
+            peer=describe_peer(None, address),
+            max_buffer=endpoint.max_buffer,
+            heartbeat=endpoint.heartbeat,
+            handshake_timeout=endpoint.handshake_timeout,
+            now=_monotonic(),
+            on_image=endpoint._images.queue_hook,
+        )
+        self._init_peer(engine, endpoint._latest)
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)
-        self._queue: Deque[Any] = deque()  # frame parts and _Slot placeholders
-        self._queued = 0
         self._want_write = False
-        self._is_ready = False  # == ready.is_set(), without a call on the write path
         self._flush_scheduled = False
         self._flushing = False  # one flusher at a time; it owns the queue's head
         self._last_write = 0.0
         self._room_waiters = 0
-        self._max_buffer = endpoint.max_buffer
-        self._closing = False  # no more writes; BYE queued
-        self._closed = False
         self._shut_wr = False
-        self._bye_sent = False
-        self._eof = False  # the peer will send nothing more (BYE or FIN received)
         self._pauses = 0  # reasons to stop reading (full subscriptions, callback backlog)
         self._registered = False
         # TLS: the handshake runs non-blocking in the loop before anything else is sent.
         self._tls = isinstance(sock, ssl.SSLSocket)
         self._tls_pending = self._tls
         self._tls_want = _READ | _WRITE
-        self._requests: Dict[int, _Reply] = {}
-        self._slots: Dict[str, _Slot] = {}  # image frames still replaceable, by channel
-        self._encoded: Dict[str, EncodedImage] = {}  # newest JPEG/PNG file per channel
-        self._full_since: Optional[float] = None  # write_all: when max_buffer was first hit
-        self.last_recv = self.last_send = time.monotonic()
-        self.images_sent = 0
-        self.images_dropped = 0
-        self._request_ids = itertools.count(1)
         self.ready = threading.Event()  # handshake completed
         self.closed = threading.Event()  # socket closed
         self.settled = threading.Event()  # ready or closed, whichever came first
         self._timer: Any = None
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.messages_in = 0
-        self.messages_out = 0
 
     # -- public ---------------------------------------------------------------------
 
     @property
-    def name(self) -> Optional[str]:
-        return self.protocol.peer_name
-
-    @property
-    def session(self) -> int:
-        """The id the host gave this connection (unique per host)."""
-        return self.protocol.session
-
-    @property
     def is_open(self) -> bool:
         """True between the end of the handshake and the start of closing."""
-        return self.ready.is_set() and not self._closing and not self._closed
-
-    def get(self, channel: str, default: Any = None) -> Any:
-        """The latest value this peer sent on ``channel``, or ``default``.
-
-        An image sent compressed is returned decoded (a numpy array).
-        """
-        # Decoded once for this connection and the endpoint's latest value alike.
-        return read_latest(channel, default, self.values, self._endpoint._latest)
-
-    def get_jpeg(self, channel: str = "image") -> Optional[bytes]:
-        """The newest JPEG/PNG file this peer sent on ``channel``, still encoded."""
-        enc = self._encoded.get(channel)
-        return None if enc is None else enc.tobytes()
+        return self.engine.state is ConnState.OPEN
 
     def write(self, channel: str, data: Any) -> None:
         """Send ``data`` on ``channel`` to this peer only.  Thread-safe."""
-        parts, nbytes = frames.value_frame(frames.DATA, channel, data)
-        self.send_parts(parts, nbytes)
+        self.send_value(frames.value_item(channel, data))
         self.messages_out += 1
+
+    def send_value(self, encoded: Any, *, block: bool = True, defer: bool = False) -> None:
+        """Queue a value encoded by :func:`frames.value_item`: a BATCH item or a
+        DATA frame's ``(parts, size)``.  Thread-safe."""
+        if type(encoded) is bytes:
+            self.send_parts(encoded, len(encoded), block=block, defer=defer)
+        else:
+            self.send_parts(encoded[0], encoded[1], block=block, defer=defer)
 
     def write_image(
         self,
@@ -215,19 +183,6 @@ class Connection(Pausable):
         self.send_parts(parts, nbytes, image=channel)
         self.messages_out += 1
 
-    def stats(self) -> Dict[str, Any]:
-        """Counters of this connection (bytes and messages each way, images, queue)."""
-        return {
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "messages_in": self.messages_in,
-            "messages_out": self.messages_out,
-            "images_sent": self.images_sent,
-            "images_dropped": self.images_dropped,
-            "queued_bytes": self._queued,
-            "reading_paused": self.reading_paused,
-        }
-
     def request(self, channel: str, data: Any, timeout: Optional[float] = 5.0) -> Any:
         """Send ``data`` as a request on ``channel`` and return the peer's reply.
 
@@ -236,33 +191,22 @@ class Connection(Pausable):
         ``TimeoutError`` after ``timeout`` seconds (``None``: no limit), and
         :class:`ConnectionClosed` if the connection is lost first.  Thread-safe.
         """
-        rid = next(self._request_ids) & 0xFFFFFFFF or next(self._request_ids)
-        parts = frames.encode_value_frame(frames.REQUEST, channel, data, fid=rid)
         reply = _Reply()
-        self._requests[rid] = reply
+        requests = self.engine.requests
+        rid = requests.open(reply)
         try:
+            parts = frames.encode_value_frame(frames.REQUEST, channel, data, fid=rid)
             self.send_parts(parts)
+            self.messages_out += 1
             if not reply.event.wait(timeout):
                 raise TimeoutError(
                     f"no reply from {self._peer()} to a request on {channel!r} within {timeout} s"
                 )
         finally:
-            self._requests.pop(rid, None)
+            requests.cancel(rid)
         if reply.error is not None:
             raise reply.error
         return reply.item
-
-    def _on_reply(self, frame: frames.Frame) -> None:
-        """A REPLY or REPLY_ERROR arrived (loop thread)."""
-        reply = self._requests.get(frame.id)
-        if reply is None:
-            logger.debug("%s: late or unknown reply id %d ignored", self._endpoint, frame.id)
-            return
-        value = frame.value()
-        if frame.type == frames.REPLY:
-            reply.set(value)
-        else:
-            reply.fail(RemoteError(str(value)))
 
     # -- flow control (any thread) ---------------------------------------------------
 
@@ -283,33 +227,50 @@ class Connection(Pausable):
     def _pause(self, delta: int) -> None:
         self._pauses = max(0, self._pauses + delta)
         if not self._pauses:
-            self.last_recv = time.monotonic()  # silence while paused was ours, not theirs
+            self.engine.received(_monotonic())  # silence while paused was ours, not theirs
         self._update_interest()
-
-    def heartbeat(self, interval: float, now: float) -> None:
-        """Ping an idle link; drop a peer silent for three intervals (loop thread)."""
-        if self._closed or not self.ready.is_set():
-            return
-        if self._pauses or self._eof:
-            self.last_recv = now  # we are not reading: its silence proves nothing
-        elif now - self.last_recv > 3 * interval:
-            logger.warning(
-                "%s: %s sent nothing for %.1f s (heartbeat %.1f s): declaring it dead",
-                self._endpoint,
-                self._peer(),
-                now - self.last_recv,
-                interval,
-            )
-            self._lost(ConnectionClosed(f"{self._peer()} stopped answering heartbeats"))
-            return
-        if now - self.last_send >= interval and not self._bye_sent:
-            self.protocol.send_ping()
-            self._send_raw(self.protocol.data_to_send())
 
     @property
     def reading_paused(self) -> bool:
         """True while backpressure stops this connection from being read."""
         return self._pauses > 0
+
+    def heartbeat(self, now: float) -> None:
+        """The endpoint's periodic tick (loop thread)."""
+        self._act(self.engine.tick(now, self._pauses > 0), now)
+
+    def _act(self, verdict: Tick, now: float) -> None:
+        if verdict is Tick.NOTHING:
+            return
+        if verdict is Tick.PING:
+            self._send_raw(self.engine.ping(now))
+        elif verdict is Tick.DEAD:
+            logger.warning("%s: %s", self._endpoint, self.engine.error)
+            self._finish()
+        elif verdict is Tick.HANDSHAKE_TIMEOUT:
+            self._fail(self.engine.error or HandshakeError("handshake timeout"))
+        else:  # LINGER_OVER
+            self._finish()
+
+    def _on_deadline(self) -> None:
+        """The engine's next deadline passed (loop thread)."""
+        self._timer = None
+        now = _monotonic()
+        self._act(self.engine.tick(now, self._pauses > 0), now)
+        self._arm_deadline()
+
+    def _arm_deadline(self) -> None:
+        """Schedule a check at the engine's next deadline (handshake, linger)."""
+        if self.engine.closed:
+            return
+        deadline = self.engine.next_deadline()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            self._timer = self._loop.call_later(
+                max(0.0, deadline - _monotonic()), self._on_deadline
+            )
 
     def close(self, timeout: Optional[float] = None) -> None:
         """Close this connection gracefully: flush, say BYE, wait up to ``timeout`` s."""
@@ -319,15 +280,14 @@ class Connection(Pausable):
             self.closed.wait(linger + 1.0)
 
     def __repr__(self) -> str:
-        state = "open" if self.is_open else ("closed" if self._closed else "handshake")
         name = f" name={self.name!r}" if self.name else ""
-        return f"<Connection {self.address[0]}:{self.address[1]}{name} {state}>"
+        return f"<Connection {self.address[0]}:{self.address[1]}{name} {self.engine.state.value}>"
 
     # -- sending (any thread) -----------------------------------------------------------
 
     def send_parts(
         self,
-        parts: List[Buffer],
+        parts: Any,
         nbytes: Optional[int] = None,
         *,
         image: Optional[str] = None,
@@ -345,39 +305,27 @@ class Connection(Pausable):
             a slow consumer and raises :class:`WriteTimeout`.
         :param defer: leave the sending to the loop thread even on an idle link (a
             burst of broadcasts: one flush per connection instead of a syscall each).
+
+        ``parts`` may also be a BATCH item (``bytes``, see :func:`frames.value_item`).
         """
         if nbytes is None:
             nbytes = frames.frame_size(parts)
+        engine = self.engine
+        queue = self._queue
         with self._lock:
-            if self._closing or self._closed:
-                raise ConnectionClosed(f"connection to {self._peer()} is closed")
-            queued = self._queued
-            if image is not None:
-                slot = self._slots.get(image)
-                if slot is not None:  # the earlier frame never left: replace it
-                    self._queued = queued + nbytes - slot.nbytes
-                    slot.parts, slot.nbytes = parts, nbytes
-                    self.images_dropped += 1
-                    self._endpoint._image_dropped(image)
-                    return
-            if queued and queued + nbytes > self._max_buffer:
+            if engine.state is not ConnState.OPEN:
+                engine.check_writable()
+            if not queue.fits(nbytes) and not (image is not None and queue.waiting_image(image)):
                 if block:
                     self._wait_room(nbytes)
-                else:
-                    self._check_slow_consumer(nbytes)
-            queue = self._queue
-            if image is not None:
-                self.images_sent += 1
-                if queue:
-                    slot = self._slots[image] = _Slot(image, parts, nbytes)
-                    queue.append(slot)
-                    self._queued += nbytes
-                    return
-                self._endpoint._image_sent(image, nbytes)
-            queue.extend(parts)
-            self._queued += nbytes
-            if not self._is_ready or self._want_write:
-                return  # the loop thread sends it (after the handshake / when writable)
+                elif queue.slow_consumer(nbytes, _monotonic(), self._endpoint.timeout):
+                    self._drop_slow_consumer_locked()
+            if type(parts) is bytes:
+                queue.push_item(parts)
+            elif not queue.push(parts, nbytes, image):
+                return  # replaced a waiting image frame: it keeps that frame's turn
+            if self._want_write:
+                return  # the loop thread sends it when the socket drains
             # Coalescing: a write on an idle link goes out at once from this thread (no
             # thread hop, lowest latency); writes that follow it closely are left for one
             # flush on the loop thread, which sends the whole burst in a few syscalls.
@@ -396,37 +344,28 @@ class Connection(Pausable):
         """Send a burst of queued writes (loop thread)."""
         with self._lock:
             self._flush_scheduled = False
-            if not self._want_write and not self._closed:
+            if not self._want_write and not self.engine.closed:
                 self._flush_locked()
 
-    def mark_ready(self) -> None:
-        """The handshake is complete: writes may flow (loop thread)."""
-        self._is_ready = True
-        self.ready.set()
+    def _drop_slow_consumer_locked(self) -> None:
+        """A broadcast found this peer too far behind (lock held): drop it."""
+        queued = self._queue.queued
+        since = _monotonic() - self._queue.full_for
+        error = WriteTimeout(
+            f"{self._peer()} is a slow consumer: {queued} bytes unsent for {since:.1f} s "
+            f"(max_buffer={self._queue.max_buffer}); disconnecting it"
+        )
+        self.engine.fail(WriteTimeout(f"{self._peer()} was disconnected as a slow consumer"))
+        self._loop.call_soon(self._drop_slow_consumer, queued)
+        raise error
 
-    def _check_slow_consumer(self, nbytes: int) -> None:
-        """A broadcast found this peer's buffer full (lock held): tolerate it for
-        ``timeout`` seconds and up to twice ``max_buffer``, then drop the peer."""
-        now = time.monotonic()
-        if self._full_since is None:
-            self._full_since = now
-        limit = self._endpoint.max_buffer
-        if now - self._full_since > self._endpoint.timeout or self._queued + nbytes > 2 * limit:
-            self._closing = True
-            self._loop.call_soon(self._drop_slow_consumer)
-            raise WriteTimeout(
-                f"{self._peer()} is a slow consumer: {self._queued} bytes unsent for "
-                f"{now - self._full_since:.1f} s (max_buffer={limit}); disconnecting it"
-            )
-
-    def _drop_slow_consumer(self) -> None:
+    def _drop_slow_consumer(self, queued: int) -> None:
         logger.warning(
             "%s: disconnecting slow consumer %s (%d bytes unsent)",
             self._endpoint,
             self._peer(),
-            self._queued,
+            queued,
         )
-        self.error = WriteTimeout(f"{self._peer()} was disconnected as a slow consumer")
         self._finish()
 
     def flush(self, timeout: Optional[float] = None) -> None:
@@ -436,18 +375,19 @@ class Connection(Pausable):
         ``timeout``) and :class:`ConnectionClosed` if the connection closes first.
         """
         limit = self._endpoint.timeout if timeout is None else timeout
-        deadline = time.monotonic() + limit
+        deadline = _monotonic() + limit
         with self._lock:
             if self._queue and not self._want_write and not self._flushing:
-                if not self._flush_scheduled and not self._tls and self._is_ready:
+                if not self._flush_scheduled and not self._tls and self.ready.is_set():
                     self._flush_locked()
             while self._queue:
-                if self._closed:
+                if self.engine.closed:
                     raise ConnectionClosed(f"connection to {self._peer()} closed before flushing")
-                left = deadline - time.monotonic()
+                left = deadline - _monotonic()
                 if left <= 0:
                     raise WriteTimeout(
-                        f"{self._peer()} did not take {self._queued} queued bytes within {limit} s"
+                        f"{self._peer()} did not take {self._queue.queued} queued bytes "
+                        f"within {limit} s"
                     )
                 self._room_waiters += 1
                 try:
@@ -456,15 +396,16 @@ class Connection(Pausable):
                     self._room_waiters -= 1
 
     def _wait_room(self, nbytes: int) -> None:
-        deadline = time.monotonic() + self._endpoint.timeout
-        while self._queued and self._queued + nbytes > self._endpoint.max_buffer:
-            if self._closed or self._closing:
+        deadline = _monotonic() + self._endpoint.timeout
+        queue = self._queue
+        while not queue.fits(nbytes):
+            if self.engine.state is not ConnState.OPEN:
                 raise ConnectionClosed(f"connection to {self._peer()} closed while writing")
-            left = deadline - time.monotonic()
+            left = deadline - _monotonic()
             if left <= 0 or self._loop.in_thread():
                 raise WriteTimeout(
-                    f"{self._peer()} is not reading: {self._queued} bytes are already queued "
-                    f"(max_buffer={self._endpoint.max_buffer}); the write was not sent"
+                    f"{self._peer()} is not reading: {queue.queued} bytes are already queued "
+                    f"(max_buffer={queue.max_buffer}); the write was not sent"
                 )
             self._room_waiters += 1
             try:
@@ -472,19 +413,22 @@ class Connection(Pausable):
             finally:
                 self._room_waiters -= 1
 
+    def _absorb(self, outbox: SendQueue) -> None:
+        """Queue a reconnecting client's outbox first (loop thread, before ``ready``)."""
+        with self._lock:
+            self._queue.absorb(outbox)
+
     def _queue_parts(self, parts: List[Buffer]) -> None:
         """Queue a frame without sending it yet (loop thread, before ``ready``)."""
         with self._lock:
-            self._queue.extend(parts)
-            self._queued += frames.frame_size(parts)
+            self._queue.push(parts, frames.frame_size(parts))
 
     def _send_raw(self, data: bytes) -> None:
-        """Queue protocol bytes (handshake, pong, bye) from the loop thread."""
+        """Queue protocol bytes (handshake, ping, pong, bye) from the loop thread."""
+        if not data or self.engine.closed:
+            return
         with self._lock:
-            if self._bye_sent or self._closed:
-                return  # nothing may follow our BYE
-            self._queue.append(data)
-            self._queued += len(data)
+            self._queue.push([data], len(data))
             if not self._want_write:
                 self._flush_locked()
 
@@ -501,34 +445,35 @@ class Connection(Pausable):
             self._flush_batches()
         finally:
             self._flushing = False
-        if self._queued <= self._max_buffer:
-            self._full_since = None
         if not self._queue:
             if self._room_waiters:
                 self._drained.notify_all()
-            if self._eof:
+            engine = self.engine
+            if engine.peer_done:
                 self._loop.call_soon(self._finish)  # the peer is done, and so are we
-            elif self._bye_sent and not self._shut_wr:
+            elif engine.bye_sent and not self._shut_wr:
                 self._loop.call_soon(self._shutdown_write)
+        elif self._room_waiters:
+            self._drained.notify_all()
 
     def _flush_batches(self) -> None:
         queue = self._queue
+        engine = self.engine
         sock = self.socket
         lock = self._lock
-        while queue and not self._closed:
-            head = queue[0]
-            if type(head) is _Slot:
-                # An image frame's turn: from now on it is being sent, not replaceable.
-                queue.popleft()
-                del self._slots[head.channel]
-                queue.extendleft(reversed(head.parts))
-                self._endpoint._image_sent(head.channel, head.nbytes)
+        while not engine.closed:
+            if not queue.wire_pending:
+                entries = queue.take_inbox()
+                if not entries:
+                    return
+                # Framing (BATCH building) happens outside the lock: writers go on.
+                lock.release()
+                try:
+                    queue.to_wire(entries)
+                finally:
+                    lock.acquire()
                 continue
-            batch: List[Buffer] = []
-            for item in queue:
-                if type(item) is _Slot or len(batch) == _IOV:
-                    break
-                batch.append(item)
+            batch = queue.wire_batch(_IOV)
             error: Optional[OSError] = None
             lock.release()
             try:
@@ -537,7 +482,7 @@ class Connection(Pausable):
                     offered = len(payload)
                     sent = sock.send(payload)
                 else:
-                    # Every queued part is bytes or a byte-format memoryview: len() == size.
+                    # Every wire buffer is bytes or a byte-format memoryview: len() == size.
                     offered = sum(map(len, batch))
                     sent = sock.sendmsg(batch) if len(batch) > 1 else sock.send(batch[0])
             except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
@@ -546,32 +491,20 @@ class Connection(Pausable):
                 error = exc
             finally:
                 lock.acquire()
-            if self._closed:
+            if engine.closed:
                 return
             if error is not None:
                 # The reader side will see the failure too; close from the loop thread.
-                self.error = self.error or error
+                engine.lost(error)
                 queue.clear()
-                self._queued = 0
                 self._drained.notify_all()
                 self._loop.call_soon(self._lost, error)
                 return
             if sent:
                 self.bytes_out += sent
-                self._queued -= sent
-                self.last_send = time.monotonic()
-            full = sent < offered
-            # Drop what was sent; keep the unsent tail of a partly sent buffer.
-            while sent:
-                head = queue[0]
-                size = len(head)
-                if sent >= size:
-                    queue.popleft()
-                    sent -= size
-                else:
-                    queue[0] = memoryview(head).cast("B")[sent:]
-                    sent = 0
-            if full:
+                queue.consumed(sent)
+                engine.sent(_monotonic())
+            if sent < offered:
                 # The socket is full: let the loop thread finish when it drains.
                 if not self._want_write:
                     self._want_write = True
@@ -583,18 +516,14 @@ class Connection(Pausable):
 
     # -- loop thread ------------------------------------------------------------------
 
-    def _peer(self) -> str:
-        host, port = self.address[0], self.address[1]
-        return f"{self.name or 'peer'} at {host}:{port}"
-
     def _update_interest(self) -> None:
         """Tell the selector what to wait for (loop thread)."""
-        if self._closed:
+        if self.engine.closed:
             return
         if self._tls_pending:
             events = self._tls_want
         else:
-            events = (0 if self._pauses or self._eof else _READ) | (
+            events = (0 if self._pauses or self.engine.peer_done else _READ) | (
                 _WRITE if self._want_write else 0
             )
         try:
@@ -614,9 +543,8 @@ class Connection(Pausable):
         """Register with the loop and send the protocol's opening bytes (loop thread)."""
         self._loop.register(self.socket, _READ, self.on_event)
         self._registered = True
-        out = self.protocol.data_to_send()
-        if out:
-            self._send_raw(out)  # held back until the TLS handshake is done
+        self._send_raw(self.engine.control_bytes())  # held back until TLS is up
+        self._arm_deadline()
         if self._tls_pending:
             self._tls_step()
 
@@ -650,20 +578,22 @@ class Connection(Pausable):
 
     def on_event(self, mask: int) -> None:
         if self._tls_pending:
-            if not self._closed:
+            if not self.engine.closed:
                 self._tls_step()
             return
-        if mask & _WRITE and not self._closed:
+        if mask & _WRITE and not self.engine.closed:
             with self._lock:
                 self._want_write = False
                 self._flush_locked()
                 if not self._want_write:
                     self._update_interest()
-        if mask & _READ and not self._closed and not self._pauses and not self._eof:
-            self._on_readable()
+        if mask & _READ and not self.engine.closed and not self._pauses:
+            if not self.engine.peer_done:
+                self._on_readable()
 
     def _on_readable(self) -> None:
-        decoder = self.protocol.decoder
+        decoder = self.engine.protocol.decoder
+        engine = self.engine
         sock = self.socket
         for _ in range(_READS_PER_EVENT):
             buf = decoder.get_buffer()
@@ -681,7 +611,7 @@ class Connection(Pausable):
                 self._on_eof()
                 return
             self.bytes_in += n
-            self.last_recv = time.monotonic()
+            engine.received(_monotonic())
             try:
                 decoder.buffer_updated(n)
                 if decoder.frames:
@@ -689,23 +619,21 @@ class Connection(Pausable):
             except (ProtocolError, HandshakeError) as exc:
                 self._fail(exc)
                 return
-            if self._closed or self._pauses or self._eof:
+            if engine.closed or self._pauses or engine.peer_done:
                 return
             if n < size and not (self._tls and sock.pending()):  # type: ignore[attr-defined]
                 return
 
     def _process(self) -> None:
-        was_ready = self.ready.is_set()
+        engine = self.engine
+        was_open = engine.state is not ConnState.HANDSHAKE
         try:
-            events = self.protocol.events()
+            events = engine.events()
         finally:
-            out = self.protocol.data_to_send()
-            if out:
-                self._send_raw(out)
-        if not was_ready and self.protocol.is_open:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+            self._send_raw(engine.control_bytes())
+        if not was_open and engine.state is ConnState.OPEN:
+            self.engine.peer = self._peer()
+            self._arm_deadline()  # the handshake deadline no longer applies
             self._endpoint._on_ready(self)  # sets self.ready (host: after queuing retained values)
             self.settled.set()
             with self._lock:
@@ -714,33 +642,34 @@ class Connection(Pausable):
         if events:
             self._endpoint._dispatch(self, events)
 
-    def start_handshake_timer(self, seconds: float) -> None:
-        def expired() -> None:
-            if not self.ready.is_set() and not self._closed:
-                self._fail(
-                    HandshakeError(
-                        f"{self._peer()} did not complete the handshake within {seconds} s"
-                    )
-                )
+    def mark_ready(self) -> None:
+        """The handshake is complete: writes may flow (loop thread)."""
+        self.ready.set()
 
-        self._timer = self._loop.call_later(seconds, expired)
+    def _on_control(self, frame: frames.Frame) -> bool:
+        """A frame that is not DATA/REQUEST (loop thread); True: stop handling (BYE)."""
+        if not self.engine.control(frame):
+            return False
+        self._on_bye()
+        return True
 
     def _fail(self, exc: BaseException) -> None:
         """The peer broke the protocol: log, close (a REFUSE is already queued, if any)."""
         logger.warning("%s: closing connection to %s: %s", self._endpoint, self._peer(), exc)
-        self.error = exc
-        with self._lock:
-            if self._queue and not self._want_write:
-                self._flush_locked()  # best effort: tell the peer why
+        last = self.engine.fail(exc)
+        if last:
+            with self._lock:
+                self._queue.push([last], len(last))
+                if not self._want_write:
+                    self._flush_locked()  # best effort: tell the peer why
         self._finish()
 
     def _on_eof(self) -> None:
         """The peer closed its sending side (loop thread)."""
-        if not self.ready.is_set() or not self._closing:
+        if not self.engine.receive_eof():
             self._lost(None)  # no BYE either way: the peer went away
             return
         # A graceful close: flush what is still owed to the peer, then close.
-        self._eof = True
         with self._lock:
             done = not self._queue
         if done:
@@ -750,45 +679,49 @@ class Connection(Pausable):
 
     def _lost(self, exc: Optional[BaseException]) -> None:
         """The peer went away (EOF, reset)."""
-        if self._closed:
+        engine = self.engine
+        if engine.closed:
             return
-        if not self.ready.is_set() and self.error is None:
-            how = f"reset the connection ({exc})" if exc is not None else "closed the connection"
-            self.error = HandshakeError(
-                f"{self._peer()} {how} during the handshake: does it expect TLS "
-                "(tls=) or a token, or is it at its max_clients?"
-            )
-        elif exc is not None:
-            self.error = self.error or exc
+        was_open = engine.state is not ConnState.HANDSHAKE
+        engine.lost(exc)
+        if exc is not None and was_open:
             logger.info("%s: connection to %s lost: %s", self._endpoint, self._peer(), exc)
         self._finish()
+
+    def refuse(self, reason: str, code: str, linger: float) -> None:
+        """Refuse this connection in its handshake (host, loop thread): say why,
+        half-close, and read until the client hangs up (at most ``linger`` s)."""
+        logger.warning("%s: refused %s: %s", self._endpoint, self._peer(), reason)
+        out = self.engine.refuse(reason, code, _monotonic(), linger)
+        self._loop.register(self.socket, _READ, self.on_event)
+        self._registered = True
+        with self._lock:
+            self._queue.push([out], len(out))
+            self._flush_locked()
+        self._arm_deadline()
 
     def begin_close(self, linger: float) -> None:
         """Start a graceful close (loop thread): flush, BYE, half-close, await EOF.
 
         After ``linger`` seconds the socket is closed whatever is left unsent.
         """
-        if self._closed:
+        engine = self.engine
+        if engine.closed or engine.bye_sent:
             return
+        opened = engine.state is ConnState.OPEN or engine.bye_received
+        bye = engine.send_bye(_monotonic(), linger)
         with self._lock:
-            if self._bye_sent:
-                return
-            self._closing = True
-            self._bye_sent = True
-            if self.ready.is_set():
-                self._queue.append(b"".join(frames.encode_frame(frames.BYE)))
+            if opened and bye:
+                self._queue.push([bye], len(bye))
                 if not self._want_write:
                     self._flush_locked()
             else:
                 self._queue.clear()
-                self._queued = 0
                 self._loop.call_soon(self._shutdown_write)
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_later(max(linger, 0.0), self._finish)
+        self._arm_deadline()
 
     def _shutdown_write(self) -> None:
-        if self._closed or self._shut_wr:
+        if self.engine.closed or self._shut_wr:
             return
         self._shut_wr = True
         if self._tls:
@@ -800,9 +733,7 @@ class Connection(Pausable):
 
     def _on_bye(self) -> None:
         """The peer said BYE: it sends nothing more.  Flush what we owe it, then close."""
-        self._eof = True
         with self._lock:
-            self._closing = True  # no new writes
             done = not self._queue
         if done:
             self._loop.call_soon(self._finish)
@@ -813,14 +744,11 @@ class Connection(Pausable):
 
     def _finish(self) -> None:
         """Close the socket and tell the endpoint (loop thread, idempotent)."""
-        if self._closed:
+        engine = self.engine
+        if engine.closed:
             return
         with self._lock:
-            self._closed = True
-            self._closing = True
-            self._queue.clear()
-            self._slots.clear()
-            self._queued = 0
+            engine.finish()
             self._drained.notify_all()
         if self._timer is not None:
             self._timer.cancel()
@@ -833,10 +761,6 @@ class Connection(Pausable):
         except OSError:  # pragma: no cover
             pass
         self.closed_at = time.time()
-        for reply in list(self._requests.values()):
-            reply.fail(
-                ConnectionClosed(f"the connection to {self._peer()} closed before it replied")
-            )
         self.closed.set()
         self.settled.set()
         try:

@@ -18,6 +18,10 @@ import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
 
+from ..errors import EndpointClosed
+from ..limits import CALLBACK_BACKLOG, check_maxsize
+from ..state import SubscriptionBuffer
+
 logger = logging.getLogger("socketengine")
 
 Task = Tuple[Callable[..., Any], Tuple[Any, ...]]
@@ -42,7 +46,7 @@ class Dispatcher:
         being read; reading resumes when half of them have run.
     """
 
-    def __init__(self, name: str, workers: int = 4, pause_at: int = 10_000) -> None:
+    def __init__(self, name: str, workers: int = 4, pause_at: int = CALLBACK_BACKLOG) -> None:
         self.name = name
         self.max_workers = workers
         self.pause_at = pause_at
@@ -80,10 +84,6 @@ class Dispatcher:
                     )
                     self._threads.append(t)
                     t.start()
-
-    def pending(self, key: Any) -> int:
-        queue = self._queues.get(key)
-        return len(queue) if queue else 0
 
     def _work(self) -> None:
         cond = self._cond
@@ -173,60 +173,48 @@ class Subscription:
         on_close: Callable[[Subscription], None],
         convert: Optional[Callable[[Any], Any]] = None,
     ):
-        if maxsize < 1:
-            raise ValueError("maxsize must be at least 1")
+        check_maxsize(maxsize)
         self.channel = channel
         self.maxsize = maxsize
-        self._items: Deque[Any] = deque()
+        self._buffer: SubscriptionBuffer[Any] = SubscriptionBuffer(maxsize)
         self._cond = threading.Condition()
-        self._paused: Set[Pausable] = set()
-        self._closed = False
         self._on_close = on_close
         self._convert = convert  # applied in the reader's thread (e.g. image decoding)
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._buffer.closed
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._buffer)
 
     def put(self, item: Any, source: Pausable) -> None:
         """Add an item (loop thread); pause ``source`` if this makes the queue full."""
         with self._cond:
-            if self._closed:
-                return
-            self._items.append(item)
-            if len(self._items) >= self.maxsize and source not in self._paused:
-                self._paused.add(source)
+            if self._buffer.put(item, source):
                 source.pause_reading()
             self._cond.notify()
 
     def get(self, timeout: Optional[float] = None) -> Any:
         """The next item; raises ``TimeoutError`` after ``timeout`` s, or
         :class:`~socketengine.EndpointClosed` once closed and empty."""
-        from ..errors import EndpointClosed
-
+        buffer = self._buffer
         with self._cond:
-            if not self._items:
+            if not buffer.items:
                 deadline = None if timeout is None else time.monotonic() + timeout
-                while not self._items:
-                    if self._closed:
+                while not buffer.items:
+                    if buffer.closed:
                         raise EndpointClosed(f"subscription to {self.channel!r} is closed")
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         raise TimeoutError(f"no message on {self.channel!r} within {timeout} s")
                     self._cond.wait(left)
-            item = self._items.popleft()
-            if self._paused and len(self._items) <= self.maxsize // 2:
-                for source in self._paused:
-                    source.resume_reading()
-                self._paused.clear()
+            item, released = buffer.take()
+        for source in released:
+            source.resume_reading()
         return item if self._convert is None else self._convert(item)
 
     def __iter__(self) -> Iterator[Any]:
-        from ..errors import EndpointClosed
-
         while True:
             try:
                 yield self.get()
@@ -236,13 +224,12 @@ class Subscription:
     def close(self) -> None:
         """Stop receiving; iteration ends once the items already queued are read."""
         with self._cond:
-            if self._closed:
+            if self._buffer.closed:
                 return
-            self._closed = True
-            for source in self._paused:
-                source.resume_reading()
-            self._paused.clear()
+            released = self._buffer.close()
             self._cond.notify_all()
+        for source in released:
+            source.resume_reading()
         self._on_close(self)
 
     def __enter__(self) -> Subscription:
@@ -252,5 +239,5 @@ class Subscription:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
-        return f"<Subscription {self.channel!r} {state} queued={len(self._items)}>"
+        state = "closed" if self.closed else "open"
+        return f"<Subscription {self.channel!r} {state} queued={len(self)}>"

@@ -12,9 +12,11 @@ from msgpack import unpackb
 
 from .. import frames, images
 from ..codec import plain_ext_hook
+from ..endpoint import EndpointBase
 from ..errors import EndpointClosed, SocketEngineError
-from ..frames import DATA, FLAG_IMAGE, Frame
-from ..protocol import token_bytes
+from ..frames import BATCH, DATA, FLAG_IMAGE, Frame
+from ..limits import DEFAULT_SUBSCRIPTION_SIZE, MIN_READ_SIZE, check_timeout
+from ..requests import no_handler, reply_frame
 from .connection import Connection
 from .delivery import Dispatcher, Subscription, Waiter
 from .loop import Loop
@@ -23,14 +25,9 @@ logger = logging.getLogger("socketengine")
 
 _E = TypeVar("_E", bound="Endpoint")
 
-#: Read size floor, bytes: the seed's 256-byte reads would cripple throughput.
-MIN_READ_SIZE = 64 * 1024
 
-
-class Endpoint:
+class Endpoint(EndpointBase):
     """Base of :class:`Host` and :class:`Client` (not used directly)."""
-
-    _kind = "endpoint"
 
     def __init__(
         self,
@@ -42,28 +39,26 @@ class Endpoint:
         token: Union[str, bytes, None],
         max_message: int,
         max_buffer: int,
-        heartbeat: Optional[float] = 5.0,
-        tls: Optional[ssl.SSLContext] = None,
-        image_codec: str = "raw",
-        image_quality: int = 90,
+        handshake_timeout: float,
+        heartbeat: Optional[float],
+        tls: Optional[ssl.SSLContext],
+        image_codec: str,
+        image_quality: int,
     ) -> None:
-        if not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ValueError(f"port must be an int from 0 to 65535, not {port!r}")
-        if max_message < 1024:
-            raise ValueError("max_message must be at least 1024 bytes")
-        self.addr = addr
-        self._port = port
-        self.timeout = float(timeout)
+        self._init_endpoint(
+            addr,
+            port=port,
+            timeout=timeout,
+            token=token,
+            max_message=max_message,
+            max_buffer=max_buffer,
+            handshake_timeout=handshake_timeout,
+            heartbeat=heartbeat,
+            tls=tls,
+            image_codec=image_codec,
+            image_quality=image_quality,
+        )
         self.size = int(size)
-        self.max_message = int(max_message)
-        self.max_buffer = int(max_buffer)
-        if heartbeat is not None and heartbeat <= 0:
-            raise ValueError("heartbeat must be a positive number of seconds, or None")
-        self.heartbeat = heartbeat
-        if tls is not None and not isinstance(tls, ssl.SSLContext):
-            raise TypeError(f"tls must be an ssl.SSLContext, not {type(tls).__qualname__}")
-        self.tls = tls
-        self._token = token_bytes(token)
         self._loop = Loop(f"socketengine-{self._kind}")
         self._dispatcher = Dispatcher(f"socketengine-{self._kind}")
         # Registrations are replaced, never mutated, so the loop thread reads them
@@ -73,15 +68,7 @@ class Endpoint:
         self._subs: Dict[str, List[Subscription]] = {}
         self._waiters: Dict[str, List[Waiter]] = {}
         self._any: List[Callable[..., Any]] = []  # on_message() hooks
-        # The latest value per channel from any peer (the per-peer ones are conn.values).
-        self._latest: Dict[str, Any] = {}
-        self.image_codec = images._check_codec(image_codec)
-        self.image_quality = images._check_quality(image_quality)
-        self._images = images.ImageLedger()
         self._state_lock = threading.Lock()
-        self.opened = False
-        self.stopped = False
-        self.started = False
 
     # -- seed-compatible lifecycle --------------------------------------------------------
 
@@ -93,9 +80,7 @@ class Endpoint:
     def set_timeout(self, time: float) -> None:
         """Set the timeout in seconds for blocking calls (connect attempts, full send
         buffers, the linger of ``close()``)."""
-        if time is None or time < 0:
-            raise ValueError("timeout must be a number of seconds >= 0")
-        self.timeout = float(time)
+        self.timeout = check_timeout(time)
 
     def start(self: _E) -> _E:
         """Open the endpoint if it is not open yet; return it (so calls can chain).
@@ -106,7 +91,6 @@ class Endpoint:
         self._check_not_closed()
         if not self.opened:
             self.open()  # type: ignore[attr-defined]
-        self.started = True
         return self
 
     def __enter__(self: _E) -> _E:
@@ -117,10 +101,6 @@ class Endpoint:
     def __exit__(self, *exc: Any) -> None:
         self.close()  # type: ignore[attr-defined]
 
-    def _check_not_closed(self) -> None:
-        if self.stopped:
-            raise EndpointClosed(f"{self!r} is closed; create a new {self._kind}")
-
     def _check_open(self) -> None:
         if self.stopped:
             raise EndpointClosed(f"cannot write: {self!r} is closed; create a new {self._kind}")
@@ -129,60 +109,15 @@ class Endpoint:
 
     # -- images ---------------------------------------------------------------------------
 
-    @staticmethod
-    def _check_image(img: Any) -> Any:
-        """Validate a raw image: a 2-D (gray) or 3-D (H, W, 1|3|4 channels) numpy array."""
-        images.validate(img, "raw")
-        return img
-
     def _image_frame(
         self, img: Any, channel: str, codec: Optional[str], quality: Optional[int]
     ) -> Tuple[List[Any], int]:
         """Validate, encode (in the caller's thread) and frame an image, once."""
-        codec = images.validate(img, self.image_codec if codec is None else codec)
-        value = images.prepare(img, codec, self.image_quality if quality is None else quality)
+        name, level = self._image_settings(img, codec, quality)
+        value = images.prepare(img, name, level)
         parts, nbytes = frames.value_frame(frames.DATA, channel, value, frames.FLAG_IMAGE)
-        self._images.written(channel, codec)
+        self._images.written(channel, name)
         return parts, nbytes
-
-    def _image_sent(self, channel: str, nbytes: int) -> None:
-        """A frame of an image channel went to a socket (any thread)."""
-        self._images.transmitted(channel, nbytes)
-
-    def _image_dropped(self, channel: str) -> None:
-        """A queued frame was replaced by a newer one before it was sent (conflation)."""
-        self._images.replaced(channel)
-
-    def _image_arrived(self, conn: Connection, channel: str, value: Any) -> None:
-        """An image frame was received (loop thread)."""
-        encoded = self._images.arrived(channel, value)
-        if encoded is not None:
-            conn._encoded[channel] = encoded
-
-    def _read(self, table: Dict[str, Any], channel: str, default: Any) -> Any:
-        """``table[channel]`` for the user: an encoded image is decoded (and cached)."""
-        if channel in self._images.unread:
-            self._images.read(channel)
-        return images.read_latest(channel, default, table)
-
-    def get_jpeg(self, channel: str = "image") -> Optional[bytes]:
-        """The newest JPEG/PNG file received on ``channel``, still encoded, or ``None``.
-
-        For saving or forwarding frames without decoding them (only frames that were
-        sent with ``codec="jpeg"`` or ``"png"``; raw frames have no file).
-        """
-        return self._images.get_jpeg(channel)
-
-    def stats(self) -> Dict[str, Any]:
-        """Counters: per image channel, what was sent and received.
-
-        ``{"images": {"sent": {channel: s}, "received": {channel: s}}}`` where each ``s``
-        has ``frames`` (written / arrived), ``delivered`` (handed to a socket / to the
-        user), ``dropped`` (replaced by a newer frame before that: conflation),
-        ``pending``, ``bytes``, ``fps`` (over the last 2 s) and ``codec``.  On a host the
-        sent counts add up over clients.
-        """
-        return {"images": self._images.snapshot()}
 
     # -- delivery: callbacks, wait, subscribe -------------------------------------------
 
@@ -273,7 +208,7 @@ class Endpoint:
             raise EndpointClosed(f"{self!r} closed while waiting on {channel!r}")
         return _user_item(waiter.item)
 
-    def subscribe(self, channel: str, maxsize: int = 10_000) -> Subscription:
+    def subscribe(self, channel: str, maxsize: int = DEFAULT_SUBSCRIPTION_SIZE) -> Subscription:
         """Receive **every** message on ``channel``, in order, from now on.
 
         Returns a :class:`Subscription`: iterate it or call ``get(timeout)``; on a host
@@ -332,30 +267,26 @@ class Endpoint:
     def _answer(self, conn: Connection, channel: str, rid: int, value: Any) -> None:
         """Run the request handler on a callback thread and send its reply."""
         callbacks = self._callbacks.get(channel)
-        ftype, reply = frames.REPLY, None
+        result: Any = None
+        error: Union[BaseException, str, None] = None
         if not callbacks:
-            ftype = frames.REPLY_ERROR
-            reply = f"no handler for requests on channel {channel!r}"
+            error = no_handler(channel)
         else:
             try:
-                reply = self._call_handler(callbacks[0], value, conn)
+                result = self._call_handler(callbacks[0], value, conn)
             except Exception as exc:
-                ftype, reply = frames.REPLY_ERROR, f"{type(exc).__name__}: {exc}"
+                error = exc
             for fn in callbacks[1:]:
                 try:
                     self._call_handler(fn, value, conn)
                 except Exception:
                     logger.exception("%r: callback %r raised (ignored)", self, fn)
+        parts, size, text = reply_frame(channel, rid, result, error)
         try:
-            parts = frames.encode_value_frame(ftype, channel, reply, fid=rid)
-        except (TypeError, ValueError) as exc:
-            parts = frames.encode_value_frame(
-                frames.REPLY_ERROR, channel, f"the reply could not be sent: {exc}", fid=rid
-            )
-        try:
-            conn.send_parts(parts)
+            conn.send_parts(parts, size)
         except (ConnectionError, SocketEngineError) as exc:
             logger.info("%r: reply to %r not sent: %s", self, conn, exc)
+        self._requested(conn, channel, value, None if text is not None else result, text)
 
     def _release_waiters(self) -> None:
         """Wake every wait() and end every subscription (endpoint closing)."""
@@ -383,7 +314,7 @@ class Endpoint:
         def tick() -> None:
             now = time.monotonic()
             for conn in self._connections():
-                conn.heartbeat(interval, now)
+                conn.heartbeat(now)
             self._loop.call_later(interval / 2, tick)
 
         self._loop.call_later(interval / 2, tick)
@@ -404,6 +335,8 @@ class Endpoint:
         watched = self._callbacks or self._subs or self._waiters or self._any
         latest = self._latest
         values = conn.values
+        stamps = conn.received_at
+        now = time.time()
         count = 0
         for frame in events:
             t, _, channel, _, meta, data = frame
@@ -422,8 +355,28 @@ class Endpoint:
                 count += 1
                 values[channel] = value
                 latest[channel] = value
+                stamps[channel] = now
                 if watched:
                     self._deliver(conn, channel, value)
+                continue
+            if t == BATCH:
+                items = frame.items()
+                count += len(items) // 2
+                if watched:
+                    for i in range(0, len(items), 2):
+                        channel = items[i]
+                        value = items[i + 1]
+                        values[channel] = value
+                        latest[channel] = value
+                        stamps[channel] = now
+                        self._deliver(conn, channel, value)
+                else:
+                    # Nobody waits on anything: store in bulk (the last value of each
+                    # channel wins, as if the items were stored one by one).
+                    pairs = dict(zip(items[0::2], items[1::2]))
+                    values.update(pairs)
+                    latest.update(pairs)
+                    stamps.update(dict.fromkeys(pairs, now))
                 continue
             conn.messages_in += count
             count = 0
@@ -431,13 +384,8 @@ class Endpoint:
                 value = frame.value()
                 conn.messages_in += 1
                 self._dispatcher.submit(conn, self._answer, conn, frame.channel, frame.id, value)
-            elif t == frames.REPLY or t == frames.REPLY_ERROR:
-                conn._on_reply(frame)
-            elif t == frames.BYE:
-                conn._on_bye()
-                return
-            else:
-                logger.debug("%r: ignoring frame type 0x%02x", self, t)
+            elif conn._on_control(frame):
+                return  # BYE: the peer sends nothing after it
         conn.messages_in += count
 
 

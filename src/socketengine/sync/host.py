@@ -9,15 +9,25 @@ import socket
 import ssl
 import threading
 import time
-from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Union
 
 from .. import frames, images
 from ..compat import HostSeedNames
 from ..errors import SocketEngineError
+from ..limits import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_HEARTBEAT,
+    DEFAULT_KEEP_DEPARTED,
+    DEFAULT_MAX_BUFFER,
+    DEFAULT_MAX_CLIENTS,
+    DEFAULT_MAX_MESSAGE,
+    check_host_limits,
+)
 from ..net import listen
 from ..protocol import Protocol, Role
-from .connection import DEFAULT_MAX_BUFFER, Connection
+from ..sendqueue import Outgoing
+from ..state import Admission, Departed, RetainedValues
+from .connection import Connection
 from .endpoint import Endpoint
 
 logger = logging.getLogger("socketengine")
@@ -57,6 +67,8 @@ class Host(HostSeedNames, Endpoint):
     :param monitor: serve the live browser monitor on this port (``0``: any free one;
         ``None``: no monitor); its address is ``host.monitor.url``.
     :param monitor_addr: the monitor's address (loopback by default).
+    :param monitor_bgr: the monitor shows raw 3-channel frames as BGR (OpenCV's order)
+        rather than RGB.
     :param keep_departed: how many disconnected clients' latest values
         :meth:`get_all` keeps reporting (oldest forgotten first).
     """
@@ -71,19 +83,20 @@ class Host(HostSeedNames, Endpoint):
         size: int = 256,
         open: bool = True,
         *,
-        max_clients: int = 1024,
-        max_message: int = frames.DEFAULT_MAX_MESSAGE,
+        max_clients: int = DEFAULT_MAX_CLIENTS,
+        max_message: int = DEFAULT_MAX_MESSAGE,
         max_buffer: int = DEFAULT_MAX_BUFFER,
         token: Union[str, bytes, None] = None,
-        handshake_timeout: float = 10.0,
-        keep_departed: int = 64,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        keep_departed: int = DEFAULT_KEEP_DEPARTED,
         backlog: int = 128,
-        heartbeat: Optional[float] = 5.0,
+        heartbeat: Optional[float] = DEFAULT_HEARTBEAT,
         tls: Optional[ssl.SSLContext] = None,
         image_codec: str = "raw",
         image_quality: int = 90,
         monitor: Optional[int] = None,
         monitor_addr: str = "127.0.0.1",
+        monitor_bgr: bool = False,
     ) -> None:
         super().__init__(
             addr,
@@ -93,13 +106,14 @@ class Host(HostSeedNames, Endpoint):
             token=token,
             max_message=max_message,
             max_buffer=max_buffer,
+            handshake_timeout=handshake_timeout,
             heartbeat=heartbeat,
             tls=tls,
             image_codec=image_codec,
             image_quality=image_quality,
         )
+        check_host_limits(max_clients, keep_departed, backlog)
         self.max_clients = max_clients
-        self.handshake_timeout = handshake_timeout
         self.keep_departed = keep_departed
         self.backlog = backlog
         self._listener: Optional[socket.socket] = None
@@ -107,16 +121,14 @@ class Host(HostSeedNames, Endpoint):
         # Every accepted connection, in accept order, until it departs.
         self._conns: Dict[int, Connection] = {}
         # Departed clients whose values get_all() still reports (bounded, FIFO).
-        self._departed: OrderedDict[int, Connection] = OrderedDict()
-        self._retained: Dict[str, List[Any]] = {}
+        self._departed: Departed[int, Connection] = Departed(keep_departed)
+        self._admission = Admission(max_clients)
+        self._retained = RetainedValues()
         self._retain_lock = threading.Lock()
         self._last_broadcast = 0.0
         self._on_connect: List[Callable[[Connection], Any]] = []
         self._on_disconnect: List[Callable[[Connection], Any]] = []
-        self._monitor_port = monitor
-        self._monitor_addr = monitor_addr
-        #: The browser monitor (``.url``, ``.port``) when ``monitor=`` was given, once open.
-        self.monitor: Optional[Any] = None
+        self._init_monitor(monitor, monitor_addr, monitor_bgr)
         if open:
             self.open()
 
@@ -138,22 +150,12 @@ class Host(HostSeedNames, Endpoint):
             self._loop.start()
             self.opened = True
         logger.info("%r: listening", self)
-        if self._monitor_port is not None and self.monitor is None:
-            from ..monitor import Monitor  # imported only when asked for
-
-            try:
-                self.monitor = Monitor(
-                    self, port=self._monitor_port, addr=self._monitor_addr
-                ).start()
-            except BaseException:
-                self.close()
-                raise
+        try:
+            self._start_monitor()
+        except BaseException:
+            self.close()
+            raise
         return self
-
-    @property
-    def port(self) -> int:
-        """The TCP port (the real one once open, when constructed with ``port=0``)."""
-        return self._port
 
     def close(self) -> None:
         """Close every client connection gracefully (flush, BYE; up to ``timeout`` s),
@@ -164,9 +166,7 @@ class Host(HostSeedNames, Endpoint):
             self.stopped = True
             was_open = self.opened
             self.opened = False
-        monitor, self.monitor = self.monitor, None
-        if monitor is not None:
-            monitor.close()
+        self._stop_monitor()
         if not was_open:
             self._loop.stop()
             self._release_waiters()
@@ -219,7 +219,7 @@ class Host(HostSeedNames, Endpoint):
         (the most recently departed), so a client that writes and closes at once is
         still seen.  ``[]`` when no client sent on ``channel``.
         """
-        sessions = list(self._conns.items()) + list(self._departed.items())
+        sessions = list(self._conns.items()) + self._departed.items()
         sessions.sort(key=lambda item: item[0])
         out = []
         for _, conn in sessions:
@@ -242,22 +242,20 @@ class Host(HostSeedNames, Endpoint):
         configuration and state).  Thread-safe.
         """
         self._check_open()
-        parts, nbytes = frames.value_frame(frames.DATA, channel, data)
         if not retain:
-            return self._send_all(parts, nbytes)
-        head = parts[0]
-        replay = [bytes((head[0], frames.FLAG_RETAINED)) + head[2:], *parts[1:]]
+            encoded = frames.value_item(channel, data)
+            if type(encoded) is bytes:
+                return self._send_all(encoded, len(encoded))
+            return self._send_all(*encoded)
+        parts, nbytes = frames.value_frame(frames.DATA, channel, data)
         with self._retain_lock:  # see _on_ready: no client misses or reorders it
-            self._retained[channel] = replay
+            self._retained.retain(channel, parts)
             return self._send_all(parts, nbytes)
 
     def clear_retained(self, channel: Optional[str] = None) -> None:
         """Forget the retained value of ``channel`` (``None``: of every channel)."""
         with self._retain_lock:
-            if channel is None:
-                self._retained.clear()
-            else:
-                self._retained.pop(channel, None)
+            self._retained.clear(channel)
 
     def write_image_all(
         self,
@@ -276,7 +274,7 @@ class Host(HostSeedNames, Endpoint):
         parts, nbytes = self._image_frame(img, channel, codec, quality)
         return self._send_all(parts, nbytes, image=channel)
 
-    def _send_all(self, parts: List[Any], nbytes: int, image: Optional[str] = None) -> int:
+    def _send_all(self, parts: Outgoing, nbytes: int, image: Optional[str] = None) -> int:
         """Queue one encoded frame for every client; a slow client never blocks this."""
         sent = 0
         clients = self.clients()
@@ -360,21 +358,17 @@ class Host(HostSeedNames, Endpoint):
                 Role.HOST,
                 token=self._token,
                 max_message=self.max_message,
+                heartbeat=self.heartbeat,
                 read_size=self.read_size,
                 session=next(self._sessions),
             )
             conn = Connection(self, sock, protocol, address)
-            if len(self._conns) >= self.max_clients:
-                # Say why, then close gracefully (reading until the client hangs up), so
-                # the REFUSE is not lost to a TCP reset.
-                logger.warning("%r: refused %s:%s: max_clients reached", self, *address[:2])
-                protocol.refuse(f"the host is full (max_clients={self.max_clients})", "full")
-                conn.attach()
-                conn.begin_close(min(self.timeout, 2.0))
+            refusal = self._admission.refusal(len(self._conns))
+            if refusal is not None:
+                conn.refuse(*refusal, linger=min(self.timeout, 2.0))
                 continue
             self._conns[protocol.session] = conn
             conn.attach()
-            conn.start_handshake_timer(self.handshake_timeout)
 
     def stats(self) -> Dict[str, Any]:
         """Image counters (see :meth:`Endpoint.stats`) plus ``"clients"``: each connected
@@ -393,17 +387,13 @@ class Host(HostSeedNames, Endpoint):
         # under the same lock write_all(retain=True) holds: a value retained meanwhile is
         # either in this replay or written to the (now visible) connection after it.
         with self._retain_lock:
-            for parts in self._retained.values():
-                conn._queue_parts(parts)
+            for frame in self._retained.replay():
+                conn._queue_parts([frame])
             conn.mark_ready()
         logger.info("%r: client %r connected", self, conn)
         if self._on_connect:
             self._dispatcher.submit(conn, self._notify, self._on_connect, conn)
-        if conn.name is not None:
-            # A named client that reconnects replaces its departed record.
-            for session, old in list(self._departed.items()):
-                if old.name == conn.name:
-                    del self._departed[session]
+        self._departed.forget_named(conn.name)  # a named client that reconnects
 
     def _on_closed(self, conn: Connection) -> None:
         self._conns.pop(conn.session, None)
@@ -412,10 +402,8 @@ class Host(HostSeedNames, Endpoint):
         logger.info("%r: client %r disconnected", self, conn)
         if self._on_disconnect:
             self._dispatcher.submit(conn, self._notify, self._on_disconnect, conn)
-        if conn.values and self.keep_departed > 0:
-            self._departed[conn.session] = conn
-            while len(self._departed) > self.keep_departed:
-                self._departed.popitem(last=False)
+        if conn.values:
+            self._departed.add(conn.session, conn)
 
     def __repr__(self) -> str:
         state = "closed" if self.stopped else ("open" if self.opened else "not open")

@@ -1,0 +1,170 @@
+"""What every endpoint has, whichever its I/O layer: validated settings, the latest
+value per channel, image bookkeeping and stats.
+
+``socketengine.Host``/``Client`` (threaded) and ``socketengine.aio.Host``/``Client``
+build on :class:`EndpointBase`; they add only threads or tasks, and how callers wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import Any, Callable, Dict, Optional, Tuple, TypeVar, Union
+
+from . import images
+from .errors import EndpointClosed
+from .limits import check_settings
+from .peer import PeerView
+
+__all__ = ["EndpointBase"]
+
+logger = logging.getLogger("socketengine")
+
+#: ``fn(conn, channel, value, reply, error)``, see :meth:`EndpointBase.on_request`.
+RequestHook = Callable[[Any, str, Any, Any, Optional[str]], Any]
+_H = TypeVar("_H", bound=RequestHook)
+
+
+class EndpointBase:
+    """The layer-independent half of an endpoint (not used directly)."""
+
+    _kind = "endpoint"
+
+    def _init_endpoint(
+        self,
+        addr: str,
+        *,
+        port: int,
+        timeout: float,
+        token: Union[str, bytes, None],
+        max_message: int,
+        max_buffer: int,
+        handshake_timeout: float,
+        heartbeat: Optional[float],
+        tls: Optional[ssl.SSLContext],
+        image_codec: str,
+        image_quality: int,
+    ) -> None:
+        settings = check_settings(
+            port=port,
+            timeout=timeout,
+            max_message=max_message,
+            max_buffer=max_buffer,
+            handshake_timeout=handshake_timeout,
+            heartbeat=heartbeat,
+            tls=tls,
+            token=token,
+        )
+        self.addr = addr
+        self._port = settings.port
+        self.timeout = settings.timeout
+        self.max_message = settings.max_message
+        self.max_buffer = settings.max_buffer
+        self.handshake_timeout = settings.handshake_timeout
+        self.heartbeat = settings.heartbeat
+        self.tls = settings.tls
+        self._token = settings.token
+        self.image_codec = images._check_codec(image_codec)
+        self.image_quality = images._check_quality(image_quality)
+        self._images = images.ImageLedger()
+        # The latest value per channel from any peer (per peer: conn.values).
+        self._latest: Dict[str, Any] = {}
+        self.opened = False
+        self.stopped = False
+        self._request_hooks: Tuple[RequestHook, ...] = ()
+
+    def on_request(self, fn: _H) -> _H:
+        """Call ``fn(conn, channel, value, reply, error)`` after every request this
+        endpoint answered (usable as a decorator): ``reply`` is what was sent, or
+        ``error`` the REPLY_ERROR text (no handler, the handler raised, the reply could
+        not be encoded).  For logs and tools (``socketengine host`` prints requests
+        with it).  Runs where the reply was made (a callback thread / the event loop);
+        an exception in it is logged and changes nothing else."""
+        if not callable(fn):
+            raise TypeError(f"on_request() needs a callable, not {type(fn).__qualname__}")
+        self._request_hooks = (*self._request_hooks, fn)
+        return fn
+
+    def _requested(
+        self, conn: Any, channel: str, value: Any, reply: Any, error: Optional[str]
+    ) -> None:
+        for fn in self._request_hooks:
+            try:
+                fn(conn, channel, value, reply, error)
+            except Exception:
+                logger.exception("%r: on_request hook %r raised (ignored)", self, fn)
+
+    # -- the browser monitor (hosts) --------------------------------------------------
+
+    def _init_monitor(self, port: Optional[int], addr: str, bgr: bool) -> None:
+        self._monitor_port = port
+        self._monitor_addr = addr
+        self._monitor_bgr = bool(bgr)
+        #: The browser monitor (``.url``, ``.port``) when ``monitor=`` was given, once open.
+        self.monitor: Optional[Any] = None
+
+    def _start_monitor(self) -> None:
+        """Serve the monitor if ``monitor=`` was given (in its own thread)."""
+        if self._monitor_port is None or self.monitor is not None:
+            return
+        from .monitor import Monitor  # imported only when asked for
+
+        self.monitor = Monitor(
+            self, port=self._monitor_port, addr=self._monitor_addr, bgr=self._monitor_bgr
+        ).start()
+
+    def _stop_monitor(self) -> None:
+        monitor, self.monitor = self.monitor, None
+        if monitor is not None:
+            monitor.close()
+
+    @property
+    def port(self) -> int:
+        """The TCP port (a host's real one once open, when created with ``port=0``)."""
+        return self._port
+
+    def _check_not_closed(self) -> None:
+        if self.stopped:
+            raise EndpointClosed(f"{self!r} is closed; create a new {self._kind}")
+
+    # -- images ---------------------------------------------------------------------------
+
+    def _image_settings(
+        self, img: Any, codec: Optional[str], quality: Optional[int]
+    ) -> Tuple[str, int]:
+        """Validate an image write: ``(codec, quality)`` to encode with (``TypeError`` /
+        ``ValueError`` naming the problem before anything is encoded)."""
+        name = images.validate(img, self.image_codec if codec is None else codec)
+        level = self.image_quality if quality is None else images._check_quality(quality)
+        return name, level
+
+    def _image_arrived(self, conn: PeerView, channel: str, value: Any) -> None:
+        """An image frame was received (I/O thread / event loop)."""
+        encoded = self._images.arrived(channel, value)
+        if encoded is not None:
+            conn._encoded[channel] = encoded
+
+    def _read(self, table: Dict[str, Any], channel: str, default: Any) -> Any:
+        """``table[channel]`` for the user: an encoded image is decoded (and cached)."""
+        if channel in self._images.unread:
+            self._images.read(channel)
+        return images.read_latest(channel, default, table)
+
+    def get_jpeg(self, channel: str = "image") -> Optional[bytes]:
+        """The newest JPEG/PNG file received on ``channel``, still encoded, or ``None``.
+
+        For saving or forwarding frames without decoding them (only frames that were
+        sent with ``codec="jpeg"`` or ``"png"``; raw frames have no file).
+        """
+        return self._images.get_jpeg(channel)
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters: per image channel, what was sent and received.
+
+        ``{"images": {"sent": {channel: s}, "received": {channel: s}}}`` where each ``s``
+        has ``frames`` (written / arrived), ``delivered`` (handed to a socket / to the
+        application), ``dropped`` (replaced by a newer frame before that: conflation),
+        ``pending``, ``bytes``, ``fps`` (over the last 2 s) and ``codec``.  On a host the
+        sent counts add up over clients.
+        """
+        return {"images": self._images.snapshot()}

@@ -1,0 +1,357 @@
+"""One connection's rules, sans-I/O: states, closing, heartbeats, requests, send queue.
+
+:class:`ConnectionEngine` is what both I/O layers drive.  It never touches a socket, a
+thread, a clock or an event loop: the layer passes ``now`` in, feeds received frames,
+and asks what to send and what to do.  The threaded layer (``sync/``) and the asyncio
+layer (``aio/``) only move bytes and wait.
+
+States (checked on every transition, like h11's and python-websockets')::
+
+    HANDSHAKE --open--> OPEN --send_bye / receive_bye--> CLOSING --finish--> CLOSED
+        |                 \\------------------- finish (lost, failed) -------/^
+        \\---- send_bye (nothing to say yet) --> CLOSING;   finish ---------/
+
+Rules owned here, once:
+
+* nothing is sent after our BYE -- not a PONG, not a PING (:meth:`control_bytes`);
+* user writes are accepted only while OPEN (:attr:`writable`);
+* a BYE from the peer ends its sending: frames after it are ignored, and we close
+  once what we still owe it is flushed (:meth:`receive_bye`);
+* an EOF is graceful after a BYE (either way) and a loss otherwise
+  (:meth:`receive_eof`);
+* heartbeats (:meth:`tick`): PING when nothing was received -- or nothing sent -- for
+  H seconds; a peer that sent nothing for 3·H is dead, unless we stopped reading it;
+* the handshake deadline and the linger after our BYE are deadlines of :meth:`tick`;
+* requests: ids, replies and failures (:class:`~socketengine.requests.RequestTable`);
+* the send queue: order, image conflation, ``max_buffer`` and slow-consumer verdicts
+  (:class:`~socketengine.sendqueue.SendQueue`).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, List, Optional
+
+from . import frames
+from .errors import ConnectionClosed, HandshakeError, ProtocolError
+from .frames import Frame
+from .protocol import Protocol
+from .requests import ReplySink, RequestTable
+from .sendqueue import BATCH_MAX, ImageHook, SendQueue
+
+__all__ = ["ConnState", "Tick", "ConnectionEngine", "BYE_FRAME"]
+
+BYE_FRAME = b"".join(frames.encode_frame(frames.BYE))
+_PING_FRAME = b"".join(frames.encode_frame(frames.PING))
+
+
+class ConnState(enum.Enum):
+    """Where a connection is in its life."""
+
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+_ALLOWED = {
+    ConnState.HANDSHAKE: {ConnState.OPEN, ConnState.CLOSING, ConnState.CLOSED},
+    ConnState.OPEN: {ConnState.CLOSING, ConnState.CLOSED},
+    ConnState.CLOSING: {ConnState.CLOSED},
+    ConnState.CLOSED: set(),
+}
+
+
+class Tick(enum.Enum):
+    """What :meth:`ConnectionEngine.tick` asks the I/O layer to do."""
+
+    NOTHING = "nothing"
+    PING = "ping"  #: send :meth:`ConnectionEngine.ping` bytes
+    DEAD = "dead"  #: the peer stopped answering: close now (``error`` says why)
+    HANDSHAKE_TIMEOUT = "handshake timeout"  #: close now (``error`` says why)
+    LINGER_OVER = "linger over"  #: our BYE got no EOF in time: close now
+
+
+class ConnectionEngine:
+    """The state of one connection, for either role, on any I/O layer.
+
+    :param protocol: the handshake state machine (it also owns the frame decoder).
+    :param peer: how to name the peer in messages (``"cam-1 at 127.0.0.1:5000"``).
+    :param max_buffer: bytes that may wait unsent (see :class:`SendQueue`).
+    :param heartbeat: H, seconds; ``None`` disables pings and the dead-peer rule.
+    :param handshake_timeout: seconds from ``now`` to complete the handshake.
+    :param now: the layer's monotonic clock at creation.
+    :param on_image: stats hook for image frames (see :class:`SendQueue`).
+    """
+
+    def __init__(
+        self,
+        protocol: Protocol,
+        *,
+        peer: str,
+        max_buffer: int,
+        heartbeat: Optional[float],
+        handshake_timeout: float,
+        now: float,
+        on_image: Optional[ImageHook] = None,
+    ) -> None:
+        self.protocol = protocol
+        self.peer = peer
+        self.state = ConnState.HANDSHAKE
+        self.queue = SendQueue(max_buffer, on_image)
+        self.requests: RequestTable[ReplySink] = RequestTable()
+        self.heartbeat = heartbeat
+        self.handshake_deadline = now + handshake_timeout
+        self.handshake_timeout = handshake_timeout
+        self.linger_deadline: Optional[float] = None
+        self.bye_sent = False
+        self.bye_received = False
+        self.eof_received = False
+        self.error: Optional[BaseException] = None
+        self.last_recv = self.last_send = self.last_ping = now
+
+    # -- state ----------------------------------------------------------------------------
+
+    def _to(self, state: ConnState) -> None:
+        if state is self.state:
+            return
+        if state not in _ALLOWED[self.state]:
+            raise RuntimeError(
+                f"connection state {self.state.value} -> {state.value} is not allowed"
+            )
+        self.state = state
+
+    @property
+    def writable(self) -> bool:
+        """User frames may be queued (the handshake is done and nobody said BYE)."""
+        return self.state is ConnState.OPEN
+
+    @property
+    def closed(self) -> bool:
+        return self.state is ConnState.CLOSED
+
+    @property
+    def peer_done(self) -> bool:
+        """The peer will send nothing more (BYE or EOF received)."""
+        return self.bye_received or self.eof_received
+
+    def check_writable(self) -> None:
+        """Raise :class:`ConnectionClosed` unless user frames may be queued."""
+        if self.state is ConnState.OPEN:
+            return
+        if self.state is ConnState.HANDSHAKE:
+            raise ConnectionClosed(f"the handshake with {self.peer} has not completed")
+        raise ConnectionClosed(
+            f"the connection to {self.peer} is closed ({self.error or 'closed'})"
+        )
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def received(self, now: float) -> None:
+        """Bytes arrived from the peer (any bytes prove it is alive)."""
+        self.last_recv = now
+
+    def events(self) -> List[Frame]:
+        """Decoded application frames (DATA, REQUEST, REPLY, REPLY_ERROR, BYE).
+
+        Finishes the handshake when its frames arrive (``state`` becomes OPEN).
+        Raises :class:`HandshakeError` / :class:`AuthenticationError` /
+        :class:`ProtocolError`: the layer must then :meth:`fail`.
+        """
+        if self.state is ConnState.CLOSED:
+            return []
+        out = self.protocol.events()
+        if self.state is ConnState.HANDSHAKE and self.protocol.is_open:
+            self._to(ConnState.OPEN)
+            self._negotiate()
+        return out
+
+    def _negotiate(self) -> None:
+        """What the handshake settled: BATCH frames only to a peer that reads them,
+        never larger than its ``max_message``."""
+        protocol = self.protocol
+        if protocol.peer_batch:
+            limit = BATCH_MAX
+            if protocol.peer_max_message is not None:
+                limit = min(limit, protocol.peer_max_message - frames.HEADER_SIZE)
+            self.queue.batch_limit = max(limit, 0)
+
+    def control(self, frame: Frame) -> bool:
+        """Handle a frame that is not DATA or REQUEST; True if handling must stop
+        here (a BYE: the peer sends nothing after it)."""
+        t = frame.type
+        if t == frames.REPLY or t == frames.REPLY_ERROR:
+            self.requests.resolve(frame)
+            return False
+        if t == frames.BYE:
+            self.receive_bye()
+            return True
+        if t == frames.BATCH:
+            raise ProtocolError("BATCH frame from a peer that was not told this side reads them")
+        raise ProtocolError(f"unexpected frame type 0x{t:02x} after the handshake")
+
+    def receive_bye(self) -> None:
+        """The peer said BYE: no more user writes; close once our queue is flushed."""
+        self.bye_received = True
+        if self.state is ConnState.OPEN or self.state is ConnState.HANDSHAKE:
+            self._to(ConnState.CLOSING)
+
+    def receive_eof(self) -> bool:
+        """The peer closed its sending side.  True if that is a graceful close (a BYE
+        was exchanged): flush what is queued, then :meth:`finish`.  False: the peer went
+        away; ``error`` says how and the layer finishes now."""
+        self.eof_received = True
+        if self.bye_sent or self.bye_received:
+            return True
+        if self.state is ConnState.HANDSHAKE and self.error is None:
+            self.error = HandshakeError(
+                f"{self.peer} closed the connection during the handshake: does it expect "
+                "TLS (tls=) or a token, or is it at its max_clients?"
+            )
+        return False
+
+    def lost(self, exc: Optional[BaseException]) -> None:
+        """The transport failed (reset, EOF without BYE): remember why."""
+        if self.error is not None:
+            return
+        if self.state is ConnState.HANDSHAKE:
+            how = f"reset the connection ({exc})" if exc is not None else "closed the connection"
+            self.error = HandshakeError(
+                f"{self.peer} {how} during the handshake: does it expect TLS "
+                "(tls=) or a token, or is it at its max_clients?"
+            )
+        elif exc is not None:
+            self.error = exc
+
+    # -- sending --------------------------------------------------------------------------
+
+    def control_bytes(self) -> bytes:
+        """What the protocol itself wants sent (handshake frames, PONG).  Empty once
+        our BYE is out: nothing may follow it."""
+        out = self.protocol.data_to_send()
+        if self.bye_sent or self.state is ConnState.CLOSED:
+            return b""
+        return out
+
+    def sent(self, now: float) -> None:
+        """Bytes went to the peer."""
+        self.last_send = now
+
+    def ping(self, now: float) -> bytes:
+        """A PING frame to send now (empty after our BYE)."""
+        if self.bye_sent or self.state is not ConnState.OPEN:
+            return b""
+        self.last_ping = now
+        return _PING_FRAME
+
+    def send_bye(self, now: float, linger: float) -> bytes:
+        """Start closing: returns the BYE frame to send after everything queued (empty
+        if the handshake never completed: then there is nothing to say goodbye to).
+        After ``linger`` seconds without the peer's EOF, :meth:`tick` says
+        :attr:`Tick.LINGER_OVER`.  Idempotent (a second call returns empty)."""
+        if self.bye_sent or self.state is ConnState.CLOSED:
+            return b""
+        opened = self.protocol.is_open
+        self.bye_sent = True
+        self._to(ConnState.CLOSING)
+        self.linger_deadline = now + max(linger, 0.0)
+        return BYE_FRAME if opened else b""
+
+    def refuse(self, reason: str, code: str, now: float, linger: float) -> bytes:
+        """Refuse the connection during the handshake (host): the bytes to send (the
+        preamble and a REFUSE frame).  Nothing may follow them; the host then
+        half-closes and waits up to ``linger`` s for the client to hang up, so the
+        REFUSE is not lost to a TCP reset."""
+        self.protocol.refuse(reason, code)
+        self.error = HandshakeError(f"refused {self.peer}: {reason}")
+        out = self.protocol.data_to_send()
+        self.bye_sent = True
+        self._to(ConnState.CLOSING)
+        self.linger_deadline = now + max(linger, 0.0)
+        return out
+
+    def fail(self, error: BaseException) -> bytes:
+        """The peer broke the protocol or the handshake failed: the last bytes worth
+        sending (a REFUSE explaining why, if the protocol queued one)."""
+        self.error = error
+        out = self.protocol.data_to_send() if not self.bye_sent else b""
+        self.bye_sent = True
+        if self.state is not ConnState.CLOSED:
+            self._to(ConnState.CLOSING)
+        return out
+
+    def finish(self, error: Optional[BaseException] = None) -> None:
+        """The connection is closed: fail outstanding requests, drop the queue."""
+        if self.state is ConnState.CLOSED:
+            return
+        if error is not None and self.error is None:
+            self.error = error
+        self._to(ConnState.CLOSED)
+        self.queue.clear()
+        if len(self.requests):
+            self.requests.fail_all(
+                ConnectionClosed(
+                    f"the connection to {self.peer} closed before it replied "
+                    f"({self.error or 'closed'})"
+                )
+            )
+
+    # -- time -----------------------------------------------------------------------------
+
+    def tick(self, now: float, reading_paused: bool = False) -> Tick:
+        """What is due at ``now``: a PING, or closing a dead / too slow peer.
+
+        Call it at least every H/2 seconds while OPEN, and at the deadlines
+        (:meth:`next_deadline`).  ``reading_paused``: we stopped reading this peer
+        (backpressure), so its silence proves nothing.
+        """
+        state = self.state
+        if state is ConnState.CLOSED:
+            return Tick.NOTHING
+        if state is ConnState.HANDSHAKE:
+            if now >= self.handshake_deadline:
+                if self.error is None:
+                    self.error = HandshakeError(
+                        f"{self.peer} did not complete the handshake within "
+                        f"{self.handshake_timeout} s"
+                    )
+                return Tick.HANDSHAKE_TIMEOUT
+            return Tick.NOTHING
+        if self.linger_deadline is not None and now >= self.linger_deadline:
+            return Tick.LINGER_OVER
+        interval = self.heartbeat
+        if interval is None:
+            return Tick.NOTHING
+        if reading_paused or self.peer_done:
+            self.last_recv = now
+        elif now - self.last_recv > 3 * interval:
+            self.error = ConnectionClosed(
+                f"{self.peer} sent nothing for {now - self.last_recv:.1f} s "
+                f"(heartbeat {interval:g} s): declared dead"
+            )
+            return Tick.DEAD
+        if (
+            state is ConnState.OPEN
+            and now - self.last_ping >= interval
+            and (now - self.last_recv >= interval or now - self.last_send >= interval)
+        ):
+            return Tick.PING
+        return Tick.NOTHING
+
+    def next_deadline(self) -> Optional[float]:
+        """The earliest time :meth:`tick` may close the connection (handshake or linger)."""
+        if self.state is ConnState.HANDSHAKE:
+            return self.handshake_deadline
+        return self.linger_deadline
+
+    def __repr__(self) -> str:
+        return f"<ConnectionEngine {self.peer} {self.state.value}>"
+
+
+def describe_peer(name: Optional[str], address: Any) -> str:
+    """How messages name a peer: ``"cam-1 at 127.0.0.1:5000"``."""
+    try:
+        host, port = address[0], address[1]
+    except (TypeError, IndexError):
+        return f"{name or 'peer'} at {address}"
+    return f"{name or 'peer'} at {host}:{port}"

@@ -1,0 +1,189 @@
+"""Every default, limit and parameter check of socketengine, in one place.
+
+Both I/O layers (``socketengine.Host``/``Client`` and ``socketengine.aio``) take their
+defaults from here and validate their arguments with :func:`check_settings`, so the
+two accept exactly the same values and say the same thing about bad ones.
+
+Each limit's worst case (memory a peer can make an endpoint hold) is documented in
+``docs/guarantees.md``; the short version is beside each constant.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from typing import Optional, Union
+
+__all__ = [
+    "DEFAULT_PORT",
+    "DEFAULT_TIMEOUT",
+    "DEFAULT_MAX_MESSAGE",
+    "MIN_MAX_MESSAGE",
+    "DEFAULT_MAX_BUFFER",
+    "DEFAULT_MAX_CLIENTS",
+    "DEFAULT_HANDSHAKE_TIMEOUT",
+    "DEFAULT_HEARTBEAT",
+    "DEFAULT_KEEP_DEPARTED",
+    "DEFAULT_SUBSCRIPTION_SIZE",
+    "CALLBACK_BACKLOG",
+    "MAX_NAME_BYTES",
+    "PRE_HANDSHAKE_MAX",
+    "MIN_READ_SIZE",
+    "RECONNECT_FIRST",
+    "DEFAULT_RECONNECT_MAX",
+    "Settings",
+    "check_settings",
+    "check_port",
+    "check_seconds",
+    "check_name",
+    "check_maxsize",
+    "check_timeout",
+]
+
+#: The seed's port.
+DEFAULT_PORT = 8080
+#: Seconds a blocking call may wait (seed ``timeout``): a write to a full buffer, the
+#: linger of ``close()``, one connection attempt.
+DEFAULT_TIMEOUT = 2.0
+#: 64 MiB: the largest frame accepted from a peer.  A 4K (2160x3840) RGB frame is
+#: 24.9 MB.  Worst case per connection while a frame arrives: this many bytes (only
+#: what actually arrives is committed for frames of 16 MiB and more).
+DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
+#: ``max_message`` below this is refused (handshake frames must fit).
+MIN_MAX_MESSAGE = 1024
+#: 256 MiB: bytes that may wait unsent for one peer before writes block (and then
+#: raise ``WriteTimeout``); ``write_all`` tolerates up to twice this for ``timeout``
+#: seconds, then drops the peer as a slow consumer.  ``0``: at most one frame queued.
+DEFAULT_MAX_BUFFER = 256 * 1024 * 1024
+#: Connections a host serves at once; more are refused with REFUSE ``full``.
+DEFAULT_MAX_CLIENTS = 1024
+#: Seconds a new connection has to complete the handshake (TLS included).
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+#: Seconds of silence before a PING (H); a peer silent for 3·H is declared dead.
+DEFAULT_HEARTBEAT = 5.0
+#: Departed clients whose latest values ``get_all`` keeps reporting.
+DEFAULT_KEEP_DEPARTED = 64
+#: Messages a subscription holds unread before the sending connections stop being read.
+DEFAULT_SUBSCRIPTION_SIZE = 10_000
+#: Callbacks of one connection that may wait to run before it stops being read.
+CALLBACK_BACKLOG = 10_000
+#: Client names and host names: at most this many UTF-8 bytes.
+MAX_NAME_BYTES = 256
+#: Largest frame accepted before the handshake completed (every implementation MUST
+#: enforce it: an unauthenticated peer cannot make an endpoint allocate more).
+PRE_HANDSHAKE_MAX = 64 * 1024
+#: Reads offered to the socket are at least this large (the seed's 256-byte reads
+#: would cripple throughput).
+MIN_READ_SIZE = 64 * 1024
+#: First reconnection delay, seconds; it doubles up to ``reconnect_max`` (+-20 % jitter).
+RECONNECT_FIRST = 0.02
+#: Default ``reconnect_max``, seconds.
+DEFAULT_RECONNECT_MAX = 5.0
+
+
+def check_port(port: object) -> int:
+    """A TCP port number: an int from 0 (any free port) to 65535."""
+    if type(port) is not int or not 0 <= port <= 65535:
+        raise ValueError(f"port must be an int from 0 to 65535, not {port!r}")
+    return port
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_seconds(name: str, value: object, *, allow_none: bool = False) -> Optional[float]:
+    """A positive number of seconds (or ``None`` when ``allow_none``)."""
+    if value is None and allow_none:
+        return None
+    if not _number(value) or not value > 0:  # type: ignore[operator]
+        tail = ", or None" if allow_none else ""
+        raise ValueError(f"{name} must be a positive number of seconds{tail}, not {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def check_timeout(value: object) -> float:
+    """The seed's ``timeout``: a number of seconds >= 0."""
+    if not _number(value) or not value >= 0:  # type: ignore[operator]
+        raise ValueError(f"timeout must be a number of seconds >= 0, not {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def check_name(name: object, what: str = "name") -> Optional[str]:
+    """A client or host name: ``None`` or a str of at most 256 UTF-8 bytes."""
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be a str, not {type(name).__qualname__}")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise TypeError(f"{what} must be at most {MAX_NAME_BYTES} UTF-8 bytes long")
+    return name
+
+
+def check_maxsize(maxsize: object) -> int:
+    """A subscription's ``maxsize``: an int >= 1."""
+    if type(maxsize) is not int or maxsize < 1:
+        raise ValueError(f"maxsize must be an int >= 1, not {maxsize!r}")
+    return maxsize
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if type(value) is not int or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, not {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated settings every endpoint has, whichever its I/O layer."""
+
+    port: int
+    timeout: float
+    max_message: int
+    max_buffer: int
+    handshake_timeout: float
+    heartbeat: Optional[float]
+    tls: Optional[ssl.SSLContext]
+    token: Optional[bytes]
+
+
+def check_settings(
+    *,
+    port: object,
+    timeout: object,
+    max_message: object,
+    max_buffer: object,
+    handshake_timeout: object,
+    heartbeat: object,
+    tls: object,
+    token: Union[str, bytes, None],
+) -> Settings:
+    """Validate the parameters both endpoint kinds share, in both I/O layers.
+
+    Raises ``ValueError``/``TypeError`` naming the parameter and what it must be.
+    """
+    from .protocol import token_bytes
+
+    if tls is not None and not isinstance(tls, ssl.SSLContext):
+        raise TypeError(f"tls must be an ssl.SSLContext, not {type(tls).__qualname__}")
+    if type(max_message) is not int or max_message < MIN_MAX_MESSAGE:
+        raise ValueError(
+            f"max_message must be an int of at least {MIN_MAX_MESSAGE} bytes, not {max_message!r}"
+        )
+    return Settings(
+        port=check_port(port),
+        timeout=check_timeout(timeout),
+        max_message=max_message,
+        max_buffer=_check_int("max_buffer", max_buffer, 0),
+        handshake_timeout=check_seconds("handshake_timeout", handshake_timeout) or 0.0,
+        heartbeat=check_seconds("heartbeat", heartbeat, allow_none=True),
+        tls=tls,
+        token=token_bytes(token),
+    )
+
+
+def check_host_limits(max_clients: object, keep_departed: object, backlog: object) -> None:
+    """Validate a host's own limits."""
+    _check_int("max_clients", max_clients, 1)
+    _check_int("keep_departed", keep_departed, 0)
+    _check_int("backlog", backlog, 1)

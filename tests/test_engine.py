@@ -1,0 +1,429 @@
+"""The connection engine's rules, in memory: no sockets, no threads, no event loop.
+
+Two engines (a client and a host) are wired back to back; bytes move between them
+only when a test says so, and fed in every chunking, so each rule is checked at
+every boundary.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Tuple
+
+import pytest
+
+from socketengine import frames
+from socketengine.engine import BYE_FRAME, ConnectionEngine, ConnState, Tick
+from socketengine.errors import ConnectionClosed, RemoteError
+from socketengine.limits import check_settings
+from socketengine.protocol import Protocol, Role
+from socketengine.requests import RequestTable
+from socketengine.sendqueue import SendQueue
+from socketengine.state import Backoff, Departed, RetainedValues, SubscriptionBuffer
+
+
+def _engine(role: Role, now: float = 0.0, heartbeat: Optional[float] = 5.0) -> ConnectionEngine:
+    return ConnectionEngine(
+        Protocol(role, name="c" if role is Role.CLIENT else None, heartbeat=heartbeat),
+        peer=role.value,
+        max_buffer=1 << 20,
+        heartbeat=heartbeat,
+        handshake_timeout=10.0,
+        now=now,
+    )
+
+
+def _feed(engine: ConnectionEngine, data: bytes, chunk: int) -> List[frames.Frame]:
+    out: List[frames.Frame] = []
+    decoder = engine.protocol.decoder
+    for i in range(0, len(data), chunk):
+        piece = data[i : i + chunk]
+        buf = decoder.get_buffer()
+        buf[: len(piece)] = piece
+        buf.release()
+        decoder.buffer_updated(len(piece))
+        out.extend(engine.events())
+    return out
+
+
+def _open_pair(chunk: int = 1 << 16) -> Tuple[ConnectionEngine, ConnectionEngine]:
+    client, host = _engine(Role.CLIENT), _engine(Role.HOST)
+    for _ in range(4):
+        _feed(host, client.control_bytes(), chunk)
+        _feed(client, host.control_bytes(), chunk)
+    assert client.state is ConnState.OPEN and host.state is ConnState.OPEN
+    return client, host
+
+
+def _types(data: bytes) -> List[int]:
+    """Frame types in a post-handshake byte stream."""
+    out, off = [], 0
+    while off < len(data):
+        t, _, ch, _, meta, body = frames.HEADER.unpack_from(data, off)
+        out.append(t)
+        off += frames.HEADER_SIZE + ch + meta + body
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 7, 16, 64, 1 << 16])
+def test_handshake_opens_both_sides_at_every_chunk_boundary(chunk: int) -> None:
+    client, host = _open_pair(chunk)
+    assert host.protocol.peer_name == "c"
+    # protocol 1.1: each side learned the other's heartbeat from the handshake
+    assert client.protocol.peer_heartbeat == 5.0 and host.protocol.peer_heartbeat == 5.0
+
+
+def test_states_move_only_along_allowed_transitions() -> None:
+    engine = _engine(Role.CLIENT)
+    engine.finish()
+    assert engine.state is ConnState.CLOSED
+    with pytest.raises(RuntimeError):
+        engine._to(ConnState.OPEN)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1 << 16])
+def test_nothing_is_sent_after_our_bye_not_even_a_pong(chunk: int) -> None:
+    client, host = _open_pair()
+    bye = client.send_bye(now=1.0, linger=2.0)
+    assert bye == BYE_FRAME and client.state is ConnState.CLOSING
+    assert not client.writable
+    with pytest.raises(ConnectionClosed):
+        client.check_writable()
+    # The host pings the closing client; the client must not answer.
+    _feed(client, host.ping(now=1.0), chunk)
+    assert client.control_bytes() == b""
+    assert client.ping(now=2.0) == b""
+    assert client.send_bye(now=2.0, linger=2.0) == b""  # idempotent
+
+
+def test_a_peer_bye_ends_its_frames_and_makes_eof_graceful() -> None:
+    client, host = _open_pair()
+    value = frames.encode_value_frame(frames.DATA, "x", 1)
+    stream = b"".join(value) + BYE_FRAME + b"".join(value)
+    got = _feed(host, stream, 3)
+    handled = []
+    for frame in got:
+        if frame.type == frames.DATA:
+            handled.append(frame.value())
+            continue
+        if host.control(frame):
+            break
+    assert handled == [1]
+    assert host.bye_received and host.state is ConnState.CLOSING
+    assert host.receive_eof() is True
+
+
+def test_eof_without_bye_is_a_loss() -> None:
+    client, host = _open_pair()
+    assert host.receive_eof() is False
+
+
+def test_heartbeat_pings_a_peer_that_only_streams_to_us_and_keeps_a_pinging_peer() -> None:
+    """The 1.0 rule pinged only when we had *sent* nothing; a client that only
+    receives was then declared dead.  Now: PING when nothing was received (or sent)
+    for H, and a peer that answers PINGs is never dead."""
+    client, host = _open_pair()
+    H = 5.0
+    now = 0.0
+    for step in range(40):  # 100 s of a host that streams and a client that only listens
+        now += H / 2
+        host.sent(now)  # the host streams: it always sends
+        verdict = host.tick(now)
+        assert verdict is not Tick.DEAD, f"declared dead at step {step}"
+        if verdict is Tick.PING:
+            _feed(client, host.ping(now), 1 << 16)
+            pong = client.control_bytes()
+            assert _types(pong) == [frames.PONG]
+            host.received(now)  # the pong arrives
+    # Silence from the peer for 3H is death.
+    assert host.tick(now + 3 * H + 0.1) is Tick.DEAD
+    assert "declared dead" in str(host.error)
+
+
+def test_paused_reading_suspends_the_dead_peer_rule() -> None:
+    _, host = _open_pair()
+    assert host.tick(100.0, reading_paused=True) is not Tick.DEAD
+
+
+def test_handshake_deadline_and_linger_are_ticks() -> None:
+    engine = _engine(Role.HOST, now=0.0)
+    assert engine.next_deadline() == 10.0
+    assert engine.tick(9.9) is Tick.NOTHING
+    assert engine.tick(10.0) is Tick.HANDSHAKE_TIMEOUT
+    client, _ = _open_pair()
+    client.send_bye(now=0.0, linger=1.5)
+    assert client.next_deadline() == 1.5
+    assert client.tick(1.5) is Tick.LINGER_OVER
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.result: Any = None
+        self.error: Optional[BaseException] = None
+        self.finished = False
+
+    def done(self) -> bool:
+        return self.finished
+
+    def set_result(self, result: Any) -> None:
+        self.result, self.finished = result, True
+
+    def set_exception(self, exception: BaseException) -> None:
+        self.error, self.finished = exception, True
+
+
+def test_requests_ids_replies_errors_and_close() -> None:
+    table: RequestTable[_Sink] = RequestTable()
+    a, b, c = _Sink(), _Sink(), _Sink()
+    ra, rb, rc = table.open(a), table.open(b), table.open(c)
+    assert len({ra, rb, rc}) == 3 and 0 not in (ra, rb, rc)
+    decoder = frames.FrameDecoder(1 << 20, 4096, expect_preamble=False)
+    data = b"".join(
+        [
+            *frames.encode_value_frame(frames.REPLY, "q", 42, fid=ra),
+            *frames.encode_value_frame(frames.REPLY_ERROR, "q", "boom", fid=rb),
+            *frames.encode_value_frame(frames.REPLY, "q", 1, fid=999),  # unknown: ignored
+        ]
+    )
+    buf = decoder.get_buffer()
+    buf[: len(data)] = data
+    buf.release()
+    decoder.buffer_updated(len(data))
+    for frame in decoder.take():
+        table.resolve(frame)
+    assert a.result == 42
+    assert isinstance(b.error, RemoteError) and "boom" in str(b.error)
+    table.fail_all(ConnectionClosed("gone"))
+    assert isinstance(c.error, ConnectionClosed)
+    assert len(table) == 0
+
+
+def test_engine_finish_fails_outstanding_requests() -> None:
+    client, _ = _open_pair()
+    sink = _Sink()
+    client.requests.open(sink)
+    client.finish()
+    assert isinstance(sink.error, ConnectionClosed)
+
+
+def test_send_queue_orders_conflates_and_bounds() -> None:
+    sent: List[Tuple[str, int]] = []
+    q = SendQueue(max_buffer=100, on_image=lambda ch, n: sent.append((ch, n)))
+    q.push([b"a" * 10], 10)
+    q.push([b"i1" * 10], 20, image="cam")
+    q.push([b"b" * 10], 10)
+    assert not q.push([b"i2" * 10], 20, image="cam")  # replaced, keeps its turn
+    assert q.images_sent == 1 and q.images_dropped == 1 and sent == [("cam", -1)]
+    assert q.queued == 40
+    assert q.fits(60) and not q.fits(61)
+    assert SendQueue(0).fits(10**9)  # an empty queue takes any frame
+    out = b"".join(bytes(p) for p in q.take_all())
+    assert out == b"a" * 10 + b"i2" * 10 + b"b" * 10
+    assert sent[-1] == ("cam", 20) and q.queued == 0
+
+
+def _flush(q: SendQueue) -> None:
+    q.to_wire(q.take_inbox())
+
+
+def test_send_queue_partial_sends_keep_the_tail() -> None:
+    q = SendQueue(1 << 20)
+    q.push([b"hello", b"world"], 10)
+    _flush(q)
+    batch = q.wire_batch(512)
+    assert [bytes(b) for b in batch] == [b"hello", b"world"]
+    q.consumed(7)
+    assert [bytes(b) for b in q.wire_batch(512)] == [b"rld"] and q.queued == 3
+
+
+def _decode_all(data: bytes) -> List[Tuple[str, Any]]:
+    decoder = frames.FrameDecoder(1 << 20, 4096, expect_preamble=False)
+    out: List[Tuple[str, Any]] = []
+    for frame in decoder.feed(data):
+        if frame.type == frames.BATCH:
+            items = frame.items()
+            out.extend(zip(items[0::2], items[1::2]))
+        else:
+            assert frame.type == frames.DATA
+            out.append((frame.channel, frame.value()))
+    return out
+
+
+@pytest.mark.parametrize("batch_limit", [0, 40, 1 << 16])
+def test_items_become_batch_frames_only_for_peers_that_read_them(batch_limit: int) -> None:
+    q = SendQueue(1 << 20)
+    q.batch_limit = batch_limit
+    values = [("a", 1), ("b/c", "x" * 10), ("é" * 40, [1, 2.0]), ("a", None)]
+    for channel, value in values:
+        item = frames.value_item(channel, value)
+        assert type(item) is bytes
+        q.push_item(item)
+    q.push(frames.encode_value_frame(frames.DATA, "big", b"\0" * 5000), 5000 + 21)
+    q.push_item(frames.value_item("z", 9))  # type: ignore[arg-type]
+    wire = b"".join(bytes(p) for p in q.take_all())
+    assert _decode_all(wire) == [*values, ("big", b"\0" * 5000), ("z", 9)]
+    decoder = frames.FrameDecoder(1 << 20, 4096, expect_preamble=False)
+    types = [f.type for f in decoder.feed(wire)]
+    if batch_limit == 0:
+        assert frames.BATCH not in types  # a 1.0 peer never gets one
+    elif batch_limit == 1 << 16:
+        assert types == [frames.BATCH, frames.DATA, frames.DATA]
+    else:
+        assert types.count(frames.BATCH) == 1 and len(types) == 5  # split at the limit
+        for frame in frames.FrameDecoder(1 << 20, 4096, expect_preamble=False).feed(wire):
+            if frame.type == frames.BATCH:
+                assert len(frame.meta) <= batch_limit
+
+
+def test_queued_bytes_return_to_zero_after_batching() -> None:
+    q = SendQueue(1 << 20)
+    q.batch_limit = 1 << 16
+    for i in range(100):
+        q.push_item(frames.value_item("c", i))  # type: ignore[arg-type]
+    _flush(q)
+    total = sum(len(b) for b in q.wire_batch(1000))
+    assert q.queued == total
+    q.consumed(total)
+    assert q.queued == 0 and not q
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x01",  # channel is not a string
+        b"\xa1a",  # a channel without its value
+        b"\xa1a\x92\x01",  # a truncated value
+        b"\xa1a\xc7\x01\x01\x00",  # an array (ext 1) without a data section
+        b"\xa1a\xc1",  # a reserved byte
+    ],
+)
+def test_malformed_batch_bodies_are_protocol_errors(body: bytes) -> None:
+    from socketengine.errors import ProtocolError
+
+    frame = b"".join(frames.encode_frame(frames.BATCH, "", body))
+    (decoded,) = frames.FrameDecoder(1 << 20, 4096, expect_preamble=False).feed(frame)
+    with pytest.raises(ProtocolError):
+        decoded.items()
+
+
+def test_batch_limit_follows_the_handshake() -> None:
+    client, host = _open_pair()
+    assert client.queue.batch_limit == host.queue.batch_limit == 64 * 1024
+    old = _engine(Role.HOST)
+    old.protocol.peer_batch = False  # what a 1.0 peer's HELLO gives
+    old._negotiate()
+    assert old.queue.batch_limit == 0
+
+
+def test_batch_to_a_peer_that_did_not_ask_closes_the_connection() -> None:
+    from socketengine.errors import ProtocolError
+
+    _, host = _open_pair()
+    frame = b"".join(frames.encode_frame(frames.BATCH, "", b"\xa1a\x01"))
+    (decoded,) = frames.FrameDecoder(1 << 20, 4096, expect_preamble=False).feed(frame)
+    with pytest.raises(ProtocolError):
+        host.control(decoded)
+
+
+def test_send_queue_slow_consumer_verdict() -> None:
+    q = SendQueue(max_buffer=100)
+    q.push([b"x" * 100], 100)
+    assert not q.slow_consumer(50, now=0.0, timeout=2.0)  # over, but just now
+    assert not q.slow_consumer(50, now=1.0, timeout=2.0)
+    assert q.slow_consumer(50, now=2.5, timeout=2.0)  # over for longer than timeout
+    q2 = SendQueue(max_buffer=100)
+    q2.push([b"x" * 100], 100)
+    assert q2.slow_consumer(101, now=0.0, timeout=2.0)  # would exceed twice max_buffer
+
+
+def test_outbox_absorbed_into_a_new_connection_keeps_images_replaceable() -> None:
+    outbox, conn = SendQueue(1 << 20), SendQueue(1 << 20)
+    outbox.push([b"v1"], 2)
+    outbox.push([b"f1"], 2, image="cam")
+    conn.absorb(outbox)
+    assert not outbox and conn.queued == 4
+    assert not conn.push([b"f2"], 2, image="cam")
+    assert b"".join(bytes(p) for p in conn.take_all()) == b"v1f2"
+
+
+def test_retained_values_are_snapshots() -> None:
+    np = pytest.importorskip("numpy")
+    arr = np.arange(10, dtype=np.uint8)
+    parts, _ = frames.value_frame(frames.DATA, "cfg", arr)
+    retained = RetainedValues()
+    retained.retain("cfg", parts)
+    arr[:] = 99  # the application changes the array afterwards
+    (frame,) = retained.replay()
+    decoder = frames.FrameDecoder(1 << 20, 4096, expect_preamble=False)
+    buf = decoder.get_buffer()
+    buf[: len(frame)] = frame
+    buf.release()
+    decoder.buffer_updated(len(frame))
+    (got,) = decoder.take()
+    assert got.flags & frames.FLAG_RETAINED
+    assert list(got.value()) == list(range(10))
+
+
+def test_departed_is_bounded_and_forgets_returning_names() -> None:
+    class C:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    d: Departed[int, C] = Departed(2)
+    for i in range(5):
+        d.add(i, C(f"n{i}"))
+    assert [k for k, _ in d.items()] == [3, 4]
+    d.forget_named("n4")
+    assert [k for k, _ in d.items()] == [3]
+
+
+def test_subscription_watermarks_and_close_keeps_items() -> None:
+    buf: SubscriptionBuffer[int] = SubscriptionBuffer(4)
+    src = object()
+    assert [buf.put(i, src) for i in range(4)] == [False, False, False, True]
+    item, released = buf.take()
+    assert item == 0 and released == []
+    _, released = buf.take()
+    assert released == [src]  # down to half: the paused source goes on
+    buf.close()
+    assert not buf.put(99, src)
+    assert list(buf.items) == [2, 3] and not buf.exhausted
+
+
+def test_backoff_is_exponential_capped_and_jittered() -> None:
+    for _ in range(20):
+        delays = Backoff(5.0, first=0.02)
+        got = [next(delays) for _ in range(12)]
+        nominal = [min(0.02 * 2**i, 5.0) for i in range(12)]
+        for delay, base in zip(got, nominal):
+            assert base * 0.8 <= delay <= base * 1.2
+    assert len({round(next(Backoff(5.0, first=1.0)), 6) for _ in range(50)}) > 10
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"port": -1}, ValueError),
+        ({"port": "8080"}, ValueError),
+        ({"timeout": -1}, ValueError),
+        ({"max_message": 10}, ValueError),
+        ({"max_buffer": -1}, ValueError),
+        ({"heartbeat": 0}, ValueError),
+        ({"handshake_timeout": 0}, ValueError),
+        ({"tls": "yes"}, TypeError),
+        ({"token": 5}, TypeError),
+    ],
+)
+def test_settings_refuse_bad_values(kwargs: Any, error: type) -> None:
+    base = dict(
+        port=0,
+        timeout=2,
+        max_message=1 << 20,
+        max_buffer=0,
+        handshake_timeout=10,
+        heartbeat=None,
+        tls=None,
+        token=None,
+    )
+    base.update(kwargs)
+    with pytest.raises(error):
+        check_settings(**base)  # type: ignore[arg-type]

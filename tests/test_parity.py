@@ -1,0 +1,391 @@
+"""Parity: the same scenarios against both I/O layers (threaded and asyncio).
+
+Every rule of a connection lives once, in the sans-I/O engine; this suite exists to
+catch a layer that drifts from it.  Each scenario runs with ``layer`` = ``"sync"``
+(``socketengine.Host``/``Client``) and ``"aio"`` (``socketengine.aio``), the latter on
+an event loop in a helper thread so that both are driven by the same test code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+from typing import Any, Awaitable, Callable, Dict, Iterator, List, Optional, TypeVar
+
+import pytest
+from conftest import wait_for
+
+from socketengine import Client, Host, aio, frames
+from socketengine.protocol import Protocol, Role
+
+T = TypeVar("T")
+LAYERS = ["sync", "aio"]
+
+
+class AioThread:
+    """An event loop in a daemon thread; ``run`` awaits a coroutine from the test."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, aw: Awaitable[T], timeout: float = 20.0) -> T:
+        async def wrapper() -> T:
+            return await aw
+
+        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(timeout)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        async def wrapper() -> T:
+            return fn()
+
+        return self.run(wrapper())
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def loop_thread() -> Iterator[AioThread]:
+    runner = AioThread()
+    yield runner
+    runner.close()
+
+
+class Side:
+    """One endpoint of either layer, driven with blocking calls."""
+
+    def __init__(self, layer: str, endpoint: Any, runner: Optional[AioThread]) -> None:
+        self.layer = layer
+        self.ep = endpoint
+        self.runner = runner
+
+    def do(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        result = getattr(self.ep, name)(*args, **kwargs)
+        if self.runner is not None and asyncio.iscoroutine(result):
+            return self.runner.run(result)
+        return result
+
+    def close(self) -> None:
+        self.do("close")
+
+
+def make_host(layer: str, runner: AioThread, **kwargs: Any) -> Side:
+    if layer == "sync":
+        return Side(layer, Host(port=0, **kwargs), None)
+
+    async def start() -> Any:
+        return await aio.Host(port=0, **kwargs).start()
+
+    return Side(layer, runner.run(start()), runner)
+
+
+def make_client(layer: str, runner: AioThread, port: int, **kwargs: Any) -> Side:
+    kwargs.setdefault("connect_timeout", 10)
+    if layer == "sync":
+        return Side(layer, Client(port=port, **kwargs), None)
+
+    async def start() -> Any:
+        return await aio.Client(port=port, **kwargs).start()
+
+    return Side(layer, runner.run(start()), runner)
+
+
+# -- parameters ----------------------------------------------------------------------------
+
+
+BAD_HOST_ARGS: List[Dict[str, Any]] = [
+    {"timeout": -1},
+    {"max_buffer": -1},
+    {"heartbeat": 0},
+    {"max_message": 100},
+    {"max_clients": 0},
+    {"keep_departed": -1},
+    {"handshake_timeout": 0},
+    {"tls": "no"},
+    {"token": 3},
+]
+
+
+@pytest.mark.parametrize("kwargs", BAD_HOST_ARGS, ids=lambda k: next(iter(k)))
+def test_both_layers_refuse_the_same_host_parameters(kwargs: Dict[str, Any]) -> None:
+    errors = []
+    for make in (lambda: Host(port=0, open=False, **kwargs), lambda: aio.Host(port=0, **kwargs)):
+        with pytest.raises((ValueError, TypeError)) as info:
+            make()
+        errors.append(type(info.value))
+    assert errors[0] is errors[1]
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"max_buffer": 0}, {"timeout": 0}, {"heartbeat": None}, {"keep_departed": 0}]
+)
+def test_both_layers_accept_the_same_edge_values(kwargs: Dict[str, Any]) -> None:
+    sync_host = Host(port=0, open=False, **kwargs)
+    aio_host = aio.Host(port=0, **kwargs)
+    for key, value in kwargs.items():
+        assert getattr(sync_host, key) == getattr(aio_host, key) == value
+    sync_host.close()
+
+
+@pytest.mark.parametrize("name", ["x" * 257, "é" * 129, 5])
+def test_both_layers_refuse_the_same_client_names(name: Any) -> None:
+    with pytest.raises(TypeError):
+        Client(port=1, open=False, name=name)
+    with pytest.raises(TypeError):
+        aio.Client(port=1, name=name)
+
+
+# -- closing: nothing after BYE ------------------------------------------------------------
+
+
+def _raw_host_that_pings_after_bye(listener: socket.socket, result: Dict[str, Any]) -> None:
+    """Accept one client, handshake with the sans-I/O core, and answer its BYE with a
+    PING; record every frame type the client sends after the handshake."""
+    conn, _ = listener.accept()
+    conn.settimeout(10)
+    proto = Protocol(Role.HOST)
+    decoder = proto.decoder
+    while not proto.is_open:
+        data = conn.recv(65536)
+        buf = decoder.get_buffer()
+        buf[: len(data)] = data
+        buf.release()
+        decoder.buffer_updated(len(data))
+        proto.events()
+        conn.sendall(proto.data_to_send())
+    stream = b""
+    pinged = False
+    while True:
+        data = conn.recv(65536)
+        if not data:
+            break
+        stream += data
+        if not pinged and frames.BYE in _types(stream):
+            conn.sendall(b"".join(frames.encode_frame(frames.PING)))
+            pinged = True
+    result["types"] = _types(stream)
+    result["pinged"] = pinged
+    conn.close()
+
+
+def _types(data: bytes) -> List[int]:
+    out, off = [], 0
+    while off + frames.HEADER_SIZE <= len(data):
+        t, _, ch, _, meta, body = frames.HEADER.unpack_from(data, off)
+        out.append(t)
+        off += frames.HEADER_SIZE + ch + meta + body
+    return out
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_ping_that_arrives_after_our_bye_is_not_answered(
+    layer: str, loop_thread: AioThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    result: Dict[str, Any] = {}
+    server = threading.Thread(
+        target=_raw_host_that_pings_after_bye, args=(listener, result), daemon=True
+    )
+    server.start()
+    client = make_client(layer, loop_thread, listener.getsockname()[1], heartbeat=None)
+    with caplog.at_level(logging.DEBUG):
+        client.close()
+    server.join(10)
+    listener.close()
+    assert result["pinged"]
+    assert result["types"] == [frames.BYE]  # no PONG after the BYE
+    assert "Fatal error" not in caplog.text
+
+
+# -- retained values -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_retained_arrays_are_snapshots_in_both_layers(layer: str, loop_thread: AioThread) -> None:
+    np = pytest.importorskip("numpy")
+    host = make_host(layer, loop_thread)
+    try:
+        arr = np.arange(6, dtype=np.int32)
+        host.do("write_all", "cfg", arr, retain=True)
+        arr[:] = -1  # changed after retaining: late joiners must not see it
+        with Client(port=host.ep.port, connect_timeout=10) as late:
+            wait_for(lambda: late.get("cfg") is not None, what="the retained value")
+            assert late.get("cfg").tolist() == list(range(6))
+        host.do("clear_retained", "cfg")
+        with Client(port=host.ep.port, connect_timeout=10) as later:
+            later.write("ping", 1)
+            wait_for(lambda: host.ep.get_all("ping"), what="the later client")
+            assert later.get("cfg") is None
+    finally:
+        host.close()
+
+
+# -- subscriptions and callbacks -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_closing_a_subscription_keeps_what_was_queued(layer: str, loop_thread: AioThread) -> None:
+    with Host(port=0) as host:
+        client = make_client(layer, loop_thread, host.port)
+        try:
+            sub = client.do("subscribe", "n")
+            wait_for(lambda: host.clients(), what="the client")
+            for i in range(3):
+                host.write_all("n", i)
+            wait_for(lambda: len(sub) == 3, what="three queued items")
+            sub.close()
+            if layer == "sync":
+                got = list(sub)
+            else:
+
+                async def drain() -> List[Any]:
+                    return [item async for item in sub]
+
+                got = loop_thread.run(drain())
+            assert got == [0, 1, 2]
+        finally:
+            client.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_off_without_a_function_removes_every_callback(layer: str, loop_thread: AioThread) -> None:
+    with Host(port=0) as host:
+        client = make_client(layer, loop_thread, host.port)
+        try:
+            seen: List[Any] = []
+            client.do("on", "v", lambda v: seen.append(("a", v)))
+            client.do("on", "v", lambda v: seen.append(("b", v)))
+            client.do("off", "v")
+            client.do("on", "w", seen.append)
+            wait_for(lambda: host.clients(), what="the client")
+            host.write_all("v", 1)
+            host.write_all("w", 2)
+            wait_for(lambda: seen, what="the w callback")
+            assert seen == [2]
+        finally:
+            client.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_requests_fail_with_the_same_errors(layer: str, loop_thread: AioThread) -> None:
+    from socketengine import RemoteError
+
+    with Host(port=0) as host:
+        host.on("boom", lambda v, conn: 1 / 0)
+        client = make_client(layer, loop_thread, host.port)
+        try:
+            with pytest.raises(RemoteError, match="ZeroDivisionError"):
+                client.do("request", "boom", 1, timeout=5)
+            with pytest.raises(RemoteError, match="no handler"):
+                client.do("request", "nobody", 1, timeout=5)
+        finally:
+            client.close()
+
+
+# -- reconnect outbox ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_images_written_while_reconnecting_are_conflated(
+    layer: str, loop_thread: AioThread
+) -> None:
+    np = pytest.importorskip("numpy")
+    first = Host(port=0)
+    port = first.port
+    client = make_client(layer, loop_thread, port, heartbeat=None)
+    try:
+        wait_for(lambda: first.clients(), what="the client")
+        first.close()
+        wait_for(lambda: not client.ep.connected, what="the client to notice")
+        client.do("write", "before", 1)
+        for i in range(5):
+            client.do("write_image", np.full((4, 4), i, dtype=np.uint8), "cam")
+        client.do("write", "after", 2)
+        sent = client.do("stats")["images"]["sent"]["cam"]
+        assert sent["frames"] == 5 and sent["dropped"] == 4
+        with Host(port=port) as second:
+            wait_for(lambda: second.get("after") == 2, what="the outbox to arrive")
+            assert second.get("before") == 1
+            assert second.get("cam").tolist() == np.full((4, 4), 4, dtype=np.uint8).tolist()
+            assert second.stats()["images"]["received"]["cam"]["frames"] == 1
+    finally:
+        client.close()
+
+
+# -- heartbeats ----------------------------------------------------------------------------
+
+
+def _listener_that_only_answers_pings(port: int, stop: threading.Event, got: List[Any]) -> None:
+    """A minimal client written from docs/protocol.md: it handshakes (as a 1.0 peer
+    would: no "hb"), answers every PING with a PONG and never sends anything else."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    proto = Protocol(Role.CLIENT, name="listener")
+    sock.sendall(proto.data_to_send())
+    sock.settimeout(0.2)
+    decoder = proto.decoder
+    while not stop.is_set():
+        try:
+            data = sock.recv(65536)
+        except socket.timeout:
+            continue
+        if not data:
+            break
+        buf = decoder.get_buffer()
+        buf[: len(data)] = data
+        buf.release()
+        decoder.buffer_updated(len(data))
+        for frame in proto.events():
+            if frame.type == frames.DATA:
+                got.append(frame.value())
+        out = proto.data_to_send()  # the handshake, and PONGs for PINGs
+        if out:
+            sock.sendall(out)
+    sock.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_streaming_host_keeps_a_client_that_only_answers_pings(
+    layer: str, loop_thread: AioThread
+) -> None:
+    """Protocol 1.0 pinged only after H without *sending*: a host streaming to a client
+    never pinged it and declared it dead after 3·H.  The 1.1 rule pings on silence."""
+    host = make_host(layer, loop_thread, heartbeat=0.2)
+    stop = threading.Event()
+    got: List[Any] = []
+    reader = threading.Thread(
+        target=_listener_that_only_answers_pings, args=(host.ep.port, stop, got), daemon=True
+    )
+    reader.start()
+    try:
+        wait_for(lambda: host.ep.clients(), what="the listener")
+        for i in range(40):  # 2 s = 10 heartbeat intervals, at 20 messages/s
+            host.do("write_all", "stream", i)
+            stop.wait(0.05)  # pacing the producer, not synchronisation
+        assert len(host.ep.clients()) == 1, "the listener was declared dead"
+        wait_for(lambda: len(got) == 40, what="every streamed value")
+        assert got == list(range(40))
+    finally:
+        stop.set()
+        reader.join(10)
+        host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_peer_that_goes_silent_is_declared_dead(layer: str, loop_thread: AioThread) -> None:
+    host = make_host(layer, loop_thread, heartbeat=0.2)
+    try:
+        sock = socket.create_connection(("127.0.0.1", host.ep.port), timeout=10)
+        proto = Protocol(Role.CLIENT, name="mute")
+        sock.sendall(proto.data_to_send())
+        wait_for(lambda: host.ep.clients(), what="the mute client")
+        # It never reads nor answers again: dead within 3·H (+ one check interval).
+        wait_for(lambda: not host.ep.clients(), timeout=5, what="the heartbeat verdict")
+        sock.close()
+    finally:
+        host.close()
