@@ -1,0 +1,1 @@
+"""Transports that carry socketengine frames.  TCP lives in the endpoint core; see :mod:`.nats`."""

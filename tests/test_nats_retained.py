@@ -1,0 +1,78 @@
+"""Retained values in JetStream KV / object store, on a real 3-node cluster."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Iterator
+
+import pytest
+from nats_fixtures import *  # noqa: F403
+from nats_fixtures import LocalCluster
+
+from socketengine import frames
+from socketengine.transport.nats.retained import POINTER, RetainedStore
+from socketengine.transport.nats.wire import decode_one, frame_bytes
+
+
+def frame(channel: str, value: Any) -> bytes:
+    return frame_bytes(frames.encode_value_frame(frames.DATA, channel, value))
+
+
+@pytest.fixture
+def host_name() -> Iterator[str]:
+    yield f"host {os.urandom(4).hex()}.*"  # awkward on purpose: dots, space, wildcard
+
+
+def test_put_get_delete_list(nats_cluster: LocalCluster, make_link: Any, host_name: str) -> None:
+    link = make_link(nats_cluster.urls)
+    store = RetainedStore(link, host_name)
+    try:
+        assert store.channels() == [] and store.get("a") is None
+        store.put("a.b", frame("a.b", 1))
+        store.put("* >", frame("* >", "x"))
+        big = frame("image", b"\x01" * 3_000_000)  # beyond max_payload: split over keys
+        store.put("image", big)
+        assert store.channels() == ["* >", "a.b", "image"]
+        assert decode_one(store.get("a.b")).value() == 1
+        assert store.get("image") == big
+        # The key holds a manifest for the big one, the pieces are keys "image.0"...
+        raw = link.run(store.aio._raw("image"))
+        assert raw.startswith(POINTER)
+        assert link.run(store.aio._raw("image.2")) is not None
+        # Overwriting with a small value removes the pieces.
+        store.put("image", frame("image", b"small"))
+        assert decode_one(store.get("image")).value() == b"small"
+        assert link.run(store.aio._raw("image.0")) is None
+        # A fresh store (another process) also finds and removes old pieces.
+        store.put("image", big)
+        other = RetainedStore(link, host_name)
+        other.delete("image")
+        assert link.run(store.aio._raw("image.1")) is None and store.get("image") is None
+        store.put("image", frame("image", b"small"))
+        store.delete("a.b")
+        store.delete("never-set")
+        assert store.get("a.b") is None
+        assert set(store.items()) == {"* >", "image"}
+    finally:
+        store.destroy()
+
+
+def test_retained_value_survives_killing_the_node_that_took_it(
+    nats_cluster: LocalCluster, make_link: Any, host_name: str
+) -> None:
+    writer = make_link(nats_cluster.nodes[1].url)
+    store = RetainedStore(writer, host_name)
+    big = frame("image", bytes(range(256)) * 8000)  # 2 MB: split over keys
+    store.put("status", frame("status", {"ok": True}))
+    store.put("image", big)
+    writer.close()
+    nats_cluster.kill(1)  # the node the writer was connected to
+    t0 = time.monotonic()
+    late = make_link(nats_cluster.nodes[2].url)
+    again = RetainedStore(late, host_name, timeout=20.0)
+    assert decode_one(again.get("status")).value() == {"ok": True}
+    assert again.get("image") == big
+    assert again.channels() == ["image", "status"]
+    print(f"retained values read {time.monotonic() - t0:.2f} s after the kill")
+    # (the bucket goes with the session cluster: deleting it needs a stream leader)
