@@ -380,7 +380,7 @@ async def test_request_errors() -> None:
             await c.request("fail", 3)
         with pytest.raises(RemoteError, match="^no handler for requests on channel 'nobody'$"):
             await c.request("nobody", 1)
-        with pytest.raises(RemoteError, match="^TypeError: .*set"):
+        with pytest.raises(RemoteError, match="^the reply could not be sent: .*set"):
             await c.request("unsendable", 1)
         with pytest.raises(TimeoutError):
             await c.request("slow", 0, timeout=0.05)

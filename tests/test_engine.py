@@ -427,3 +427,23 @@ def test_settings_refuse_bad_values(kwargs: Any, error: type) -> None:
     base.update(kwargs)
     with pytest.raises(error):
         check_settings(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1 << 16])
+def test_sync_is_answered_by_ack_after_what_came_before(chunk: int) -> None:
+    client, host = _open_pair()
+    sink = _Sink()
+    rid = client.requests.open(sink)
+    stream = b"".join(frames.encode_value_frame(frames.DATA, "v", 7)) + client.sync_frame(rid)
+    stored = []
+    for frame in _feed(host, stream, chunk):
+        if frame.type == frames.DATA:
+            stored.append(frame.value())
+        else:
+            assert not host.control(frame)
+    assert stored == [7]
+    ack = host.control_bytes()
+    assert _types(ack) == [frames.ACK]
+    for frame in _feed(client, ack, chunk):
+        client.control(frame)
+    assert sink.result is True and len(client.requests) == 0

@@ -389,3 +389,220 @@ def test_a_peer_that_goes_silent_is_declared_dead(layer: str, loop_thread: AioTh
         sock.close()
     finally:
         host.close()
+
+
+# -- channel patterns ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_patterns_on_wait_subscribe_in_both_layers(layer: str, loop_thread: AioThread) -> None:
+    from socketengine import Pattern
+
+    with Host(port=0) as host:
+        client = make_client(layer, loop_thread, host.port)
+        try:
+            seen: List[Any] = []
+            client.do("on", Pattern("sensors/+/temp"), lambda ch, v: seen.append((ch, v)))
+            sub = client.do("subscribe", Pattern("sensors/#"))
+            exact_plus: List[Any] = []
+            client.do("on", "sensors/+/temp", exact_plus.append)  # a str stays exact
+            wait_for(lambda: host.clients(), what="the client")
+            host.write_all("sensors/left/temp", 21.5)
+            host.write_all("sensors/left/hum", 40)
+            host.write_all("other", 1)
+            host.write_all("sensors/+/temp", "literal")
+            wait_for(lambda: len(seen) == 2, what="two pattern callbacks")
+            assert seen == [("sensors/left/temp", 21.5), ("sensors/+/temp", "literal")]
+            wait_for(lambda: len(sub) == 3, what="three matching messages")
+            if layer == "sync":
+                got = [sub.get(timeout=5) for _ in range(3)]
+            else:
+                got = [loop_thread.run(sub.get()) for _ in range(3)]
+            assert got == [
+                ("sensors/left/temp", 21.5),
+                ("sensors/left/hum", 40),
+                ("sensors/+/temp", "literal"),
+            ]
+            wait_for(lambda: exact_plus == ["literal"], what="the exact '+' name")
+            client.do("off", Pattern("sensors/+/temp"))
+            if layer == "sync":
+                waiter = threading.Thread(
+                    target=lambda: seen.append(client.ep.wait(Pattern("a/+"), timeout=5))
+                )
+                waiter.start()
+                wait_for(lambda: client.ep._patterns, what="the pattern waiter")
+                host.write_all("a/b", "x")
+                waiter.join(10)
+                assert seen[-1] == ("a/b", "x")
+            else:
+
+                async def wait_one() -> Any:
+                    task = asyncio.ensure_future(client.ep.wait(Pattern("a/+"), timeout=5))
+                    for _ in range(200):
+                        if client.ep._patterns.all_waiters():
+                            break
+                        await asyncio.sleep(0.01)
+                    host.write_all("a/b", "x")
+                    return await task
+
+                assert loop_thread.run(wait_one()) == ("a/b", "x")
+            host.write_all("sensors/right/temp", 3)  # off(): no pattern callback any more
+            wait_for(lambda: len(sub) == 1, what="the subscription to go on")
+            assert len(seen) == 2 + (1 if layer == "sync" else 0)
+        finally:
+            client.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_host_get_all_and_wait_with_a_pattern(layer: str, loop_thread: AioThread) -> None:
+    from socketengine import Pattern
+
+    host = make_host(layer, loop_thread)
+    try:
+        with Client(port=host.ep.port, name="a") as a, Client(port=host.ep.port, name="b") as b:
+            a.write("robot/1/pose", [1, 2])
+            b.write("robot/2/pose", [3, 4])
+            b.write("robot/2/speed", 5)
+            wait_for(lambda: len(host.ep.get_all(Pattern("robot/#"))) == 3)
+            assert host.ep.get_all(Pattern("robot/+/pose")) == {
+                "robot/1/pose": [[1, 2]],
+                "robot/2/pose": [[3, 4]],
+            }
+            assert host.ep.get_all(Pattern("nothing/#")) == {}
+            sub = host.do("subscribe", Pattern("robot/#"))
+            a.write("robot/1/pose", [9, 9])
+            wait_for(lambda: len(sub) == 1)
+            item = sub.get(timeout=5) if layer == "sync" else loop_thread.run(sub.get())
+            channel, value, conn = item
+            assert (channel, value, conn.name) == ("robot/1/pose", [9, 9], "a")
+    finally:
+        host.close()
+
+
+@pytest.mark.parametrize("text", ["", "a/#/b", "a+/b", "#x", "a/b+"])
+def test_malformed_patterns_are_refused_at_the_call(text: str) -> None:
+    from socketengine import Pattern
+
+    with pytest.raises(ValueError):
+        Pattern(text)
+
+
+# -- lossless image streams ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_lossless_image_channel_delivers_every_frame_in_order(
+    layer: str, loop_thread: AioThread
+) -> None:
+    """The imagezmq receive loop, ported: the camera writes 100 frames with
+    conflate=False, the hub reads them one by one through a subscription (slower than
+    the camera) and gets 100 of 100, in order; the writer is slowed by backpressure."""
+    np = pytest.importorskip("numpy")
+    with Host(port=0) as hub:
+        frames_in = hub.subscribe("image", maxsize=4)  # a small queue: backpressure early
+        camera = make_client(layer, loop_thread, hub.port, max_buffer=1 << 20)
+        try:
+            wait_for(lambda: hub.clients(), what="the camera")
+            done = threading.Event()
+
+            def run_camera() -> None:
+                for i in range(100):
+                    frame = np.full((480, 640, 3), i % 256, dtype=np.uint8)
+                    camera.do("write_image", frame, "image", conflate=False)
+                done.set()
+
+            writer = threading.Thread(target=run_camera, daemon=True)
+            writer.start()
+            got = []
+            for _ in range(100):
+                img, conn = frames_in.get(timeout=20)
+                got.append(int(img[0, 0, 0]))
+                if len(got) == 10:
+                    assert not done.is_set()  # the camera waits for the slow hub
+            writer.join(20)
+            assert got == list(range(100))
+            sent = camera.do("stats")["images"]["sent"]["image"]
+            assert sent["frames"] == 100 and sent["dropped"] == 0
+        finally:
+            camera.close()
+
+
+# -- acknowledged writes -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_acknowledged_writes_both_ways(layer: str, loop_thread: AioThread) -> None:
+    host = make_host(layer, loop_thread)
+    try:
+        with Client(port=host.ep.port, name="c") as c:
+            c.write("cfg", {"gain": 2}, ack=True, timeout=5)
+            assert host.ep.get("cfg") == {"gain": 2}  # stored before write() returned
+            for i in range(50):
+                c.write("n", i)
+            c.flush(timeout=5, acked=True)
+            assert host.ep.get("n") == 49
+            wait_for(lambda: host.ep.clients(), what="the client")
+            (conn,) = host.ep.clients()
+            if layer == "sync":
+                conn.write("cmd", "go", ack=True, timeout=5)
+                conn.flush(acked=True)
+            else:
+                loop_thread.run(conn.write("cmd", "go", ack=True, timeout=5))
+                loop_thread.run(conn.flush(acked=True))
+            assert c.get("cmd") == "go"
+    finally:
+        host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_an_acknowledged_write_to_a_peer_that_stopped_reading_times_out(
+    layer: str, loop_thread: AioThread
+) -> None:
+    from socketengine import WriteTimeout
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: List[socket.socket] = []
+
+    def mute_host() -> None:
+        conn, _ = listener.accept()
+        accepted.append(conn)
+        proto = Protocol(Role.HOST)
+        while not proto.is_open:
+            data = conn.recv(65536)
+            buf = proto.decoder.get_buffer()
+            buf[: len(data)] = data
+            buf.release()
+            proto.decoder.buffer_updated(len(data))
+            proto.events()
+            conn.sendall(proto.data_to_send())
+        # then it never reads again, nor answers
+
+    server = threading.Thread(target=mute_host, daemon=True)
+    server.start()
+    client = make_client(layer, loop_thread, listener.getsockname()[1], heartbeat=None)
+    try:
+        with pytest.raises(WriteTimeout, match="acknowledge"):
+            client.do("write", "x", 1, ack=True, timeout=0.5)
+    finally:
+        client.close()
+        server.join(5)
+        for s in accepted:
+            s.close()
+        listener.close()
+
+
+def test_acknowledged_writes_need_a_1_1_peer() -> None:
+    from socketengine import NotSupported
+    from socketengine.engine import ConnectionEngine
+
+    engine = ConnectionEngine(
+        Protocol(Role.CLIENT),
+        peer="old host",
+        max_buffer=1 << 20,
+        heartbeat=None,
+        handshake_timeout=10,
+        now=0.0,
+    )
+    # A 1.0 host's WELCOME has no "ack": nothing would ever answer a SYNC.
+    with pytest.raises(NotSupported, match="1.0"):
+        engine.sync_frame(1)

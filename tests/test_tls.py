@@ -33,7 +33,8 @@ def test_tls_pair_exchanges_values_and_images(certs: dict) -> None:
     with Host(port=0, tls=_server(certs)) as h, Client(
         port=h.port, tls=_client(certs["good"][0]), name="secure"
     ) as c:
-        assert h.clients()[0].socket.version() is not None  # type: ignore[attr-defined]
+        conn = wait_for(lambda: h.clients() and h.clients()[0])  # the host may lag the client
+        assert conn.socket.version() is not None  # type: ignore[attr-defined]
         c.write("a", {"x": [1, 2, 3]})
         frame = np.random.default_rng(0).integers(0, 255, (720, 1280, 3), dtype=np.uint8)
         c.write_image(frame)

@@ -15,6 +15,7 @@ from .errors import (
     EndpointClosed,
     HandshakeError,
     MessageTooBig,
+    NotSupported,
     ProtocolError,
     RemoteError,
     SocketEngineConnectionError,
@@ -22,8 +23,10 @@ from .errors import (
     WriteTimeout,
 )
 from .images import CodecUnavailable, EncodedImage
+from .patterns import Pattern
 from .sync.client import Client
 from .sync.connection import Connection
+from .sync.delivery import Subscription
 from .sync.host import Host
 
 __version__ = "2.0.0a1"
@@ -32,12 +35,15 @@ __all__ = [
     "Host",
     "Client",
     "Connection",
+    "Subscription",
+    "Pattern",
     "host",
     "client",
     "SocketEngineError",
     "SocketEngineConnectionError",
     "ProtocolError",
     "MessageTooBig",
+    "NotSupported",
     "RemoteError",
     "WriteTimeout",
     "EndpointClosed",

@@ -3,9 +3,10 @@
 This module is the only place the camelCase names exist.  Each alias resolves to the
 very same method (``h.get_ALL == h.get_all``, ``Host.get_ALL is Host.get_all``); the
 ``*Lock`` variants are the same as the plain ones because every write is thread-safe.
-
 They are left out of ``dir(Host)`` / ``dir(Client)`` and therefore out of ``help(Host)``,
 which lists the PEP 8 names only: this table is their one place of documentation.
+A type checker sees each alias as the method it names (``h.get_ALL`` has the signature
+of ``Host.get_all``) and ``host`` / ``client`` as the classes themselves.
 
 ======================  ==========================
 seed name               socketengine name
@@ -26,7 +27,11 @@ seed name               socketengine name
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Type
+
+if TYPE_CHECKING:
+    from .sync.client import Client
+    from .sync.host import Host
 
 
 class Alias:
@@ -67,12 +72,20 @@ class HostSeedNames(metaclass=SeedNamesMeta):
 
     __slots__ = ()
 
-    get_ALL = Alias("get_all")
-    getClients = Alias("clients")
-    write_ALL = Alias("write_all")
-    writeLock_ALL = Alias("write_all")
-    writeImg_ALL = Alias("write_image_all")
-    writeImgLock_ALL = Alias("write_image_all")
+    if TYPE_CHECKING:  # a type checker sees each alias as the method it names
+        get_ALL = Host.get_all
+        getClients = Host.clients
+        write_ALL = Host.write_all
+        writeLock_ALL = Host.write_all
+        writeImg_ALL = Host.write_image_all
+        writeImgLock_ALL = Host.write_image_all
+    else:
+        get_ALL = Alias("get_all")
+        getClients = Alias("clients")
+        write_ALL = Alias("write_all")
+        writeLock_ALL = Alias("write_all")
+        writeImg_ALL = Alias("write_image_all")
+        writeImgLock_ALL = Alias("write_image_all")
 
 
 class ClientSeedNames(metaclass=SeedNamesMeta):
@@ -80,16 +93,25 @@ class ClientSeedNames(metaclass=SeedNamesMeta):
 
     __slots__ = ()
 
-    writeLock = Alias("write")
-    writeImg = Alias("write_image")
-    writeImgLock = Alias("write_image")
+    if TYPE_CHECKING:
+        writeLock = Client.write
+        writeImg = Client.write_image
+        writeImgLock = Client.write_image
+    else:
+        writeLock = Alias("write")
+        writeImg = Alias("write_image")
+        writeImgLock = Alias("write_image")
 
 
-def _seed_classes() -> Any:
+def _seed_classes() -> Tuple[Type[Host], Type[Client]]:
     from .sync.client import Client
     from .sync.host import Host
 
     return Host, Client
 
 
-host, client = _seed_classes()
+if TYPE_CHECKING:  # the classes themselves: ``h: host`` is an annotation too
+    host = Host
+    client = Client
+else:
+    host, client = _seed_classes()

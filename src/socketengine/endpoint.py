@@ -29,6 +29,8 @@ class EndpointBase:
     """The layer-independent half of an endpoint (not used directly)."""
 
     _kind = "endpoint"
+    #: Hosts: callbacks get the connection too, and items carry it.
+    _with_conn = False
 
     def _init_endpoint(
         self,

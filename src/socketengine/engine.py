@@ -33,7 +33,7 @@ import enum
 from typing import Any, List, Optional
 
 from . import frames
-from .errors import ConnectionClosed, HandshakeError, ProtocolError
+from .errors import ConnectionClosed, HandshakeError, NotSupported, ProtocolError
 from .frames import Frame
 from .protocol import Protocol
 from .requests import ReplySink, RequestTable
@@ -42,6 +42,7 @@ from .sendqueue import BATCH_MAX, ImageHook, SendQueue
 __all__ = ["ConnState", "Tick", "ConnectionEngine", "BYE_FRAME"]
 
 BYE_FRAME = b"".join(frames.encode_frame(frames.BYE))
+_pack_header = frames.HEADER.pack
 _PING_FRAME = b"".join(frames.encode_frame(frames.PING))
 
 
@@ -109,6 +110,7 @@ class ConnectionEngine:
         self.eof_received = False
         self.error: Optional[BaseException] = None
         self.last_recv = self.last_send = self.last_ping = now
+        self._out: List[bytes] = []  # frames the engine itself answers with (ACK)
 
     # -- state ----------------------------------------------------------------------------
 
@@ -186,6 +188,13 @@ class ConnectionEngine:
         if t == frames.BYE:
             self.receive_bye()
             return True
+        if t == frames.SYNC:
+            # Everything the peer sent before it is stored: say so, in order.
+            self._out.append(_pack_header(frames.ACK, 0, 0, frame.id, 0, 0))
+            return False
+        if t == frames.ACK:
+            self.requests.acknowledge(frame.id)
+            return False
         if t == frames.BATCH:
             raise ProtocolError("BATCH frame from a peer that was not told this side reads them")
         raise ProtocolError(f"unexpected frame type 0x{t:02x} after the handshake")
@@ -229,9 +238,22 @@ class ConnectionEngine:
         """What the protocol itself wants sent (handshake frames, PONG).  Empty once
         our BYE is out: nothing may follow it."""
         out = self.protocol.data_to_send()
+        if self._out:
+            out += b"".join(self._out)
+            self._out = []
         if self.bye_sent or self.state is ConnState.CLOSED:
             return b""
         return out
+
+    def sync_frame(self, rid: int) -> bytes:
+        """A SYNC frame: the peer answers ACK ``rid`` once it has stored everything sent
+        before it.  Raises :class:`NotSupported` for a peer that did not announce it."""
+        if not self.protocol.peer_ack:
+            raise NotSupported(
+                f"{self.peer} runs protocol 1.0 and cannot acknowledge writes: upgrade it "
+                "(or write without ack=True)"
+            )
+        return _pack_header(frames.SYNC, 0, 0, rid, 0, 0)
 
     def sent(self, now: float) -> None:
         """Bytes went to the peer."""

@@ -8,7 +8,8 @@ plain sockets keeps working::
     ├── ProtocolError            a peer sent bytes that break the wire protocol
     │   └── MessageTooBig        a frame is larger than ``max_message``
     ├── RemoteError              the peer's request handler raised
-    ├── WriteTimeout             the peer did not take a write within ``timeout``
+    ├── WriteTimeout             the peer did not take (or acknowledge) a write in time
+    ├── NotSupported             the peer's protocol version lacks the feature used
     └── EndpointClosed           the endpoint was closed by the user
     ConnectionError
     └── SocketEngineConnectionError (also a SocketEngineError)
@@ -27,6 +28,7 @@ __all__ = [
     "RemoteError",
     "EndpointClosed",
     "WriteTimeout",
+    "NotSupported",
     "SocketEngineConnectionError",
     "ConnectTimeout",
     "HandshakeError",
@@ -59,6 +61,11 @@ class WriteTimeout(SocketEngineError, TimeoutError):
 
     Nothing of the write was sent.  The peer is not reading fast enough.
     """
+
+
+class NotSupported(SocketEngineError):
+    """The peer did not announce the protocol feature a call needs (it runs an older
+    socketengine): upgrade it, or do without the feature."""
 
 
 class EndpointClosed(SocketEngineError, RuntimeError):

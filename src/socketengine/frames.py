@@ -54,6 +54,8 @@ REQUEST = 0x11
 REPLY = 0x12
 REPLY_ERROR = 0x13
 BATCH = 0x14  # protocol 1.1: several small DATA values in one frame
+SYNC = 0x15  # protocol 1.1: "tell me when everything before this is stored"
+ACK = 0x16  # protocol 1.1: the answer to SYNC (same id)
 PING = 0x20
 PONG = 0x21
 BYE = 0x22
@@ -69,6 +71,8 @@ FRAME_TYPES = frozenset(
         REPLY,
         REPLY_ERROR,
         BATCH,
+        SYNC,
+        ACK,
         PING,
         PONG,
         BYE,

@@ -105,6 +105,8 @@ class Protocol:
         self.peer_heartbeat: Optional[float] = None
         #: The peer reads BATCH frames (it announced ``"batch"``, protocol 1.1).
         self.peer_batch = False
+        #: The peer answers SYNC with ACK (it announced ``"ack"``, protocol 1.1).
+        self.peer_ack = False
         #: The peer's ``max_message`` (``"mm"``, protocol 1.1), or ``None`` (1.0 peer).
         self.peer_max_message: Optional[int] = None
         self.state = State.HANDSHAKE
@@ -134,6 +136,7 @@ class Protocol:
         if self.heartbeat is not None:
             out["hb"] = float(self.heartbeat)
         out["batch"] = True
+        out["ack"] = True
         out["mm"] = self._max_message
         return out
 
@@ -142,6 +145,7 @@ class Protocol:
         if isinstance(hb, (int, float)) and not isinstance(hb, bool) and hb > 0:
             self.peer_heartbeat = float(hb)
         self.peer_batch = meta.get("batch") is True
+        self.peer_ack = meta.get("ack") is True
         mm = meta.get("mm")
         if type(mm) is int and mm > 0:
             self.peer_max_message = mm

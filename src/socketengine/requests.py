@@ -81,6 +81,16 @@ class RequestTable(Generic[S]):
             sink.set_exception(RemoteError(str(value)))
         return True
 
+    def acknowledge(self, rid: int) -> bool:
+        """An ACK arrived for SYNC ``rid``: its waiter learns everything before it is
+        stored.  False if nobody waits for it (it gave up)."""
+        sink: Optional[S] = self._open.pop(rid, None)
+        if sink is None or sink.done():
+            logger.debug("ACK for an unknown or expired id %d ignored", rid)
+            return False
+        sink.set_result(True)
+        return True
+
     def fail_all(self, error: BaseException) -> None:
         """The connection closed: every outstanding request fails with ``error``."""
         pending, self._open = self._open, {}

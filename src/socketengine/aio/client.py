@@ -7,7 +7,7 @@ import asyncio
 import logging
 import socket
 import ssl
-from typing import Any, List, Optional, Union
+from typing import Any, List, Optional, TypeVar, Union
 
 from .. import frames
 from ..errors import (
@@ -28,6 +28,7 @@ from ..limits import (
     check_name,
     check_seconds,
 )
+from ..patterns import Pattern
 from ..protocol import Protocol, Role
 from ..sendqueue import Outgoing, SendQueue
 from ..state import Backoff, log_lost_link
@@ -38,6 +39,8 @@ from .subscription import Subscription
 __all__ = ["Client"]
 
 logger = logging.getLogger("socketengine")
+
+_K = TypeVar("_K", bound="Client")
 
 # Errors that mean "the host is not (yet) there": keep trying.
 _RETRYABLE = (
@@ -162,7 +165,7 @@ class Client(Endpoint):
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def start(self) -> Client:
+    async def start(self: _K) -> _K:
         """Connect and complete the handshake; return the client.
 
         Retries while the host refuses (it may not be up yet), for at most
@@ -325,8 +328,9 @@ class Client(Endpoint):
         """
         return self._read(self._latest, channel, default)
 
-    async def wait(self, channel: str, timeout: Optional[float] = None) -> Any:
-        """The value of the next message on ``channel`` arriving after the call.
+    async def wait(self, channel: Union[str, Pattern], timeout: Optional[float] = None) -> Any:
+        """The value of the next message on ``channel`` arriving after the call (with a
+        :class:`~socketengine.Pattern`: ``(channel, value)``).
 
         Raises ``TimeoutError`` after ``timeout`` s (``None``: no bound),
         :class:`~socketengine.EndpointClosed` if the client is closed and, without
@@ -336,10 +340,11 @@ class Client(Endpoint):
         return await self._wait(channel, timeout)
 
     def subscribe(
-        self, channel: str, maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
+        self, channel: Union[str, Pattern], maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
     ) -> Subscription[Any]:
         """Every message on ``channel`` from now on, in order:
-        ``async for data in c.subscribe("ch")``.  May be called before :meth:`start`
+        ``async for data in c.subscribe("ch")`` (with a :class:`~socketengine.Pattern`,
+        items are ``(channel, data)``).  May be called before :meth:`start`
         (to see retained values).  See :class:`~socketengine.aio.Subscription`."""
         return self._subscribe(channel, maxsize)
 
@@ -351,8 +356,12 @@ class Client(Endpoint):
 
     # -- writing --------------------------------------------------------------------------
 
-    async def write(self, channel: str, data: Any) -> None:
-        """Send ``data`` on ``channel`` to the host.
+    async def write(
+        self, channel: str, data: Any, ack: bool = False, timeout: Optional[float] = None
+    ) -> None:
+        """Send ``data`` on ``channel`` to the host (``ack=True``: and wait until the
+        host confirms it has stored it; :class:`~socketengine.WriteTimeout` after
+        ``timeout`` s, :class:`~socketengine.ConnectionClosed` without a live link).
 
         Raises ``TypeError`` naming the type if ``data`` cannot be sent (nothing is
         sent), :class:`~socketengine.EndpointClosed` if the client is closed or not
@@ -362,11 +371,21 @@ class Client(Endpoint):
         is kept and sent first once reconnected (the same bound applies); without
         ``reconnect``, :class:`~socketengine.ConnectionClosed`.
         """
+        if ack:
+            await self._live().write(channel, data, ack=True, timeout=timeout)
+            return
         encoded = frames.value_item(channel, data)
         if type(encoded) is bytes:
             await self._send(encoded, len(encoded))
         else:
             await self._send(*encoded)
+
+    async def flush(self, timeout: Optional[float] = None, acked: bool = False) -> None:
+        """Wait until everything written so far is handed to the operating system
+        (``acked=True``: until the host confirms it has stored all of it).  Raises
+        :class:`~socketengine.WriteTimeout` after ``timeout`` s (default: the client's
+        ``timeout``) and :class:`~socketengine.ConnectionClosed` without a live link."""
+        await self._live().flush(timeout, acked)
 
     async def write_image(
         self,
@@ -374,6 +393,7 @@ class Client(Endpoint):
         channel: str = "image",
         codec: Optional[str] = None,
         quality: Optional[int] = None,
+        conflate: bool = True,
     ) -> None:
         """Send a numpy image (H, W) or (H, W, C) on ``channel`` (default ``"image"``).
 
@@ -383,9 +403,13 @@ class Client(Endpoint):
         ``image_quality``.  JPEG/PNG encoding runs in a worker thread.  A newer frame
         replaces an older one on the same channel that is still unsent (also while
         disconnected).  ``TypeError``/``ValueError`` before anything is sent.
+
+        ``conflate=False`` makes the channel lossless: every frame is queued like a
+        plain value, in order, and a slow receiver slows the writer (backpressure,
+        bounded by ``max_buffer``) instead of getting only the newest frame.
         """
-        parts, nbytes = await self._image_frame(img, channel, codec, quality)
-        await self._send(parts, nbytes, image=channel)
+        parts, nbytes = await self._image_frame(img, channel, codec, quality, conflate)
+        await self._send(parts, nbytes, image=channel if conflate else None)
 
     async def request(self, channel: str, data: Any, timeout: Optional[float] = 5.0) -> Any:
         """Send a request on ``channel``; return the host's reply.

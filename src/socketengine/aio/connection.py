@@ -358,7 +358,9 @@ class Connection(PeerView, asyncio.BufferedProtocol):
     def _queued_bytes(self) -> int:
         return self.queued_bytes
 
-    async def write(self, channel: str, data: Any) -> None:
+    async def write(
+        self, channel: str, data: Any, ack: bool = False, timeout: Optional[float] = None
+    ) -> None:
         """Send ``data`` on ``channel`` to this peer.
 
         Raises ``TypeError`` if ``data`` cannot be sent (nothing is sent),
@@ -366,13 +368,59 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         :class:`ConnectionClosed` if the connection is gone, and
         :class:`~socketengine.WriteTimeout` if the peer's buffer stayed above
         ``max_buffer`` for ``timeout`` s (nothing is sent).  Waits (at most
-        ``timeout`` s) while the peer does not keep up.
+        ``timeout`` s) while the peer does not keep up.  ``ack=True`` also waits until
+        the peer confirms it has stored the value (see :meth:`sync`).
         """
         encoded = frames.value_item(channel, data)
         if type(encoded) is bytes:
             await self._send_item(encoded)
         else:
             await self._send_frame(*encoded)
+        if ack:
+            await self.sync(timeout)
+
+    async def sync(self, timeout: Optional[float] = None) -> None:
+        """Wait until the peer confirms it has stored everything written to it so far
+        (SYNC answered by ACK, protocol 1.1).  Raises :class:`~socketengine.WriteTimeout`
+        after ``timeout`` s (default: the endpoint's ``timeout``),
+        :class:`ConnectionClosed` if the connection is lost first, and
+        :class:`~socketengine.NotSupported` for a protocol 1.0 peer."""
+        limit = self._endpoint.timeout if timeout is None else timeout
+        self._check_writable()
+        future: asyncio.Future[Any] = self._loop.create_future()
+        requests = self.engine.requests
+        rid = requests.open(future)
+        try:
+            frame = self.engine.sync_frame(rid)
+            self._enqueue((frame,), len(frame))
+            try:
+                await asyncio.wait_for(asyncio.shield(future), limit)
+            except asyncio.TimeoutError:
+                raise WriteTimeout(
+                    f"{self._peer()} did not acknowledge the writes within {limit} s"
+                ) from None
+        finally:
+            requests.cancel(rid)
+
+    async def flush(self, timeout: Optional[float] = None, acked: bool = False) -> None:
+        """Wait until everything written so far is handed to the operating system
+        (``acked=True``: until the peer confirms it has stored all of it).  Raises
+        :class:`~socketengine.WriteTimeout` after ``timeout`` s and
+        :class:`ConnectionClosed` if the connection is lost first."""
+        limit = self._endpoint.timeout if timeout is None else timeout
+        if acked:
+            await self.sync(limit)
+            return
+        deadline = self._loop.time() + limit
+        while self._queue or self._buffered():
+            if self._lost:
+                raise ConnectionClosed(f"the connection to {self._peer()} closed before flushing")
+            left = deadline - self._loop.time()
+            if left <= 0:
+                raise WriteTimeout(
+                    f"{self._peer()} did not take {self.queued_bytes} queued bytes within {limit} s"
+                )
+            await self._progress(min(left, _ROOM_POLL))
 
     async def write_image(
         self,
@@ -380,6 +428,7 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         channel: str = "image",
         codec: Optional[str] = None,
         quality: Optional[int] = None,
+        conflate: bool = True,
     ) -> None:
         """Send a numpy image (H, W) or (H, W, C) on ``channel`` to this peer only.
 
@@ -388,9 +437,13 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         runs in a worker thread.  If an earlier image on ``channel`` still waits unsent,
         this one replaces it (latest frame wins); an image write never waits for the
         peer.  ``TypeError`` / ``ValueError`` before anything is sent.
+
+        ``conflate=False`` makes the channel lossless: every frame is queued like a
+        plain value, in order, and a slow receiver slows the writer (backpressure,
+        bounded by ``max_buffer``) instead of getting only the newest frame.
         """
-        parts, nbytes = await self._endpoint._image_frame(img, channel, codec, quality)
-        await self._send_frame(parts, nbytes, image=channel)
+        parts, nbytes = await self._endpoint._image_frame(img, channel, codec, quality, conflate)
+        await self._send_frame(parts, nbytes, image=channel if conflate else None)
 
     async def request(self, channel: str, data: Any, timeout: Optional[float] = 5.0) -> Any:
         """Send a request on ``channel`` and return the peer's reply.
@@ -860,6 +913,8 @@ class Connection(PeerView, asyncio.BufferedProtocol):
             self._endpoint._answer(self, frame.channel, frame.id, value)
         elif self.engine.control(frame):
             self._on_bye()
+        elif t == frames.SYNC:
+            self._send_protocol_bytes()  # the ACK, after everything already queued
 
     def _block(self, gate: Gate) -> None:
         """``gate`` is full: stop handling frames until it releases this connection."""

@@ -87,13 +87,25 @@ class LazyImage:
         return f"<LazyImage {self.encoded!r} {state}>"
 
 
+def _lazy_at(item: Any) -> int:
+    """Where the :class:`LazyImage` of a delivered tuple item is (``(value, conn)``,
+    ``(channel, value)``, ``(channel, value, conn)``), or -1."""
+    if type(item) is tuple and len(item) <= 3:
+        for i, part in enumerate(item):
+            if type(part) is LazyImage:
+                return i
+    return -1
+
+
 def pending(item: Any) -> Optional[LazyImage]:
-    """The :class:`LazyImage` in a delivered ``item`` (a value or a ``(value, conn)``
-    pair) if it still has to be decoded, else ``None``."""
+    """The :class:`LazyImage` in a delivered ``item`` (a value, or a tuple such as
+    ``(value, conn)``) if it still has to be decoded, else ``None``."""
     if type(item) is LazyImage:
         return None if item.done else item
-    if type(item) is tuple and len(item) == 2 and type(item[0]) is LazyImage:
-        return None if item[0].done else item[0]
+    at = _lazy_at(item)
+    if at >= 0:
+        image: LazyImage = item[at]
+        return None if image.done else image
     return None
 
 
@@ -101,8 +113,9 @@ async def resolve(item: Any) -> Any:
     """``item`` as the application sees it: a lazy image replaced by its array."""
     if type(item) is LazyImage:
         return await item.decoded()
-    if type(item) is tuple and len(item) == 2 and type(item[0]) is LazyImage:
-        return (await item[0].decoded(), item[1])
+    at = _lazy_at(item)
+    if at >= 0:
+        return (*item[:at], await item[at].decoded(), *item[at + 1 :])
     return item
 
 
@@ -110,6 +123,7 @@ def resolve_now(item: Any) -> Any:
     """:func:`resolve`, decoding synchronously if needed (for non-async accessors)."""
     if type(item) is LazyImage:
         return item.decode_now()
-    if type(item) is tuple and len(item) == 2 and type(item[0]) is LazyImage:
-        return (item[0].decode_now(), item[1])
+    at = _lazy_at(item)
+    if at >= 0:
+        return (*item[:at], item[at].decode_now(), *item[at + 1 :])
     return item

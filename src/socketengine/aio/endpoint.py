@@ -27,7 +27,9 @@ from ..codec import Buffer
 from ..endpoint import EndpointBase
 from ..errors import ConnectionClosed, EndpointClosed
 from ..limits import DEFAULT_SUBSCRIPTION_SIZE
+from ..patterns import Pattern
 from ..requests import no_handler
+from ..watch import PatternWatch, check_key, pattern_item
 from .connection import Connection, Job, wait_bounded
 from .decoding import LazyImage, resolve
 from .subscription import Subscription
@@ -43,9 +45,6 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 class Endpoint(EndpointBase):
     """Base of :class:`~socketengine.aio.Host` and :class:`~socketengine.aio.Client`."""
-
-    #: Host: callbacks get ``(value, conn)`` and waiters/subscriptions yield pairs.
-    _with_conn = False
 
     def __init__(
         self,
@@ -79,6 +78,7 @@ class Endpoint(EndpointBase):
         # Tuples, replaced on change: a queued callback job keeps the handlers it saw.
         self._handlers: Dict[str, Tuple[Callable[..., Any], ...]] = {}
         self._any: Tuple[Callable[..., Any], ...] = ()  # on_message() hooks
+        self._patterns: PatternWatch[asyncio.Future[Any], Subscription[Any]] = PatternWatch()
         self._subs: Dict[str, Tuple[Subscription[Any], ...]] = {}
         self._waiters: Dict[str, List[asyncio.Future[Any]]] = {}
         self._tasks: Set[asyncio.Task[Any]] = set()
@@ -124,26 +124,31 @@ class Endpoint(EndpointBase):
     # -- callbacks ------------------------------------------------------------------------
 
     @overload
-    def on(self, channel: str) -> Callable[[_F], _F]: ...
+    def on(self, channel: Union[str, Pattern]) -> Callable[[_F], _F]: ...
 
     @overload
-    def on(self, channel: str, fn: _F) -> _F: ...
+    def on(self, channel: Union[str, Pattern], fn: _F) -> _F: ...
 
-    def on(self, channel: str, fn: Optional[_F] = None) -> Any:
+    def on(self, channel: Union[str, Pattern], fn: Optional[_F] = None) -> Any:
         """Call ``fn`` for every message on ``channel``; use as ``@ep.on("name")``.
 
         ``fn`` may be a plain or an ``async`` function.  A client calls ``fn(data)``,
-        a host ``fn(data, conn)``.  Requests on ``channel`` are answered with the
-        return value (awaited if it is awaitable) of the first handler registered.
-        Exceptions are logged on the ``socketengine`` logger and change nothing else.
-        Images sent as JPEG/PNG arrive decoded (decoded in a worker thread first).
-        Returns ``fn``.
+        a host ``fn(data, conn)``; with a :class:`~socketengine.Pattern`,
+        ``fn(channel, data)`` / ``fn(channel, data, conn)`` for every matching
+        channel.  Requests on ``channel`` are answered with the return value (awaited
+        if it is awaitable) of the first handler registered (pattern handlers answer
+        none).  Exceptions are logged on the ``socketengine`` logger and change nothing
+        else.  Images sent as JPEG/PNG arrive decoded (decoded in a worker thread
+        first).  Returns ``fn``.
         """
-        frames.channel_bytes(channel)  # TypeError/ValueError for a bad name, now
+        check_key(channel)  # TypeError/ValueError for a bad name, now
 
         def register(fn: _F) -> _F:
             if not callable(fn):
                 raise TypeError(f"on({channel!r}) needs a callable, not {fn!r}")
+            if isinstance(channel, Pattern):
+                self._patterns.on(channel, fn)
+                return fn
             self._handlers[channel] = self._handlers.get(channel, ()) + (fn,)
             return fn
 
@@ -151,9 +156,13 @@ class Endpoint(EndpointBase):
             return register
         return register(fn)
 
-    def off(self, channel: str, fn: Optional[Callable[..., Any]] = None) -> None:
+    def off(self, channel: Union[str, Pattern], fn: Optional[Callable[..., Any]] = None) -> None:
         """Remove ``fn`` (or, without ``fn``, every callback) registered with
-        :meth:`on` for ``channel``; no error if it was not registered."""
+        :meth:`on` for ``channel`` (an exact name or the same pattern); no error if it
+        was not registered."""
+        if isinstance(channel, Pattern):
+            self._patterns.off(channel, fn)
+            return
         handlers = tuple(
             h for h in self._handlers.get(channel, ()) if fn is not None and h is not fn
         )
@@ -180,9 +189,19 @@ class Endpoint(EndpointBase):
         """Raise if nothing more can arrive (closed endpoint, lost connection)."""
         self._check_not_closed()
 
-    async def _wait(self, channel: str, timeout: Optional[float]) -> Any:
+    async def _wait(self, channel: Union[str, Pattern], timeout: Optional[float]) -> Any:
+        check_key(channel)
         self._check_receiving()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if isinstance(channel, Pattern):
+            self._patterns.wait(channel, future)
+            try:
+                item = await wait_bounded(
+                    future, timeout, f"no message matching {channel} within {timeout} s"
+                )
+            finally:
+                self._patterns.unwait(channel, future)
+            return await resolve(item)
         self._waiters.setdefault(channel, []).append(future)
         try:
             item = await wait_bounded(
@@ -196,9 +215,16 @@ class Endpoint(EndpointBase):
                     del self._waiters[channel]
         return await resolve(item)
 
-    def _subscribe(self, channel: str, maxsize: int) -> Subscription[Any]:
-        frames.channel_bytes(channel)
+    def _subscribe(self, channel: Union[str, Pattern], maxsize: int) -> Subscription[Any]:
+        check_key(channel)
         self._check_receiving()
+        if isinstance(channel, Pattern):
+            pattern = channel
+            psub: Subscription[Any] = Subscription(
+                str(pattern), maxsize, lambda s: self._patterns.unsubscribe(pattern, s)
+            )
+            self._patterns.subscribe(pattern, psub)
+            return psub
         sub: Subscription[Any] = Subscription(channel, maxsize, self._unsubscribe)
         self._subs[channel] = self._subs.get(channel, ()) + (sub,)
         return sub
@@ -214,18 +240,21 @@ class Endpoint(EndpointBase):
         """Nothing more will arrive: fail waiters with ``error``; end subscriptions
         (raising ``sub_error`` after their items, if given)."""
         waiters, self._waiters = self._waiters, {}
-        for futures in waiters.values():
-            for future in futures:
-                if not future.done():
-                    future.set_exception(error)
-        for subs in list(self._subs.values()):
-            for sub in subs:
-                sub._end(sub_error)
+        for future in [f for fs in waiters.values() for f in fs] + self._patterns.all_waiters():
+            if not future.done():
+                future.set_exception(error)
+        for sub in [s for ss in self._subs.values() for s in ss] + self._patterns.all_subs():
+            sub._end(sub_error)
 
     # -- images ---------------------------------------------------------------------------
 
     async def _image_frame(
-        self, img: Any, channel: str, codec: Optional[str], quality: Optional[int]
+        self,
+        img: Any,
+        channel: str,
+        codec: Optional[str],
+        quality: Optional[int],
+        conflate: bool = True,
     ) -> Tuple[Sequence[Buffer], int]:
         """Validate, encode (JPEG/PNG in a worker thread) and frame an image, once.
 
@@ -240,6 +269,9 @@ class Endpoint(EndpointBase):
             value = await loop.run_in_executor(None, images.prepare, img, name, level)
         parts, nbytes = frames.value_frame(frames.DATA, channel, value, frames.FLAG_IMAGE)
         self._images.written(channel, name)
+        if not conflate:
+            # Never replaced: handed over in order like a plain value (stats count it now).
+            self._images.transmitted(channel, nbytes)
         return parts, nbytes
 
     # -- heartbeats -----------------------------------------------------------------------
@@ -317,7 +349,8 @@ class Endpoint(EndpointBase):
         subs = self._subs.get(channel)
         handlers = self._handlers.get(channel)
         hooks = self._any
-        if waiters is None and subs is None and handlers is None and not hooks:
+        fired = self._patterns.take(channel) if self._patterns else None
+        if waiters is None and subs is None and handlers is None and not hooks and not fired:
             return
         if channel in self._images.unread:
             self._images.read(channel)  # an image handed to the application is delivered
@@ -338,6 +371,16 @@ class Endpoint(EndpointBase):
         if handlers is not None:
             args: Tuple[Any, ...] = (user, conn) if self._with_conn else (user,)
             conn._chain.call(Job(handlers, args, None, f"channel {channel!r}", lazy_at))
+        if fired is not None:
+            pitem = pattern_item(channel, user, conn, self._with_conn)
+            for future in fired.waiters:
+                if not future.done():
+                    future.set_result(pitem)
+            for psub in fired.subs:
+                psub._put(pitem, conn)
+            if fired.callbacks:
+                lazy = 1 if lazy_at == 0 else -1
+                conn._chain.call(Job(fired.callbacks, pitem, None, "a channel pattern", lazy))
         if hooks:
             args = (channel, user, conn) if self._with_conn else (channel, user)
             conn._chain.call(Job(hooks, args, None, "on_message", 1 if lazy_at == 0 else -1))

@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import logging
 import ssl
-from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union, overload
 
 from .. import frames, images
 from ..errors import EndpointClosed
@@ -22,9 +22,11 @@ from ..limits import (
     check_name,
 )
 from ..net import listen
+from ..patterns import Pattern
 from ..protocol import Protocol, Role
 from ..sendqueue import Outgoing
 from ..state import Admission, Departed, RetainedValues
+from ..watch import matching_channels
 from .connection import READ_SIZE, Connection, Job
 from .endpoint import Endpoint
 from .subscription import Subscription
@@ -33,7 +35,9 @@ __all__ = ["Host"]
 
 logger = logging.getLogger("socketengine")
 
-_F = TypeVar("_F", bound=Callable[..., Any])
+_H = TypeVar("_H", bound="Host")
+#: An ``on_connect`` / ``on_disconnect`` callback: ``fn(conn)``, plain or ``async``.
+_C = TypeVar("_C", bound=Callable[[Connection], Any])
 
 
 class Host(Endpoint):
@@ -135,7 +139,7 @@ class Host(Endpoint):
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def start(self) -> Host:
+    async def start(self: _H) -> _H:
         """Bind and listen on ``addr:port``; return the host.  Calling it again is
         harmless.  Raises ``OSError`` naming ``addr:port`` if it cannot bind."""
         return await super().start()
@@ -221,13 +225,24 @@ class Host(Endpoint):
                     conn.values[channel] = decoded
         return decoded
 
-    def get_all(self, channel: str) -> List[Any]:
+    @overload
+    def get_all(self, channel: str) -> List[Any]: ...
+
+    @overload
+    def get_all(self, channel: Pattern) -> Dict[str, List[Any]]: ...
+
+    def get_all(self, channel: Union[str, Pattern]) -> Any:
         """The latest value on ``channel`` from each client, in connection order.
 
         Includes clients that have disconnected, up to ``keep_departed`` of them, so a
-        client that writes and closes at once is still seen.  ``[]`` if none sent.
+        client that writes and closes at once is still seen.  ``[]`` if none sent.  With a
+        :class:`~socketengine.Pattern`: ``{channel: [values]}`` for every matching
+        channel any of them sent on.
         """
         sessions = list(self._conns.items()) + self._departed.items()
+        if isinstance(channel, Pattern):
+            names = matching_channels(channel, (c.values for _, c in sessions))
+            return {name: self.get_all(name) for name in names}
         sessions.sort(key=lambda item: item[0])
         out = []
         for _, conn in sessions:
@@ -246,28 +261,49 @@ class Host(Endpoint):
         }
         return out
 
-    async def wait(self, channel: str, timeout: Optional[float] = None) -> Tuple[Any, Connection]:
-        """Wait for the next message on ``channel`` (from any client) arriving after the
-        call; return ``(data, conn)``.  Raises ``TimeoutError`` after ``timeout`` s,
-        :class:`~socketengine.EndpointClosed` if the host closes meanwhile."""
-        result: Tuple[Any, Connection] = await self._wait(channel, timeout)
-        return result
+    @overload
+    async def wait(
+        self, channel: str, timeout: Optional[float] = None
+    ) -> Tuple[Any, Connection]: ...
 
+    @overload
+    async def wait(
+        self, channel: Pattern, timeout: Optional[float] = None
+    ) -> Tuple[str, Any, Connection]: ...
+
+    async def wait(self, channel: Union[str, Pattern], timeout: Optional[float] = None) -> Any:
+        """Wait for the next message on ``channel`` (from any client) arriving after the
+        call; return ``(data, conn)`` (with a :class:`~socketengine.Pattern`:
+        ``(channel, data, conn)``).  Raises ``TimeoutError`` after ``timeout`` s,
+        :class:`~socketengine.EndpointClosed` if the host closes meanwhile."""
+        return await self._wait(channel, timeout)
+
+    @overload
     def subscribe(
         self, channel: str, maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
-    ) -> Subscription[Tuple[Any, Connection]]:
+    ) -> Subscription[Tuple[Any, Connection]]: ...
+
+    @overload
+    def subscribe(
+        self, channel: Pattern, maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
+    ) -> Subscription[Tuple[str, Any, Connection]]: ...
+
+    def subscribe(
+        self, channel: Union[str, Pattern], maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
+    ) -> Any:
         """Every message on ``channel`` from now on, as ``(data, conn)`` pairs, in order
-        per client: ``async for data, conn in h.subscribe("ch")``.  See
+        per client: ``async for data, conn in h.subscribe("ch")``; with a
+        :class:`~socketengine.Pattern`, ``(channel, data, conn)``.  See
         :class:`~socketengine.aio.Subscription` for ``maxsize`` and back-pressure."""
         return self._subscribe(channel, maxsize)
 
-    def on_connect(self, fn: _F) -> _F:
+    def on_connect(self, fn: _C) -> _C:
         """Call ``fn(conn)`` (plain or async) when a client completes its handshake,
         before any of its messages' callbacks.  Usable as a decorator; returns ``fn``."""
         self._connect_handlers += (fn,)
         return fn
 
-    def on_disconnect(self, fn: _F) -> _F:
+    def on_disconnect(self, fn: _C) -> _C:
         """Call ``fn(conn)`` (plain or async) when a client's connection has ended,
         after its messages' callbacks.  Usable as a decorator; returns ``fn``."""
         self._disconnect_handlers += (fn,)
@@ -306,6 +342,7 @@ class Host(Endpoint):
         channel: str = "image",
         codec: Optional[str] = None,
         quality: Optional[int] = None,
+        conflate: bool = True,
     ) -> int:
         """Send a numpy image to every connected client on ``channel``; return how many.
 
@@ -313,11 +350,15 @@ class Host(Endpoint):
         host's ``image_codec`` / ``image_quality``.  The image is encoded once (in a
         worker thread), whatever the number of clients; a client that does not keep up
         gets the newest frame, never a backlog (conflation).
+
+        ``conflate=False`` makes the channel lossless: every frame is queued like a
+        plain value, in order, and a slow receiver slows the writer (backpressure,
+        bounded by ``max_buffer``) instead of getting only the newest frame.
         """
         self._check_open()
-        parts, nbytes = await self._image_frame(img, channel, codec, quality)
+        parts, nbytes = await self._image_frame(img, channel, codec, quality, conflate)
         self._check_open()
-        return await self._broadcast(parts, nbytes, image=channel)
+        return await self._broadcast(parts, nbytes, image=channel if conflate else None)
 
     async def _broadcast(self, parts: Outgoing, nbytes: int, image: Optional[str] = None) -> int:
         """Hand one encoded frame to every client without waiting for any of them."""

@@ -9,7 +9,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, List, Optional, Union
+from typing import Any, List, Optional, TypeVar, Union
 
 from ..compat import ClientSeedNames
 from ..engine import ConnState
@@ -40,6 +40,8 @@ from .loop import Loop, TimerHandle
 
 logger = logging.getLogger("socketengine")
 
+_K = TypeVar("_K", bound="Client")
+
 # Errors that mean "the host is not (yet) there": keep trying.
 _RETRYABLE = (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 # open() retries a refused connection with this backoff cap (seconds): a host that is
@@ -47,7 +49,7 @@ _RETRYABLE = (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedErr
 _OPEN_RETRY_MAX = 0.5
 
 
-class Client(ClientSeedNames, Endpoint):
+class Client(ClientSeedNames, Endpoint[Any]):
     """A client of a :class:`Host`.
 
     :param addr: the host's address (name, IPv4 or IPv6).
@@ -143,7 +145,7 @@ class Client(ClientSeedNames, Endpoint):
 
     # -- lifecycle ------------------------------------------------------------------
 
-    def open(self) -> Client:
+    def open(self: _K) -> _K:
         """Connect to the host and complete the handshake; start the I/O thread.
 
         Retries while the host refuses (it may not be up yet), for at most
@@ -276,12 +278,21 @@ class Client(ClientSeedNames, Endpoint):
         """
         return self._read(self._latest, channel, default)
 
-    def write(self, channel: str, data: Any) -> None:
+    def write(
+        self, channel: str, data: Any, ack: bool = False, timeout: Optional[float] = None
+    ) -> None:
         """Send ``data`` on ``channel`` to the host.  Thread-safe.
 
         Raises ``TypeError`` naming the type if ``data`` cannot be sent (nothing is
-        sent), :class:`ConnectionClosed` if the host is gone.
+        sent), :class:`ConnectionClosed` if the host is gone.  ``ack=True`` blocks
+        until the host confirms it has stored the value (socket.engine 1.x's
+        ``writeSync``): :class:`WriteTimeout` after ``timeout`` seconds (default: the
+        client's ``timeout``), :class:`ConnectionClosed` if the connection is lost
+        first (also while reconnecting: an acknowledged write needs a live link).
         """
+        if ack:
+            self._live_conn().write(channel, data, ack=True, timeout=timeout)
+            return
         encoded = value_item(channel, data)
         if type(encoded) is bytes:
             parts: Any = encoded
@@ -303,6 +314,7 @@ class Client(ClientSeedNames, Endpoint):
         channel: str = "image",
         codec: Optional[str] = None,
         quality: Optional[int] = None,
+        conflate: bool = True,
     ) -> None:
         """Send a numpy image (H, W) or (H, W, C) on ``channel`` (default ``"image"``).
 
@@ -311,12 +323,17 @@ class Client(ClientSeedNames, Endpoint):
         or ``"png"`` (lossless, uint8/uint16); ``None`` uses the client's
         ``image_codec`` / ``image_quality``.  A newer frame replaces an older one that
         is still unsent.  ``TypeError``/``ValueError`` before anything is sent.
-        """
-        parts, nbytes = self._image_frame(img, channel, codec, quality)
-        self._send(parts, nbytes, image=channel)
 
-    def flush(self, timeout: Optional[float] = None) -> None:
-        """Block until everything written so far is handed to the operating system.
+        ``conflate=False`` makes the channel lossless: every frame is queued like a
+        plain value, in order, and a slow receiver slows the writer (backpressure,
+        bounded by ``max_buffer``) instead of getting only the newest frame.
+        """
+        parts, nbytes = self._image_frame(img, channel, codec, quality, conflate)
+        self._send(parts, nbytes, image=channel if conflate else None)
+
+    def flush(self, timeout: Optional[float] = None, acked: bool = False) -> None:
+        """Block until everything written so far is handed to the operating system
+        (``acked=True``: until the host confirms it has stored all of it).
 
         Includes writes kept while reconnecting (they must reach a new connection
         first).  Raises :class:`WriteTimeout` after ``timeout`` seconds (default: the
@@ -334,7 +351,7 @@ class Client(ClientSeedNames, Endpoint):
                         f"bytes still wait for the reconnection after {limit} s"
                     )
                 self._link_lock.wait(left)
-        self._live_conn().flush(max(0.0, deadline - time.monotonic()))
+        self._live_conn().flush(max(0.0, deadline - time.monotonic()), acked=acked)
 
     def request(self, channel: str, data: Any, timeout: Optional[float] = 5.0) -> Any:
         """Send ``data`` as a request on ``channel``; block for and return the reply.

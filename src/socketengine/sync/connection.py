@@ -152,10 +152,43 @@ class Connection(PeerView, Pausable):
         """True between the end of the handshake and the start of closing."""
         return self.engine.state is ConnState.OPEN
 
-    def write(self, channel: str, data: Any) -> None:
-        """Send ``data`` on ``channel`` to this peer only.  Thread-safe."""
+    def write(
+        self, channel: str, data: Any, ack: bool = False, timeout: Optional[float] = None
+    ) -> None:
+        """Send ``data`` on ``channel`` to this peer only.  Thread-safe.
+
+        ``ack=True`` blocks until the peer confirms it has stored the value (and
+        everything written before it), like socket.engine 1.x's ``writeSync``; no
+        handler is needed on the other side.  Raises :class:`WriteTimeout` after
+        ``timeout`` seconds (default: the endpoint's ``timeout``),
+        :class:`ConnectionClosed` if the connection is lost first, and
+        :class:`NotSupported` if the peer runs protocol 1.0.
+        """
         self.send_value(frames.value_item(channel, data))
         self.messages_out += 1
+        if ack:
+            self.sync(timeout)
+
+    def sync(self, timeout: Optional[float] = None) -> None:
+        """Block until the peer confirms it has stored everything written to it so far
+        (a SYNC frame, answered by ACK: protocol 1.1).  Raises :class:`WriteTimeout`
+        after ``timeout`` seconds (default: the endpoint's ``timeout``) and
+        :class:`ConnectionClosed` if the connection is lost first; never hangs."""
+        limit = self._endpoint.timeout if timeout is None else timeout
+        reply = _Reply()
+        requests = self.engine.requests
+        rid = requests.open(reply)
+        try:
+            frame = self.engine.sync_frame(rid)
+            self.send_parts([frame], len(frame))
+            if not reply.event.wait(limit):
+                raise WriteTimeout(
+                    f"{self._peer()} did not acknowledge the writes within {limit} s"
+                )
+        finally:
+            requests.cancel(rid)
+        if reply.error is not None:
+            raise reply.error
 
     def send_value(self, encoded: Any, *, block: bool = True, defer: bool = False) -> None:
         """Queue a value encoded by :func:`frames.value_item`: a BATCH item or a
@@ -171,6 +204,7 @@ class Connection(PeerView, Pausable):
         channel: str = "image",
         codec: Optional[str] = None,
         quality: Optional[int] = None,
+        conflate: bool = True,
     ) -> None:
         """Send a numpy image on ``channel`` (default ``"image"``) to this peer only.
 
@@ -178,9 +212,13 @@ class Connection(PeerView, Pausable):
         endpoint's ``image_codec`` / ``image_quality``.  If an earlier image on
         ``channel`` is still waiting unsent, this one replaces it (latest frame wins;
         counted in :attr:`images_dropped`).
+
+        ``conflate=False`` makes the channel lossless: every frame is queued like a
+        plain value, in order, and a slow receiver slows the writer (backpressure,
+        bounded by ``max_buffer``) instead of getting only the newest frame.
         """
-        parts, nbytes = self._endpoint._image_frame(img, channel, codec, quality)
-        self.send_parts(parts, nbytes, image=channel)
+        parts, nbytes = self._endpoint._image_frame(img, channel, codec, quality, conflate)
+        self.send_parts(parts, nbytes, image=channel if conflate else None)
         self.messages_out += 1
 
     def request(self, channel: str, data: Any, timeout: Optional[float] = 5.0) -> Any:
@@ -368,14 +406,18 @@ class Connection(PeerView, Pausable):
         )
         self._finish()
 
-    def flush(self, timeout: Optional[float] = None) -> None:
-        """Block until everything written so far is handed to the operating system.
+    def flush(self, timeout: Optional[float] = None, acked: bool = False) -> None:
+        """Block until everything written so far is handed to the operating system
+        (``acked=True``: until the peer confirms it has stored all of it).
 
         Raises :class:`WriteTimeout` after ``timeout`` seconds (default: the endpoint's
         ``timeout``) and :class:`ConnectionClosed` if the connection closes first.
         """
         limit = self._endpoint.timeout if timeout is None else timeout
         deadline = _monotonic() + limit
+        if acked:
+            self.sync(limit)
+            return
         with self._lock:
             if self._queue and not self._want_write and not self._flushing:
                 if not self._flush_scheduled and not self._tls and self.ready.is_set():
@@ -649,6 +691,8 @@ class Connection(PeerView, Pausable):
     def _on_control(self, frame: frames.Frame) -> bool:
         """A frame that is not DATA/REQUEST (loop thread); True: stop handling (BYE)."""
         if not self.engine.control(frame):
+            if frame.type == frames.SYNC:
+                self._send_raw(self.engine.control_bytes())  # the ACK, in order
             return False
         self._on_bye()
         return True

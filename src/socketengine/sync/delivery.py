@@ -16,7 +16,19 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
+from typing import (
+    Any,
+    Callable,
+    Deque,
+    Dict,
+    Generic,
+    Iterator,
+    List,
+    Optional,
+    Set,
+    Tuple,
+    TypeVar,
+)
 
 from ..errors import EndpointClosed
 from ..limits import CALLBACK_BACKLOG, check_maxsize
@@ -25,6 +37,7 @@ from ..state import SubscriptionBuffer
 logger = logging.getLogger("socketengine")
 
 Task = Tuple[Callable[..., Any], Tuple[Any, ...]]
+_T = TypeVar("_T")
 
 
 class Pausable:
@@ -156,11 +169,12 @@ class Waiter:
         self.event.set()
 
 
-class Subscription:
+class Subscription(Generic[_T]):
     """Every message on one channel, in order, from the moment it was made.
 
     Iterate it (``for data in sub:``) or call :meth:`get`; :meth:`close` ends it.  On a
-    host the items are ``(data, conn)``.  When ``maxsize`` items are waiting, the
+    host the items are ``(data, conn)`` (``Subscription[Tuple[Any, Connection]]``), on a
+    client the values (``Subscription[Any]``).  When ``maxsize`` items are waiting, the
     connections that keep sending are no longer read until the subscriber catches up
     (TCP backpressure): nothing is dropped, and at most one read's worth of messages
     beyond ``maxsize`` is held.
@@ -170,9 +184,9 @@ class Subscription:
         self,
         channel: str,
         maxsize: int,
-        on_close: Callable[[Subscription], None],
+        on_close: Callable[[Subscription[_T]], None],
         convert: Optional[Callable[[Any], Any]] = None,
-    ):
+    ) -> None:
         check_maxsize(maxsize)
         self.channel = channel
         self.maxsize = maxsize
@@ -183,9 +197,11 @@ class Subscription:
 
     @property
     def closed(self) -> bool:
+        """True once no more items will be added."""
         return self._buffer.closed
 
     def __len__(self) -> int:
+        """Items received and not read yet."""
         return len(self._buffer)
 
     def put(self, item: Any, source: Pausable) -> None:
@@ -195,7 +211,7 @@ class Subscription:
                 source.pause_reading()
             self._cond.notify()
 
-    def get(self, timeout: Optional[float] = None) -> Any:
+    def get(self, timeout: Optional[float] = None) -> _T:
         """The next item; raises ``TimeoutError`` after ``timeout`` s, or
         :class:`~socketengine.EndpointClosed` once closed and empty."""
         buffer = self._buffer
@@ -214,7 +230,7 @@ class Subscription:
             source.resume_reading()
         return item if self._convert is None else self._convert(item)
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[_T]:
         while True:
             try:
                 yield self.get()
@@ -232,7 +248,7 @@ class Subscription:
             source.resume_reading()
         self._on_close(self)
 
-    def __enter__(self) -> Subscription:
+    def __enter__(self) -> Subscription[_T]:
         return self
 
     def __exit__(self, *exc: Any) -> None:

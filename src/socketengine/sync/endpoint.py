@@ -6,7 +6,19 @@ import logging
 import ssl
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Generic,
+    List,
+    Optional,
+    Tuple,
+    TypeVar,
+    Union,
+    overload,
+)
 
 from msgpack import unpackb
 
@@ -16,18 +28,28 @@ from ..endpoint import EndpointBase
 from ..errors import EndpointClosed, SocketEngineError
 from ..frames import BATCH, DATA, FLAG_IMAGE, Frame
 from ..limits import DEFAULT_SUBSCRIPTION_SIZE, MIN_READ_SIZE, check_timeout
+from ..patterns import Pattern
 from ..requests import no_handler, reply_frame
+from ..watch import PatternWatch, check_key, pattern_item
 from .connection import Connection
 from .delivery import Dispatcher, Subscription, Waiter
 from .loop import Loop
 
 logger = logging.getLogger("socketengine")
 
-_E = TypeVar("_E", bound="Endpoint")
+_E = TypeVar("_E", bound="Endpoint[Any]")
+_F = TypeVar("_F", bound=Callable[..., Any])
+#: What ``wait()`` returns and a subscription yields: ``(data, conn)`` on a host, the
+#: data on a client.
+_I = TypeVar("_I")
 
 
-class Endpoint(EndpointBase):
-    """Base of :class:`Host` and :class:`Client` (not used directly)."""
+class Endpoint(EndpointBase, Generic[_I]):
+    """Base of :class:`Host` and :class:`Client` (not used directly).
+
+    Generic over the item type of :meth:`wait` and :meth:`subscribe`: ``Host`` is an
+    ``Endpoint[Tuple[Any, Connection]]``, ``Client`` an ``Endpoint[Any]``.
+    """
 
     def __init__(
         self,
@@ -65,9 +87,10 @@ class Endpoint(EndpointBase):
         # without a lock; _watch_lock serialises writers (and the waiter lists).
         self._watch_lock = threading.Lock()
         self._callbacks: Dict[str, List[Callable[..., Any]]] = {}
-        self._subs: Dict[str, List[Subscription]] = {}
+        self._subs: Dict[str, List[Subscription[_I]]] = {}
         self._waiters: Dict[str, List[Waiter]] = {}
         self._any: List[Callable[..., Any]] = []  # on_message() hooks
+        self._patterns: PatternWatch[Waiter, Subscription[Any]] = PatternWatch()
         self._state_lock = threading.Lock()
 
     # -- seed-compatible lifecycle --------------------------------------------------------
@@ -82,6 +105,12 @@ class Endpoint(EndpointBase):
         buffers, the linger of ``close()``)."""
         self.timeout = check_timeout(time)
 
+    if TYPE_CHECKING:  # defined by Host and Client
+
+        def open(self: _E) -> _E: ...
+
+        def close(self) -> None: ...
+
     def start(self: _E) -> _E:
         """Open the endpoint if it is not open yet; return it (so calls can chain).
 
@@ -90,7 +119,7 @@ class Endpoint(EndpointBase):
         """
         self._check_not_closed()
         if not self.opened:
-            self.open()  # type: ignore[attr-defined]
+            self.open()
         return self
 
     def __enter__(self: _E) -> _E:
@@ -99,7 +128,7 @@ class Endpoint(EndpointBase):
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.close()  # type: ignore[attr-defined]
+        self.close()
 
     def _check_open(self) -> None:
         if self.stopped:
@@ -110,13 +139,21 @@ class Endpoint(EndpointBase):
     # -- images ---------------------------------------------------------------------------
 
     def _image_frame(
-        self, img: Any, channel: str, codec: Optional[str], quality: Optional[int]
+        self,
+        img: Any,
+        channel: str,
+        codec: Optional[str],
+        quality: Optional[int],
+        conflate: bool = True,
     ) -> Tuple[List[Any], int]:
         """Validate, encode (in the caller's thread) and frame an image, once."""
         name, level = self._image_settings(img, codec, quality)
         value = images.prepare(img, name, level)
         parts, nbytes = frames.value_frame(frames.DATA, channel, value, frames.FLAG_IMAGE)
         self._images.written(channel, name)
+        if not conflate:
+            # Never replaced: handed over in order like a plain value (stats count it now).
+            self._images.transmitted(channel, nbytes)
         return parts, nbytes
 
     # -- delivery: callbacks, wait, subscribe -------------------------------------------
@@ -129,31 +166,46 @@ class Endpoint(EndpointBase):
         """Call a user callback with the role's signature: fn(data) or fn(data, conn)."""
         return fn(value)
 
-    def on(self, channel: str, fn: Optional[Callable[..., Any]] = None) -> Any:
+    @overload
+    def on(self, channel: Union[str, Pattern]) -> Callable[[_F], _F]: ...
+
+    @overload
+    def on(self, channel: Union[str, Pattern], fn: _F) -> _F: ...
+
+    def on(self, channel: Union[str, Pattern], fn: Optional[_F] = None) -> Any:
         """Call ``fn`` for every message on ``channel``; usable as ``@endpoint.on(ch)``.
+
+        A client calls ``fn(data)``, a host ``fn(data, conn)``.  With a
+        :class:`~socketengine.Pattern` (``on(Pattern("sensors/+"), fn)``) it is called
+        for every matching channel with the concrete name first: ``fn(channel, data)``,
+        on a host ``fn(channel, data, conn)``.  Returns ``fn`` (as a decorator: the
+        function itself, with its signature).
 
         Callbacks run on a callback thread (never the I/O thread), in arrival order for
         each connection.  An exception in a callback is logged and changes nothing
         else.  For a request on ``channel``, the first callback's return value is the
-        reply (see :meth:`request`).
+        reply (see :meth:`request`; pattern callbacks answer no requests).
         """
-        frames.channel_bytes(channel)  # validates the name
+        check_key(channel)
 
-        def register(func: Callable[..., Any]) -> Callable[..., Any]:
+        def register(func: _F) -> _F:
             if not callable(func):
                 raise TypeError(f"on() needs a callable, not {type(func).__qualname__}")
+            if isinstance(channel, Pattern):
+                self._patterns.on(channel, func)
+                return func
             with self._watch_lock:
                 self._callbacks[channel] = [*self._callbacks.get(channel, ()), func]
             return func
 
         return register if fn is None else register(fn)
 
-    def on_message(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def on_message(self, fn: _F) -> _F:
         """Call ``fn`` for every message on **every** channel (usable as a decorator).
 
         Host: ``fn(channel, data, conn)``; client: ``fn(channel, data)``.  Runs on the
         callback threads like :meth:`on` callbacks, after them, in arrival order per
-        connection.  Meant for loggers, recorders and monitors.
+        connection.  Meant for loggers, recorders and monitors.  Returns ``fn``.
         """
         if not callable(fn):
             raise TypeError(f"on_message() needs a callable, not {type(fn).__qualname__}")
@@ -174,8 +226,12 @@ class Endpoint(EndpointBase):
     def _call_any(self, fn: Callable[..., Any], channel: str, value: Any, conn: Connection) -> Any:
         return fn(channel, value)
 
-    def off(self, channel: str, fn: Optional[Callable[..., Any]] = None) -> None:
-        """Remove ``fn`` (or every callback) registered with :meth:`on` for ``channel``."""
+    def off(self, channel: Union[str, Pattern], fn: Optional[Callable[..., Any]] = None) -> None:
+        """Remove ``fn`` (or every callback) registered with :meth:`on` for ``channel``
+        (an exact name or the same :class:`~socketengine.Pattern`)."""
+        if isinstance(channel, Pattern):
+            self._patterns.off(channel, fn)
+            return
         with self._watch_lock:
             kept = [f for f in self._callbacks.get(channel, ()) if fn is not None and f != fn]
             if kept:
@@ -183,15 +239,26 @@ class Endpoint(EndpointBase):
             else:
                 self._callbacks.pop(channel, None)
 
-    def wait(self, channel: str, timeout: Optional[float] = None) -> Any:
+    @overload
+    def wait(self, channel: str, timeout: Optional[float] = None) -> _I: ...
+
+    @overload
+    def wait(self, channel: Pattern, timeout: Optional[float] = None) -> Tuple[Any, ...]: ...
+
+    def wait(self, channel: Union[str, Pattern], timeout: Optional[float] = None) -> Any:
         """Block until the next value arrives on ``channel`` after this call; return it.
 
-        On a host the result is ``(data, conn)``.  Raises ``TimeoutError`` after
-        ``timeout`` seconds (``None``: wait forever) and :class:`EndpointClosed` if the
-        endpoint closes first.
+        Only values that arrive **after** the call are seen (``get()`` has the latest
+        one); to see every message, :meth:`subscribe`.  On a host the result is
+        ``(data, conn)``.  With a :class:`~socketengine.Pattern` the result starts with
+        the concrete channel: ``(channel, data)``, on a host ``(channel, data, conn)``.
+        Raises ``TimeoutError`` after ``timeout`` seconds (``None``: wait forever) and
+        :class:`EndpointClosed` if the endpoint closes first.
         """
-        frames.channel_bytes(channel)
+        check_key(channel)
         self._check_not_closed()
+        if isinstance(channel, Pattern):
+            return self._wait_pattern(channel, timeout)
         waiter = Waiter()
         with self._watch_lock:
             self._waiters.setdefault(channel, []).append(waiter)
@@ -208,22 +275,59 @@ class Endpoint(EndpointBase):
             raise EndpointClosed(f"{self!r} closed while waiting on {channel!r}")
         return _user_item(waiter.item)
 
-    def subscribe(self, channel: str, maxsize: int = DEFAULT_SUBSCRIPTION_SIZE) -> Subscription:
+    def _wait_pattern(self, pattern: Pattern, timeout: Optional[float]) -> Tuple[Any, ...]:
+        waiter = Waiter()
+        self._patterns.wait(pattern, waiter)
+        if not waiter.event.wait(timeout):
+            self._patterns.unwait(pattern, waiter)
+            if not waiter.event.is_set():
+                raise TimeoutError(f"no message matching {pattern} within {timeout} s")
+        if waiter.item is _CLOSED:
+            raise EndpointClosed(f"{self!r} closed while waiting on {pattern}")
+        return _user_pattern_item(waiter.item)
+
+    @overload
+    def subscribe(
+        self, channel: str, maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
+    ) -> Subscription[_I]: ...
+
+    @overload
+    def subscribe(
+        self, channel: Pattern, maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
+    ) -> Subscription[Tuple[Any, ...]]: ...
+
+    def subscribe(
+        self, channel: Union[str, Pattern], maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
+    ) -> Any:
         """Receive **every** message on ``channel``, in order, from now on.
 
         Returns a :class:`Subscription`: iterate it or call ``get(timeout)``; on a host
-        items are ``(data, conn)``.  When ``maxsize`` messages wait unread, reading the
-        sending connection pauses (TCP backpressure slows the sender): nothing is
-        dropped and memory stays bounded.
+        items are ``(data, conn)``.  With a :class:`~socketengine.Pattern` items start
+        with the concrete channel: ``(channel, data)``, on a host ``(channel, data,
+        conn)``.  When ``maxsize`` messages wait unread, reading the sending connection
+        pauses (TCP backpressure slows the sender): nothing is dropped and memory stays
+        bounded.
         """
-        frames.channel_bytes(channel)
+        check_key(channel)
         self._check_not_closed()
-        sub = Subscription(channel, maxsize, self._unsubscribe, convert=_user_item)
+        if isinstance(channel, Pattern):
+            pattern = channel
+            psub: Subscription[Tuple[Any, ...]] = Subscription(
+                str(pattern),
+                maxsize,
+                lambda s: self._patterns.unsubscribe(pattern, s),
+                convert=_user_pattern_item,
+            )
+            self._patterns.subscribe(pattern, psub)
+            return psub
+        sub: Subscription[_I] = Subscription(
+            channel, maxsize, self._unsubscribe, convert=_user_item
+        )
         with self._watch_lock:
             self._subs[channel] = [*self._subs.get(channel, ()), sub]
         return sub
 
-    def _unsubscribe(self, sub: Subscription) -> None:
+    def _unsubscribe(self, sub: Subscription[_I]) -> None:
         with self._watch_lock:
             kept = [s for s in self._subs.get(sub.channel, ()) if s is not sub]
             if kept:
@@ -251,6 +355,19 @@ class Endpoint(EndpointBase):
         callbacks = self._callbacks.get(channel)
         if callbacks:
             self._dispatcher.submit(conn, self._run_callbacks, callbacks, value, conn)
+        if self._patterns:
+            fired = self._patterns.take(channel)
+            if fired is not None:
+                self._images.read(channel)
+                item = pattern_item(channel, value, conn, self._with_conn)
+                for waiter in fired.waiters:
+                    waiter.set(item)
+                for sub in fired.subs:
+                    sub.put(item, conn)
+                if fired.callbacks:
+                    self._dispatcher.submit(
+                        conn, self._run_any, fired.callbacks, channel, value, conn
+                    )
         if self._any:
             self._dispatcher.submit(conn, self._run_any, self._any, channel, value, conn)
 
@@ -293,7 +410,9 @@ class Endpoint(EndpointBase):
         with self._watch_lock:
             waiting = [w for ws in self._waiters.values() for w in ws]
             self._waiters.clear()
-            subs = [s for ss in self._subs.values() for s in ss]
+            subs: List[Subscription[Any]] = [s for ss in self._subs.values() for s in ss]
+        waiting += self._patterns.all_waiters()
+        subs += self._patterns.all_subs()
         for waiter in waiting:
             waiter.set(_CLOSED)
         for sub in subs:
@@ -332,7 +451,7 @@ class Endpoint(EndpointBase):
         A malformed value raises ``ProtocolError``, which closes ``conn`` only.
         """
         # The hot path of every received message: kept flat on purpose.
-        watched = self._callbacks or self._subs or self._waiters or self._any
+        watched = self._callbacks or self._subs or self._waiters or self._any or self._patterns
         latest = self._latest
         values = conn.values
         stamps = conn.received_at
@@ -394,6 +513,13 @@ def _user_value(value: Any) -> Any:
     if type(value) is images.EncodedImage:
         return value.decode()
     return value
+
+
+def _user_pattern_item(item: Any) -> Any:
+    """A pattern item ``(channel, value[, conn])`` for the user: images decoded."""
+    if type(item[1]) is images.EncodedImage:
+        return (item[0], item[1].decode(), *item[2:])
+    return item
 
 
 def _user_item(item: Any) -> Any:

@@ -9,7 +9,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union, overload
 
 from .. import frames, images
 from ..compat import HostSeedNames
@@ -24,20 +24,26 @@ from ..limits import (
     check_host_limits,
 )
 from ..net import listen
+from ..patterns import Pattern
 from ..protocol import Protocol, Role
 from ..sendqueue import Outgoing
 from ..state import Admission, Departed, RetainedValues
+from ..watch import matching_channels
 from .connection import Connection
 from .endpoint import Endpoint
 
 logger = logging.getLogger("socketengine")
+
+_H = TypeVar("_H", bound="Host")
+#: An ``on_connect`` / ``on_disconnect`` callback: ``fn(conn)``.
+_C = TypeVar("_C", bound=Callable[[Connection], Any])
 
 _ACCEPTS_PER_EVENT = 64
 # Broadcasts closer together than this (seconds) are a burst: their sends are deferred.
 _BROADCAST_GAP = 1e-3
 
 
-class Host(HostSeedNames, Endpoint):
+class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
     """A host that clients connect to.
 
     :param addr: address to listen on.  ``'127.0.0.1'`` (default) accepts only this
@@ -74,6 +80,7 @@ class Host(HostSeedNames, Endpoint):
     """
 
     _kind = "host"
+    _with_conn = True
 
     def __init__(
         self,
@@ -134,7 +141,7 @@ class Host(HostSeedNames, Endpoint):
 
     # -- lifecycle ------------------------------------------------------------------
 
-    def open(self) -> Host:
+    def open(self: _H) -> _H:
         """Bind and listen on ``addr:port`` and start the I/O thread.
 
         Raises ``OSError`` naming ``addr:port`` if it cannot bind (e.g. in use).
@@ -212,14 +219,25 @@ class Host(HostSeedNames, Endpoint):
         """
         return self._read(self._latest, channel, default)
 
-    def get_all(self, channel: str) -> List[Any]:
+    @overload
+    def get_all(self, channel: str) -> List[Any]: ...
+
+    @overload
+    def get_all(self, channel: Pattern) -> Dict[str, List[Any]]: ...
+
+    def get_all(self, channel: Union[str, Pattern]) -> Any:
         """The latest value on ``channel`` from each client, in connection order.
 
         Includes clients that have disconnected, up to ``keep_departed`` of them
         (the most recently departed), so a client that writes and closes at once is
-        still seen.  ``[]`` when no client sent on ``channel``.
+        still seen.  ``[]`` when no client sent on ``channel``.  With a
+        :class:`~socketengine.Pattern`: ``{channel: [values]}`` for every matching
+        channel any of them sent on.
         """
         sessions = list(self._conns.items()) + self._departed.items()
+        if isinstance(channel, Pattern):
+            names = matching_channels(channel, (c.values for _, c in sessions))
+            return {name: self.get_all(name) for name in names}
         sessions.sort(key=lambda item: item[0])
         out = []
         for _, conn in sessions:
@@ -263,16 +281,21 @@ class Host(HostSeedNames, Endpoint):
         channel: str = "image",
         codec: Optional[str] = None,
         quality: Optional[int] = None,
+        conflate: bool = True,
     ) -> int:
         """Send a numpy image to every connected client on ``channel`` (default "image").
 
         ``codec``/``quality`` as for :meth:`Client.write_image` (default: the host's
         ``image_codec``/``image_quality``).  The image is encoded once, whatever the
         number of clients; a slow client gets the newest frame, never a backlog.
+
+        ``conflate=False`` makes the channel lossless: every frame is queued like a
+        plain value, in order, and a slow receiver slows the writer (backpressure,
+        bounded by ``max_buffer``) instead of getting only the newest frame.
         """
         self._check_open()
-        parts, nbytes = self._image_frame(img, channel, codec, quality)
-        return self._send_all(parts, nbytes, image=channel)
+        parts, nbytes = self._image_frame(img, channel, codec, quality, conflate)
+        return self._send_all(parts, nbytes, image=channel if conflate else None)
 
     def _send_all(self, parts: Outgoing, nbytes: int, image: Optional[str] = None) -> int:
         """Queue one encoded frame for every client; a slow client never blocks this."""
@@ -294,18 +317,20 @@ class Host(HostSeedNames, Endpoint):
 
     # -- callbacks ----------------------------------------------------------------------
 
-    def on_connect(self, fn: Callable[[Connection], Any]) -> Callable[[Connection], Any]:
+    def on_connect(self, fn: _C) -> _C:
         """Call ``fn(conn)`` when a client completes its handshake (usable as a decorator).
 
         Runs on a callback thread, before any callback for that client's messages.
+        Returns ``fn``.
         """
         self._on_connect = [*self._on_connect, fn]
         return fn
 
-    def on_disconnect(self, fn: Callable[[Connection], Any]) -> Callable[[Connection], Any]:
+    def on_disconnect(self, fn: _C) -> _C:
         """Call ``fn(conn)`` when a client's connection closes (usable as a decorator).
 
         Runs on a callback thread, after the callbacks for that client's messages.
+        Returns ``fn``.
         """
         self._on_disconnect = [*self._on_disconnect, fn]
         return fn
