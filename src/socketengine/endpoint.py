@@ -15,6 +15,7 @@ from . import images
 from .errors import EndpointClosed
 from .limits import check_settings
 from .peer import PeerView
+from .relay import RelayPolicy
 
 __all__ = ["EndpointBase"]
 
@@ -74,6 +75,8 @@ class EndpointBase:
         self.opened = False
         self.stopped = False
         self._request_hooks: Tuple[RequestHook, ...] = ()
+        #: A relaying host's policy (``relay=``); ``None``: nothing is relayed.
+        self._relay: Optional[RelayPolicy] = None
 
     def on_request(self, fn: _H) -> _H:
         """Call ``fn(conn, channel, value, reply, error)`` after every request this

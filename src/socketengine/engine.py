@@ -30,11 +30,12 @@ Rules owned here, once:
 from __future__ import annotations
 
 import enum
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 from . import frames
 from .errors import ConnectionClosed, HandshakeError, NotSupported, ProtocolError
 from .frames import Frame
+from .patterns import Interest
 from .protocol import Protocol
 from .requests import ReplySink, RequestTable
 from .sendqueue import BATCH_MAX, ImageHook, SendQueue
@@ -106,11 +107,14 @@ class ConnectionEngine:
         self.handshake_timeout = handshake_timeout
         self.linger_deadline: Optional[float] = None
         self.bye_sent = False
+        self.polite = False  # our BYE came from a close() (not from failing the peer)
         self.bye_received = False
         self.eof_received = False
         self.error: Optional[BaseException] = None
         self.last_recv = self.last_send = self.last_ping = now
         self._out: List[bytes] = []  # frames the engine itself answers with (ACK)
+        #: The channels the peer wants from broadcasts (``None``: every channel).
+        self.interest: Optional[Interest] = None
 
     # -- state ----------------------------------------------------------------------------
 
@@ -166,6 +170,7 @@ class ConnectionEngine:
         if self.state is ConnState.HANDSHAKE and self.protocol.is_open:
             self._to(ConnState.OPEN)
             self._negotiate()
+            self.interest = self.protocol.peer_interest
         return out
 
     def _negotiate(self) -> None:
@@ -194,6 +199,10 @@ class ConnectionEngine:
             return False
         if t == frames.ACK:
             self.requests.acknowledge(frame.id)
+            return False
+        if t == frames.INTEREST:
+            value = frame.value()
+            self.interest = None if not value else Interest.from_wire(value)
             return False
         if t == frames.BATCH:
             raise ProtocolError("BATCH frame from a peer that was not told this side reads them")
@@ -275,6 +284,7 @@ class ConnectionEngine:
             return b""
         opened = self.protocol.is_open
         self.bye_sent = True
+        self.polite = True
         self._to(ConnState.CLOSING)
         self.linger_deadline = now + max(linger, 0.0)
         return BYE_FRAME if opened else b""
@@ -359,6 +369,15 @@ class ConnectionEngine:
         ):
             return Tick.PING
         return Tick.NOTHING
+
+    def will_due(self) -> Optional[Tuple[str, bytes]]:
+        """The peer's last will, if it is due: the connection was open and ended
+        without the peer's BYE (a crash, a kill, a link declared dead, a protocol
+        error, a slow consumer dropped) and not by our own polite close."""
+        will = self.protocol.peer_will
+        if will is None or self.bye_received or self.polite or not self.protocol.is_open:
+            return None
+        return will
 
     def next_deadline(self) -> Optional[float]:
         """The earliest time :meth:`tick` may close the connection (handshake or linger)."""

@@ -56,6 +56,7 @@ REPLY_ERROR = 0x13
 BATCH = 0x14  # protocol 1.1: several small DATA values in one frame
 SYNC = 0x15  # protocol 1.1: "tell me when everything before this is stored"
 ACK = 0x16  # protocol 1.1: the answer to SYNC (same id)
+INTEREST = 0x17  # protocol 1.1: a client's new interest (the channels it wants)
 PING = 0x20
 PONG = 0x21
 BYE = 0x22
@@ -73,6 +74,7 @@ FRAME_TYPES = frozenset(
         BATCH,
         SYNC,
         ACK,
+        INTEREST,
         PING,
         PONG,
         BYE,
@@ -82,6 +84,7 @@ FRAME_TYPES = frozenset(
 # DATA flags.
 FLAG_RETAINED = 0x01  # replay of a value the host retains (sent right after the handshake)
 FLAG_IMAGE = 0x02  # an image frame: may be conflated (only the newest one matters)
+FLAG_RELAYED = 0x08  # forwarded by a relaying host: meta starts with the sender's name
 
 DEFAULT_MAX_MESSAGE = limits.DEFAULT_MAX_MESSAGE
 # Frames whose data section is at least this large are received into a buffer of
@@ -112,8 +115,8 @@ class Frame(NamedTuple):
     flags: int
     channel: str
     id: int
-    meta: Union[bytes, bytearray]
-    data: Optional[Any]  # bytes, bytearray or mmap.mmap (large frames): a writable buffer
+    meta: Union[bytes, bytearray, memoryview]
+    data: Optional[Any]  # bytearray, mmap.mmap or memoryview (large frames): writable
 
     def value(self) -> Any:
         """The frame's value, decoded.  Raises ``ProtocolError`` if it is malformed."""
@@ -295,6 +298,7 @@ class FrameDecoder:
         self._body: Optional[Any] = None  # bytearray or mmap.mmap
         self._body_got = 0
         self._body_head: Optional[tuple] = None
+        self._body_meta = -1  # >= 0: the own buffer holds this many metadata bytes first
         self.frames: List[Frame] = []
         #: Set when a handshake, PING or PONG frame was decoded (cleared by the reader).
         self.control = False
@@ -327,7 +331,11 @@ class FrameDecoder:
             if self._body_got < len(self._body):
                 return
             ftype, flags, channel, fid, meta = self._body_head  # type: ignore[misc]
-            self.frames.append(Frame(ftype, flags, channel, fid, meta, self._body))
+            body = self._body
+            mlen = self._body_meta
+            if mlen >= 0:  # metadata and data in one buffer (a memoryview of it)
+                meta, body = body[:mlen], (body[mlen:] if len(body) > mlen else None)
+            self.frames.append(Frame(ftype, flags, channel, fid, meta, body))
             self._body = None
             self._body_head = None
             return
@@ -418,6 +426,24 @@ class FrameDecoder:
                     self._body = body
                     self._body_got = got
                     self._body_head = (ftype, flags, channel, fid, meta)
+                    self._body_meta = -1
+                    r = w
+                elif mlen >= _OWN_BUFFER and avail >= HEADER_SIZE + clen:
+                    # A large metadata section (a big bytes or str value): received
+                    # into a buffer of its own too, so that it is not first gathered in
+                    # a grown stream buffer and then copied out of it.  The value
+                    # decoded from it is then the only other copy.
+                    channel = self._channel(buf, r + HEADER_SIZE, clen)
+                    pad = -mlen % 8 if dlen else 0  # the data section stays 8-aligned
+                    size = pad + mlen + dlen
+                    own: Any = mmap.mmap(-1, size) if size >= _MMAP_BODY else bytearray(size)
+                    view = memoryview(own)[pad:]
+                    got = avail - HEADER_SIZE - clen
+                    view[:got] = buf[r + HEADER_SIZE + clen : w]
+                    self._body = view
+                    self._body_got = got
+                    self._body_head = (ftype, flags, channel, fid, b"")
+                    self._body_meta = mlen
                     r = w
                 elif total > self._capacity - r:
                     # Make the whole frame (or its prefix) fit in the stream buffer.

@@ -23,12 +23,13 @@ import enum
 import hashlib
 import hmac
 import os
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from . import codec, frames
 from .errors import AuthenticationError, HandshakeError, ProtocolError
 from .frames import Frame
 from .limits import MAX_NAME_BYTES, PRE_HANDSHAKE_MAX
+from .patterns import Interest
 
 __all__ = ["Role", "State", "Protocol", "token_bytes"]
 
@@ -61,6 +62,41 @@ def token_bytes(token: Union[str, bytes, None]) -> Optional[bytes]:
 
 def _mac(token: bytes, label: bytes, first: bytes, second: bytes) -> bytes:
     return hmac.new(token, label + first + second, hashlib.sha256).digest()
+
+
+#: A last will's encoded value may be at most this large (it rides in HELLO, before the
+#: peer is authenticated, under the 64 KiB pre-handshake limit).
+MAX_WILL_BYTES = 16 * 1024
+
+
+def encode_will(channel: str, value: Any) -> Tuple[str, bytes]:
+    """A client's last will, checked and encoded for its HELLO (``TypeError`` /
+    ``ValueError`` now, not at the handshake)."""
+    frames.channel_bytes(channel)
+    meta, buffers, _ = codec.encode(value)
+    if buffers:
+        raise TypeError("a last will cannot hold numpy arrays (send them as values instead)")
+    if len(meta) > MAX_WILL_BYTES:
+        raise ValueError(f"a last will must encode to at most {MAX_WILL_BYTES} bytes")
+    return channel, meta
+
+
+def _check_will(will: Any) -> Optional[Tuple[str, bytes]]:
+    if will is None:
+        return None
+    if (
+        type(will) is not list
+        or len(will) != 2
+        or type(will[0]) is not str
+        or type(will[1]) is not bytes
+        or len(will[1]) > MAX_WILL_BYTES
+    ):
+        raise ProtocolError("HELLO will is not [channel, encoded value]")
+    try:
+        codec.decode(will[1], None)
+    except ValueError as exc:
+        raise ProtocolError(f"HELLO will value is malformed: {exc}") from None
+    return will[0], will[1]
 
 
 def _meta(frame: Frame) -> Dict[str, Any]:
@@ -99,10 +135,17 @@ class Protocol:
         read_size: int = 65536,
         session: int = 0,
         heartbeat: Optional[float] = None,
+        will: Optional[Tuple[str, bytes]] = None,
+        interest: Optional[Interest] = None,
     ) -> None:
         self.role = role
         self.heartbeat = heartbeat
         self.peer_heartbeat: Optional[float] = None
+        #: The client's last will ``(channel, encoded value)`` (host role), see
+        #: :func:`encode_will`.
+        self.peer_will: Optional[Tuple[str, bytes]] = None
+        #: The channels the client wants from broadcasts (host role); ``None``: all.
+        self.peer_interest: Optional[Interest] = None
         #: The peer reads BATCH frames (it announced ``"batch"``, protocol 1.1).
         self.peer_batch = False
         #: The peer answers SYNC with ACK (it announced ``"ack"``, protocol 1.1).
@@ -127,14 +170,26 @@ class Protocol:
         self._out: List[bytes] = [frames.PREAMBLE]
         if role is Role.CLIENT:
             self._out.append(
-                _frame(frames.HELLO, self._announce({"name": name, "nonce": self._nonce}))
+                _frame(
+                    frames.HELLO,
+                    self._announce(
+                        {"name": name, "nonce": self._nonce}
+                        if will is None
+                        else {"name": name, "nonce": self._nonce, "will": list(will)},
+                        interest,
+                    ),
+                )
             )
 
-    def _announce(self, info: Dict[str, Any]) -> Dict[str, Any]:
+    def _announce(
+        self, info: Dict[str, Any], interest: Optional[Interest] = None
+    ) -> Dict[str, Any]:
         """What every HELLO / WELCOME carries: the version, and this side's heartbeat."""
         out: Dict[str, Any] = {"v": 1, **info}
         if self.heartbeat is not None:
             out["hb"] = float(self.heartbeat)
+        if interest is not None and not interest.everything:
+            out["interest"] = interest.to_wire()
         out["batch"] = True
         out["ack"] = True
         out["mm"] = self._max_message
@@ -239,6 +294,9 @@ class Protocol:
             ):
                 raise ProtocolError(f"HELLO name is not a string of at most {MAX_NAME_BYTES} bytes")
             self._note_peer(meta)
+            self.peer_will = _check_will(meta.get("will"))
+            if meta.get("interest") is not None:
+                self.peer_interest = Interest.from_wire(meta.get("interest"))
             self._peer_nonce = nonce
             self.peer_name = name
             if self._token is None:

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import socket
 import ssl
-from typing import Any, List, Optional, TypeVar, Union
+from typing import Any, Iterable, List, Optional, Tuple, TypeVar, Union
 
 from .. import frames
 from ..errors import (
@@ -28,8 +28,8 @@ from ..limits import (
     check_name,
     check_seconds,
 )
-from ..patterns import Pattern
-from ..protocol import Protocol, Role
+from ..patterns import Interest, Pattern
+from ..protocol import Protocol, Role, encode_will
 from ..sendqueue import Outgoing, SendQueue
 from ..state import Backoff, log_lost_link
 from .connection import READ_SIZE, Connection
@@ -93,6 +93,15 @@ class Client(Endpoint):
         up to ``max_buffer`` bytes, and sent first once reconnected.  ``False``: a lost
         connection is final (writes raise :class:`~socketengine.ConnectionClosed`).
     :param reconnect_max: the largest delay between reconnection attempts, seconds.
+    :param interest: the channels (exact names or :class:`~socketengine.Pattern` s) this
+        client wants from the host's broadcasts (``write_all``, relayed writes,
+        retained values): the host sends it nothing else, as pyzmq filters on the PUB
+        side.  ``None`` (default): everything.  Change it with :meth:`set_interest`.
+    :param will: a last will ``(channel, value)``: the host publishes ``value`` on
+        ``channel`` as if this client had written it (to its own callbacks, waiters and
+        subscriptions, and to its other clients) if this client vanishes without
+        saying goodbye -- a crash, a kill, a link declared dead.  A polite
+        :meth:`close` does not trigger it.  At most 16 KiB encoded, no arrays.
     :param tls: an ``ssl.SSLContext`` (client side, e.g.
         ``ssl.create_default_context(cafile=...)``): the connection runs over TLS and
         the host's certificate is verified against ``addr``.
@@ -124,6 +133,8 @@ class Client(Endpoint):
         tls: Optional[ssl.SSLContext] = None,
         image_codec: str = "raw",
         image_quality: int = 90,
+        interest: Optional[Iterable[Union[str, Pattern]]] = None,
+        will: Optional[Tuple[str, Any]] = None,
     ) -> None:
         super().__init__(
             addr,
@@ -139,6 +150,8 @@ class Client(Endpoint):
             image_quality=image_quality,
         )
         self.name = check_name(name)
+        self._will = None if will is None else encode_will(*will)
+        self._interest = None if interest is None else Interest(list(interest))
         self.connect_timeout = check_seconds("connect_timeout", connect_timeout, allow_none=True)
         self.reconnect = bool(reconnect)
         self.reconnect_max = check_seconds("reconnect_max", reconnect_max) or 0.0
@@ -286,6 +299,8 @@ class Client(Endpoint):
             token=self._token,
             max_message=self.max_message,
             heartbeat=self.heartbeat,
+            will=self._will,
+            interest=self._interest,
             read_size=READ_SIZE,
         )
         return Connection(self, protocol)
@@ -386,6 +401,23 @@ class Client(Endpoint):
         :class:`~socketengine.WriteTimeout` after ``timeout`` s (default: the client's
         ``timeout``) and :class:`~socketengine.ConnectionClosed` without a live link."""
         await self._live().flush(timeout, acked)
+
+    async def set_interest(self, interest: Optional[Iterable[Union[str, Pattern]]]) -> None:
+        """Replace the channels this client wants from broadcasts (``None``: all); the
+        host applies it to everything it broadcasts from then on, and a reconnection
+        announces it again."""
+        self._interest = None if interest is None else Interest(list(interest))
+        wire = [] if self._interest is None else self._interest.to_wire()
+        conn = self._conn
+        if conn is not None and conn.is_open:
+            parts, nbytes = frames.value_frame(frames.INTEREST, "", wire)
+            await conn._send_frame(parts, nbytes)
+
+    def sender(self, channel: str) -> Optional[str]:
+        """Through a relaying host: the client that wrote the latest value on
+        ``channel`` (its name, or ``"host:port"``), or ``None``."""
+        conn = self._conn
+        return None if conn is None else conn.senders.get(channel)
 
     async def write_image(
         self,

@@ -29,6 +29,7 @@ from ..errors import ConnectionClosed, EndpointClosed
 from ..limits import DEFAULT_SUBSCRIPTION_SIZE
 from ..patterns import Pattern
 from ..requests import no_handler
+from ..state import StoredValues, value_size
 from ..watch import PatternWatch, check_key, pattern_item
 from .connection import Connection, Job, wait_bounded
 from .decoding import LazyImage, resolve
@@ -83,6 +84,8 @@ class Endpoint(EndpointBase):
         self._waiters: Dict[str, List[asyncio.Future[Any]]] = {}
         self._tasks: Set[asyncio.Task[Any]] = set()
         self._heartbeat_timer: Optional[asyncio.TimerHandle] = None
+        # Per connection whose values are budgeted (a host's clients): what they cost.
+        self._stored: Dict[Connection, StoredValues] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -337,9 +340,17 @@ class Endpoint(EndpointBase):
     def _connection_closed(self, conn: Connection) -> None:
         """``conn`` is closed and every frame it received has been handled."""
 
-    def _deliver(self, conn: Connection, channel: str, value: Any, image: int = 0) -> None:
+    def _deliver(
+        self, conn: Connection, channel: str, value: Any, image: int = 0, nbytes: int = -1
+    ) -> None:
         """A DATA value arrived: store it, then waiters, subscriptions, callbacks,
-        ``on_message`` hooks.  ``image``: the frame has the IMAGE flag."""
+        ``on_message`` hooks.  ``image``: the frame has the IMAGE flag; ``nbytes``: its
+        metadata and data bytes (``-1``: not known, estimated from the value).
+
+        Raises ``ProtocolError`` (the connection is closed) beyond a storage budget."""
+        stored = self._stored.get(conn)
+        if stored is not None:
+            stored.store(channel, nbytes if nbytes >= 0 else value_size(value))
         conn.values[channel] = value
         self._latest[channel] = value
         conn.received_at[channel] = _now()
@@ -384,6 +395,12 @@ class Endpoint(EndpointBase):
         if hooks:
             args = (channel, user, conn) if self._with_conn else (channel, user)
             conn._chain.call(Job(hooks, args, None, "on_message", 1 if lazy_at == 0 else -1))
+
+    def _relay_out(self, conn: Connection, channel: str, meta: Any, data: Any) -> None:
+        """A relaying host forwards a client's write (hosts only)."""
+
+    def _relay_value(self, conn: Connection, channel: str, value: Any) -> None:
+        """A relaying host forwards a client's BATCH item (hosts only)."""
 
     def _answer(self, conn: Connection, channel: str, fid: int, value: Any) -> None:
         """A REQUEST arrived: run the channel's handlers; the first one's result replies."""

@@ -9,7 +9,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, List, Optional, TypeVar, Union
+from typing import Any, Iterable, List, Optional, Tuple, TypeVar, Union
 
 from ..compat import ClientSeedNames
 from ..engine import ConnState
@@ -21,7 +21,7 @@ from ..errors import (
     SocketEngineConnectionError,
     WriteTimeout,
 )
-from ..frames import value_item
+from ..frames import INTEREST, value_frame, value_item
 from ..limits import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT,
@@ -31,7 +31,8 @@ from ..limits import (
     check_name,
     check_seconds,
 )
-from ..protocol import Protocol, Role
+from ..patterns import Interest, Pattern
+from ..protocol import Protocol, Role, encode_will
 from ..sendqueue import SendQueue
 from ..state import Backoff, log_lost_link
 from .connection import Connection
@@ -78,6 +79,15 @@ class Client(ClientSeedNames, Endpoint[Any]):
     :param image_codec: codec of ``write_image``/``writeImg`` when none is given:
         ``"raw"`` (default, exact), ``"jpeg"`` or ``"png"``.
     :param image_quality: JPEG quality 1-100 (default 90).
+    :param interest: the channels (exact names or :class:`~socketengine.Pattern` s) this
+        client wants from the host's broadcasts (``write_all``, relayed writes,
+        retained values): the host sends it nothing else, as pyzmq filters on the PUB
+        side.  ``None`` (default): everything.  Change it with :meth:`set_interest`.
+    :param will: a last will ``(channel, value)``: the host publishes ``value`` on
+        ``channel`` as if this client had written it (to its own callbacks, waiters and
+        subscriptions, and to its other clients) if this client vanishes without
+        saying goodbye -- a crash, a kill, a link declared dead.  A polite
+        :meth:`close` does not trigger it.  At most 16 KiB encoded, no arrays.
     :param tls: an ``ssl.SSLContext`` (client side, e.g.
         ``ssl.create_default_context(cafile=...)``): the connection runs over TLS and
         the host's certificate is verified against ``addr`` as the context says.
@@ -105,6 +115,8 @@ class Client(ClientSeedNames, Endpoint[Any]):
         tls: Optional[ssl.SSLContext] = None,
         image_codec: str = "raw",
         image_quality: int = 90,
+        interest: Optional[Iterable[Union[str, Pattern]]] = None,
+        will: Optional[Tuple[str, Any]] = None,
     ) -> None:
         super().__init__(
             addr,
@@ -121,6 +133,8 @@ class Client(ClientSeedNames, Endpoint[Any]):
             image_quality=image_quality,
         )
         self.name = check_name(name)
+        self._will = None if will is None else encode_will(*will)
+        self._interest = None if interest is None else Interest(list(interest))
         self.connect_timeout = check_seconds("connect_timeout", connect_timeout, allow_none=True)
         self.reconnect = bool(reconnect)
         self.reconnect_max = check_seconds("reconnect_max", reconnect_max) or 0.0
@@ -222,6 +236,8 @@ class Client(ClientSeedNames, Endpoint[Any]):
             token=self._token,
             max_message=self.max_message,
             heartbeat=self.heartbeat,
+            will=self._will,
+            interest=self._interest,
             read_size=self.read_size,
         )
         return Connection(self, sock, protocol, address)
@@ -307,6 +323,23 @@ class Client(ClientSeedNames, Endpoint[Any]):
             except ConnectionClosed:
                 pass
         self._send(parts, nbytes)
+
+    def set_interest(self, interest: Optional[Iterable[Union[str, Pattern]]]) -> None:
+        """Replace the channels this client wants from broadcasts (``None``: all); the
+        host applies it to everything it broadcasts from then on, and a reconnection
+        announces it again.  Thread-safe."""
+        self._interest = None if interest is None else Interest(list(interest))
+        wire = [] if self._interest is None else self._interest.to_wire()
+        conn = self._conn
+        if conn is not None and conn.is_open:
+            parts, nbytes = value_frame(INTEREST, "", wire)
+            conn.send_parts(parts, nbytes)
+
+    def sender(self, channel: str) -> Optional[str]:
+        """Through a relaying host: the client that wrote the latest value on
+        ``channel`` (its name, or ``"host:port"``), or ``None``."""
+        conn = self._conn
+        return None if conn is None else conn.senders.get(channel)
 
     def write_image(
         self,

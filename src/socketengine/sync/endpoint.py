@@ -26,10 +26,12 @@ from .. import frames, images
 from ..codec import plain_ext_hook
 from ..endpoint import EndpointBase
 from ..errors import EndpointClosed, SocketEngineError
-from ..frames import BATCH, DATA, FLAG_IMAGE, Frame
+from ..frames import BATCH, DATA, FLAG_IMAGE, FLAG_RELAYED, Frame
 from ..limits import DEFAULT_SUBSCRIPTION_SIZE, MIN_READ_SIZE, check_timeout
 from ..patterns import Pattern
+from ..relay import split_relayed
 from ..requests import no_handler, reply_frame
+from ..state import StoredValues, value_size
 from ..watch import PatternWatch, check_key, pattern_item
 from .connection import Connection
 from .delivery import Dispatcher, Subscription, Waiter
@@ -92,6 +94,8 @@ class Endpoint(EndpointBase, Generic[_I]):
         self._any: List[Callable[..., Any]] = []  # on_message() hooks
         self._patterns: PatternWatch[Waiter, Subscription[Any]] = PatternWatch()
         self._state_lock = threading.Lock()
+        # Per connection whose values are budgeted (a host's clients): what they cost.
+        self._stored: Dict[Connection, StoredValues] = {}
 
     # -- seed-compatible lifecycle --------------------------------------------------------
 
@@ -371,6 +375,24 @@ class Endpoint(EndpointBase, Generic[_I]):
         if self._any:
             self._dispatcher.submit(conn, self._run_any, self._any, channel, value, conn)
 
+    def _special_value(self, conn: Connection, frame: Frame) -> Any:
+        """The value of a DATA frame with flags (image, relayed, retained)."""
+        flags = frame.flags
+        if flags & FLAG_RELAYED:
+            origin, meta = split_relayed(frame.meta)
+            conn.senders[frame.channel] = origin
+            frame = Frame(frame.type, flags & ~FLAG_RELAYED, frame.channel, 0, meta, frame.data)
+        value = frame.value()
+        if flags & FLAG_IMAGE:
+            self._image_arrived(conn, frame.channel, value)
+        return value
+
+    def _relay_out(self, conn: Connection, channel: str, meta: Any, data: Any) -> None:
+        """A relaying host forwards a client's write (hosts only)."""
+
+    def _relay_value(self, conn: Connection, channel: str, value: Any) -> None:
+        """A relaying host forwards a client's BATCH item (hosts only)."""
+
     def _run_callbacks(
         self, callbacks: List[Callable[..., Any]], value: Any, conn: Connection
     ) -> None:
@@ -454,13 +476,19 @@ class Endpoint(EndpointBase, Generic[_I]):
         watched = self._callbacks or self._subs or self._waiters or self._any or self._patterns
         latest = self._latest
         values = conn.values
+        stored = self._stored.get(conn)
         stamps = conn.received_at
         now = time.time()
         count = 0
+        relay = self._relay
         for frame in events:
-            t, _, channel, _, meta, data = frame
+            t, flags, channel, _, meta, data = frame
             if t == DATA:
-                if data is None:
+                if stored is not None:  # raises ProtocolError beyond a budget
+                    stored.store(channel, len(meta) if data is None else len(meta) + len(data))
+                if flags:
+                    value = self._special_value(conn, frame)
+                elif data is None:
                     try:
                         value = unpackb(
                             meta, ext_hook=plain_ext_hook, raw=False, strict_map_key=False
@@ -469,18 +497,25 @@ class Endpoint(EndpointBase, Generic[_I]):
                         value = frame.value()  # raises ProtocolError with the reason
                 else:
                     value = frame.value()
-                    if frame.flags & FLAG_IMAGE:
-                        self._image_arrived(conn, channel, value)
                 count += 1
                 values[channel] = value
                 latest[channel] = value
                 stamps[channel] = now
                 if watched:
                     self._deliver(conn, channel, value)
+                if relay is not None and relay.allows(channel, conn.name):
+                    self._relay_out(conn, channel, meta, data)
                 continue
             if t == BATCH:
                 items = frame.items()
                 count += len(items) // 2
+                if stored is not None:  # each item at its size (as the asyncio layer)
+                    for i in range(0, len(items), 2):
+                        stored.store(items[i], value_size(items[i + 1]))
+                if relay is not None:
+                    for i in range(0, len(items), 2):
+                        if relay.allows(items[i], conn.name):
+                            self._relay_value(conn, items[i], items[i + 1])
                 if watched:
                     for i in range(0, len(items), 2):
                         channel = items[i]
