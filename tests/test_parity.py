@@ -754,3 +754,26 @@ def test_acknowledged_writes_need_a_1_1_peer() -> None:
     # A 1.0 host's WELCOME has no "ack": nothing would ever answer a SYNC.
     with pytest.raises(NotSupported, match="1.0"):
         engine.sync_frame(1)
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_subscription_is_bounded_in_bytes(layer: str, loop_thread: AioThread) -> None:
+    """A subscriber that never reads holds at most maxbytes (plus one read's worth):
+    then its connection is no longer read, and TCP backpressure reaches the writer."""
+    from socketengine import WriteTimeout
+
+    with Host(port=0, max_buffer=1 << 20, timeout=0.5) as host:
+        client = make_client(layer, loop_thread, host.port)
+        try:
+            sub = client.do("subscribe", "big", maxsize=10_000, maxbytes=1 << 20)
+            wait_for(lambda: host.clients(), what="the client")
+            (conn,) = host.clients()
+            payload = b"x" * (64 * 1024)
+            with pytest.raises(WriteTimeout):
+                for _ in range(400):  # 25 MiB: far more than every buffer on the way
+                    conn.write("big", payload)
+            held = len(sub) * len(payload)
+            assert held <= (1 << 20) + 4 * len(payload) * 16  # maxbytes + one read's worth
+            assert len(sub) < 400
+        finally:
+            client.close()

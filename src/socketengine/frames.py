@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+import sys
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from . import codec, limits
@@ -102,6 +103,7 @@ _MMAP_BODY = 16 * 1024 * 1024
 #: Values whose msgpack is at most this large (and hold no arrays) may travel in BATCH
 #: frames; larger ones always get a DATA frame of their own.
 ITEM_MAX = 4096
+_refcount = sys.getrefcount
 # Received channel names are cached process-wide, and any peer (even one that never
 # completes the handshake) chooses them: only short ones are kept, so the cache stays
 # under ~2 MB instead of 4096 names of up to 64 KiB each.
@@ -266,6 +268,38 @@ def check_preamble(head: bytes) -> None:
         )
 
 
+class _BodyPool:
+    """Recycled receive buffers for large data sections (sans-I/O).
+
+    A stream of 1080p frames would otherwise allocate and zero-fill a new 6 MB buffer
+    per frame, and give the memory back to the OS in between (page faults on every
+    frame).  A buffer comes back into use only once nothing refers to it any more:
+    the arrays the application got from it are gone (reference count), so a value
+    the application keeps is never overwritten.  At most :attr:`KEEP` buffers of at
+    most two sizes are kept: bounded by ``2 * KEEP * max_message``.
+    """
+
+    KEEP = 3
+
+    def __init__(self) -> None:
+        self._free: Dict[int, List[bytearray]] = {}
+
+    def take(self, size: int) -> bytearray:
+        bufs = self._free.get(size)
+        if bufs is None:
+            if len(self._free) >= 2:
+                self._free.pop(next(iter(self._free)))  # the oldest size goes
+            bufs = self._free[size] = []
+        for buf in bufs:
+            # Referenced by the list, this loop and getrefcount's argument only.
+            if _refcount(buf) == 3:
+                return buf
+        buf = bytearray(size)
+        if len(bufs) < self.KEEP:
+            bufs.append(buf)
+        return buf
+
+
 class FrameDecoder:
     """Incremental frame parser (sans-I/O).
 
@@ -298,6 +332,7 @@ class FrameDecoder:
         self._body: Optional[Any] = None  # bytearray or mmap.mmap
         self._body_got = 0
         self._body_head: Optional[tuple] = None
+        self._bodies = _BodyPool()
         self._body_meta = -1  # >= 0: the own buffer holds this many metadata bytes first
         self.frames: List[Frame] = []
         #: Set when a handshake, PING or PONG frame was decoded (cleared by the reader).
@@ -420,7 +455,9 @@ class FrameDecoder:
                     # Receive the rest of the data section straight into its own buffer.
                     channel = self._channel(buf, r + HEADER_SIZE, clen)
                     meta: Any = bytes(buf[r + HEADER_SIZE + clen : r + prefix])
-                    body: Any = mmap.mmap(-1, dlen) if dlen >= _MMAP_BODY else bytearray(dlen)
+                    body: Any = (
+                        mmap.mmap(-1, dlen) if dlen >= _MMAP_BODY else self._bodies.take(dlen)
+                    )
                     got = avail - prefix
                     body[:got] = buf[r + prefix : w]
                     self._body = body

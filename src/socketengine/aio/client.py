@@ -24,6 +24,7 @@ from ..limits import (
     DEFAULT_MAX_BUFFER,
     DEFAULT_MAX_MESSAGE,
     DEFAULT_RECONNECT_MAX,
+    DEFAULT_SUBSCRIPTION_BYTES,
     DEFAULT_SUBSCRIPTION_SIZE,
     check_name,
     check_seconds,
@@ -355,13 +356,16 @@ class Client(Endpoint):
         return await self._wait(channel, timeout)
 
     def subscribe(
-        self, channel: Union[str, Pattern], maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
+        self,
+        channel: Union[str, Pattern],
+        maxsize: int = DEFAULT_SUBSCRIPTION_SIZE,
+        maxbytes: Optional[int] = DEFAULT_SUBSCRIPTION_BYTES,
     ) -> Subscription[Any]:
         """Every message on ``channel`` from now on, in order:
         ``async for data in c.subscribe("ch")`` (with a :class:`~socketengine.Pattern`,
         items are ``(channel, data)``).  May be called before :meth:`start`
         (to see retained values).  See :class:`~socketengine.aio.Subscription`."""
-        return self._subscribe(channel, maxsize)
+        return self._subscribe(channel, maxsize, maxbytes)
 
     def _check_receiving(self) -> None:
         self._check_not_closed()

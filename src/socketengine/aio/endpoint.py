@@ -127,12 +127,14 @@ class Endpoint(EndpointBase):
     # -- callbacks ------------------------------------------------------------------------
 
     @overload
-    def on(self, channel: Union[str, Pattern]) -> Callable[[_F], _F]: ...
+    def on(self, channel: Union[str, Pattern], *, inline: bool = False) -> Callable[[_F], _F]: ...
 
     @overload
-    def on(self, channel: Union[str, Pattern], fn: _F) -> _F: ...
+    def on(self, channel: Union[str, Pattern], fn: _F, *, inline: bool = False) -> _F: ...
 
-    def on(self, channel: Union[str, Pattern], fn: Optional[_F] = None) -> Any:
+    def on(
+        self, channel: Union[str, Pattern], fn: Optional[_F] = None, *, inline: bool = False
+    ) -> Any:
         """Call ``fn`` for every message on ``channel``; use as ``@ep.on("name")``.
 
         ``fn`` may be a plain or an ``async`` function.  A client calls ``fn(data)``,
@@ -142,7 +144,8 @@ class Endpoint(EndpointBase):
         if it is awaitable) of the first handler registered (pattern handlers answer
         none).  Exceptions are logged on the ``socketengine`` logger and change nothing
         else.  Images sent as JPEG/PNG arrive decoded (decoded in a worker thread
-        first).  Returns ``fn``.
+        first).  Returns ``fn``.  ``inline`` is accepted for parity with the threaded
+        layer: here plain callbacks always run on the event loop, in order.
         """
         check_key(channel)  # TypeError/ValueError for a bad name, now
 
@@ -218,17 +221,19 @@ class Endpoint(EndpointBase):
                     del self._waiters[channel]
         return await resolve(item)
 
-    def _subscribe(self, channel: Union[str, Pattern], maxsize: int) -> Subscription[Any]:
+    def _subscribe(
+        self, channel: Union[str, Pattern], maxsize: int, maxbytes: Optional[int] = None
+    ) -> Subscription[Any]:
         check_key(channel)
         self._check_receiving()
         if isinstance(channel, Pattern):
             pattern = channel
             psub: Subscription[Any] = Subscription(
-                str(pattern), maxsize, lambda s: self._patterns.unsubscribe(pattern, s)
+                str(pattern), maxsize, lambda s: self._patterns.unsubscribe(pattern, s), maxbytes
             )
             self._patterns.subscribe(pattern, psub)
             return psub
-        sub: Subscription[Any] = Subscription(channel, maxsize, self._unsubscribe)
+        sub: Subscription[Any] = Subscription(channel, maxsize, self._unsubscribe, maxbytes)
         self._subs[channel] = self._subs.get(channel, ()) + (sub,)
         return sub
 
@@ -377,8 +382,9 @@ class Endpoint(EndpointBase):
                 if not future.done():
                     future.set_result(item)
         if subs is not None:
+            size = value_size(value)
             for sub in subs:
-                sub._put(item, conn)
+                sub._put(item, conn, size)
         if handlers is not None:
             args: Tuple[Any, ...] = (user, conn) if self._with_conn else (user,)
             conn._chain.call(Job(handlers, args, None, f"channel {channel!r}", lazy_at))
@@ -387,8 +393,9 @@ class Endpoint(EndpointBase):
             for future in fired.waiters:
                 if not future.done():
                     future.set_result(pitem)
+            psize = value_size(value) if fired.subs else 0
             for psub in fired.subs:
-                psub._put(pitem, conn)
+                psub._put(pitem, conn, psize)
             if fired.callbacks:
                 lazy = 1 if lazy_at == 0 else -1
                 conn._chain.call(Job(fired.callbacks, pitem, None, "a channel pattern", lazy))

@@ -20,6 +20,7 @@ from ..limits import (
     DEFAULT_MAX_CLIENTS,
     DEFAULT_MAX_MESSAGE,
     DEFAULT_MAX_PENDING,
+    DEFAULT_SUBSCRIPTION_BYTES,
     DEFAULT_SUBSCRIPTION_SIZE,
     check_host_limits,
     check_name,
@@ -334,22 +335,31 @@ class Host(Endpoint):
 
     @overload
     def subscribe(
-        self, channel: str, maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
+        self,
+        channel: str,
+        maxsize: int = DEFAULT_SUBSCRIPTION_SIZE,
+        maxbytes: Optional[int] = DEFAULT_SUBSCRIPTION_BYTES,
     ) -> Subscription[Tuple[Any, Connection]]: ...
 
     @overload
     def subscribe(
-        self, channel: Pattern, maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
+        self,
+        channel: Pattern,
+        maxsize: int = DEFAULT_SUBSCRIPTION_SIZE,
+        maxbytes: Optional[int] = DEFAULT_SUBSCRIPTION_BYTES,
     ) -> Subscription[Tuple[str, Any, Connection]]: ...
 
     def subscribe(
-        self, channel: Union[str, Pattern], maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
+        self,
+        channel: Union[str, Pattern],
+        maxsize: int = DEFAULT_SUBSCRIPTION_SIZE,
+        maxbytes: Optional[int] = DEFAULT_SUBSCRIPTION_BYTES,
     ) -> Any:
         """Every message on ``channel`` from now on, as ``(data, conn)`` pairs, in order
         per client: ``async for data, conn in h.subscribe("ch")``; with a
         :class:`~socketengine.Pattern`, ``(channel, data, conn)``.  See
         :class:`~socketengine.aio.Subscription` for ``maxsize`` and back-pressure."""
-        return self._subscribe(channel, maxsize)
+        return self._subscribe(channel, maxsize, maxbytes)
 
     def on_connect(self, fn: _C) -> _C:
         """Call ``fn(conn)`` (plain or async) when a client completes its handshake,

@@ -292,6 +292,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
 
         Images sent compressed are returned decoded (numpy arrays).
         """
+        self._polled()
         return self._read(self._latest, channel, default)
 
     def write(

@@ -262,6 +262,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
 
         Images sent compressed are returned decoded (numpy arrays).
         """
+        self._polled()
         return self._read(self._latest, channel, default)
 
     @overload
@@ -279,20 +280,13 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         :class:`~socketengine.Pattern`: ``{channel: [values]}`` for every matching
         channel any of them sent on.
         """
+        self._polled()
         sessions = list(self._conns.items()) + self._departed.items()
+        sessions.sort(key=lambda item: item[0])
         if isinstance(channel, Pattern):
             names = matching_channels(channel, (c.values for _, c in sessions))
-            return {name: self.get_all(name) for name in names}
-        sessions.sort(key=lambda item: item[0])
-        out = []
-        for _, conn in sessions:
-            values = conn.values
-            if channel in values:
-                if type(values[channel]) is images.EncodedImage:
-                    out.append(conn.get(channel))
-                    continue
-                out.append(values[channel])
-        return out
+            return {name: _latest_of_each(sessions, name) for name in names}
+        return _latest_of_each(sessions, channel)
 
     # -- writing ------------------------------------------------------------------------
 
@@ -566,3 +560,16 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
     def __repr__(self) -> str:
         state = "closed" if self.stopped else ("open" if self.opened else "not open")
         return f"<Host {self.addr}:{self.port} {state} clients={len(self._conns)}>"
+
+
+def _latest_of_each(sessions: List[Tuple[int, Connection]], channel: str) -> List[Any]:
+    """The latest value on ``channel`` of each session that sent one, in order."""
+    out = []
+    for _, conn in sessions:
+        values = conn.values
+        if channel in values:
+            if type(values[channel]) is images.EncodedImage:
+                out.append(conn.get(channel))
+                continue
+            out.append(values[channel])
+    return out
