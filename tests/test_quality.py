@@ -19,6 +19,12 @@ ROOT = Path(__file__).resolve().parent.parent
     ids=["ruff-check", "ruff-format", "mypy"],
 )
 def test_static_checks_pass(command: list) -> None:
+    if "mypy" in command and sys.version_info < (3, 10):
+        # The mypy config (pyproject.toml) is written for mypy 2, which runs on Python >= 3.10
+        # only; the newest mypy for 3.9 (1.19) ships older stubs and disagrees about which
+        # `type: ignore`s are needed. The check runs on every other version, including the
+        # default one, so src/ is type-checked in every CI run.
+        pytest.skip("mypy 2 needs Python >= 3.10; src/ is type-checked on the other versions")
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=170)
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -1,8 +1,10 @@
 """The seed API's names (socket.engine 1.x), as exact aliases of the PEP 8 names.
 
 This module is the only place the camelCase names exist.  Each alias resolves to the
-very same method (``h.get_ALL == h.get_all``); the ``*Lock`` variants are the same as
-the plain ones because every write is thread-safe.
+very same method (``h.get_ALL == h.get_all``, ``Host.get_ALL is Host.get_all``); the
+``*Lock`` variants are the same as the plain ones because every write is thread-safe.
+They are left out of ``dir(Host)`` / ``dir(Client)`` and therefore out of ``help(Host)``,
+which lists the PEP 8 names only: this table is their one place of documentation.
 A type checker sees each alias as the method it names (``h.get_ALL`` has the signature
 of ``Host.get_all``) and ``host`` / ``client`` as the classes themselves.
 
@@ -25,7 +27,7 @@ seed name               socketengine name
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, Tuple, Type
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple, Type
 
 if TYPE_CHECKING:
     from .sync.client import Client
@@ -46,8 +48,29 @@ class Alias:
         return getattr(obj if obj is not None else objtype, self.target)
 
 
-class HostSeedNames:
+class SeedNamesMeta(type):
+    """The metaclass of the seed-name mixins: keeps the aliases out of ``dir(cls)``.
+
+    ``help()`` and :func:`inspect.getmembers` list a class's attributes through
+    ``dir(cls)``, so the camelCase aliases no longer clutter ``help(Host)`` between the
+    real methods. They still resolve normally (``Host.get_ALL``, ``h.get_ALL``), and
+    ``dir(h)`` of an instance still lists them, for interactive completion.
+    """
+
+    def __dir__(cls) -> List[str]:
+        aliases = {
+            name
+            for klass in cls.__mro__
+            for name, value in vars(klass).items()
+            if isinstance(value, Alias)
+        }
+        return sorted(name for name in super().__dir__() if name not in aliases)
+
+
+class HostSeedNames(metaclass=SeedNamesMeta):
     """Mixed into :class:`Host`: the seed's method names."""
+
+    __slots__ = ()
 
     if TYPE_CHECKING:  # a type checker sees each alias as the method it names
         get_ALL = Host.get_all
@@ -65,8 +88,10 @@ class HostSeedNames:
         writeImgLock_ALL = Alias("write_image_all")
 
 
-class ClientSeedNames:
+class ClientSeedNames(metaclass=SeedNamesMeta):
     """Mixed into :class:`Client`: the seed's method names."""
+
+    __slots__ = ()
 
     if TYPE_CHECKING:
         writeLock = Client.write
