@@ -666,6 +666,14 @@ class Connection(PeerView, asyncio.BufferedProtocol):
                 transport.write(batch[0])
             else:
                 transport.writelines(batch)
+                if not self._write_paused:
+                    # CPython 3.12.0-3.12.8 and 3.13.0-3.13.1 (gh-127655): the selector
+                    # transport's writelines() never pauses the protocol at its
+                    # high-water mark.  set_write_buffer_limits() (public) runs that
+                    # check again, and calls pause_writing() when it is due.
+                    low, high = transport.get_write_buffer_limits()
+                    if transport.get_write_buffer_size() > high:
+                        transport.set_write_buffer_limits(high, low)
             self.bytes_out += size
             self.engine.sent(self._loop.time())
 
