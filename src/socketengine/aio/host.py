@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union, o
 from .. import codec, frames, images
 from ..errors import EndpointClosed
 from ..limits import (
+    DEFAULT_COMPRESS_THRESHOLD,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT,
     DEFAULT_KEEP_DEPARTED,
@@ -60,6 +61,11 @@ class Host(Endpoint):
     :param heartbeat: seconds (default 5): a link idle that long gets a PING; a client
         that sends nothing for ``3 * heartbeat`` s is declared dead and disconnected.
         ``None`` disables.
+    :param compression: compress large values on the wire (protocol 1.1): ``"zstd"``,
+        ``"lz4"`` or ``"auto"`` (the first installed; ``pip install
+        'socket.engine[compression]'``); ``None`` (default): off.  Only for a peer
+        that announced the codec, only values whose encoding is at least
+        ``compress_threshold`` bytes (default 4096), only when the result is smaller.
     :param tls: an ``ssl.SSLContext`` (server side, with ``load_cert_chain``): every
         connection then runs over TLS, and plaintext clients are refused.
     :param image_codec: codec of :meth:`write_image_all` / ``conn.write_image`` when
@@ -104,6 +110,8 @@ class Host(Endpoint):
         monitor: Optional[int] = None,
         monitor_addr: str = "127.0.0.1",
         monitor_bgr: bool = False,
+        compression: Optional[str] = None,
+        compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD,
     ) -> None:
         super().__init__(
             addr,
@@ -120,6 +128,7 @@ class Host(Endpoint):
         )
 
         check_host_limits(max_clients, keep_departed, backlog)
+        self._init_compression(compression, compress_threshold)
         self.name = check_name(name)
         self.max_clients = max_clients
         self.keep_departed = keep_departed
@@ -311,7 +320,9 @@ class Host(Endpoint):
 
     # -- writing --------------------------------------------------------------------------
 
-    async def write_all(self, channel: str, data: Any, retain: bool = False) -> int:
+    async def write_all(
+        self, channel: str, data: Any, retain: bool = False, compress: Optional[bool] = None
+    ) -> int:
         """Send ``data`` on ``channel`` to every connected client; return how many.
 
         The value is encoded once (``TypeError`` before anything is sent).  With
@@ -327,6 +338,14 @@ class Host(Endpoint):
             parts, nbytes = frames.value_frame(frames.DATA, channel, data)
             self._retained.retain(channel, parts)
             return await self._broadcast(parts, nbytes)
+        if self._codecs is not None or compress:
+            sent = 0
+            for encoded, conns in self._encode_groups(channel, data, compress, self.clients()):
+                if type(encoded) is bytes:
+                    sent += await self._broadcast(encoded, len(encoded), clients=conns)
+                else:
+                    sent += await self._broadcast(encoded[0], encoded[1], clients=conns)
+            return sent
         encoded = frames.value_item(channel, data)
         if type(encoded) is bytes:
             return await self._broadcast(encoded, len(encoded))
@@ -360,11 +379,18 @@ class Host(Endpoint):
         self._check_open()
         return await self._broadcast(parts, nbytes, image=channel if conflate else None)
 
-    async def _broadcast(self, parts: Outgoing, nbytes: int, image: Optional[str] = None) -> int:
-        """Hand one encoded frame to every client without waiting for any of them."""
+    async def _broadcast(
+        self,
+        parts: Outgoing,
+        nbytes: int,
+        image: Optional[str] = None,
+        clients: Optional[List[Connection]] = None,
+    ) -> int:
+        """Hand one encoded frame to every client (or ``clients``) without waiting for
+        any of them."""
         sent = 0
         paused = False
-        for conn in self.clients():
+        for conn in self.clients() if clients is None else clients:
             if conn._offer(parts, nbytes, image):
                 sent += 1
             paused = paused or conn.writing_paused

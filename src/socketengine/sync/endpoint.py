@@ -468,7 +468,7 @@ class Endpoint(EndpointBase, Generic[_I]):
                     except Exception:
                         value = frame.value()  # raises ProtocolError with the reason
                 else:
-                    value = frame.value()
+                    value = frame.value(self.max_message)
                     if frame.flags & FLAG_IMAGE:
                         self._image_arrived(conn, channel, value)
                 count += 1

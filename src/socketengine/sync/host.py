@@ -15,6 +15,7 @@ from .. import codec, frames, images
 from ..compat import HostSeedNames
 from ..errors import SocketEngineError
 from ..limits import (
+    DEFAULT_COMPRESS_THRESHOLD,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT,
     DEFAULT_KEEP_DEPARTED,
@@ -65,6 +66,11 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         (TLS included).
     :param heartbeat: seconds between pings on an idle link; a client silent for three
         intervals is declared dead.  ``None`` disables.
+    :param compression: compress large values on the wire (protocol 1.1): ``"zstd"``,
+        ``"lz4"`` or ``"auto"`` (the first installed; ``pip install
+        'socket.engine[compression]'``); ``None`` (default): off.  Only for a peer
+        that announced the codec, only values whose encoding is at least
+        ``compress_threshold`` bytes (default 4096), only when the result is smaller.
     :param tls: an ``ssl.SSLContext`` (server side, with ``load_cert_chain``): every
         connection then runs over TLS, and plaintext clients are refused.
     :param image_codec: codec of ``write_image_all``/``writeImg_ALL`` when none is given:
@@ -104,6 +110,8 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         monitor: Optional[int] = None,
         monitor_addr: str = "127.0.0.1",
         monitor_bgr: bool = False,
+        compression: Optional[str] = None,
+        compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD,
     ) -> None:
         super().__init__(
             addr,
@@ -120,6 +128,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
             image_quality=image_quality,
         )
         check_host_limits(max_clients, keep_departed, backlog)
+        self._init_compression(compression, compress_threshold)
         self.max_clients = max_clients
         self.keep_departed = keep_departed
         self.backlog = backlog
@@ -251,7 +260,9 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
 
     # -- writing ------------------------------------------------------------------------
 
-    def write_all(self, channel: str, data: Any, retain: bool = False) -> int:
+    def write_all(
+        self, channel: str, data: Any, retain: bool = False, compress: Optional[bool] = None
+    ) -> int:
         """Send ``data`` on ``channel`` to every connected client; return how many.
 
         The value is encoded once (``TypeError`` before anything is sent).  With
@@ -260,6 +271,14 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         configuration and state).  Thread-safe.
         """
         self._check_open()
+        if not retain and (self._codecs is not None or compress):
+            sent = 0
+            for encoded, conns in self._encode_groups(channel, data, compress, self.clients()):
+                if type(encoded) is bytes:
+                    sent += self._send_all(encoded, len(encoded), clients=conns)
+                else:
+                    sent += self._send_all(encoded[0], encoded[1], clients=conns)
+            return sent
         if not retain:
             encoded = frames.value_item(channel, data)
             if type(encoded) is bytes:
@@ -297,10 +316,18 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         parts, nbytes = self._image_frame(img, channel, codec, quality, conflate)
         return self._send_all(parts, nbytes, image=channel if conflate else None)
 
-    def _send_all(self, parts: Outgoing, nbytes: int, image: Optional[str] = None) -> int:
-        """Queue one encoded frame for every client; a slow client never blocks this."""
+    def _send_all(
+        self,
+        parts: Outgoing,
+        nbytes: int,
+        image: Optional[str] = None,
+        clients: Optional[List[Connection]] = None,
+    ) -> int:
+        """Queue one encoded frame for every client (or ``clients``); a slow client
+        never blocks this."""
         sent = 0
-        clients = self.clients()
+        if clients is None:
+            clients = self.clients()
         # An isolated broadcast goes out at once; in a burst of them the loop thread
         # flushes each connection once for many frames instead of a syscall per frame.
         now = time.monotonic()
