@@ -352,6 +352,8 @@ BOMBS = {
     # sizes that do not add up
     "wrong-sizes": (["zstd", 5, 5], zstandard.compress(codec.encode({"a": 1})[0])),
     "unknown-codec": (["gzip", 10, 0], b"\x1f\x8b" * 10),
+    # no data section: the sync receiver's fast path must not take it for a plain value
+    "no-data": (["zstd", 10, 0], b""),
 }
 
 

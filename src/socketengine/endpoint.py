@@ -12,6 +12,7 @@ import ssl
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar, Union
 
 from . import codec, compression, frames, images
+from .engine import ConnState
 from .errors import EndpointClosed
 from .limits import check_compression, check_settings
 from .peer import PeerView
@@ -88,8 +89,8 @@ class EndpointBase:
         """The codec to compress a value for ``conn`` with, or None (off, or the peer
         announced none of ours).  ``compress=True`` with compression off uses the first
         installed codec."""
-        if compress is False or conn is None:
-            return None
+        if compress is False or conn is None or conn.engine.state is not ConnState.OPEN:
+            return None  # (a write queued while reconnecting may reach another host)
         codecs = self._codecs
         if codecs is None:
             if not compress:

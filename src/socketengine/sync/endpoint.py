@@ -26,7 +26,7 @@ from .. import frames, images
 from ..codec import plain_ext_hook
 from ..endpoint import EndpointBase
 from ..errors import EndpointClosed, SocketEngineError
-from ..frames import BATCH, DATA, FLAG_IMAGE, Frame
+from ..frames import BATCH, DATA, FLAG_COMPRESSED, FLAG_IMAGE, Frame
 from ..limits import DEFAULT_SUBSCRIPTION_SIZE, MIN_READ_SIZE, check_timeout
 from ..patterns import Pattern
 from ..requests import no_handler, reply_frame
@@ -458,9 +458,9 @@ class Endpoint(EndpointBase, Generic[_I]):
         now = time.time()
         count = 0
         for frame in events:
-            t, _, channel, _, meta, data = frame
+            t, flags, channel, _, meta, data = frame
             if t == DATA:
-                if data is None:
+                if data is None and flags < FLAG_COMPRESSED:  # a compressed one has data
                     try:
                         value = unpackb(
                             meta, ext_hook=plain_ext_hook, raw=False, strict_map_key=False
