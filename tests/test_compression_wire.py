@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import zstandard
 from conftest import wait_for
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_parity import LAYERS, AioThread, Side, make_client, make_host
 
 from socketengine import Client, Host, aio, codec, compression, frames
@@ -410,3 +412,45 @@ def test_compressed_frame_helpers_round_trip() -> None:
     noise = np.random.default_rng(1).bytes(10_000)
     meta, buffers, data_len = codec.encode(noise)
     assert frames.compressed_frame("ch", meta, buffers, data_len, "lz4") is None
+
+
+def test_a_codec_that_is_not_installed_is_refused_at_construction(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(compression._loaded, "lz4", None)  # as if lz4 were not installed
+    for make in (
+        lambda: Host(port=0, open=False, compression="lz4"),
+        lambda: aio.Client(port=1, compression="lz4"),
+    ):
+        with pytest.raises(compression.CompressionUnavailable, match="pip install"):
+            make()
+    assert aio.Host(port=0, compression="auto")._codecs == ("zstd",)
+    monkeypatch.setitem(compression._loaded, "zstd", None)
+    with pytest.raises(compression.CompressionUnavailable):
+        Client(port=1, open=False, compression="auto")
+
+
+_heads = st.one_of(
+    st.tuples(
+        st.sampled_from(["zstd", "lz4", "gz"]), st.integers(-2, 1 << 21), st.integers(-2, 99)
+    ),
+    st.lists(st.integers(), max_size=4),
+    st.text(max_size=8),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    head=_heads,
+    body=st.binary(max_size=200),
+    prefix=st.sampled_from([b"", b"\x28\xb5\x2f\xfd", b"\x04\x22\x4d\x18"]),
+)
+def test_any_compressed_frame_decodes_or_raises_protocol_error(
+    head: Any, body: bytes, prefix: bytes
+) -> None:
+    wire = _compressed_data_frame("c", list(head) if type(head) is tuple else head, prefix + body)
+    (frame,) = frames.FrameDecoder(expect_preamble=False).feed(wire)
+    try:
+        frame.value(1 << 20)
+    except ProtocolError:  # MessageTooBig is one
+        pass
