@@ -215,12 +215,14 @@ class SESubPinger:
 class SEReqServer:
     """``host.on("ping")`` callback returning the value: the reply of a request."""
 
+    inline = False
+
     def __init__(self, kind: str, params: Dict[str, Any]) -> None:
         from socketengine import Host
 
         self.host = Host(port=0, timeout=5)
         self.port = self.host.port
-        self.host.on("ping", lambda data, conn: data)
+        self.host.on("ping", lambda data, conn: data, inline=self.inline)
 
     def wait_ready(self, deadline: float) -> None:
         pass
@@ -230,6 +232,12 @@ class SEReqServer:
 
     def close(self) -> None:
         self.host.close()
+
+
+class SEReqInlineServer(SEReqServer):
+    """The same, answered by an inline handler (on the host's I/O thread)."""
+
+    inline = True
 
 
 class SEReqPinger:
@@ -468,4 +476,5 @@ STYLES = {
     "poll": (SEServer, SEPinger),
     "sub": (SESubServer, SESubPinger),
     "req": (SEReqServer, SEReqPinger),
+    "req_inline": (SEReqInlineServer, SEReqPinger),
 }

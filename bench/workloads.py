@@ -361,6 +361,15 @@ WORKLOADS: Dict[str, Workload] = {
             "1 process",
         ),
         Workload(
+            "roundtrip_req_inline",
+            "round trip, client.request() answered by host.on(..., inline=True)",
+            _LATENCY,
+            "roundtrip",
+            roundtrip_trial(False, "req_inline"),
+            BASE_LIBS,
+            "1 process",
+        ),
+        Workload(
             "roundtrip_req_xproc",
             "round trip, client.request() / host.on(), separate processes",
             _LATENCY,

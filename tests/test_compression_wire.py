@@ -454,3 +454,25 @@ def test_any_compressed_frame_decodes_or_raises_protocol_error(
         frame.value(1 << 20)
     except ProtocolError:  # MessageTooBig is one
         pass
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_relaying_host_forwards_a_compressed_write_decompressed(
+    layer: str, loop_thread: AioThread
+) -> None:
+    host = make_host(layer, loop_thread, relay=True)
+    writer = make_client(layer, loop_thread, host.ep.port, name="w", compression="zstd")
+    reader = make_client(layer, loop_thread, host.ep.port, name="r")
+    try:
+        wait_for(lambda: len(host.ep.clients()) == 2)
+        wconn = _conn(writer)
+        before = _bytes_out(writer, wconn)
+        writer.do("write", "dict", BIG)
+        assert _received(reader, "dict") == BIG
+        assert reader.do("sender", "dict") == "w"
+        assert _received(host, "dict") == BIG
+        assert _bytes_out(writer, wconn) - before < BIG_SIZE // 4
+    finally:
+        writer.close()
+        reader.close()
+        host.close()

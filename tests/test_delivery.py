@@ -2,6 +2,7 @@
 
 import logging
 import threading
+from typing import Any
 
 import pytest
 from conftest import wait_for
@@ -335,3 +336,27 @@ def test_on_message_sees_every_channel(host: Host, make_client) -> None:  # type
     wait_for(lambda: got == [("down", "x")])
     with pytest.raises(TypeError):
         host.on_message("not callable")  # type: ignore[arg-type]
+
+
+def test_inline_callbacks_run_on_the_io_thread_and_answer_requests() -> None:
+    import threading as _threading
+
+    from socketengine import Pattern
+
+    with Host(port=0) as h, Client(port=h.port) as c:
+        threads = []
+
+        @h.on("ping", inline=True)
+        def ping(data: Any, conn: Any) -> Any:
+            threads.append(_threading.current_thread().name)
+            conn.write("pong", data)  # never blocks the I/O thread: it queues
+            return data + 1
+
+        assert c.request("ping", 41, timeout=5) == 42
+        wait_for(lambda: c.get("pong") == 41, what="the pong written inline")
+        assert threads == ["socketengine-host"]
+        h.off("ping")
+        with pytest.raises(RemoteError, match="no handler"):
+            c.request("ping", 1, timeout=5)
+        with pytest.raises(ValueError, match="Pattern"):
+            h.on(Pattern("a/+"), lambda *a: None, inline=True)

@@ -345,7 +345,7 @@ def test_max_message_can_be_raised_on_a_live_decoder() -> None:
     check(dec.feed(build([(frames.DATA, 0, "a", 0, arr)])[8:]), [(frames.DATA, 0, "a", 0, arr)])
 
 
-@pytest.mark.parametrize("ftype", [0x00, 0x06, 0x0F, 0x15, 0x1F, 0x23, 0x7F, 0xFF])
+@pytest.mark.parametrize("ftype", [0x00, 0x06, 0x0F, 0x18, 0x1F, 0x23, 0x7F, 0xFF])
 def test_unknown_frame_type_is_a_protocol_error(ftype: int) -> None:
     with pytest.raises(ProtocolError, match="unknown frame type"):
         FrameDecoder().feed(PREAMBLE + header(ftype))
@@ -523,3 +523,21 @@ def test_channel_names_of_equal_length_are_never_confused() -> None:
             got += dec.feed(stream[i : i + step])
         assert [f.channel for f in got] == names
         assert [f.value() for f in got] == list(range(len(names)))
+
+
+def test_large_bodies_are_recycled_only_once_nothing_refers_to_them() -> None:
+    decoder = frames.FrameDecoder(1 << 24, 65536, expect_preamble=False)
+    arr = np.arange(200_000, dtype=np.uint8)
+
+    def one(value: Any) -> Any:
+        (frame,) = decoder.feed(wire(frames.encode_value_frame(frames.DATA, "v", value)))
+        return frame.value()
+
+    kept = one(arr)  # the application keeps this array
+    first = kept.base
+    second = one(arr + 1)  # must not overwrite the kept one
+    assert kept.tolist() == arr.tolist() and second.tolist() == (arr + 1).tolist()
+    assert second.base is not first
+    del second
+    third = one(arr + 2)  # the second buffer is free again: reused, correctly filled
+    assert third.tolist() == (arr + 2).tolist() and kept.tolist() == arr.tolist()

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import resource
 import socket
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, Iterator, List, Optional, TypeVar
 
 import pytest
 from conftest import wait_for
 
-from socketengine import Client, Host, aio, frames
+from socketengine import Client, Host, SocketEngineError, aio, frames
 from socketengine.protocol import Protocol, Role
 
 T = TypeVar("T")
@@ -391,6 +396,149 @@ def test_a_peer_that_goes_silent_is_declared_dead(layer: str, loop_thread: AioTh
         host.close()
 
 
+# -- budgets: handshakes, channels, stored bytes, departed clients ------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+FLOOD_TOKEN = "flood-test-token"  # bench/flood.py's
+
+
+def _flooder(port: int, count: int, seconds: float) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.flood", "--flooder", str(port), str(count), str(seconds)],
+        cwd=str(ROOT),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_unfinished_handshakes_do_not_keep_a_client_with_the_token_out(
+    layer: str, loop_thread: AioThread
+) -> None:
+    """300 connections that never finish the handshake, re-opened whenever the host
+    closes them: before max_pending they held seats and the right client was refused
+    ("host is full") on most tries; now they only evict each other."""
+    flood = int(os.environ.get("SOCKETENGINE_FLOOD", "300"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < flood + 200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(flood + 200, hard), hard))
+    host = make_host(
+        layer, loop_thread, token=FLOOD_TOKEN, max_clients=100, max_pending=32, heartbeat=None
+    )
+    proc = _flooder(host.ep.port, flood, 10.0)
+    try:
+        admission = host.ep._admission
+        wait_for(lambda: admission.evicted >= flood, timeout=10, what="the flood")
+        got_in = 0
+        for _ in range(10):
+            try:
+                client = Client(port=host.ep.port, token=FLOOD_TOKEN, connect_timeout=5)
+            except (SocketEngineError, OSError):
+                continue
+            got_in += 1
+            wait_for(lambda: admission.clients == 1, what="the seat")  # the flood has none
+            client.close()
+            wait_for(lambda: admission.clients == 0, what="the seat to be free again")
+        assert admission.pending <= 32
+        assert got_in >= 8, f"the client got in on {got_in} of 10 tries"
+    finally:
+        proc.kill()
+        proc.communicate(10)
+        host.close()
+
+
+def _writer(port: int, **kwargs: Any) -> Client:
+    return Client(port=port, connect_timeout=10, heartbeat=None, **kwargs)
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_client_beyond_max_channels_is_closed_and_the_log_says_why(
+    layer: str, loop_thread: AioThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    host = make_host(layer, loop_thread, max_channels=5)
+    try:
+        with caplog.at_level(logging.WARNING, logger="socketengine"), _writer(host.ep.port) as c:
+            for i in range(5):
+                c.write(f"c{i}", i)
+            c.write("c0", 10)  # a known channel: no new one
+            wait_for(lambda: host.ep.get("c4") == 4, what="the five channels")
+            assert len(host.ep.clients()) == 1
+            c.write("c5", 5)
+            wait_for(lambda: not host.ep.clients(), what="the connection to close")
+        assert "max_channels=5" in caplog.text
+        assert host.ep.get("c5") is None
+        assert host.ep.get_all("c0") == [10]  # what it wrote before is kept
+    finally:
+        host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_client_beyond_max_stored_is_closed_and_the_log_says_why(
+    layer: str, loop_thread: AioThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    host = make_host(layer, loop_thread, max_stored=10_000)
+    try:
+        with caplog.at_level(logging.WARNING, logger="socketengine"), _writer(host.ep.port) as c:
+            for i in range(3):  # a new value replaces the old one's count
+                c.write("a", bytes([i]) * 6000)
+            wait_for(lambda: host.ep.get("a") == b"\2" * 6000, what="the values")
+            assert len(host.ep.clients()) == 1
+            c.write("b", b"x" * 6000)
+            wait_for(lambda: not host.ep.clients(), what="the connection to close")
+        assert "max_stored=10000" in caplog.text
+        assert host.ep.get("b") is None
+    finally:
+        host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_departed_clients_are_bounded_in_bytes_and_forgotten_everywhere(
+    layer: str, loop_thread: AioThread
+) -> None:
+    host = make_host(layer, loop_thread, keep_departed_bytes=10_000)
+    try:
+        for name in ("first", "second"):
+            with _writer(host.ep.port, name=name) as c:
+                c.write("v", name.encode() * 1000)
+                c.write(name, 1)
+                wait_for(lambda n=name: host.ep.get(n) == 1, what=f"{name}'s values")
+            wait_for(lambda: not host.ep.clients(), what=f"{name} to leave")
+        # ~6 KB each: only the newest departed client fits in 10,000 bytes.
+        assert host.ep.get_all("v") == [b"second" * 1000]
+        assert host.ep.get("first") is None  # forgotten by get() too
+        assert host.ep.get("second") == 1
+        assert len(host.ep._departed) == 1
+    finally:
+        host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_handshake_that_completes_after_the_last_seat_went_is_closed(
+    layer: str, loop_thread: AioThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    host = make_host(layer, loop_thread, max_clients=1, heartbeat=None)
+    late = socket.create_connection(("127.0.0.1", host.ep.port), timeout=10)
+    try:
+        wait_for(lambda: host.ep._admission.pending == 1, what="the pending handshake")
+        with caplog.at_level(logging.WARNING, logger="socketengine"), _writer(host.ep.port):
+            wait_for(lambda: host.ep._admission.clients == 1, what="the first client")
+            proto = Protocol(Role.CLIENT, name="late")
+            late.sendall(proto.data_to_send())  # the handshake completes now...
+            stream = b""
+            while True:
+                data = late.recv(65536)
+                if not data:
+                    break
+                stream += data
+            # ...and the host welcomes it, says BYE and closes: no seat was left.
+            assert _types(stream[len(frames.PREAMBLE) :]) == [frames.WELCOME, frames.BYE]
+            assert [c.name for c in host.ep.clients()] == [None]
+        assert "max_clients=1" in caplog.text
+    finally:
+        late.close()
+        host.close()
+
+
 # -- channel patterns ----------------------------------------------------------------------
 
 
@@ -606,3 +754,26 @@ def test_acknowledged_writes_need_a_1_1_peer() -> None:
     # A 1.0 host's WELCOME has no "ack": nothing would ever answer a SYNC.
     with pytest.raises(NotSupported, match="1.0"):
         engine.sync_frame(1)
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_subscription_is_bounded_in_bytes(layer: str, loop_thread: AioThread) -> None:
+    """A subscriber that never reads holds at most maxbytes (plus one read's worth):
+    then its connection is no longer read, and TCP backpressure reaches the writer."""
+    from socketengine import WriteTimeout
+
+    with Host(port=0, max_buffer=1 << 20, timeout=0.5) as host:
+        client = make_client(layer, loop_thread, host.port)
+        try:
+            sub = client.do("subscribe", "big", maxsize=10_000, maxbytes=1 << 20)
+            wait_for(lambda: host.clients(), what="the client")
+            (conn,) = host.clients()
+            payload = b"x" * (64 * 1024)
+            with pytest.raises(WriteTimeout):
+                for _ in range(400):  # 25 MiB: far more than every buffer on the way
+                    conn.write("big", payload)
+            held = len(sub) * len(payload)
+            assert held <= (1 << 20) + 4 * len(payload) * 16  # maxbytes + one read's worth
+            assert len(sub) < 400
+        finally:
+            client.close()

@@ -16,6 +16,7 @@ from .engine import ConnState
 from .errors import EndpointClosed
 from .limits import check_compression, check_settings
 from .peer import PeerView
+from .relay import RelayPolicy
 
 __all__ = ["EndpointBase"]
 
@@ -75,6 +76,8 @@ class EndpointBase:
         self.opened = False
         self.stopped = False
         self._request_hooks: Tuple[RequestHook, ...] = ()
+        #: A relaying host's policy (``relay=``); ``None``: nothing is relayed.
+        self._relay: Optional[RelayPolicy] = None
 
     # -- compression (opt-in, protocol 1.1 "z") ----------------------------------------
 

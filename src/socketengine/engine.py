@@ -35,6 +35,7 @@ from typing import Any, List, Optional, Tuple
 from . import frames
 from .errors import ConnectionClosed, HandshakeError, NotSupported, ProtocolError
 from .frames import Frame
+from .patterns import Interest
 from .protocol import Protocol
 from .requests import ReplySink, RequestTable
 from .sendqueue import BATCH_MAX, ImageHook, SendQueue
@@ -112,6 +113,8 @@ class ConnectionEngine:
         self.error: Optional[BaseException] = None
         self.last_recv = self.last_send = self.last_ping = now
         self._out: List[bytes] = []  # frames the engine itself answers with (ACK)
+        #: The channels the peer wants from broadcasts (``None``: every channel).
+        self.interest: Optional[Interest] = None
 
     # -- state ----------------------------------------------------------------------------
 
@@ -167,6 +170,7 @@ class ConnectionEngine:
         if self.state is ConnState.HANDSHAKE and self.protocol.is_open:
             self._to(ConnState.OPEN)
             self._negotiate()
+            self.interest = self.protocol.peer_interest
         return out
 
     def _negotiate(self) -> None:
@@ -195,6 +199,10 @@ class ConnectionEngine:
             return False
         if t == frames.ACK:
             self.requests.acknowledge(frame.id)
+            return False
+        if t == frames.INTEREST:
+            value = frame.value()
+            self.interest = None if not value else Interest.from_wire(value)
             return False
         if t == frames.BATCH:
             raise ProtocolError("BATCH frame from a peer that was not told this side reads them")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+import sys
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from . import codec, compression, limits
@@ -33,6 +34,7 @@ __all__ = [
     "encode_frame",
     "encode_value_frame",
     "compressed_frame",
+    "decompressed",
     "compressed_item",
     "check_preamble",
     "DEFAULT_MAX_MESSAGE",
@@ -58,6 +60,7 @@ REPLY_ERROR = 0x13
 BATCH = 0x14  # protocol 1.1: several small DATA values in one frame
 SYNC = 0x15  # protocol 1.1: "tell me when everything before this is stored"
 ACK = 0x16  # protocol 1.1: the answer to SYNC (same id)
+INTEREST = 0x17  # protocol 1.1: a client's new interest (the channels it wants)
 PING = 0x20
 PONG = 0x21
 BYE = 0x22
@@ -75,6 +78,7 @@ FRAME_TYPES = frozenset(
         BATCH,
         SYNC,
         ACK,
+        INTEREST,
         PING,
         PONG,
         BYE,
@@ -85,6 +89,7 @@ FRAME_TYPES = frozenset(
 FLAG_RETAINED = 0x01  # replay of a value the host retains (sent right after the handshake)
 FLAG_IMAGE = 0x02  # an image frame: may be conflated (only the newest one matters)
 FLAG_COMPRESSED = 0x04  # protocol 1.1: meta [codec, meta_len, data_len], data compressed
+FLAG_RELAYED = 0x08  # forwarded by a relaying host: meta starts with the sender's name
 
 DEFAULT_MAX_MESSAGE = limits.DEFAULT_MAX_MESSAGE
 # Frames whose data section is at least this large are received into a buffer of
@@ -102,6 +107,7 @@ _MMAP_BODY = 16 * 1024 * 1024
 #: Values whose msgpack is at most this large (and hold no arrays) may travel in BATCH
 #: frames; larger ones always get a DATA frame of their own.
 ITEM_MAX = 4096
+_refcount = sys.getrefcount
 # Received channel names are cached process-wide, and any peer (even one that never
 # completes the handshake) chooses them: only short ones are kept, so the cache stays
 # under ~2 MB instead of 4096 names of up to 64 KiB each.
@@ -115,8 +121,8 @@ class Frame(NamedTuple):
     flags: int
     channel: str
     id: int
-    meta: Union[bytes, bytearray]
-    data: Optional[Any]  # bytes, bytearray or mmap.mmap (large frames): a writable buffer
+    meta: Union[bytes, bytearray, memoryview]
+    data: Optional[Any]  # bytearray, mmap.mmap or memoryview (large frames): writable
 
     def value(self, max_size: int = DEFAULT_MAX_MESSAGE) -> Any:
         """The frame's value, decoded.  Raises ``ProtocolError`` if it is malformed.
@@ -142,6 +148,17 @@ class Frame(NamedTuple):
 
 def _compressed_value(frame: Frame, max_size: int) -> Any:
     """The value of a compressed DATA frame (docs/protocol.md, 8.6).  Never unpickles."""
+    return decompressed(frame, max_size).value(max_size)
+
+
+def decompressed(frame: Frame, max_size: int) -> Frame:
+    """The plain DATA frame a compressed one (:data:`FLAG_COMPRESSED`) carries: same
+    type, channel, id and other flags; the original meta and data section.  At most
+    ``max_size`` bytes are produced (the receiver's ``max_message``).
+
+    :raises MessageTooBig: the value would expand beyond ``max_size`` (a bomb).
+    :raises ProtocolError: anything else wrong with the frame (docs/protocol.md, 8.6).
+    """
     try:
         head = codec.decode(frame.meta, None)
     except ValueError as exc:
@@ -178,8 +195,7 @@ def _compressed_value(frame: Frame, max_size: int) -> Any:
     # The data section in a buffer of its own: aligned, and writable like a received one.
     data = bytearray(view[meta_len:]) if data_len else None
     flags = frame.flags & ~FLAG_COMPRESSED
-    plain = Frame(DATA, flags, frame.channel, frame.id, out[:meta_len], data)
-    return plain.value(max_size)
+    return Frame(DATA, flags, frame.channel, frame.id, out[:meta_len], data)
 
 
 def compressed_frame(
@@ -363,6 +379,38 @@ def check_preamble(head: bytes) -> None:
         )
 
 
+class _BodyPool:
+    """Recycled receive buffers for large data sections (sans-I/O).
+
+    A stream of 1080p frames would otherwise allocate and zero-fill a new 6 MB buffer
+    per frame, and give the memory back to the OS in between (page faults on every
+    frame).  A buffer comes back into use only once nothing refers to it any more:
+    the arrays the application got from it are gone (reference count), so a value
+    the application keeps is never overwritten.  At most :attr:`KEEP` buffers of at
+    most two sizes are kept: bounded by ``2 * KEEP * max_message``.
+    """
+
+    KEEP = 3
+
+    def __init__(self) -> None:
+        self._free: Dict[int, List[bytearray]] = {}
+
+    def take(self, size: int) -> bytearray:
+        bufs = self._free.get(size)
+        if bufs is None:
+            if len(self._free) >= 2:
+                self._free.pop(next(iter(self._free)))  # the oldest size goes
+            bufs = self._free[size] = []
+        for buf in bufs:
+            # Referenced by the list, this loop and getrefcount's argument only.
+            if _refcount(buf) == 3:
+                return buf
+        buf = bytearray(size)
+        if len(bufs) < self.KEEP:
+            bufs.append(buf)
+        return buf
+
+
 class FrameDecoder:
     """Incremental frame parser (sans-I/O).
 
@@ -395,6 +443,8 @@ class FrameDecoder:
         self._body: Optional[Any] = None  # bytearray or mmap.mmap
         self._body_got = 0
         self._body_head: Optional[tuple] = None
+        self._bodies = _BodyPool()
+        self._body_meta = -1  # >= 0: the own buffer holds this many metadata bytes first
         self.frames: List[Frame] = []
         #: Set when a handshake, PING or PONG frame was decoded (cleared by the reader).
         self.control = False
@@ -427,7 +477,11 @@ class FrameDecoder:
             if self._body_got < len(self._body):
                 return
             ftype, flags, channel, fid, meta = self._body_head  # type: ignore[misc]
-            self.frames.append(Frame(ftype, flags, channel, fid, meta, self._body))
+            body = self._body
+            mlen = self._body_meta
+            if mlen >= 0:  # metadata and data in one buffer (a memoryview of it)
+                meta, body = body[:mlen], (body[mlen:] if len(body) > mlen else None)
+            self.frames.append(Frame(ftype, flags, channel, fid, meta, body))
             self._body = None
             self._body_head = None
             return
@@ -512,12 +566,32 @@ class FrameDecoder:
                     # Receive the rest of the data section straight into its own buffer.
                     channel = self._channel(buf, r + HEADER_SIZE, clen)
                     meta: Any = bytes(buf[r + HEADER_SIZE + clen : r + prefix])
-                    body: Any = mmap.mmap(-1, dlen) if dlen >= _MMAP_BODY else bytearray(dlen)
+                    body: Any = (
+                        mmap.mmap(-1, dlen) if dlen >= _MMAP_BODY else self._bodies.take(dlen)
+                    )
                     got = avail - prefix
                     body[:got] = buf[r + prefix : w]
                     self._body = body
                     self._body_got = got
                     self._body_head = (ftype, flags, channel, fid, meta)
+                    self._body_meta = -1
+                    r = w
+                elif mlen >= _OWN_BUFFER and avail >= HEADER_SIZE + clen:
+                    # A large metadata section (a big bytes or str value): received
+                    # into a buffer of its own too, so that it is not first gathered in
+                    # a grown stream buffer and then copied out of it.  The value
+                    # decoded from it is then the only other copy.
+                    channel = self._channel(buf, r + HEADER_SIZE, clen)
+                    pad = -mlen % 8 if dlen else 0  # the data section stays 8-aligned
+                    size = pad + mlen + dlen
+                    own: Any = mmap.mmap(-1, size) if size >= _MMAP_BODY else bytearray(size)
+                    view = memoryview(own)[pad:]
+                    got = avail - HEADER_SIZE - clen
+                    view[:got] = buf[r + HEADER_SIZE + clen : w]
+                    self._body = view
+                    self._body_got = got
+                    self._body_head = (ftype, flags, channel, fid, b"")
+                    self._body_meta = mlen
                     r = w
                 elif total > self._capacity - r:
                     # Make the whole frame (or its prefix) fit in the stream buffer.

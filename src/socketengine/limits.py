@@ -26,6 +26,11 @@ __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
     "DEFAULT_HEARTBEAT",
     "DEFAULT_KEEP_DEPARTED",
+    "DEFAULT_KEEP_DEPARTED_BYTES",
+    "DEFAULT_MAX_PENDING",
+    "DEFAULT_MAX_CHANNELS",
+    "DEFAULT_MAX_STORED",
+    "DEFAULT_SUBSCRIPTION_BYTES",
     "DEFAULT_SUBSCRIPTION_SIZE",
     "CALLBACK_BACKLOG",
     "MAX_NAME_BYTES",
@@ -42,6 +47,8 @@ __all__ = [
     "check_timeout",
     "check_compression",
     "COMPRESSION_CHOICES",
+    "check_host_limits",
+    "HostLimits",
 ]
 
 #: The seed's port.
@@ -59,16 +66,40 @@ MIN_MAX_MESSAGE = 1024
 #: raise ``WriteTimeout``); ``write_all`` tolerates up to twice this for ``timeout``
 #: seconds, then drops the peer as a slow consumer.  ``0``: at most one frame queued.
 DEFAULT_MAX_BUFFER = 256 * 1024 * 1024
-#: Connections a host serves at once; more are refused with REFUSE ``full``.
+#: Connections a host serves at once; more are refused with REFUSE ``full``.  Only
+#: connections that completed the handshake count (see ``max_pending``).
 DEFAULT_MAX_CLIENTS = 1024
+#: Handshakes a host runs at once.  One more evicts the oldest pending handshake of the
+#: address with the most of them (REFUSE ``busy``), so peers that never finish the
+#: handshake cannot keep authenticated clients out.  Worst case: this many connections
+#: of at most ``PRE_HANDSHAKE_MAX`` buffered bytes each (8 MiB at the defaults, and in
+#: practice a few KiB each).
+DEFAULT_MAX_PENDING = 128
+#: Distinct channels one client may write on (the host keeps a latest value per channel
+#: and client); one more closes the connection (logged).  Names count in ``max_stored``.
+DEFAULT_MAX_CHANNELS = 10_000
+#: 256 MiB: bytes of latest values (wire size: name, metadata and array bytes) the host
+#: keeps for one client; a value that would exceed it closes the connection (logged).
+#: Four ``max_message`` values, or ten 4K RGB frames.  When ``max_message`` is raised
+#: above it, the default follows ``max_message``.  Worst case per host:
+#: ``max_clients x max_stored + keep_departed_bytes`` (plus decoding overhead of
+#: Python objects for values made of many small items).
+DEFAULT_MAX_STORED = 256 * 1024 * 1024
 #: Seconds a new connection has to complete the handshake (TLS included).
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 #: Seconds of silence before a PING (H); a peer silent for 3·H is declared dead.
 DEFAULT_HEARTBEAT = 5.0
 #: Departed clients whose latest values ``get_all`` keeps reporting.
 DEFAULT_KEEP_DEPARTED = 64
+#: 256 MiB: bytes of values the departed clients keep, together (as counted by
+#: ``max_stored``: the departed keep at most what one connected client may hold); the
+#: oldest departed client is forgotten first, in ``get`` as well as ``get_all``.
+DEFAULT_KEEP_DEPARTED_BYTES = 256 * 1024 * 1024
 #: Messages a subscription holds unread before the sending connections stop being read.
 DEFAULT_SUBSCRIPTION_SIZE = 10_000
+#: 64 MiB (one ``max_message``): bytes a subscription holds unread before the sending
+#: connections stop being read (sans-I/O support in ``SubscriptionBuffer(maxbytes=)``).
+DEFAULT_SUBSCRIPTION_BYTES = 64 * 1024 * 1024
 #: Callbacks of one connection that may wait to run before it stops being read.
 CALLBACK_BACKLOG = 10_000
 #: Client names and host names: at most this many UTF-8 bytes.
@@ -186,11 +217,43 @@ def check_settings(
     )
 
 
-def check_host_limits(max_clients: object, keep_departed: object, backlog: object) -> None:
-    """Validate a host's own limits."""
-    _check_int("max_clients", max_clients, 1)
-    _check_int("keep_departed", keep_departed, 0)
-    _check_int("backlog", backlog, 1)
+@dataclass(frozen=True)
+class HostLimits:
+    """A host's own validated limits, whichever its I/O layer."""
+
+    max_clients: int
+    max_pending: int
+    keep_departed: int
+    keep_departed_bytes: int
+    max_channels: int
+    max_stored: int
+    backlog: int
+
+
+def check_host_limits(
+    max_clients: object,
+    keep_departed: object,
+    backlog: object,
+    *,
+    max_pending: object = DEFAULT_MAX_PENDING,
+    keep_departed_bytes: object = DEFAULT_KEEP_DEPARTED_BYTES,
+    max_channels: object = DEFAULT_MAX_CHANNELS,
+    max_stored: object = None,
+    max_message: int = DEFAULT_MAX_MESSAGE,
+) -> HostLimits:
+    """Validate a host's own limits.  ``max_stored=None``: 256 MiB, or ``max_message``
+    if that is larger (one value of the largest size must fit)."""
+    if max_stored is None:
+        max_stored = max(DEFAULT_MAX_STORED, max_message)
+    return HostLimits(
+        max_clients=_check_int("max_clients", max_clients, 1),
+        max_pending=_check_int("max_pending", max_pending, 1),
+        keep_departed=_check_int("keep_departed", keep_departed, 0),
+        keep_departed_bytes=_check_int("keep_departed_bytes", keep_departed_bytes, 0),
+        max_channels=_check_int("max_channels", max_channels, 1),
+        max_stored=_check_int("max_stored", max_stored, 1),
+        backlog=_check_int("backlog", backlog, 1),
+    )
 
 
 #: ``compress_threshold=`` default: values whose encoding is smaller are sent as they are.

@@ -12,6 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from .engine import ConnectionEngine, ConnState, describe_peer
 from .images import EncodedImage, read_latest
+from .patterns import Interest
 from .protocol import Protocol
 
 __all__ = ["PeerView"]
@@ -45,6 +46,9 @@ class PeerView:
         #: ``time.time()`` when the latest value on each channel arrived (the monitor's
         #: "updated"; a value re-sent unchanged still updates it).
         self.received_at: Dict[str, float] = {}
+        #: Through a relaying host: the name of the client that wrote the latest value
+        #: on each channel (``"host:port"`` for an unnamed one).
+        self.senders: Dict[str, str] = {}
 
     @property
     def protocol(self) -> Protocol:
@@ -70,6 +74,17 @@ class PeerView:
     def state(self) -> ConnState:
         """``HANDSHAKE``, ``OPEN``, ``CLOSING`` or ``CLOSED``."""
         return self.engine.state
+
+    @property
+    def interest(self) -> Optional[Interest]:
+        """The channels this peer wants from broadcasts (``None``: all of them)."""
+        return self.engine.interest
+
+    def wants(self, channel: str) -> bool:
+        """Whether a broadcast (``write_all``, a relayed write) on ``channel`` goes to
+        this peer: its declared interest, if any, matches it."""
+        interest = self.engine.interest
+        return interest is None or interest.wants(channel)
 
     @property
     def images_sent(self) -> int:
@@ -115,6 +130,16 @@ class PeerView:
             "queued_bytes": self._queued_bytes(),
             "reading_paused": self.reading_paused,
         }
+
+    def _origin(self) -> str:
+        """How relayed frames name this peer: its name, or ``"host:port"``."""
+        name = self.name
+        if name is not None:
+            return name
+        try:
+            return f"{self.address[0]}:{self.address[1]}"
+        except (TypeError, IndexError):
+            return str(self.address)
 
     def _peer(self) -> str:
         return describe_peer(self.name, self.address)

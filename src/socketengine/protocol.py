@@ -29,6 +29,7 @@ from . import codec, compression, frames
 from .errors import AuthenticationError, HandshakeError, ProtocolError
 from .frames import Frame
 from .limits import MAX_NAME_BYTES, PRE_HANDSHAKE_MAX
+from .patterns import Interest
 
 __all__ = ["Role", "State", "Protocol", "token_bytes"]
 
@@ -135,6 +136,7 @@ class Protocol:
         session: int = 0,
         heartbeat: Optional[float] = None,
         will: Optional[Tuple[str, bytes]] = None,
+        interest: Optional[Interest] = None,
     ) -> None:
         self.role = role
         self.heartbeat = heartbeat
@@ -142,6 +144,8 @@ class Protocol:
         #: The client's last will ``(channel, encoded value)`` (host role), see
         #: :func:`encode_will`.
         self.peer_will: Optional[Tuple[str, bytes]] = None
+        #: The channels the client wants from broadcasts (host role); ``None``: all.
+        self.peer_interest: Optional[Interest] = None
         #: The peer reads BATCH frames (it announced ``"batch"``, protocol 1.1).
         self.peer_batch = False
         #: The peer answers SYNC with ACK (it announced ``"ack"``, protocol 1.1).
@@ -174,16 +178,21 @@ class Protocol:
                     self._announce(
                         {"name": name, "nonce": self._nonce}
                         if will is None
-                        else {"name": name, "nonce": self._nonce, "will": list(will)}
+                        else {"name": name, "nonce": self._nonce, "will": list(will)},
+                        interest,
                     ),
                 )
             )
 
-    def _announce(self, info: Dict[str, Any]) -> Dict[str, Any]:
+    def _announce(
+        self, info: Dict[str, Any], interest: Optional[Interest] = None
+    ) -> Dict[str, Any]:
         """What every HELLO / WELCOME carries: the version, and this side's heartbeat."""
         out: Dict[str, Any] = {"v": 1, **info}
         if self.heartbeat is not None:
             out["hb"] = float(self.heartbeat)
+        if interest is not None and not interest.everything:
+            out["interest"] = interest.to_wire()
         out["batch"] = True
         out["ack"] = True
         out["mm"] = self._max_message
@@ -296,6 +305,8 @@ class Protocol:
                 raise ProtocolError(f"HELLO name is not a string of at most {MAX_NAME_BYTES} bytes")
             self._note_peer(meta)
             self.peer_will = _check_will(meta.get("will"))
+            if meta.get("interest") is not None:
+                self.peer_interest = Interest.from_wire(meta.get("interest"))
             self._peer_nonce = nonce
             self.peer_name = name
             if self._token is None:

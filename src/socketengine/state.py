@@ -10,16 +10,30 @@ from __future__ import annotations
 import logging
 import random
 from collections import OrderedDict, deque
-from typing import Any, Deque, Dict, Generic, Iterator, List, Optional, Set, Tuple, TypeVar
+from typing import (
+    Any,
+    Callable,
+    Deque,
+    Dict,
+    Generic,
+    Iterator,
+    List,
+    Optional,
+    Set,
+    Tuple,
+    TypeVar,
+)
 
 from . import frames
 from .codec import Buffer
-from .limits import RECONNECT_FIRST
+from .errors import ProtocolError
+from .limits import DEFAULT_MAX_PENDING, RECONNECT_FIRST
 
 __all__ = [
     "RetainedValues",
     "Departed",
     "Admission",
+    "StoredValues",
     "SubscriptionBuffer",
     "Backoff",
 ]
@@ -58,9 +72,11 @@ class RetainedValues:
         else:
             self._frames.pop(channel, None)
 
-    def replay(self) -> List[bytes]:
-        """The frames a new client gets, in order."""
-        return list(self._frames.values())
+    def replay(self, wants: Optional[Callable[[str], bool]] = None) -> List[bytes]:
+        """The frames a new client gets, in order (only the channels ``wants``)."""
+        if wants is None:
+            return list(self._frames.values())
+        return [frame for channel, frame in self._frames.items() if wants(channel)]
 
     def __contains__(self, channel: object) -> bool:
         return channel in self._frames
@@ -70,72 +86,313 @@ class RetainedValues:
 
 
 class Departed(Generic[K, T]):
-    """Disconnected clients whose latest values ``get_all`` still reports, at most
-    ``keep`` of them (the oldest forgotten first); a named client that comes back
-    replaces its record."""
+    """Disconnected clients whose latest values ``get_all`` still reports: at most
+    ``keep`` of them and at most ``keep_bytes`` bytes of their values together (the
+    oldest forgotten first); a named client that comes back replaces its record.
 
-    def __init__(self, keep: int) -> None:
+    :meth:`add` and :meth:`forget_named` return the items forgotten, so that the host
+    can forget their values everywhere else too (``get()``).
+    """
+
+    def __init__(self, keep: int, keep_bytes: Optional[int] = None) -> None:
         self.keep = keep
-        self._items: OrderedDict[K, T] = OrderedDict()
+        self.keep_bytes = keep_bytes
+        self.nbytes = 0
+        self._items: OrderedDict[K, Tuple[T, int]] = OrderedDict()
 
-    def add(self, key: K, item: T) -> None:
+    def add(self, key: K, item: T, nbytes: int = 0) -> List[T]:
+        """Remember ``item`` (its values take ``nbytes``); return the items forgotten
+        to make room (``item`` itself when it alone is larger than ``keep_bytes``)."""
         if self.keep <= 0:
-            return
-        self._items[key] = item
-        while len(self._items) > self.keep:
-            self._items.popitem(last=False)
+            return [item]
+        self._items[key] = (item, nbytes)
+        self.nbytes += nbytes
+        forgotten = []
+        while len(self._items) > self.keep or (
+            self.keep_bytes is not None and self.nbytes > self.keep_bytes
+        ):
+            _, (old, size) = self._items.popitem(last=False)
+            self.nbytes -= size
+            forgotten.append(old)
+        return forgotten
 
-    def forget_named(self, name: Optional[str]) -> None:
-        """A client named ``name`` reconnected: drop its departed record."""
+    def forget_named(self, name: Optional[str]) -> List[T]:
+        """A client named ``name`` reconnected: drop its departed records."""
         if name is None:
-            return
-        for key, old in list(self._items.items()):
+            return []
+        forgotten = []
+        for key, (old, size) in list(self._items.items()):
             if getattr(old, "name", None) == name:
                 del self._items[key]
+                self.nbytes -= size
+                forgotten.append(old)
+        return forgotten
 
     def items(self) -> List[Tuple[K, T]]:
-        return list(self._items.items())
+        return [(key, item) for key, (item, _) in self._items.items()]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def forget_latest(latest: Dict[str, Any], values: Dict[str, Any]) -> None:
+    """A connection's values are forgotten: so are the endpoint's latest values that
+    are still exactly those (a newer value from another peer is kept)."""
+    for channel, value in values.items():
+        if latest.get(channel) is value:
+            del latest[channel]
+
+
+def value_size(value: Any) -> int:
+    """About the bytes ``value`` took on the wire, from the decoded value: for an I/O
+    layer that does not hand the frame's size to the endpoint.  Exact enough for
+    bytes, str and arrays (their length); 8 bytes per number and per container item."""
+    total = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        t = type(item)
+        if t is bytes or t is str or t is bytearray:
+            total += len(item) + 5
+        elif t is list or t is tuple:
+            total += 5
+            stack.extend(item)
+        elif t is dict:
+            total += 5
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        else:
+            nbytes = getattr(item, "nbytes", None)
+            total += nbytes + 32 if type(nbytes) is int else 9
+    return total
+
+
+class StoredValues:
+    """What one connection's latest values cost the host, and its two budgets.
+
+    Each channel's latest value is counted at its size on the wire (channel name,
+    msgpack metadata and raw array bytes); a new value on a channel replaces the old
+    one's count.  :meth:`store` raises :class:`ProtocolError` (the connection is then
+    closed and logged) when the peer would hold more than ``max_channels`` distinct
+    channels or ``max_stored`` bytes.
+    """
+
+    __slots__ = ("max_channels", "max_stored", "sizes", "nbytes")
+
+    def __init__(self, max_channels: int, max_stored: int) -> None:
+        self.max_channels = max_channels
+        self.max_stored = max_stored
+        self.sizes: Dict[str, int] = {}
+        self.nbytes = 0
+
+    def store(self, channel: str, size: int) -> None:
+        """Account a value of ``size`` wire bytes on ``channel`` (before storing it)."""
+        sizes = self.sizes
+        old = sizes.get(channel)
+        size += len(channel)
+        if old is None:
+            if len(sizes) >= self.max_channels:
+                raise ProtocolError(
+                    f"the peer wrote on more than max_channels={self.max_channels} distinct "
+                    "channels; the host keeps a latest value per channel and client "
+                    "(raise max_channels= on the Host if that is expected)"
+                )
+            old = 0
+        total = self.nbytes - old + size
+        if total > self.max_stored:
+            raise ProtocolError(
+                f"the peer's latest values would take {total} bytes, more than "
+                f"max_stored={self.max_stored} (raise max_stored= on the Host if that is "
+                "expected)"
+            )
+        sizes[channel] = size
+        self.nbytes = total
 
 
 class Admission:
-    """Which new connections a host takes (``max_clients``)."""
+    """Which connections a host takes, and which handshakes it gives up on.
 
-    def __init__(self, max_clients: int) -> None:
+    Two budgets, so that connections that have proven nothing cannot take the seats of
+    those that have:
+
+    * ``max_clients`` counts only connections that **completed** the handshake.  A new
+      connection is refused (REFUSE ``full``) when that many are connected; a handshake
+      that completes when the seats were taken meanwhile is closed right after it.
+    * ``max_pending`` counts handshakes in progress (TLS included in the threaded
+      layer).  When one more arrives and it is full, one pending handshake is evicted
+      (the host sends REFUSE ``busy`` and closes it): among those whose peer has not
+      even sent a complete HELLO, if there are any, and preferably among those of them
+      older than :attr:`GRACE` (idle and trickling connections go first), the oldest
+      one of the address holding the most of them (a flood from a few addresses evicts
+      itself).  A client that completes its handshake before
+      ``max_pending`` newer connections arrive always gets in.
+
+    Keys are the host's session ids; ``address`` is the peer's IP address.
+    """
+
+    #: Seconds between two warnings about evicted handshakes.
+    WARN_EVERY = 10.0
+    #: Seconds a new connection has to send its HELLO before it is evicted in the
+    #: first place (its HELLO is often already in flight when it is accepted).
+    GRACE = 0.1
+
+    def __init__(self, max_clients: int, max_pending: int = DEFAULT_MAX_PENDING) -> None:
         self.max_clients = max_clients
+        self.max_pending = max_pending
+        self._pending: OrderedDict[int, Tuple[Any, float]] = OrderedDict()  # (address, at)
+        self._per_address: Dict[Any, int] = {}
+        self._clients: Set[int] = set()
+        #: Handshakes evicted so far.
+        self.evicted = 0
+        self._warned_at: Optional[float] = None
+        self._evicted_at_warning = 0
 
-    def refusal(self, connections: int) -> Optional[Tuple[str, str]]:
-        """``(reason, code)`` for a REFUSE, or ``None`` to admit one more connection
-        when ``connections`` are already held."""
-        if connections >= self.max_clients:
-            return f"the host is full (max_clients={self.max_clients})", "full"
+    @property
+    def pending(self) -> int:
+        """Handshakes in progress."""
+        return len(self._pending)
+
+    @property
+    def clients(self) -> int:
+        """Connections that completed the handshake and are not closed."""
+        return len(self._clients)
+
+    def full(self) -> Tuple[str, str]:
+        return f"the host is full (max_clients={self.max_clients})", "full"
+
+    @staticmethod
+    def busy(max_pending: int) -> Tuple[str, str]:
+        return (
+            f"the host evicted this handshake: {max_pending} newer ones arrived first "
+            "(max_pending); retry",
+            "busy",
+        )
+
+    def arrive(
+        self,
+        key: int,
+        address: Any,
+        now: float = 0.0,
+        progressed: Optional[Callable[[int], bool]] = None,
+    ) -> Tuple[Optional[Tuple[str, str]], List[int]]:
+        """A new connection at ``now``: ``(refusal, evicted)``.  ``refusal`` is
+        ``(reason, code)`` for a REFUSE (the connection is not admitted), else ``None``;
+        ``evicted`` are the keys of pending handshakes the host must close now (REFUSE
+        ``busy``).  ``progressed(key)``: that pending handshake got somewhere (its peer
+        sent a complete HELLO)."""
+        if len(self._clients) >= self.max_clients:
+            return self.full(), []
+        evicted: List[int] = []
+        while len(self._pending) >= self.max_pending:
+            victim = self._victim(now, progressed)
+            self._drop_pending(victim)
+            evicted.append(victim)
+        self.evicted += len(evicted)
+        self._pending[key] = (address, now)
+        self._per_address[address] = self._per_address.get(address, 0) + 1
+        return None, evicted
+
+    def _victim(self, now: float, progressed: Optional[Callable[[int], bool]]) -> int:
+        """Which pending handshake to give up on: among those that made no progress
+        and are older than :attr:`GRACE` s if any (else those that made no progress, if
+        any; else all), the oldest one of the address with the most of them."""
+        candidates = [(key, address, at) for key, (address, at) in self._pending.items()]
+        if progressed is not None:
+            stalled = [c for c in candidates if not progressed(c[0])]
+            if stalled:
+                candidates = stalled
+                old = [c for c in stalled if now - c[2] >= self.GRACE]
+                if old:
+                    candidates = old
+        counts: Dict[Any, int] = {}
+        for _, address, _ in candidates:
+            counts[address] = counts.get(address, 0) + 1
+        most = max(counts.values())
+        for key, address, _ in candidates:
+            if counts[address] == most:
+                return key
+        raise AssertionError("no pending handshake")  # pragma: no cover
+
+    def _drop_pending(self, key: int) -> bool:
+        entry = self._pending.pop(key, None)
+        if entry is None:
+            return False
+        address = entry[0]
+        left = self._per_address[address] - 1
+        if left:
+            self._per_address[address] = left
+        else:
+            del self._per_address[address]
+        return True
+
+    def opened(self, key: int) -> Optional[Tuple[str, str]]:
+        """The handshake of ``key`` completed: ``None`` if it takes a seat, else why
+        not (the host closes it)."""
+        self._drop_pending(key)
+        if len(self._clients) >= self.max_clients:
+            return self.full()
+        self._clients.add(key)
         return None
+
+    def left(self, key: int) -> bool:
+        """The connection ``key`` closed; True if it had a seat (it was a client)."""
+        self._drop_pending(key)
+        if key in self._clients:
+            self._clients.discard(key)
+            return True
+        return False
+
+    def warning(self, now: float) -> Optional[str]:
+        """A message to log as a WARNING when handshakes were evicted since the last
+        one, at most once every :attr:`WARN_EVERY` seconds; else ``None``."""
+        count = self.evicted - self._evicted_at_warning
+        if not count:
+            return None
+        if self._warned_at is not None and now - self._warned_at < self.WARN_EVERY:
+            return None
+        self._warned_at = now
+        self._evicted_at_warning = self.evicted
+        return (
+            f"evicted {count} unfinished handshake(s) (max_pending={self.max_pending}): "
+            "peers open connections faster than they complete the handshake"
+        )
 
 
 class SubscriptionBuffer(Generic[T]):
     """The items of one subscription and its watermarks.
 
-    Items wait in order.  When ``maxsize`` wait unread, the connection that added the
-    last one is *paused* (the layer stops reading it: TCP backpressure slows the
-    sender); when the reader has brought the queue down to half, every paused source
-    is released.  After :meth:`close`, no item is added, and the items already
-    queued can still be read: a reader finishes what it got.
+    Items wait in order.  When ``maxsize`` items, or ``maxbytes`` bytes of them, wait
+    unread, the connection that added the last one is *paused* (the layer stops
+    reading it: TCP backpressure slows the sender); when the reader has brought the
+    queue down to half of both, every paused source is released.  After
+    :meth:`close`, no item is added, and the items already queued can still be read:
+    a reader finishes what it got.
     """
 
-    def __init__(self, maxsize: int) -> None:
+    def __init__(self, maxsize: int, maxbytes: Optional[int] = None) -> None:
         self.maxsize = maxsize
+        self.maxbytes = maxbytes
         self.items: Deque[T] = deque()
+        self.sizes: Deque[int] = deque()
+        self.nbytes = 0
         self.closed = False
         self._paused: Set[Any] = set()
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def put(self, item: T, source: Any) -> bool:
-        """Add ``item`` from ``source``; True if ``source`` must now be paused."""
+    def put(self, item: T, source: Any, nbytes: int = 0) -> bool:
+        """Add ``item`` (``nbytes`` on the wire) from ``source``; True if ``source``
+        must now be paused."""
         if self.closed:
             return False
         self.items.append(item)
-        if len(self.items) >= self.maxsize and source not in self._paused:
+        self.sizes.append(nbytes)
+        self.nbytes += nbytes
+        if (
+            len(self.items) >= self.maxsize
+            or (self.maxbytes is not None and self.nbytes >= self.maxbytes)
+        ) and source not in self._paused:
             self._paused.add(source)
             return True
         return False
@@ -143,7 +400,12 @@ class SubscriptionBuffer(Generic[T]):
     def take(self) -> Tuple[T, List[Any]]:
         """The next item, and the sources to release now."""
         item = self.items.popleft()
-        if self._paused and len(self.items) <= self.maxsize // 2:
+        self.nbytes -= self.sizes.popleft() if self.sizes else 0
+        if (
+            self._paused
+            and len(self.items) <= self.maxsize // 2
+            and (self.maxbytes is None or self.nbytes <= self.maxbytes // 2)
+        ):
             released = list(self._paused)
             self._paused.clear()
             return item, released

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import socket
 import ssl
-from typing import Any, List, Optional, Tuple, TypeVar, Union
+from typing import Any, Iterable, List, Optional, Tuple, TypeVar, Union
 
 from .. import frames
 from ..errors import (
@@ -25,11 +25,12 @@ from ..limits import (
     DEFAULT_MAX_BUFFER,
     DEFAULT_MAX_MESSAGE,
     DEFAULT_RECONNECT_MAX,
+    DEFAULT_SUBSCRIPTION_BYTES,
     DEFAULT_SUBSCRIPTION_SIZE,
     check_name,
     check_seconds,
 )
-from ..patterns import Pattern
+from ..patterns import Interest, Pattern
 from ..protocol import Protocol, Role, encode_will
 from ..sendqueue import Outgoing, SendQueue
 from ..state import Backoff, log_lost_link
@@ -94,6 +95,10 @@ class Client(Endpoint):
         up to ``max_buffer`` bytes, and sent first once reconnected.  ``False``: a lost
         connection is final (writes raise :class:`~socketengine.ConnectionClosed`).
     :param reconnect_max: the largest delay between reconnection attempts, seconds.
+    :param interest: the channels (exact names or :class:`~socketengine.Pattern` s) this
+        client wants from the host's broadcasts (``write_all``, relayed writes,
+        retained values): the host sends it nothing else, as pyzmq filters on the PUB
+        side.  ``None`` (default): everything.  Change it with :meth:`set_interest`.
     :param will: a last will ``(channel, value)``: the host publishes ``value`` on
         ``channel`` as if this client had written it (to its own callbacks, waiters and
         subscriptions, and to its other clients) if this client vanishes without
@@ -135,6 +140,7 @@ class Client(Endpoint):
         tls: Optional[ssl.SSLContext] = None,
         image_codec: str = "raw",
         image_quality: int = 90,
+        interest: Optional[Iterable[Union[str, Pattern]]] = None,
         will: Optional[Tuple[str, Any]] = None,
         compression: Optional[str] = None,
         compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD,
@@ -155,6 +161,7 @@ class Client(Endpoint):
         self._init_compression(compression, compress_threshold)
         self.name = check_name(name)
         self._will = None if will is None else encode_will(*will)
+        self._interest = None if interest is None else Interest(list(interest))
         self.connect_timeout = check_seconds("connect_timeout", connect_timeout, allow_none=True)
         self.reconnect = bool(reconnect)
         self.reconnect_max = check_seconds("reconnect_max", reconnect_max) or 0.0
@@ -303,6 +310,7 @@ class Client(Endpoint):
             max_message=self.max_message,
             heartbeat=self.heartbeat,
             will=self._will,
+            interest=self._interest,
             read_size=READ_SIZE,
         )
         return Connection(self, protocol)
@@ -357,13 +365,16 @@ class Client(Endpoint):
         return await self._wait(channel, timeout)
 
     def subscribe(
-        self, channel: Union[str, Pattern], maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
+        self,
+        channel: Union[str, Pattern],
+        maxsize: int = DEFAULT_SUBSCRIPTION_SIZE,
+        maxbytes: Optional[int] = DEFAULT_SUBSCRIPTION_BYTES,
     ) -> Subscription[Any]:
         """Every message on ``channel`` from now on, in order:
         ``async for data in c.subscribe("ch")`` (with a :class:`~socketengine.Pattern`,
         items are ``(channel, data)``).  May be called before :meth:`start`
         (to see retained values).  See :class:`~socketengine.aio.Subscription`."""
-        return self._subscribe(channel, maxsize)
+        return self._subscribe(channel, maxsize, maxbytes)
 
     def _check_receiving(self) -> None:
         self._check_not_closed()
@@ -413,6 +424,23 @@ class Client(Endpoint):
         :class:`~socketengine.WriteTimeout` after ``timeout`` s (default: the client's
         ``timeout``) and :class:`~socketengine.ConnectionClosed` without a live link."""
         await self._live().flush(timeout, acked)
+
+    async def set_interest(self, interest: Optional[Iterable[Union[str, Pattern]]]) -> None:
+        """Replace the channels this client wants from broadcasts (``None``: all); the
+        host applies it to everything it broadcasts from then on, and a reconnection
+        announces it again."""
+        self._interest = None if interest is None else Interest(list(interest))
+        wire = [] if self._interest is None else self._interest.to_wire()
+        conn = self._conn
+        if conn is not None and conn.is_open:
+            parts, nbytes = frames.value_frame(frames.INTEREST, "", wire)
+            await conn._send_frame(parts, nbytes)
+
+    def sender(self, channel: str) -> Optional[str]:
+        """Through a relaying host: the client that wrote the latest value on
+        ``channel`` (its name, or ``"host:port"``), or ``None``."""
+        conn = self._conn
+        return None if conn is None else conn.senders.get(channel)
 
     async def write_image(
         self,

@@ -71,6 +71,7 @@ from ..frames import Frame
 from ..limits import CALLBACK_BACKLOG, MIN_READ_SIZE
 from ..peer import PeerView
 from ..protocol import Protocol
+from ..relay import split_relayed
 from ..requests import reply_frame
 from ..sendqueue import Outgoing
 from .decoding import LazyImage
@@ -910,14 +911,29 @@ class Connection(PeerView, asyncio.BufferedProtocol):
     def _handle(self, frame: Frame) -> None:
         t = frame.type
         if t == frames.DATA:
-            value = frame.value(self._endpoint.max_message)
+            if frame.flags & frames.FLAG_COMPRESSED:  # relayed and budgeted as the original
+                frame = frames.decompressed(frame, self._endpoint.max_message)
+            flags = frame.flags
+            meta = frame.meta
+            if flags & frames.FLAG_RELAYED:
+                origin, meta = split_relayed(meta)
+                self.senders[frame.channel] = origin
+                frame = Frame(t, flags & ~frames.FLAG_RELAYED, frame.channel, 0, meta, frame.data)
+            value = frame.value()
             self.messages_in += 1
-            self._endpoint._deliver(self, frame.channel, value, frame.flags & frames.FLAG_IMAGE)
+            endpoint = self._endpoint
+            endpoint._deliver(self, frame.channel, value, flags & frames.FLAG_IMAGE)
+            relay = endpoint._relay
+            if relay is not None and relay.allows(frame.channel, self.name):
+                endpoint._relay_out(self, frame.channel, meta, frame.data)
         elif t == frames.BATCH:
             items = frame.items()
             deliver = self._endpoint._deliver
+            relay = self._endpoint._relay
             for i in range(0, len(items), 2):
                 deliver(self, items[i], items[i + 1], 0)
+                if relay is not None and relay.allows(items[i], self.name):
+                    self._endpoint._relay_value(self, items[i], items[i + 1])
             self.messages_in += len(items) // 2
         elif t == frames.REQUEST:
             value = frame.value()

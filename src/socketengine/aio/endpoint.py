@@ -29,6 +29,7 @@ from ..errors import ConnectionClosed, EndpointClosed
 from ..limits import DEFAULT_SUBSCRIPTION_SIZE
 from ..patterns import Pattern
 from ..requests import no_handler
+from ..state import StoredValues, value_size
 from ..watch import PatternWatch, check_key, pattern_item
 from .connection import Connection, Job, wait_bounded
 from .decoding import LazyImage, resolve
@@ -83,6 +84,8 @@ class Endpoint(EndpointBase):
         self._waiters: Dict[str, List[asyncio.Future[Any]]] = {}
         self._tasks: Set[asyncio.Task[Any]] = set()
         self._heartbeat_timer: Optional[asyncio.TimerHandle] = None
+        # Per connection whose values are budgeted (a host's clients): what they cost.
+        self._stored: Dict[Connection, StoredValues] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -124,12 +127,14 @@ class Endpoint(EndpointBase):
     # -- callbacks ------------------------------------------------------------------------
 
     @overload
-    def on(self, channel: Union[str, Pattern]) -> Callable[[_F], _F]: ...
+    def on(self, channel: Union[str, Pattern], *, inline: bool = False) -> Callable[[_F], _F]: ...
 
     @overload
-    def on(self, channel: Union[str, Pattern], fn: _F) -> _F: ...
+    def on(self, channel: Union[str, Pattern], fn: _F, *, inline: bool = False) -> _F: ...
 
-    def on(self, channel: Union[str, Pattern], fn: Optional[_F] = None) -> Any:
+    def on(
+        self, channel: Union[str, Pattern], fn: Optional[_F] = None, *, inline: bool = False
+    ) -> Any:
         """Call ``fn`` for every message on ``channel``; use as ``@ep.on("name")``.
 
         ``fn`` may be a plain or an ``async`` function.  A client calls ``fn(data)``,
@@ -139,7 +144,8 @@ class Endpoint(EndpointBase):
         if it is awaitable) of the first handler registered (pattern handlers answer
         none).  Exceptions are logged on the ``socketengine`` logger and change nothing
         else.  Images sent as JPEG/PNG arrive decoded (decoded in a worker thread
-        first).  Returns ``fn``.
+        first).  Returns ``fn``.  ``inline`` is accepted for parity with the threaded
+        layer: here plain callbacks always run on the event loop, in order.
         """
         check_key(channel)  # TypeError/ValueError for a bad name, now
 
@@ -215,17 +221,19 @@ class Endpoint(EndpointBase):
                     del self._waiters[channel]
         return await resolve(item)
 
-    def _subscribe(self, channel: Union[str, Pattern], maxsize: int) -> Subscription[Any]:
+    def _subscribe(
+        self, channel: Union[str, Pattern], maxsize: int, maxbytes: Optional[int] = None
+    ) -> Subscription[Any]:
         check_key(channel)
         self._check_receiving()
         if isinstance(channel, Pattern):
             pattern = channel
             psub: Subscription[Any] = Subscription(
-                str(pattern), maxsize, lambda s: self._patterns.unsubscribe(pattern, s)
+                str(pattern), maxsize, lambda s: self._patterns.unsubscribe(pattern, s), maxbytes
             )
             self._patterns.subscribe(pattern, psub)
             return psub
-        sub: Subscription[Any] = Subscription(channel, maxsize, self._unsubscribe)
+        sub: Subscription[Any] = Subscription(channel, maxsize, self._unsubscribe, maxbytes)
         self._subs[channel] = self._subs.get(channel, ()) + (sub,)
         return sub
 
@@ -337,9 +345,17 @@ class Endpoint(EndpointBase):
     def _connection_closed(self, conn: Connection) -> None:
         """``conn`` is closed and every frame it received has been handled."""
 
-    def _deliver(self, conn: Connection, channel: str, value: Any, image: int = 0) -> None:
+    def _deliver(
+        self, conn: Connection, channel: str, value: Any, image: int = 0, nbytes: int = -1
+    ) -> None:
         """A DATA value arrived: store it, then waiters, subscriptions, callbacks,
-        ``on_message`` hooks.  ``image``: the frame has the IMAGE flag."""
+        ``on_message`` hooks.  ``image``: the frame has the IMAGE flag; ``nbytes``: its
+        metadata and data bytes (``-1``: not known, estimated from the value).
+
+        Raises ``ProtocolError`` (the connection is closed) beyond a storage budget."""
+        stored = self._stored.get(conn)
+        if stored is not None:
+            stored.store(channel, nbytes if nbytes >= 0 else value_size(value))
         conn.values[channel] = value
         self._latest[channel] = value
         conn.received_at[channel] = _now()
@@ -366,8 +382,9 @@ class Endpoint(EndpointBase):
                 if not future.done():
                     future.set_result(item)
         if subs is not None:
+            size = value_size(value)
             for sub in subs:
-                sub._put(item, conn)
+                sub._put(item, conn, size)
         if handlers is not None:
             args: Tuple[Any, ...] = (user, conn) if self._with_conn else (user,)
             conn._chain.call(Job(handlers, args, None, f"channel {channel!r}", lazy_at))
@@ -376,14 +393,21 @@ class Endpoint(EndpointBase):
             for future in fired.waiters:
                 if not future.done():
                     future.set_result(pitem)
+            psize = value_size(value) if fired.subs else 0
             for psub in fired.subs:
-                psub._put(pitem, conn)
+                psub._put(pitem, conn, psize)
             if fired.callbacks:
                 lazy = 1 if lazy_at == 0 else -1
                 conn._chain.call(Job(fired.callbacks, pitem, None, "a channel pattern", lazy))
         if hooks:
             args = (channel, user, conn) if self._with_conn else (channel, user)
             conn._chain.call(Job(hooks, args, None, "on_message", 1 if lazy_at == 0 else -1))
+
+    def _relay_out(self, conn: Connection, channel: str, meta: Any, data: Any) -> None:
+        """A relaying host forwards a client's write (hosts only)."""
+
+    def _relay_value(self, conn: Connection, channel: str, value: Any) -> None:
+        """A relaying host forwards a client's BATCH item (hosts only)."""
 
     def _answer(self, conn: Connection, channel: str, fid: int, value: Any) -> None:
         """A REQUEST arrived: run the channel's handlers; the first one's result replies."""

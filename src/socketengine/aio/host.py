@@ -15,9 +15,13 @@ from ..limits import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT,
     DEFAULT_KEEP_DEPARTED,
+    DEFAULT_KEEP_DEPARTED_BYTES,
     DEFAULT_MAX_BUFFER,
+    DEFAULT_MAX_CHANNELS,
     DEFAULT_MAX_CLIENTS,
     DEFAULT_MAX_MESSAGE,
+    DEFAULT_MAX_PENDING,
+    DEFAULT_SUBSCRIPTION_BYTES,
     DEFAULT_SUBSCRIPTION_SIZE,
     check_host_limits,
     check_name,
@@ -25,8 +29,9 @@ from ..limits import (
 from ..net import listen
 from ..patterns import Pattern
 from ..protocol import Protocol, Role
+from ..relay import RelayPolicy, RelaySpec, WritersSpec, relayed_frame, relayed_value
 from ..sendqueue import Outgoing
-from ..state import Admission, Departed, RetainedValues
+from ..state import Admission, Departed, RetainedValues, StoredValues, forget_latest
 from ..watch import matching_channels
 from .connection import READ_SIZE, Connection, Job
 from .endpoint import Endpoint
@@ -49,7 +54,16 @@ class Host(Endpoint):
     :param port: TCP port; ``0`` picks a free one, readable as :attr:`port` after
         :meth:`start`.
     :param token: shared secret clients must prove they know (HMAC challenge).
-    :param max_clients: connections beyond this are refused with a REFUSE frame.
+    :param max_clients: clients (connections that completed the handshake) served at
+        once; more are refused with a REFUSE frame.
+    :param max_pending: handshakes in progress at once; one more evicts the oldest
+        pending handshake of the address with the most of them (see SECURITY.md).  A
+        TLS handshake counts from when it completes (asyncio runs it before).
+    :param max_channels: distinct channels one client may write on; one more closes
+        its connection (logged).
+    :param max_stored: bytes of latest values kept for one client (wire size); a value
+        beyond it closes the connection (logged).  Default 256 MiB, or ``max_message``
+        if larger.
     :param max_message: largest frame accepted from a client, bytes (default 64 MiB).
     :param max_buffer: bytes one client's transport buffer may hold (default 256 MiB):
         beyond it ``await conn.write`` waits up to ``timeout`` s, then raises
@@ -73,11 +87,22 @@ class Host(Endpoint):
     :param image_quality: JPEG quality 1-100 (default 90).
     :param keep_departed: how many disconnected clients' latest values
         :meth:`get_all` keeps reporting (oldest forgotten first).
+    :param keep_departed_bytes: bytes of values those departed clients keep, together
+        (oldest forgotten first).
     :param name: a label for logs and ``repr`` (not sent to clients).
     :param timeout: seconds a write may wait for a client that does not keep up, and
         that :meth:`close` waits for clients to take what was written and for running
         callbacks to finish.
     :param backlog: the listening socket's backlog.
+    :param relay: relay what clients write to the other clients: ``True`` (every
+        channel) or the channels / :class:`~socketengine.Pattern` s to relay (``False``:
+        none, the default).  A receiving client sees who wrote it in
+        ``Client.sender(channel)``.  Each client's ``interest`` applies.
+    :param writers: with ``relay``: ``{client name: [channels or patterns]}`` it may
+        have relayed; a client not listed has nothing relayed.  Names are chosen by
+        the clients: use a ``token``.
+    :param retain_relayed: with ``relay``: keep the latest relayed value of each channel
+        and send it to clients that connect later (like ``write_all(retain=True)``).
     :param monitor: serve the live browser monitor on this port (``0``: any free one;
         ``None``: no monitor), in its own thread; its address is ``host.monitor.url``.
     :param monitor_addr: the monitor's address (loopback by default).
@@ -107,9 +132,16 @@ class Host(Endpoint):
         name: Optional[str] = None,
         timeout: float = 2.0,
         backlog: int = 128,
+        relay: RelaySpec = False,
+        writers: WritersSpec = None,
+        retain_relayed: bool = False,
         monitor: Optional[int] = None,
         monitor_addr: str = "127.0.0.1",
         monitor_bgr: bool = False,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        max_channels: int = DEFAULT_MAX_CHANNELS,
+        max_stored: Optional[int] = None,
+        keep_departed_bytes: int = DEFAULT_KEEP_DEPARTED_BYTES,
         compression: Optional[str] = None,
         compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD,
     ) -> None:
@@ -127,20 +159,35 @@ class Host(Endpoint):
             image_quality=image_quality,
         )
 
-        check_host_limits(max_clients, keep_departed, backlog)
+        limits = check_host_limits(
+            max_clients,
+            keep_departed,
+            backlog,
+            max_pending=max_pending,
+            keep_departed_bytes=keep_departed_bytes,
+            max_channels=max_channels,
+            max_stored=max_stored,
+            max_message=self.max_message,
+        )
         self._init_compression(compression, compress_threshold)
         self.name = check_name(name)
-        self.max_clients = max_clients
-        self.keep_departed = keep_departed
-        self._admission = Admission(max_clients)
+        self.max_clients = limits.max_clients
+        self.max_pending = limits.max_pending
+        self.keep_departed = limits.keep_departed
+        self.keep_departed_bytes = limits.keep_departed_bytes
+        self.max_channels = limits.max_channels
+        self.max_stored = limits.max_stored
+        self._admission = Admission(limits.max_clients, limits.max_pending)
         self._init_monitor(monitor, monitor_addr, monitor_bgr)
-        self.backlog = backlog
+        self._relay = RelayPolicy(relay, writers) if relay else None
+        self._retain_relayed = bool(retain_relayed)
+        self.backlog = limits.backlog
         self._server: Optional[asyncio.AbstractServer] = None
         self._sessions = itertools.count(1)
         # Every accepted connection, in accept order, until it departs.
         self._conns: Dict[int, Connection] = {}
         # Departed clients whose values get_all() still reports (bounded, FIFO).
-        self._departed: Departed[int, Connection] = Departed(keep_departed)
+        self._departed: Departed[int, Connection] = Departed(keep_departed, keep_departed_bytes)
         # Retained values: one complete DATA frame (flag RETAINED) per channel.
         self._retained = RetainedValues()
         self._connect_handlers: Tuple[Callable[..., Any], ...] = ()
@@ -156,9 +203,15 @@ class Host(Endpoint):
     async def _open(self) -> None:
         sock = listen(self.addr, self._port, self.backlog)
         loop = asyncio.get_running_loop()
+        # asyncio accepts up to `backlog` connections per event before it reads any: a
+        # smaller batch lets the HELLOs of new clients be read before the next accepts
+        # could evict them (max_pending); the kernel's backlog is restored below.
+        batch = max(1, min(self.backlog, self.max_pending // 4))
         try:
             if self.tls is None:
-                self._server = await loop.create_server(self._new_connection, sock=sock)
+                self._server = await loop.create_server(
+                    self._new_connection, sock=sock, backlog=batch
+                )
             else:
                 # The TLS handshake runs before connection_made(); its time counts
                 # against handshake_timeout (see _connection_made).
@@ -167,7 +220,9 @@ class Host(Endpoint):
                     sock=sock,
                     ssl=self.tls,
                     ssl_handshake_timeout=self.handshake_timeout,
+                    backlog=batch,
                 )
+            sock.listen(self.backlog)
         except BaseException:
             sock.close()
             raise
@@ -289,22 +344,31 @@ class Host(Endpoint):
 
     @overload
     def subscribe(
-        self, channel: str, maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
+        self,
+        channel: str,
+        maxsize: int = DEFAULT_SUBSCRIPTION_SIZE,
+        maxbytes: Optional[int] = DEFAULT_SUBSCRIPTION_BYTES,
     ) -> Subscription[Tuple[Any, Connection]]: ...
 
     @overload
     def subscribe(
-        self, channel: Pattern, maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
+        self,
+        channel: Pattern,
+        maxsize: int = DEFAULT_SUBSCRIPTION_SIZE,
+        maxbytes: Optional[int] = DEFAULT_SUBSCRIPTION_BYTES,
     ) -> Subscription[Tuple[str, Any, Connection]]: ...
 
     def subscribe(
-        self, channel: Union[str, Pattern], maxsize: int = DEFAULT_SUBSCRIPTION_SIZE
+        self,
+        channel: Union[str, Pattern],
+        maxsize: int = DEFAULT_SUBSCRIPTION_SIZE,
+        maxbytes: Optional[int] = DEFAULT_SUBSCRIPTION_BYTES,
     ) -> Any:
         """Every message on ``channel`` from now on, as ``(data, conn)`` pairs, in order
         per client: ``async for data, conn in h.subscribe("ch")``; with a
         :class:`~socketengine.Pattern`, ``(channel, data, conn)``.  See
         :class:`~socketengine.aio.Subscription` for ``maxsize`` and back-pressure."""
-        return self._subscribe(channel, maxsize)
+        return self._subscribe(channel, maxsize, maxbytes)
 
     def on_connect(self, fn: _C) -> _C:
         """Call ``fn(conn)`` (plain or async) when a client completes its handshake,
@@ -337,19 +401,21 @@ class Host(Endpoint):
         if retain:
             parts, nbytes = frames.value_frame(frames.DATA, channel, data)
             self._retained.retain(channel, parts)
-            return await self._broadcast(parts, nbytes)
+            return await self._broadcast(parts, nbytes, channel=channel)
         if self._codecs is not None or compress:
             sent = 0
-            for encoded, conns in self._encode_groups(channel, data, compress, self.clients()):
+            audience = self._audience(channel)
+            for encoded, conns in self._encode_groups(channel, data, compress, audience):
                 if type(encoded) is bytes:
                     sent += await self._broadcast(encoded, len(encoded), clients=conns)
                 else:
                     sent += await self._broadcast(encoded[0], encoded[1], clients=conns)
             return sent
         encoded = frames.value_item(channel, data)
-        if type(encoded) is bytes:
-            return await self._broadcast(encoded, len(encoded))
-        return await self._broadcast(*encoded)
+        if isinstance(encoded, bytes):
+            return await self._broadcast(encoded, len(encoded), channel=channel)
+        frame_parts, size = encoded
+        return await self._broadcast(frame_parts, size, channel=channel)
 
     def clear_retained(self, channel: Optional[str] = None) -> None:
         """Forget the retained value of ``channel`` (``None``: of every channel)."""
@@ -377,20 +443,23 @@ class Host(Endpoint):
         self._check_open()
         parts, nbytes = await self._image_frame(img, channel, codec, quality, conflate)
         self._check_open()
-        return await self._broadcast(parts, nbytes, image=channel if conflate else None)
+        return await self._broadcast(
+            parts, nbytes, image=channel if conflate else None, channel=channel
+        )
 
     async def _broadcast(
         self,
         parts: Outgoing,
         nbytes: int,
         image: Optional[str] = None,
+        channel: str = "",
         clients: Optional[List[Connection]] = None,
     ) -> int:
-        """Hand one encoded frame to every client (or ``clients``) without waiting for
-        any of them."""
+        """Hand one encoded frame to every client (that wants ``channel``; or exactly
+        ``clients``) without waiting for any of them."""
         sent = 0
         paused = False
-        for conn in self.clients() if clients is None else clients:
+        for conn in self._audience(channel) if clients is None else clients:
             if conn._offer(parts, nbytes, image):
                 sent += 1
             paused = paused or conn.writing_paused
@@ -417,16 +486,50 @@ class Host(Endpoint):
     def _connection_made(self, conn: Connection) -> Optional[Tuple[str, str]]:
         if self.stopped:
             return ("the host is closing", "closing")
-        refusal = self._admission.refusal(len(self._conns))
+        refusal, evicted = self._admission.arrive(
+            conn.session, conn.address[0], asyncio.get_running_loop().time(), self._said_hello
+        )
         if refusal is not None:
             return refusal
+        for key in evicted:
+            victim = self._conns.get(key)
+            if victim is not None:
+                self._evict(victim)
+        warning = self._admission.warning(asyncio.get_running_loop().time())
+        if warning is not None:
+            logger.warning("%r: %s", self, warning)
         self._conns[conn.session] = conn
         return None
 
+    def _said_hello(self, key: int) -> bool:
+        """The pending connection ``key`` sent a complete HELLO."""
+        conn = self._conns.get(key)
+        return conn is not None and bool(conn.engine.protocol._peer_nonce)
+
+    def _evict(self, conn: Connection) -> None:
+        """Give up on a pending handshake: REFUSE ``busy``, close."""
+        reason, code = Admission.busy(self.max_pending)
+        logger.debug("%r: evicting %s: %s", self, conn._peer(), reason)
+        transport = conn.transport
+        out = conn.engine.refuse(reason, code, conn._loop.time(), 0.0)
+        if transport is None or conn.closed:
+            return
+        transport.write(out)
+        transport.close()  # after the REFUSE; aborted if the peer does not take it
+        conn._linger(min(self.timeout, 1.0))
+
     def _connection_ready(self, conn: Connection) -> None:
+        # Bounded like any client, also while a turned-away one is being closed.
+        self._stored[conn] = StoredValues(self.max_channels, self.max_stored)
+        refusal = self._admission.opened(conn.session)
+        if refusal is not None:
+            # Every seat was taken while this handshake ran: close it at once.
+            logger.warning("%r: closing %s after its handshake: %s", self, conn._peer(), refusal[0])
+            self._spawn(conn.close(min(self.timeout, 2.0)))
+            return
         logger.info("%r: client %r connected", self, conn)
-        self._departed.forget_named(conn.name)  # a named client that reconnects
-        for frame in self._retained.replay():
+        self._forget(self._departed.forget_named(conn.name))  # a named client that reconnects
+        for frame in self._retained.replay(conn.wants):
             conn._enqueue((frame,), len(frame))
             conn.messages_out += 1
         if self._connect_handlers:
@@ -434,16 +537,37 @@ class Host(Endpoint):
 
     def _connection_closed(self, conn: Connection) -> None:
         self._conns.pop(conn.session, None)
-        if not conn._ready:
-            return  # never completed the handshake: nothing to remember
+        stored = self._stored.pop(conn, None)
+        if not self._admission.left(conn.session):
+            # Never completed the handshake, or turned away after it: nothing to remember.
+            forget_latest(self._latest, conn.values)
+            return
         logger.info("%r: client %r disconnected", self, conn)
         will = conn.engine.will_due()
         if will is not None and not self.stopped:
             self._publish_will(conn, *will)
         if conn.values:
-            self._departed.add(conn.session, conn)
+            size = 0 if stored is None else stored.nbytes
+            self._forget(self._departed.add(conn.session, conn, size))
         if self._disconnect_handlers:
             conn._chain.call(Job(self._disconnect_handlers, (conn,), None, "on_disconnect"))
+
+    def _audience(self, channel: str, exclude: Optional[Connection] = None) -> List[Connection]:
+        """The clients a broadcast on ``channel`` goes to (their interest)."""
+        return [c for c in self.clients() if c is not exclude and c.wants(channel)]
+
+    def _relay_out(self, conn: Connection, channel: str, meta: Any, data: Any) -> None:
+        """A client wrote a value this host relays: to the other clients."""
+        self._relay_send(conn, channel, *relayed_frame(channel, conn._origin(), meta, data))
+
+    def _relay_value(self, conn: Connection, channel: str, value: Any) -> None:
+        self._relay_send(conn, channel, *relayed_value(channel, conn._origin(), value))
+
+    def _relay_send(self, conn: Connection, channel: str, parts: List[Any], nbytes: int) -> None:
+        if self._retain_relayed:
+            self._retained.retain(channel, parts)
+        for other in self._audience(channel, exclude=conn):
+            other._offer(parts, nbytes, None)
 
     def _publish_will(self, conn: Connection, channel: str, meta: bytes) -> None:
         """A client vanished: its last will arrives as if it had written it, here and
@@ -452,8 +576,13 @@ class Host(Endpoint):
         value = codec.decode(meta, None)
         self._deliver(conn, channel, value)
         parts, nbytes = frames.value_frame(frames.DATA, channel, value)
-        for other in self.clients():
+        for other in self._audience(channel, exclude=conn):
             other._offer(parts, nbytes, None)
+
+    def _forget(self, conns: List[Connection]) -> None:
+        """These clients' values are forgotten: by get() too."""
+        for conn in conns:
+            forget_latest(self._latest, conn.values)
 
     def _connections(self) -> List[Connection]:
         return list(self._conns.values())

@@ -36,13 +36,17 @@ class Subscription(Gate, AsyncIterator[_T]):
     """
 
     def __init__(
-        self, channel: str, maxsize: int, on_close: Callable[[Subscription[_T]], None]
+        self,
+        channel: str,
+        maxsize: int,
+        on_close: Callable[[Subscription[_T]], None],
+        maxbytes: Optional[int] = None,
     ) -> None:
         check_maxsize(maxsize)
         super().__init__()
         self.channel = channel
         self.maxsize = maxsize
-        self._buffer: SubscriptionBuffer[_T] = SubscriptionBuffer(maxsize)
+        self._buffer: SubscriptionBuffer[_T] = SubscriptionBuffer(maxsize, maxbytes)
         self._items = self._buffer.items
         self._getters: List[asyncio.Future[None]] = []
         self._error: Optional[BaseException] = None
@@ -110,10 +114,10 @@ class Subscription(Gate, AsyncIterator[_T]):
 
     # -- endpoint side ------------------------------------------------------------------
 
-    def _put(self, item: _T, source: Connection) -> None:
+    def _put(self, item: _T, source: Connection, nbytes: int = 0) -> None:
         """Add an item (endpoint side); a full subscription holds ``source`` (it stops
         handling frames, and reading) until the reader has taken half of them."""
-        if self._buffer.put(item, source):
+        if self._buffer.put(item, source, nbytes):
             source._block(self)
         if self._getters:
             self._wake()

@@ -9,7 +9,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, List, Optional, Tuple, TypeVar, Union
+from typing import Any, Iterable, List, Optional, Tuple, TypeVar, Union
 
 from ..compat import ClientSeedNames
 from ..engine import ConnState
@@ -21,7 +21,7 @@ from ..errors import (
     SocketEngineConnectionError,
     WriteTimeout,
 )
-from ..frames import value_item
+from ..frames import INTEREST, value_frame, value_item
 from ..limits import (
     DEFAULT_COMPRESS_THRESHOLD,
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -32,6 +32,7 @@ from ..limits import (
     check_name,
     check_seconds,
 )
+from ..patterns import Interest, Pattern
 from ..protocol import Protocol, Role, encode_will
 from ..sendqueue import SendQueue
 from ..state import Backoff, log_lost_link
@@ -79,6 +80,10 @@ class Client(ClientSeedNames, Endpoint[Any]):
     :param image_codec: codec of ``write_image``/``writeImg`` when none is given:
         ``"raw"`` (default, exact), ``"jpeg"`` or ``"png"``.
     :param image_quality: JPEG quality 1-100 (default 90).
+    :param interest: the channels (exact names or :class:`~socketengine.Pattern` s) this
+        client wants from the host's broadcasts (``write_all``, relayed writes,
+        retained values): the host sends it nothing else, as pyzmq filters on the PUB
+        side.  ``None`` (default): everything.  Change it with :meth:`set_interest`.
     :param will: a last will ``(channel, value)``: the host publishes ``value`` on
         ``channel`` as if this client had written it (to its own callbacks, waiters and
         subscriptions, and to its other clients) if this client vanishes without
@@ -116,6 +121,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
         tls: Optional[ssl.SSLContext] = None,
         image_codec: str = "raw",
         image_quality: int = 90,
+        interest: Optional[Iterable[Union[str, Pattern]]] = None,
         will: Optional[Tuple[str, Any]] = None,
         compression: Optional[str] = None,
         compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD,
@@ -137,6 +143,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
         self._init_compression(compression, compress_threshold)
         self.name = check_name(name)
         self._will = None if will is None else encode_will(*will)
+        self._interest = None if interest is None else Interest(list(interest))
         self.connect_timeout = check_seconds("connect_timeout", connect_timeout, allow_none=True)
         self.reconnect = bool(reconnect)
         self.reconnect_max = check_seconds("reconnect_max", reconnect_max) or 0.0
@@ -239,6 +246,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
             max_message=self.max_message,
             heartbeat=self.heartbeat,
             will=self._will,
+            interest=self._interest,
             read_size=self.read_size,
         )
         return Connection(self, sock, protocol, address)
@@ -293,6 +301,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
 
         Images sent compressed are returned decoded (numpy arrays).
         """
+        self._polled()
         return self._read(self._latest, channel, default)
 
     def write(
@@ -335,6 +344,23 @@ class Client(ClientSeedNames, Endpoint[Any]):
             except ConnectionClosed:
                 pass
         self._send(parts, nbytes)
+
+    def set_interest(self, interest: Optional[Iterable[Union[str, Pattern]]]) -> None:
+        """Replace the channels this client wants from broadcasts (``None``: all); the
+        host applies it to everything it broadcasts from then on, and a reconnection
+        announces it again.  Thread-safe."""
+        self._interest = None if interest is None else Interest(list(interest))
+        wire = [] if self._interest is None else self._interest.to_wire()
+        conn = self._conn
+        if conn is not None and conn.is_open:
+            parts, nbytes = value_frame(INTEREST, "", wire)
+            conn.send_parts(parts, nbytes)
+
+    def sender(self, channel: str) -> Optional[str]:
+        """Through a relaying host: the client that wrote the latest value on
+        ``channel`` (its name, or ``"host:port"``), or ``None``."""
+        conn = self._conn
+        return None if conn is None else conn.senders.get(channel)
 
     def write_image(
         self,

@@ -186,11 +186,12 @@ class Subscription(Generic[_T]):
         maxsize: int,
         on_close: Callable[[Subscription[_T]], None],
         convert: Optional[Callable[[Any], Any]] = None,
+        maxbytes: Optional[int] = None,
     ) -> None:
         check_maxsize(maxsize)
         self.channel = channel
         self.maxsize = maxsize
-        self._buffer: SubscriptionBuffer[Any] = SubscriptionBuffer(maxsize)
+        self._buffer: SubscriptionBuffer[Any] = SubscriptionBuffer(maxsize, maxbytes)
         self._cond = threading.Condition()
         self._on_close = on_close
         self._convert = convert  # applied in the reader's thread (e.g. image decoding)
@@ -204,10 +205,11 @@ class Subscription(Generic[_T]):
         """Items received and not read yet."""
         return len(self._buffer)
 
-    def put(self, item: Any, source: Pausable) -> None:
-        """Add an item (loop thread); pause ``source`` if this makes the queue full."""
+    def put(self, item: Any, source: Pausable, nbytes: int = 0) -> None:
+        """Add an item (``nbytes`` on the wire; loop thread); pause ``source`` if this
+        makes the queue full (``maxsize`` items or ``maxbytes`` bytes)."""
         with self._cond:
-            if self._buffer.put(item, source):
+            if self._buffer.put(item, source, nbytes):
                 source.pause_reading()
             self._cond.notify()
 

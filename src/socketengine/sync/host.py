@@ -19,16 +19,20 @@ from ..limits import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT,
     DEFAULT_KEEP_DEPARTED,
+    DEFAULT_KEEP_DEPARTED_BYTES,
     DEFAULT_MAX_BUFFER,
+    DEFAULT_MAX_CHANNELS,
     DEFAULT_MAX_CLIENTS,
     DEFAULT_MAX_MESSAGE,
+    DEFAULT_MAX_PENDING,
     check_host_limits,
 )
 from ..net import listen
 from ..patterns import Pattern
 from ..protocol import Protocol, Role
+from ..relay import RelayPolicy, RelaySpec, WritersSpec, relayed_frame, relayed_value
 from ..sendqueue import Outgoing
-from ..state import Admission, Departed, RetainedValues
+from ..state import Admission, Departed, RetainedValues, StoredValues, forget_latest
 from ..watch import matching_channels
 from .connection import Connection
 from .endpoint import Endpoint
@@ -57,7 +61,15 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         ``max(size, 65536)`` bytes so small values never cripple throughput.
     :param open: bind and listen now (and start the I/O thread); ``False`` defers to
         :meth:`open`.
-    :param max_clients: connections beyond this are refused with a REFUSE frame.
+    :param max_clients: clients (connections that completed the handshake) served at
+        once; more are refused with a REFUSE frame.
+    :param max_pending: handshakes in progress at once; one more evicts the oldest
+        pending handshake of the address with the most of them (see SECURITY.md).
+    :param max_channels: distinct channels one client may write on; one more closes
+        its connection (logged).
+    :param max_stored: bytes of latest values kept for one client (wire size); a value
+        beyond it closes the connection (logged).  Default 256 MiB, or ``max_message``
+        if larger.
     :param max_message: largest frame accepted from a client, bytes (default 64 MiB).
     :param max_buffer: bytes that may wait unsent for one client before writes to it
         block (up to ``timeout``) and then raise :class:`WriteTimeout`.
@@ -76,6 +88,15 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
     :param image_codec: codec of ``write_image_all``/``writeImg_ALL`` when none is given:
         ``"raw"`` (default), ``"jpeg"`` or ``"png"``.
     :param image_quality: JPEG quality 1-100 (default 90).
+    :param relay: relay what clients write to the other clients: ``True`` (every
+        channel) or the channels / :class:`~socketengine.Pattern` s to relay (``False``:
+        none, the default).  A receiving client sees who wrote it in
+        ``Client.sender(channel)``.  Each client's ``interest`` applies.
+    :param writers: with ``relay``: ``{client name: [channels or patterns]}`` it may
+        have relayed; a client not listed has nothing relayed.  Names are chosen by
+        the clients: use a ``token``.
+    :param retain_relayed: with ``relay``: keep the latest relayed value of each channel
+        and send it to clients that connect later (like ``write_all(retain=True)``).
     :param monitor: serve the live browser monitor on this port (``0``: any free one;
         ``None``: no monitor); its address is ``host.monitor.url``.
     :param monitor_addr: the monitor's address (loopback by default).
@@ -83,6 +104,8 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         rather than RGB.
     :param keep_departed: how many disconnected clients' latest values
         :meth:`get_all` keeps reporting (oldest forgotten first).
+    :param keep_departed_bytes: bytes of values those departed clients keep, together
+        (oldest forgotten first).
     """
 
     _kind = "host"
@@ -107,9 +130,16 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         tls: Optional[ssl.SSLContext] = None,
         image_codec: str = "raw",
         image_quality: int = 90,
+        relay: RelaySpec = False,
+        writers: WritersSpec = None,
+        retain_relayed: bool = False,
         monitor: Optional[int] = None,
         monitor_addr: str = "127.0.0.1",
         monitor_bgr: bool = False,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        max_channels: int = DEFAULT_MAX_CHANNELS,
+        max_stored: Optional[int] = None,
+        keep_departed_bytes: int = DEFAULT_KEEP_DEPARTED_BYTES,
         compression: Optional[str] = None,
         compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD,
     ) -> None:
@@ -127,24 +157,39 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
             image_codec=image_codec,
             image_quality=image_quality,
         )
-        check_host_limits(max_clients, keep_departed, backlog)
+        limits = check_host_limits(
+            max_clients,
+            keep_departed,
+            backlog,
+            max_pending=max_pending,
+            keep_departed_bytes=keep_departed_bytes,
+            max_channels=max_channels,
+            max_stored=max_stored,
+            max_message=self.max_message,
+        )
+        self.max_clients = limits.max_clients
+        self.max_pending = limits.max_pending
+        self.keep_departed = limits.keep_departed
+        self.keep_departed_bytes = limits.keep_departed_bytes
+        self.max_channels = limits.max_channels
+        self.max_stored = limits.max_stored
+        self.backlog = limits.backlog
         self._init_compression(compression, compress_threshold)
-        self.max_clients = max_clients
-        self.keep_departed = keep_departed
-        self.backlog = backlog
         self._listener: Optional[socket.socket] = None
         self._sessions = itertools.count(1)
         # Every accepted connection, in accept order, until it departs.
         self._conns: Dict[int, Connection] = {}
         # Departed clients whose values get_all() still reports (bounded, FIFO).
-        self._departed: Departed[int, Connection] = Departed(keep_departed)
-        self._admission = Admission(max_clients)
+        self._departed: Departed[int, Connection] = Departed(keep_departed, keep_departed_bytes)
+        self._admission = Admission(max_clients, limits.max_pending)
         self._retained = RetainedValues()
         self._retain_lock = threading.Lock()
         self._last_broadcast = 0.0
         self._on_connect: List[Callable[[Connection], Any]] = []
         self._on_disconnect: List[Callable[[Connection], Any]] = []
         self._init_monitor(monitor, monitor_addr, monitor_bgr)
+        self._relay = RelayPolicy(relay, writers) if relay else None
+        self._retain_relayed = bool(retain_relayed)
         if open:
             self.open()
 
@@ -226,6 +271,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
 
         Images sent compressed are returned decoded (numpy arrays).
         """
+        self._polled()
         return self._read(self._latest, channel, default)
 
     @overload
@@ -243,20 +289,13 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         :class:`~socketengine.Pattern`: ``{channel: [values]}`` for every matching
         channel any of them sent on.
         """
+        self._polled()
         sessions = list(self._conns.items()) + self._departed.items()
+        sessions.sort(key=lambda item: item[0])
         if isinstance(channel, Pattern):
             names = matching_channels(channel, (c.values for _, c in sessions))
-            return {name: self.get_all(name) for name in names}
-        sessions.sort(key=lambda item: item[0])
-        out = []
-        for _, conn in sessions:
-            values = conn.values
-            if channel in values:
-                if type(values[channel]) is images.EncodedImage:
-                    out.append(conn.get(channel))
-                    continue
-                out.append(values[channel])
-        return out
+            return {name: _latest_of_each(sessions, name) for name in names}
+        return _latest_of_each(sessions, channel)
 
     # -- writing ------------------------------------------------------------------------
 
@@ -273,7 +312,8 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         self._check_open()
         if not retain and (self._codecs is not None or compress):
             sent = 0
-            for encoded, conns in self._encode_groups(channel, data, compress, self.clients()):
+            audience = [c for c in self.clients() if c.wants(channel)]
+            for encoded, conns in self._encode_groups(channel, data, compress, audience):
                 if type(encoded) is bytes:
                     sent += self._send_all(encoded, len(encoded), clients=conns)
                 else:
@@ -281,13 +321,14 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
             return sent
         if not retain:
             encoded = frames.value_item(channel, data)
-            if type(encoded) is bytes:
-                return self._send_all(encoded, len(encoded))
-            return self._send_all(*encoded)
+            if isinstance(encoded, bytes):
+                return self._send_all(encoded, len(encoded), channel=channel)
+            frame_parts, size = encoded
+            return self._send_all(frame_parts, size, channel=channel)
         parts, nbytes = frames.value_frame(frames.DATA, channel, data)
         with self._retain_lock:  # see _on_ready: no client misses or reorders it
             self._retained.retain(channel, parts)
-            return self._send_all(parts, nbytes)
+            return self._send_all(parts, nbytes, channel=channel)
 
     def clear_retained(self, channel: Optional[str] = None) -> None:
         """Forget the retained value of ``channel`` (``None``: of every channel)."""
@@ -314,20 +355,24 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         """
         self._check_open()
         parts, nbytes = self._image_frame(img, channel, codec, quality, conflate)
-        return self._send_all(parts, nbytes, image=channel if conflate else None)
+        return self._send_all(parts, nbytes, image=channel if conflate else None, channel=channel)
 
     def _send_all(
         self,
         parts: Outgoing,
         nbytes: int,
         image: Optional[str] = None,
+        channel: Optional[str] = None,
+        exclude: Optional[Connection] = None,
         clients: Optional[List[Connection]] = None,
     ) -> int:
-        """Queue one encoded frame for every client (or ``clients``); a slow client
-        never blocks this."""
+        """Queue one encoded frame for every client (that wants ``channel``, but
+        ``exclude``; or exactly ``clients``); a slow client never blocks this."""
         sent = 0
         if clients is None:
             clients = self.clients()
+            if channel is not None:
+                clients = [c for c in clients if c is not exclude and c.wants(channel)]
         # An isolated broadcast goes out at once; in a burst of them the loop thread
         # flushes each connection once for many frames instead of a syscall per frame.
         now = time.monotonic()
@@ -415,12 +460,41 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
                 session=next(self._sessions),
             )
             conn = Connection(self, sock, protocol, address)
-            refusal = self._admission.refusal(len(self._conns))
+            refusal, evicted = self._admission.arrive(
+                protocol.session, address[0], time.monotonic(), self._said_hello
+            )
             if refusal is not None:
                 conn.refuse(*refusal, linger=min(self.timeout, 2.0))
                 continue
+            for key in evicted:
+                victim = self._conns.get(key)
+                if victim is not None:
+                    self._evict(victim)
             self._conns[protocol.session] = conn
             conn.attach()
+            if self.tls is None:
+                # A client's HELLO is often here already: read it now, so that this
+                # handshake counts as progressing before the next accepts evict one.
+                conn.on_event(selectors.EVENT_READ)
+        warning = self._admission.warning(time.monotonic())
+        if warning is not None:
+            logger.warning("%r: %s", self, warning)
+
+    def _said_hello(self, key: int) -> bool:
+        """The pending connection ``key`` sent a complete HELLO."""
+        conn = self._conns.get(key)
+        return conn is not None and bool(conn.engine.protocol._peer_nonce)
+
+    def _evict(self, conn: Connection) -> None:
+        """Give up on a pending handshake (loop thread): REFUSE ``busy``, close."""
+        reason, code = Admission.busy(self.max_pending)
+        logger.debug("%r: evicting %s: %s", self, conn._peer(), reason)
+        out = conn.engine.refuse(reason, code, time.monotonic(), 0.0)
+        with conn._lock:
+            conn._queue.push([out], len(out))
+            if not conn._want_write:
+                conn._flush_locked()  # best effort: tell the peer why
+        conn._finish()
 
     def stats(self) -> Dict[str, Any]:
         """Image counters (see :meth:`Endpoint.stats`) plus ``"clients"``: each connected
@@ -435,22 +509,33 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         return list(self._conns.values())
 
     def _on_ready(self, conn: Connection) -> None:
+        # Bounded like any client, also while a turned-away one is being closed.
+        self._stored[conn] = StoredValues(self.max_channels, self.max_stored)
+        refusal = self._admission.opened(conn.session)
+        if refusal is not None:
+            # Every seat was taken while this handshake ran: close it at once.
+            logger.warning("%r: closing %s after its handshake: %s", self, conn._peer(), refusal[0])
+            conn.begin_close(min(self.timeout, 2.0))
+            return
         # Retained values go first, and the connection becomes visible to write_all()
         # under the same lock write_all(retain=True) holds: a value retained meanwhile is
         # either in this replay or written to the (now visible) connection after it.
         with self._retain_lock:
-            for frame in self._retained.replay():
+            for frame in self._retained.replay(conn.wants):
                 conn._queue_parts([frame])
             conn.mark_ready()
         logger.info("%r: client %r connected", self, conn)
         if self._on_connect:
             self._dispatcher.submit(conn, self._notify, self._on_connect, conn)
-        self._departed.forget_named(conn.name)  # a named client that reconnects
+        self._forget(self._departed.forget_named(conn.name))  # a named client that reconnects
 
     def _on_closed(self, conn: Connection) -> None:
         self._conns.pop(conn.session, None)
-        if not conn.ready.is_set():
-            return  # never completed the handshake: nothing to remember
+        stored = self._stored.pop(conn, None)
+        if not self._admission.left(conn.session):
+            # Never completed the handshake, or turned away after it: nothing to remember.
+            forget_latest(self._latest, conn.values)
+            return
         logger.info("%r: client %r disconnected", self, conn)
         will = conn.engine.will_due()
         if will is not None and not self.stopped:
@@ -458,7 +543,13 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         if self._on_disconnect:
             self._dispatcher.submit(conn, self._notify, self._on_disconnect, conn)
         if conn.values:
-            self._departed.add(conn.session, conn)
+            size = 0 if stored is None else stored.nbytes
+            self._forget(self._departed.add(conn.session, conn, size))
+
+    def _forget(self, conns: List[Connection]) -> None:
+        """These clients' values are forgotten: by get() too (loop thread)."""
+        for conn in conns:
+            forget_latest(self._latest, conn.values)
 
     def _publish_will(self, conn: Connection, channel: str, meta: bytes) -> None:
         """A client vanished: its last will arrives as if it had written it, here and
@@ -469,8 +560,38 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         self._latest[channel] = value
         self._deliver(conn, channel, value)
         parts, nbytes = frames.value_frame(frames.DATA, channel, value)
-        self._send_all(parts, nbytes)
+        self._send_all(parts, nbytes, channel=channel, exclude=conn)
+
+    def _relay_out(self, conn: Connection, channel: str, meta: Any, data: Any) -> None:
+        """A client wrote a value this host relays: to the other clients (loop thread)."""
+        parts, nbytes = relayed_frame(channel, conn._origin(), meta, data)
+        self._relay_send(conn, channel, parts, nbytes)
+
+    def _relay_value(self, conn: Connection, channel: str, value: Any) -> None:
+        parts, nbytes = relayed_value(channel, conn._origin(), value)
+        self._relay_send(conn, channel, parts, nbytes)
+
+    def _relay_send(self, conn: Connection, channel: str, parts: List[Any], nbytes: int) -> None:
+        if self._retain_relayed:
+            with self._retain_lock:
+                self._retained.retain(channel, parts)
+                self._send_all(parts, nbytes, channel=channel, exclude=conn)
+            return
+        self._send_all(parts, nbytes, channel=channel, exclude=conn)
 
     def __repr__(self) -> str:
         state = "closed" if self.stopped else ("open" if self.opened else "not open")
         return f"<Host {self.addr}:{self.port} {state} clients={len(self._conns)}>"
+
+
+def _latest_of_each(sessions: List[Tuple[int, Connection]], channel: str) -> List[Any]:
+    """The latest value on ``channel`` of each session that sent one, in order."""
+    out = []
+    for _, conn in sessions:
+        values = conn.values
+        if channel in values:
+            if type(values[channel]) is images.EncodedImage:
+                out.append(conn.get(channel))
+                continue
+            out.append(values[channel])
+    return out

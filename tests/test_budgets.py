@@ -1,0 +1,206 @@
+"""The host's budgets, sans-I/O: admission of handshakes, what one client's values
+cost, departed clients, subscriptions in bytes, and large values received once."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import numpy as np
+import pytest
+
+from socketengine import frames
+from socketengine.errors import ProtocolError
+from socketengine.limits import (
+    DEFAULT_MAX_MESSAGE,
+    DEFAULT_MAX_STORED,
+    check_host_limits,
+)
+from socketengine.state import (
+    Admission,
+    Departed,
+    StoredValues,
+    SubscriptionBuffer,
+    forget_latest,
+    value_size,
+)
+
+# -- admission -------------------------------------------------------------------------
+
+
+def test_only_completed_handshakes_take_seats() -> None:
+    adm = Admission(max_clients=2, max_pending=10)
+    for key in range(5):  # five handshakes in progress: nobody is refused
+        assert adm.arrive(key, "a") == (None, [])
+    assert adm.pending == 5 and adm.clients == 0
+    assert adm.opened(0) is None and adm.opened(1) is None
+    assert adm.clients == 2 and adm.pending == 3
+    reason, code = adm.opened(2)  # type: ignore[misc]
+    assert code == "full" and "max_clients=2" in reason
+    refusal, evicted = adm.arrive(9, "a")
+    assert refusal is not None and refusal[1] == "full" and evicted == []
+    assert adm.left(0) is True  # a client leaves: a seat is free again
+    assert adm.left(2) is False  # turned away after its handshake: never had one
+    assert adm.arrive(10, "a") == (None, [])
+
+
+def test_a_full_pending_budget_evicts_the_oldest_of_the_busiest_address() -> None:
+    adm = Admission(max_clients=100, max_pending=4)
+    adm.arrive(1, "good", 0.0)
+    for key in (2, 3, 4):
+        adm.arrive(key, "flood", 0.0)
+    assert adm.arrive(5, "flood", 1.0) == (None, [2])  # not 1: "flood" holds three
+    assert adm.arrive(6, "other", 1.0) == (None, [3])
+    assert adm.evicted == 2 and adm.pending == 4
+
+
+def test_connections_that_sent_their_hello_are_evicted_last() -> None:
+    adm = Admission(max_clients=100, max_pending=3)
+    hello = {1}
+    for key in (1, 2, 3):
+        adm.arrive(key, "a", 0.0, hello.__contains__)
+    # 1 is the oldest, but it progressed: 2 goes.
+    assert adm.arrive(4, "a", 1.0, hello.__contains__) == (None, [2])
+    # Younger than GRACE: 4 is spared while an older stalled one exists.
+    assert adm.arrive(5, "a", 1.0 + Admission.GRACE / 2, hello.__contains__) == (None, [3])
+    hello.update({4, 5})
+    # Everyone progressed: the oldest goes.
+    assert adm.arrive(6, "a", 2.0, hello.__contains__) == (None, [1])
+
+
+def test_eviction_warnings_are_rate_limited() -> None:
+    adm = Admission(max_clients=10, max_pending=1)
+    assert adm.warning(0.0) is None
+    for key in range(5):
+        adm.arrive(key, "a", 0.0)
+    first = adm.warning(0.0)
+    assert first is not None and "evicted 4" in first and "max_pending=1" in first
+    adm.arrive(9, "a", 1.0)
+    assert adm.warning(1.0) is None  # within WARN_EVERY
+    later = adm.warning(1.0 + Admission.WARN_EVERY)
+    assert later is not None and "evicted 1 " in later
+
+
+# -- one client's values ---------------------------------------------------------------
+
+
+def test_stored_values_count_channels_and_bytes() -> None:
+    stored = StoredValues(max_channels=3, max_stored=100)
+    stored.store("a", 40)
+    stored.store("a", 10)  # replaces: counts once
+    assert stored.nbytes == 11  # the name counts too
+    stored.store("b", 20)
+    stored.store("c", 20)
+    with pytest.raises(ProtocolError, match="max_channels=3"):
+        stored.store("d", 1)
+    with pytest.raises(ProtocolError, match="max_stored=100"):
+        stored.store("a", 80)
+    assert stored.nbytes == 11 + 21 + 21  # unchanged by the refused values
+
+
+def test_value_size_follows_the_payload() -> None:
+    assert value_size(b"x" * 1000) == 1005
+    assert value_size("é" * 10) == 15
+    assert 8000 <= value_size(np.zeros(1000)) <= 8100
+    nested = {"a": [b"x" * 100, (1, 2.0)], "b": None}
+    assert 100 < value_size(nested) < 200
+
+
+# -- departed clients ------------------------------------------------------------------
+
+
+class _Gone:
+    def __init__(self, name: str, values: Dict[str, Any]) -> None:
+        self.name = name
+        self.values = values
+
+
+def test_departed_are_bounded_in_count_and_bytes() -> None:
+    d: Departed[int, _Gone] = Departed(keep=3, keep_bytes=100)
+    a, b, c, e = (_Gone(n, {}) for n in "abce")
+    assert d.add(1, a, 40) == []
+    assert d.add(2, b, 40) == []
+    assert d.add(3, c, 40) == [a]  # 120 bytes > 100: the oldest goes
+    assert d.nbytes == 80
+    assert d.add(4, e, 500) == [b, c, e]  # alone too large: nothing of it is kept
+    assert len(d) == 0 and d.nbytes == 0
+    assert Departed(keep=0).add(1, a, 1) == [a]
+
+
+def test_forgotten_values_leave_the_latest_table_unless_replaced() -> None:
+    gone = _Gone("g", {"x": [1], "y": [2]})
+    latest: Dict[str, Any] = {"x": gone.values["x"], "y": [2], "z": 3}
+    forget_latest(latest, gone.values)
+    assert latest == {"y": [2], "z": 3}  # "y" holds another peer's (equal) value
+
+
+def test_a_named_client_that_comes_back_replaces_its_record() -> None:
+    d: Departed[int, _Gone] = Departed(keep=5, keep_bytes=1000)
+    cam = _Gone("cam", {})
+    d.add(1, cam, 30)
+    assert d.forget_named("cam") == [cam]
+    assert d.nbytes == 0 and d.forget_named(None) == []
+
+
+# -- subscriptions in bytes ------------------------------------------------------------
+
+
+def test_a_subscription_pauses_its_source_at_maxbytes_and_releases_at_half() -> None:
+    buf: SubscriptionBuffer[str] = SubscriptionBuffer(maxsize=1000, maxbytes=100)
+    src = object()
+    assert buf.put("a", src, 40) is False
+    assert buf.put("b", src, 40) is False
+    assert buf.put("c", src, 40) is True  # 120 bytes: pause
+    assert buf.put("d", src, 40) is False  # already paused
+    assert buf.nbytes == 160
+    assert buf.take() == ("a", [])  # 120 left
+    assert buf.take() == ("b", [])  # 80 left: above half
+    assert buf.take() == ("c", [src])  # 40 left: released
+    assert buf.nbytes == 40
+
+
+# -- limits ----------------------------------------------------------------------------
+
+
+def test_max_stored_follows_a_larger_max_message() -> None:
+    assert check_host_limits(10, 1, 1).max_stored == DEFAULT_MAX_STORED
+    big = 2 * DEFAULT_MAX_STORED
+    assert check_host_limits(10, 1, 1, max_message=big).max_stored == big
+    assert check_host_limits(10, 1, 1, max_stored=5).max_stored == 5
+    for kwargs in ({"max_pending": 0}, {"max_channels": 0}, {"max_stored": 0}):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            check_host_limits(10, 1, 1, **kwargs)
+    with pytest.raises(ValueError, match="keep_departed_bytes"):
+        check_host_limits(10, 1, 1, keep_departed_bytes=-1)
+    assert DEFAULT_MAX_STORED >= DEFAULT_MAX_MESSAGE
+
+
+# -- a large value is received into its own buffer --------------------------------------
+
+
+def _feed(dec: frames.FrameDecoder, wire: bytes, step: int) -> List[frames.Frame]:
+    got: List[frames.Frame] = []
+    for i in range(0, len(wire), step):
+        got += dec.feed(wire[i : i + step])
+    return got
+
+
+@pytest.mark.parametrize("size", [70_000, 20_000_000])
+def test_a_large_bytes_value_is_received_without_a_grown_stream_buffer(size: int) -> None:
+    value = bytes(range(256)) * (size // 256)
+    wire = b"".join(bytes(p) for p in frames.encode_value_frame(frames.DATA, "big", value))
+    dec = frames.FrameDecoder(max_message=len(wire) + 1, expect_preamble=False)
+    got = _feed(dec, wire + wire, 65536)
+    assert [f.value() for f in got] == [value, value]
+    assert isinstance(got[0].meta, memoryview) and got[0].data is None
+    assert dec._capacity <= 4 * dec.read_size  # never grew to the value's size
+
+
+def test_a_large_metadata_section_keeps_arrays_after_it_aligned_and_writable() -> None:
+    value = {"blob": b"x" * 100_001, "arr": np.arange(50_000, dtype=np.float64)}
+    wire = b"".join(bytes(p) for p in frames.encode_value_frame(frames.DATA, "mix", value))
+    dec = frames.FrameDecoder(max_message=len(wire) + 1, expect_preamble=False)
+    (frame,) = _feed(dec, wire, 4096)
+    out = frame.value()
+    assert out["blob"] == value["blob"]
+    assert np.array_equal(out["arr"], value["arr"])
+    assert out["arr"].flags.aligned and out["arr"].flags.writeable
