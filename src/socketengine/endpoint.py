@@ -7,6 +7,7 @@ build on :class:`EndpointBase`; they add only threads or tasks, and how callers 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import ssl
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar, Union
@@ -14,9 +15,10 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
 from . import codec, compression, frames, images
 from .engine import ConnState
 from .errors import EndpointClosed
-from .limits import check_compression, check_settings
+from .limits import HostLimits, check_compression, check_settings
 from .peer import PeerView
-from .relay import RelayPolicy
+from .relay import RelayPolicy, RelaySpec, WritersSpec
+from .state import Admission, Departed, RetainedValues
 
 __all__ = ["EndpointBase"]
 
@@ -156,6 +158,37 @@ class EndpointBase:
                 fn(conn, channel, value, reply, error)
             except Exception:
                 logger.exception("%r: on_request hook %r raised (ignored)", self, fn)
+
+    # -- hosts --------------------------------------------------------------------------
+
+    def _init_host(
+        self,
+        limits: HostLimits,
+        *,
+        monitor: Tuple[Optional[int], str, bool],
+        relay: Tuple[RelaySpec, WritersSpec, bool],
+    ) -> None:
+        """What every host has: its validated limits, admission, the departed
+        clients, retained values, the monitor settings and the relay policy."""
+        self.max_clients = limits.max_clients
+        self.max_pending = limits.max_pending
+        self.keep_departed = limits.keep_departed
+        self.keep_departed_bytes = limits.keep_departed_bytes
+        self.max_channels = limits.max_channels
+        self.max_stored = limits.max_stored
+        self.backlog = limits.backlog
+        self._sessions = itertools.count(1)
+        self._admission = Admission(limits.max_clients, limits.max_pending)
+        # Departed clients whose values get_all() still reports (bounded, FIFO).
+        self._departed: Departed[int, Any] = Departed(
+            limits.keep_departed, limits.keep_departed_bytes
+        )
+        # Retained values: one complete DATA frame (flag RETAINED) per channel.
+        self._retained = RetainedValues()
+        self._init_monitor(*monitor)
+        spec, writers, retain_relayed = relay
+        self._relay = RelayPolicy(spec, writers) if spec else None
+        self._retain_relayed = bool(retain_relayed)
 
     # -- the browser monitor (hosts) --------------------------------------------------
 

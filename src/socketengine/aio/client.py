@@ -30,6 +30,7 @@ from ..limits import (
     check_name,
     check_seconds,
 )
+from ..net import unix_path
 from ..patterns import Interest, Pattern
 from ..protocol import Protocol, Role, encode_will
 from ..sendqueue import Outgoing, SendQueue
@@ -57,8 +58,8 @@ _OPEN_RETRY_MAX = 0.5
 
 
 def _retryable(exc: OSError) -> bool:
-    if isinstance(exc, _RETRYABLE):
-        return True
+    if isinstance(exc, _RETRYABLE) or isinstance(exc, FileNotFoundError):
+        return True  # FileNotFoundError: the host has not made its unix socket yet
     # create_connection() to a name with several addresses (localhost: ::1 and
     # 127.0.0.1) raises a plain OSError listing every failed attempt.
     text = str(exc)
@@ -269,7 +270,16 @@ class Client(Endpoint):
                 self._pending = conn  # its handshake may complete before we resume
             return conn
 
-        if self.tls is None:
+        path = unix_path(self.addr)
+        if path is not None:
+            coro = loop.create_unix_connection(
+                factory,
+                path,
+                ssl=self.tls,
+                server_hostname=None if self.tls is None else "localhost",
+                ssl_handshake_timeout=None if self.tls is None else self.handshake_timeout,
+            )
+        elif self.tls is None:
             coro = loop.create_connection(factory, self.addr, self._port)
         else:
             coro = loop.create_connection(

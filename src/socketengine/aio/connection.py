@@ -759,9 +759,12 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         engine.received(self._loop.time())
         engine.sent(self._loop.time())
         peer = transport.get_extra_info("peername")
-        if peer:
+        if isinstance(peer, tuple) and peer:
             self.address = tuple(peer)
-            engine.peer = self._peer()
+        else:  # a Unix socket: name it by its file
+            path = transport.get_extra_info("sockname") or peer
+            self.address = (str(path or "unix"), 0)
+        engine.peer = self._peer()
         refusal = self._endpoint._connection_made(self)
         if refusal is not None:
             reason, code = refusal

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import ssl
 from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union, overload
@@ -26,12 +25,12 @@ from ..limits import (
     check_host_limits,
     check_name,
 )
-from ..net import listen
+from ..net import forget_listener, listen, listening_port
 from ..patterns import Pattern
 from ..protocol import Protocol, Role
-from ..relay import RelayPolicy, RelaySpec, WritersSpec, relayed_frame, relayed_value
+from ..relay import RelaySpec, WritersSpec, relayed_frame, relayed_value
 from ..sendqueue import Outgoing
-from ..state import Admission, Departed, RetainedValues, StoredValues, forget_latest
+from ..state import Admission, StoredValues, forget_latest
 from ..watch import matching_channels
 from .connection import READ_SIZE, Connection, Job
 from .endpoint import Endpoint
@@ -158,38 +157,25 @@ class Host(Endpoint):
             image_codec=image_codec,
             image_quality=image_quality,
         )
-
-        limits = check_host_limits(
-            max_clients,
-            keep_departed,
-            backlog,
-            max_pending=max_pending,
-            keep_departed_bytes=keep_departed_bytes,
-            max_channels=max_channels,
-            max_stored=max_stored,
-            max_message=self.max_message,
-        )
         self._init_compression(compression, compress_threshold)
         self.name = check_name(name)
-        self.max_clients = limits.max_clients
-        self.max_pending = limits.max_pending
-        self.keep_departed = limits.keep_departed
-        self.keep_departed_bytes = limits.keep_departed_bytes
-        self.max_channels = limits.max_channels
-        self.max_stored = limits.max_stored
-        self._admission = Admission(limits.max_clients, limits.max_pending)
-        self._init_monitor(monitor, monitor_addr, monitor_bgr)
-        self._relay = RelayPolicy(relay, writers) if relay else None
-        self._retain_relayed = bool(retain_relayed)
-        self.backlog = limits.backlog
+        self._init_host(
+            check_host_limits(
+                max_clients,
+                keep_departed,
+                backlog,
+                max_pending=max_pending,
+                keep_departed_bytes=keep_departed_bytes,
+                max_channels=max_channels,
+                max_stored=max_stored,
+                max_message=self.max_message,
+            ),
+            monitor=(monitor, monitor_addr, monitor_bgr),
+            relay=(relay, writers, retain_relayed),
+        )
         self._server: Optional[asyncio.AbstractServer] = None
-        self._sessions = itertools.count(1)
         # Every accepted connection, in accept order, until it departs.
         self._conns: Dict[int, Connection] = {}
-        # Departed clients whose values get_all() still reports (bounded, FIFO).
-        self._departed: Departed[int, Connection] = Departed(keep_departed, keep_departed_bytes)
-        # Retained values: one complete DATA frame (flag RETAINED) per channel.
-        self._retained = RetainedValues()
         self._connect_handlers: Tuple[Callable[..., Any], ...] = ()
         self._disconnect_handlers: Tuple[Callable[..., Any], ...] = ()
 
@@ -226,7 +212,7 @@ class Host(Endpoint):
         except BaseException:
             sock.close()
             raise
-        self._port = int(sock.getsockname()[1])
+        self._port = listening_port(sock)
         self._start_heartbeat()
         try:
             self._start_monitor()
@@ -248,6 +234,7 @@ class Host(Endpoint):
         server = self._server
         if server is not None:
             server.close()
+            forget_listener(self.addr)
         self._end_delivery(EndpointClosed(f"{self!r} was closed"), None)
         conns = list(self._conns.values())
         if conns:

@@ -32,6 +32,7 @@ from ..limits import (
     check_name,
     check_seconds,
 )
+from ..net import connect, peer_address, set_nodelay, unix_path
 from ..patterns import Interest, Pattern
 from ..protocol import Protocol, Role, encode_will
 from ..sendqueue import SendQueue
@@ -204,7 +205,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
                 left = deadline - time.monotonic()
                 attempt = left if attempt is None else min(attempt, left)
             try:
-                sock = socket.create_connection((self.addr, self._port), timeout=attempt)
+                sock = connect(self.addr, self._port, attempt)
                 break
             except socket.gaierror as exc:
                 raise SocketEngineConnectionError(
@@ -228,12 +229,12 @@ class Client(ClientSeedNames, Endpoint[Any]):
                     f"{self.connect_timeout} s ({attempts} attempts): is the host running?"
                 )
             time.sleep(delay)  # backoff between attempts, not synchronisation
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_nodelay(sock)
         sock.setblocking(False)
         return sock
 
     def _new_connection(self, sock: socket.socket) -> Connection:
-        address = sock.getpeername()
+        address = peer_address(sock, self.addr)
         if self.tls is not None:
             # The TLS handshake itself runs non-blocking in the loop (Connection).
             sock = self.tls.wrap_socket(
@@ -521,9 +522,14 @@ class Client(ClientSeedNames, Endpoint[Any]):
             return
         sock: Optional[socket.socket] = None
         try:
-            family, kind, proto, _, sockaddr = socket.getaddrinfo(
-                self.addr, self._port, type=socket.SOCK_STREAM
-            )[0]
+            path = unix_path(self.addr)
+            sockaddr: Any
+            if path is not None:
+                family, kind, proto, sockaddr = socket.AF_UNIX, socket.SOCK_STREAM, 0, path
+            else:
+                family, kind, proto, _, sockaddr = socket.getaddrinfo(
+                    self.addr, self._port, type=socket.SOCK_STREAM
+                )[0]
             sock = socket.socket(family, kind, proto)
             sock.setblocking(False)
             err = sock.connect_ex(sockaddr)
@@ -550,7 +556,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise OSError(err, errno.errorcode.get(err, "connect failed"))
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            set_nodelay(sock)
             # May raise too (ENOTCONN: reset between the two calls; TLS set-up).
             conn = self._new_connection(sock)
         except OSError as exc:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import selectors
 import socket
@@ -27,12 +26,12 @@ from ..limits import (
     DEFAULT_MAX_PENDING,
     check_host_limits,
 )
-from ..net import listen
+from ..net import forget_listener, listen, listening_port, unix_path
 from ..patterns import Pattern
 from ..protocol import Protocol, Role
-from ..relay import RelayPolicy, RelaySpec, WritersSpec, relayed_frame, relayed_value
+from ..relay import RelaySpec, WritersSpec, relayed_frame, relayed_value
 from ..sendqueue import Outgoing
-from ..state import Admission, Departed, RetainedValues, StoredValues, forget_latest
+from ..state import Admission, StoredValues, forget_latest
 from ..watch import matching_channels
 from .connection import Connection
 from .endpoint import Endpoint
@@ -157,39 +156,28 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
             image_codec=image_codec,
             image_quality=image_quality,
         )
-        limits = check_host_limits(
-            max_clients,
-            keep_departed,
-            backlog,
-            max_pending=max_pending,
-            keep_departed_bytes=keep_departed_bytes,
-            max_channels=max_channels,
-            max_stored=max_stored,
-            max_message=self.max_message,
+        self._init_host(
+            check_host_limits(
+                max_clients,
+                keep_departed,
+                backlog,
+                max_pending=max_pending,
+                keep_departed_bytes=keep_departed_bytes,
+                max_channels=max_channels,
+                max_stored=max_stored,
+                max_message=self.max_message,
+            ),
+            monitor=(monitor, monitor_addr, monitor_bgr),
+            relay=(relay, writers, retain_relayed),
         )
-        self.max_clients = limits.max_clients
-        self.max_pending = limits.max_pending
-        self.keep_departed = limits.keep_departed
-        self.keep_departed_bytes = limits.keep_departed_bytes
-        self.max_channels = limits.max_channels
-        self.max_stored = limits.max_stored
-        self.backlog = limits.backlog
         self._init_compression(compression, compress_threshold)
         self._listener: Optional[socket.socket] = None
-        self._sessions = itertools.count(1)
         # Every accepted connection, in accept order, until it departs.
         self._conns: Dict[int, Connection] = {}
-        # Departed clients whose values get_all() still reports (bounded, FIFO).
-        self._departed: Departed[int, Connection] = Departed(keep_departed, keep_departed_bytes)
-        self._admission = Admission(max_clients, limits.max_pending)
-        self._retained = RetainedValues()
         self._retain_lock = threading.Lock()
         self._last_broadcast = 0.0
         self._on_connect: List[Callable[[Connection], Any]] = []
         self._on_disconnect: List[Callable[[Connection], Any]] = []
-        self._init_monitor(monitor, monitor_addr, monitor_bgr)
-        self._relay = RelayPolicy(relay, writers) if relay else None
-        self._retain_relayed = bool(retain_relayed)
         if open:
             self.open()
 
@@ -205,7 +193,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
             if self.opened:
                 return self
             self._listener = listen(self.addr, self._port, self.backlog)
-            self._port = int(self._listener.getsockname()[1])
+            self._port = listening_port(self._listener)
             self._loop.register(self._listener, selectors.EVENT_READ, self._on_accept)
             self._loop.call_soon(self._start_heartbeat)
             self._loop.start()
@@ -238,6 +226,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
             if self._listener is not None:
                 self._loop.unregister(self._listener)
                 self._listener.close()
+                forget_listener(self.addr)
             for conn in list(self._conns.values()):
                 conn.begin_close(self.timeout)
             done.set()
@@ -432,6 +421,8 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         for _ in range(_ACCEPTS_PER_EVENT):
             try:
                 sock, address = listener.accept()
+                if not isinstance(address, tuple):  # a Unix socket: named by its file
+                    address = (unix_path(self.addr) or "unix", 0)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # e.g. EMFILE: too many open files
