@@ -10,11 +10,12 @@ from __future__ import annotations
 import itertools
 import logging
 import ssl
-from typing import Any, Callable, Dict, Optional, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar, Union
 
-from . import images
+from . import codec, compression, frames, images
+from .engine import ConnState
 from .errors import EndpointClosed
-from .limits import HostLimits, check_settings
+from .limits import HostLimits, check_compression, check_settings
 from .peer import PeerView
 from .relay import RelayPolicy, RelaySpec, WritersSpec
 from .state import Admission, Departed, RetainedValues
@@ -79,6 +80,63 @@ class EndpointBase:
         self._request_hooks: Tuple[RequestHook, ...] = ()
         #: A relaying host's policy (``relay=``); ``None``: nothing is relayed.
         self._relay: Optional[RelayPolicy] = None
+
+    # -- compression (opt-in, protocol 1.1 "z") ----------------------------------------
+
+    def _init_compression(self, compression: Optional[str], threshold: int) -> None:
+        """Validate ``compression=`` / ``compress_threshold=`` (``ValueError``,
+        :class:`~socketengine.compression.CompressionUnavailable` now, not at a write)."""
+        #: ``compression=`` as given (None: values are sent as they are).
+        self.compression = compression
+        self._codecs, self.compress_threshold = check_compression(compression, threshold)
+
+    def _codec_for(self, conn: Any, compress: Optional[bool]) -> Optional[str]:
+        """The codec to compress a value for ``conn`` with, or None (off, or the peer
+        announced none of ours).  ``compress=True`` with compression off uses the first
+        installed codec."""
+        if compress is False or conn is None or conn.engine.state is not ConnState.OPEN:
+            return None  # (a write queued while reconnecting may reach another host)
+        codecs = self._codecs
+        if codecs is None:
+            if not compress:
+                return None
+            codecs = tuple(compression.available())
+            if not codecs:
+                raise compression.CompressionUnavailable(
+                    "write(..., compress=True) needs a codec: "
+                    "pip install 'socket.engine[compression]'"
+                )
+        peer = conn.engine.protocol.peer_codecs
+        for name in codecs:
+            if name in peer:
+                return name
+        return None
+
+    def _encode_for(self, conn: Any, channel: str, data: Any, compress: Optional[bool]) -> Any:
+        """:func:`frames.value_item` of ``data``, compressed for ``conn`` when the
+        settings, ``compress`` and the peer allow it (the writer's thread)."""
+        threshold = 0 if compress else self.compress_threshold
+        return frames.compressed_item(channel, data, self._codec_for(conn, compress), threshold)
+
+    def _encode_groups(
+        self, channel: str, data: Any, compress: Optional[bool], conns: Iterable[Any]
+    ) -> List[Tuple[Any, List[Any]]]:
+        """``[(encoded, connections), ...]`` for a broadcast: encoded once, compressed
+        once per codec; a peer without the codec gets the plain value."""
+        meta, buffers, data_len = codec.encode(data)
+        threshold = 0 if compress else self.compress_threshold
+        big = len(meta) + data_len >= threshold
+        plain = frames.plain_item(channel, meta, buffers, data_len)
+        packed: Dict[Optional[str], Any] = {None: plain}
+        groups: Dict[int, Tuple[Any, List[Any]]] = {}
+        for conn in conns:
+            name = self._codec_for(conn, compress) if big else None
+            encoded = packed.get(name)
+            if encoded is None and name is not None:
+                out = frames.compressed_frame(channel, meta, buffers, data_len, name)
+                encoded = packed[name] = plain if out is None else out
+            groups.setdefault(id(encoded), (encoded, []))[1].append(conn)
+        return list(groups.values())
 
     def on_request(self, fn: _H) -> _H:
         """Call ``fn(conn, channel, value, reply, error)`` after every request this

@@ -22,7 +22,7 @@ import struct
 import sys
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-from . import codec, limits
+from . import codec, compression, limits
 from .errors import HandshakeError, MessageTooBig, ProtocolError
 
 __all__ = [
@@ -33,6 +33,9 @@ __all__ = [
     "FrameDecoder",
     "encode_frame",
     "encode_value_frame",
+    "compressed_frame",
+    "decompressed",
+    "compressed_item",
     "check_preamble",
     "DEFAULT_MAX_MESSAGE",
 ]
@@ -85,6 +88,7 @@ FRAME_TYPES = frozenset(
 # DATA flags.
 FLAG_RETAINED = 0x01  # replay of a value the host retains (sent right after the handshake)
 FLAG_IMAGE = 0x02  # an image frame: may be conflated (only the newest one matters)
+FLAG_COMPRESSED = 0x04  # protocol 1.1: meta [codec, meta_len, data_len], data compressed
 FLAG_RELAYED = 0x08  # forwarded by a relaying host: meta starts with the sender's name
 
 DEFAULT_MAX_MESSAGE = limits.DEFAULT_MAX_MESSAGE
@@ -120,8 +124,14 @@ class Frame(NamedTuple):
     meta: Union[bytes, bytearray, memoryview]
     data: Optional[Any]  # bytearray, mmap.mmap or memoryview (large frames): writable
 
-    def value(self) -> Any:
-        """The frame's value, decoded.  Raises ``ProtocolError`` if it is malformed."""
+    def value(self, max_size: int = DEFAULT_MAX_MESSAGE) -> Any:
+        """The frame's value, decoded.  Raises ``ProtocolError`` if it is malformed.
+
+        A compressed DATA frame (:data:`FLAG_COMPRESSED`) is decompressed first, to at
+        most ``max_size`` bytes (the receiver's ``max_message``): a larger one raises
+        :class:`MessageTooBig` before anything that large is allocated."""
+        if self.flags & FLAG_COMPRESSED and self.type == DATA:
+            return _compressed_value(self, max_size)
         try:
             return codec.decode(self.meta, self.data)
         except ValueError as exc:
@@ -134,6 +144,107 @@ class Frame(NamedTuple):
             return codec.decode_batch(self.meta)
         except ValueError as exc:
             raise ProtocolError(f"malformed BATCH frame: {exc}") from None
+
+
+def _compressed_value(frame: Frame, max_size: int) -> Any:
+    """The value of a compressed DATA frame (docs/protocol.md, 8.6).  Never unpickles."""
+    return decompressed(frame, max_size).value(max_size)
+
+
+def decompressed(frame: Frame, max_size: int) -> Frame:
+    """The plain DATA frame a compressed one (:data:`FLAG_COMPRESSED`) carries: same
+    type, channel, id and other flags; the original meta and data section.  At most
+    ``max_size`` bytes are produced (the receiver's ``max_message``).
+
+    :raises MessageTooBig: the value would expand beyond ``max_size`` (a bomb).
+    :raises ProtocolError: anything else wrong with the frame (docs/protocol.md, 8.6).
+    """
+    try:
+        head = codec.decode(frame.meta, None)
+    except ValueError as exc:
+        raise ProtocolError(f"malformed compressed frame on {frame.channel!r}: {exc}") from None
+    if (
+        type(head) is not list
+        or len(head) != 3
+        or head[0] not in compression.CODECS
+        or type(head[1]) is not int
+        or type(head[2]) is not int
+        or head[1] < 1
+        or head[2] < 0
+        or frame.data is None
+    ):
+        raise ProtocolError(
+            f"compressed frame on {frame.channel!r} is not [codec, meta_len, data_len] + data"
+        )
+    name, meta_len, data_len = head
+    if meta_len + data_len > max_size:
+        raise MessageTooBig(
+            f"a compressed value on {frame.channel!r} declares {meta_len + data_len} bytes, "
+            f"over the {max_size}-byte limit (max_message): raise max_message on the receiver"
+        )
+    try:
+        out = compression.decompress(name, frame.data, max_size)
+    except compression.CompressionUnavailable as exc:
+        raise ProtocolError(f"the peer sent {name} data this side never announced: {exc}") from None
+    if len(out) != meta_len + data_len:
+        raise ProtocolError(
+            f"compressed frame on {frame.channel!r} declared {meta_len}+{data_len} bytes "
+            f"and held {len(out)}"
+        )
+    view = memoryview(out)
+    # The data section in a buffer of its own: aligned, and writable like a received one.
+    data = bytearray(view[meta_len:]) if data_len else None
+    flags = frame.flags & ~FLAG_COMPRESSED
+    return Frame(DATA, flags, frame.channel, frame.id, out[:meta_len], data)
+
+
+def compressed_frame(
+    channel: str,
+    meta: bytes,
+    buffers: Sequence[codec.Buffer],
+    data_len: int,
+    name: str,
+    level: Optional[int] = None,
+) -> Optional[Tuple[List[codec.Buffer], int]]:
+    """``(parts, size)`` of a compressed DATA frame for an encoded value (see
+    :func:`codec.encode`), or None when compressing does not make it smaller.
+
+    The caller checks the threshold; this compresses ``meta + data`` with ``name``."""
+    body: codec.Buffer = b"".join((meta, *buffers)) if buffers else meta
+    out = compression.maybe_compress(name, body, 0, level)
+    if out is None:
+        return None
+    cmeta = codec.encode([name, len(meta), data_len])[0]
+    ch = channel_bytes(channel)
+    head = _pack_header(DATA, FLAG_COMPRESSED, len(ch), 0, len(cmeta), len(out)) + ch + cmeta
+    return [head, out], len(head) + len(out)
+
+
+def plain_item(
+    channel: str, meta: bytes, buffers: Sequence[codec.Buffer], data_len: int
+) -> Union[bytes, Tuple[List[codec.Buffer], int]]:
+    """What :func:`value_item` returns, for a value already encoded."""
+    if not buffers and len(meta) <= ITEM_MAX:
+        return _item_prefix(channel) + meta
+    ch = channel_bytes(channel)
+    head = _pack_header(DATA, 0, len(ch), 0, len(meta), data_len) + ch + meta
+    if buffers:
+        return [head, *buffers], len(head) + data_len
+    return [head], len(head)
+
+
+def compressed_item(
+    channel: str, value: Any, name: Optional[str], threshold: int
+) -> Union[bytes, Tuple[List[codec.Buffer], int]]:
+    """:func:`value_item` with compression: a value whose encoding (meta + data) is at
+    least ``threshold`` bytes becomes a compressed DATA frame when that is smaller
+    (``name`` None: never).  Raises ``TypeError`` before anything."""
+    meta, buffers, data_len = codec.encode(value)
+    if name is not None and len(meta) + data_len >= threshold:
+        packed = compressed_frame(channel, meta, buffers, data_len, name)
+        if packed is not None:
+            return packed
+    return plain_item(channel, meta, buffers, data_len)
 
 
 _channel_bytes: dict = {}

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
+
+from . import compression as _compression  # imports no codec library by itself
 
 __all__ = [
     "DEFAULT_PORT",
@@ -43,6 +45,8 @@ __all__ = [
     "check_name",
     "check_maxsize",
     "check_timeout",
+    "check_compression",
+    "COMPRESSION_CHOICES",
     "check_host_limits",
     "HostLimits",
 ]
@@ -250,3 +254,37 @@ def check_host_limits(
         max_stored=_check_int("max_stored", max_stored, 1),
         backlog=_check_int("backlog", backlog, 1),
     )
+
+
+#: ``compress_threshold=`` default: values whose encoding is smaller are sent as they are.
+DEFAULT_COMPRESS_THRESHOLD = _compression.DEFAULT_THRESHOLD
+#: ``compression=`` choices besides ``None`` (off): a codec, or ``"auto"`` (the first
+#: installed one, see :func:`socketengine.compression.available`).
+COMPRESSION_CHOICES = ("zstd", "lz4", "auto")
+
+
+def check_compression(
+    compression: object, threshold: object
+) -> Tuple[Optional[Tuple[str, ...]], int]:
+    """Validate ``compression=`` / ``compress_threshold=``: ``(codecs this endpoint
+    sends with, preferred first, or None when off; threshold in bytes)``.
+
+    :raises ValueError: unknown codec name, or a threshold that is not an int >= 0.
+    :raises CompressionUnavailable: the codec's library is not installed.
+    """
+    threshold = _check_int("compress_threshold", threshold, 0)
+    if compression is None:
+        return None, threshold
+    if type(compression) is not str or compression not in COMPRESSION_CHOICES:
+        raise ValueError(
+            f"compression must be None (off) or one of {COMPRESSION_CHOICES}, not {compression!r}"
+        )
+    if compression == "auto":
+        codecs = tuple(_compression.available())
+        if not codecs:
+            raise _compression.CompressionUnavailable(
+                "compression='auto' found no codec: pip install 'socket.engine[compression]'"
+            )
+        return codecs, threshold
+    _compression._module(compression)  # CompressionUnavailable naming the package
+    return (compression,), threshold

@@ -25,7 +25,7 @@ import hmac
 import os
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from . import codec, frames
+from . import codec, compression, frames
 from .errors import AuthenticationError, HandshakeError, ProtocolError
 from .frames import Frame
 from .limits import MAX_NAME_BYTES, PRE_HANDSHAKE_MAX
@@ -152,6 +152,9 @@ class Protocol:
         self.peer_ack = False
         #: The peer's ``max_message`` (``"mm"``, protocol 1.1), or ``None`` (1.0 peer).
         self.peer_max_message: Optional[int] = None
+        #: The compression codecs the peer can decode (``"z"``, protocol 1.1), known
+        #: names only; empty: never send it a compressed frame.
+        self.peer_codecs: Tuple[str, ...] = ()
         self.state = State.HANDSHAKE
         self.name = name
         self.peer_name: Optional[str] = None
@@ -193,6 +196,9 @@ class Protocol:
         out["batch"] = True
         out["ack"] = True
         out["mm"] = self._max_message
+        z = compression.available()
+        if z:
+            out["z"] = z
         return out
 
     def _note_peer(self, meta: Dict[str, Any]) -> None:
@@ -204,6 +210,10 @@ class Protocol:
         mm = meta.get("mm")
         if type(mm) is int and mm > 0:
             self.peer_max_message = mm
+        z = meta.get("z")
+        if z is not None:
+            compression.negotiate((), z)  # ProtocolError unless a list of <= 32 str
+            self.peer_codecs = tuple(c for c in compression.CODECS if c in z)
 
     @property
     def is_open(self) -> bool:

@@ -19,6 +19,7 @@ from ..errors import (
     WriteTimeout,
 )
 from ..limits import (
+    DEFAULT_COMPRESS_THRESHOLD,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT,
     DEFAULT_MAX_BUFFER,
@@ -104,6 +105,11 @@ class Client(Endpoint):
         subscriptions, and to its other clients) if this client vanishes without
         saying goodbye -- a crash, a kill, a link declared dead.  A polite
         :meth:`close` does not trigger it.  At most 16 KiB encoded, no arrays.
+    :param compression: compress large values on the wire (protocol 1.1): ``"zstd"``,
+        ``"lz4"`` or ``"auto"`` (the first installed; ``pip install
+        'socket.engine[compression]'``); ``None`` (default): off.  Only for a peer
+        that announced the codec, only values whose encoding is at least
+        ``compress_threshold`` bytes (default 4096), only when the result is smaller.
     :param tls: an ``ssl.SSLContext`` (client side, e.g.
         ``ssl.create_default_context(cafile=...)``): the connection runs over TLS and
         the host's certificate is verified against ``addr``.
@@ -137,6 +143,8 @@ class Client(Endpoint):
         image_quality: int = 90,
         interest: Optional[Iterable[Union[str, Pattern]]] = None,
         will: Optional[Tuple[str, Any]] = None,
+        compression: Optional[str] = None,
+        compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD,
     ) -> None:
         super().__init__(
             addr,
@@ -151,6 +159,7 @@ class Client(Endpoint):
             image_codec=image_codec,
             image_quality=image_quality,
         )
+        self._init_compression(compression, compress_threshold)
         self.name = check_name(name)
         self._will = None if will is None else encode_will(*will)
         self._interest = None if interest is None else Interest(list(interest))
@@ -386,11 +395,18 @@ class Client(Endpoint):
     # -- writing --------------------------------------------------------------------------
 
     async def write(
-        self, channel: str, data: Any, ack: bool = False, timeout: Optional[float] = None
+        self,
+        channel: str,
+        data: Any,
+        ack: bool = False,
+        timeout: Optional[float] = None,
+        compress: Optional[bool] = None,
     ) -> None:
         """Send ``data`` on ``channel`` to the host (``ack=True``: and wait until the
         host confirms it has stored it; :class:`~socketengine.WriteTimeout` after
         ``timeout`` s, :class:`~socketengine.ConnectionClosed` without a live link).
+        ``compress``: True compresses ``data`` whatever its size, False never, None as
+        ``compression`` / ``compress_threshold`` say (see README "Compression").
 
         Raises ``TypeError`` naming the type if ``data`` cannot be sent (nothing is
         sent), :class:`~socketengine.EndpointClosed` if the client is closed or not
@@ -401,9 +417,12 @@ class Client(Endpoint):
         ``reconnect``, :class:`~socketengine.ConnectionClosed`.
         """
         if ack:
-            await self._live().write(channel, data, ack=True, timeout=timeout)
+            await self._live().write(channel, data, ack=True, timeout=timeout, compress=compress)
             return
-        encoded = frames.value_item(channel, data)
+        if self._codecs is None and not compress:
+            encoded = frames.value_item(channel, data)
+        else:
+            encoded = self._encode_for(self._conn, channel, data, compress)
         if type(encoded) is bytes:
             await self._send(encoded, len(encoded))
         else:

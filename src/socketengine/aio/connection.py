@@ -360,9 +360,18 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         return self.queued_bytes
 
     async def write(
-        self, channel: str, data: Any, ack: bool = False, timeout: Optional[float] = None
+        self,
+        channel: str,
+        data: Any,
+        ack: bool = False,
+        timeout: Optional[float] = None,
+        compress: Optional[bool] = None,
     ) -> None:
         """Send ``data`` on ``channel`` to this peer.
+
+        ``compress``: True compresses ``data`` whatever its size, False never, None as
+        the endpoint's ``compression`` / ``compress_threshold`` say (only for a peer
+        that announced the codec, and only when the result is smaller).
 
         Raises ``TypeError`` if ``data`` cannot be sent (nothing is sent),
         :class:`EndpointClosed` after the endpoint's ``close()``,
@@ -372,7 +381,10 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         ``timeout`` s) while the peer does not keep up.  ``ack=True`` also waits until
         the peer confirms it has stored the value (see :meth:`sync`).
         """
-        encoded = frames.value_item(channel, data)
+        if self._endpoint._codecs is None and not compress:
+            encoded = frames.value_item(channel, data)
+        else:
+            encoded = self._endpoint._encode_for(self, channel, data, compress)
         if type(encoded) is bytes:
             await self._send_item(encoded)
         else:
@@ -910,6 +922,8 @@ class Connection(PeerView, asyncio.BufferedProtocol):
     def _handle(self, frame: Frame) -> None:
         t = frame.type
         if t == frames.DATA:
+            if frame.flags & frames.FLAG_COMPRESSED:  # relayed and budgeted as the original
+                frame = frames.decompressed(frame, self._endpoint.max_message)
             flags = frame.flags
             meta = frame.meta
             if flags & frames.FLAG_RELAYED:

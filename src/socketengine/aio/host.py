@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union, o
 from .. import codec, frames, images
 from ..errors import EndpointClosed
 from ..limits import (
+    DEFAULT_COMPRESS_THRESHOLD,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT,
     DEFAULT_KEEP_DEPARTED,
@@ -73,6 +74,11 @@ class Host(Endpoint):
     :param heartbeat: seconds (default 5): a link idle that long gets a PING; a client
         that sends nothing for ``3 * heartbeat`` s is declared dead and disconnected.
         ``None`` disables.
+    :param compression: compress large values on the wire (protocol 1.1): ``"zstd"``,
+        ``"lz4"`` or ``"auto"`` (the first installed; ``pip install
+        'socket.engine[compression]'``); ``None`` (default): off.  Only for a peer
+        that announced the codec, only values whose encoding is at least
+        ``compress_threshold`` bytes (default 4096), only when the result is smaller.
     :param tls: an ``ssl.SSLContext`` (server side, with ``load_cert_chain``): every
         connection then runs over TLS, and plaintext clients are refused.
     :param image_codec: codec of :meth:`write_image_all` / ``conn.write_image`` when
@@ -135,6 +141,8 @@ class Host(Endpoint):
         max_channels: int = DEFAULT_MAX_CHANNELS,
         max_stored: Optional[int] = None,
         keep_departed_bytes: int = DEFAULT_KEEP_DEPARTED_BYTES,
+        compression: Optional[str] = None,
+        compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD,
     ) -> None:
         super().__init__(
             addr,
@@ -149,6 +157,7 @@ class Host(Endpoint):
             image_codec=image_codec,
             image_quality=image_quality,
         )
+        self._init_compression(compression, compress_threshold)
         self.name = check_name(name)
         self._init_host(
             check_host_limits(
@@ -362,7 +371,9 @@ class Host(Endpoint):
 
     # -- writing --------------------------------------------------------------------------
 
-    async def write_all(self, channel: str, data: Any, retain: bool = False) -> int:
+    async def write_all(
+        self, channel: str, data: Any, retain: bool = False, compress: Optional[bool] = None
+    ) -> int:
         """Send ``data`` on ``channel`` to every connected client; return how many.
 
         The value is encoded once (``TypeError`` before anything is sent).  With
@@ -378,6 +389,15 @@ class Host(Endpoint):
             parts, nbytes = frames.value_frame(frames.DATA, channel, data)
             self._retained.retain(channel, parts)
             return await self._broadcast(parts, nbytes, channel=channel)
+        if self._codecs is not None or compress:
+            sent = 0
+            audience = self._audience(channel)
+            for encoded, conns in self._encode_groups(channel, data, compress, audience):
+                if type(encoded) is bytes:
+                    sent += await self._broadcast(encoded, len(encoded), clients=conns)
+                else:
+                    sent += await self._broadcast(encoded[0], encoded[1], clients=conns)
+            return sent
         encoded = frames.value_item(channel, data)
         if isinstance(encoded, bytes):
             return await self._broadcast(encoded, len(encoded), channel=channel)
@@ -415,13 +435,18 @@ class Host(Endpoint):
         )
 
     async def _broadcast(
-        self, parts: Outgoing, nbytes: int, image: Optional[str] = None, channel: str = ""
+        self,
+        parts: Outgoing,
+        nbytes: int,
+        image: Optional[str] = None,
+        channel: str = "",
+        clients: Optional[List[Connection]] = None,
     ) -> int:
-        """Hand one encoded frame to every client (that wants ``channel``) without
-        waiting for any of them."""
+        """Hand one encoded frame to every client (that wants ``channel``; or exactly
+        ``clients``) without waiting for any of them."""
         sent = 0
         paused = False
-        for conn in self._audience(channel):
+        for conn in self._audience(channel) if clients is None else clients:
             if conn._offer(parts, nbytes, image):
                 sent += 1
             paused = paused or conn.writing_paused

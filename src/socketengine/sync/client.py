@@ -23,6 +23,7 @@ from ..errors import (
 )
 from ..frames import INTEREST, value_frame, value_item
 from ..limits import (
+    DEFAULT_COMPRESS_THRESHOLD,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT,
     DEFAULT_MAX_BUFFER,
@@ -89,6 +90,11 @@ class Client(ClientSeedNames, Endpoint[Any]):
         subscriptions, and to its other clients) if this client vanishes without
         saying goodbye -- a crash, a kill, a link declared dead.  A polite
         :meth:`close` does not trigger it.  At most 16 KiB encoded, no arrays.
+    :param compression: compress large values on the wire (protocol 1.1): ``"zstd"``,
+        ``"lz4"`` or ``"auto"`` (the first installed; ``pip install
+        'socket.engine[compression]'``); ``None`` (default): off.  Only for a peer
+        that announced the codec, only values whose encoding is at least
+        ``compress_threshold`` bytes (default 4096), only when the result is smaller.
     :param tls: an ``ssl.SSLContext`` (client side, e.g.
         ``ssl.create_default_context(cafile=...)``): the connection runs over TLS and
         the host's certificate is verified against ``addr`` as the context says.
@@ -118,6 +124,8 @@ class Client(ClientSeedNames, Endpoint[Any]):
         image_quality: int = 90,
         interest: Optional[Iterable[Union[str, Pattern]]] = None,
         will: Optional[Tuple[str, Any]] = None,
+        compression: Optional[str] = None,
+        compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD,
     ) -> None:
         super().__init__(
             addr,
@@ -133,6 +141,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
             image_codec=image_codec,
             image_quality=image_quality,
         )
+        self._init_compression(compression, compress_threshold)
         self.name = check_name(name)
         self._will = None if will is None else encode_will(*will)
         self._interest = None if interest is None else Interest(list(interest))
@@ -297,9 +306,17 @@ class Client(ClientSeedNames, Endpoint[Any]):
         return self._read(self._latest, channel, default)
 
     def write(
-        self, channel: str, data: Any, ack: bool = False, timeout: Optional[float] = None
+        self,
+        channel: str,
+        data: Any,
+        ack: bool = False,
+        timeout: Optional[float] = None,
+        compress: Optional[bool] = None,
     ) -> None:
         """Send ``data`` on ``channel`` to the host.  Thread-safe.
+
+        ``compress``: True compresses ``data`` whatever its size, False never, None as
+        ``compression`` / ``compress_threshold`` say (see README "Compression").
 
         Raises ``TypeError`` naming the type if ``data`` cannot be sent (nothing is
         sent), :class:`ConnectionClosed` if the host is gone.  ``ack=True`` blocks
@@ -309,9 +326,12 @@ class Client(ClientSeedNames, Endpoint[Any]):
         first (also while reconnecting: an acknowledged write needs a live link).
         """
         if ack:
-            self._live_conn().write(channel, data, ack=True, timeout=timeout)
+            self._live_conn().write(channel, data, ack=True, timeout=timeout, compress=compress)
             return
-        encoded = value_item(channel, data)
+        if self._codecs is None and not compress:
+            encoded = value_item(channel, data)
+        else:
+            encoded = self._encode_for(self._conn, channel, data, compress)
         if type(encoded) is bytes:
             parts: Any = encoded
             nbytes = len(encoded)

@@ -153,9 +153,18 @@ class Connection(PeerView, Pausable):
         return self.engine.state is ConnState.OPEN
 
     def write(
-        self, channel: str, data: Any, ack: bool = False, timeout: Optional[float] = None
+        self,
+        channel: str,
+        data: Any,
+        ack: bool = False,
+        timeout: Optional[float] = None,
+        compress: Optional[bool] = None,
     ) -> None:
         """Send ``data`` on ``channel`` to this peer only.  Thread-safe.
+
+        ``compress``: True compresses ``data`` whatever its size, False never, None as
+        the endpoint's ``compression`` / ``compress_threshold`` say (only for a peer
+        that announced the codec, and only when the result is smaller).
 
         ``ack=True`` blocks until the peer confirms it has stored the value (and
         everything written before it), like socket.engine 1.x's ``writeSync``; no
@@ -164,7 +173,10 @@ class Connection(PeerView, Pausable):
         :class:`ConnectionClosed` if the connection is lost first, and
         :class:`NotSupported` if the peer runs protocol 1.0.
         """
-        self.send_value(frames.value_item(channel, data))
+        if self._endpoint._codecs is None and not compress:
+            self.send_value(frames.value_item(channel, data))
+        else:
+            self.send_value(self._endpoint._encode_for(self, channel, data, compress))
         self.messages_out += 1
         if ack:
             self.sync(timeout)

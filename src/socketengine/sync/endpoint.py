@@ -26,7 +26,7 @@ from .. import frames, images
 from ..codec import plain_ext_hook
 from ..endpoint import EndpointBase
 from ..errors import EndpointClosed, SocketEngineError
-from ..frames import BATCH, DATA, FLAG_IMAGE, FLAG_RELAYED, Frame
+from ..frames import BATCH, DATA, FLAG_COMPRESSED, FLAG_IMAGE, FLAG_RELAYED, Frame
 from ..limits import (
     DEFAULT_SUBSCRIPTION_BYTES,
     DEFAULT_SUBSCRIPTION_SIZE,
@@ -549,6 +549,9 @@ class Endpoint(EndpointBase, Generic[_I]):
         for frame in events:
             t, flags, channel, _, meta, data = frame
             if t == DATA:
+                if flags & FLAG_COMPRESSED:  # relayed and budgeted as the original
+                    frame = frames.decompressed(frame, self.max_message)
+                    flags, meta, data = frame.flags, frame.meta, frame.data
                 if stored is not None:  # raises ProtocolError beyond a budget
                     stored.store(channel, len(meta) if data is None else len(meta) + len(data))
                 if flags:

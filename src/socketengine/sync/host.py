@@ -14,6 +14,7 @@ from .. import codec, frames, images
 from ..compat import HostSeedNames
 from ..errors import SocketEngineError
 from ..limits import (
+    DEFAULT_COMPRESS_THRESHOLD,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT,
     DEFAULT_KEEP_DEPARTED,
@@ -76,6 +77,11 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         (TLS included).
     :param heartbeat: seconds between pings on an idle link; a client silent for three
         intervals is declared dead.  ``None`` disables.
+    :param compression: compress large values on the wire (protocol 1.1): ``"zstd"``,
+        ``"lz4"`` or ``"auto"`` (the first installed; ``pip install
+        'socket.engine[compression]'``); ``None`` (default): off.  Only for a peer
+        that announced the codec, only values whose encoding is at least
+        ``compress_threshold`` bytes (default 4096), only when the result is smaller.
     :param tls: an ``ssl.SSLContext`` (server side, with ``load_cert_chain``): every
         connection then runs over TLS, and plaintext clients are refused.
     :param image_codec: codec of ``write_image_all``/``writeImg_ALL`` when none is given:
@@ -133,6 +139,8 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         max_channels: int = DEFAULT_MAX_CHANNELS,
         max_stored: Optional[int] = None,
         keep_departed_bytes: int = DEFAULT_KEEP_DEPARTED_BYTES,
+        compression: Optional[str] = None,
+        compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD,
     ) -> None:
         super().__init__(
             addr,
@@ -162,6 +170,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
             monitor=(monitor, monitor_addr, monitor_bgr),
             relay=(relay, writers, retain_relayed),
         )
+        self._init_compression(compression, compress_threshold)
         self._listener: Optional[socket.socket] = None
         # Every accepted connection, in accept order, until it departs.
         self._conns: Dict[int, Connection] = {}
@@ -279,7 +288,9 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
 
     # -- writing ------------------------------------------------------------------------
 
-    def write_all(self, channel: str, data: Any, retain: bool = False) -> int:
+    def write_all(
+        self, channel: str, data: Any, retain: bool = False, compress: Optional[bool] = None
+    ) -> int:
         """Send ``data`` on ``channel`` to every connected client; return how many.
 
         The value is encoded once (``TypeError`` before anything is sent).  With
@@ -288,6 +299,15 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         configuration and state).  Thread-safe.
         """
         self._check_open()
+        if not retain and (self._codecs is not None or compress):
+            sent = 0
+            audience = [c for c in self.clients() if c.wants(channel)]
+            for encoded, conns in self._encode_groups(channel, data, compress, audience):
+                if type(encoded) is bytes:
+                    sent += self._send_all(encoded, len(encoded), clients=conns)
+                else:
+                    sent += self._send_all(encoded[0], encoded[1], clients=conns)
+            return sent
         if not retain:
             encoded = frames.value_item(channel, data)
             if isinstance(encoded, bytes):
@@ -333,13 +353,15 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         image: Optional[str] = None,
         channel: Optional[str] = None,
         exclude: Optional[Connection] = None,
+        clients: Optional[List[Connection]] = None,
     ) -> int:
         """Queue one encoded frame for every client (that wants ``channel``, but
-        ``exclude``); a slow client never blocks this."""
+        ``exclude``; or exactly ``clients``); a slow client never blocks this."""
         sent = 0
-        clients = self.clients()
-        if channel is not None:
-            clients = [c for c in clients if c is not exclude and c.wants(channel)]
+        if clients is None:
+            clients = self.clients()
+            if channel is not None:
+                clients = [c for c in clients if c is not exclude and c.wants(channel)]
         # An isolated broadcast goes out at once; in a burst of them the loop thread
         # flushes each connection once for many frames instead of a syscall per frame.
         now = time.monotonic()
