@@ -181,8 +181,8 @@ class Client(ClientSeedNames, Endpoint[Any]):
             if self.opened:
                 return self
             sock = self._connect()
-            self._loop.start()
             try:
+                self._loop.start()  # inside the try: Ctrl-C may land in start() itself
                 conn = self._handshake(sock)
             except BaseException:
                 # Leave no thread behind; a later open() starts a fresh loop.

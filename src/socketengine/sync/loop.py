@@ -52,6 +52,7 @@ class Loop:
         self._seq = itertools.count()
         self._woken = False
         self._stopping = False
+        self._closed = False  # the selector was closed (stop() of a loop that never ran)
         self._thread: Optional[threading.Thread] = None
 
     # -- lifecycle ------------------------------------------------------------------
@@ -71,9 +72,18 @@ class Loop:
 
     def stop(self, timeout: Optional[float] = 5.0) -> None:
         """Stop the loop after the calls already queued have run, and join its thread."""
-        self.call_soon(self._set_stopping)
+        self._calls.append((self._set_stopping, ()))
+        # Always send a wake byte here: a Ctrl-C (KeyboardInterrupt) that landed inside
+        # an earlier wake(), between setting the flag and sending, would otherwise leave
+        # the loop asleep and this join would time out.
+        self._woken = True
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass
         thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
+        # ident is None for a thread whose start() was interrupted (Ctrl-C right there)
+        if thread is not None and thread is not threading.current_thread() and thread.ident:
             thread.join(timeout)
             if thread.is_alive():  # pragma: no cover - only if a handler hangs
                 logger.warning("%s: I/O thread did not stop within %ss", self.name, timeout)
@@ -84,6 +94,7 @@ class Loop:
         self._stopping = True
 
     def _close_selector(self) -> None:
+        self._closed = True
         try:
             self.selector.close()
         except Exception:  # pragma: no cover
@@ -151,7 +162,15 @@ class Loop:
                     timeout = 0
                 elif timers:
                     timeout = max(0.0, timers[0][0] - time.monotonic())
-                for key, mask in select(timeout):
+                try:
+                    ready = select(timeout)
+                except (ValueError, OSError):
+                    if self._closed:
+                        # stop() closed the selector of a thread whose start() a Ctrl-C
+                        # interrupted before it ran: there is nothing left to serve.
+                        return
+                    raise
+                for key, mask in ready:
                     try:
                         key.data(mask)
                     except Exception:  # a handler must never kill the I/O thread
