@@ -46,10 +46,17 @@ def test_list_hosts_and_expiry(nats_cluster: LocalCluster, make_link: Any) -> No
     c = make_link(nats_cluster.nodes[2].url)
     ha = HostAnnouncer(a, "cam.1", {"port": 1}, prefix=prefix, ttl=2.0)
     HostAnnouncer(b, "cam *2", prefix=prefix, ttl=2.0)
-    hosts = list_hosts(c, prefix=prefix)
-    assert set(hosts) == {"cam.1", "cam *2"} and hosts["cam.1"]["port"] == 1
-    ha.stop()  # goodbye: gone at once
-    assert set(list_hosts(c, prefix=prefix)) == {"cam *2"}
+    # Written through nodes A and B, read through C: the bucket's replicas catch up.
+    def both() -> Any:
+        listed = list_hosts(c, prefix=prefix)
+        return listed if set(listed) == {"cam.1", "cam *2"} else None
+
+    hosts = wait_until(both, 10, "both hosts to be listed through node C")
+    assert hosts["cam.1"]["port"] == 1
+    ha.stop()  # goodbye: gone without waiting for the TTL
+    wait_until(
+        lambda: set(list_hosts(c, prefix=prefix)) == {"cam *2"}, 10, "the goodbye to be seen"
+    )
     b.close()  # dies without goodbye: its entry expires after the TTL
     t0 = time.monotonic()
     wait_until(lambda: list_hosts(c, prefix=prefix) == {}, 15, "the dead host to expire")
