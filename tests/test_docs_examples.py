@@ -388,6 +388,11 @@ def test_the_harness_checks_claims() -> None:
     assert _met(block, ["x", "1", "x", "2", "x"])
 
 
+@pytest.mark.skipif(
+    sys.version_info < (3, 11),
+    reason="the docs toolchain (mkdocstrings + pymdown-extensions) pip resolves on older "
+    "Pythons is a broken pair; the site is built on the default Python (3.11) in CI",
+)
 @pytest.mark.timeout(170)
 def test_reference_site_builds_strictly(tmp_path: Path) -> None:
     """mkdocs.yml builds with --strict: every page, link, anchor and docstring reference."""
