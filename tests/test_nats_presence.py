@@ -60,7 +60,9 @@ def test_list_hosts_and_expiry(nats_cluster: LocalCluster, make_link: Any) -> No
     b.close()  # dies without goodbye: its entry expires after the TTL
     t0 = time.monotonic()
     wait_until(lambda: list_hosts(c, prefix=prefix) == {}, 15, "the dead host to expire")
-    assert time.monotonic() - t0 > 0.5  # it was listed until the TTL ran out
+    # Gone within the TTL (2 s) after its last refresh, plus the server's expiry sweep.
+    # (How long it stayed listed depends on when it last refreshed: no lower bound.)
+    assert time.monotonic() - t0 < 2.0 + 5.0
     c.run(_delete_bucket(c.aio, f"{prefix}_hosts"))
 
 
