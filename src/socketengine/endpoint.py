@@ -18,6 +18,7 @@ from .errors import EndpointClosed
 from .limits import HostLimits, check_compression, check_settings
 from .peer import PeerView
 from .relay import RelayPolicy, RelaySpec, WritersSpec
+from .session import SessionTable
 from .state import Admission, Departed, RetainedValues
 
 __all__ = ["EndpointBase"]
@@ -178,6 +179,10 @@ class EndpointBase:
         self.max_stored = limits.max_stored
         self.backlog = limits.backlog
         self._sessions = itertools.count(1)
+        self.resume_window = limits.resume_window
+        self.resume_sessions = limits.resume_sessions
+        # Resumable sessions (protocol 1.2): live ones, and lost ones kept for a while.
+        self._resume = SessionTable(limits.resume_window, limits.resume_sessions)
         self._admission = Admission(limits.max_clients, limits.max_pending)
         # Departed clients whose values get_all() still reports (bounded, FIFO).
         self._departed: Departed[int, Any] = Departed(
