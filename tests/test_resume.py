@@ -80,7 +80,7 @@ def _handshake(
     for _ in range(4):
         to_host += _feed(host, client.control_bytes())
         to_client += _feed(client, host.control_bytes())
-    assert client.state is ConnState.OPEN and host.state is ConnState.OPEN
+    assert client.opened and host.opened
     return to_client, to_host
 
 
@@ -113,9 +113,11 @@ class Pair:
         assert not to_client and not to_host
         hs = self.host.session
         assert hs is not None
+        assert self.host.state is ConnState.HANDSHAKE  # not writable before adopt()
         self.host.adopt(hs.queue)
         hs.owner = self.host
         self.client.adopt(self.session.queue)
+        assert self.client.state is ConnState.OPEN and self.host.state is ConnState.OPEN
 
     def cut(self, to_host: int, to_client: int) -> None:
         """Deliver only this many bytes each way, then lose the link."""

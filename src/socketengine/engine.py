@@ -131,6 +131,8 @@ class ConnectionEngine:
         #: The resumable session this connection carries (protocol 1.2), set when the
         #: handshake completes with both sides announcing it; ``None`` otherwise.
         self.session: Optional[Session] = None
+        #: The handshake completed with a session: :meth:`adopt` makes it OPEN.
+        self.opening = False
 
     # -- state ----------------------------------------------------------------------------
 
@@ -142,6 +144,12 @@ class ConnectionEngine:
                 f"connection state {self.state.value} -> {state.value} is not allowed"
             )
         self.state = state
+
+    @property
+    def opened(self) -> bool:
+        """The handshake completed (the layer then calls ``_on_ready``; with a session
+        the state becomes OPEN in :meth:`adopt`)."""
+        return self.state is ConnState.OPEN or self.opening
 
     @property
     def writable(self) -> bool:
@@ -183,10 +191,14 @@ class ConnectionEngine:
         if self.state is ConnState.CLOSED:
             return []
         out = self.protocol.events()
-        if self.state is ConnState.HANDSHAKE and self.protocol.is_open:
+        if self.state is ConnState.HANDSHAKE and self.protocol.is_open and not self.opening:
             self._negotiate()
             self.interest = self.protocol.peer_interest
-            self._to(ConnState.OPEN)
+            if self.session is None:
+                self._to(ConnState.OPEN)
+            else:
+                # OPEN (writable) only once adopt() put the replay first on the wire.
+                self.opening = True
         if self.session is not None and out:
             return self._sequenced(out)
         return out
@@ -227,8 +239,10 @@ class ConnectionEngine:
             self._out.append(rack_frame(session.recv))
 
     def adopt(self, old: Optional[SendQueue]) -> int:
-        """After the handshake (the layer calls it before any user frame is queued):
-        continue the previous link's queue ``old`` on this connection.
+        """After the handshake: continue the previous link's queue ``old`` on this
+        connection, then become OPEN.  A connection that carries a session stays in
+        HANDSHAKE (not writable) from the end of the handshake (:attr:`opened`) until
+        this call, so no user frame can overtake the replay.
 
         With a resumed session, what the peer has not received is replayed first
         (:meth:`SendQueue.rewind`); without one (a new session, a peer without
@@ -256,6 +270,9 @@ class ConnectionEngine:
             session.queue = queue
             if lost:
                 session.lost += lost
+        if self.opening and self.state is ConnState.HANDSHAKE:
+            self.opening = False
+            self._to(ConnState.OPEN)
         if lost:
             logger.warning(
                 "%s: %d values written before the link was lost had left the replay "
