@@ -44,8 +44,14 @@ def _check(got: List[int], n: int, way: str) -> None:
         return
     lost = sorted(set(range(n)) - set(got))
     dups = len(got) - len(set(got))
+    runs = []
+    for v in lost:
+        if runs and runs[-1][1] == v - 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
     raise AssertionError(
-        f"{way}: {len(lost)} lost (first {lost[:10]}), {dups} duplicated, "
+        f"{way}: {len(lost)} lost (runs {runs[:10]}), {dups} duplicated, "
         f"in order: {got == sorted(got)}"
     )
 
@@ -98,9 +104,60 @@ def test_no_loss_no_duplicates_in_order_across_cuts(layer: str, loop_thread: Aio
             stop.set()
             thread.join(10)
         n = writes[0]
-        wait_for(lambda: len(at_host) >= n, 10.0, f"{n} values at the host")
+        try:
+            wait_for(lambda: len(at_host) >= n, 10.0, f"{n} values at the host")
+        except AssertionError:
+            _check(at_host, n, "client -> host")
+            raise
         wait_for(lambda: len(at_client) >= sent_down[0], 10.0, "the host's values")
         client.close()
     host.close()
     _check(at_host, n, "client -> host")
     _check(at_client, sent_down[0], "host -> client")
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_conflated_image_channel_replays_only_its_newest_frame(
+    layer: str, loop_thread: AioThread
+) -> None:
+    np = pytest.importorskip("numpy")
+    host = make_host(layer, loop_thread, heartbeat=H)
+    images: List[int] = []
+    host.ep.on("img", lambda img, *rest: images.append(int(img[0, 0])))
+    with CuttingProxy(host.ep.port) as proxy:
+        client = make_client(layer, loop_thread, proxy.port, heartbeat=H, name="cam")
+        client.do("write_image", np.full((4, 4), 0, np.uint8), "img")
+        wait_for(lambda: images == [0], 5.0, "the first frame")
+        proxy.blackhole()
+        for i in range(1, 10):
+            client.do("write_image", np.full((4, 4), i, np.uint8), "img")
+        before = client.ep.reconnects
+        wait_for(lambda: not client.ep.connected, 10 * H, "the blackhole noticed")
+        proxy.cut_reset()  # nothing held by the dead link reaches anybody
+        wait_for(lambda: client.ep.reconnects > before, 10.0, "the reconnection")
+        client.do("write", "n", "after")
+        wait_for(lambda: host.do("get", "n") == "after", 5.0, "a value after the replay")
+        client.close()
+    host.close()
+    assert images == [0, 9]
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_host_without_resume_still_serves_a_reconnecting_client(
+    layer: str, loop_thread: AioThread
+) -> None:
+    """resume_window=0: no session (as a 1.1 host); links come and go as before."""
+    host = make_host(layer, loop_thread, heartbeat=H, resume_window=0)
+    with CuttingProxy(host.ep.port) as proxy:
+        client = make_client(layer, loop_thread, proxy.port, heartbeat=H)
+        client.do("write", "n", 1)
+        wait_for(lambda: host.do("get", "n") == 1, 5.0, "the first value")
+        conn = host.ep.clients()[0]
+        assert conn.engine.session is None and not conn.engine.queue.numbered
+        before = client.ep.reconnects
+        proxy.cut("reset")
+        wait_for(lambda: client.ep.reconnects > before, 10.0, "the reconnection")
+        client.do("write", "n", 2)
+        wait_for(lambda: host.do("get", "n") == 2, 5.0, "a value after it")
+        client.close()
+    host.close()

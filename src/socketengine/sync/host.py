@@ -534,47 +534,10 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
             self._dispatcher.submit(conn, self._notify, self._on_connect, conn)
         self._forget(self._departed.forget_named(conn.name))  # a named client that reconnects
 
-    def _resumed(self, conn: Connection) -> None:
-        """A client resumed its session (loop thread): an older link still carrying it
-        is closed, and the new one continues its queue (replay first)."""
-        session = conn.engine.session
-        if session is None:
-            return
-        old = session.owner
-        session.owner = conn
-        if old is not None and old is not conn and not old.engine.closed:
-            logger.info("%r: %r resumed its session on a new link", self, conn)
-            old.engine.lost(ConnectionResetError("the client resumed on a new link"))
-            old._finish()
-        conn._adopt(session.queue)
-
-    def _keep_session(self, conn: Connection) -> None:
-        """A connection closed: keep its session for a resume if the link was lost
-        (``resume_window``), else forget it (loop thread)."""
-        session = conn.engine.session
-        self._resume_expired(self._resume.expire(time.monotonic()))
-        if session is None or session.owner not in (conn, None):
-            return
-        if conn.engine.resumable and not self.stopped:
-            self._resume_expired(self._resume.suspend(session, time.monotonic()))
-        else:
-            self._resume.drop(session)
-
-    def _resume_expired(self, sessions: List[Any]) -> None:
-        for session in sessions:
-            queue = session.queue
-            unsent = 0 if queue is None else len(queue._replay) + bool(queue)
-            if unsent:
-                logger.warning(
-                    "%r: the session of %r was not resumed in time (resume_window=%g s, "
-                    "resume_sessions=%d): what it still held for that client is dropped",
-                    self,
-                    session.name,
-                    self.resume_window,
-                    self.resume_sessions,
-                )
-            if queue is not None:
-                queue.clear()
+    def _supersede(self, old: Connection) -> None:
+        """Close a link whose session a new one resumed, at once (loop thread)."""
+        old.engine.lost(ConnectionResetError("the client resumed on a new link"))
+        old._finish()
 
     def _on_closed(self, conn: Connection) -> None:
         self._keep_session(conn)
