@@ -43,11 +43,15 @@ def _host(table: Optional[SessionTable], max_buffer: int = 1 << 20) -> Connectio
     )
 
 
+CHUNK = [4096]  # bytes fed at a time (a test may change it)
+
+
 def _feed(engine: ConnectionEngine, data: bytes) -> List[frames.Frame]:
     decoder = engine.protocol.decoder
     out: List[frames.Frame] = []
-    for i in range(0, len(data), 4096):
-        piece = data[i : i + 4096]
+    chunk = CHUNK[0]
+    for i in range(0, len(data), chunk):
+        piece = data[i : i + chunk]
         buf = decoder.get_buffer()
         buf[: len(piece)] = piece
         buf.release()
@@ -147,8 +151,17 @@ def test_both_sides_announce_resume_and_number_data() -> None:
     assert pair.host.session.recv == 1
 
 
+@pytest.mark.parametrize("chunk", [1, 5, 4096])
 @pytest.mark.parametrize("fraction", [0.0, 0.1, 0.5, 0.9, 1.0])
-def test_a_cut_loses_nothing_and_duplicates_nothing_both_ways(fraction: float) -> None:
+def test_a_cut_loses_nothing_and_duplicates_nothing_both_ways(fraction: float, chunk: int) -> None:
+    CHUNK[0] = chunk
+    try:
+        _cuts(fraction)
+    finally:
+        CHUNK[0] = 4096
+
+
+def _cuts(fraction: float) -> None:
     pair = Pair()
     n = 0
     for _ in range(3):  # three cuts
