@@ -1,4 +1,4 @@
-"""Failure probes: what today's code loses under cuts, kills, floods and memory abuse.
+"""Failure probes: what the code loses under cuts, kills, floods and memory abuse.
 
 ``python -m bench.probes`` (from the repository root) runs every probe, one at a time,
 and writes ``bench/scratch/probes.json`` (not committed).  These are measurements, not

@@ -358,3 +358,25 @@ def test_rack_and_skip_fuzzed(count: int, ftype: int) -> None:
         _feed(pair.client, frame)
     except ProtocolError:
         return
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=20),
+        st.lists(st.one_of(st.binary(max_size=20), st.integers(-2, 2**40), st.booleans())),
+    )
+)
+def test_welcome_rs_fuzzed_is_accepted_or_refused_never_crashes(rs: Any) -> None:
+    """Any WELCOME "rs" value at a client: accepted or ProtocolError (hypothesis)."""
+    from socketengine import codec
+
+    client = _client(Session(b"", None, None))
+    client.control_bytes()
+    meta, _, _ = codec.encode({"v": 1, "id": 1, "rs": rs})
+    data = frames.PREAMBLE + b"".join(frames.encode_frame(frames.WELCOME, "", meta))
+    try:
+        _feed(client, data)
+    except ProtocolError:
+        return
+    assert client.opened
