@@ -65,6 +65,9 @@ MIN_MAX_MESSAGE = 1024
 #: 256 MiB: bytes that may wait unsent for one peer before writes block (and then
 #: raise ``WriteTimeout``); ``write_all`` tolerates up to twice this for ``timeout``
 #: seconds, then drops the peer as a slow consumer.  ``0``: at most one frame queued.
+#: With resume (protocol 1.2) it also bounds the replay window: sent values the peer has
+#: not acknowledged yet, kept for a lost link (oldest leave it first).  Worst case per
+#: connection: ``2 x max_buffer`` (queue + window; 3x briefly for ``write_all``).
 DEFAULT_MAX_BUFFER = 256 * 1024 * 1024
 #: Connections a host serves at once; more are refused with REFUSE ``full``.  Only
 #: connections that completed the handshake count (see ``max_pending``).

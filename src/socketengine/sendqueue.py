@@ -122,6 +122,7 @@ class SendQueue:
         "replay_overflow",
         "_replay",
         "_replay_images",
+        "framing",
     )
 
     def __init__(self, max_buffer: int, on_image: Optional[ImageHook] = None) -> None:
@@ -152,6 +153,9 @@ class SendQueue:
         # [seq, parts or None (a superseded image: a placeholder), nbytes, image channel]
         self._replay: Deque[List[Any]] = deque()
         self._replay_images: Dict[str, List[Any]] = {}
+        #: Entries were taken by :meth:`take_inbox` and :meth:`to_wire` has not placed
+        #: them yet (a threaded flusher frames them without the lock).
+        self.framing = False
 
     def __bool__(self) -> bool:
         return bool(self._inbox) or bool(self._wire)
@@ -225,6 +229,7 @@ class SendQueue:
         inbox = self._inbox
         if not inbox:
             return inbox
+        self.framing = True
         self._inbox = []
         slots = self._slots
         if slots:
@@ -238,9 +243,15 @@ class SendQueue:
     def to_wire(self, entries: List[_Entry]) -> None:
         """Turn taken entries into wire buffers, in order: a run of items becomes one
         BATCH frame (or, for a peer that reads none, one DATA frame each)."""
-        if self.numbered:
-            self._to_wire_numbered(entries)
-            return
+        try:
+            if self.numbered:
+                self._to_wire_numbered(entries)
+            else:
+                self._to_wire(entries)
+        finally:
+            self.framing = False
+
+    def _to_wire(self, entries: List[_Entry]) -> None:
         wire = self._wire
         limit = self.batch_limit
         run: List[bytes] = []

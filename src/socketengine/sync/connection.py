@@ -470,6 +470,12 @@ class Connection(PeerView, Pausable):
     def _adopt(self, old: Optional[SendQueue]) -> None:
         """Continue the previous link's queue on this one (loop thread, before
         ``ready``): the engine replays what the peer lacks (resume)."""
+        if old is not None and old.framing:
+            # The previous link's last flusher is still framing what it took from the
+            # queue (without its lock): let it place it, or those frames would be lost.
+            deadline = _monotonic() + 1.0
+            while old.framing and _monotonic() < deadline:
+                time.sleep(0.0005)
         with self._lock:
             self.engine.adopt(old)
 
