@@ -13,7 +13,7 @@ from typing import Any, Iterator, List
 
 import pytest
 from conftest import wait_for
-from faults import CuttingProxy
+from faults import CuttingProxy, RawClient
 from test_parity import LAYERS, AioThread, make_client, make_host
 
 H = 0.2  # heartbeat: a blackhole is noticed within 3·H
@@ -160,4 +160,16 @@ def test_a_host_without_resume_still_serves_a_reconnecting_client(
         client.do("write", "n", 2)
         wait_for(lambda: host.do("get", "n") == 2, 5.0, "a value after it")
         client.close()
+    host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_client_without_resume_is_served_as_before(layer: str, loop_thread: AioThread) -> None:
+    """A 1.1 client (no "rs" in its HELLO): no session, no numbering, no RACK."""
+    host = make_host(layer, loop_thread, heartbeat=H)
+    with RawClient(host.ep.port, name="old") as raw:
+        raw.send_values(("n", i) for i in range(100))
+        wait_for(lambda: host.do("get", "n") == 99, 5.0, "the old client's values")
+        (conn,) = host.ep.clients()
+        assert conn.engine.session is None and not conn.engine.queue.numbered
     host.close()

@@ -380,3 +380,12 @@ def test_welcome_rs_fuzzed_is_accepted_or_refused_never_crashes(rs: Any) -> None
     except ProtocolError:
         return
     assert client.opened
+
+
+def test_an_expired_session_is_not_resumed() -> None:
+    table = SessionTable(10.0, 4)
+    session, _ = table.open(b"", "c")
+    table.suspend(session, 0.0)
+    assert table.expire(10.0) == [session]
+    again, resumed = table.open(session.sid, "c")
+    assert not resumed and again is not session

@@ -217,6 +217,12 @@ class EndpointBase:
             self._supersede(old)
         conn._adopt(session.queue)
 
+    def _expire_sessions(self) -> None:
+        """Forget lost sessions older than ``resume_window`` (at every accepted and every
+        closed connection, so a resume never finds one)."""
+        if len(self._resume):
+            self._resume_expired(self._resume.expire(time.monotonic()))
+
     def _keep_session(self, conn: Any) -> None:
         """A connection closed: keep its session for a resume if the link was lost
         (at most ``resume_window`` s, ``resume_sessions`` of them), else forget it."""

@@ -472,6 +472,7 @@ class Host(Endpoint):
 
     def _new_connection(self) -> Connection:
         # Called at accept time, before a TLS handshake.
+        self._expire_sessions()
         protocol = Protocol(
             Role.HOST,
             token=self._token,

@@ -454,6 +454,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
                     logger.warning("%r: TLS setup for %s failed: %s", self, address, exc)
                     sock.close()
                     continue
+            self._expire_sessions()
             protocol = Protocol(
                 Role.HOST,
                 token=self._token,
