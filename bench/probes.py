@@ -1,4 +1,4 @@
-"""Failure probes: what today's code loses under cuts, kills, floods and memory abuse.
+"""Failure probes: what the code loses under cuts, kills, floods and memory abuse.
 
 ``python -m bench.probes`` (from the repository root) runs every probe, one at a time,
 and writes ``bench/scratch/probes.json`` (not committed).  These are measurements, not
@@ -13,6 +13,11 @@ Probes (see docs/guarantees.md, "Measured failure behaviour"):
 
 * ``cuts``: 20,000 sequenced values at ~600/s through a proxy that cuts the link 20
   times (8 clean closes, 8 resets, 4 blackholes); lost / duplicated / out of order.
+* ``cut_kinds`` / ``cut_kinds_aio``: 20 cuts of each kind (close, reset, blackhole)
+  while a client writes sequenced values at ~600/s to the host and the host writes
+  sequenced values to the client (``write_all``, counted when it reached the client's
+  connection), with the threaded and the asyncio layer; lost / duplicated / out of
+  order, per direction and per cut kind.
 * ``bulk``: 400 x 64 KiB written into a blackholed link; how many arrive.
 * ``kill``: 30 SIGKILL-and-restart cycles of a host process with 200 clients in 4
   processes; clients that never come back.
@@ -200,6 +205,139 @@ def probe_cuts(heartbeat: float, n: int = 20_000, rate: float = 600.0) -> Result
     c.close()
     proxy.close()
     h.close()
+    return result
+
+
+# -- a2. 20 cuts of each kind, both directions, either layer --------------------------------
+
+
+class _Layer:
+    """A host and a client of either layer, driven with blocking calls."""
+
+    def __init__(self, layer: str, heartbeat: float, proxy_of: Callable[[int], Any]) -> None:
+        self.layer = layer
+        self.loop: Any = None
+        if layer == "aio":
+            import asyncio
+
+            from socketengine import aio
+
+            self.loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+            self._thread.start()
+            self.host = self.run(aio.Host(port=0, heartbeat=heartbeat).start())
+            self.proxy = proxy_of(self.host.port)
+            self.client = self.run(
+                aio.Client(port=self.proxy.port, heartbeat=heartbeat, name="seq").start()
+            )
+        else:
+            self.host = Host(port=0, heartbeat=heartbeat)
+            self.proxy = proxy_of(self.host.port)
+            self.client = Client(port=self.proxy.port, heartbeat=heartbeat, name="seq")
+
+    def run(self, aw: Any) -> Any:
+        import asyncio
+
+        async def wrapper() -> Any:
+            return await aw
+
+        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(60)
+
+    def do(self, obj: Any, name: str, *args: Any) -> Any:
+        result = getattr(obj, name)(*args)
+        if self.loop is not None and hasattr(result, "__await__"):
+            return self.run(result)
+        return result
+
+    def close(self) -> None:
+        for obj in (self.client, self.host):
+            try:
+                self.do(obj, "close")
+            except Exception:  # measuring, not testing: closing is best effort
+                pass
+        self.proxy.close()
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+
+
+def probe_cut_kinds(
+    layer: str, heartbeat: float = 0.5, per_kind: int = 20, rate: float = 600.0
+) -> Result:
+    """``per_kind`` cuts of each kind (close, reset, blackhole), shuffled, about every
+    0.5 s, while values flow both ways at ``rate``/s."""
+    events = ["close", "reset", "blackhole"] * per_kind
+    random.Random(2).shuffle(events)
+    ends = _Layer(layer, heartbeat, CuttingProxy)
+    host, client, proxy = ends.host, ends.client, ends.proxy
+    up: List[int] = []
+    down: List[int] = []
+    host.on("n", lambda value, *rest: up.append(value))
+    client.on("d", lambda value, *rest: down.append(value))
+    errors: Dict[str, int] = {}
+    done = threading.Event()
+    cut_log: List[Tuple[str, int, float, int, int]] = []  # kind, links, s, next up, next down
+    next_up = [0]
+    next_down = [0]
+
+    def cutter() -> None:
+        for event in events:
+            _wait(lambda: client.connected and proxy.links > 0, 15)  # a live link to cut
+            deadline = time.monotonic() + 0.5
+            while time.monotonic() < deadline:
+                time.sleep(0.01)  # values flow for a while between cuts
+            t0 = time.monotonic()
+            at = (next_up[0], next_down[0])
+            if event == "blackhole":
+                proxy.blackhole()
+                _wait(lambda: not client.connected, 3 * heartbeat + 5)
+                links = proxy.cut_reset()  # the partition ends
+            else:
+                links = proxy.cut(event)
+            cut_log.append((event, links, round(time.monotonic() - t0, 3), *at))
+        done.set()
+
+    t = threading.Thread(target=cutter, daemon=True)
+    start = time.monotonic()
+    t.start()
+    interval = 1.0 / rate
+    i = 0
+    while not done.is_set() and time.monotonic() - start < 600:
+        delay = start + i * interval - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)  # pacing the writers, not synchronisation
+        try:
+            ends.do(client, "write", "n", i)
+            next_up[0] = i + 1
+        except Exception as exc:  # counted: a write the application saw fail
+            errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+        try:
+            if ends.do(host, "write_all", "d", next_down[0]):
+                next_down[0] += 1
+        except Exception as exc:
+            errors["host:" + type(exc).__name__] = errors.get("host:" + type(exc).__name__, 0) + 1
+        i += 1
+    n_up, n_down = next_up[0], next_down[0]
+    _wait(lambda: len(up) >= n_up and len(down) >= n_down, 30)
+    total_s = time.monotonic() - start
+    result: Result = {"layer": layer, "heartbeat": heartbeat, "rate": rate}
+    result["client_to_host"] = _sequence_stats(list(up), n_up)
+    result["host_to_client"] = _sequence_stats(list(down), n_down)
+    for name, got, n, col in (("client_to_host", up, n_up, 3), ("host_to_client", down, n_down, 4)):
+        marks = [entry[col] for entry in cut_log]
+        by_kind: Dict[str, int] = {}
+        for v in set(range(n)) - set(got):
+            k = bisect.bisect_right(marks, v) - 1
+            kind = cut_log[k][0] if k >= 0 else "before any cut"
+            by_kind[kind] = by_kind.get(kind, 0) + 1
+        result[name]["lost_by_cut_kind"] = by_kind
+    result.update(
+        cuts={kind: events.count(kind) for kind in ("close", "reset", "blackhole")},
+        write_errors=errors,
+        reconnects=client.reconnects,
+        seconds=round(total_s, 1),
+    )
+    ends.close()
     return result
 
 
@@ -545,6 +683,8 @@ def probe_memory() -> Result:
 
 PROBES: Dict[str, Callable[[argparse.Namespace], Result]] = {
     "cuts": lambda a: probe_cuts(heartbeat=0.5),
+    "cut_kinds": lambda a: probe_cut_kinds("sync"),
+    "cut_kinds_aio": lambda a: probe_cut_kinds("aio"),
     "bulk": lambda a: probe_bulk(),
     "kill": lambda a: probe_kill(),
     "flood": lambda a: probe_flood("idle"),

@@ -124,7 +124,7 @@ specs = st.tuples(
 
 
 def test_preamble_is_version_1_1_and_accepts_other_minors() -> None:
-    assert PREAMBLE == b"SENG\x01\x01\x00\x00"
+    assert PREAMBLE == b"SENG\x01\x02\x00\x00"
     frames.check_preamble(b"SENG\x01\x00\x00\x00")  # a 1.0 peer
     frames.check_preamble(b"SENG\x01\x09\x00\x00")  # a later 1.x peer
     with pytest.raises(HandshakeError, match="upgrade"):
@@ -345,7 +345,7 @@ def test_max_message_can_be_raised_on_a_live_decoder() -> None:
     check(dec.feed(build([(frames.DATA, 0, "a", 0, arr)])[8:]), [(frames.DATA, 0, "a", 0, arr)])
 
 
-@pytest.mark.parametrize("ftype", [0x00, 0x06, 0x0F, 0x18, 0x1F, 0x23, 0x7F, 0xFF])
+@pytest.mark.parametrize("ftype", [0x00, 0x06, 0x0F, 0x1A, 0x1F, 0x23, 0x7F, 0xFF])
 def test_unknown_frame_type_is_a_protocol_error(ftype: int) -> None:
     with pytest.raises(ProtocolError, match="unknown frame type"):
         FrameDecoder().feed(PREAMBLE + header(ftype))

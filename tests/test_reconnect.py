@@ -104,7 +104,12 @@ def test_a_killed_host_process_comes_back_and_data_flows_again() -> None:
         wait_for(lambda: not c.connected, what="the client to notice the dead host")
         c.write("n", 1)  # written while the host is down
         host, _ = _host_process(port)  # the same port, at once
-        assert _next_line(host) == "1"
+        # A restarted host has no session to resume: what it never acknowledged comes
+        # again (at least once), then what was written meanwhile.
+        first = _next_line(host)
+        assert first in ("0", "1")
+        if first == "0":
+            assert _next_line(host) == "1"
         wait_for(lambda: c.connected)
         c.write("n", 2)  # data flows again without any call by the user
         assert _next_line(host) == "2"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import ssl
+import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar, Union
 
 from . import codec, compression, frames, images
@@ -18,6 +19,7 @@ from .errors import EndpointClosed
 from .limits import HostLimits, check_compression, check_settings
 from .peer import PeerView
 from .relay import RelayPolicy, RelaySpec, WritersSpec
+from .session import SessionTable
 from .state import Admission, Departed, RetainedValues
 
 __all__ = ["EndpointBase"]
@@ -178,6 +180,10 @@ class EndpointBase:
         self.max_stored = limits.max_stored
         self.backlog = limits.backlog
         self._sessions = itertools.count(1)
+        self.resume_window = limits.resume_window
+        self.resume_sessions = limits.resume_sessions
+        # Resumable sessions (protocol 1.2): live ones, and lost ones kept for a while.
+        self._resume = SessionTable(limits.resume_window, limits.resume_sessions)
         self._admission = Admission(limits.max_clients, limits.max_pending)
         # Departed clients whose values get_all() still reports (bounded, FIFO).
         self._departed: Departed[int, Any] = Departed(
@@ -189,6 +195,67 @@ class EndpointBase:
         spec, writers, retain_relayed = relay
         self._relay = RelayPolicy(spec, writers) if spec else None
         self._retain_relayed = bool(retain_relayed)
+
+    # -- resumable sessions (hosts, protocol 1.2) ---------------------------------------
+
+    def _supersede(self, old: Any) -> None:
+        """Close ``old`` now: a new link resumed its session (its engine must be
+        finished when this returns)."""
+        raise NotImplementedError
+
+    def _resumed(self, conn: Any) -> None:
+        """A client's handshake completed: if it carries a session, an older link that
+        still carries it is closed, and ``conn`` continues its queue (replay first).
+        Before anything else is queued for ``conn`` (retained values)."""
+        session = conn.engine.session
+        if session is None:
+            return
+        old = session.owner
+        session.owner = conn
+        if old is not None and old is not conn and not old.engine.closed:
+            logger.info("%r: %r resumed its session on a new link", self, conn)
+            self._supersede(old)
+        conn._adopt(session.queue)
+
+    def _expire_sessions(self) -> None:
+        """Forget lost sessions older than ``resume_window`` (at every accepted and every
+        closed connection, so a resume never finds one)."""
+        if len(self._resume):
+            self._resume_expired(self._resume.expire(time.monotonic()))
+
+    def _keep_session(self, conn: Any) -> None:
+        """A connection closed: keep its session for a resume if the link was lost
+        (at most ``resume_window`` s, ``resume_sessions`` of them), else forget it."""
+        table = self._resume
+        now = time.monotonic()
+        self._resume_expired(table.expire(now))
+        session = conn.engine.session
+        if session is None or session.owner not in (conn, None):
+            return  # no session, or a newer link carries it now
+        if conn.engine.resumable and not self.stopped:
+            self._resume_expired(table.suspend(session, now))
+        else:
+            table.drop(session)
+            if session.queue is not None:
+                session.queue.clear()
+
+    def _resume_expired(self, sessions: List[Any]) -> None:
+        """Lost sessions that were not resumed in time: what they held is dropped."""
+        for session in sessions:
+            queue = session.queue
+            if queue is not None and (queue or queue.replay_bytes):
+                logger.warning(
+                    "%r: the session of client %r was not resumed in time "
+                    "(resume_window=%g s, resume_sessions=%d): %d bytes it held for that "
+                    "client are dropped",
+                    self,
+                    session.name,
+                    self.resume_window,
+                    self.resume_sessions,
+                    queue.queued + queue.replay_bytes,
+                )
+            if queue is not None:
+                queue.clear()
 
     # -- the browser monitor (hosts) --------------------------------------------------
 

@@ -24,12 +24,18 @@ Rules owned here, once:
 * the handshake deadline and the linger after our BYE are deadlines of :meth:`tick`;
 * requests: ids, replies and failures (:class:`~socketengine.requests.RequestTable`);
 * the send queue: order, image conflation, ``max_buffer`` and slow-consumer verdicts
-  (:class:`~socketengine.sendqueue.SendQueue`).
+  (:class:`~socketengine.sendqueue.SendQueue`);
+* resume (protocol 1.2, :attr:`session`): counting the peer's sequenced frames,
+  acknowledging them (RACK: every ``ACK_EVERY`` frames, after a read holding a
+  data section, and on every :meth:`tick`), applying its acknowledgements, keeping the
+  queue when the link is lost rather than closed (:meth:`finish`) and replaying it on
+  the next link (:meth:`adopt`).
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 from typing import Any, List, Optional, Tuple
 
 from . import frames
@@ -38,9 +44,16 @@ from .frames import Frame
 from .patterns import Interest
 from .protocol import Protocol
 from .requests import ReplySink, RequestTable
-from .sendqueue import BATCH_MAX, ImageHook, SendQueue
+from .sendqueue import BATCH_MAX, ImageHook, SendQueue, rack_frame
+from .session import ACK_EVERY, Session
 
 __all__ = ["ConnState", "Tick", "ConnectionEngine", "BYE_FRAME"]
+
+logger = logging.getLogger("socketengine")
+_DATA = frames.DATA
+_BATCH = frames.BATCH
+_RACK = frames.RACK
+_SKIP = frames.SKIP
 
 BYE_FRAME = b"".join(frames.encode_frame(frames.BYE))
 _pack_header = frames.HEADER.pack
@@ -115,6 +128,11 @@ class ConnectionEngine:
         self._out: List[bytes] = []  # frames the engine itself answers with (ACK)
         #: The channels the peer wants from broadcasts (``None``: every channel).
         self.interest: Optional[Interest] = None
+        #: The resumable session this connection carries (protocol 1.2), set when the
+        #: handshake completes with both sides announcing it; ``None`` otherwise.
+        self.session: Optional[Session] = None
+        #: The handshake completed with a session: :meth:`adopt` makes it OPEN.
+        self.opening = False
 
     # -- state ----------------------------------------------------------------------------
 
@@ -126,6 +144,12 @@ class ConnectionEngine:
                 f"connection state {self.state.value} -> {state.value} is not allowed"
             )
         self.state = state
+
+    @property
+    def opened(self) -> bool:
+        """The handshake completed (the layer then calls ``_on_ready``; with a session
+        the state becomes OPEN in :meth:`adopt`)."""
+        return self.state is ConnState.OPEN or self.opening
 
     @property
     def writable(self) -> bool:
@@ -167,11 +191,103 @@ class ConnectionEngine:
         if self.state is ConnState.CLOSED:
             return []
         out = self.protocol.events()
-        if self.state is ConnState.HANDSHAKE and self.protocol.is_open:
-            self._to(ConnState.OPEN)
+        if self.state is ConnState.HANDSHAKE and self.protocol.is_open and not self.opening:
             self._negotiate()
             self.interest = self.protocol.peer_interest
+            if self.session is None:
+                self._to(ConnState.OPEN)
+            else:
+                # OPEN (writable) only once adopt() put the replay first on the wire.
+                self.opening = True
+        if self.session is not None and out:
+            return self._sequenced(out)
         return out
+
+    def _sequenced(self, received: List[Frame]) -> List[Frame]:
+        """Count the peer's sequenced frames, apply its RACKs, drop SKIPs; queue a
+        RACK when one is due."""
+        session = self.session
+        assert session is not None
+        count = 0
+        large = False
+        strip = False
+        for frame in received:
+            t = frame.type
+            if t == _DATA or t == _BATCH:
+                count += 1
+                if frame.data is not None:
+                    large = True
+            elif t == _SKIP:
+                if frame.id < 1:
+                    raise ProtocolError("SKIP frame standing for no sequence number")
+                count += frame.id
+                strip = True
+            elif t == _RACK:
+                self.queue.ack(frame.id)
+                strip = True
+        session.recv += count
+        if session.recv - session.acked_out >= ACK_EVERY or (large and count):
+            self._ack()
+        if strip:
+            return [f for f in received if f.type != _SKIP and f.type != _RACK]
+        return received
+
+    def _ack(self) -> None:
+        session = self.session
+        if session is not None and session.recv != session.acked_out and not self.bye_sent:
+            session.acked_out = session.recv
+            self._out.append(rack_frame(session.recv))
+
+    def adopt(self, old: Optional[SendQueue]) -> int:
+        """After the handshake: continue the previous link's queue ``old`` on this
+        connection, then become OPEN.  A connection that carries a session stays in
+        HANDSHAKE (not writable) from the end of the handshake (:attr:`opened`) until
+        this call, so no user frame can overtake the replay.
+
+        With a resumed session, what the peer has not received is replayed first
+        (:meth:`SendQueue.rewind`); without one (a new session, a peer without
+        resume: a restarted host), everything unacknowledged is sent again (at least
+        once, :meth:`SendQueue.restart`).  Returns the number of sequenced frames
+        lost because they had left the replay window (``max_buffer``); they are also
+        logged as a WARNING and counted in ``session.lost``."""
+        queue = self.queue
+        session = self.session
+        lost = 0
+        if old is not None and old is not queue:
+            old.detach()
+            if session is not None and self.protocol.resumed:
+                try:
+                    lost = old.rewind(self.protocol.peer_recv)
+                except ProtocolError as exc:
+                    logger.warning("%s: cannot resume (%s): sending again", self.peer, exc)
+                    lost = old.restart()
+            else:
+                lost = old.restart()
+            numbered = queue.numbered
+            queue.take_over(old)
+            queue.numbered = numbered
+        if session is not None:
+            session.queue = queue
+            if lost:
+                session.lost += lost
+        if self.opening and self.state is ConnState.HANDSHAKE:
+            self.opening = False
+            self._to(ConnState.OPEN)
+        if lost:
+            logger.warning(
+                "%s: %d values written before the link was lost had left the replay "
+                "window (max_buffer=%d) and are lost",
+                self.peer,
+                lost,
+                queue.max_buffer,
+            )
+        return lost
+
+    @property
+    def resumable(self) -> bool:
+        """The session survives this connection: it carries one, and it ended without
+        a BYE either way (a lost link, not a close)."""
+        return self.session is not None and not (self.bye_sent or self.bye_received)
 
     def _negotiate(self) -> None:
         """What the handshake settled: BATCH frames only to a peer that reads them,
@@ -182,6 +298,14 @@ class ConnectionEngine:
             if protocol.peer_max_message is not None:
                 limit = min(limit, protocol.peer_max_message - frames.HEADER_SIZE)
             self.queue.batch_limit = max(limit, 0)
+        session = protocol.resume_session
+        if protocol.peer_resume and session is not None:
+            session.sid = protocol.resume_sid
+            if not protocol.resumed:
+                session.recv = 0
+            session.acked_out = session.recv  # the peer learnt it in the handshake
+            self.session = session
+            self.queue.numbered = True
 
     def control(self, frame: Frame) -> bool:
         """Handle a frame that is not DATA or REQUEST; True if handling must stop
@@ -269,11 +393,21 @@ class ConnectionEngine:
         self.last_send = now
 
     def ping(self, now: float) -> bytes:
-        """A PING frame to send now (empty after our BYE)."""
+        """What :attr:`Tick.PING` asks to send now: a RACK if one is due (resume), and
+        a PING if the heartbeat rule wants one (empty after our BYE)."""
         if self.bye_sent or self.state is not ConnState.OPEN:
             return b""
-        self.last_ping = now
-        return _PING_FRAME
+        out = b""
+        if self._ack_due():
+            session = self.session
+            assert session is not None
+            session.acked_out = session.recv
+            out = rack_frame(session.recv)
+        interval = self.heartbeat
+        if interval is None or self._ping_due(now, interval) or not out:
+            self.last_ping = now
+            out += _PING_FRAME
+        return out
 
     def send_bye(self, now: float, linger: float) -> bytes:
         """Start closing: returns the BYE frame to send after everything queued (empty
@@ -319,7 +453,10 @@ class ConnectionEngine:
         if error is not None and self.error is None:
             self.error = error
         self._to(ConnState.CLOSED)
-        self.queue.clear()
+        if self.resumable:
+            self.queue.detach()  # kept for the next link (adopt)
+        else:
+            self.queue.clear()
         if len(self.requests):
             self.requests.fail_all(
                 ConnectionClosed(
@@ -362,13 +499,18 @@ class ConnectionEngine:
                 f"(heartbeat {interval:g} s): declared dead"
             )
             return Tick.DEAD
-        if (
-            state is ConnState.OPEN
-            and now - self.last_ping >= interval
-            and (now - self.last_recv >= interval or now - self.last_send >= interval)
-        ):
+        if state is ConnState.OPEN and (self._ping_due(now, interval) or self._ack_due()):
             return Tick.PING
         return Tick.NOTHING
+
+    def _ping_due(self, now: float, interval: float) -> bool:
+        return now - self.last_ping >= interval and (
+            now - self.last_recv >= interval or now - self.last_send >= interval
+        )
+
+    def _ack_due(self) -> bool:
+        session = self.session
+        return session is not None and session.recv != session.acked_out
 
     def will_due(self) -> Optional[Tuple[str, bytes]]:
         """The peer's last will, if it is due: the connection was open and ended

@@ -2,7 +2,7 @@
 
 Layout (little-endian; docs/protocol.md is the normative description)::
 
-    preamble, once per direction:  b"SENG" | u8 major=1 | u8 minor=1 | u16 reserved=0
+    preamble, once per direction:  b"SENG" | u8 major=1 | u8 minor=2 | u16 reserved=0
     frame:   u8 type | u8 flags | u16 channel_len | u32 id | u32 meta_len | u32 data_len
              | channel (UTF-8) | meta (msgpack) | data (raw array bytes)
 
@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 MAGIC = b"SENG"
-VERSION = (1, 1)
+VERSION = (1, 2)
 PREAMBLE = MAGIC + bytes(VERSION) + b"\x00\x00"
 HEADER = struct.Struct("<BBHIII")
 HEADER_SIZE = HEADER.size  # 16
@@ -61,6 +61,8 @@ BATCH = 0x14  # protocol 1.1: several small DATA values in one frame
 SYNC = 0x15  # protocol 1.1: "tell me when everything before this is stored"
 ACK = 0x16  # protocol 1.1: the answer to SYNC (same id)
 INTEREST = 0x17  # protocol 1.1: a client's new interest (the channels it wants)
+RACK = 0x18  # protocol 1.2 (resume): "I received this many sequenced frames"
+SKIP = 0x19  # protocol 1.2 (resume): stands for ``id`` sequence numbers, carries nothing
 PING = 0x20
 PONG = 0x21
 BYE = 0x22
@@ -79,6 +81,8 @@ FRAME_TYPES = frozenset(
         SYNC,
         ACK,
         INTEREST,
+        RACK,
+        SKIP,
         PING,
         PONG,
         BYE,

@@ -65,6 +65,9 @@ MIN_MAX_MESSAGE = 1024
 #: 256 MiB: bytes that may wait unsent for one peer before writes block (and then
 #: raise ``WriteTimeout``); ``write_all`` tolerates up to twice this for ``timeout``
 #: seconds, then drops the peer as a slow consumer.  ``0``: at most one frame queued.
+#: With resume (protocol 1.2) it also bounds the replay window: sent values the peer has
+#: not acknowledged yet, kept for a lost link (oldest leave it first).  Worst case per
+#: connection: ``2 x max_buffer`` (queue + window; 3x briefly for ``write_all``).
 DEFAULT_MAX_BUFFER = 256 * 1024 * 1024
 #: Connections a host serves at once; more are refused with REFUSE ``full``.  Only
 #: connections that completed the handshake count (see ``max_pending``).
@@ -114,6 +117,14 @@ MIN_READ_SIZE = 64 * 1024
 RECONNECT_FIRST = 0.02
 #: Default ``reconnect_max``, seconds.
 DEFAULT_RECONNECT_MAX = 5.0
+#: Seconds a host keeps the session of a client whose link was lost (not closed), so the
+#: client can resume it (protocol 1.2): replay what either side missed.  ``0``: never.
+DEFAULT_RESUME_WINDOW = 60.0
+#: Lost sessions a host keeps at once (the oldest is dropped first).  Worst case, each
+#: holds its replay buffer and its unsent queue, each bounded by ``max_buffer``:
+#: ``resume_sessions x 2 x max_buffer`` beyond the connected clients' own
+#: ``max_clients x 2 x max_buffer`` (send queue + replay buffer).
+DEFAULT_RESUME_SESSIONS = 64
 
 
 def check_port(port: object) -> int:
@@ -228,6 +239,8 @@ class HostLimits:
     max_channels: int
     max_stored: int
     backlog: int
+    resume_window: float = DEFAULT_RESUME_WINDOW
+    resume_sessions: int = DEFAULT_RESUME_SESSIONS
 
 
 def check_host_limits(
@@ -240,6 +253,8 @@ def check_host_limits(
     max_channels: object = DEFAULT_MAX_CHANNELS,
     max_stored: object = None,
     max_message: int = DEFAULT_MAX_MESSAGE,
+    resume_window: object = DEFAULT_RESUME_WINDOW,
+    resume_sessions: object = DEFAULT_RESUME_SESSIONS,
 ) -> HostLimits:
     """Validate a host's own limits.  ``max_stored=None``: 256 MiB, or ``max_message``
     if that is larger (one value of the largest size must fit)."""
@@ -253,6 +268,12 @@ def check_host_limits(
         max_channels=_check_int("max_channels", max_channels, 1),
         max_stored=_check_int("max_stored", max_stored, 1),
         backlog=_check_int("backlog", backlog, 1),
+        resume_window=(
+            0.0
+            if type(resume_window) is int and resume_window == 0
+            else check_seconds("resume_window", resume_window) or 0.0
+        ),
+        resume_sessions=_check_int("resume_sessions", resume_sessions, 0),
     )
 
 

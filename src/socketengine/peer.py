@@ -92,6 +92,14 @@ class PeerView:
         return self._queue.images_sent
 
     @property
+    def resume_lost(self) -> int:
+        """Values this side had written in this connection's session (protocol 1.2)
+        that were lost at a resume because they had left the replay window
+        (``max_buffer``); each such resume also logs a WARNING.  0 without a session."""
+        session = self.engine.session
+        return 0 if session is None else session.lost
+
+    @property
     def images_dropped(self) -> int:
         """Image frames replaced by a newer one before they were sent (conflation)."""
         return self._queue.images_dropped
@@ -129,6 +137,7 @@ class PeerView:
             "images_dropped": self.images_dropped,
             "queued_bytes": self._queued_bytes(),
             "reading_paused": self.reading_paused,
+            "resume_lost": self.resume_lost,
         }
 
     def _origin(self) -> str:

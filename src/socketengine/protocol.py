@@ -30,6 +30,7 @@ from .errors import AuthenticationError, HandshakeError, ProtocolError
 from .frames import Frame
 from .limits import MAX_NAME_BYTES, PRE_HANDSHAKE_MAX
 from .patterns import Interest
+from .session import SID_SIZE, Session, SessionTable
 
 __all__ = ["Role", "State", "Protocol", "token_bytes"]
 
@@ -137,8 +138,27 @@ class Protocol:
         heartbeat: Optional[float] = None,
         will: Optional[Tuple[str, bytes]] = None,
         interest: Optional[Interest] = None,
+        resume: Optional[Session] = None,
+        sessions: Optional[SessionTable] = None,
     ) -> None:
         self.role = role
+        #: Client role: the client's session, presented in HELLO (protocol 1.2) as its
+        #: id (``b""`` before the first WELCOME) and its count of sequenced frames
+        #: received; ``None``: resume is not announced.
+        self.resume = resume
+        #: Host role: where sessions are opened and found (``None``: no resume).
+        self.sessions = sessions
+        #: Both sides announced resume (protocol 1.2): sequence numbers are on.
+        self.peer_resume = False
+        #: The session id the host gave / found (``b""``: none).
+        self.resume_sid = b""
+        #: The peer's count of sequenced frames received, from HELLO / WELCOME.
+        self.peer_recv = 0
+        #: The handshake resumed an earlier session (else a new one starts at 0).
+        self.resumed = False
+        #: The session this connection carries (host role: opened or resumed at
+        #: WELCOME; client role: ``resume``), used only if :attr:`peer_resume`.
+        self.resume_session: Optional[Session] = resume
         self.heartbeat = heartbeat
         self.peer_heartbeat: Optional[float] = None
         #: The client's last will ``(channel, encoded value)`` (host role), see
@@ -180,12 +200,13 @@ class Protocol:
                         if will is None
                         else {"name": name, "nonce": self._nonce, "will": list(will)},
                         interest,
+                        None if resume is None else [resume.sid, resume.recv],
                     ),
                 )
             )
 
     def _announce(
-        self, info: Dict[str, Any], interest: Optional[Interest] = None
+        self, info: Dict[str, Any], interest: Optional[Interest] = None, rs: Any = None
     ) -> Dict[str, Any]:
         """What every HELLO / WELCOME carries: the version, and this side's heartbeat."""
         out: Dict[str, Any] = {"v": 1, **info}
@@ -199,6 +220,8 @@ class Protocol:
         z = compression.available()
         if z:
             out["z"] = z
+        if rs is not None:
+            out["rs"] = rs
         return out
 
     def _note_peer(self, meta: Dict[str, Any]) -> None:
@@ -304,6 +327,7 @@ class Protocol:
             ):
                 raise ProtocolError(f"HELLO name is not a string of at most {MAX_NAME_BYTES} bytes")
             self._note_peer(meta)
+            self._note_resume_hello(meta.get("rs"))
             self.peer_will = _check_will(meta.get("will"))
             if meta.get("interest") is not None:
                 self.peer_interest = Interest.from_wire(meta.get("interest"))
@@ -329,8 +353,33 @@ class Protocol:
         else:
             raise ProtocolError(f"unexpected frame 0x{t:02x} during the handshake")
 
+    def _note_resume_hello(self, rs: Any) -> None:
+        """HELLO's ``"rs"``: ``[session id (bin 16, or empty), received (int >= 0)]``."""
+        if rs is None:
+            return
+        if (
+            type(rs) is not list
+            or len(rs) != 2
+            or type(rs[0]) is not bytes
+            or len(rs[0]) not in (0, SID_SIZE)
+            or type(rs[1]) is not int
+            or rs[1] < 0
+        ):
+            raise ProtocolError("HELLO rs is not [session id, received count]")
+        self.resume_sid = rs[0]
+        self.peer_recv = rs[1]
+        self.peer_resume = self.sessions is not None
+
     def _welcome(self, mac: Optional[bytes]) -> None:
-        info: Dict[str, Any] = self._announce({"id": self.session})
+        rs = None
+        if self.peer_resume and self.sessions is not None:
+            session, self.resumed = self.sessions.open(self.resume_sid, self.peer_name)
+            if not self.resumed:
+                self.peer_recv = 0  # a new session: nothing of it was received yet
+            self.resume_session = session
+            self.resume_sid = session.sid
+            rs = [session.sid, session.recv if self.resumed else 0, self.resumed]
+        info: Dict[str, Any] = self._announce({"id": self.session}, None, rs)
         if mac is not None:
             info["mac"] = mac
         self._out.append(_frame(frames.WELCOME, info))
@@ -374,6 +423,30 @@ class Protocol:
             session = meta.get("id", 0)
             self.session = session if type(session) is int else 0
             self._note_peer(meta)
+            self._note_resume_welcome(meta.get("rs"))
             self._open()
         else:
             raise ProtocolError(f"unexpected frame 0x{t:02x} during the handshake")
+
+    def _note_resume_welcome(self, rs: Any) -> None:
+        """WELCOME's ``"rs"``: ``[session id (bin 16), received (int >= 0), resumed]``."""
+        if rs is None or self.resume is None:
+            return  # a host without resume: no sequence numbers
+        if (
+            type(rs) is not list
+            or len(rs) != 3
+            or type(rs[0]) is not bytes
+            or len(rs[0]) != SID_SIZE
+            or type(rs[1]) is not int
+            or rs[1] < 0
+            or type(rs[2]) is not bool
+        ):
+            raise ProtocolError("WELCOME rs is not [session id, received count, resumed]")
+        if rs[2] and rs[0] != self.resume.sid:
+            raise ProtocolError("WELCOME resumes a session this client did not present")
+        if not rs[2] and rs[1]:
+            raise ProtocolError("WELCOME starts a new session with a non-zero count")
+        self.peer_resume = True
+        self.resume_sid = rs[0]
+        self.peer_recv = rs[1]
+        self.resumed = rs[2]

@@ -23,6 +23,18 @@ apply the same way:
   queue takes any frame; otherwise queued bytes plus the frame must stay within
   ``max_buffer``.  A writer that does not fit waits (and then gives up with
   ``WriteTimeout``); the waiting itself is the I/O layer's business.
+* **Resume (protocol 1.2).**  With :attr:`numbered` set, every frame that carries
+  user values (DATA, BATCH) is numbered when it goes to the wire (so conflated images,
+  replaced while still in the inbox, never take a number) and kept in a *replay
+  buffer* until the peer acknowledges it (:meth:`ack`).  The replay buffer is bounded
+  by ``max_buffer`` bytes on its own: beyond that, the oldest frames leave it
+  unacknowledged (:attr:`replay_overflow`) and a resume that would need them reports
+  them lost.  An image frame superseded by a newer one on the same channel is
+  replaced by a placeholder: a resume replays only the newest frame of a conflated
+  channel, and a SKIP frame keeps the numbering.  After a link dies,
+  :meth:`detach` drops the half-sent wire buffers; :meth:`rewind` (the peer still
+  has the session) or :meth:`restart` (it does not: at least once) prepares the
+  replay, and :meth:`take_over` moves it all into the next connection's queue.
 * **Slow consumers.**  :meth:`slow_consumer` is the verdict for broadcasts
   (``write_all``), which never wait: a peer is tolerated up to twice ``max_buffer``
   and for ``timeout`` seconds above ``max_buffer``, then dropped.
@@ -35,10 +47,11 @@ layer calls everything from the event loop.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Union
 
 from . import frames
 from .codec import Buffer
+from .errors import ProtocolError
 
 __all__ = ["SendQueue", "ImageHook", "Outgoing", "BATCH_MAX"]
 
@@ -55,6 +68,18 @@ BATCH_MAX = 64 * 1024
 _pack_header = frames.HEADER.pack
 _BATCH = frames.BATCH
 _DATA = frames.DATA
+_SEQUENCED = (frames.DATA, frames.BATCH)
+_U32 = 0xFFFFFFFF
+
+
+def skip_frame(count: int) -> bytes:
+    """A SKIP frame standing for ``count`` sequence numbers (1 <= count < 2**32)."""
+    return _pack_header(frames.SKIP, 0, 0, count, 0, 0)
+
+
+def rack_frame(count: int) -> bytes:
+    """A RACK frame: "I received ``count`` sequenced frames" (sent modulo 2**32)."""
+    return _pack_header(frames.RACK, 0, 0, count & _U32, 0, 0)
 
 
 class _Slot:
@@ -90,6 +115,14 @@ class SendQueue:
         "_slots",
         "_full_since",
         "_on_image",
+        "numbered",
+        "seq",
+        "acked",
+        "replay_bytes",
+        "replay_overflow",
+        "_replay",
+        "_replay_images",
+        "framing",
     )
 
     def __init__(self, max_buffer: int, on_image: Optional[ImageHook] = None) -> None:
@@ -107,6 +140,22 @@ class SendQueue:
         self._slots: Dict[str, _Slot] = {}
         self._full_since: Optional[float] = None
         self._on_image = on_image
+        #: Number sequenced frames and keep them for a resume (protocol 1.2).
+        self.numbered = False
+        #: Sequenced frames handed to the wire so far (the last number given).
+        self.seq = 0
+        #: Sequenced frames the peer acknowledged (RACK), ``<= seq``.
+        self.acked = 0
+        #: Bytes held in the replay buffer.
+        self.replay_bytes = 0
+        #: Unacknowledged frames pushed out of the replay buffer by ``max_buffer``.
+        self.replay_overflow = 0
+        # [seq, parts or None (a superseded image: a placeholder), nbytes, image channel]
+        self._replay: Deque[List[Any]] = deque()
+        self._replay_images: Dict[str, List[Any]] = {}
+        #: Entries were taken by :meth:`take_inbox` and :meth:`to_wire` has not placed
+        #: them yet (a threaded flusher frames them without the lock).
+        self.framing = False
 
     def __bool__(self) -> bool:
         return bool(self._inbox) or bool(self._wire)
@@ -180,6 +229,7 @@ class SendQueue:
         inbox = self._inbox
         if not inbox:
             return inbox
+        self.framing = True
         self._inbox = []
         slots = self._slots
         if slots:
@@ -193,6 +243,15 @@ class SendQueue:
     def to_wire(self, entries: List[_Entry]) -> None:
         """Turn taken entries into wire buffers, in order: a run of items becomes one
         BATCH frame (or, for a peer that reads none, one DATA frame each)."""
+        try:
+            if self.numbered:
+                self._to_wire_numbered(entries)
+            else:
+                self._to_wire(entries)
+        finally:
+            self.framing = False
+
+    def _to_wire(self, entries: List[_Entry]) -> None:
         wire = self._wire
         limit = self.batch_limit
         run: List[bytes] = []
@@ -217,18 +276,199 @@ class SendQueue:
         if run:
             self._flush_run(run, size)
 
+    def _to_wire_numbered(self, entries: List[_Entry]) -> None:
+        """:meth:`to_wire` with numbering: each DATA / BATCH frame gets the next
+        sequence number and a place in the replay buffer."""
+        self._prune()
+        limit = self.batch_limit
+        run: List[bytes] = []
+        size = 0
+        for entry in entries:
+            kind = type(entry)
+            if kind is bytes:
+                n = len(entry)  # type: ignore[arg-type]
+                if run and size + n > limit:
+                    self._flush_run(run, size)
+                    run, size = [], 0
+                run.append(entry)  # type: ignore[arg-type]
+                size += n
+                continue
+            if run:
+                self._flush_run(run, size)
+                run, size = [], 0
+            if kind is list:
+                parts: List[Buffer] = entry  # type: ignore[assignment]
+                if parts[0][0] in _SEQUENCED:
+                    self._keep(parts, None)
+                self._wire.extend(parts)
+            else:
+                slot: _Slot = entry  # type: ignore[assignment]
+                self._keep(slot.parts, slot.channel)
+                self._wire.extend(slot.parts)
+        if run:
+            self._flush_run(run, size)
+        self._bound()
+
+    def _keep(self, parts: List[Buffer], image: Optional[str]) -> None:
+        """Number a frame and keep it for a resume (``image``: its conflated channel;
+        the previous frame of that channel becomes a placeholder)."""
+        self.seq += 1
+        nbytes = sum(map(len, parts))
+        record = [self.seq, parts, nbytes, image]
+        if image is not None:
+            older = self._replay_images.get(image)
+            if older is not None and older[1] is not None:
+                self.replay_bytes -= older[2]
+                older[1] = None
+                older[2] = 0
+            self._replay_images[image] = record
+        self._replay.append(record)
+        self.replay_bytes += nbytes
+
+    def _bound(self) -> None:
+        """Keep the replay buffer within ``max_buffer`` bytes (oldest frames leave)."""
+        replay = self._replay
+        while self.replay_bytes > self.max_buffer and len(replay) > 1:
+            record = replay.popleft()
+            self.replay_bytes -= record[2]
+            self.replay_overflow += 1
+            self._forget_image(record)
+
+    def _forget_image(self, record: List[Any]) -> None:
+        image = record[3]
+        if image is not None and self._replay_images.get(image) is record:
+            del self._replay_images[image]
+
+    def _prune(self) -> None:
+        """Drop acknowledged frames from the replay buffer."""
+        replay = self._replay
+        acked = self.acked
+        while replay and replay[0][0] <= acked:
+            record = replay.popleft()
+            self.replay_bytes -= record[2]
+            self._forget_image(record)
+
+    def ack(self, wire_count: int) -> None:
+        """The peer acknowledged sequenced frames up to ``wire_count`` (a RACK's id:
+        the count modulo 2**32).  Only records the count (any thread may call it
+        while the flusher works); acknowledged frames leave the replay buffer at the
+        next :meth:`to_wire` or :meth:`rewind`.  Raises :class:`ProtocolError` for a
+        count beyond what was sent."""
+        acked = self.acked
+        full = acked + ((wire_count - acked) & _U32)
+        if full > self.seq:
+            raise ProtocolError(
+                f"the peer acknowledged {full} sequenced frames, only {self.seq} were sent"
+            )
+        self.acked = full
+
+    def detach(self) -> None:
+        """The link died: drop the wire buffers (half-sent frames are in the replay
+        buffer when numbered); the inbox and the replay buffer stay."""
+        wire = self._wire
+        if wire:
+            self.queued -= sum(map(len, wire))
+            wire.clear()
+        self._full_since = None
+
+    def rewind(self, peer_recv: int) -> int:
+        """Resume: the peer has received ``peer_recv`` sequenced frames; put every
+        later one on the wire again, first (a SKIP frame for numbers that left the
+        replay buffer, or for superseded images).  Returns how many frames are lost
+        (they left the replay buffer unacknowledged).  Call after :meth:`detach`.
+
+        Raises :class:`ProtocolError` if ``peer_recv`` is not between what the peer
+        acknowledged and what was sent."""
+        if not self.acked <= peer_recv <= self.seq:
+            raise ProtocolError(
+                f"the peer says it received {peer_recv} sequenced frames; it acknowledged "
+                f"{self.acked} and {self.seq} were sent: not a session this side knows"
+            )
+        self.acked = peer_recv
+        self._prune()
+        replay = self._replay
+        first = replay[0][0] if replay else self.seq + 1
+        lost = first - 1 - peer_recv
+        out: List[Buffer] = []
+        skipped = lost
+        for record in replay:
+            if record[1] is None:
+                skipped += 1
+                continue
+            if skipped:
+                out.append(skip_frame(skipped))
+                skipped = 0
+            out.extend(record[1])
+        if skipped:
+            out.append(skip_frame(skipped))
+        if out:
+            self.queued += sum(map(len, out))
+            self._wire.extend(out)
+        return lost
+
+    def restart(self) -> int:
+        """The peer has no session any more (a new one starts at 0): every frame in
+        the replay buffer goes back to the head of the inbox, to be sent and numbered
+        again (at least once: the peer may have some of them).  Returns how many
+        frames had left the replay buffer unacknowledged (lost)."""
+        self._prune()
+        lost = self.replay_overflow
+        back: List[_Entry] = []
+        for record in self._replay:
+            if record[1] is not None:
+                back.append(record[1])
+                self.queued += record[2]
+        self._replay.clear()
+        self._replay_images.clear()
+        self.replay_bytes = 0
+        self.seq = self.acked = 0
+        self.replay_overflow = 0
+        if back:
+            self._inbox = back + self._inbox
+        return lost
+
+    def take_over(self, old: SendQueue) -> None:
+        """Move everything ``old`` holds (wire, inbox, image slots, numbering, replay
+        buffer) behind what this queue already holds (the new connection's handshake
+        bytes): the previous link's queue continues on this one.  ``old`` is left
+        empty."""
+        self._wire.extend(old._wire)
+        self._inbox = old._inbox + self._inbox
+        for channel, slot in old._slots.items():
+            self._slots.setdefault(channel, slot)
+        self.queued += old.queued
+        self.numbered = old.numbered
+        self.seq, self.acked = old.seq, old.acked
+        self._replay, old._replay = old._replay, deque()
+        self._replay_images, old._replay_images = old._replay_images, {}
+        self.replay_bytes, old.replay_bytes = old.replay_bytes, 0
+        self.replay_overflow += old.replay_overflow
+        self.images_sent += old.images_sent
+        self.images_dropped += old.images_dropped
+        old._inbox = []
+        old._wire.clear()
+        old._slots = {}
+        old.queued = 0
+        old.seq = old.acked = 0
+
     def _flush_run(self, run: List[bytes], size: int) -> None:
         """Frame a run of items: BATCH when the peer reads them and there are two or
         more, else one DATA frame per item."""
         wire = self._wire
+        numbered = self.numbered
         if len(run) > 1 and self.batch_limit:
             # The header is counted as queued bytes too: they leave with the frame.
             self.queued += frames.HEADER_SIZE
-            wire.append(_pack_header(_BATCH, 0, 0, 0, size, 0) + b"".join(run))
+            batch = _pack_header(_BATCH, 0, 0, 0, size, 0) + b"".join(run)
+            if numbered:
+                self._keep([batch], None)
+            wire.append(batch)
             return
         for item in run:
             frame = frames.item_frame(item)
             self.queued += len(frame) - len(item)
+            if numbered:
+                self._keep([frame], None)
             wire.append(frame)
 
     def wire_batch(self, max_parts: int) -> List[Buffer]:
@@ -285,4 +525,7 @@ class SendQueue:
         self._slots.clear()
         self.queued = 0
         self._full_since = None
+        self._replay.clear()
+        self._replay_images.clear()
+        self.replay_bytes = 0
         return dropped

@@ -34,6 +34,7 @@ from ..net import unix_path
 from ..patterns import Interest, Pattern
 from ..protocol import Protocol, Role, encode_will
 from ..sendqueue import Outgoing, SendQueue
+from ..session import Session
 from ..state import Backoff, log_lost_link
 from .connection import READ_SIZE, Connection
 from .endpoint import Endpoint
@@ -175,6 +176,9 @@ class Client(Endpoint):
         # image frames in it conflate like in a connection's queue.
         self._outbox = SendQueue(self.max_buffer, self._images.queue_hook)
         self._outbox_waiters: List[asyncio.Future[None]] = []
+        # The resumable session (protocol 1.2): kept across links, so a reconnection
+        # replays what the host did not receive, and gets what this client did not.
+        self._session = Session(b"", self.name, None)
 
     @property
     def connected(self) -> bool:
@@ -322,6 +326,7 @@ class Client(Endpoint):
             will=self._will,
             interest=self._interest,
             read_size=READ_SIZE,
+            resume=self._session,
         )
         return Connection(self, protocol)
 
@@ -605,6 +610,10 @@ class Client(Endpoint):
         return [self._conn] if self._conn is not None else []
 
     def _connection_ready(self, conn: Connection) -> None:
+        # The previous link's unacknowledged and unsent frames go first (replayed from
+        # where the host stopped receiving), then what was written meanwhile.
+        conn._adopt(self._session.queue)
+        self._session.queue = conn._queue
         if not self.opened or self.stopped or conn is self._conn:
             return  # the first connection: start() takes it
         # A reconnection: what was written meanwhile goes first, before any later write.

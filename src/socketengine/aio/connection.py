@@ -73,7 +73,7 @@ from ..peer import PeerView
 from ..protocol import Protocol
 from ..relay import split_relayed
 from ..requests import reply_frame
-from ..sendqueue import Outgoing
+from ..sendqueue import Outgoing, SendQueue
 from .decoding import LazyImage
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -665,7 +665,10 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         transport = self.transport
         queue = self._queue
         if transport is None or self._lost:
-            queue.clear()
+            if self.engine.resumable:
+                queue.detach()  # the rest is kept for the next link (resume)
+            else:
+                queue.clear()
             return
         while queue and (force or not self._write_paused):
             if not queue.wire_pending:
@@ -703,6 +706,11 @@ class Connection(PeerView, asyncio.BufferedProtocol):
                 f"the connection to {self._peer()} is closed ({self.error or 'closed'})"
             )
         self.engine.check_writable()
+
+    def _adopt(self, old: Optional[SendQueue]) -> None:
+        """Continue the previous link's queue on this one (after the handshake, before
+        anything else is queued): the engine replays what the peer lacks (resume)."""
+        self.engine.adopt(old)
 
     def _send_protocol_bytes(self) -> None:
         """Send what the core wants sent (handshake frames, PONG): never after BYE."""
@@ -749,7 +757,7 @@ class Connection(PeerView, asyncio.BufferedProtocol):
                 self.engine.sent(self._loop.time())
         elif verdict is Tick.DEAD:
             logger.warning("%r: %s", self._endpoint, self.engine.error)
-            self.engine.fail(self.engine.error or ConnectionClosed("dead"))
+            # A lost link, not a failed peer: its session may be resumed (no fail()).
             self._abort()
         elif verdict is Tick.HANDSHAKE_TIMEOUT:
             self._fail(self.engine.error or HandshakeError("handshake timeout"))
@@ -878,18 +886,20 @@ class Connection(PeerView, asyncio.BufferedProtocol):
 
     def _process(self) -> None:
         engine = self.engine
-        was_open = engine.state is not ConnState.HANDSHAKE
+        was_open = engine.opened or engine.state is not ConnState.HANDSHAKE
         try:
             events = engine.events()
         finally:
             self._send_protocol_bytes()
-        if not was_open and engine.state is ConnState.OPEN:
+        if not was_open and engine.opened:
             engine.peer = self._peer()
+            self._endpoint._connection_ready(self)  # a session: adopted there (resume)
+            if engine.opening:  # nobody continued a session here: start afresh
+                self._adopt(None)
             self._arm_deadline()  # the handshake deadline no longer applies
             waiter = self._ready_waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
-            self._endpoint._connection_ready(self)
             if self._queue and not self._write_paused:
                 self._pump()
         if events:

@@ -20,6 +20,8 @@ from ..limits import (
     DEFAULT_MAX_CLIENTS,
     DEFAULT_MAX_MESSAGE,
     DEFAULT_MAX_PENDING,
+    DEFAULT_RESUME_SESSIONS,
+    DEFAULT_RESUME_WINDOW,
     DEFAULT_SUBSCRIPTION_BYTES,
     DEFAULT_SUBSCRIPTION_SIZE,
     check_host_limits,
@@ -88,6 +90,12 @@ class Host(Endpoint):
         :meth:`get_all` keeps reporting (oldest forgotten first).
     :param keep_departed_bytes: bytes of values those departed clients keep, together
         (oldest forgotten first).
+    :param resume_window: seconds the host keeps the session of a client whose link
+        was lost (not closed), so that when it reconnects both sides replay what the
+        other missed: nothing lost, nothing duplicated, in order (protocol 1.2;
+        docs/guarantees.md).  ``0`` disables resume.  Default 60.
+    :param resume_sessions: lost sessions kept at once (oldest dropped first); each
+        holds at most ``2 x max_buffer`` bytes (its replay buffer and unsent queue).
     :param name: a label for logs and ``repr`` (not sent to clients).
     :param timeout: seconds a write may wait for a client that does not keep up, and
         that :meth:`close` waits for clients to take what was written and for running
@@ -143,6 +151,8 @@ class Host(Endpoint):
         keep_departed_bytes: int = DEFAULT_KEEP_DEPARTED_BYTES,
         compression: Optional[str] = None,
         compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD,
+        resume_window: float = DEFAULT_RESUME_WINDOW,
+        resume_sessions: int = DEFAULT_RESUME_SESSIONS,
     ) -> None:
         super().__init__(
             addr,
@@ -169,6 +179,8 @@ class Host(Endpoint):
                 max_channels=max_channels,
                 max_stored=max_stored,
                 max_message=self.max_message,
+                resume_window=resume_window,
+                resume_sessions=resume_sessions,
             ),
             monitor=(monitor, monitor_addr, monitor_bgr),
             relay=(relay, writers, retain_relayed),
@@ -460,6 +472,7 @@ class Host(Endpoint):
 
     def _new_connection(self) -> Connection:
         # Called at accept time, before a TLS handshake.
+        self._expire_sessions()
         protocol = Protocol(
             Role.HOST,
             token=self._token,
@@ -467,6 +480,7 @@ class Host(Endpoint):
             heartbeat=self.heartbeat,
             read_size=READ_SIZE,
             session=next(self._sessions),
+            sessions=self._resume if self.resume_window else None,
         )
         return Connection(self, protocol)
 
@@ -505,9 +519,17 @@ class Host(Endpoint):
         transport.close()  # after the REFUSE; aborted if the peer does not take it
         conn._linger(min(self.timeout, 1.0))
 
+    def _supersede(self, old: Connection) -> None:
+        """Close a link whose session a new one resumed, at once."""
+        transport = old.transport
+        old.connection_lost(ConnectionResetError("the client resumed on a new link"))
+        if transport is not None:
+            transport.abort()  # its own connection_lost() later is a no-op
+
     def _connection_ready(self, conn: Connection) -> None:
         # Bounded like any client, also while a turned-away one is being closed.
         self._stored[conn] = StoredValues(self.max_channels, self.max_stored)
+        self._resumed(conn)
         refusal = self._admission.opened(conn.session)
         if refusal is not None:
             # Every seat was taken while this handshake ran: close it at once.
@@ -523,6 +545,7 @@ class Host(Endpoint):
             conn._chain.call(Job(self._connect_handlers, (conn,), None, "on_connect"))
 
     def _connection_closed(self, conn: Connection) -> None:
+        self._keep_session(conn)
         self._conns.pop(conn.session, None)
         stored = self._stored.pop(conn, None)
         if not self._admission.left(conn.session):

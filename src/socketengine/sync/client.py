@@ -36,6 +36,7 @@ from ..net import connect, peer_address, set_nodelay, unix_path
 from ..patterns import Interest, Pattern
 from ..protocol import Protocol, Role, encode_will
 from ..sendqueue import SendQueue
+from ..session import Session
 from ..state import Backoff, log_lost_link
 from .connection import Connection
 from .endpoint import Endpoint
@@ -153,6 +154,9 @@ class Client(ClientSeedNames, Endpoint[Any]):
         # image frames in it conflate like in a connection's queue.
         self._link_lock = threading.Condition()
         self._outbox = SendQueue(self.max_buffer, self._images.queue_hook)
+        # The resumable session (protocol 1.2): kept across links, so a reconnection
+        # replays what the host did not receive, and gets what this client did not.
+        self._session = Session(b"", self.name, None)
         self._backoff = Backoff(self.reconnect_max)
         self._retry_timer: Optional[TimerHandle] = None  # the next reconnection attempt
         self._retry_sock: Optional[socket.socket] = None  # an attempt connecting now
@@ -249,6 +253,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
             will=self._will,
             interest=self._interest,
             read_size=self.read_size,
+            resume=self._session,
         )
         return Connection(self, sock, protocol, address)
 
@@ -472,7 +477,11 @@ class Client(ClientSeedNames, Endpoint[Any]):
 
     def _on_ready(self, conn: Connection) -> None:
         with self._link_lock:
-            conn._absorb(self._outbox)  # written while disconnected: they go first
+            # The previous link's unacknowledged and unsent frames go first (replayed
+            # from where the host stopped receiving), then what was written meanwhile.
+            conn._adopt(self._session.queue)
+            self._session.queue = conn._queue
+            conn._absorb(self._outbox)
             conn.mark_ready()
             if self.opened:  # a reconnection (the first connection is set by open())
                 self._conn = conn

@@ -467,6 +467,18 @@ class Connection(PeerView, Pausable):
             finally:
                 self._room_waiters -= 1
 
+    def _adopt(self, old: Optional[SendQueue]) -> None:
+        """Continue the previous link's queue on this one (loop thread, before
+        ``ready``): the engine replays what the peer lacks (resume)."""
+        if old is not None and old.framing:
+            # The previous link's last flusher is still framing what it took from the
+            # queue (without its lock): let it place it, or those frames would be lost.
+            deadline = _monotonic() + 1.0
+            while old.framing and _monotonic() < deadline:
+                time.sleep(0.0005)
+        with self._lock:
+            self.engine.adopt(old)
+
     def _absorb(self, outbox: SendQueue) -> None:
         """Queue a reconnecting client's outbox first (loop thread, before ``ready``)."""
         with self._lock:
@@ -550,7 +562,7 @@ class Connection(PeerView, Pausable):
             if error is not None:
                 # The reader side will see the failure too; close from the loop thread.
                 engine.lost(error)
-                queue.clear()
+                queue.detach()  # the engine keeps the rest for a resume, or drops it
                 self._drained.notify_all()
                 self._loop.call_soon(self._lost, error)
                 return
@@ -680,15 +692,15 @@ class Connection(PeerView, Pausable):
 
     def _process(self) -> None:
         engine = self.engine
-        was_open = engine.state is not ConnState.HANDSHAKE
+        was_open = engine.opened or engine.state is not ConnState.HANDSHAKE
         try:
             events = engine.events()
         finally:
             self._send_raw(engine.control_bytes())
-        if not was_open and engine.state is ConnState.OPEN:
+        if not was_open and engine.opened:
             self.engine.peer = self._peer()
-            self._arm_deadline()  # the handshake deadline no longer applies
             self._endpoint._on_ready(self)  # sets self.ready (host: after queuing retained values)
+            self._arm_deadline()  # the handshake deadline no longer applies
             self.settled.set()
             with self._lock:
                 if self._queue and not self._want_write:
@@ -698,6 +710,8 @@ class Connection(PeerView, Pausable):
 
     def mark_ready(self) -> None:
         """The handshake is complete: writes may flow (loop thread)."""
+        if self.engine.opening:  # nobody continued a session here: start afresh
+            self._adopt(None)
         self.ready.set()
 
     def _on_control(self, frame: frames.Frame) -> bool:

@@ -24,6 +24,8 @@ from ..limits import (
     DEFAULT_MAX_CLIENTS,
     DEFAULT_MAX_MESSAGE,
     DEFAULT_MAX_PENDING,
+    DEFAULT_RESUME_SESSIONS,
+    DEFAULT_RESUME_WINDOW,
     check_host_limits,
 )
 from ..net import forget_listener, listen, listening_port, unix_path
@@ -105,6 +107,12 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         :meth:`get_all` keeps reporting (oldest forgotten first).
     :param keep_departed_bytes: bytes of values those departed clients keep, together
         (oldest forgotten first).
+    :param resume_window: seconds the host keeps the session of a client whose link
+        was lost (not closed), so that when it reconnects both sides replay what the
+        other missed: nothing lost, nothing duplicated, in order (protocol 1.2;
+        docs/guarantees.md).  ``0`` disables resume.  Default 60.
+    :param resume_sessions: lost sessions kept at once (oldest dropped first); each
+        holds at most ``2 x max_buffer`` bytes (its replay buffer and unsent queue).
     """
 
     _kind = "host"
@@ -141,6 +149,8 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         keep_departed_bytes: int = DEFAULT_KEEP_DEPARTED_BYTES,
         compression: Optional[str] = None,
         compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD,
+        resume_window: float = DEFAULT_RESUME_WINDOW,
+        resume_sessions: int = DEFAULT_RESUME_SESSIONS,
     ) -> None:
         super().__init__(
             addr,
@@ -166,6 +176,8 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
                 max_channels=max_channels,
                 max_stored=max_stored,
                 max_message=self.max_message,
+                resume_window=resume_window,
+                resume_sessions=resume_sessions,
             ),
             monitor=(monitor, monitor_addr, monitor_bgr),
             relay=(relay, writers, retain_relayed),
@@ -442,6 +454,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
                     logger.warning("%r: TLS setup for %s failed: %s", self, address, exc)
                     sock.close()
                     continue
+            self._expire_sessions()
             protocol = Protocol(
                 Role.HOST,
                 token=self._token,
@@ -449,6 +462,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
                 heartbeat=self.heartbeat,
                 read_size=self.read_size,
                 session=next(self._sessions),
+                sessions=self._resume if self.resume_window else None,
             )
             conn = Connection(self, sock, protocol, address)
             refusal, evicted = self._admission.arrive(
@@ -502,6 +516,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
     def _on_ready(self, conn: Connection) -> None:
         # Bounded like any client, also while a turned-away one is being closed.
         self._stored[conn] = StoredValues(self.max_channels, self.max_stored)
+        self._resumed(conn)
         refusal = self._admission.opened(conn.session)
         if refusal is not None:
             # Every seat was taken while this handshake ran: close it at once.
@@ -520,7 +535,13 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
             self._dispatcher.submit(conn, self._notify, self._on_connect, conn)
         self._forget(self._departed.forget_named(conn.name))  # a named client that reconnects
 
+    def _supersede(self, old: Connection) -> None:
+        """Close a link whose session a new one resumed, at once (loop thread)."""
+        old.engine.lost(ConnectionResetError("the client resumed on a new link"))
+        old._finish()
+
     def _on_closed(self, conn: Connection) -> None:
+        self._keep_session(conn)
         self._conns.pop(conn.session, None)
         stored = self._stored.pop(conn, None)
         if not self._admission.left(conn.session):

@@ -1,0 +1,175 @@
+"""Resume across link failures (protocol 1.2), against both I/O layers.
+
+A client and a host exchange sequenced values through a :class:`CuttingProxy` that
+cuts the link (clean close, reset, blackhole) a few times while both endpoints live:
+nothing may be lost, duplicated or reordered, either way.  Bounded waits, no sleeps.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Iterator, List
+
+import pytest
+from conftest import wait_for
+from faults import CuttingProxy, RawClient
+from test_parity import LAYERS, AioThread, make_client, make_host
+
+H = 0.2  # heartbeat: a blackhole is noticed within 3·H
+
+
+@pytest.fixture
+def loop_thread() -> Iterator[AioThread]:
+    runner = AioThread()
+    yield runner
+    runner.close()
+
+
+def _cut(proxy: CuttingProxy, kind: str, client: Any) -> None:
+    before = client.ep.reconnects
+    if kind == "blackhole":
+        proxy.blackhole(new_links=False)
+        # Noticed within 3·H by the heartbeat; then the network heals.
+        wait_for(lambda: not client.ep.connected, 10 * H, "the blackhole noticed")
+        proxy.resume()
+    else:
+        proxy.cut(kind)
+    wait_for(lambda: client.ep.reconnects > before, 10.0, f"a reconnection after a {kind}")
+
+
+def _check(got: List[int], n: int, way: str) -> None:
+    """Exactly 0..n-1, in order: else say what was lost, duplicated or reordered."""
+    if got == list(range(n)):
+        return
+    lost = sorted(set(range(n)) - set(got))
+    dups = len(got) - len(set(got))
+    runs = []
+    for v in lost:
+        if runs and runs[-1][1] == v - 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    raise AssertionError(
+        f"{way}: {len(lost)} lost (runs {runs[:10]}), {dups} duplicated, "
+        f"in order: {got == sorted(got)}"
+    )
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_no_loss_no_duplicates_in_order_across_cuts(layer: str, loop_thread: AioThread) -> None:
+    host = make_host(layer, loop_thread, heartbeat=H)
+    at_host: List[int] = []
+    at_client: List[int] = []
+    lock = threading.Lock()
+
+    def on_host(value: Any, *rest: Any) -> None:
+        with lock:
+            at_host.append(value)
+
+    host.ep.on("n", on_host)
+    with CuttingProxy(host.ep.port) as proxy:
+        client = make_client(layer, loop_thread, proxy.port, heartbeat=H, name="w")
+
+        def on_client(value: Any, *rest: Any) -> None:
+            with lock:
+                at_client.append(value)
+
+        client.ep.on("n", on_client)
+        wait_for(lambda: host.ep.clients(), 5.0, "the client at the host")
+        stop = threading.Event()
+        sent_down = [0]
+
+        def writer() -> None:
+            i = 0
+            deadline = time.monotonic() + 30
+            while not stop.is_set() and time.monotonic() < deadline:
+                client.do("write", "n", i)
+                if host.do("write_all", "n", sent_down[0]):
+                    sent_down[0] += 1
+                i += 1
+                if i % 50 == 0:
+                    time.sleep(0.001)  # a paced writer, not synchronisation
+            writes[0] = i
+
+        writes = [0]
+        thread = threading.Thread(target=writer, daemon=True)
+        thread.start()
+        try:
+            for kind in ("close", "reset", "blackhole", "close", "reset", "blackhole"):
+                mark = len(at_host) + 50
+                wait_for(lambda m=mark: len(at_host) > m, 10.0, "values flowing")
+                _cut(proxy, kind, client)
+        finally:
+            stop.set()
+            thread.join(10)
+        n = writes[0]
+        try:
+            wait_for(lambda: len(at_host) >= n, 10.0, f"{n} values at the host")
+        except AssertionError:
+            _check(at_host, n, "client -> host")
+            raise
+        wait_for(lambda: len(at_client) >= sent_down[0], 10.0, "the host's values")
+        client.close()
+    host.close()
+    _check(at_host, n, "client -> host")
+    _check(at_client, sent_down[0], "host -> client")
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_conflated_image_channel_replays_only_its_newest_frame(
+    layer: str, loop_thread: AioThread
+) -> None:
+    np = pytest.importorskip("numpy")
+    host = make_host(layer, loop_thread, heartbeat=H)
+    images: List[int] = []
+    host.ep.on("img", lambda img, *rest: images.append(int(img[0, 0])))
+    with CuttingProxy(host.ep.port) as proxy:
+        client = make_client(layer, loop_thread, proxy.port, heartbeat=H, name="cam")
+        client.do("write_image", np.full((4, 4), 0, np.uint8), "img")
+        wait_for(lambda: images == [0], 5.0, "the first frame")
+        proxy.blackhole()
+        for i in range(1, 10):
+            client.do("write_image", np.full((4, 4), i, np.uint8), "img")
+        before = client.ep.reconnects
+        wait_for(lambda: not client.ep.connected, 10 * H, "the blackhole noticed")
+        proxy.cut_reset()  # nothing held by the dead link reaches anybody
+        wait_for(lambda: client.ep.reconnects > before, 10.0, "the reconnection")
+        client.do("write", "n", "after")
+        wait_for(lambda: host.do("get", "n") == "after", 5.0, "a value after the replay")
+        client.close()
+    host.close()
+    assert images == [0, 9]
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_host_without_resume_still_serves_a_reconnecting_client(
+    layer: str, loop_thread: AioThread
+) -> None:
+    """resume_window=0: no session (as a 1.1 host); links come and go as before."""
+    host = make_host(layer, loop_thread, heartbeat=H, resume_window=0)
+    with CuttingProxy(host.ep.port) as proxy:
+        client = make_client(layer, loop_thread, proxy.port, heartbeat=H)
+        client.do("write", "n", 1)
+        wait_for(lambda: host.do("get", "n") == 1, 5.0, "the first value")
+        conn = host.ep.clients()[0]
+        assert conn.engine.session is None and not conn.engine.queue.numbered
+        before = client.ep.reconnects
+        proxy.cut("reset")
+        wait_for(lambda: client.ep.reconnects > before, 10.0, "the reconnection")
+        client.do("write", "n", 2)
+        wait_for(lambda: host.do("get", "n") == 2, 5.0, "a value after it")
+        client.close()
+    host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_client_without_resume_is_served_as_before(layer: str, loop_thread: AioThread) -> None:
+    """A 1.1 client (no "rs" in its HELLO): no session, no numbering, no RACK."""
+    host = make_host(layer, loop_thread, heartbeat=H)
+    with RawClient(host.ep.port, name="old") as raw:
+        raw.send_values(("n", i) for i in range(100))
+        wait_for(lambda: host.do("get", "n") == 99, 5.0, "the old client's values")
+        (conn,) = host.ep.clients()
+        assert conn.engine.session is None and not conn.engine.queue.numbered
+    host.close()

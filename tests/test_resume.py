@@ -1,0 +1,391 @@
+"""Resume (protocol 1.2) in memory: sequence numbers, acknowledgements, replay.
+
+Engines are wired back to back as in test_engine.py; a "link failure" is bytes that
+never arrive, then both engines finish and new ones take the session over, as the I/O
+layers do.  No sockets, no threads.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Tuple
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from socketengine import frames
+from socketengine.engine import ConnectionEngine, ConnState
+from socketengine.errors import ProtocolError
+from socketengine.protocol import Protocol, Role
+from socketengine.sendqueue import SendQueue, rack_frame, skip_frame
+from socketengine.session import ACK_EVERY, Session, SessionTable
+
+
+def _client(session: Optional[Session], max_buffer: int = 1 << 20) -> ConnectionEngine:
+    return ConnectionEngine(
+        Protocol(Role.CLIENT, name="c", heartbeat=5.0, resume=session),
+        peer="host",
+        max_buffer=max_buffer,
+        heartbeat=5.0,
+        handshake_timeout=10.0,
+        now=0.0,
+    )
+
+
+def _host(table: Optional[SessionTable], max_buffer: int = 1 << 20) -> ConnectionEngine:
+    return ConnectionEngine(
+        Protocol(Role.HOST, heartbeat=5.0, sessions=table),
+        peer="client",
+        max_buffer=max_buffer,
+        heartbeat=5.0,
+        handshake_timeout=10.0,
+        now=0.0,
+    )
+
+
+CHUNK = [4096]  # bytes fed at a time (a test may change it)
+
+
+def _feed(engine: ConnectionEngine, data: bytes) -> List[frames.Frame]:
+    decoder = engine.protocol.decoder
+    out: List[frames.Frame] = []
+    chunk = CHUNK[0]
+    for i in range(0, len(data), chunk):
+        piece = data[i : i + chunk]
+        buf = decoder.get_buffer()
+        buf[: len(piece)] = piece
+        buf.release()
+        decoder.buffer_updated(len(piece))
+        out.extend(engine.events())
+    return out
+
+
+def _wire(engine: ConnectionEngine) -> bytes:
+    """Everything the engine's queue and control output hold, as bytes."""
+    return engine.control_bytes() + b"".join(bytes(b) for b in engine.queue.take_all())
+
+
+def _values(received: List[frames.Frame]) -> List[Any]:
+    out: List[Any] = []
+    for frame in received:
+        if frame.type == frames.DATA:
+            out.append(frame.value())
+        elif frame.type == frames.BATCH:
+            out.extend(frame.items()[1::2])
+    return out
+
+
+def _handshake(
+    client: ConnectionEngine, host: ConnectionEngine
+) -> Tuple[List[frames.Frame], List[frames.Frame]]:
+    """Run the handshake; returns what each side received after it (replays)."""
+    to_client: List[frames.Frame] = []
+    to_host: List[frames.Frame] = []
+    for _ in range(4):
+        to_host += _feed(host, client.control_bytes())
+        to_client += _feed(client, host.control_bytes())
+    assert client.opened and host.opened
+    return to_client, to_host
+
+
+def _write(engine: ConnectionEngine, values: List[Any], channel: str = "n") -> None:
+    for v in values:
+        item = frames.value_item(channel, v)
+        if isinstance(item, bytes):
+            engine.queue.push_item(item)
+        else:
+            engine.queue.push(item[0], item[1])
+
+
+class Pair:
+    """A client and a host that resume across link failures."""
+
+    def __init__(self, max_buffer: int = 1 << 20) -> None:
+        self.table = SessionTable(60.0, 8)
+        self.session = Session(b"", None, None)
+        self.max_buffer = max_buffer
+        self.client: ConnectionEngine
+        self.host: ConnectionEngine
+        self.at_host: List[Any] = []
+        self.at_client: List[Any] = []
+        self.connect()
+
+    def connect(self) -> None:
+        self.client = _client(self.session, self.max_buffer)
+        self.host = _host(self.table, self.max_buffer)
+        to_client, to_host = _handshake(self.client, self.host)
+        assert not to_client and not to_host
+        hs = self.host.session
+        assert hs is not None
+        assert self.host.state is ConnState.HANDSHAKE  # not writable before adopt()
+        self.host.adopt(hs.queue)
+        hs.owner = self.host
+        self.client.adopt(self.session.queue)
+        assert self.client.state is ConnState.OPEN and self.host.state is ConnState.OPEN
+
+    def cut(self, to_host: int, to_client: int) -> None:
+        """Deliver only this many bytes each way, then lose the link."""
+        self.at_host += _values(_feed(self.host, _wire(self.client)[:to_host]))
+        self.at_client += _values(_feed(self.client, _wire(self.host)[:to_client]))
+        for engine in (self.client, self.host):
+            engine.lost(ConnectionError("cut"))
+            engine.finish()
+        hs = self.host.session
+        assert hs is not None
+        self.table.suspend(hs, 0.0)
+
+    def exchange(self) -> None:
+        for _ in range(3):
+            self.at_host += _values(_feed(self.host, _wire(self.client)))
+            self.at_client += _values(_feed(self.client, _wire(self.host)))
+
+
+def test_both_sides_announce_resume_and_number_data() -> None:
+    pair = Pair()
+    assert pair.client.session is pair.session and pair.session.sid
+    assert pair.host.session is not None and pair.host.session.sid == pair.session.sid
+    _write(pair.client, list(range(10)))
+    pair.exchange()
+    assert pair.at_host == list(range(10))
+    assert pair.client.queue.seq == 1  # one BATCH frame
+    assert pair.host.session.recv == 1
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 4096])
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_a_cut_loses_nothing_and_duplicates_nothing_both_ways(fraction: float, chunk: int) -> None:
+    CHUNK[0] = chunk
+    try:
+        _cuts(fraction)
+    finally:
+        CHUNK[0] = 4096
+
+
+def _cuts(fraction: float) -> None:
+    pair = Pair()
+    n = 0
+    for _ in range(3):  # three cuts
+        for i in range(200):
+            _write(pair.client, [n + i])
+            _write(pair.host, [n + i])
+            if i % 7 == 0:  # frames of their own, not one BATCH
+                pair.client.queue.to_wire(pair.client.queue.take_inbox())
+                pair.host.queue.to_wire(pair.host.queue.take_inbox())
+        n += 200
+        wire_c = sum(map(len, list(pair.client.queue._wire)))
+        pair.cut(int(wire_c * fraction), int(wire_c * fraction))
+        pair.connect()
+        assert pair.client.protocol.resumed and pair.host.protocol.resumed
+    pair.exchange()
+    assert pair.at_host == list(range(n))
+    assert pair.at_client == list(range(n))
+
+
+def test_acks_empty_the_replay_buffer() -> None:
+    pair = Pair()
+    for i in range(ACK_EVERY * 3):
+        _write(pair.client, [i])
+        pair.client.queue.to_wire(pair.client.queue.take_inbox())
+    pair.exchange()
+    assert pair.client.queue.seq == ACK_EVERY * 3
+    pair.client.queue.to_wire([])  # acknowledged frames leave at the next flush
+    assert len(pair.client.queue._replay) == 0 and pair.client.queue.replay_bytes == 0
+
+
+def test_tick_sends_the_ack_of_a_tail() -> None:
+    pair = Pair()
+    _write(pair.client, [1, 2, 3])
+    pair.exchange()
+    assert pair.client.queue.acked == 0
+    host = pair.host
+    assert host.tick(1.0).value == "ping"
+    out = host.ping(1.0)
+    assert frames.RACK in _types(out) and frames.PING not in _types(out)
+    _feed(pair.client, out)
+    assert pair.client.queue.acked == 1
+
+
+def _types(data: bytes) -> List[int]:
+    out, off = [], 0
+    while off < len(data):
+        t, _, c, _, m, d = frames.HEADER.unpack_from(data, off)
+        out.append(t)
+        off += frames.HEADER_SIZE + c + m + d
+    return out
+
+
+def test_conflated_images_replay_only_the_newest() -> None:
+    pair = Pair()
+    q = pair.client.queue
+    for i in range(5):
+        parts, nbytes = frames.value_frame(frames.DATA, "img", i, flags=frames.FLAG_IMAGE)
+        q.push(parts, nbytes, image="img")
+        q.to_wire(q.take_inbox())  # each one numbered: it went to the wire
+    _write(pair.client, ["after"])
+    pair.cut(0, 0)
+    pair.connect()
+    pair.exchange()
+    assert pair.at_host == [4, "after"]
+    assert pair.host.session is not None and pair.host.session.recv == 6
+
+
+def test_values_beyond_the_window_are_counted_lost_and_numbering_holds() -> None:
+    pair = Pair(max_buffer=4096)
+    big = b"x" * 1500
+    for i in range(10):
+        item = frames.value_frame(frames.DATA, "n", [i, big])
+        pair.client.queue.push(item[0], item[1])
+        pair.client.queue.to_wire(pair.client.queue.take_inbox())
+    assert pair.client.queue.replay_overflow > 0
+    pair.cut(0, 0)
+    pair.connect()
+    lost = pair.session.lost
+    assert lost == 10 - len([r for r in pair.client.queue._replay])
+    _write(pair.client, [["tail", b""]])
+    pair.exchange()
+    got = [v[0] for v in pair.at_host]
+    assert got == list(range(lost, 10)) + ["tail"]
+    assert pair.host.session is not None and pair.host.session.recv == 11
+
+
+def test_a_host_without_the_session_gets_everything_again() -> None:
+    """A restarted host (new table): at least once, in order."""
+    pair = Pair()
+    _write(pair.client, list(range(50)))
+    pair.cut(0, 0)
+    pair.table = SessionTable(60.0, 8)
+    pair.connect()
+    assert not pair.client.protocol.resumed
+    pair.exchange()
+    assert pair.at_host == list(range(50))
+
+
+def test_another_name_cannot_take_a_session_over() -> None:
+    table = SessionTable(60.0, 8)
+    session, resumed = table.open(b"", "alice")
+    assert not resumed
+    other, resumed = table.open(session.sid, "mallory")
+    assert not resumed and other.sid != session.sid
+    again, resumed = table.open(session.sid, "alice")
+    assert resumed and again is session
+
+
+def test_suspended_sessions_are_bounded_and_expire() -> None:
+    table = SessionTable(10.0, 2)
+    sessions = [table.open(b"", f"c{i}")[0] for i in range(3)]
+    assert table.suspend(sessions[0], 0.0) == []
+    assert table.suspend(sessions[1], 1.0) == []
+    assert table.suspend(sessions[2], 2.0) == [sessions[0]]
+    assert table.expire(11.5) == [sessions[1]]
+    assert table.open(sessions[2].sid, "c2")[1]
+    assert not table.open(sessions[1].sid, "c1")[1]
+
+
+def test_a_peer_without_resume_gets_no_sequence_frames() -> None:
+    """A 1.1 client (no "rs" in HELLO): no numbering, no RACK, as before."""
+    client = ConnectionEngine(
+        Protocol(Role.CLIENT, name="old", heartbeat=5.0),
+        peer="host",
+        max_buffer=1 << 20,
+        heartbeat=5.0,
+        handshake_timeout=10.0,
+        now=0.0,
+    )
+    host = _host(SessionTable(60.0, 8))
+    _handshake(client, host)
+    assert host.session is None and client.session is None
+    assert not host.queue.numbered
+    _write(client, list(range(100)))
+    assert _values(_feed(host, _wire(client))) == list(range(100))
+    assert host.control_bytes() == b""
+    with pytest.raises(ProtocolError):
+        host.control(frames.Frame(frames.RACK, 0, "", 1, b"", None))
+
+
+def test_a_host_without_resume_numbers_nothing() -> None:
+    session = Session(b"", None, None)
+    client = _client(session)
+    host = _host(None)
+    _handshake(client, host)
+    assert client.session is None and not client.queue.numbered
+
+
+def test_an_ack_beyond_what_was_sent_is_a_protocol_error() -> None:
+    pair = Pair()
+    with pytest.raises(ProtocolError):
+        _feed(pair.host, rack_frame(5))
+
+
+def test_a_resume_count_out_of_range_sends_everything_again() -> None:
+    q = SendQueue(1 << 20)
+    q.numbered = True
+    _ = [q.push_item(frames.value_item("n", i)) for i in range(3)]  # type: ignore[func-returns-value]
+    q.to_wire(q.take_inbox())
+    with pytest.raises(ProtocolError):
+        q.rewind(5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64))
+def test_rs_fields_fuzzed_are_refused_or_accepted_never_crash(blob: bytes) -> None:
+    """Any HELLO "rs" value: accepted or ProtocolError (hypothesis)."""
+    from socketengine import codec
+
+    for rs in (blob, [blob, 0], [blob[:16], len(blob)], [b"", -1], [blob, 1, True]):
+        host = _host(SessionTable(60.0, 8))
+        hello = {"v": 1, "name": None, "nonce": b"\0" * 16, "rs": rs}
+        meta, _, _ = codec.encode(hello)
+        data = frames.PREAMBLE + b"".join(frames.encode_frame(frames.HELLO, "", meta))
+        try:
+            _feed(host, data)
+        except ProtocolError:
+            continue
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([frames.RACK, frames.SKIP]))
+def test_rack_and_skip_fuzzed(count: int, ftype: int) -> None:
+    """Any RACK / SKIP count: applied or ProtocolError, never anything else."""
+    pair = Pair()
+    _write(pair.host, list(range(3)))
+    _feed(pair.client, _wire(pair.host))
+    frame = (
+        rack_frame(count)
+        if ftype == frames.RACK
+        else (skip_frame(count) if count else frames.HEADER.pack(frames.SKIP, 0, 0, 0, 0, 0))
+    )
+    try:
+        _feed(pair.client, frame)
+    except ProtocolError:
+        return
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=20),
+        st.lists(st.one_of(st.binary(max_size=20), st.integers(-2, 2**40), st.booleans())),
+    )
+)
+def test_welcome_rs_fuzzed_is_accepted_or_refused_never_crashes(rs: Any) -> None:
+    """Any WELCOME "rs" value at a client: accepted or ProtocolError (hypothesis)."""
+    from socketengine import codec
+
+    client = _client(Session(b"", None, None))
+    client.control_bytes()
+    meta, _, _ = codec.encode({"v": 1, "id": 1, "rs": rs})
+    data = frames.PREAMBLE + b"".join(frames.encode_frame(frames.WELCOME, "", meta))
+    try:
+        _feed(client, data)
+    except ProtocolError:
+        return
+    assert client.opened
+
+
+def test_an_expired_session_is_not_resumed() -> None:
+    table = SessionTable(10.0, 4)
+    session, _ = table.open(b"", "c")
+    table.suspend(session, 0.0)
+    assert table.expire(10.0) == [session]
+    again, resumed = table.open(session.sid, "c")
+    assert not resumed and again is not session
