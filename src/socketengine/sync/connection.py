@@ -517,9 +517,12 @@ class Connection(PeerView, Pausable):
         lock = self._lock
         while not engine.closed:
             if not queue.wire_pending:
-                entries = queue.take_inbox()
-                if not entries:
-                    return
+                if queue.unframed:
+                    entries = []  # frame the next of those already taken
+                else:
+                    entries = queue.take_inbox()
+                    if not entries:
+                        return
                 # Framing (BATCH building) happens outside the lock: writers go on.
                 lock.release()
                 try:
