@@ -21,7 +21,9 @@ apply the same way:
   otherwise every item becomes an ordinary DATA frame.
 * **max_buffer.**  :meth:`fits` says whether a frame may be queued now: an empty
   queue takes any frame; otherwise queued bytes plus the frame must stay within
-  ``max_buffer``.  A writer that does not fit waits (and then gives up with
+  ``max_buffer``.  An item not framed yet also counts its memory beyond its bytes
+  (:data:`ITEM_OVERHEAD`), so a queue of small values holds about ``max_buffer`` of
+  memory, not 1.5x that.  A writer that does not fit waits (and then gives up with
   ``WriteTimeout``); the waiting itself is the I/O layer's business.
 * **Slow consumers.**  :meth:`slow_consumer` is the verdict for broadcasts
   (``write_all``), which never wait: a peer is tolerated up to twice ``max_buffer``
@@ -56,6 +58,9 @@ BATCH_MAX = 64 * 1024
 #: into frames all at once (measured: a million writes to a slow peer peaked at 2.5x
 #: ``max_buffer`` of RSS when the whole inbox was framed in one go).
 WIRE_CHUNK = 256 * 1024
+#: Memory an item takes beyond its bytes until it is framed: the bytes object's header
+#: and allocator rounding (CPython: 33 + up to 15) and its slot in the inbox list.
+ITEM_OVERHEAD = 56
 
 _pack_header = frames.HEADER.pack
 _BATCH = frames.BATCH
@@ -137,7 +142,7 @@ class SendQueue:
     def push_item(self, item: bytes) -> None:
         """Queue a small DATA value as a BATCH item (see :func:`frames.value_item`)."""
         self._inbox.append(item)
-        self.queued += len(item)
+        self.queued += len(item) + ITEM_OVERHEAD
 
     def push(self, parts: List[Buffer], nbytes: int, image: Optional[str] = None) -> bool:
         """Queue a frame's parts; an image frame (``image`` = its channel) replaces a
@@ -263,12 +268,12 @@ class SendQueue:
         wire = self._wire
         if len(run) > 1 and self.batch_limit:
             # The header is counted as queued bytes too: they leave with the frame.
-            self.queued += frames.HEADER_SIZE
+            self.queued += frames.HEADER_SIZE - ITEM_OVERHEAD * len(run)
             wire.append(_pack_header(_BATCH, 0, 0, 0, size, 0) + b"".join(run))
             return
         for item in run:
             frame = frames.item_frame(item)
-            self.queued += len(frame) - len(item)
+            self.queued += len(frame) - len(item) - ITEM_OVERHEAD
             wire.append(frame)
 
     def wire_batch(self, max_parts: int) -> List[Buffer]:
