@@ -472,3 +472,18 @@ def test_taken_items_are_framed_a_chunk_at_a_time() -> None:
     wire += b"".join(bytes(p) for p in q.take_all())
     assert _decode_all(wire) == [*values, ("big", b"\0" * 5000), ("late", 1)]
     assert q.queued == 0 and not q
+
+
+def test_offer_item_queues_only_what_fits() -> None:
+    from socketengine.sendqueue import ITEM_OVERHEAD
+
+    item = frames.value_item("c", "x" * 100)
+    assert type(item) is bytes
+    cost = len(item) + ITEM_OVERHEAD
+    q = SendQueue(max_buffer=2 * cost)
+    assert q.offer_item(item) and q.offer_item(item) and q.queued == 2 * cost
+    assert not q.offer_item(item) and q.queued == 2 * cost  # full: nothing queued
+    assert SendQueue(0).offer_item(item)  # an empty queue takes any item
+    q.batch_limit = 1 << 16
+    wire = b"".join(bytes(p) for p in q.take_all())
+    assert _decode_all(wire) == [("c", "x" * 100)] * 2 and q.queued == 0

@@ -42,7 +42,7 @@ from typing import Callable, Deque, Dict, List, Optional, Sequence, Union
 from . import frames
 from .codec import Buffer
 
-__all__ = ["SendQueue", "ImageHook", "Outgoing", "BATCH_MAX"]
+__all__ = ["SendQueue", "ImageHook", "Outgoing", "BATCH_MAX", "ITEM_OVERHEAD", "WIRE_CHUNK"]
 
 #: ``hook(channel, nbytes)`` -- told when an image frame is handed over (``nbytes``) or
 #: replaced by a newer one before that (``nbytes == -1``).
@@ -143,6 +143,17 @@ class SendQueue:
         """Queue a small DATA value as a BATCH item (see :func:`frames.value_item`)."""
         self._inbox.append(item)
         self.queued += len(item) + ITEM_OVERHEAD
+
+    def offer_item(self, item: bytes) -> bool:
+        """:meth:`push_item` if the item :meth:`fits` now (one call on the writer's
+        fast path); False, nothing queued, if it does not."""
+        cost = len(item) + ITEM_OVERHEAD
+        total = self.queued
+        if total and total + cost > self.max_buffer:
+            return False
+        self._inbox.append(item)
+        self.queued = total + cost
+        return True
 
     def push(self, parts: List[Buffer], nbytes: int, image: Optional[str] = None) -> bool:
         """Queue a frame's parts; an image frame (``image`` = its channel) replaces a
