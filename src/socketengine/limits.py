@@ -65,6 +65,8 @@ MIN_MAX_MESSAGE = 1024
 #: 256 MiB: bytes that may wait unsent for one peer before writes block (and then
 #: raise ``WriteTimeout``); ``write_all`` tolerates up to twice this for ``timeout``
 #: seconds, then drops the peer as a slow consumer.  ``0``: at most one frame queued.
+#: Counted at wire size; a small value not framed yet also counts its Python overhead
+#: (``sendqueue.ITEM_OVERHEAD``), so the memory held stays near this bound.
 DEFAULT_MAX_BUFFER = 256 * 1024 * 1024
 #: Connections a host serves at once; more are refused with REFUSE ``full``.  Only
 #: connections that completed the handshake count (see ``max_pending``).
