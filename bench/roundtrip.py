@@ -277,6 +277,76 @@ class SEReqPinger:
         self.client.close()
 
 
+class SEEchoServer(SEReqServer):
+    """``host.on("ping", ..., inline=True)`` writes the value back on "pong" to its
+    sender (``conn.write``), on the host's I/O thread."""
+
+    def __init__(self, kind: str, params: Dict[str, Any]) -> None:
+        from socketengine import Host
+
+        self.host = Host(port=0, timeout=5)
+        self.port = self.host.port
+
+        def echo(data: Any, conn: Any) -> None:
+            conn.write("pong", data)
+
+        self.host.on("ping", echo, inline=True)
+
+
+class SEWaitPinger:
+    """``client.write("ping")`` then block in ``client.wait("pong")``.
+
+    ``wait`` sees only values arriving after the call.  In one process the reply can be
+    in before the pinger gets the GIL back from its ``send`` (the host's and the client's
+    I/O threads run the whole round trip meanwhile), so ``get`` looks first; if the
+    reply slips in between that look and ``wait``, the 50 ms wait times out and ``get``
+    finds it: a lost race shows as a 50 ms outlier in p99, never a hang."""
+
+    def __init__(self, kind: str, params: Dict[str, Any], port: int) -> None:
+        from socketengine import Client
+
+        self.client = Client(port=port, timeout=10, connect_timeout=10)
+        self.timeout = float(params.get("timeout", 30))
+        self.seq = 0
+
+    def _rounds(self, n: int) -> List[int]:
+        c = self.client
+        write = c.write
+        wait = c.wait
+        get = c.get
+        clock = time.perf_counter_ns
+        text = small_message(0)[1]
+        deadline_ns = clock() + int(self.timeout * 1e9)
+        out = []
+        seq = self.seq
+        for _ in range(n):
+            seq += 1
+            t0 = clock()
+            write("ping", [seq, text])
+            v = get("pong")  # the reply may already be in (see the class docstring)
+            while v is None or v[0] != seq:
+                try:
+                    v = wait("pong", 0.05)
+                except TimeoutError:
+                    v = get("pong")
+                    if v is not None and v[0] == seq:
+                        break
+                if clock() > deadline_ns:
+                    raise BenchTimeout(f"timed out waiting for pong {seq}")
+            out.append(clock() - t0)
+        self.seq = seq
+        return out
+
+    def warmup(self) -> None:
+        self._rounds(WARMUP)
+
+    def go(self, n: int) -> Dict[str, Any]:
+        return _latency_result(self._rounds(n))
+
+    def close(self) -> None:
+        self.client.close()
+
+
 # -- pyzmq ------------------------------------------------------------------------------------
 
 
@@ -477,4 +547,5 @@ STYLES = {
     "sub": (SESubServer, SESubPinger),
     "req": (SEReqServer, SEReqPinger),
     "req_inline": (SEReqInlineServer, SEReqPinger),
+    "echo_wait": (SEEchoServer, SEWaitPinger),
 }

@@ -50,6 +50,12 @@ CHANNEL = {"small": "small", "images": "image", "arrays": "frame"}
 #: ``write_image`` (a queued, unsent frame may be replaced by a newer one);
 #: ``arrays``: ``write(channel, ndarray)`` (never conflated).  Anchors: the same for both.
 FRAME_KINDS = ("images", "arrays")
+#: How socketengine's receiving program waits for the last frame (the anchors always
+#: block in ``recv`` on their own thread, with the waiter polling every 100 us):
+#: ``poll``: ``host.get`` every ``WAIT_SLEEP`` (100 us); ``wait``: blocks in
+#: ``host.wait(channel)``; ``busy``: the seed README's loop, ``host.get_ALL`` without
+#: any sleep.
+READERS = ("poll", "wait", "busy")
 
 
 def _check_images(received: Any, frames: Dict[str, Any]) -> None:
@@ -82,6 +88,9 @@ class SEReceiver:
         self.kind = kind
         self.channel = CHANNEL[kind]
         self.frames = make_frames() if kind in FRAME_KINDS else None
+        self.reader = params.get("reader", "poll")
+        if self.reader not in READERS:
+            raise ValueError(f"reader must be one of {READERS}, not {self.reader!r}")
         self.host = Host(port=0, timeout=5)
         self.port = self.host.port
 
@@ -98,6 +107,7 @@ class SEReceiver:
     def measure(self, n: int, deadline: float) -> Dict[str, Any]:
         h = self.host
         ch = self.channel
+        self._last = n - 1
         if self.kind == "small":
             last = n - 1
 
@@ -110,7 +120,12 @@ class SEReceiver:
             def done() -> bool:
                 return stamp_of(h.get(ch)) == LAST_STAMP
 
-        wait_until(done, deadline, f"the last {self.kind} value")
+        if self.reader == "busy":
+            self._busy_read(deadline)
+        elif self.reader == "wait":
+            self._wait_read(done, deadline)
+        else:
+            wait_until(done, deadline, f"the last {self.kind} value")
         t_end = now()
         if self.kind in FRAME_KINDS:
             _check_images(h.get(ch), self.frames)  # type: ignore[arg-type]
@@ -134,6 +149,45 @@ class SEReceiver:
             delivered = conn.messages_in - 1
         _sent(self.kind, n, delivered)
         return {"t_end": t_end, "delivered": delivered}
+
+    def _busy_read(self, deadline: float) -> None:
+        """``while True: data = h.get_ALL(channel)``, no sleep: how the seed reads."""
+        get_all = self.host.get_ALL
+        ch = self.channel
+        clock = now
+        if self.kind == "small":
+            last = self._last
+            while True:
+                data = get_all(ch)
+                if data and data[-1] is not None and data[-1][0] == last:
+                    return
+                if clock() > deadline:
+                    raise BenchTimeout(f"timed out waiting for the last {self.kind} value")
+        while True:
+            data = get_all(ch)
+            if data and stamp_of(data[-1]) == LAST_STAMP:
+                return
+            if clock() > deadline:
+                raise BenchTimeout(f"timed out waiting for the last {self.kind} value")
+
+    def _wait_read(self, done: Any, deadline: float) -> None:
+        """Block in ``host.wait(channel)`` for each value until the last one.  ``wait``
+        sees only values arriving after the call: the latest value is checked before
+        each wait, and a wait that times out (the last value slipped in between) checks
+        it again, so a lost race costs 50 ms (visible in the figures), never a hang."""
+        wait = self.host.wait
+        ch = self.channel
+        frames_kind = self.kind in FRAME_KINDS
+        last = LAST_STAMP if frames_kind else self._last
+        while not done():
+            if now() > deadline:
+                raise BenchTimeout(f"timed out waiting for the last {self.kind} value")
+            try:
+                value, _conn = wait(ch, 0.05)
+            except TimeoutError:
+                continue
+            if (stamp_of(value) if frames_kind else value[0]) == last:
+                return
 
     def close(self) -> None:
         self.host.close()

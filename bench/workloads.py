@@ -99,9 +99,10 @@ def _pair(
     n: int,
     xproc: bool,
     timeout: float,
+    reader: str = "poll",
 ) -> Dict[str, Any]:
     """Set up a receiver/sender pair, warm it up, run ``n``; return both results."""
-    params = {"timeout": timeout}
+    params = {"timeout": timeout, "reader": reader}
     if not xproc:
         r = s = None
         try:
@@ -154,12 +155,14 @@ def _latency_metrics(res: Dict[str, Any]) -> Dict[str, float]:
     }
 
 
-def stream_trial(kind: str, xproc: bool) -> Callable[[str, Dict[str, Any]], Dict[str, float]]:
+def stream_trial(
+    kind: str, xproc: bool, reader: str = "poll"
+) -> Callable[[str, Dict[str, Any]], Dict[str, float]]:
     key = kind + ("_xproc" if xproc else "")
 
     def trial(lib: str, cfg: Dict[str, Any]) -> Dict[str, float]:
         n = cfg["sizes"][key]
-        res = _pair(stream.RECEIVERS, stream.SENDERS, kind, lib, n, xproc, cfg["timeout"])
+        res = _pair(stream.RECEIVERS, stream.SENDERS, kind, lib, n, xproc, cfg["timeout"], reader)
         return _stream_metrics(kind, n, res)
 
     return trial
@@ -336,6 +339,34 @@ WORKLOADS: Dict[str, Workload] = {
             "2 processes",
         ),
         Workload(
+            "arrays_wait",
+            "1080p frames with write(ch, ndarray); the host reads with host.wait(ch)",
+            _ARRAYS,
+            "arrays",
+            stream_trial("arrays", False, "wait"),
+            BASE_LIBS,
+            "1 process",
+        ),
+        Workload(
+            "arrays_xproc_wait",
+            "1080p frames with write(ch, ndarray), separate processes; host.wait(ch) reader",
+            _ARRAYS,
+            "arrays_xproc",
+            stream_trial("arrays", True, "wait"),
+            BASE_LIBS,
+            "2 processes",
+        ),
+        Workload(
+            "arrays_xproc_busy",
+            "1080p frames, separate processes; the seed's no-sleep "
+            "`while True: h.get_ALL(ch)` reader",
+            _ARRAYS,
+            "arrays_xproc",
+            stream_trial("arrays", True, "busy"),
+            BASE_LIBS,
+            "2 processes",
+        ),
+        Workload(
             "roundtrip_xproc",
             "round trip, separate processes (socketengine: polling get())",
             _LATENCY,
@@ -370,6 +401,25 @@ WORKLOADS: Dict[str, Workload] = {
             roundtrip_trial(False, "req_inline"),
             BASE_LIBS,
             "1 process",
+        ),
+        Workload(
+            "roundtrip_echo_wait",
+            "round trip, host.on(..., inline=True) echoes with conn.write; "
+            "the client writes and blocks in client.wait()",
+            _LATENCY,
+            "roundtrip",
+            roundtrip_trial(False, "echo_wait"),
+            BASE_LIBS,
+            "1 process",
+        ),
+        Workload(
+            "roundtrip_echo_wait_xproc",
+            "round trip, inline on() echo + client.wait(), separate processes",
+            _LATENCY,
+            "roundtrip_xproc",
+            roundtrip_trial(True, "echo_wait"),
+            BASE_LIBS,
+            "2 processes",
         ),
         Workload(
             "roundtrip_req_xproc",

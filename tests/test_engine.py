@@ -447,3 +447,43 @@ def test_sync_is_answered_by_ack_after_what_came_before(chunk: int) -> None:
     for frame in _feed(client, ack, chunk):
         client.control(frame)
     assert sink.result is True and len(client.requests) == 0
+
+
+def test_taken_items_are_framed_a_chunk_at_a_time() -> None:
+    # A full queue of small items is framed WIRE_CHUNK bytes at a time: the rest waits
+    # (unframed) and the inbox is not taken before it is all framed, in order.
+    from socketengine.sendqueue import WIRE_CHUNK
+
+    q = SendQueue(1 << 30)
+    q.batch_limit = 1 << 16
+    values = [("c", [i, "x" * 100]) for i in range(3 * WIRE_CHUNK // 100)]
+    for channel, value in values:
+        q.push_item(frames.value_item(channel, value))  # type: ignore[arg-type]
+    q.push(frames.encode_value_frame(frames.DATA, "big", b"\0" * 5000), 5000 + 21)
+    q.to_wire(q.take_inbox())
+    assert q.unframed and q.wire_pending
+    first = q.wire_batch(1000)
+    framed = sum(len(b) for b in first)
+    assert framed <= WIRE_CHUNK + (1 << 16) + 16
+    q.push_item(frames.value_item("late", 1))  # type: ignore[arg-type]
+    wire = b"".join(bytes(b) for b in first)
+    q.consumed(framed)
+    assert q.unframed and not q.wire_pending and q
+    wire += b"".join(bytes(p) for p in q.take_all())
+    assert _decode_all(wire) == [*values, ("big", b"\0" * 5000), ("late", 1)]
+    assert q.queued == 0 and not q
+
+
+def test_offer_item_queues_only_what_fits() -> None:
+    from socketengine.sendqueue import ITEM_OVERHEAD
+
+    item = frames.value_item("c", "x" * 100)
+    assert type(item) is bytes
+    cost = len(item) + ITEM_OVERHEAD
+    q = SendQueue(max_buffer=2 * cost)
+    assert q.offer_item(item) and q.offer_item(item) and q.queued == 2 * cost
+    assert not q.offer_item(item) and q.queued == 2 * cost  # full: nothing queued
+    assert SendQueue(0).offer_item(item)  # an empty queue takes any item
+    q.batch_limit = 1 << 16
+    wire = b"".join(bytes(p) for p in q.take_all())
+    assert _decode_all(wire) == [("c", "x" * 100)] * 2 and q.queued == 0

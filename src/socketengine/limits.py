@@ -68,6 +68,8 @@ MIN_MAX_MESSAGE = 1024
 #: With resume (protocol 1.2) it also bounds the replay window: sent values the peer has
 #: not acknowledged yet, kept for a lost link (oldest leave it first).  Worst case per
 #: connection: ``2 x max_buffer`` (queue + window; 3x briefly for ``write_all``).
+#: Counted at wire size; a small value not framed yet also counts its Python overhead
+#: (``sendqueue.ITEM_OVERHEAD``), so the memory held stays near this bound.
 DEFAULT_MAX_BUFFER = 256 * 1024 * 1024
 #: Connections a host serves at once; more are refused with REFUSE ``full``.  Only
 #: connections that completed the handshake count (see ``max_pending``).

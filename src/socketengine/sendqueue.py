@@ -21,7 +21,9 @@ apply the same way:
   otherwise every item becomes an ordinary DATA frame.
 * **max_buffer.**  :meth:`fits` says whether a frame may be queued now: an empty
   queue takes any frame; otherwise queued bytes plus the frame must stay within
-  ``max_buffer``.  A writer that does not fit waits (and then gives up with
+  ``max_buffer``.  An item not framed yet also counts its memory beyond its bytes
+  (:data:`ITEM_OVERHEAD`), so a queue of small values holds about ``max_buffer`` of
+  memory, not 1.5x that.  A writer that does not fit waits (and then gives up with
   ``WriteTimeout``); the waiting itself is the I/O layer's business.
 * **Resume (protocol 1.2).**  With :attr:`numbered` set, every frame that carries
   user values (DATA, BATCH) is numbered when it goes to the wire (so conflated images,
@@ -53,7 +55,7 @@ from . import frames
 from .codec import Buffer
 from .errors import ProtocolError
 
-__all__ = ["SendQueue", "ImageHook", "Outgoing", "BATCH_MAX"]
+__all__ = ["SendQueue", "ImageHook", "Outgoing", "BATCH_MAX", "ITEM_OVERHEAD", "WIRE_CHUNK"]
 
 #: ``hook(channel, nbytes)`` -- told when an image frame is handed over (``nbytes``) or
 #: replaced by a newer one before that (``nbytes == -1``).
@@ -64,6 +66,14 @@ Outgoing = Union[bytes, Sequence[Buffer]]
 
 #: Largest BATCH body, bytes (a receiver's ``max_message`` lowers it further).
 BATCH_MAX = 64 * 1024
+#: Item bytes framed at a time (a few BATCH frames): the flusher frames the next ones
+#: only once these went to the socket, so a full queue of small items is never copied
+#: into frames all at once (measured: a million writes to a slow peer peaked at 2.5x
+#: ``max_buffer`` of RSS when the whole inbox was framed in one go).
+WIRE_CHUNK = 256 * 1024
+#: Memory an item takes beyond its bytes until it is framed: the bytes object's header
+#: and allocator rounding (CPython: 33 + up to 15) and its slot in the inbox list.
+ITEM_OVERHEAD = 56
 
 _pack_header = frames.HEADER.pack
 _BATCH = frames.BATCH
@@ -112,6 +122,8 @@ class SendQueue:
         "batch_limit",
         "_inbox",
         "_wire",
+        "_taken",
+        "_taken_at",
         "_slots",
         "_full_since",
         "_on_image",
@@ -137,6 +149,9 @@ class SendQueue:
         self.batch_limit = 0
         self._inbox: List[_Entry] = []
         self._wire: Deque[Buffer] = deque()
+        # Entries taken from the inbox, framed from ``_taken_at`` on (the flusher's).
+        self._taken: List[_Entry] = []
+        self._taken_at = 0
         self._slots: Dict[str, _Slot] = {}
         self._full_since: Optional[float] = None
         self._on_image = on_image
@@ -158,7 +173,7 @@ class SendQueue:
         self.framing = False
 
     def __bool__(self) -> bool:
-        return bool(self._inbox) or bool(self._wire)
+        return bool(self._inbox) or bool(self._wire) or self._taken_at < len(self._taken)
 
     # -- writers (the inbox) ----------------------------------------------------------
 
@@ -176,7 +191,18 @@ class SendQueue:
     def push_item(self, item: bytes) -> None:
         """Queue a small DATA value as a BATCH item (see :func:`frames.value_item`)."""
         self._inbox.append(item)
-        self.queued += len(item)
+        self.queued += len(item) + ITEM_OVERHEAD
+
+    def offer_item(self, item: bytes) -> bool:
+        """:meth:`push_item` if the item :meth:`fits` now (one call on the writer's
+        fast path); False, nothing queued, if it does not."""
+        cost = len(item) + ITEM_OVERHEAD
+        total = self.queued
+        if total and total + cost > self.max_buffer:
+            return False
+        self._inbox.append(item)
+        self.queued = total + cost
+        return True
 
     def push(self, parts: List[Buffer], nbytes: int, image: Optional[str] = None) -> bool:
         """Queue a frame's parts; an image frame (``image`` = its channel) replaces a
@@ -223,6 +249,12 @@ class SendQueue:
         """Wire buffers are waiting to be sent (the flusher owns them)."""
         return bool(self._wire)
 
+    @property
+    def unframed(self) -> bool:
+        """Taken entries are still to be framed: :meth:`to_wire` (with no new
+        entries) frames the next ones; the inbox is not taken before."""
+        return self._taken_at < len(self._taken)
+
     def take_inbox(self) -> List[_Entry]:
         """Everything pushed so far, in order; from now on it is being sent (image
         slots can no longer be replaced).  O(1)."""
@@ -242,9 +274,13 @@ class SendQueue:
 
     def to_wire(self, entries: List[_Entry]) -> None:
         """Turn taken entries into wire buffers, in order: a run of items becomes one
-        BATCH frame (or, for a peer that reads none, one DATA frame each)."""
+        BATCH frame (or, for a peer that reads none, one DATA frame each).
+
+        Without numbering, frames about :data:`WIRE_CHUNK` bytes of items at a time;
+        the rest waits (:attr:`unframed`) until called again, with ``entries`` empty.
+        With numbering (resume), frames them all at once."""
         try:
-            if self.numbered:
+            if self.numbered and not self.unframed:
                 self._to_wire_numbered(entries)
             else:
                 self._to_wire(entries)
@@ -252,11 +288,24 @@ class SendQueue:
             self.framing = False
 
     def _to_wire(self, entries: List[_Entry]) -> None:
+        if entries:
+            if self.unframed:
+                raise RuntimeError("to_wire: taken entries are still unframed (call with [])")
+            self._taken = entries
+            self._taken_at = 0
+        entries = self._taken
+        start = self._taken_at
+        end = len(entries)
         wire = self._wire
         limit = self.batch_limit
         run: List[bytes] = []
         size = 0
-        for entry in entries:
+        budget = WIRE_CHUNK
+        i = start
+        while i < end:
+            entry = entries[i]
+            entries[i] = None  # type: ignore[call-overload]  # framed: not kept twice
+            i += 1
             kind = type(entry)
             if kind is bytes:
                 n = len(entry)  # type: ignore[arg-type]
@@ -265,6 +314,9 @@ class SendQueue:
                     run, size = [], 0
                 run.append(entry)  # type: ignore[arg-type]
                 size += n
+                budget -= n
+                if budget <= 0:
+                    break
                 continue
             if run:
                 self._flush_run(run, size)
@@ -275,6 +327,11 @@ class SendQueue:
                 wire.extend(entry.parts)  # type: ignore[union-attr]
         if run:
             self._flush_run(run, size)
+        if i < end:
+            self._taken_at = i
+        else:
+            self._taken = []
+            self._taken_at = 0
 
     def _to_wire_numbered(self, entries: List[_Entry]) -> None:
         """:meth:`to_wire` with numbering: each DATA / BATCH frame gets the next
@@ -433,7 +490,11 @@ class SendQueue:
         bytes): the previous link's queue continues on this one.  ``old`` is left
         empty."""
         self._wire.extend(old._wire)
-        self._inbox = old._inbox + self._inbox
+        # Entries the old queue took but had not framed yet come first.
+        untaken = [e for e in old._taken[old._taken_at:] if e is not None]
+        old._taken = []
+        old._taken_at = 0
+        self._inbox = untaken + old._inbox + self._inbox
         for channel, slot in old._slots.items():
             self._slots.setdefault(channel, slot)
         self.queued += old.queued
@@ -458,7 +519,7 @@ class SendQueue:
         numbered = self.numbered
         if len(run) > 1 and self.batch_limit:
             # The header is counted as queued bytes too: they leave with the frame.
-            self.queued += frames.HEADER_SIZE
+            self.queued += frames.HEADER_SIZE - ITEM_OVERHEAD * len(run)
             batch = _pack_header(_BATCH, 0, 0, 0, size, 0) + b"".join(run)
             if numbered:
                 self._keep([batch], None)
@@ -466,7 +527,7 @@ class SendQueue:
             return
         for item in run:
             frame = frames.item_frame(item)
-            self.queued += len(frame) - len(item)
+            self.queued += len(frame) - len(item) - ITEM_OVERHEAD
             if numbered:
                 self._keep([frame], None)
             wire.append(frame)
@@ -495,7 +556,11 @@ class SendQueue:
     def take_all(self) -> List[Buffer]:
         """Every waiting buffer, in order, the queue emptied (the asyncio layer hands
         it all to its transport)."""
+        while self.unframed:
+            self.to_wire([])
         self.to_wire(self.take_inbox())
+        while self.unframed:
+            self.to_wire([])
         out = list(self._wire)
         self._wire.clear()
         self.queued = 0
@@ -522,6 +587,8 @@ class SendQueue:
         dropped = self.queued
         self._inbox = []
         self._wire.clear()
+        self._taken = []
+        self._taken_at = 0
         self._slots.clear()
         self.queued = 0
         self._full_since = None

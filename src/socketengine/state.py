@@ -208,6 +208,17 @@ class StoredValues:
         sizes[channel] = size
         self.nbytes = total
 
+    def store_items(self, items: List[Any]) -> None:
+        """Account a BATCH frame's items (flat ``[channel, value, ...]``) before storing
+        them.  Only the last value of each channel stays stored, so only it is counted
+        (at :func:`value_size`): the same final total as storing the items one by one, for one
+        size estimate per channel instead of one per item (a burst on one channel is
+        hundreds of items).  Raises like :meth:`store`; then none of them is stored."""
+        last = dict(zip(items[0::2], items[1::2]))
+        store = self.store
+        for channel, value in last.items():
+            store(channel, value_size(value))
+
 
 class Admission:
     """Which connections a host takes, and which handshakes it gives up on.

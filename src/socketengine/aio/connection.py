@@ -672,7 +672,7 @@ class Connection(PeerView, asyncio.BufferedProtocol):
             return
         while queue and (force or not self._write_paused):
             if not queue.wire_pending:
-                queue.to_wire(queue.take_inbox())
+                queue.to_wire([] if queue.unframed else queue.take_inbox())
                 continue
             batch = queue.wire_batch(1 << 30)
             size = sum(memoryview(part).nbytes for part in batch)

@@ -335,6 +335,17 @@ class Client(ClientSeedNames, Endpoint[Any]):
             return
         if self._codecs is None and not compress:
             encoded = value_item(channel, data)
+            if type(encoded) is bytes:  # a small value: the fast path
+                conn = self._conn
+                if conn is not None and conn.engine.state is ConnState.OPEN:
+                    try:
+                        conn.send_item(encoded)
+                        return
+                    except ConnectionClosed:
+                        pass
+                item: Any = encoded  # a BATCH item stands for a frame's parts here
+                self._send(item, len(encoded))
+                return
         else:
             encoded = self._encode_for(self._conn, channel, data, compress)
         if type(encoded) is bytes:

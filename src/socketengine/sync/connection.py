@@ -35,7 +35,7 @@ from ..errors import (
 )
 from ..peer import PeerView
 from ..protocol import Protocol
-from ..sendqueue import SendQueue
+from ..sendqueue import ITEM_OVERHEAD, SendQueue
 from .delivery import Pausable, Waiter
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -206,7 +206,10 @@ class Connection(PeerView, Pausable):
         """Queue a value encoded by :func:`frames.value_item`: a BATCH item or a
         DATA frame's ``(parts, size)``.  Thread-safe."""
         if type(encoded) is bytes:
-            self.send_parts(encoded, len(encoded), block=block, defer=defer)
+            if block and not defer:
+                self.send_item(encoded)
+            else:
+                self.send_parts(encoded, len(encoded), block=block, defer=defer)
         else:
             self.send_parts(encoded[0], encoded[1], block=block, defer=defer)
 
@@ -334,6 +337,29 @@ class Connection(PeerView, Pausable):
         return f"<Connection {self.address[0]}:{self.address[1]}{name} {self.engine.state.value}>"
 
     # -- sending (any thread) -----------------------------------------------------------
+
+    def send_item(self, item: bytes) -> None:
+        """:meth:`send_parts` for a BATCH item (a small value, the most frequent write):
+        the same rules, fewer steps.  Thread-safe."""
+        queue = self._queue
+        with self._lock:
+            if self.engine.state is not ConnState.OPEN:
+                self.engine.check_writable()
+            if not queue.offer_item(item):
+                self._wait_room(len(item) + ITEM_OVERHEAD)
+                queue.push_item(item)
+            if self._want_write:
+                return
+            now = _monotonic()
+            idle = now - self._last_write > _BURST_GAP
+            self._last_write = now
+            if self._flush_scheduled:
+                return
+            if idle and not self._tls:
+                self._flush_locked()
+            else:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._scheduled_flush)
 
     def send_parts(
         self,
@@ -529,9 +555,12 @@ class Connection(PeerView, Pausable):
         lock = self._lock
         while not engine.closed:
             if not queue.wire_pending:
-                entries = queue.take_inbox()
-                if not entries:
-                    return
+                if queue.unframed:
+                    entries = []  # frame the next of those already taken
+                else:
+                    entries = queue.take_inbox()
+                    if not entries:
+                        return
                 # Framing (BATCH building) happens outside the lock: writers go on.
                 lock.release()
                 try:

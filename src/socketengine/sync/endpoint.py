@@ -577,9 +577,8 @@ class Endpoint(EndpointBase, Generic[_I]):
             if t == BATCH:
                 items = frame.items()
                 count += len(items) // 2
-                if stored is not None:  # each item at its size (as the asyncio layer)
-                    for i in range(0, len(items), 2):
-                        stored.store(items[i], value_size(items[i + 1]))
+                if stored is not None:  # raises ProtocolError beyond a budget
+                    stored.store_items(items)
                 if relay is not None:
                     for i in range(0, len(items), 2):
                         if relay.allows(items[i], conn.name):
