@@ -66,6 +66,10 @@ class RetainedValues:
             frame += part
         self._frames[channel] = bytes(frame)
 
+    def frame(self, channel: str) -> bytes:
+        """The retained frame of ``channel`` (``KeyError`` if none)."""
+        return self._frames[channel]
+
     def clear(self, channel: Optional[str] = None) -> None:
         if channel is None:
             self._frames.clear()

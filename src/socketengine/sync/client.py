@@ -9,7 +9,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Iterable, List, Optional, Tuple, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Tuple, TypeVar, Union
 
 from ..compat import ClientSeedNames
 from ..engine import ConnState
@@ -40,6 +40,9 @@ from ..state import Backoff, log_lost_link
 from .connection import Connection
 from .endpoint import Endpoint
 from .loop import Loop, TimerHandle
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..transport.nats.gateway import ClientGateway
 
 logger = logging.getLogger("socketengine")
 
@@ -126,7 +129,19 @@ class Client(ClientSeedNames, Endpoint[Any]):
         will: Optional[Tuple[str, Any]] = None,
         compression: Optional[str] = None,
         compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD,
+        url: Optional[str] = None,
+        host: Optional[str] = None,
     ) -> None:
+        gateway: Optional[ClientGateway] = None
+        if url is not None:
+            from ..transport.nats.gateway import nats_client
+
+            addr, port, tls, gateway = nats_client(
+                url, host, name, token, tls, connect_timeout, max_message
+            )
+        self._gateway = gateway
+        #: The name of the host on a NATS cluster (``None``: direct TCP).
+        self.host = host
         super().__init__(
             addr,
             port,
@@ -180,14 +195,22 @@ class Client(ClientSeedNames, Endpoint[Any]):
         with self._state_lock:
             if self.opened:
                 return self
-            sock = self._connect()
+            gateway = self._gateway
+            if gateway is not None and gateway.link is None:
+                gateway.start()  # ConnectTimeout / AuthenticationError
             try:
-                self._loop.start()  # inside the try: Ctrl-C may land in start() itself
-                conn = self._handshake(sock)
+                sock = self._connect()
+                try:
+                    self._loop.start()  # inside the try: Ctrl-C may land in start() itself
+                    conn = self._handshake(sock)
+                except BaseException:
+                    # Leave no thread behind; a later open() starts a fresh loop.
+                    self._loop.stop()
+                    self._loop = Loop(self._loop.name)
+                    raise
             except BaseException:
-                # Leave no thread behind; a later open() starts a fresh loop.
-                self._loop.stop()
-                self._loop = Loop(self._loop.name)
+                if gateway is not None:
+                    self._gateway = gateway.renewed()
                 raise
             self._conn = conn
             self._loop.call_soon(self._start_heartbeat)
@@ -291,6 +314,8 @@ class Client(ClientSeedNames, Endpoint[Any]):
                     "%r: %d bytes written while disconnected were never sent", self, dropped
                 )
             self._link_lock.notify_all()
+        if self._gateway is not None:
+            self._gateway.close()
         self._release_waiters()
         self._dispatcher.stop(self.timeout)
         logger.info("%r: closed", self)

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import logging
+import os
 import selectors
 import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    List,
+    Optional,
+    Tuple,
+    TypeVar,
+    Union,
+    overload,
+)
 
 from .. import codec, frames, images
 from ..compat import HostSeedNames
@@ -35,6 +47,9 @@ from ..state import Admission, StoredValues, forget_latest
 from ..watch import matching_channels
 from .connection import Connection
 from .endpoint import Endpoint
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..transport.nats.gateway import HostGateway
 
 logger = logging.getLogger("socketengine")
 
@@ -141,7 +156,20 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         keep_departed_bytes: int = DEFAULT_KEEP_DEPARTED_BYTES,
         compression: Optional[str] = None,
         compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD,
+        url: Optional[str] = None,
+        name: Optional[str] = None,
+        connect_timeout: Optional[float] = None,
     ) -> None:
+        gateway: Optional[HostGateway] = None
+        if url is not None:
+            from ..transport.nats.gateway import nats_host
+
+            addr, port, tls, gateway = nats_host(
+                url, name, token, tls, connect_timeout, max_message
+            )
+        #: The host's name on a NATS cluster (``None``: a direct TCP host).
+        self.name = name
+        self._gateway = gateway
         super().__init__(
             addr,
             port,
@@ -192,6 +220,11 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         with self._state_lock:
             if self.opened:
                 return self
+            gateway = self._gateway
+            if gateway is not None:
+                gateway.connect()  # ConnectTimeout / AuthenticationError: nothing started
+                for channel, frame in gateway.retained_items().items():
+                    self._retained.retain(channel, [frame])
             self._listener = listen(self.addr, self._port, self.backlog)
             self._port = listening_port(self._listener)
             self._loop.register(self._listener, selectors.EVENT_READ, self._on_accept)
@@ -200,6 +233,8 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
             self.opened = True
         logger.info("%r: listening", self)
         try:
+            if gateway is not None:
+                gateway.serve({"pid": os.getpid()})
             self._start_monitor()
         except BaseException:
             self.close()
@@ -219,6 +254,8 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         if not was_open:
             self._loop.stop()
             self._release_waiters()
+            if self._gateway is not None:
+                self._gateway.close()
             return
         done = threading.Event()
 
@@ -237,6 +274,8 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         for conn in list(self._conns.values()):
             conn.closed.wait(max(0.0, deadline - time.monotonic()))
         self._loop.stop()
+        if self._gateway is not None:
+            self._gateway.close()
         self._release_waiters()
         self._dispatcher.stop(self.timeout)
         logger.info("%r: closed", self)
@@ -299,6 +338,14 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         configuration and state).  Thread-safe.
         """
         self._check_open()
+        gateway = self._gateway
+        if gateway is not None and not retain and self._codecs is None and not compress:
+            audience = self.clients()
+            if all(c.interest is None for c in audience):
+                # One publish; the NATS servers fan it out (see docs/nats.md).
+                parts, _ = frames.value_frame(frames.DATA, channel, data)
+                gateway.broadcast(channel, b"".join(parts))
+                return len(audience)
         if not retain and (self._codecs is not None or compress):
             sent = 0
             audience = [c for c in self.clients() if c.wants(channel)]
@@ -317,12 +364,17 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         parts, nbytes = frames.value_frame(frames.DATA, channel, data)
         with self._retain_lock:  # see _on_ready: no client misses or reorders it
             self._retained.retain(channel, parts)
-            return self._send_all(parts, nbytes, channel=channel)
+            sent = self._send_all(parts, nbytes, channel=channel)
+        if gateway is not None:
+            gateway.retain(channel, self._retained.frame(channel))
+        return sent
 
     def clear_retained(self, channel: Optional[str] = None) -> None:
         """Forget the retained value of ``channel`` (``None``: of every channel)."""
         with self._retain_lock:
             self._retained.clear(channel)
+        if self._gateway is not None:
+            self._gateway.unretain(channel)
 
     def write_image_all(
         self,
