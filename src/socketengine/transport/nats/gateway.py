@@ -498,7 +498,11 @@ class HostGateway(_Gateway):
             self._start_thread()
             self.link.subscribe(self.subjects.host_inbox_all(self.host), self._on_message)
             self._announcer = HostAnnouncer(
-                self.link, self.host, dict(info or {}), prefix=self.settings.prefix
+                self.link,
+                self.host,
+                dict(info or {}),
+                strict=False,  # a listing may lag; serving clients must not wait for it
+                prefix=self.settings.prefix,
             )
         except BaseException:
             self.close()
