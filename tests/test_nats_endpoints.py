@@ -351,3 +351,52 @@ def test_retained_values_survive_the_node_that_took_them(nats_net: Net) -> None:
     late2 = nats_net.client(h2, 2)
     wait_for(lambda: late2.get("cfg") == {"v": 1}, timeout=15, what="the value from KV")
     h2.clear_retained()
+
+
+# -- the asyncio layer -------------------------------------------------------------------------
+
+
+def test_asyncio_layer_over_nats(nats_net: Net) -> None:
+    import asyncio
+
+    from socketengine import aio
+
+    urls = nats_net.cluster.urls
+    name = f"aio-{uuid.uuid4().hex[:8]}"
+
+    async def until(cond: Any, what: str, timeout: float = 10.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not cond():
+            if loop.time() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            await asyncio.sleep(0.005)  # polling a condition, bounded by the deadline
+
+    async def main() -> None:
+        joined: List[str] = []
+        async with aio.Host(url=urls[0], name=name) as h:
+            h.on_connect(lambda conn: joined.append(conn.name))
+            h.on("double", lambda v, conn: v * 2)
+            await h.write_all("cfg", {"r": 1}, retain=True)
+            async with aio.Client(url=urls[1], host=name, name="a", connect_timeout=10) as a:
+                async with aio.Client(url=urls[2], host=name, name="b", connect_timeout=10) as b:
+                    await until(lambda: len(h.clients()) == 2, "two clients")
+                    assert sorted(joined) == ["a", "b"]
+                    await until(lambda: b.get("cfg") == {"r": 1}, "the retained value")
+                    await a.write("x", 1)
+                    await b.write("x", 2)
+                    await until(lambda: sorted(h.get_all("x")) == [1, 2], "get_all")
+                    assert await h.write_all("all", "v") == 2
+                    await until(lambda: a.get("all") == b.get("all") == "v", "write_all")
+                    assert await a.request("double", 4, timeout=10) == 8
+                    b.on("who", lambda v: f"b:{v}")
+                    conn = h.get_client("b")
+                    assert conn is not None
+                    assert await conn.request("who", 1, timeout=10) == "b:1"
+                    big = os.urandom(2_500_000)
+                    await a.write("big", big)
+                    await until(lambda: h.get("big") == big, "a value above max_payload")
+            await until(lambda: not h.clients(), "the clients gone")
+            h.clear_retained()
+
+    asyncio.run(main())

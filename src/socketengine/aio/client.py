@@ -145,7 +145,17 @@ class Client(Endpoint):
         will: Optional[Tuple[str, Any]] = None,
         compression: Optional[str] = None,
         compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD,
+        url: Optional[str] = None,
+        host: Optional[str] = None,
     ) -> None:
+        if url is not None:
+            from ..transport.nats.gateway import nats_client
+
+            addr, port, tls, self._gateway = nats_client(
+                url, host, name, token, tls, connect_timeout, max_message
+            )
+        #: The name of the host on a NATS cluster (``None``: direct TCP).
+        self.host = host
         super().__init__(
             addr,
             port,
@@ -201,6 +211,19 @@ class Client(Endpoint):
         return await super().start()
 
     async def _open(self) -> None:
+        gateway = self._gateway
+        loop = asyncio.get_running_loop()
+        if gateway is not None and gateway.link is None:
+            # ConnectTimeout / AuthenticationError; the link's calls block: off this loop.
+            await loop.run_in_executor(None, gateway.start)
+        try:
+            await self._open_connection()
+        except BaseException:
+            if gateway is not None:
+                self._gateway = await loop.run_in_executor(None, gateway.renewed)
+            raise
+
+    async def _open_connection(self) -> None:
         conn = await self._connect()
         self._conn = conn
         try:
@@ -352,6 +375,8 @@ class Client(Endpoint):
         if conn is not None:
             await conn.close(self.timeout)
         await self._stop_tasks(self.timeout)
+        if self._gateway is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._gateway.close)
         logger.info("%r: closed", self)
 
     # -- reading --------------------------------------------------------------------------

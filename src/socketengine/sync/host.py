@@ -339,13 +339,10 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         """
         self._check_open()
         gateway = self._gateway
-        if gateway is not None and not retain and self._codecs is None and not compress:
-            audience = self.clients()
-            if all(c.interest is None for c in audience):
-                # One publish; the NATS servers fan it out (see docs/nats.md).
-                parts, _ = frames.value_frame(frames.DATA, channel, data)
-                gateway.broadcast(channel, b"".join(parts))
-                return len(audience)
+        if gateway is not None:
+            fanned = self._nats_broadcast(channel, data, retain, compress, self.clients())
+            if fanned is not None:
+                return fanned
         if not retain and (self._codecs is not None or compress):
             sent = 0
             audience = [c for c in self.clients() if c.wants(channel)]

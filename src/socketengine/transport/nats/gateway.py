@@ -531,6 +531,17 @@ class HostGateway(_Gateway):
         for ch in [channel] if channel is not None else store.channels():
             store.delete(ch)
 
+    def unretain_soon(self, channel: Optional[str]) -> None:
+        """:meth:`unretain` without waiting (for an event loop; failures are logged)."""
+
+        def run() -> None:
+            try:
+                self.unretain(channel)
+            except Exception as exc:  # noqa: BLE001 (logged: the stored copy stays)
+                log.warning("NATS host %r: retained %r not deleted: %s", self.host, channel, exc)
+
+        threading.Thread(target=run, name="socketengine-nats-unretain", daemon=True).start()
+
     def broadcast(self, channel: str, frame: bytes) -> None:
         """One publish for every client (the server fans out)."""
         assert self.link is not None
