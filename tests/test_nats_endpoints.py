@@ -400,3 +400,73 @@ def test_asyncio_layer_over_nats(nats_net: Net) -> None:
             h.clear_retained()
 
     asyncio.run(main())
+
+
+# -- failover ----------------------------------------------------------------------------------
+
+
+def _reader(sub: Any, got: List[Any], stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            got.append((time.monotonic(), sub.get(timeout=0.1)))
+        except TimeoutError:
+            continue
+        except Exception:  # noqa: BLE001 (the subscription ended)
+            return
+
+
+def test_killing_a_node_mid_stream_fails_its_clients_over(nats_net: Net) -> None:
+    """Node B dies while the host (on A) streams numbered values: the client on B
+    reconnects through A or C and goes on, its subscription counts the gap, retained
+    values come back; the client on C loses nothing.  Prints the recovery time."""
+    cluster = nats_net.cluster
+    h = nats_net.host()
+    h.write_all("cfg", "kept", retain=True)
+    on_b = nats_net.client(h, 1, name="on-b")
+    on_c = nats_net.client(h, 2, name="on-c")
+    _connected(h, 2)
+    subs = [on_b.subscribe("n", maxsize=100_000), on_c.subscribe("n", maxsize=100_000)]
+    got: List[List[Any]] = [[], []]
+    stop = threading.Event()
+    sent: List[int] = []
+
+    def writer() -> None:
+        for i in range(20_000):  # bounded: ~40 s at most
+            if stop.wait(0.002):
+                return
+            h.write_all("n", i)
+            sent.append(i)
+
+    threads = [threading.Thread(target=writer)] + [
+        threading.Thread(target=_reader, args=(subs[k], got[k], stop)) for k in (0, 1)
+    ]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: len(got[0]) > 50 and len(got[1]) > 50, timeout=10, what="the stream")
+        killed_at = time.monotonic()
+        last_before = sent[-1]
+        cluster.kill(1)
+        wait_for(
+            lambda: got[0] and got[0][-1][1] > last_before + 50,
+            timeout=20,
+            what="the client on B receiving again",
+        )
+        on_b.write("back", 1)
+        wait_for(lambda: h.get("back") == 1, timeout=10, what="a write after failover")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    recovered = next(t for t, v in got[0] if t > killed_at and v > last_before) - killed_at
+    values_b = [v for _, v in got[0]]
+    values_c = [v for _, v in got[1]]
+    assert values_b == sorted(values_b) and len(set(values_b)) == len(values_b)  # in order
+    lost_b = (values_b[-1] - values_b[0] + 1) - len(values_b)
+    print(f"\nfailover: recovered in {recovered:.3f} s, lost {lost_b} of {len(sent)} values")
+    assert on_b.reconnects >= 1 and subs[0].gaps >= 1  # the gap is reported, not hidden
+    assert on_b.get("cfg") == "kept"  # retained values replayed on the new session
+    # The client on C never lost its server: everything, in order.
+    assert values_c == list(range(values_c[0], values_c[0] + len(values_c)))
+    assert subs[1].gaps == 0
+    assert recovered < 15

@@ -516,6 +516,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
             self._schedule_reconnect()
         elif conn is self._conn:
             log_lost_link(self, conn.error)
+            self._mark_gaps()
             self._schedule_reconnect()
 
     def _schedule_reconnect(self) -> None:
