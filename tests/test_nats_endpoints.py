@@ -470,3 +470,43 @@ def test_killing_a_node_mid_stream_fails_its_clients_over(nats_net: Net) -> None
     assert values_c == list(range(values_c[0], values_c[0] + len(values_c)))
     assert subs[1].gaps == 0
     assert recovered < 15
+
+
+# -- listing hosts -----------------------------------------------------------------------------
+
+
+def test_hosts_on_a_cluster_are_listed_in_one_call_and_one_command(nats_net: Net) -> None:
+    from socketengine import nats_hosts
+
+    urls = ",".join(nats_net.cluster.urls)
+    h = nats_net.host(name=f"listed {uuid.uuid4().hex[:6]}.*")  # any name, safely mapped
+    wait_for(lambda: h.name in nats_hosts(urls), timeout=10, what="the host listed")
+    assert nats_hosts(urls)[h.name]["pid"] == os.getpid()
+    out = subprocess.run(
+        [sys.executable, "-m", "socketengine", "hosts", urls, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert h.name in out.stdout
+    h.close()
+    wait_for(lambda: h.name not in nats_hosts(urls), timeout=10, what="the host unlisted")
+
+
+def test_the_hosts_command_says_when_no_server_answers() -> None:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    out = subprocess.run(
+        [sys.executable, "-m", "socketengine", "hosts", f"nats://127.0.0.1:{port}"]
+        + ["--timeout", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr and f"127.0.0.1:{port}" in out.stderr

@@ -57,6 +57,7 @@ __all__ = [
     "NatsSettings",
     "nats_host",
     "nats_client",
+    "nats_hosts",
 ]
 
 log = logging.getLogger("socketengine")
@@ -704,8 +705,6 @@ def _settings(
     tls: Optional[ssl.SSLContext],
     max_message: int,
 ) -> NatsSettings:
-    from ...protocol import token_bytes
-
     if host is None:
         raise TypeError("a NATS endpoint needs the host's name: Host(url=..., name='robot-1')")
     if tls is not None and not isinstance(tls, ssl.SSLContext):
@@ -713,7 +712,7 @@ def _settings(
     return NatsSettings(
         url,
         host,
-        token=token_bytes(token),
+        token=_token(token),
         tls=tls,
         connect_timeout=connect_timeout,
         max_message=max_message,
@@ -746,3 +745,41 @@ def nats_client(
     """For ``Client(url=..., host=...)`` of either layer: ``(addr, port, tls, gateway)``."""
     gateway = ClientGateway(_settings(url, host, token, connect_timeout, tls, max_message), name)
     return gateway.addr, 0, None, gateway
+
+
+def nats_hosts(
+    url: Union[str, Sequence[str]],
+    *,
+    token: Union[str, bytes, None] = None,
+    tls: Optional[ssl.SSLContext] = None,
+    connect_timeout: float = 5.0,
+    prefix: str = DEFAULT_PREFIX,
+) -> Dict[str, Dict[str, Any]]:
+    """The hosts running on a NATS cluster: ``{name: {"name", "pid", "t", ...}}``.
+
+    ``t`` is ``time.time()`` of the host's last announcement (every ~3 s); a host that
+    died without closing stays listed up to 10 s.  Raises ``ConnectTimeout`` /
+    ``AuthenticationError`` like ``Client(url=...)``.
+    """
+    from .presence import list_hosts
+
+    settings = NatsSettings(
+        url,
+        "-",
+        token=_token(token),
+        tls=tls,
+        connect_timeout=connect_timeout,
+        max_message=1024 * 1024,
+        prefix=prefix,
+    )
+    link = settings.connect("socketengine hosts")
+    try:
+        return list_hosts(link, prefix=prefix)
+    finally:
+        link.close(2.0)
+
+
+def _token(token: Union[str, bytes, None]) -> Optional[bytes]:
+    from ...protocol import token_bytes
+
+    return token_bytes(token)
