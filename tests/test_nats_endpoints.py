@@ -510,3 +510,67 @@ def test_the_hosts_command_says_when_no_server_answers() -> None:
     )
     assert out.returncode == 1
     assert "Traceback" not in out.stderr and f"127.0.0.1:{port}" in out.stderr
+
+
+# -- TLS and user/password -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_nodes(tmp_path_factory: Any) -> Iterator[Any]:
+    from certs import self_signed
+    from nats_cluster import start_cluster
+
+    cert, key = self_signed(tmp_path_factory.mktemp("nats-tls-ep"), "localhost")
+    cluster = start_cluster(3, user="cam", password="pw", tls_cert=str(cert), tls_key=str(key))
+    cluster.ca = str(cert)
+    yield cluster
+    cluster.stop()
+
+
+def test_tls_and_credentials_map_onto_nats(tls_nodes: Any) -> None:
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=tls_nodes.ca)
+    a, b = (u.replace("nats://", "nats://cam:pw@") for u in tls_nodes.urls[:2])
+    with pytest.raises(AuthenticationError):
+        Host(url=a.replace(":pw@", ":wrong@"), name="tls", tls=ctx, connect_timeout=5)
+    with Host(url=a, name="tls", tls=ctx) as h:
+        with Client(url=b, host="tls", tls=ctx, connect_timeout=10) as c:
+            c.write("x", b"y" * 1_500_000)
+            wait_for(lambda: h.get("x") is not None, timeout=10, what="the value over TLS")
+            assert len(h.get("x")) == 1_500_000
+
+
+def test_images_newest_frame_wins_for_a_slow_receiver(net: Net) -> None:
+    np = pytest.importorskip("numpy")
+    h = net.host()
+    fast = net.client(h, 1, name="fast")
+    slow = net.client(h, 2, name="slow")
+    _connected(h, 2)
+    release = threading.Event()
+    # An inline callback that blocks stops the slow client's I/O thread: it reads nothing.
+    slow.on("stall", lambda v: release.wait(30), inline=True)
+    h.get_client("slow").write("stall", 1)
+    frames_seen: List[int] = []
+    slow_seen: List[int] = []
+    fast.on("image", lambda img: frames_seen.append(int(img[0, 0, 0])))
+    slow.on("image", lambda img: slow_seen.append(int(img[0, 0, 0])))
+    img = np.zeros((480, 640, 3), np.uint8)
+    try:
+        for i in range(100):
+            img[0, 0, 0] = i
+            h.write_image_all(img)
+            if i % 10 == 9:
+                # The fast client keeps up: the stalled one does not hold it back.
+                wait_for(lambda i=i: frames_seen and frames_seen[-1] == i, timeout=10, what="fast")
+    finally:
+        release.set()
+    wait_for(
+        lambda: slow.get("image") is not None and int(slow.get("image")[0, 0, 0]) == 99,
+        timeout=20,
+        what="the newest frame at the slow client",
+    )
+    assert len(slow_seen) < 100  # older frames were dropped for it (conflation) ...
+    assert frames_seen[-1] == 99  # ... not for the fast one, which saw the newest at once
+    assert fast.connected and slow.connected
+    assert h.get_client("fast") is not None and h.get_client("slow") is not None
