@@ -257,7 +257,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--writes", type=int, default=200, help="write_all calls per cpu run")
     ap.add_argument("--small", type=int, default=20000, help="values per small run")
     ap.add_argument("--trips", type=int, default=500, help="round trips per run")
-    ap.add_argument("--out", help="JSON results file")
+    ap.add_argument("--kinds", default="tcp,nats", help="transports of the cpu runs")
+    ap.add_argument("--out", help="JSON results file (cpu figures merged into an existing one)")
     ap.add_argument("--chart", help="PNG chart of the cpu figures")
     args = ap.parse_args(argv)
     raise_nofile()
@@ -274,9 +275,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if "cpu" in only:
             cpu: Dict[str, Any] = {}
             for k in [int(x) for x in args.ks.split(",")]:
-                runs: Dict[str, List[Dict[str, float]]] = {"tcp": [], "nats": []}
+                kinds = args.kinds.split(",")
+                runs: Dict[str, List[Dict[str, float]]] = {kind: [] for kind in kinds}
                 for r in range(args.rounds):
-                    for kind in ("tcp", "nats") if r % 2 == 0 else ("nats", "tcp"):
+                    for kind in kinds if r % 2 == 0 else kinds[::-1]:
                         out = _fan(kind, k, args.writes, urls)
                         print(f"cpu k={k} {kind}: {out}", flush=True)
                         runs[kind].append(out)
@@ -315,6 +317,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                     runs3[kind].append(v)
             results["roundtrip_p50_us"] = {k: _med(v) for k, v in runs3.items()}
     print(json.dumps(results, indent=1))
+    if args.out and os.path.exists(args.out):
+        with open(args.out, encoding="utf-8") as f:
+            old = json.load(f)
+        for k, v in old.get("cpu", {}).items():
+            results.setdefault("cpu", {}).setdefault(k, {})
+            for kind, figures in v.items():
+                results["cpu"][k].setdefault(kind, figures)
+        for key in ("small_msgs_per_s", "roundtrip_p50_us"):
+            if key in old and key not in results:
+                results[key] = old[key]
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)
@@ -332,11 +344,12 @@ def _chart(results: Dict[str, Any], path: str) -> None:
     ks = sorted(int(k) for k in results["cpu"])
     fig, ax = plt.subplots(figsize=(6, 4))
     for kind, label in (("tcp", "direct TCP"), ("nats", "NATS (3 nodes)")):
-        ys = [results["cpu"][str(k)][kind]["cpu_per_write_us"]["median"] for k in ks]
-        lo = [results["cpu"][str(k)][kind]["cpu_per_write_us"]["min"] for k in ks]
-        hi = [results["cpu"][str(k)][kind]["cpu_per_write_us"]["max"] for k in ks]
+        have = [k for k in ks if kind in results["cpu"][str(k)]]
+        ys = [results["cpu"][str(k)][kind]["cpu_per_write_us"]["median"] for k in have]
+        lo = [results["cpu"][str(k)][kind]["cpu_per_write_us"]["min"] for k in have]
+        hi = [results["cpu"][str(k)][kind]["cpu_per_write_us"]["max"] for k in have]
         ax.errorbar(
-            ks,
+            have,
             ys,
             yerr=[[y - a for y, a in zip(ys, lo)], [b - y for y, b in zip(ys, hi)]],
             marker="o",

@@ -322,11 +322,11 @@ class _Gateway:
 
     def _unsubscribe(self, sub: Subscription) -> None:
         link = self.link
-        if link is None:
-            return
+        loop = None if link is None else link._loop
+        if link is None or loop is None or loop.is_closed():
+            return  # the link is closing: its subscriptions end with it
         # Never block the selector thread on the link: the link finishes it.
-        assert link._loop is not None
-        link._loop.call_soon_threadsafe(lambda: link._spawn(sub._unsubscribe()))
+        loop.call_soon_threadsafe(lambda: link._spawn(sub._unsubscribe()))
 
     # -- units from NATS (link thread -> selector thread) ----------------------------------
 
