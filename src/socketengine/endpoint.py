@@ -231,6 +231,14 @@ class EndpointBase:
         if monitor is not None:
             monitor.close()
 
+    def _where(self) -> str:
+        """Where the endpoint is, for ``repr`` and logs: ``addr:port``, or the host's
+        name on a NATS cluster."""
+        gateway = self._gateway
+        if gateway is not None:
+            return f"nats:{gateway.host}"
+        return f"{self.addr}:{self._port}"
+
     @property
     def port(self) -> int:
         """The TCP port (a host's real one once open, when created with ``port=0``)."""

@@ -105,6 +105,12 @@ class Client(Endpoint):
         subscriptions, and to its other clients) if this client vanishes without
         saying goodbye -- a crash, a kill, a link declared dead.  A polite
         :meth:`close` does not trigger it.  At most 16 KiB encoded, no arrays.
+    :param url: connect through a NATS cluster instead of TCP: ``"nats://HOST:4222"``
+        (comma-separated, or a list, for several servers); needs ``host=``.
+        ``token=`` also authenticates to the servers; ``tls=`` is the
+        ``ssl.SSLContext`` for them; ``connect_timeout`` bounds reaching a server
+        (default 5 s).  See docs/nats.md.
+    :param host: with ``url``: the name of the host to connect to (``Host(name=...)``).
     :param compression: compress large values on the wire (protocol 1.1): ``"zstd"``,
         ``"lz4"`` or ``"auto"`` (the first installed; ``pip install
         'socket.engine[compression]'``); ``None`` (default): off.  Only for a peer
@@ -664,4 +670,4 @@ class Client(Endpoint):
     def __repr__(self) -> str:
         state = "closed" if self.stopped else ("connected" if self.connected else "not connected")
         name = f" name={self.name!r}" if self.name else ""
-        return f"<aio.Client {self.addr}:{self._port}{name} {state}>"
+        return f"<aio.Client {self._where()}{name} {state}>"

@@ -90,7 +90,13 @@ class Host(Endpoint):
         :meth:`get_all` keeps reporting (oldest forgotten first).
     :param keep_departed_bytes: bytes of values those departed clients keep, together
         (oldest forgotten first).
-    :param name: a label for logs and ``repr`` (not sent to clients).
+    :param name: a label for logs and ``repr`` (not sent to clients); with ``url``
+        the host's name on the NATS cluster, which clients give as ``host=``.
+    :param url: run over a NATS cluster instead of listening on TCP:
+        ``"nats://HOST:4222"`` (comma-separated, or a list, for several servers); needs
+        ``name=``.  ``token=`` also authenticates to the servers and ``tls=`` is a
+        *client* ``ssl.SSLContext`` for them (docs/nats.md).
+    :param connect_timeout: with ``url``: seconds to reach a NATS server (default 5).
     :param timeout: seconds a write may wait for a client that does not keep up, and
         that :meth:`close` waits for clients to take what was written and for running
         callbacks to finish.
@@ -608,7 +614,7 @@ class Host(Endpoint):
     def __repr__(self) -> str:
         state = "closed" if self.stopped else ("open" if self.opened else "not started")
         label = f" {self.name!r}" if self.name else ""
-        return f"<aio.Host{label} {self.addr}:{self.port} {state} clients={len(self._conns)}>"
+        return f"<aio.Host{label} {self._where()} {state} clients={len(self._conns)}>"
 
 
 async def _in_thread(fn: Callable[..., T], *args: Any) -> T:

@@ -120,6 +120,15 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         :meth:`get_all` keeps reporting (oldest forgotten first).
     :param keep_departed_bytes: bytes of values those departed clients keep, together
         (oldest forgotten first).
+    :param url: run over a NATS cluster instead of listening on TCP:
+        ``"nats://HOST:4222"`` (comma-separated, or a list, for several servers); needs
+        ``name=``.  ``addr``/``port`` are then unused, ``token=`` also authenticates to
+        the servers and ``tls=`` is a *client* ``ssl.SSLContext`` for them
+        (docs/nats.md).
+    :param name: with ``url``: the host's name on the cluster, which clients give as
+        ``host=`` (any string; unique per cluster).
+    :param connect_timeout: with ``url``: seconds to reach a NATS server (default 5)
+        before :class:`ConnectTimeout`.
     """
 
     _kind = "host"
@@ -621,7 +630,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
 
     def __repr__(self) -> str:
         state = "closed" if self.stopped else ("open" if self.opened else "not open")
-        return f"<Host {self.addr}:{self.port} {state} clients={len(self._conns)}>"
+        return f"<Host {self._where()} {state} clients={len(self._conns)}>"
 
 
 def _latest_of_each(sessions: List[Tuple[int, Connection]], channel: str) -> List[Any]:
