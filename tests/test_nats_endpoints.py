@@ -356,13 +356,23 @@ def test_retained_values_survive_the_node_that_took_them(nats_net: Net) -> None:
 # -- the asyncio layer -------------------------------------------------------------------------
 
 
-def test_asyncio_layer_over_nats(nats_net: Net) -> None:
+def test_asyncio_layer(net: Net) -> None:
+    """The asyncio layer, the same program over direct TCP and over NATS."""
     import asyncio
 
     from socketengine import aio
 
-    urls = nats_net.cluster.urls
     name = f"aio-{uuid.uuid4().hex[:8]}"
+
+    def make_host() -> Any:
+        if net.kind == "tcp":
+            return aio.Host(port=0)
+        return aio.Host(url=net.cluster.urls[0], name=name)
+
+    def make_client(h: Any, node: int, who: str) -> Any:
+        if net.kind == "tcp":
+            return aio.Client(port=h.port, name=who, connect_timeout=10)
+        return aio.Client(url=net.cluster.urls[node], host=name, name=who, connect_timeout=10)
 
     async def until(cond: Any, what: str, timeout: float = 10.0) -> None:
         loop = asyncio.get_running_loop()
@@ -374,12 +384,12 @@ def test_asyncio_layer_over_nats(nats_net: Net) -> None:
 
     async def main() -> None:
         joined: List[str] = []
-        async with aio.Host(url=urls[0], name=name) as h:
+        async with make_host() as h:
             h.on_connect(lambda conn: joined.append(conn.name))
             h.on("double", lambda v, conn: v * 2)
             await h.write_all("cfg", {"r": 1}, retain=True)
-            async with aio.Client(url=urls[1], host=name, name="a", connect_timeout=10) as a:
-                async with aio.Client(url=urls[2], host=name, name="b", connect_timeout=10) as b:
+            async with make_client(h, 1, "a") as a:
+                async with make_client(h, 2, "b") as b:
                     await until(lambda: len(h.clients()) == 2, "two clients")
                     assert sorted(joined) == ["a", "b"]
                     await until(lambda: b.get("cfg") == {"r": 1}, "the retained value")
