@@ -108,6 +108,8 @@ class NatsSettings:
         self.token = token
         self.tls = tls
         self.connect_timeout = 5.0 if connect_timeout is None else float(connect_timeout)
+        #: Seconds a new session waits for the host to answer before it is given up.
+        self.open_timeout = 10.0
         # A frame is at most max_message; the preamble and headers ride along.
         self.max_message = max_message + _HEADER_SIZE + 64
 
@@ -498,6 +500,8 @@ class HostGateway(_Gateway):
         try:
             self._start_thread()
             self.link.subscribe(self.subjects.host_inbox_all(self.host), self._on_message)
+            # Served after the inbox subscription: an answer to a client proves both reach it.
+            self.link.serve(self.subjects.host_open(self.host), lambda body: b"ok")
             self._announcer = HostAnnouncer(
                 self.link,
                 self.host,
@@ -663,6 +667,7 @@ class ClientGateway(_Gateway):
         async def subscribe() -> None:
             try:
                 s.sub = await link.aio.subscribe(host_in, on_message)
+                reached = await self._host_reachable(link)
             except Exception as exc:  # noqa: BLE001
                 log.warning("NATS client: cannot subscribe %s: %s", host_in, exc)
                 self.call(self._drop, s)
@@ -670,12 +675,46 @@ class ClientGateway(_Gateway):
             if self._sessions.get(s.name) is not s:
                 await s.sub._unsubscribe()
                 return
-            # Only now may the endpoint's units go out: replies need the subscription.
+            if not reached:
+                log.warning(
+                    "NATS client: no host named %r answered on the cluster within %s s",
+                    self.host,
+                    self.settings.open_timeout,
+                )
+                self.call(self._drop, s)
+                return
+            # Only now may the endpoint's units go out: replies need the subscription,
+            # and the host's subscriptions must have reached this client's server.
             self.call(self._register_reading, s)
 
         # Reading the local socket starts once the reply subscription exists.
         assert link._loop is not None
         link._loop.call_soon_threadsafe(lambda: link._spawn(subscribe()))
+
+    async def _host_reachable(self, link: NatsLink) -> bool:
+        """Ask the host until it answers (``open_timeout`` s at most).  Right after a
+        host started, its subscriptions may not have reached every server of the
+        cluster yet, and a message published there would be dropped (NATS keeps no
+        message without a subscriber): this waits for them instead of losing the
+        session's first units."""
+        import asyncio
+        import time
+
+        from .link import NoResponders
+
+        subject = self.subjects.host_open(self.host)
+        deadline = time.monotonic() + self.settings.open_timeout
+        delay = 0.02
+        while True:
+            try:
+                await link.aio.request(subject, b"", timeout=min(1.0, self.settings.open_timeout))
+                return True
+            except (NoResponders, TimeoutError):
+                pass
+            if time.monotonic() + delay > deadline:
+                return False
+            await asyncio.sleep(delay)  # backoff while the host (or its interest) is missing
+            delay = min(delay * 2, 0.5)
 
     def _register_reading(self, s: _Session) -> None:
         if self._sessions.get(s.name) is s:
