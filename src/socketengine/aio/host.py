@@ -206,9 +206,13 @@ class Host(Endpoint):
         gateway = self._gateway
         if gateway is not None:
             # The link's calls block (it runs its own loop thread): off this loop.
-            await _in_thread(gateway.connect)
-            for channel, frame in (await _in_thread(gateway.retained_items)).items():
-                self._retained.retain(channel, [frame])
+            try:
+                await _in_thread(gateway.connect)
+                for channel, frame in (await _in_thread(gateway.retained_items)).items():
+                    self._retained.retain(channel, [frame])
+            except BaseException:
+                await _in_thread(gateway.abandon)  # nothing started, nothing left behind
+                raise
         sock = listen(self.addr, self._port, self.backlog)
         loop = asyncio.get_running_loop()
         # asyncio accepts up to `backlog` connections per event before it reads any: a

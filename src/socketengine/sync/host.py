@@ -231,9 +231,13 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
                 return self
             gateway = self._gateway
             if gateway is not None:
-                gateway.connect()  # ConnectTimeout / AuthenticationError: nothing started
-                for channel, frame in gateway.retained_items().items():
-                    self._retained.retain(channel, [frame])
+                try:
+                    gateway.connect()  # ConnectTimeout / AuthenticationError
+                    for channel, frame in gateway.retained_items().items():
+                        self._retained.retain(channel, [frame])
+                except BaseException:
+                    gateway.abandon()  # nothing started, nothing left behind
+                    raise
             self._listener = listen(self.addr, self._port, self.backlog)
             self._port = listening_port(self._listener)
             self._loop.register(self._listener, selectors.EVENT_READ, self._on_accept)

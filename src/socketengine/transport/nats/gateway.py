@@ -489,8 +489,20 @@ class HostGateway(_Gateway):
 
     def connect(self) -> HostGateway:
         """Connect the link (blocking; ``ConnectTimeout``, ``AuthenticationError``)."""
+        os.makedirs(self._dir, mode=0o700, exist_ok=True)  # removed by a failed open
         self.link = self._connect_link(f"socketengine host {self.host}")
         return self
+
+    def abandon(self) -> None:
+        """A failed ``open()``: close the link, remove the socket directory; a later
+        ``open()`` may :meth:`connect` again."""
+        link, self.link = self.link, None
+        if link is not None:
+            try:
+                link.close(2.0)
+            except Exception as exc:  # noqa: BLE001 (failing anyway)
+                log.debug("NATS host: link close: %s", exc)
+        shutil.rmtree(self._dir, ignore_errors=True)
 
     def serve(self, info: Optional[Dict[str, Any]] = None) -> HostGateway:
         """Start taking sessions (the host listens by now) and announce the host."""
@@ -612,8 +624,8 @@ class ClientGateway(_Gateway):
         super().__init__(settings, **kw)
         self.client_name_given = name
         self.client_name = name or "client"
+        # A renewed gateway (after a failed open) gets its directory back in start().
         self._dir = local_dir or private_socket_dir()
-        os.makedirs(self._dir, mode=0o700, exist_ok=True)
         self.local_path = os.path.join(self._dir, "c.sock")
         self._listener: Optional[socket.socket] = None
         self._bsub: Optional[Subscription] = None
@@ -624,7 +636,12 @@ class ClientGateway(_Gateway):
         return "unix://" + self.local_path
 
     def start(self) -> ClientGateway:
-        self.link = self._connect_link(f"socketengine client {self.client_name}")
+        os.makedirs(self._dir, mode=0o700, exist_ok=True)
+        try:
+            self.link = self._connect_link(f"socketengine client {self.client_name}")
+        except BaseException:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise
         try:
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             listener.bind(self.local_path)
