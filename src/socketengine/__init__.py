@@ -7,6 +7,8 @@ names) are aliases kept for socket.engine 1.x code; see :mod:`socketengine.compa
 
 from __future__ import annotations
 
+from typing import Any, Dict
+
 from .compat import client, host
 from .errors import (
     AuthenticationError,
@@ -31,6 +33,20 @@ from .sync.host import Host
 
 __version__ = "2.0.0a1"
 
+
+def nats_hosts(url: Any, **kwargs: Any) -> Dict[str, Dict[str, Any]]:
+    """The hosts running on a NATS cluster, in one call: ``{name: info}``.
+
+    ``url``: ``"nats://a:4222,nats://b:4222"`` (or a list); keywords ``token=``,
+    ``tls=`` (an ``ssl.SSLContext``), ``connect_timeout=`` (seconds, default 5).
+    ``info`` has ``pid`` and ``t`` (``time.time()`` of its last announcement).  Needs
+    ``pip install "socket.engine[nats]"``; see docs/nats.md.
+    """
+    from .transport.nats.gateway import nats_hosts as hosts
+
+    return hosts(url, **kwargs)
+
+
 __all__ = [
     "Host",
     "Client",
@@ -39,6 +55,7 @@ __all__ = [
     "Pattern",
     "host",
     "client",
+    "nats_hosts",
     "SocketEngineError",
     "SocketEngineConnectionError",
     "ProtocolError",

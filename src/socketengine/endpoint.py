@@ -37,6 +37,8 @@ class EndpointBase:
     _kind = "endpoint"
     #: Hosts: callbacks get the connection too, and items carry it.
     _with_conn = False
+    #: Over NATS: the gateway carrying this endpoint's connections (docs/nats.md).
+    _gateway: Any = None
 
     def _init_endpoint(
         self,
@@ -139,6 +141,21 @@ class EndpointBase:
                 encoded = packed[name] = plain if out is None else out
             groups.setdefault(id(encoded), (encoded, []))[1].append(conn)
         return list(groups.values())
+
+    def _nats_broadcast(
+        self, channel: str, data: Any, retain: bool, compress: Optional[bool], audience: List[Any]
+    ) -> Optional[int]:
+        """A NATS host's ``write_all``: one publish that the servers fan out, when every
+        client gets the same plain frame (no retain, no compression, no interest set);
+        the number of clients, or ``None`` when the write must go per connection."""
+        gateway = self._gateway
+        if gateway is None or retain or self._codecs is not None or compress:
+            return None
+        if any(conn.interest is not None for conn in audience):
+            return None
+        parts, _ = frames.value_frame(frames.DATA, channel, data)
+        gateway.broadcast(channel, b"".join(parts))
+        return len(audience)
 
     def on_request(self, fn: _H) -> _H:
         """Call ``fn(conn, channel, value, reply, error)`` after every request this
@@ -280,6 +297,14 @@ class EndpointBase:
         monitor, self.monitor = self.monitor, None
         if monitor is not None:
             monitor.close()
+
+    def _where(self) -> str:
+        """Where the endpoint is, for ``repr`` and logs: ``addr:port``, or the host's
+        name on a NATS cluster."""
+        gateway = self._gateway
+        if gateway is not None:
+            return f"nats:{gateway.host}"
+        return f"{self.addr}:{self._port}"
 
     @property
     def port(self) -> int:

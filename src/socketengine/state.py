@@ -66,6 +66,10 @@ class RetainedValues:
             frame += part
         self._frames[channel] = bytes(frame)
 
+    def frame(self, channel: str) -> bytes:
+        """The retained frame of ``channel`` (``KeyError`` if none)."""
+        return self._frames[channel]
+
     def clear(self, channel: Optional[str] = None) -> None:
         if channel is None:
             self._frames.clear()
@@ -388,6 +392,8 @@ class SubscriptionBuffer(Generic[T]):
         self.nbytes = 0
         self.closed = False
         self._paused: Set[Any] = set()
+        #: Connection losses this subscription lived through (values may be missing).
+        self.gaps = 0
 
     def __len__(self) -> int:
         return len(self.items)
@@ -421,6 +427,11 @@ class SubscriptionBuffer(Generic[T]):
             self._paused.clear()
             return item, released
         return item, []
+
+    def gap(self) -> None:
+        """The link to the peer was lost: values sent meanwhile may never arrive."""
+        if not self.closed:
+            self.gaps += 1
 
     def close(self) -> List[Any]:
         """Stop adding; return the sources to release."""

@@ -106,6 +106,12 @@ class Client(Endpoint):
         subscriptions, and to its other clients) if this client vanishes without
         saying goodbye -- a crash, a kill, a link declared dead.  A polite
         :meth:`close` does not trigger it.  At most 16 KiB encoded, no arrays.
+    :param url: connect through a NATS cluster instead of TCP: ``"nats://HOST:4222"``
+        (comma-separated, or a list, for several servers); needs ``host=``.
+        ``token=`` also authenticates to the servers; ``tls=`` is the
+        ``ssl.SSLContext`` for them; ``connect_timeout`` bounds reaching a server
+        (default 5 s).  See docs/nats.md.
+    :param host: with ``url``: the name of the host to connect to (``Host(name=...)``).
     :param compression: compress large values on the wire (protocol 1.1): ``"zstd"``,
         ``"lz4"`` or ``"auto"`` (the first installed; ``pip install
         'socket.engine[compression]'``); ``None`` (default): off.  Only for a peer
@@ -146,7 +152,17 @@ class Client(Endpoint):
         will: Optional[Tuple[str, Any]] = None,
         compression: Optional[str] = None,
         compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD,
+        url: Optional[str] = None,
+        host: Optional[str] = None,
     ) -> None:
+        if url is not None:
+            from ..transport.nats.gateway import nats_client
+
+            addr, port, tls, self._gateway = nats_client(
+                url, host, name, token, tls, connect_timeout, max_message
+            )
+        #: The name of the host on a NATS cluster (``None``: direct TCP).
+        self.host = host
         super().__init__(
             addr,
             port,
@@ -205,6 +221,19 @@ class Client(Endpoint):
         return await super().start()
 
     async def _open(self) -> None:
+        gateway = self._gateway
+        loop = asyncio.get_running_loop()
+        if gateway is not None and gateway.link is None:
+            # ConnectTimeout / AuthenticationError; the link's calls block: off this loop.
+            await loop.run_in_executor(None, gateway.start)
+        try:
+            await self._open_connection()
+        except BaseException:
+            if gateway is not None:
+                self._gateway = await loop.run_in_executor(None, gateway.renewed)
+            raise
+
+    async def _open_connection(self) -> None:
         conn = await self._connect()
         self._conn = conn
         try:
@@ -357,6 +386,8 @@ class Client(Endpoint):
         if conn is not None:
             await conn.close(self.timeout)
         await self._stop_tasks(self.timeout)
+        if self._gateway is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._gateway.close)
         logger.info("%r: closed", self)
 
     # -- reading --------------------------------------------------------------------------
@@ -630,6 +661,11 @@ class Client(Endpoint):
         if not self.reconnect:
             return
         log_lost_link(self, conn.error)
+        for subs in self._subs.values():
+            for sub in subs:
+                sub._buffer.gap()
+        for sub in self._patterns.all_subs():
+            sub._buffer.gap()
         if self._reconnector is None or self._reconnector.done():
             self._reconnector = asyncio.get_running_loop().create_task(self._reconnect())
 
@@ -643,4 +679,4 @@ class Client(Endpoint):
     def __repr__(self) -> str:
         state = "closed" if self.stopped else ("connected" if self.connected else "not connected")
         name = f" name={self.name!r}" if self.name else ""
-        return f"<aio.Client {self.addr}:{self._port}{name} {state}>"
+        return f"<aio.Client {self._where()}{name} {state}>"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union, overload
 
@@ -43,6 +44,7 @@ __all__ = ["Host"]
 logger = logging.getLogger("socketengine")
 
 _H = TypeVar("_H", bound="Host")
+T = TypeVar("T")
 #: An ``on_connect`` / ``on_disconnect`` callback: ``fn(conn)``, plain or ``async``.
 _C = TypeVar("_C", bound=Callable[[Connection], Any])
 
@@ -96,7 +98,13 @@ class Host(Endpoint):
         docs/guarantees.md).  ``0`` disables resume.  Default 60.
     :param resume_sessions: lost sessions kept at once (oldest dropped first); each
         holds at most ``2 x max_buffer`` bytes (its replay buffer and unsent queue).
-    :param name: a label for logs and ``repr`` (not sent to clients).
+    :param name: a label for logs and ``repr`` (not sent to clients); with ``url``
+        the host's name on the NATS cluster, which clients give as ``host=``.
+    :param url: run over a NATS cluster instead of listening on TCP:
+        ``"nats://HOST:4222"`` (comma-separated, or a list, for several servers); needs
+        ``name=``.  ``token=`` also authenticates to the servers and ``tls=`` is a
+        *client* ``ssl.SSLContext`` for them (docs/nats.md).
+    :param connect_timeout: with ``url``: seconds to reach a NATS server (default 5).
     :param timeout: seconds a write may wait for a client that does not keep up, and
         that :meth:`close` waits for clients to take what was written and for running
         callbacks to finish.
@@ -153,7 +161,15 @@ class Host(Endpoint):
         compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD,
         resume_window: float = DEFAULT_RESUME_WINDOW,
         resume_sessions: int = DEFAULT_RESUME_SESSIONS,
+        url: Optional[str] = None,
+        connect_timeout: Optional[float] = None,
     ) -> None:
+        if url is not None:
+            from ..transport.nats.gateway import nats_host
+
+            addr, port, tls, self._gateway = nats_host(
+                url, name, token, tls, connect_timeout, max_message
+            )
         super().__init__(
             addr,
             port,
@@ -199,6 +215,16 @@ class Host(Endpoint):
         return await super().start()
 
     async def _open(self) -> None:
+        gateway = self._gateway
+        if gateway is not None:
+            # The link's calls block (it runs its own loop thread): off this loop.
+            try:
+                await _in_thread(gateway.connect)
+                for channel, frame in (await _in_thread(gateway.retained_items)).items():
+                    self._retained.retain(channel, [frame])
+            except BaseException:
+                await _in_thread(gateway.abandon)  # nothing started, nothing left behind
+                raise
         sock = listen(self.addr, self._port, self.backlog)
         loop = asyncio.get_running_loop()
         # asyncio accepts up to `backlog` connections per event before it reads any: a
@@ -227,6 +253,8 @@ class Host(Endpoint):
         self._port = listening_port(sock)
         self._start_heartbeat()
         try:
+            if gateway is not None:
+                await _in_thread(gateway.serve, {"pid": os.getpid()})
             self._start_monitor()
         except BaseException:
             self._server.close()
@@ -257,6 +285,8 @@ class Host(Endpoint):
             except asyncio.TimeoutError:  # pragma: no cover - only if a transport hangs
                 logger.warning("%r: server did not close within %s s", self, self.timeout)
         await self._stop_tasks(self.timeout)
+        if self._gateway is not None:
+            await _in_thread(self._gateway.close)
         logger.info("%r: closed", self)
 
     # -- reading --------------------------------------------------------------------------
@@ -397,10 +427,18 @@ class Host(Endpoint):
         go on receiving.
         """
         self._check_open()
+        gateway = self._gateway
+        if gateway is not None:
+            fanned = self._nats_broadcast(channel, data, retain, compress, self.clients())
+            if fanned is not None:
+                return fanned
         if retain:
             parts, nbytes = frames.value_frame(frames.DATA, channel, data)
             self._retained.retain(channel, parts)
-            return await self._broadcast(parts, nbytes, channel=channel)
+            sent = await self._broadcast(parts, nbytes, channel=channel)
+            if gateway is not None:
+                await _in_thread(gateway.retain, channel, self._retained.frame(channel))
+            return sent
         if self._codecs is not None or compress:
             sent = 0
             audience = self._audience(channel)
@@ -417,8 +455,11 @@ class Host(Endpoint):
         return await self._broadcast(frame_parts, size, channel=channel)
 
     def clear_retained(self, channel: Optional[str] = None) -> None:
-        """Forget the retained value of ``channel`` (``None``: of every channel)."""
+        """Forget the retained value of ``channel`` (``None``: of every channel).
+        Over NATS the stored copy is deleted in the background."""
         self._retained.clear(channel)
+        if self._gateway is not None:
+            self._gateway.unretain_soon(channel)
 
     async def write_image_all(
         self,
@@ -600,4 +641,9 @@ class Host(Endpoint):
     def __repr__(self) -> str:
         state = "closed" if self.stopped else ("open" if self.opened else "not started")
         label = f" {self.name!r}" if self.name else ""
-        return f"<aio.Host{label} {self.addr}:{self.port} {state} clients={len(self._conns)}>"
+        return f"<aio.Host{label} {self._where()} {state} clients={len(self._conns)}>"
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in the default executor (a blocking NATS link call)."""
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)

@@ -53,6 +53,13 @@ class Subscription(Gate, AsyncIterator[_T]):
         self._on_close = on_close
 
     @property
+    def gaps(self) -> int:
+        """How many times the connection was lost while this subscription was open:
+        values sent meanwhile may be missing (a client reconnects by itself; compare
+        ``gaps`` before and after reading to know whether the stream is whole)."""
+        return self._buffer.gaps
+
+    @property
     def closed(self) -> bool:
         """True once no more items will be added."""
         return self._buffer.closed

@@ -237,6 +237,27 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 # -- send, request, watch ---------------------------------------------------------------
 
 
+def cmd_hosts(args: argparse.Namespace) -> int:
+    """List the hosts on a NATS cluster (one line each, or JSON lines)."""
+    from .. import nats_hosts
+
+    try:
+        hosts = nats_hosts(args.url, token=args.token, connect_timeout=args.timeout)
+    except ImportError as exc:
+        raise CommandError(f"{exc}: pip install 'socket.engine[nats]'") from exc
+    console = _console(args)
+    now = time.time()
+    for name in sorted(hosts):
+        info = hosts[name]
+        if args.json:
+            console.line(json_line(jsonable(info)))
+        else:
+            age = now - float(info.get("t", now))
+            console.line(f"{safe(name)}\tpid {info.get('pid', '?')}\t{age:.1f} s ago")
+    console.status(f"{len(hosts)} host(s) on {args.url}")
+    return EXIT_OK
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     """Connect, send one value, flush, close; say what was sent on stderr (not ``-q``)."""
     value, is_image = read_value(args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any, Optional, Sequence
 
@@ -13,6 +14,7 @@ from .commands import (
     cmd_bench,
     cmd_demo,
     cmd_host,
+    cmd_hosts,
     cmd_monitor,
     cmd_request,
     cmd_send,
@@ -158,6 +160,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_value_options(p)
     add_client_options(p)
     p.set_defaults(func=cmd_request)
+
+    p = command(
+        "hosts",
+        "list the hosts running on a NATS cluster",
+        "List the hosts announced on a NATS cluster (Host(url='nats://...', name=...)): "
+        "one line per host, name, pid and seconds since its last announcement "
+        "(every ~3 s; a host that died without closing stays listed up to 10 s).",
+        "examples:\n  socketengine hosts nats://10.0.0.5:4222\n"
+        "  socketengine hosts nats://a:4222,nats://b:4222 --json",
+    )
+    p.add_argument("url", metavar="URL", help="nats://HOST:PORT (comma-separated for a cluster)")
+    p.add_argument(
+        "--token",
+        default=os.environ.get("SOCKETENGINE_TOKEN"),
+        help="the cluster's token (default: $SOCKETENGINE_TOKEN)",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to reach a server (default 5)"
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per host")
+    p.set_defaults(func=cmd_hosts)
 
     p = command(
         "bench",

@@ -9,7 +9,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Iterable, List, Optional, Tuple, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Tuple, TypeVar, Union
 
 from ..compat import ClientSeedNames
 from ..engine import ConnState
@@ -41,6 +41,9 @@ from ..state import Backoff, log_lost_link
 from .connection import Connection
 from .endpoint import Endpoint
 from .loop import Loop, TimerHandle
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..transport.nats.gateway import ClientGateway
 
 logger = logging.getLogger("socketengine")
 
@@ -91,6 +94,12 @@ class Client(ClientSeedNames, Endpoint[Any]):
         subscriptions, and to its other clients) if this client vanishes without
         saying goodbye -- a crash, a kill, a link declared dead.  A polite
         :meth:`close` does not trigger it.  At most 16 KiB encoded, no arrays.
+    :param url: connect through a NATS cluster instead of TCP: ``"nats://HOST:4222"``
+        (comma-separated, or a list, for several servers); needs ``host=``.
+        ``token=`` also authenticates to the servers; ``tls=`` is the
+        ``ssl.SSLContext`` for them; ``connect_timeout`` bounds reaching a server
+        (default 5 s).  See docs/nats.md.
+    :param host: with ``url``: the name of the host to connect to (``Host(name=...)``).
     :param compression: compress large values on the wire (protocol 1.1): ``"zstd"``,
         ``"lz4"`` or ``"auto"`` (the first installed; ``pip install
         'socket.engine[compression]'``); ``None`` (default): off.  Only for a peer
@@ -127,7 +136,19 @@ class Client(ClientSeedNames, Endpoint[Any]):
         will: Optional[Tuple[str, Any]] = None,
         compression: Optional[str] = None,
         compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD,
+        url: Optional[str] = None,
+        host: Optional[str] = None,
     ) -> None:
+        gateway: Optional[ClientGateway] = None
+        if url is not None:
+            from ..transport.nats.gateway import nats_client
+
+            addr, port, tls, gateway = nats_client(
+                url, host, name, token, tls, connect_timeout, max_message
+            )
+        self._gateway = gateway
+        #: The name of the host on a NATS cluster (``None``: direct TCP).
+        self.host = host
         super().__init__(
             addr,
             port,
@@ -184,14 +205,22 @@ class Client(ClientSeedNames, Endpoint[Any]):
         with self._state_lock:
             if self.opened:
                 return self
-            sock = self._connect()
+            gateway = self._gateway
+            if gateway is not None and gateway.link is None:
+                gateway.start()  # ConnectTimeout / AuthenticationError
             try:
-                self._loop.start()  # inside the try: Ctrl-C may land in start() itself
-                conn = self._handshake(sock)
+                sock = self._connect()
+                try:
+                    self._loop.start()  # inside the try: Ctrl-C may land in start() itself
+                    conn = self._handshake(sock)
+                except BaseException:
+                    # Leave no thread behind; a later open() starts a fresh loop.
+                    self._loop.stop()
+                    self._loop = Loop(self._loop.name)
+                    raise
             except BaseException:
-                # Leave no thread behind; a later open() starts a fresh loop.
-                self._loop.stop()
-                self._loop = Loop(self._loop.name)
+                if gateway is not None:
+                    self._gateway = gateway.renewed()
                 raise
             self._conn = conn
             self._loop.call_soon(self._start_heartbeat)
@@ -296,6 +325,8 @@ class Client(ClientSeedNames, Endpoint[Any]):
                     "%r: %d bytes written while disconnected were never sent", self, dropped
                 )
             self._link_lock.notify_all()
+        if self._gateway is not None:
+            self._gateway.close()
         self._release_waiters()
         self._dispatcher.stop(self.timeout)
         logger.info("%r: closed", self)
@@ -511,6 +542,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
             self._schedule_reconnect()
         elif conn is self._conn:
             log_lost_link(self, conn.error)
+            self._mark_gaps()
             self._schedule_reconnect()
 
     def _schedule_reconnect(self) -> None:
@@ -594,4 +626,4 @@ class Client(ClientSeedNames, Endpoint[Any]):
     def __repr__(self) -> str:
         state = "closed" if self.stopped else ("connected" if self.connected else "not connected")
         name = f" name={self.name!r}" if self.name else ""
-        return f"<Client {self.addr}:{self._port}{name} {state}>"
+        return f"<Client {self._where()}{name} {state}>"

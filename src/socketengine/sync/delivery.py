@@ -239,6 +239,13 @@ class Subscription(Generic[_T]):
         self._convert = convert  # applied in the reader's thread (e.g. image decoding)
 
     @property
+    def gaps(self) -> int:
+        """How many times the connection was lost while this subscription was open:
+        values sent meanwhile may be missing (a client reconnects by itself; compare
+        ``gaps`` before and after reading to know whether the stream is whole)."""
+        return self._buffer.gaps
+
+    @property
     def closed(self) -> bool:
         """True once no more items will be added."""
         return self._buffer.closed

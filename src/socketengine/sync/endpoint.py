@@ -484,6 +484,13 @@ class Endpoint(EndpointBase, Generic[_I]):
             logger.info("%r: reply to %r not sent: %s", self, conn, exc)
         self._requested(conn, channel, value, None if text is not None else result, text)
 
+    def _mark_gaps(self) -> None:
+        """The connection was lost: every open subscription records a gap."""
+        with self._watch_lock:
+            subs: List[Subscription[Any]] = [s for ss in self._subs.values() for s in ss]
+        for sub in subs + self._patterns.all_subs():
+            sub._buffer.gap()
+
     def _release_waiters(self) -> None:
         """Wake every wait() and end every subscription (endpoint closing)."""
         with self._watch_lock:

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import logging
+import os
 import selectors
 import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    List,
+    Optional,
+    Tuple,
+    TypeVar,
+    Union,
+    overload,
+)
 
 from .. import codec, frames, images
 from ..compat import HostSeedNames
@@ -37,6 +49,9 @@ from ..state import Admission, StoredValues, forget_latest
 from ..watch import matching_channels
 from .connection import Connection
 from .endpoint import Endpoint
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..transport.nats.gateway import HostGateway
 
 logger = logging.getLogger("socketengine")
 
@@ -113,6 +128,15 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         docs/guarantees.md).  ``0`` disables resume.  Default 60.
     :param resume_sessions: lost sessions kept at once (oldest dropped first); each
         holds at most ``2 x max_buffer`` bytes (its replay buffer and unsent queue).
+    :param url: run over a NATS cluster instead of listening on TCP:
+        ``"nats://HOST:4222"`` (comma-separated, or a list, for several servers); needs
+        ``name=``.  ``addr``/``port`` are then unused, ``token=`` also authenticates to
+        the servers and ``tls=`` is a *client* ``ssl.SSLContext`` for them
+        (docs/nats.md).
+    :param name: with ``url``: the host's name on the cluster, which clients give as
+        ``host=`` (any string; unique per cluster).
+    :param connect_timeout: with ``url``: seconds to reach a NATS server (default 5)
+        before :class:`ConnectTimeout`.
     """
 
     _kind = "host"
@@ -151,7 +175,20 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD,
         resume_window: float = DEFAULT_RESUME_WINDOW,
         resume_sessions: int = DEFAULT_RESUME_SESSIONS,
+        url: Optional[str] = None,
+        name: Optional[str] = None,
+        connect_timeout: Optional[float] = None,
     ) -> None:
+        gateway: Optional[HostGateway] = None
+        if url is not None:
+            from ..transport.nats.gateway import nats_host
+
+            addr, port, tls, gateway = nats_host(
+                url, name, token, tls, connect_timeout, max_message
+            )
+        #: The host's name on a NATS cluster (``None``: a direct TCP host).
+        self.name = name
+        self._gateway = gateway
         super().__init__(
             addr,
             port,
@@ -204,6 +241,15 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         with self._state_lock:
             if self.opened:
                 return self
+            gateway = self._gateway
+            if gateway is not None:
+                try:
+                    gateway.connect()  # ConnectTimeout / AuthenticationError
+                    for channel, frame in gateway.retained_items().items():
+                        self._retained.retain(channel, [frame])
+                except BaseException:
+                    gateway.abandon()  # nothing started, nothing left behind
+                    raise
             self._listener = listen(self.addr, self._port, self.backlog)
             self._port = listening_port(self._listener)
             self._loop.register(self._listener, selectors.EVENT_READ, self._on_accept)
@@ -212,6 +258,8 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
             self.opened = True
         logger.info("%r: listening", self)
         try:
+            if gateway is not None:
+                gateway.serve({"pid": os.getpid()})
             self._start_monitor()
         except BaseException:
             self.close()
@@ -231,6 +279,8 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         if not was_open:
             self._loop.stop()
             self._release_waiters()
+            if self._gateway is not None:
+                self._gateway.close()
             return
         done = threading.Event()
 
@@ -249,6 +299,8 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         for conn in list(self._conns.values()):
             conn.closed.wait(max(0.0, deadline - time.monotonic()))
         self._loop.stop()
+        if self._gateway is not None:
+            self._gateway.close()
         self._release_waiters()
         self._dispatcher.stop(self.timeout)
         logger.info("%r: closed", self)
@@ -311,6 +363,11 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         configuration and state).  Thread-safe.
         """
         self._check_open()
+        gateway = self._gateway
+        if gateway is not None:
+            fanned = self._nats_broadcast(channel, data, retain, compress, self.clients())
+            if fanned is not None:
+                return fanned
         if not retain and (self._codecs is not None or compress):
             sent = 0
             audience = [c for c in self.clients() if c.wants(channel)]
@@ -329,12 +386,17 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         parts, nbytes = frames.value_frame(frames.DATA, channel, data)
         with self._retain_lock:  # see _on_ready: no client misses or reorders it
             self._retained.retain(channel, parts)
-            return self._send_all(parts, nbytes, channel=channel)
+            sent = self._send_all(parts, nbytes, channel=channel)
+        if gateway is not None:
+            gateway.retain(channel, self._retained.frame(channel))
+        return sent
 
     def clear_retained(self, channel: Optional[str] = None) -> None:
         """Forget the retained value of ``channel`` (``None``: of every channel)."""
         with self._retain_lock:
             self._retained.clear(channel)
+        if self._gateway is not None:
+            self._gateway.unretain(channel)
 
     def write_image_all(
         self,
@@ -596,7 +658,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
 
     def __repr__(self) -> str:
         state = "closed" if self.stopped else ("open" if self.opened else "not open")
-        return f"<Host {self.addr}:{self.port} {state} clients={len(self._conns)}>"
+        return f"<Host {self._where()} {state} clients={len(self._conns)}>"
 
 
 def _latest_of_each(sessions: List[Tuple[int, Connection]], channel: str) -> List[Any]:

@@ -22,6 +22,7 @@ import glob
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -146,7 +147,7 @@ class LocalCluster:
         max_payload: Optional[int] = None,
         directory: Optional[str] = None,
         binary: Optional[str] = None,
-        cluster_name: str = "socketengine",
+        cluster_name: Optional[str] = None,
         tls_cert: Optional[str] = None,
         tls_key: Optional[str] = None,
     ) -> None:
@@ -158,7 +159,9 @@ class LocalCluster:
         self.password = password
         self.max_payload = max_payload
         self.binary = binary or find_server_binary()
-        self.cluster_name = cluster_name
+        # A name of its own: nodes refuse routes from another cluster, so a placeholder
+        # route port that another local cluster took meanwhile cannot merge the two.
+        self.cluster_name = cluster_name or f"socketengine-{secrets.token_hex(4)}"
         self.tls_cert = tls_cert
         self.tls_key = tls_key
         self._own_dir = directory is None

@@ -114,12 +114,21 @@ class AsyncHostAnnouncer:
         self._kv: Any = None
         self._task: Optional[asyncio.Task] = None
 
-    async def start(self) -> None:
-        self._kv = await _hosts_kv(self.link, self.prefix, self.ttl, self.replicas)
-        await self._announce()
+    async def start(self, strict: bool = True) -> None:
+        """Announce now and keep announcing.  ``strict=False``: a first announcement
+        that fails (JetStream electing a leader after a server died) is logged and
+        retried every period instead of raised."""
+        try:
+            await self._announce()
+        except Exception as exc:
+            if strict:
+                raise
+            log.warning("host %r: announcement failed (%s); retrying", self.host, exc)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _announce(self) -> None:
+        if self._kv is None:
+            self._kv = await _hosts_kv(self.link, self.prefix, self.ttl, self.replicas)
         body = msgpack.packb({"name": self.host, "pid": os.getpid(), "t": time.time(), **self.info})
         await self._kv.put(self.key, body)
 
@@ -281,10 +290,17 @@ class AsyncPresenceMonitor:
 class HostAnnouncer:
     """:class:`AsyncHostAnnouncer` for a :class:`NatsLink` (starts at once)."""
 
-    def __init__(self, link: NatsLink, host: str, info: Optional[Dict[str, Any]] = None, **kw: Any):
+    def __init__(
+        self,
+        link: NatsLink,
+        host: str,
+        info: Optional[Dict[str, Any]] = None,
+        strict: bool = True,
+        **kw: Any,
+    ):
         self.link = link
         self.aio = AsyncHostAnnouncer(link.aio, host, info, **kw)
-        link.run(self.aio.start(), 30.0)
+        link.run(self.aio.start(strict), 30.0)
 
     def stop(self) -> None:
         self.link.run(self.aio.stop(), 30.0)

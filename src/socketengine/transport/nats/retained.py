@@ -85,6 +85,7 @@ def _transient(exc: BaseException) -> bool:
             jerr.ServerError,
             asyncio.TimeoutError,
             nerr.ConnectionReconnectingError,
+            jerr.NoStreamResponseError,  # a put while the stream elects a leader
         ),
     )
 

@@ -167,6 +167,12 @@ class Subjects:
         """What the host subscribes to for its inbox (one wildcard token)."""
         return f"{self._host(host)}.in.*"
 
+    def host_open(self, host: str) -> str:
+        """Requests answered by ``host`` once it takes sessions (a client's gateway asks
+        before a session's first unit: an answer proves the host's subscriptions reach
+        the client's server)."""
+        return f"{self._host(host)}.o"
+
     def client_inbox(self, host: str, client: str) -> str:
         """Frames from ``host`` to one ``client``."""
         return f"{self._host(host)}.c.{self._tok(client, 'client id')}"

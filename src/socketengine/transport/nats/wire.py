@@ -9,12 +9,12 @@ There is no preamble and no handshake over NATS: the server authenticates connec
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import List, Sequence
 
 from ... import codec, frames
 from ...errors import MessageTooBig, ProtocolError
 
-__all__ = ["frame_bytes", "decode_one"]
+__all__ = ["frame_bytes", "decode_one", "StreamSplitter"]
 
 _HEADER = frames.HEADER
 _HEADER_SIZE = frames.HEADER_SIZE
@@ -62,3 +62,48 @@ def decode_one(body: codec.Buffer, max_message: int = frames.DEFAULT_MAX_MESSAGE
     if dlen:
         data = mv[p:] if not mv.readonly else bytearray(mv[p:])
     return frames.Frame(ftype, flags, channel, fid, meta, data)
+
+
+class StreamSplitter:
+    """Cuts one direction of a connection's byte stream into the units that travel as
+    NATS messages: the 8-byte preamble, then each whole frame (sans-I/O).
+
+    :meth:`feed` takes any chunk of the stream and returns the units it completed.
+    Raises :class:`ProtocolError` when the stream does not start with the preamble's
+    magic and :class:`MessageTooBig` for a frame above ``max_message`` (the gateway
+    then ends the session, like the engine closes a connection that sends one).
+    """
+
+    def __init__(self, max_message: int = frames.DEFAULT_MAX_MESSAGE) -> None:
+        self.max_message = max_message
+        self._buf = bytearray()
+        self._preamble = True
+        self._need = len(frames.PREAMBLE)
+
+    def feed(self, data: codec.Buffer) -> List[bytes]:
+        buf = self._buf
+        buf += data
+        out: List[bytes] = []
+        while len(buf) >= self._need:
+            if self._preamble:
+                n = len(frames.PREAMBLE)
+                if bytes(buf[:4]) != frames.MAGIC:
+                    raise ProtocolError("the stream does not start with a socketengine preamble")
+                out.append(bytes(buf[:n]))
+                del buf[:n]
+                self._preamble = False
+                self._need = _HEADER_SIZE
+                continue
+            _, _, clen, _, mlen, dlen = _HEADER.unpack_from(buf, 0)
+            total = _HEADER_SIZE + clen + mlen + dlen
+            if total > self.max_message:
+                raise MessageTooBig(
+                    f"a {total}-byte frame is above max_message ({self.max_message} bytes)"
+                )
+            if len(buf) < total:
+                self._need = total
+                break
+            out.append(bytes(buf[:total]))
+            del buf[:total]
+            self._need = _HEADER_SIZE
+        return out
