@@ -491,7 +491,7 @@ class SendQueue:
         empty."""
         self._wire.extend(old._wire)
         # Entries the old queue took but had not framed yet come first.
-        untaken = [e for e in old._taken[old._taken_at:] if e is not None]
+        untaken = [e for e in old._taken[old._taken_at :] if e is not None]
         old._taken = []
         old._taken_at = 0
         self._inbox = untaken + old._inbox + self._inbox

@@ -95,7 +95,8 @@ class Host(Endpoint):
     :param resume_window: seconds the host keeps the session of a client whose link
         was lost (not closed), so that when it reconnects both sides replay what the
         other missed: nothing lost, nothing duplicated, in order (protocol 1.2;
-        docs/guarantees.md).  ``0`` disables resume.  Default 60.
+        docs/guarantees.md).  ``0`` disables resume; always off with ``url``
+        (NATS).  Default 60.
     :param resume_sessions: lost sessions kept at once (oldest dropped first); each
         holds at most ``2 x max_buffer`` bytes (its replay buffer and unsent queue).
     :param name: a label for logs and ``repr`` (not sent to clients); with ``url``
@@ -195,7 +196,9 @@ class Host(Endpoint):
                 max_channels=max_channels,
                 max_stored=max_stored,
                 max_message=self.max_message,
-                resume_window=resume_window,
+                # Over NATS, write_all is fanned out by the servers outside each
+                # session's numbering: no resume there (a loss ends the session).
+                resume_window=0 if url is not None else resume_window,
                 resume_sessions=resume_sessions,
             ),
             monitor=(monitor, monitor_addr, monitor_bgr),
