@@ -255,6 +255,12 @@ class SendQueue:
         entries) frames the next ones; the inbox is not taken before."""
         return self._taken_at < len(self._taken)
 
+    def push_wire(self, data: bytes) -> None:
+        """Protocol bytes (the WELCOME) straight onto the wire buffers, ahead of
+        everything queued later and of a previous link's queue (:meth:`take_over`)."""
+        self._wire.append(data)
+        self.queued += len(data)
+
     def take_inbox(self) -> List[_Entry]:
         """Everything pushed so far, in order; from now on it is being sent (image
         slots can no longer be replaced).  O(1)."""

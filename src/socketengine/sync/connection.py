@@ -724,16 +724,29 @@ class Connection(PeerView, Pausable):
         was_open = engine.opened or engine.state is not ConnState.HANDSHAKE
         try:
             events = engine.events()
-        finally:
+        except BaseException:
             self._send_raw(engine.control_bytes())
+            raise
         if not was_open and engine.opened:
             self.engine.peer = self._peer()
-            self._endpoint._on_ready(self)  # sets self.ready (host: after queuing retained values)
+            # The WELCOME goes first on the wire but leaves only after the connection is
+            # ready (listed by clients(), reached by write_all): once a client's open()
+            # returns, the host's next write_all reaches it.
+            welcome = engine.control_bytes()
+            if welcome:
+                with self._lock:
+                    self._queue.push_wire(welcome)
+            try:
+                self._endpoint._on_ready(self)  # sets self.ready (host: after retained values)
+            finally:
+                self._send_raw(engine.control_bytes())
             self._arm_deadline()  # the handshake deadline no longer applies
             self.settled.set()
             with self._lock:
                 if self._queue and not self._want_write:
                     self._flush_locked()
+        else:
+            self._send_raw(engine.control_bytes())
         if events:
             self._endpoint._dispatch(self, events)
 
