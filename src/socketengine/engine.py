@@ -182,6 +182,8 @@ class ConnectionEngine:
             if protocol.peer_max_message is not None:
                 limit = min(limit, protocol.peer_max_message - frames.HEADER_SIZE)
             self.queue.batch_limit = max(limit, 0)
+        # Large data sections through shared memory (same machine, same user).
+        self.queue.shm = protocol.shm_writer
 
     def control(self, frame: Frame) -> bool:
         """Handle a frame that is not DATA or REQUEST; True if handling must stop
@@ -320,6 +322,8 @@ class ConnectionEngine:
             self.error = error
         self._to(ConnState.CLOSED)
         self.queue.clear()
+        self.queue.shm = None
+        self.protocol.close_shm()
         if len(self.requests):
             self.requests.fail_all(
                 ConnectionClosed(

@@ -39,6 +39,7 @@ from typing import Callable, Deque, Dict, List, Optional, Sequence, Union
 
 from . import frames
 from .codec import Buffer
+from .shm import ShmWriter
 
 __all__ = ["SendQueue", "ImageHook", "Outgoing", "BATCH_MAX"]
 
@@ -53,6 +54,9 @@ Outgoing = Union[bytes, Sequence[Buffer]]
 BATCH_MAX = 64 * 1024
 
 _pack_header = frames.HEADER.pack
+_unpack_header = frames.HEADER.unpack_from
+_FLAG_SHM = frames.FLAG_SHM
+_NOT_SHM = frames.FLAG_COMPRESSED | frames.FLAG_SHM
 _BATCH = frames.BATCH
 _DATA = frames.DATA
 
@@ -90,6 +94,7 @@ class SendQueue:
         "_slots",
         "_full_since",
         "_on_image",
+        "shm",
     )
 
     def __init__(self, max_buffer: int, on_image: Optional[ImageHook] = None) -> None:
@@ -107,6 +112,9 @@ class SendQueue:
         self._slots: Dict[str, _Slot] = {}
         self._full_since: Optional[float] = None
         self._on_image = on_image
+        #: Set when the handshake negotiated shared memory: large DATA frames leave
+        #: as descriptors (see :meth:`to_wire`).
+        self.shm: Optional[ShmWriter] = None
 
     def __bool__(self) -> bool:
         return bool(self._inbox) or bool(self._wire)
@@ -210,12 +218,33 @@ class SendQueue:
             if run:
                 self._flush_run(run, size)
                 run, size = [], 0
-            if kind is list:
-                wire.extend(entry)  # type: ignore[arg-type]
-            else:
-                wire.extend(entry.parts)  # type: ignore[union-attr]
+            parts = entry if kind is list else entry.parts  # type: ignore[union-attr]
+            if self.shm is not None and len(parts) > 1:  # type: ignore[arg-type]
+                parts = self._through_shm(parts)  # type: ignore[arg-type]
+            wire.extend(parts)  # type: ignore[arg-type]
         if run:
             self._flush_run(run, size)
+
+    def _through_shm(self, parts: List[Buffer]) -> List[Buffer]:
+        """A DATA frame's parts, its data section moved into shared memory when it is
+        large enough and a slot is free (else unchanged: it goes through the socket).
+        Done here, as the frame leaves, so that a conflated image never takes a slot."""
+        writer = self.shm
+        head = parts[0]
+        ftype, flags, clen, fid, mlen, dlen = _unpack_header(head)
+        if (
+            ftype != _DATA
+            or flags & _NOT_SHM
+            or dlen < writer.threshold  # type: ignore[union-attr]
+            or len(head) != frames.HEADER_SIZE + clen + mlen
+        ):
+            return parts
+        desc = writer.put(parts[1:], dlen)  # type: ignore[union-attr]
+        if desc is None:
+            return parts
+        self.queued -= dlen - len(desc)
+        new = _pack_header(_DATA, flags | _FLAG_SHM, clen, fid, mlen, len(desc))
+        return [new + memoryview(head)[frames.HEADER_SIZE :] + desc]
 
     def _flush_run(self, run: List[bytes], size: int) -> None:
         """Frame a run of items: BATCH when the peer reads them and there are two or

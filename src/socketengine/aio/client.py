@@ -20,6 +20,7 @@ from ..errors import (
 )
 from ..limits import (
     DEFAULT_COMPRESS_THRESHOLD,
+    DEFAULT_SHM_THRESHOLD,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT,
     DEFAULT_MAX_BUFFER,
@@ -110,6 +111,11 @@ class Client(Endpoint):
         'socket.engine[compression]'``); ``None`` (default): off.  Only for a peer
         that announced the codec, only values whose encoding is at least
         ``compress_threshold`` bytes (default 4096), only when the result is smaller.
+    :param shm: send large arrays and raw image frames through shared memory when the
+        peer is on this machine, as this user (proven in the handshake; Linux); only a
+        small descriptor then crosses the socket.  ``True`` (default) or ``False``.
+    :param shm_threshold: data sections (array bytes) of at least this many bytes go
+        through shared memory (default 65536); smaller ones through the socket.
     :param tls: an ``ssl.SSLContext`` (client side, e.g.
         ``ssl.create_default_context(cafile=...)``): the connection runs over TLS and
         the host's certificate is verified against ``addr``.
@@ -145,6 +151,8 @@ class Client(Endpoint):
         will: Optional[Tuple[str, Any]] = None,
         compression: Optional[str] = None,
         compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD,
+        shm: bool = True,
+        shm_threshold: int = DEFAULT_SHM_THRESHOLD,
     ) -> None:
         super().__init__(
             addr,
@@ -160,6 +168,7 @@ class Client(Endpoint):
             image_quality=image_quality,
         )
         self._init_compression(compression, compress_threshold)
+        self._init_shm(shm, shm_threshold)
         self.name = check_name(name)
         self._will = None if will is None else encode_will(*will)
         self._interest = None if interest is None else Interest(list(interest))
@@ -322,6 +331,7 @@ class Client(Endpoint):
             will=self._will,
             interest=self._interest,
             read_size=READ_SIZE,
+            shm_threshold=self._shm_threshold,
         )
         return Connection(self, protocol)
 

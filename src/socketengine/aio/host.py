@@ -11,6 +11,7 @@ from .. import codec, frames, images
 from ..errors import EndpointClosed
 from ..limits import (
     DEFAULT_COMPRESS_THRESHOLD,
+    DEFAULT_SHM_THRESHOLD,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT,
     DEFAULT_KEEP_DEPARTED,
@@ -79,6 +80,11 @@ class Host(Endpoint):
         'socket.engine[compression]'``); ``None`` (default): off.  Only for a peer
         that announced the codec, only values whose encoding is at least
         ``compress_threshold`` bytes (default 4096), only when the result is smaller.
+    :param shm: send large arrays and raw image frames through shared memory when the
+        peer is on this machine, as this user (proven in the handshake; Linux); only a
+        small descriptor then crosses the socket.  ``True`` (default) or ``False``.
+    :param shm_threshold: data sections (array bytes) of at least this many bytes go
+        through shared memory (default 65536); smaller ones through the socket.
     :param tls: an ``ssl.SSLContext`` (server side, with ``load_cert_chain``): every
         connection then runs over TLS, and plaintext clients are refused.
     :param image_codec: codec of :meth:`write_image_all` / ``conn.write_image`` when
@@ -143,6 +149,8 @@ class Host(Endpoint):
         keep_departed_bytes: int = DEFAULT_KEEP_DEPARTED_BYTES,
         compression: Optional[str] = None,
         compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD,
+        shm: bool = True,
+        shm_threshold: int = DEFAULT_SHM_THRESHOLD,
     ) -> None:
         super().__init__(
             addr,
@@ -158,6 +166,7 @@ class Host(Endpoint):
             image_quality=image_quality,
         )
         self._init_compression(compression, compress_threshold)
+        self._init_shm(shm, shm_threshold)
         self.name = check_name(name)
         self._init_host(
             check_host_limits(
@@ -466,6 +475,7 @@ class Host(Endpoint):
             max_message=self.max_message,
             heartbeat=self.heartbeat,
             read_size=READ_SIZE,
+            shm_threshold=self._shm_threshold,
             session=next(self._sessions),
         )
         return Connection(self, protocol)

@@ -15,6 +15,7 @@ from ..compat import HostSeedNames
 from ..errors import SocketEngineError
 from ..limits import (
     DEFAULT_COMPRESS_THRESHOLD,
+    DEFAULT_SHM_THRESHOLD,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT,
     DEFAULT_KEEP_DEPARTED,
@@ -82,6 +83,11 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         'socket.engine[compression]'``); ``None`` (default): off.  Only for a peer
         that announced the codec, only values whose encoding is at least
         ``compress_threshold`` bytes (default 4096), only when the result is smaller.
+    :param shm: send large arrays and raw image frames through shared memory when the
+        peer is on this machine, as this user (proven in the handshake; Linux); only a
+        small descriptor then crosses the socket.  ``True`` (default) or ``False``.
+    :param shm_threshold: data sections (array bytes) of at least this many bytes go
+        through shared memory (default 65536); smaller ones through the socket.
     :param tls: an ``ssl.SSLContext`` (server side, with ``load_cert_chain``): every
         connection then runs over TLS, and plaintext clients are refused.
     :param image_codec: codec of ``write_image_all``/``writeImg_ALL`` when none is given:
@@ -141,6 +147,8 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         keep_departed_bytes: int = DEFAULT_KEEP_DEPARTED_BYTES,
         compression: Optional[str] = None,
         compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD,
+        shm: bool = True,
+        shm_threshold: int = DEFAULT_SHM_THRESHOLD,
     ) -> None:
         super().__init__(
             addr,
@@ -171,6 +179,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
             relay=(relay, writers, retain_relayed),
         )
         self._init_compression(compression, compress_threshold)
+        self._init_shm(shm, shm_threshold)
         self._listener: Optional[socket.socket] = None
         # Every accepted connection, in accept order, until it departs.
         self._conns: Dict[int, Connection] = {}
@@ -448,6 +457,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
                 max_message=self.max_message,
                 heartbeat=self.heartbeat,
                 read_size=self.read_size,
+                shm_threshold=self._shm_threshold,
                 session=next(self._sessions),
             )
             conn = Connection(self, sock, protocol, address)
