@@ -11,7 +11,6 @@ from .. import codec, frames, images
 from ..errors import EndpointClosed
 from ..limits import (
     DEFAULT_COMPRESS_THRESHOLD,
-    DEFAULT_SHM_THRESHOLD,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT,
     DEFAULT_KEEP_DEPARTED,
@@ -21,6 +20,7 @@ from ..limits import (
     DEFAULT_MAX_CLIENTS,
     DEFAULT_MAX_MESSAGE,
     DEFAULT_MAX_PENDING,
+    DEFAULT_SHM_THRESHOLD,
     DEFAULT_SUBSCRIPTION_BYTES,
     DEFAULT_SUBSCRIPTION_SIZE,
     check_host_limits,

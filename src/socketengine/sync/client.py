@@ -24,12 +24,12 @@ from ..errors import (
 from ..frames import INTEREST, value_frame, value_item
 from ..limits import (
     DEFAULT_COMPRESS_THRESHOLD,
-    DEFAULT_SHM_THRESHOLD,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT,
     DEFAULT_MAX_BUFFER,
     DEFAULT_MAX_MESSAGE,
     DEFAULT_RECONNECT_MAX,
+    DEFAULT_SHM_THRESHOLD,
     check_name,
     check_seconds,
 )

@@ -15,7 +15,6 @@ from ..compat import HostSeedNames
 from ..errors import SocketEngineError
 from ..limits import (
     DEFAULT_COMPRESS_THRESHOLD,
-    DEFAULT_SHM_THRESHOLD,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT,
     DEFAULT_KEEP_DEPARTED,
@@ -25,6 +24,7 @@ from ..limits import (
     DEFAULT_MAX_CLIENTS,
     DEFAULT_MAX_MESSAGE,
     DEFAULT_MAX_PENDING,
+    DEFAULT_SHM_THRESHOLD,
     check_host_limits,
 )
 from ..net import forget_listener, listen, listening_port, unix_path
