@@ -12,6 +12,9 @@ from test_parity import LAYERS, AioThread, loop_thread, make_host  # noqa: F401
 
 from socketengine import Client, Pattern, aio
 
+# Arrays and images: over the socket and over shared memory (conftest.transfer).
+pytestmark = pytest.mark.usefixtures("transfer")
+
 
 @pytest.mark.parametrize("layer", LAYERS)
 def test_camera_dashboard_and_controller_talk_only_through_the_host(
