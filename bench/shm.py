@@ -13,7 +13,9 @@ Two workloads, each library in turn, the order rotating from round to round:
   (CLOCK_MONOTONIC, system-wide); the reader polls for the newest frame every 50 us and
   records its age when it gets it.  p50 / p99 in ms.
 
-Libraries: ``se`` (socketengine, shared memory on: the default), ``se_socket``
+Libraries: ``se`` (socketengine, shared memory on: the default, one copy out of the
+slot), ``se_lease`` (the measured alternative: the receiver's array *is* the slot,
+``shm.LEASE = True``), ``se_socket``
 (``shm=False``: TCP loopback), ``raw`` (a raw TCP socket: ``sendall`` of an 8-byte
 length + the frame, ``recv_into`` a preallocated buffer), ``iceoryx2`` (publish-subscribe
 of a byte slice, ``RetryUntilDelivered`` for ``arrays``, the receiver copies each sample
@@ -75,10 +77,12 @@ def _wait(cond: Callable[[], Any], what: str, sleep: float = 0.0001) -> Any:
 # -- receivers (child process): report through `out` ------------------------------------------
 
 
-def _recv_se(kind: str, n: int, shm: bool, ready: Any, out: Any) -> None:
+def _recv_se(kind: str, n: int, shm: Any, ready: Any, out: Any) -> None:
     from socketengine import Host
+    from socketengine import shm as shm_module
 
-    h = Host(port=0, shm=shm)
+    shm_module.LEASE = shm == "lease"  # the measured alternative: zero-copy leased slots
+    h = Host(port=0, shm=bool(shm))
     ready.put(h.port)
     try:
         if kind == "arrays":
@@ -193,7 +197,7 @@ def _recv_iox(kind: str, n: int, shm: bool, ready: Any, out: Any) -> None:
                 latest[0] = a
 
         out.put({"ages": _poll_newest(get, n)})
-    del sub, service, node
+    sub = service = node = None  # ports before the node
 
 
 def _zenoh_config(listen: bool, port: int) -> Any:
@@ -282,10 +286,10 @@ def _send_loop(kind: str, n: int, send: Callable[[Any], None], out: Any) -> None
         out.put({})
 
 
-def _send_se(kind: str, n: int, shm: bool, addr: Any, out: Any) -> None:
+def _send_se(kind: str, n: int, shm: Any, addr: Any, out: Any) -> None:
     from socketengine import Client
 
-    c = Client(port=addr, shm=shm, timeout=30)
+    c = Client(port=addr, shm=bool(shm), timeout=30)
     try:
         if kind == "arrays":
             _send_loop(kind, n, lambda f: c.write("f", f), out)
@@ -325,7 +329,8 @@ def _send_iox(kind: str, n: int, shm: bool, addr: Any, out: Any) -> None:
         sample.assume_init().send()
 
     _send_loop(kind, n, send, out)
-    del pub, service, node
+    pub = service = None  # ports before the node
+    del node
 
 
 def _send_zenoh(kind: str, n: int, shm: bool, addr: Any, out: Any) -> None:
@@ -354,6 +359,7 @@ def _send_zenoh(kind: str, n: int, shm: bool, addr: Any, out: Any) -> None:
 
 LIBS: Dict[str, Any] = {
     "se": (_recv_se, _send_se, True),
+    "se_lease": (_recv_se, _send_se, "lease"),
     "se_socket": (_recv_se, _send_se, False),
     "raw": (_recv_raw, _send_raw, False),
     "iceoryx2": (_recv_iox, _send_iox, True),
@@ -438,14 +444,17 @@ def main(argv: Any = None) -> None:
                 line += f"   x{v / med['raw']:.2f} raw TCP"
             print(line)
         if kind == "arrays" and "raw" in per_lib and "se" in per_lib:
-            ratios = [
-                a["gb_per_s"] / b["gb_per_s"] for a, b in zip(per_lib["se"], per_lib["raw"])
-            ]
+            ratios = [a["gb_per_s"] / b["gb_per_s"] for a, b in zip(per_lib["se"], per_lib["raw"])]
             print(f"  se / raw per round: {[round(x, 2) for x in ratios]}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(
-                {"results": results, "shape": SHAPE, "rounds": args.rounds, "nproc": os.cpu_count()},
+                {
+                    "results": results,
+                    "shape": SHAPE,
+                    "rounds": args.rounds,
+                    "nproc": os.cpu_count(),
+                },
                 f,
                 indent=1,
             )

@@ -71,6 +71,17 @@ _SLOT_HEAD = 64
 #: memory to one peer before it sends through the socket (worst case memory per
 #: connection and direction: SLOTS x the largest frame, committed as written).
 SLOTS = 4
+#: Segments a writer keeps open at once (one current, the others waiting for the
+#: receiver to release their slots): with all of them held, frames go through the socket.
+#: Worst case per connection and direction: SEGMENTS x SLOTS x the largest frame.
+SEGMENTS = 4
+#: Receive mode.  False (the default): the slot is copied out into a buffer of the
+#: receiver's and released at once.  True (measured alternative, bench/shm.py): the
+#: array the application gets is a view of the slot itself (zero-copy) and the slot is
+#: released when the last array using it is gone.  Not the default because a kept value
+#: (the latest value of a channel, a departed client's values) then pins its writer's
+#: whole segment (SLOTS frames) and one descriptor, and starves the writer of slots.
+LEASE = False
 
 _identity: Optional[Tuple[int, int, bytes]] = None
 _identity_lock = threading.Lock()
@@ -258,6 +269,13 @@ class ShmWriter:
                 self._reap()
             off = seg.free_slot()
             if off < 0:
+                seg, off = self._older_slot(seg)
+            if off < 0 and len(self._all) < SEGMENTS:
+                # Every slot held (in flight, or leased by the receiver's application):
+                # a fresh segment, the full one retired until its slots come back.
+                seg = self._new_segment(seg.slot_size - _SLOT_HEAD)
+                off = -1 if seg is None else seg.free_slot()
+            if seg is None or off < 0:
                 self.fallbacks += 1
                 return None
             mm = seg.map
@@ -273,6 +291,18 @@ class ShmWriter:
             struct.pack_into("<Q", mm, off, seq)
             self.frames += 1
             return DESCRIPTOR.pack(seg.id, seg.fd, seg.size, off, data_len, seq)
+
+    def _older_slot(self, seg: _Segment) -> Tuple[_Segment, int]:
+        """A free slot in a retired segment of the same size (which becomes current)."""
+        for other in self._retired:
+            if other.slot_size == seg.slot_size:
+                off = other.free_slot()
+                if off >= 0:
+                    self._retired.remove(other)
+                    self._retired.append(seg)
+                    self._segment = other
+                    return other, off
+        return seg, -1
 
     def _new_segment(self, data_len: int) -> Optional[_Segment]:
         _ids[0] += 1
@@ -317,8 +347,8 @@ class ShmReader:
     """The receiving half for one connection: maps the peer's segments, copies out.
 
     :param pid: the peer's process id; :param tag: its identity tag (every segment
-    header must carry it).  At most the peer's current segment and the one before it
-    stay mapped.
+    header must carry it).  At most :data:`SEGMENTS` of the peer's segments stay mapped
+    (plus those that arrays handed out still use).
     """
 
     def __init__(self, pid: int, tag: bytes) -> None:
@@ -347,9 +377,10 @@ class ShmReader:
         if magic != MAGIC or tag != self.tag or sid != seg_id or slots != SLOTS:
             mm.close()
             raise ProtocolError("shared memory descriptor names another segment")
-        # The writer never returns to an older segment: forget those.
-        for old in [k for k in self._maps if k != seg_id]:
-            self._maps.pop(old).close()
+        # The writer has at most SEGMENTS open: keep as many mappings, forget the oldest
+        # (a mapping that arrays still use stays until they are gone).
+        while len(self._maps) >= SEGMENTS:
+            _unmap(self._maps.pop(next(iter(self._maps))))
         self._maps[seg_id] = mm
         return mm
 
@@ -373,16 +404,51 @@ class ShmReader:
         now, _ = _SLOT.unpack_from(mm, off)
         if now != seq:
             raise ProtocolError("shared memory slot was overwritten before it was read")
+        if LEASE and length:
+            np = _numpy()
+            if np is not None:
+                # Zero-copy: the slot is the array's memory.  The writer may not reuse
+                # it until every array using it is gone (then the finaliser releases it).
+                leased = np.frombuffer(mm, np.uint8, count=length, offset=start)
+                weakref.finalize(leased, _release, mm, off, seq)
+                return leased
         out = take(length)
         with memoryview(mm) as view, view[start : start + length] as part:
             out[:] = part
-        struct.pack_into("<Q", mm, off + 8, seq)  # released: the writer may reuse it
+        _release(mm, off, seq)
         return out
 
     def close(self) -> None:
+        """Forget the mappings (those that arrays still use stay until they are gone)."""
         for mm in self._maps.values():
-            try:
-                mm.close()
-            except (BufferError, ValueError):  # pragma: no cover - a view is alive
-                pass
+            _unmap(mm)
         self._maps.clear()
+
+
+def _release(mm: mmap.mmap, off: int, seq: int) -> None:
+    """Tell the writer the slot at ``off`` (holding ``seq``) may be reused."""
+    try:
+        struct.pack_into("<Q", mm, off + 8, seq)
+    except ValueError:  # pragma: no cover - unmapped meanwhile
+        pass
+
+
+def _unmap(mm: mmap.mmap) -> None:
+    try:
+        mm.close()
+    except BufferError:
+        pass  # arrays still use it: unmapped when the last one is gone
+
+
+_np: List[Any] = []
+
+
+def _numpy() -> Any:
+    if not _np:
+        try:
+            import numpy
+        except ImportError:  # pragma: no cover - numpy is what sends data sections
+            _np.append(None)
+        else:
+            _np.append(numpy)
+    return _np[0]
