@@ -197,7 +197,8 @@ def _recv_iox(kind: str, n: int, shm: bool, ready: Any, out: Any) -> None:
                 latest[0] = a
 
         out.put({"ages": _poll_newest(get, n)})
-    sub = service = node = None  # ports before the node
+    sub = service = None  # ports before the node
+    del node
 
 
 def _zenoh_config(listen: bool, port: int) -> Any:
