@@ -31,6 +31,7 @@ says whether this process can use it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import mmap
 import os
@@ -305,9 +306,8 @@ class ShmWriter:
         return seg, -1
 
     def _new_segment(self, data_len: int) -> Optional[_Segment]:
-        _ids[0] += 1
         try:
-            seg = _Segment(_ids[0] & 0xFFFFFFFF, self._tag, max(data_len, 1))
+            seg = _Segment(next(_ids) & 0xFFFFFFFF, self._tag, max(data_len, 1))
         except (OSError, ValueError) as exc:
             logger.debug("shared memory: cannot make a %d-byte segment: %s", data_len, exc)
             self.fallbacks += 1
@@ -340,7 +340,7 @@ class ShmWriter:
             self._finalizer()
 
 
-_ids = [0]  # segment ids, unique in this process (guarded by each writer's GIL use)
+_ids = itertools.count(1)  # segment ids, unique in this process (next() is atomic)
 
 
 class ShmReader:
@@ -413,8 +413,11 @@ class ShmReader:
                 weakref.finalize(leased, _release, mm, off, seq)
                 return leased
         out = take(length)
+        # memoryview to memoryview: one memcpy (bytearray[:] = view would first copy
+        # the view into a temporary bytearray).
         with memoryview(mm) as view, view[start : start + length] as part:
-            out[:] = part
+            with memoryview(out) as dst:
+                dst[:] = part
         _release(mm, off, seq)
         return out
 
