@@ -51,3 +51,24 @@ def no_leaked_threads() -> Iterator[None]:
         timeout=10,
         what="socketengine threads to stop",
     )
+
+
+@pytest.fixture(params=["socket", "shm"])
+def transfer(request: Any, monkeypatch: Any) -> Iterator[str]:
+    """Run a test over both paths of large data sections: the socket (shared memory
+    unavailable) and shared memory with a 1-byte threshold (every array and raw image
+    frame as a descriptor).  Modules opt in with ``pytestmark``."""
+    from socketengine import shm
+
+    if request.param == "socket":
+        monkeypatch.setattr(shm, "available", lambda: False)
+    else:
+        if not shm.available():
+            pytest.skip("shared memory needs Linux memfd")
+        init = shm.ShmWriter.__init__
+
+        def every_array(self: Any, threshold: int) -> None:
+            init(self, 1)
+
+        monkeypatch.setattr(shm.ShmWriter, "__init__", every_array)
+    yield request.param

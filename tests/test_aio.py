@@ -31,6 +31,9 @@ from socketengine import (
 )
 from socketengine.protocol import Protocol, Role
 
+# Arrays and images: over the socket and over shared memory (conftest.transfer).
+pytestmark = pytest.mark.usefixtures("transfer")
+
 _T = TypeVar("_T")
 
 VALUES = {

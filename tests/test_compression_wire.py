@@ -298,7 +298,10 @@ def test_compress_true_on_an_endpoint_without_compression(
 
 @pytest.mark.parametrize("layer", LAYERS)
 def test_images_are_never_compressed(layer: str, loop_thread: AioThread) -> None:
-    host, client = _pair(layer, loop_thread, None, compression="zstd", compress_threshold=0)
+    # shm=False: the image's bytes must cross the socket to be counted there.
+    host, client = _pair(
+        layer, loop_thread, None, compression="zstd", compress_threshold=0, shm=False
+    )
     img = np.zeros((240, 320, 3), np.uint8)  # would compress ~1000x
     try:
         cconn = _conn(client)

@@ -17,6 +17,9 @@ from socketengine import (
     frames,
 )
 
+# Arrays and images: over the socket and over shared memory (conftest.transfer).
+pytestmark = pytest.mark.usefixtures("transfer")
+
 VALUES = {
     "none": None,
     "bool": True,

@@ -6,6 +6,9 @@ from conftest import wait_for
 
 from socketengine import Client, Host, images
 
+# Arrays and images: over the socket and over shared memory (conftest.transfer).
+pytestmark = pytest.mark.usefixtures("transfer")
+
 _BACKENDS = images.available_backends()
 needs_jpeg = pytest.mark.skipif(not _BACKENDS.get("jpeg"), reason="no JPEG backend installed")
 needs_png = pytest.mark.skipif(not _BACKENDS.get("png"), reason="no PNG backend installed")

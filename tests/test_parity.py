@@ -25,6 +25,9 @@ from conftest import wait_for
 from socketengine import Client, Host, SocketEngineError, aio, frames
 from socketengine.protocol import Protocol, Role
 
+# Arrays and images: over the socket and over shared memory (conftest.transfer).
+pytestmark = pytest.mark.usefixtures("transfer")
+
 T = TypeVar("T")
 LAYERS = ["sync", "aio"]
 

@@ -111,7 +111,9 @@ CHILD = textwrap.dedent(
     import sys, time
     import numpy as np
     from socketengine import Client
-    c = Client(port=int(sys.argv[1]), name=sys.argv[2], heartbeat=0.2)
+    # shm=False: the frames must cross the socket to be cut mid-frame (test_shm.py
+    # kills a writer that uses shared memory).
+    c = Client(port=int(sys.argv[1]), name=sys.argv[2], heartbeat=0.2, shm=False)
     print("ready", flush=True)
     big = np.ones((4000, 4000), np.uint8)  # 16 MB frames: kills land mid-frame
     for i in range(100000):

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
 from . import codec, compression, frames, images
 from .engine import ConnState
 from .errors import EndpointClosed
-from .limits import HostLimits, check_compression, check_settings
+from .limits import HostLimits, check_compression, check_settings, check_shm
 from .peer import PeerView
 from .relay import RelayPolicy, RelaySpec, WritersSpec
 from .session import SessionTable
@@ -93,6 +93,16 @@ class EndpointBase:
         #: ``compression=`` as given (None: values are sent as they are).
         self.compression = compression
         self._codecs, self.compress_threshold = check_compression(compression, threshold)
+
+    def _init_shm(self, shm: bool, threshold: int, over_nats: bool = False) -> None:
+        """Validate ``shm=`` / ``shm_threshold=`` (``TypeError`` / ``ValueError`` now).
+        Over NATS shared memory is never offered: the stream goes through the servers."""
+        #: Data sections this large go through shared memory to a peer on this
+        #: machine, as this user; ``None``: shared memory is off (``shm=False``).
+        threshold_on = check_shm(shm, threshold)
+        self._shm_threshold = None if over_nats else threshold_on
+        self.shm = shm
+        self.shm_threshold = threshold
 
     def _codec_for(self, conn: Any, compress: Optional[bool]) -> Optional[str]:
         """The codec to compress a value for ``conn`` with, or None (off, or the peer

@@ -306,6 +306,8 @@ class ConnectionEngine:
             session.acked_out = session.recv  # the peer learnt it in the handshake
             self.session = session
             self.queue.numbered = True
+        # Large data sections through shared memory (same machine, same user).
+        self.queue.shm = protocol.shm_writer
 
     def control(self, frame: Frame) -> bool:
         """Handle a frame that is not DATA or REQUEST; True if handling must stop
@@ -457,6 +459,8 @@ class ConnectionEngine:
             self.queue.detach()  # kept for the next link (adopt)
         else:
             self.queue.clear()
+        self.queue.shm = None
+        self.protocol.close_shm()
         if len(self.requests):
             self.requests.fail_all(
                 ConnectionClosed(

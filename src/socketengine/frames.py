@@ -94,6 +94,8 @@ FLAG_RETAINED = 0x01  # replay of a value the host retains (sent right after the
 FLAG_IMAGE = 0x02  # an image frame: may be conflated (only the newest one matters)
 FLAG_COMPRESSED = 0x04  # protocol 1.1: meta [codec, meta_len, data_len], data compressed
 FLAG_RELAYED = 0x08  # forwarded by a relaying host: meta starts with the sender's name
+#: Protocol 1.1 "shm": the data section is a shared memory descriptor (see shm.py).
+FLAG_SHM = 0x40
 
 DEFAULT_MAX_MESSAGE = limits.DEFAULT_MAX_MESSAGE
 # Frames whose data section is at least this large are received into a buffer of
@@ -486,6 +488,8 @@ class FrameDecoder:
             if mlen >= 0:  # metadata and data in one buffer (a memoryview of it)
                 meta, body = body[:mlen], (body[mlen:] if len(body) > mlen else None)
             self.frames.append(Frame(ftype, flags, channel, fid, meta, body))
+            if flags & FLAG_SHM:
+                self.control = True  # Protocol.events() resolves (or refuses) it
             self._body = None
             self._body_head = None
             return
@@ -518,6 +522,11 @@ class FrameDecoder:
         if frames:
             self.frames = []
         return frames
+
+    def body(self, size: int) -> bytearray:
+        """A buffer for a data section of ``size`` bytes received another way (shared
+        memory): recycled like the ones the socket fills."""
+        return self._bodies.take(size) if size >= _OWN_BUFFER else bytearray(size)
 
     # -- internals ---------------------------------------------------------------------
 
@@ -623,7 +632,7 @@ class FrameDecoder:
             # tuple.__new__ directly: NamedTuple's generated __new__ costs a Python call.
             append(new_frame(Frame, (ftype, flags, channel, fid, meta, data)))
             r += total
-            if ftype < DATA or ftype == PING or ftype == PONG:
+            if ftype < DATA or ftype == PING or ftype == PONG or flags & FLAG_SHM:
                 self.control = True  # Protocol.events() has frames of its own to handle
                 if ftype < DATA and self.pause_after_handshake:
                     self._paused = True

@@ -49,6 +49,8 @@ __all__ = [
     "COMPRESSION_CHOICES",
     "check_host_limits",
     "HostLimits",
+    "DEFAULT_SHM_THRESHOLD",
+    "check_shm",
 ]
 
 #: The seed's port.
@@ -311,3 +313,22 @@ def check_compression(
         return codecs, threshold
     _compression._module(compression)  # CompressionUnavailable naming the package
     return (compression,), threshold
+
+
+#: ``shm_threshold=`` default, bytes: data sections (array bytes) at least this large go
+#: through shared memory when the peer is on this machine as this user.  Below it the
+#: socket is as fast (a descriptor and two copies cost a few microseconds either way).
+DEFAULT_SHM_THRESHOLD = 64 * 1024
+
+
+def check_shm(shm: object, threshold: object) -> Optional[int]:
+    """Validate ``shm=`` / ``shm_threshold=``: the threshold in bytes, or None when
+    shared memory is off.
+
+    :raises TypeError: ``shm`` is not a bool.
+    :raises ValueError: the threshold is not an int >= 1.
+    """
+    if type(shm) is not bool:
+        raise TypeError(f"shm must be True or False, not {shm!r}")
+    threshold = _check_int("shm_threshold", threshold, 1)
+    return threshold if shm else None

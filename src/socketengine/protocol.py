@@ -22,10 +22,11 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import logging
 import os
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from . import codec, compression, frames
+from . import codec, compression, frames, shm
 from .errors import AuthenticationError, HandshakeError, ProtocolError
 from .frames import Frame
 from .limits import MAX_NAME_BYTES, PRE_HANDSHAKE_MAX
@@ -33,6 +34,8 @@ from .patterns import Interest
 from .session import SID_SIZE, Session, SessionTable
 
 __all__ = ["Role", "State", "Protocol", "token_bytes"]
+
+logger = logging.getLogger("socketengine")
 
 NONCE_SIZE = 16
 _CLIENT_LABEL = b"socketengine/1 client"
@@ -140,6 +143,7 @@ class Protocol:
         interest: Optional[Interest] = None,
         resume: Optional[Session] = None,
         sessions: Optional[SessionTable] = None,
+        shm_threshold: Optional[int] = None,
     ) -> None:
         self.role = role
         #: Client role: the client's session, presented in HELLO (protocol 1.2) as its
@@ -159,6 +163,13 @@ class Protocol:
         #: The session this connection carries (host role: opened or resumed at
         #: WELCOME; client role: ``resume``), used only if :attr:`peer_resume`.
         self.resume_session: Optional[Session] = resume
+        # Shared memory ("shm", docs/protocol.md 8.9): None when this side turned it off.
+        self._shm_threshold = shm_threshold if shm.available() else None
+        self._shm_peer: Optional[Tuple[int, bytes]] = None
+        #: Set once the handshake proved the peer is on this machine, as this user:
+        #: large data sections go to it through shared memory / come from it that way.
+        self.shm_writer: Optional[shm.ShmWriter] = None
+        self.shm_reader: Optional[shm.ShmReader] = None
         self.heartbeat = heartbeat
         self.peer_heartbeat: Optional[float] = None
         #: The client's last will ``(channel, encoded value)`` (host role), see
@@ -222,6 +233,10 @@ class Protocol:
             out["z"] = z
         if rs is not None:
             out["rs"] = rs
+        if self.role is Role.CLIENT and self._shm_threshold is not None:
+            ident = shm.announce()
+            if ident is not None:
+                out["shm"] = ident
         return out
 
     def _note_peer(self, meta: Dict[str, Any]) -> None:
@@ -290,9 +305,40 @@ class Protocol:
                 pass
             elif t < frames.DATA:
                 raise ProtocolError(f"handshake frame 0x{t:02x} after the handshake")
+            elif frame.flags & frames.FLAG_SHM:
+                out.append(self._from_shm(frame))
             else:
                 out.append(frame)
         return out
+
+    # -- shared memory (protocol 1.1 "shm") -------------------------------------------
+
+    def _from_shm(self, frame: Frame) -> Frame:
+        """The plain DATA frame a shared memory descriptor stands for (copied out)."""
+        reader = self.shm_reader
+        if reader is None or frame.type != frames.DATA or frame.data is None:
+            raise ProtocolError("a shared memory frame, and shared memory was not negotiated")
+        data = reader.read(frame.data, self._max_message, self.decoder.body)
+        flags = frame.flags & ~frames.FLAG_SHM
+        return Frame(frames.DATA, flags, frame.channel, frame.id, frame.meta, data)
+
+    def _start_shm(self, peer: Tuple[int, bytes]) -> None:
+        assert self._shm_threshold is not None
+        self.shm_reader = shm.ShmReader(*peer)
+        try:
+            self.shm_writer = shm.ShmWriter(self._shm_threshold)
+        except OSError as exc:  # pragma: no cover - memfd refused right after it worked
+            logger.debug("shared memory: this side sends through the socket: %s", exc)
+        logger.debug("shared memory in use with %s (pid %d)", self.peer_name or "the peer", peer[0])
+
+    def close_shm(self) -> None:
+        """Release this connection's segments and mappings (idempotent)."""
+        writer, reader = self.shm_writer, self.shm_reader
+        self.shm_writer = self.shm_reader = None
+        if writer is not None:
+            writer.close()
+        if reader is not None:
+            reader.close()
 
     # -- handshake ------------------------------------------------------------------
 
@@ -328,6 +374,8 @@ class Protocol:
                 raise ProtocolError(f"HELLO name is not a string of at most {MAX_NAME_BYTES} bytes")
             self._note_peer(meta)
             self._note_resume_hello(meta.get("rs"))
+            if self._shm_threshold is not None and meta.get("shm") is not None:
+                self._shm_peer = shm.check_peer(meta.get("shm"))
             self.peer_will = _check_will(meta.get("will"))
             if meta.get("interest") is not None:
                 self.peer_interest = Interest.from_wire(meta.get("interest"))
@@ -382,6 +430,13 @@ class Protocol:
         info: Dict[str, Any] = self._announce({"id": self.session}, None, rs)
         if mac is not None:
             info["mac"] = mac
+        if self._shm_peer is not None:
+            ident = shm.announce()
+            if ident is not None:
+                # Only after the token (if any) was proven: never to another user.
+                info["shm"] = ident
+                info["shm_ok"] = True
+                self._start_shm(self._shm_peer)
         self._out.append(_frame(frames.WELCOME, info))
         self._open()
 
@@ -424,6 +479,10 @@ class Protocol:
             self.session = session if type(session) is int else 0
             self._note_peer(meta)
             self._note_resume_welcome(meta.get("rs"))
+            if self._shm_threshold is not None and meta.get("shm_ok") is True:
+                peer = shm.check_peer(meta.get("shm"))
+                if peer is not None:
+                    self._start_shm(peer)
             self._open()
         else:
             raise ProtocolError(f"unexpected frame 0x{t:02x} during the handshake")

@@ -54,6 +54,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Union
 from . import frames
 from .codec import Buffer
 from .errors import ProtocolError
+from .shm import ShmWriter
 
 __all__ = ["SendQueue", "ImageHook", "Outgoing", "BATCH_MAX", "ITEM_OVERHEAD", "WIRE_CHUNK"]
 
@@ -76,6 +77,9 @@ WIRE_CHUNK = 256 * 1024
 ITEM_OVERHEAD = 56
 
 _pack_header = frames.HEADER.pack
+_unpack_header = frames.HEADER.unpack_from
+_FLAG_SHM = frames.FLAG_SHM
+_NOT_SHM = frames.FLAG_COMPRESSED | frames.FLAG_SHM
 _BATCH = frames.BATCH
 _DATA = frames.DATA
 _SEQUENCED = (frames.DATA, frames.BATCH)
@@ -135,6 +139,7 @@ class SendQueue:
         "_replay",
         "_replay_images",
         "framing",
+        "shm",
     )
 
     def __init__(self, max_buffer: int, on_image: Optional[ImageHook] = None) -> None:
@@ -171,6 +176,9 @@ class SendQueue:
         #: Entries were taken by :meth:`take_inbox` and :meth:`to_wire` has not placed
         #: them yet (a threaded flusher frames them without the lock).
         self.framing = False
+        #: Set when the handshake negotiated shared memory: large DATA frames leave
+        #: as descriptors (see :meth:`to_wire`).
+        self.shm: Optional[ShmWriter] = None
 
     def __bool__(self) -> bool:
         return bool(self._inbox) or bool(self._wire) or self._taken_at < len(self._taken)
@@ -327,10 +335,10 @@ class SendQueue:
             if run:
                 self._flush_run(run, size)
                 run, size = [], 0
-            if kind is list:
-                wire.extend(entry)  # type: ignore[arg-type]
-            else:
-                wire.extend(entry.parts)  # type: ignore[union-attr]
+            parts = entry if kind is list else entry.parts  # type: ignore[union-attr]
+            if self.shm is not None and len(parts) > 1:  # type: ignore[arg-type]
+                parts = self._through_shm(parts)  # type: ignore[arg-type]
+            wire.extend(parts)  # type: ignore[arg-type]
         if run:
             self._flush_run(run, size)
         if i < end:
@@ -362,12 +370,14 @@ class SendQueue:
             if kind is list:
                 parts: List[Buffer] = entry  # type: ignore[assignment]
                 if parts[0][0] in _SEQUENCED:
-                    self._keep(parts, None)
-                self._wire.extend(parts)
+                    self._keep(parts, None)  # the original: a replay goes by the socket
             else:
                 slot: _Slot = entry  # type: ignore[assignment]
-                self._keep(slot.parts, slot.channel)
-                self._wire.extend(slot.parts)
+                parts = slot.parts
+                self._keep(parts, slot.channel)
+            if self.shm is not None and len(parts) > 1:
+                parts = self._through_shm(parts)
+            self._wire.extend(parts)
         if run:
             self._flush_run(run, size)
         self._bound()
@@ -517,6 +527,27 @@ class SendQueue:
         old._slots = {}
         old.queued = 0
         old.seq = old.acked = 0
+
+    def _through_shm(self, parts: List[Buffer]) -> List[Buffer]:
+        """A DATA frame's parts, its data section moved into shared memory when it is
+        large enough and a slot is free (else unchanged: it goes through the socket).
+        Done here, as the frame leaves, so that a conflated image never takes a slot."""
+        writer = self.shm
+        head = parts[0]
+        ftype, flags, clen, fid, mlen, dlen = _unpack_header(head)
+        if (
+            ftype != _DATA
+            or flags & _NOT_SHM
+            or dlen < writer.threshold  # type: ignore[union-attr]
+            or len(head) != frames.HEADER_SIZE + clen + mlen
+        ):
+            return parts
+        desc = writer.put(parts[1:], dlen)  # type: ignore[union-attr]
+        if desc is None:
+            return parts
+        self.queued -= dlen - len(desc)
+        new = _pack_header(_DATA, flags | _FLAG_SHM, clen, fid, mlen, len(desc))
+        return [new + memoryview(head)[frames.HEADER_SIZE :] + desc]
 
     def _flush_run(self, run: List[bytes], size: int) -> None:
         """Frame a run of items: BATCH when the peer reads them and there are two or

@@ -25,6 +25,7 @@ from ..limits import (
     DEFAULT_MAX_BUFFER,
     DEFAULT_MAX_MESSAGE,
     DEFAULT_RECONNECT_MAX,
+    DEFAULT_SHM_THRESHOLD,
     DEFAULT_SUBSCRIPTION_BYTES,
     DEFAULT_SUBSCRIPTION_SIZE,
     check_name,
@@ -117,6 +118,11 @@ class Client(Endpoint):
         'socket.engine[compression]'``); ``None`` (default): off.  Only for a peer
         that announced the codec, only values whose encoding is at least
         ``compress_threshold`` bytes (default 4096), only when the result is smaller.
+    :param shm: send large arrays and raw image frames through shared memory when the
+        peer is on this machine, as this user (proven in the handshake; Linux); only a
+        small descriptor then crosses the socket.  ``True`` (default) or ``False``.
+    :param shm_threshold: data sections (array bytes) of at least this many bytes go
+        through shared memory (default 65536); smaller ones through the socket.
     :param tls: an ``ssl.SSLContext`` (client side, e.g.
         ``ssl.create_default_context(cafile=...)``): the connection runs over TLS and
         the host's certificate is verified against ``addr``.
@@ -154,6 +160,8 @@ class Client(Endpoint):
         compress_threshold: int = DEFAULT_COMPRESS_THRESHOLD,
         url: Optional[str] = None,
         host: Optional[str] = None,
+        shm: bool = True,
+        shm_threshold: int = DEFAULT_SHM_THRESHOLD,
     ) -> None:
         if url is not None:
             from ..transport.nats.gateway import nats_client
@@ -177,6 +185,7 @@ class Client(Endpoint):
             image_quality=image_quality,
         )
         self._init_compression(compression, compress_threshold)
+        self._init_shm(shm, shm_threshold, over_nats=url is not None)
         self.name = check_name(name)
         self._will = None if will is None else encode_will(*will)
         self._interest = None if interest is None else Interest(list(interest))
@@ -356,6 +365,7 @@ class Client(Endpoint):
             interest=self._interest,
             read_size=READ_SIZE,
             resume=self._session,
+            shm_threshold=self._shm_threshold,
         )
         return Connection(self, protocol)
 

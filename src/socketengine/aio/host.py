@@ -23,6 +23,7 @@ from ..limits import (
     DEFAULT_MAX_PENDING,
     DEFAULT_RESUME_SESSIONS,
     DEFAULT_RESUME_WINDOW,
+    DEFAULT_SHM_THRESHOLD,
     DEFAULT_SUBSCRIPTION_BYTES,
     DEFAULT_SUBSCRIPTION_SIZE,
     check_host_limits,
@@ -83,6 +84,11 @@ class Host(Endpoint):
         'socket.engine[compression]'``); ``None`` (default): off.  Only for a peer
         that announced the codec, only values whose encoding is at least
         ``compress_threshold`` bytes (default 4096), only when the result is smaller.
+    :param shm: send large arrays and raw image frames through shared memory when the
+        peer is on this machine, as this user (proven in the handshake; Linux); only a
+        small descriptor then crosses the socket.  ``True`` (default) or ``False``.
+    :param shm_threshold: data sections (array bytes) of at least this many bytes go
+        through shared memory (default 65536); smaller ones through the socket.
     :param tls: an ``ssl.SSLContext`` (server side, with ``load_cert_chain``): every
         connection then runs over TLS, and plaintext clients are refused.
     :param image_codec: codec of :meth:`write_image_all` / ``conn.write_image`` when
@@ -164,6 +170,8 @@ class Host(Endpoint):
         resume_sessions: int = DEFAULT_RESUME_SESSIONS,
         url: Optional[str] = None,
         connect_timeout: Optional[float] = None,
+        shm: bool = True,
+        shm_threshold: int = DEFAULT_SHM_THRESHOLD,
     ) -> None:
         if url is not None:
             from ..transport.nats.gateway import nats_host
@@ -185,6 +193,7 @@ class Host(Endpoint):
             image_quality=image_quality,
         )
         self._init_compression(compression, compress_threshold)
+        self._init_shm(shm, shm_threshold, over_nats=url is not None)
         self.name = check_name(name)
         self._init_host(
             check_host_limits(
@@ -523,6 +532,7 @@ class Host(Endpoint):
             max_message=self.max_message,
             heartbeat=self.heartbeat,
             read_size=READ_SIZE,
+            shm_threshold=self._shm_threshold,
             session=next(self._sessions),
             sessions=self._resume if self.resume_window else None,
         )

@@ -38,6 +38,7 @@ from ..limits import (
     DEFAULT_MAX_PENDING,
     DEFAULT_RESUME_SESSIONS,
     DEFAULT_RESUME_WINDOW,
+    DEFAULT_SHM_THRESHOLD,
     check_host_limits,
 )
 from ..net import forget_listener, listen, listening_port, unix_path
@@ -99,6 +100,11 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         'socket.engine[compression]'``); ``None`` (default): off.  Only for a peer
         that announced the codec, only values whose encoding is at least
         ``compress_threshold`` bytes (default 4096), only when the result is smaller.
+    :param shm: send large arrays and raw image frames through shared memory when the
+        peer is on this machine, as this user (proven in the handshake; Linux); only a
+        small descriptor then crosses the socket.  ``True`` (default) or ``False``.
+    :param shm_threshold: data sections (array bytes) of at least this many bytes go
+        through shared memory (default 65536); smaller ones through the socket.
     :param tls: an ``ssl.SSLContext`` (server side, with ``load_cert_chain``): every
         connection then runs over TLS, and plaintext clients are refused.
     :param image_codec: codec of ``write_image_all``/``writeImg_ALL`` when none is given:
@@ -179,6 +185,8 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         url: Optional[str] = None,
         name: Optional[str] = None,
         connect_timeout: Optional[float] = None,
+        shm: bool = True,
+        shm_threshold: int = DEFAULT_SHM_THRESHOLD,
     ) -> None:
         gateway: Optional[HostGateway] = None
         if url is not None:
@@ -223,6 +231,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
             relay=(relay, writers, retain_relayed),
         )
         self._init_compression(compression, compress_threshold)
+        self._init_shm(shm, shm_threshold, over_nats=url is not None)
         self._listener: Optional[socket.socket] = None
         # Every accepted connection, in accept order, until it departs.
         self._conns: Dict[int, Connection] = {}
@@ -529,6 +538,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
                 max_message=self.max_message,
                 heartbeat=self.heartbeat,
                 read_size=self.read_size,
+                shm_threshold=self._shm_threshold,
                 session=next(self._sessions),
                 sessions=self._resume if self.resume_window else None,
             )
