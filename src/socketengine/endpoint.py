@@ -94,13 +94,14 @@ class EndpointBase:
         self.compression = compression
         self._codecs, self.compress_threshold = check_compression(compression, threshold)
 
-    def _init_shm(self, shm: bool, threshold: int, over_nats: bool = False) -> None:
+    def _init_shm(self, shm: bool, threshold: int) -> None:
         """Validate ``shm=`` / ``shm_threshold=`` (``TypeError`` / ``ValueError`` now).
-        Over NATS shared memory is never offered: the stream goes through the servers."""
-        #: Data sections this large go through shared memory to a peer on this
-        #: machine, as this user; ``None``: shared memory is off (``shm=False``).
+        Over NATS (the gateway is set first) shared memory is never offered: the stream
+        goes through the servers."""
         threshold_on = check_shm(shm, threshold)
-        self._shm_threshold = None if over_nats else threshold_on
+        #: Data sections this large go through shared memory to a peer on this
+        #: machine, as this user; ``None``: shared memory is off (``shm=False``, NATS).
+        self._shm_threshold = None if self._gateway is not None else threshold_on
         self.shm = shm
         self.shm_threshold = threshold
 
@@ -207,10 +208,12 @@ class EndpointBase:
         self.max_stored = limits.max_stored
         self.backlog = limits.backlog
         self._sessions = itertools.count(1)
-        self.resume_window = limits.resume_window
+        # Over NATS, write_all is fanned out by the servers outside each session's
+        # numbering: no resume there (a loss ends the session).
+        self.resume_window = 0.0 if self._gateway is not None else limits.resume_window
         self.resume_sessions = limits.resume_sessions
         # Resumable sessions (protocol 1.2): live ones, and lost ones kept for a while.
-        self._resume = SessionTable(limits.resume_window, limits.resume_sessions)
+        self._resume = SessionTable(self.resume_window, limits.resume_sessions)
         self._admission = Admission(limits.max_clients, limits.max_pending)
         # Departed clients whose values get_all() still reports (bounded, FIFO).
         self._departed: Departed[int, Any] = Departed(

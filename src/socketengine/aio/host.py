@@ -193,7 +193,7 @@ class Host(Endpoint):
             image_quality=image_quality,
         )
         self._init_compression(compression, compress_threshold)
-        self._init_shm(shm, shm_threshold, over_nats=url is not None)
+        self._init_shm(shm, shm_threshold)
         self.name = check_name(name)
         self._init_host(
             check_host_limits(
@@ -205,9 +205,7 @@ class Host(Endpoint):
                 max_channels=max_channels,
                 max_stored=max_stored,
                 max_message=self.max_message,
-                # Over NATS, write_all is fanned out by the servers outside each
-                # session's numbering: no resume there (a loss ends the session).
-                resume_window=0 if url is not None else resume_window,
+                resume_window=resume_window,
                 resume_sessions=resume_sessions,
             ),
             monitor=(monitor, monitor_addr, monitor_bgr),

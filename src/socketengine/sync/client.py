@@ -172,7 +172,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
             image_quality=image_quality,
         )
         self._init_compression(compression, compress_threshold)
-        self._init_shm(shm, shm_threshold, over_nats=url is not None)
+        self._init_shm(shm, shm_threshold)
         self.name = check_name(name)
         self._will = None if will is None else encode_will(*will)
         self._interest = None if interest is None else Interest(list(interest))

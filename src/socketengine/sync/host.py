@@ -222,16 +222,14 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
                 max_channels=max_channels,
                 max_stored=max_stored,
                 max_message=self.max_message,
-                # Over NATS, write_all is fanned out by the servers outside each
-                # session's numbering: no resume there (a loss ends the session).
-                resume_window=0 if url is not None else resume_window,
+                resume_window=resume_window,
                 resume_sessions=resume_sessions,
             ),
             monitor=(monitor, monitor_addr, monitor_bgr),
             relay=(relay, writers, retain_relayed),
         )
         self._init_compression(compression, compress_threshold)
-        self._init_shm(shm, shm_threshold, over_nats=url is not None)
+        self._init_shm(shm, shm_threshold)
         self._listener: Optional[socket.socket] = None
         # Every accepted connection, in accept order, until it departs.
         self._conns: Dict[int, Connection] = {}
