@@ -292,12 +292,10 @@ class SendQueue:
 
         Without numbering, frames about :data:`WIRE_CHUNK` bytes of items at a time;
         the rest waits (:attr:`unframed`) until called again, with ``entries`` empty.
-        With numbering (resume), frames them all at once."""
+        With numbering (resume), frames them all at once, each DATA / BATCH frame
+        getting the next sequence number and a place in the replay buffer."""
         try:
-            if self.numbered and not self.unframed:
-                self._to_wire_numbered(entries)
-            else:
-                self._to_wire(entries)
+            self._to_wire(entries)
         finally:
             self.framing = False
 
@@ -310,11 +308,14 @@ class SendQueue:
         entries = self._taken
         start = self._taken_at
         end = len(entries)
+        numbered = self.numbered
+        if numbered:
+            self._prune()
         wire = self._wire
         limit = self.batch_limit
         run: List[bytes] = []
         size = 0
-        budget = WIRE_CHUNK
+        budget = WIRE_CHUNK  # numbered: no limit, a resume finds all in the replay buffer
         i = start
         while i < end:
             entry = entries[i]
@@ -329,16 +330,24 @@ class SendQueue:
                 run.append(entry)  # type: ignore[arg-type]
                 size += n
                 budget -= n
-                if budget <= 0:
+                if budget <= 0 and not numbered:
                     break
                 continue
             if run:
                 self._flush_run(run, size)
                 run, size = [], 0
-            parts = entry if kind is list else entry.parts  # type: ignore[union-attr]
-            if self.shm is not None and len(parts) > 1:  # type: ignore[arg-type]
-                parts = self._through_shm(parts)  # type: ignore[arg-type]
-            wire.extend(parts)  # type: ignore[arg-type]
+            if kind is list:
+                parts: List[Buffer] = entry  # type: ignore[assignment]
+                if numbered and parts[0][0] in _SEQUENCED:
+                    self._keep(parts, None)  # the original: a replay goes by the socket
+            else:
+                slot: _Slot = entry  # type: ignore[assignment]
+                parts = slot.parts
+                if numbered:
+                    self._keep(parts, slot.channel)
+            if self.shm is not None and len(parts) > 1:
+                parts = self._through_shm(parts)
+            wire.extend(parts)
         if run:
             self._flush_run(run, size)
         if i < end:
@@ -346,41 +355,8 @@ class SendQueue:
         else:
             self._taken = []
             self._taken_at = 0
-
-    def _to_wire_numbered(self, entries: List[_Entry]) -> None:
-        """:meth:`to_wire` with numbering: each DATA / BATCH frame gets the next
-        sequence number and a place in the replay buffer."""
-        self._prune()
-        limit = self.batch_limit
-        run: List[bytes] = []
-        size = 0
-        for entry in entries:
-            kind = type(entry)
-            if kind is bytes:
-                n = len(entry)  # type: ignore[arg-type]
-                if run and size + n > limit:
-                    self._flush_run(run, size)
-                    run, size = [], 0
-                run.append(entry)  # type: ignore[arg-type]
-                size += n
-                continue
-            if run:
-                self._flush_run(run, size)
-                run, size = [], 0
-            if kind is list:
-                parts: List[Buffer] = entry  # type: ignore[assignment]
-                if parts[0][0] in _SEQUENCED:
-                    self._keep(parts, None)  # the original: a replay goes by the socket
-            else:
-                slot: _Slot = entry  # type: ignore[assignment]
-                parts = slot.parts
-                self._keep(parts, slot.channel)
-            if self.shm is not None and len(parts) > 1:
-                parts = self._through_shm(parts)
-            self._wire.extend(parts)
-        if run:
-            self._flush_run(run, size)
-        self._bound()
+        if numbered:
+            self._bound()
 
     def _keep(self, parts: List[Buffer], image: Optional[str]) -> None:
         """Number a frame and keep it for a resume (``image``: its conflated channel;
