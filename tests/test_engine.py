@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, List, Optional, Tuple
 
 import pytest
+from engine_feed import feed
 
 from socketengine import frames
 from socketengine.engine import BYE_FRAME, ConnectionEngine, ConnState, Tick
@@ -32,17 +33,7 @@ def _engine(role: Role, now: float = 0.0, heartbeat: Optional[float] = 5.0) -> C
     )
 
 
-def _feed(engine: ConnectionEngine, data: bytes, chunk: int) -> List[frames.Frame]:
-    out: List[frames.Frame] = []
-    decoder = engine.protocol.decoder
-    for i in range(0, len(data), chunk):
-        piece = data[i : i + chunk]
-        buf = decoder.get_buffer()
-        buf[: len(piece)] = piece
-        buf.release()
-        decoder.buffer_updated(len(piece))
-        out.extend(engine.events())
-    return out
+_feed = feed
 
 
 def _open_pair(chunk: int = 1 << 16) -> Tuple[ConnectionEngine, ConnectionEngine]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, List, Optional, Tuple
 
 import pytest
+from engine_feed import feed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -47,17 +48,7 @@ CHUNK = [4096]  # bytes fed at a time (a test may change it)
 
 
 def _feed(engine: ConnectionEngine, data: bytes) -> List[frames.Frame]:
-    decoder = engine.protocol.decoder
-    out: List[frames.Frame] = []
-    chunk = CHUNK[0]
-    for i in range(0, len(data), chunk):
-        piece = data[i : i + chunk]
-        buf = decoder.get_buffer()
-        buf[: len(piece)] = piece
-        buf.release()
-        decoder.buffer_updated(len(piece))
-        out.extend(engine.events())
-    return out
+    return feed(engine, data, CHUNK[0])
 
 
 def _wire(engine: ConnectionEngine) -> bytes:
