@@ -293,7 +293,7 @@ class SEEchoServer(SEReqServer):
         self.host.on("ping", echo, inline=True)
 
 
-class SEWaitPinger:
+class SEWaitPinger(SEPinger):
     """``client.write("ping")`` then block in ``client.wait("pong")``.
 
     ``wait`` sees only values arriving after the call.  In one process the reply can be
@@ -301,13 +301,6 @@ class SEWaitPinger:
     I/O threads run the whole round trip meanwhile), so ``get`` looks first; if the
     reply slips in between that look and ``wait``, the 50 ms wait times out and ``get``
     finds it: a lost race shows as a 50 ms outlier in p99, never a hang."""
-
-    def __init__(self, kind: str, params: Dict[str, Any], port: int) -> None:
-        from socketengine import Client
-
-        self.client = Client(port=port, timeout=10, connect_timeout=10)
-        self.timeout = float(params.get("timeout", 30))
-        self.seq = 0
 
     def _rounds(self, n: int) -> List[int]:
         c = self.client
@@ -336,15 +329,6 @@ class SEWaitPinger:
             out.append(clock() - t0)
         self.seq = seq
         return out
-
-    def warmup(self) -> None:
-        self._rounds(WARMUP)
-
-    def go(self, n: int) -> Dict[str, Any]:
-        return _latency_result(self._rounds(n))
-
-    def close(self) -> None:
-        self.client.close()
 
 
 # -- pyzmq ------------------------------------------------------------------------------------
