@@ -1,3 +1,4 @@
+import signal
 import threading
 import time
 from typing import Any, Callable, Iterator, List
@@ -5,6 +6,12 @@ from typing import Any, Callable, Iterator, List
 import pytest
 
 from socketengine import Client, Host
+
+# Ctrl-C as in a terminal: a suite started in the background by a non-interactive shell
+# inherits SIGINT ignored, and the processes the tests start (the CLI) would too.  A
+# handler is reset to the default by exec, an ignored signal is not.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:

@@ -66,10 +66,6 @@ def wait_for(condition: Callable[[], Any], timeout: float = TIMEOUT, what: str =
         time.sleep(0.01)
 
 
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 class Running:
     """A long-running CLI process whose output lines are collected as they come."""
 
@@ -83,9 +79,6 @@ class Running:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=full_env,
-            # Ctrl-C as in a terminal: a suite started in the background by a
-            # non-interactive shell inherits SIGINT ignored, and so would the CLI.
-            preexec_fn=_default_sigint,
         )
         self.out: List[str] = []
         self.err: List[str] = []
