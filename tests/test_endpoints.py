@@ -129,6 +129,20 @@ def test_several_clients_get_all_in_connection_order(host: Host, make_client) ->
     assert host.get_client("nobody") is None
 
 
+def test_a_write_all_right_after_open_reaches_the_new_client(host: Host) -> None:
+    # Once a client's open() returned, the host lists it and its next write_all reaches
+    # it: the host's WELCOME leaves only after the connection is ready.
+    for i in range(40):
+        c = Client(port=host.port, name=f"c{i}")
+        try:
+            assert any(conn.name == f"c{i}" for conn in host.clients())
+            assert host.write_all("now", i) >= 1
+            wait_for(lambda c=c, i=i: c.get("now") == i, what=f"write_all {i} at c{i}")
+        finally:
+            c.close()
+        wait_for(lambda: not host.clients(), what="the client gone")
+
+
 def test_per_connection_write(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
     a, b = make_client(name="a"), make_client(name="b")
     conn = wait_for(lambda: host.get_client("b"))
