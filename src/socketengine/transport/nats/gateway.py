@@ -814,7 +814,8 @@ def nats_hosts(
     """The hosts running on a NATS cluster: ``{name: {"name", "pid", "t", ...}}``.
 
     ``t`` is ``time.time()`` of the host's last announcement (every ~3 s); a host that
-    died without closing stays listed up to 10 s.  Raises ``ConnectTimeout`` /
+    died without closing stays listed up to 10 s.  The listing is read from any replica,
+    so a host announced a moment ago may be missing from one call.  Raises ``ConnectTimeout`` /
     ``AuthenticationError`` like ``Client(url=...)``.
     """
     from .presence import list_hosts
