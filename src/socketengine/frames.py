@@ -523,6 +523,12 @@ class FrameDecoder:
             self.frames = []
         return frames
 
+    def put_back(self, frames: List[Frame]) -> None:
+        """Return ``frames`` (taken, not handled yet) to the front of :attr:`frames`;
+        they may include frames that :attr:`control` announces."""
+        self.frames[:0] = frames
+        self.control = True
+
     def body(self, size: int) -> bytearray:
         """A buffer for a data section of ``size`` bytes received another way (shared
         memory): recycled like the ones the socket fills."""

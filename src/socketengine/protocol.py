@@ -297,7 +297,7 @@ class Protocol:
 
     def _filter(self, received: List[Frame]) -> List[Frame]:
         out = []
-        for frame in received:
+        for i, frame in enumerate(received):
             t = frame.type
             if t == frames.PING:
                 self._out.append(b"".join(frames.encode_frame(frames.PONG)))
@@ -307,6 +307,14 @@ class Protocol:
                 raise ProtocolError(f"handshake frame 0x{t:02x} after the handshake")
             elif frame.flags & frames.FLAG_SHM:
                 out.append(self._from_shm(frame))
+                if i + 1 < len(received):
+                    # One shared-memory frame per call: its slot is copied out only
+                    # once the frames before it were handled, so a burst of descriptors
+                    # reuses one recycled receive buffer instead of allocating one per
+                    # frame.  The rest goes back to the decoder (the layer calls again
+                    # while ``decoder.frames`` is not empty).
+                    self.decoder.put_back(received[i + 1 :])
+                    break
             else:
                 out.append(frame)
         return out

@@ -827,7 +827,7 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         decoder = self.engine.protocol.decoder
         try:
             decoder.buffer_updated(nbytes)
-            if decoder.frames:
+            while decoder.frames and not self.engine.closed:
                 self._process()
         except (ProtocolError, HandshakeError) as exc:
             self._fail(exc)

@@ -709,7 +709,7 @@ class Connection(PeerView, Pausable):
             engine.received(_monotonic())
             try:
                 decoder.buffer_updated(n)
-                if decoder.frames:
+                while decoder.frames and not engine.closed:
                     self._process()
             except (ProtocolError, HandshakeError) as exc:
                 self._fail(exc)
