@@ -164,6 +164,74 @@ def test_larger_frames_get_a_new_segment_and_the_old_one_is_closed_once_read() -
     assert _shm_maps() == [] and _memfds() == []
 
 
+def test_an_idle_segment_of_the_current_size_is_reused_not_closed() -> None:
+    writer, reader = shm.ShmWriter(1), _reader()
+    try:
+        first = [writer.put([b"a" * 1000], 1000) for _ in range(shm.SLOTS)]
+        spill = writer.put([b"b" * 1000], 1000)  # every slot in flight: a second segment
+        assert len(writer._all) == 2
+        for desc in first + [spill]:
+            reader.read(desc, 1 << 20, _take)
+        # Filling the second segment and one more takes the first one's released slots
+        # instead of closing it and faulting in a third.
+        more = [writer.put([b"c" * 1000], 1000) for _ in range(shm.SLOTS)]
+        assert all(d is not None for d in more)
+        assert len(writer._all) == 2 and writer.fallbacks == 0
+        for desc in more:
+            assert bytes(reader.read(desc, 1 << 20, _take)) == b"c" * 1000
+    finally:
+        writer.close()
+        reader.close()
+
+
+class _Clock:
+    """Stands in for ``shm.time``: each sleep runs ``on_sleep`` (no real waiting)."""
+
+    def __init__(self, on_sleep: Any) -> None:
+        self.now = 0.0
+        self.sleeps = 0
+        self.on_sleep = on_sleep
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps += 1
+        self.now += seconds
+        self.on_sleep(self.sleeps)
+
+
+def test_a_thread_writer_waits_briefly_for_a_slot_then_not_while_the_reader_stalls(
+    monkeypatch: Any,
+) -> None:
+    writer, reader = shm.ShmWriter(1), _reader()
+    writer.slot_wait = 0.002
+    try:
+        full = [writer.put([bytes([i]) * 1000], 1000) for i in range(shm.SLOTS * shm.SEGMENTS)]
+        # The reader releases a slot during the wait: the frame takes it.
+        clock = _Clock(lambda n: reader.read(full[0], 1 << 20, _take) if n == 3 else None)
+        monkeypatch.setattr(shm, "time", clock)
+        assert writer.put([b"w" * 1000], 1000) is not None
+        assert clock.sleeps == 3 and writer.fallbacks == 0
+        # Nothing released within slot_wait: the socket, and no further waits...
+        clock.on_sleep = lambda n: None
+        assert writer.put([b"x" * 1000], 1000) is None
+        waited = clock.sleeps
+        assert waited > 3 and writer.fallbacks == 1
+        assert writer.put([b"y" * 1000], 1000) is None
+        assert clock.sleeps == waited and writer.fallbacks == 2
+        # ...until a slot is free again.
+        reader.read(full[1], 1 << 20, _take)
+        assert writer.put([b"z" * 1000], 1000) is not None
+        for desc in full[2:]:
+            reader.read(desc, 1 << 20, _take)
+        assert writer.put([b"v" * 1000], 1000) is not None
+        assert clock.sleeps == waited  # free slots: no wait
+    finally:
+        writer.close()
+        reader.close()
+
+
 def test_the_send_queue_turns_large_data_frames_into_descriptors() -> None:
     queue = SendQueue(1 << 30)
     queue.shm = shm.ShmWriter(1000)
@@ -223,6 +291,33 @@ def test_the_handshake_proves_same_machine_same_user(token: Optional[bytes]) -> 
     _give(host, b"".join(bytes(p) for p in queue.wire_batch(10)))
     (frame,) = host.events()
     assert frame.flags == 0 and np.array_equal(frame.value(), value)
+    host.close_shm()
+    client.close_shm()
+
+
+def test_a_burst_of_descriptors_is_copied_out_one_frame_at_a_time() -> None:
+    host, client = _pair({"shm_threshold": 10}, {"shm_threshold": 10})
+    queue = SendQueue(1 << 30)
+    queue.shm = client.shm_writer
+    values = [np.full(100_000, i, np.uint8) for i in range(3)]
+    queue.push_item(frames.value_item("before", 0))  # type: ignore[arg-type]
+    for value in values:
+        queue.push(*frames.value_frame(frames.DATA, "v", value))
+    queue.push_item(frames.value_item("after", 1))  # type: ignore[arg-type]
+    queue.to_wire(queue.take_inbox())
+    _give(host, b"".join(bytes(p) for p in queue.wire_batch(100)))
+    got, sizes = [], []
+    for _ in range(5):  # bounded: one shared-memory frame per call
+        events = host.events()
+        if not events:
+            break
+        sizes.append(len(events))
+        got.extend(frame.value() for frame in events)
+    # Each slot is copied out only once the frame before it was handed over, so that
+    # the receive buffer of a frame nobody kept can be reused for the next one.
+    assert sizes == [2, 1, 1, 1] and not host.decoder.frames
+    assert got[0] == 0 and got[4] == 1
+    assert all(np.array_equal(a, b) for a, b in zip(got[1:4], values))
     host.close_shm()
     client.close_shm()
 

@@ -23,7 +23,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
-from .. import frames
+from .. import frames, shm
 from ..codec import Buffer
 from ..engine import ConnectionEngine, ConnState, Tick, describe_peer
 from ..errors import (
@@ -729,6 +729,10 @@ class Connection(PeerView, Pausable):
             raise
         if not was_open and engine.opened:
             self.engine.peer = self._peer()
+            writer = engine.protocol.shm_writer
+            if writer is not None:
+                writer.slot_wait = shm.SLOT_WAIT  # a thread may wait; an event loop never
+
             # The WELCOME goes first on the wire but leaves only after the connection is
             # ready (listed by clients(), reached by write_all): once a client's open()
             # returns, the host's next write_all reaches it.
