@@ -827,7 +827,10 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         decoder = self.engine.protocol.decoder
         try:
             decoder.buffer_updated(nbytes)
-            while decoder.frames and not self.engine.closed:
+            # More than once when shared-memory frames were handed over one at a time
+            # (Protocol.events); nothing after the peer's BYE is handled.
+            engine = self.engine
+            while decoder.frames and not engine.closed and not engine.bye_received:
                 self._process()
         except (ProtocolError, HandshakeError) as exc:
             self._fail(exc)

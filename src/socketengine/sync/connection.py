@@ -709,7 +709,9 @@ class Connection(PeerView, Pausable):
             engine.received(_monotonic())
             try:
                 decoder.buffer_updated(n)
-                while decoder.frames and not engine.closed:
+                # More than once when shared-memory frames were handed over one at a
+                # time (Protocol.events); nothing after the peer's BYE is handled.
+                while decoder.frames and not engine.closed and not engine.bye_received:
                     self._process()
             except (ProtocolError, HandshakeError) as exc:
                 self._fail(exc)
