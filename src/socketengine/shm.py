@@ -97,7 +97,7 @@ _SLOT_POLL = 0.0001
 #: Copies at least this large go through numpy, which releases the GIL while it copies:
 #: in one process the writer's and the reader's copies then overlap, and the other
 #: threads (I/O, application) are not held up behind them.
-_NOGIL_COPY = 64 * 1024
+_NOGIL_COPY = 1024 * 1024
 
 _identity: Optional[Tuple[int, int, bytes]] = None
 _identity_lock = threading.Lock()
