@@ -590,3 +590,71 @@ def test_images_newest_frame_wins_for_a_slow_receiver(net: Net) -> None:
     assert frames_seen[-1] == 99  # ... not for the fast one, which saw the newest at once
     assert fast.connected and slow.connected
     assert h.get_client("fast") is not None and h.get_client("slow") is not None
+
+
+# -- one gateway per process ---------------------------------------------------------------------
+
+
+def test_the_endpoints_of_a_process_share_one_gateway(nats_net: Net) -> None:
+    """Clients on one node share one NATS connection and its two threads; a broadcast
+    reaches each of them once; the last one to close closes the connection."""
+    h = nats_net.host()
+    first = nats_net.client(h, 1, name="c0")
+    hub = first._gateway.hub
+    before = set(threading.enumerate())
+    clients = [first] + [nats_net.client(h, 1, name=f"c{i}") for i in range(1, 6)]
+    _connected(h, 6)
+    assert all(c._gateway.hub is hub for c in clients) and hub.refs == 6
+    new = [t.name for t in set(threading.enumerate()) - before]
+    assert not [n for n in new if n.startswith("socketengine-nats")]  # one link, one selector
+    assert h._gateway.hub is not hub  # the host is on another node: its own connection
+    subs = [c.subscribe("n") for c in clients]
+    for i in range(50):
+        h.write_all("n", i)
+    h.get_client("c3").write("n", "only c3")
+    for k, sub in enumerate(subs):
+        got = [sub.get(timeout=10) for _ in range(50 + (k == 3))]
+        assert [v for v in got if v != "only c3"] == list(range(50)), k  # once, in order
+    clients[0].close()
+    assert hub.refs == 5 and hub.link is not None
+    h.write_all("after", 1)
+    wait_for(lambda: all(c.get("after") == 1 for c in clients[1:]), what="the others")
+    for c in clients[1:]:
+        c.close()
+    assert hub.link is None and hub.closed
+    assert hub._thread is not None and not hub._thread.is_alive()
+
+
+def test_stale_socket_directories_of_killed_processes_are_removed(nats_net: Net) -> None:
+    import glob
+    import tempfile
+
+    from socketengine.transport.nats.gateway import remove_stale_dirs
+
+    h = nats_net.host()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_CLIENT, nats_net.cluster.urls[1], h.name],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        pattern = os.path.join(tempfile.gettempdir(), f"se-nats-{proc.pid}-*")
+        assert len(glob.glob(pattern)) == 1
+    finally:
+        proc.kill()
+        proc.wait(10)
+    stale = glob.glob(pattern)
+    assert len(stale) == 1  # SIGKILL: the directory stays behind ...
+    mine = glob.glob(os.path.join(tempfile.gettempdir(), f"se-nats-{os.getpid()}-*"))
+    assert mine  # (this process's own host directory)
+    # ... until the next process starts its first NATS endpoint.
+    code = (
+        "import shutil\n"
+        "from socketengine.transport.nats.gateway import private_socket_dir\n"
+        "shutil.rmtree(private_socket_dir())\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    assert not glob.glob(pattern)
+    assert all(os.path.isdir(d) for d in mine)  # a live process's directories stay
+    assert not any(d in mine for d in remove_stale_dirs())
