@@ -33,6 +33,7 @@ from .common import SMALL_TEXT, cpu_model, raise_nofile
 
 WORKERS = 4
 CHANNEL = "v"
+IDLE_WINDOW = 1.0  # s: the host's CPU with K idle connections, subtracted for "net"
 
 
 # -- worker processes (clients) ----------------------------------------------------------------
@@ -105,10 +106,16 @@ def _fan(kind: str, k: int, n: int, urls: List[str]) -> Dict[str, float]:
             pipe.send(-1)
         for pipe in pipes:
             pipe.recv()
+        # What the host costs while nobody writes (heartbeats of K connections): a
+        # measurement window, not synchronisation.
+        idle0, w0 = time.process_time(), time.monotonic()
+        time.sleep(IDLE_WINDOW)
+        idle_rate = (time.process_time() - idle0) / (time.monotonic() - w0)
         cpu0 = time.process_time()
         t0 = time.monotonic()
         for i in range(n):
             host.write_all(CHANNEL, [i, payload])
+        calls = time.process_time() - cpu0
         for pipe in pipes:
             pipe.send(n - 1)
         ends = []
@@ -118,8 +125,16 @@ def _fan(kind: str, k: int, n: int, urls: List[str]) -> Dict[str, float]:
                 raise RuntimeError("a client never got the last value")
             ends.append(t)
         cpu = time.process_time() - cpu0
+        window = time.monotonic() - t0
         elapsed = max(ends) - t0
-        return {"cpu_per_write_us": cpu / n * 1e6, "deliveries_per_s": n * k / elapsed}
+        return {
+            "cpu_per_write_us": cpu / n * 1e6,
+            "cpu_net_per_write_us": max(0.0, cpu - idle_rate * window) / n * 1e6,
+            "cpu_in_call_us": calls / n * 1e6,
+            "idle_cpu_share": idle_rate,
+            "deliveries_per_s": n * k / elapsed,
+            "load": os.getloadavg()[0],
+        }
     finally:
         for pipe in pipes:
             try:
@@ -269,6 +284,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "machine": {"cpu": cpu_model(), "nproc": os.cpu_count(), "python": sys.version.split()[0]},
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "rounds": args.rounds,
+        "load_start": os.getloadavg(),
     }
     with LocalCluster(3) as cluster:
         urls = cluster.urls
@@ -285,7 +301,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 cpu[str(k)] = {
                     kind: {
                         key: _med([x[key] for x in runs[kind]])
-                        for key in ("cpu_per_write_us", "deliveries_per_s")
+                        for key in runs[kind][0]
                     }
                     for kind in runs
                 }
@@ -316,6 +332,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     print(f"roundtrip {kind}: p50 {v:.0f} us", flush=True)
                     runs3[kind].append(v)
             results["roundtrip_p50_us"] = {k: _med(v) for k, v in runs3.items()}
+    results["load_end"] = os.getloadavg()
     print(json.dumps(results, indent=1))
     if args.out and os.path.exists(args.out):
         with open(args.out, encoding="utf-8") as f:

@@ -301,8 +301,11 @@ _KILLED_CLIENT = textwrap.dedent(
     """
     import sys, time
     from socketengine import Client
-    c = Client(url=sys.argv[1], host=sys.argv[2], name="doomed", heartbeat=0.5,
-               connect_timeout=10)
+    if sys.argv[1].isdigit():  # direct TCP: the host's port
+        c = Client(port=int(sys.argv[1]), name="doomed", heartbeat=0.5, connect_timeout=10)
+    else:
+        c = Client(url=sys.argv[1], host=sys.argv[2], name="doomed", heartbeat=0.5,
+                   connect_timeout=10)
     c.write("alive", 1)
     print("ready", flush=True)
     time.sleep(60)  # killed long before
@@ -351,6 +354,52 @@ def test_retained_values_survive_the_node_that_took_them(nats_net: Net) -> None:
     late2 = nats_net.client(h2, 2)
     wait_for(lambda: late2.get("cfg") == {"v": 1}, timeout=15, what="the value from KV")
     h2.clear_retained()
+
+
+def test_host_subscriptions_count_a_client_lost_without_goodbye(net: Net) -> None:
+    # Over TCP a lost session is kept for a resume by default (nothing missing yet):
+    # without resume (always the case over NATS) the loss is a gap at once.
+    h = net.host(heartbeat=0.5, resume_window=0)
+    sub = h.subscribe("alive")
+    polite = net.client(h, 1, name="polite")
+    polite.write("alive", 0)
+    assert sub.get(timeout=10)[0] == 0
+    polite.close()  # a goodbye: nothing can be missing
+    wait_for(lambda: not h.clients(), timeout=10, what="the polite client gone")
+    assert sub.gaps == 0
+    where = str(h.port) if net.kind == "tcp" else net.cluster.urls[2]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_CLIENT, where, h.name or ""],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        assert sub.get(timeout=10)[0] == 1
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        wait_for(lambda: sub.gaps == 1, timeout=10, what="the gap counted")
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert not h.clients()
+
+
+def test_host_subscriptions_count_a_gap_when_the_hosts_node_dies(nats_net: Net) -> None:
+    """The host's own NATS server dies: every session may have lost units, so the host
+    ends them (its link fails over), its subscriptions count a gap, and the clients
+    reconnect and write again."""
+    h = nats_net.host()
+    c = nats_net.client(h, 1, name="writer")
+    _connected(h, 1)
+    sub = h.subscribe("n")
+    c.write("n", 0)
+    assert sub.get(timeout=10)[0] == 0
+    nats_net.cluster.kill(0)
+    wait_for(lambda: sub.gaps >= 1, timeout=20, what="the host's gap")
+    wait_for(lambda: c.reconnects >= 1 and h.clients(), timeout=20, what="the client back")
+    c.write("n", 1)
+    assert sub.get(timeout=10)[0] == 1
 
 
 # -- the asyncio layer -------------------------------------------------------------------------

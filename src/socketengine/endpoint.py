@@ -253,6 +253,18 @@ class EndpointBase:
         if len(self._resume):
             self._resume_expired(self._resume.expire(time.monotonic()))
 
+    def _mark_gaps(self) -> None:
+        """A link was lost: every open subscription records a gap (each layer)."""
+
+    def _gap_from(self, conn: Any) -> None:
+        """Host: a client's connection closed; if it was lost (no BYE either way) and
+        its session is not kept for a resume, values it sent meanwhile may be missing:
+        every open subscription counts a gap, as a client's do when its link is lost."""
+        engine = conn.engine
+        if self.stopped or engine.bye_sent or engine.bye_received or engine.resumable:
+            return
+        self._mark_gaps()
+
     def _keep_session(self, conn: Any) -> None:
         """A connection closed: keep its session for a resume if the link was lost
         (at most ``resume_window`` s, ``resume_sessions`` of them), else forget it."""

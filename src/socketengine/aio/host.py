@@ -605,6 +605,7 @@ class Host(Endpoint):
             forget_latest(self._latest, conn.values)
             return
         logger.info("%r: client %r disconnected", self, conn)
+        self._gap_from(conn)
         will = conn.engine.will_due()
         if will is not None and not self.stopped:
             self._publish_will(conn, *will)
