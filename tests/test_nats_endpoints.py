@@ -222,6 +222,27 @@ def test_retained_values_reach_late_joiners(net: Net) -> None:
     assert later.get("cfg") is None
 
 
+def test_write_all_follows_interest_set_later(net: Net) -> None:
+    """A fanned-out write_all is one publish only while no client filters channels;
+    an interest set (or cleared) on a live connection is honoured at once."""
+    h = net.host()
+    picky = net.client(h, 1, name="picky")
+    other = net.client(h, 2, name="other")
+    _connected(h, 2)
+    assert h.write_all("x", 1) == 2
+    wait_for(lambda: picky.get("x") == 1 and other.get("x") == 1, what="both")
+    picky.set_interest(["mark"])
+    wait_for(lambda: h.get_client("picky").interest is not None, what="the interest")
+    assert h.write_all("x", 2) == 1  # sent to the clients that want it
+    assert h.write_all("mark", 1) == 2
+    wait_for(lambda: picky.get("mark") == 1 and other.get("x") == 2, what="the marker")
+    assert picky.get("x") == 1  # filtered by the host
+    picky.set_interest(None)
+    wait_for(lambda: h.get_client("picky").interest is None, what="the interest cleared")
+    h.write_all("x", 3)
+    wait_for(lambda: picky.get("x") == 3, what="all channels again")
+
+
 def test_wildcard_looking_channel_names_reach_only_their_channel(net: Net) -> None:
     h = net.host()
     c = net.client(h, 1)

@@ -88,6 +88,9 @@ _PREAMBLE_MAGIC = frames.MAGIC
 _HEADER = frames.HEADER
 _HEADER_SIZE = frames.HEADER_SIZE
 _DIR_PREFIX = "se-nats-"
+#: Calls from other threads run per turn of the selector thread before it looks at its
+#: sockets again.
+_CALLS_PER_TURN = 64
 
 
 def parse_url(url: Union[str, Sequence[str]]) -> List[str]:
@@ -402,8 +405,9 @@ class Hub:
         return value
 
     def _run(self) -> None:
+        timeout: Optional[float] = None
         while not self._stopping:
-            for key, mask in self._sel.select():
+            for key, mask in self._sel.select(timeout):
                 if key.data is None:
                     try:
                         while self._wake_r.recv(4096):
@@ -412,7 +416,10 @@ class Hub:
                         pass
                     continue
                 key.data(mask)
-            while True:
+            # At most _CALLS_PER_TURN calls, then the sockets again: units from NATS
+            # arriving without pause must not starve what the local endpoints send
+            # (their heartbeats among it).
+            for _ in range(_CALLS_PER_TURN):
                 with self._lock:
                     if not self._calls:
                         break
@@ -421,6 +428,7 @@ class Hub:
                     fn(*args)
                 except Exception:
                     log.exception("NATS gateway: %r failed", fn)
+            timeout = 0 if self._calls else None
         for s in list(self.sessions.values()):
             self.drop(s, publish_eof=False)
         self._sel.close()
