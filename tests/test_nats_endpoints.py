@@ -1,12 +1,16 @@
 """Host/Client over NATS: the same behaviour as direct TCP, on a real 3-node cluster.
 
-Scenarios parametrized over ``net`` run once over direct TCP and once over NATS (host on
-node A, clients on nodes B and C); the rest are NATS-only (failover of a node, JetStream
-retained values, authentication, subject safety).
+Scenarios parametrized over ``net`` run over direct TCP, over NATS (host on node A,
+clients on nodes B and C) and over NATS with the asyncio layer (its endpoints driven by
+blocking calls from the test, see :class:`Blocking`); those over ``sync_net`` run with
+the threaded layer only (direct TCP and NATS); the rest are NATS-only (failover of a
+node, JetStream retained values, authentication, subject safety).
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import signal
 import subprocess
@@ -15,31 +19,81 @@ import textwrap
 import threading
 import time
 import uuid
-from typing import Any, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 from conftest import wait_for
 from nats_fixtures import *  # noqa: F403
+from test_parity import AioThread
 
-from socketengine import AuthenticationError, Client, ConnectTimeout, Host, RemoteError
+from socketengine import AuthenticationError, Client, ConnectTimeout, Host, RemoteError, aio
 
 NETS = ["tcp", "nats"]
 
 
-class Net:
-    """Makes hosts and clients over one transport; closes them after the test."""
+class Blocking:
+    """An asyncio endpoint, connection or subscription used with blocking calls: each
+    call runs on the runner's loop (awaited there when it returns an awaitable), and
+    asyncio objects in the result come back wrapped, the same wrapper for the same
+    object (so ``is`` works).  ``sub.get(timeout=)`` waits as the threaded one does."""
 
-    def __init__(self, kind: str, cluster: Any) -> None:
+    def __init__(self, obj: Any, runner: AioThread, cache: Dict[int, Any]) -> None:
+        self.__dict__.update(_obj=obj, _runner=runner, _cache=cache)
+
+    def _wrap(self, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._wrap(v) for v in value)
+        if type(value).__module__.startswith("socketengine.aio"):
+            wrapped = self._cache.get(id(value))
+            if wrapped is None or wrapped._obj is not value:
+                wrapped = self._cache[id(value)] = Blocking(value, self._runner, self._cache)
+            return wrapped
+        return value
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._obj, name)
+        if not callable(attr):
+            return self._wrap(attr)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            async def invoke() -> Any:
+                if name == "get" and isinstance(self._obj, aio.Subscription):
+                    try:
+                        return await asyncio.wait_for(attr(), kwargs.get("timeout"))
+                    except asyncio.TimeoutError:
+                        raise TimeoutError("nothing arrived") from None
+                result = attr(*args, **kwargs)
+                return await result if inspect.isawaitable(result) else result
+
+            return self._wrap(self._runner.run(invoke(), 60.0))
+
+        return call
+
+
+class Net:
+    """Makes hosts and clients over one transport and layer; closes them after the test."""
+
+    def __init__(self, kind: str, cluster: Any, runner: Optional[AioThread] = None) -> None:
         self.kind = kind
         self.cluster = cluster
+        self.runner = runner  # the asyncio layer's loop (None: threaded layer)
         self.made: List[Any] = []
+        self._cache: Dict[int, Any] = {}
+
+    def _start(self, endpoint: Any) -> Any:
+        assert self.runner is not None
+        started = self.runner.run(endpoint.start(), 60.0)
+        return Blocking(started, self.runner, self._cache)
 
     def host(self, **kwargs: Any) -> Host:
         if self.kind == "tcp":
             h = Host(port=0, **kwargs)
         else:
             kwargs.setdefault("name", f"h-{uuid.uuid4().hex[:10]}")
-            h = Host(url=self.cluster.urls[0], **kwargs)
+            if self.runner is not None:
+                h = self._start(aio.Host(url=self.cluster.urls[0], **kwargs))
+            else:
+                h = Host(url=self.cluster.urls[0], **kwargs)
         self.made.append(h)
         return h
 
@@ -47,6 +101,8 @@ class Net:
         kwargs.setdefault("connect_timeout", 10)
         if self.kind == "tcp":
             c = Client(port=host.port, **kwargs)
+        elif self.runner is not None:
+            c = self._start(aio.Client(url=self.cluster.urls[node], host=host.name, **kwargs))
         else:
             c = Client(url=self.cluster.urls[node], host=host.name, **kwargs)
         self.made.append(c)
@@ -55,10 +111,23 @@ class Net:
     def close(self) -> None:
         for ep in reversed(self.made):
             ep.close()
+        if self.runner is not None:
+            self.runner.close()
+
+
+@pytest.fixture(params=NETS + ["nats-aio"])
+def net(request: Any) -> Iterator[Net]:
+    """Direct TCP, NATS, and NATS with the asyncio layer."""
+    kind = request.param.split("-")[0]
+    cluster = request.getfixturevalue("nats_cluster") if kind == "nats" else None
+    n = Net(kind, cluster, AioThread() if request.param.endswith("-aio") else None)
+    yield n
+    n.close()
 
 
 @pytest.fixture(params=NETS)
-def net(request: Any) -> Iterator[Net]:
+def sync_net(request: Any) -> Iterator[Net]:
+    """Direct TCP and NATS, threaded layer (scenarios that block an I/O thread)."""
     cluster = request.getfixturevalue("nats_cluster") if request.param == "nats" else None
     n = Net(request.param, cluster)
     yield n
@@ -426,7 +495,7 @@ def test_host_subscriptions_count_a_gap_when_the_hosts_node_dies(nats_net: Net) 
 # -- the asyncio layer -------------------------------------------------------------------------
 
 
-def test_asyncio_layer(net: Net) -> None:
+def test_asyncio_layer(sync_net: Net) -> None:
     """The asyncio layer, the same program over direct TCP and over NATS."""
     import asyncio
 
@@ -435,14 +504,14 @@ def test_asyncio_layer(net: Net) -> None:
     name = f"aio-{uuid.uuid4().hex[:8]}"
 
     def make_host() -> Any:
-        if net.kind == "tcp":
+        if sync_net.kind == "tcp":
             return aio.Host(port=0)
-        return aio.Host(url=net.cluster.urls[0], name=name)
+        return aio.Host(url=sync_net.cluster.urls[0], name=name)
 
     def make_client(h: Any, node: int, who: str) -> Any:
-        if net.kind == "tcp":
+        if sync_net.kind == "tcp":
             return aio.Client(port=h.port, name=who, connect_timeout=10)
-        return aio.Client(url=net.cluster.urls[node], host=name, name=who, connect_timeout=10)
+        return aio.Client(url=sync_net.cluster.urls[node], host=name, name=who, connect_timeout=10)
 
     async def until(cond: Any, what: str, timeout: float = 10.0) -> None:
         loop = asyncio.get_running_loop()
@@ -627,11 +696,11 @@ def test_tls_and_credentials_map_onto_nats(tls_nodes: Any) -> None:
             assert len(h.get("x")) == 1_500_000
 
 
-def test_images_newest_frame_wins_for_a_slow_receiver(net: Net) -> None:
+def test_images_newest_frame_wins_for_a_slow_receiver(sync_net: Net) -> None:
     np = pytest.importorskip("numpy")
-    h = net.host()
-    fast = net.client(h, 1, name="fast")
-    slow = net.client(h, 2, name="slow")
+    h = sync_net.host()
+    fast = sync_net.client(h, 1, name="fast")
+    slow = sync_net.client(h, 2, name="slow")
     _connected(h, 2)
     release = threading.Event()
     # An inline callback that blocks stops the slow client's I/O thread: it reads nothing.
