@@ -392,8 +392,13 @@ def _chart(results: Dict[str, Any], path: str) -> None:
 
     ks = sorted(int(k) for k in results["cpu"])
     fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, label in (("tcp", "direct TCP"), ("nats", "NATS (3 nodes)")):
+    for kind, label, color in (("tcp", "direct TCP", "C0"), ("nats", "NATS (3 nodes)", "C1")):
         have = [k for k in ks if kind in results["cpu"][str(k)]]
+        inside = [
+            results["cpu"][str(k)][kind].get("cpu_in_call_us", {}).get("median") for k in have
+        ]
+        if all(v is not None for v in inside):
+            ax.plot(have, inside, "--.", color=color, label=f"{label}: inside the write_all call")
         ys = [results["cpu"][str(k)][kind]["cpu_per_write_us"]["median"] for k in have]
         lo = [results["cpu"][str(k)][kind]["cpu_per_write_us"]["min"] for k in have]
         hi = [results["cpu"][str(k)][kind]["cpu_per_write_us"]["max"] for k in have]
@@ -403,12 +408,13 @@ def _chart(results: Dict[str, Any], path: str) -> None:
             yerr=[[y - a for y, a in zip(ys, lo)], [b - y for y, b in zip(ys, hi)]],
             marker="o",
             capsize=3,
-            label=label,
+            color=color,
+            label=f"{label}: until every client has it",
         )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("subscribed clients")
-    ax.set_ylabel("host CPU per write_all (us, median)")
+    ax.set_ylabel("host process CPU per write_all (us, median)")
     ax.set_title("Host CPU per write_all: the NATS servers fan out")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
