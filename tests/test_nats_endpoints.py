@@ -10,6 +10,7 @@ node, JetStream retained values, authentication, subject safety).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import signal
@@ -403,17 +404,26 @@ _KILLED_CLIENT = textwrap.dedent(
 )
 
 
+@contextlib.contextmanager
+def _doomed_client(where: str, host: str) -> Iterator[subprocess.Popen]:
+    """A client process (named "doomed") of ``host`` at ``where`` (a NATS URL, or the
+    host's TCP port), ready once it wrote "alive"; killed at the end if still running."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_CLIENT, where, host], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
 def test_a_killed_client_is_reported_gone_within_the_heartbeat_bound(nats_net: Net) -> None:
     h = nats_net.host(heartbeat=0.5)
     left: List[float] = []
     h.on_disconnect(lambda conn: left.append(time.monotonic()))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_CLIENT, nats_net.cluster.urls[2], h.name],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    with _doomed_client(nats_net.cluster.urls[2], h.name) as proc:
         wait_for(lambda: h.get_client("doomed"), timeout=10, what="the client")
         killed = time.monotonic()
         proc.send_signal(signal.SIGKILL)
@@ -422,9 +432,6 @@ def test_a_killed_client_is_reported_gone_within_the_heartbeat_bound(nats_net: N
         wait_for(lambda: left, timeout=3 * 0.5 + 0.25 + 2.0, what="on_disconnect")
         assert left[0] - killed <= 3 * 0.5 + 0.25 + 2.0
         assert h.get_client("doomed") is None
-    finally:
-        proc.kill()
-        proc.wait(10)
 
 
 def test_retained_values_survive_the_node_that_took_them(nats_net: Net) -> None:
@@ -458,20 +465,11 @@ def test_host_subscriptions_count_a_client_lost_without_goodbye(net: Net) -> Non
     wait_for(lambda: not h.clients(), timeout=10, what="the polite client gone")
     assert sub.gaps == 0
     where = str(h.port) if net.kind == "tcp" else net.cluster.urls[2]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_CLIENT, where, h.name or ""],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    with _doomed_client(where, h.name or "") as proc:
         assert sub.get(timeout=10)[0] == 1
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         wait_for(lambda: sub.gaps == 1, timeout=10, what="the gap counted")
-    finally:
-        proc.kill()
-        proc.wait(10)
     assert not h.clients()
 
 
@@ -771,18 +769,9 @@ def test_stale_socket_directories_of_killed_processes_are_removed(nats_net: Net)
     from socketengine.transport.nats.gateway import remove_stale_dirs
 
     h = nats_net.host()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_CLIENT, nats_net.cluster.urls[1], h.name],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    with _doomed_client(nats_net.cluster.urls[1], h.name) as proc:
         pattern = os.path.join(tempfile.gettempdir(), f"se-nats-{proc.pid}-*")
         assert len(glob.glob(pattern)) == 1
-    finally:
-        proc.kill()
-        proc.wait(10)
     stale = glob.glob(pattern)
     assert len(stale) == 1  # SIGKILL: the directory stays behind ...
     mine = glob.glob(os.path.join(tempfile.gettempdir(), f"se-nats-{os.getpid()}-*"))
