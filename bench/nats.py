@@ -41,9 +41,11 @@ CHANNEL = "v"
 #: s: the host's CPU with K idle connections, subtracted for the "net" figure.
 IDLE_WINDOW = 1.0
 #: Heartbeats are off in the cpu runs (both transports), so that the host's CPU is what
-#: the writes cost: with 1,000 threaded subscribers in 4 processes on 2 cores, pings
-#: waited behind the delivery burst and clients were declared dead (heartbeat 5 s).
-HEARTBEAT = None
+#: the writes cost (``--heartbeat S`` turns them on; the workers read it from the
+#: environment).
+HEARTBEAT = (
+    float(os.environ["SE_BENCH_HEARTBEAT"]) if os.environ.get("SE_BENCH_HEARTBEAT") else None
+)
 
 
 # -- worker processes (clients) ----------------------------------------------------------------
@@ -308,9 +310,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--small", type=int, default=20000, help="values per small run")
     ap.add_argument("--trips", type=int, default=500, help="round trips per run")
     ap.add_argument("--kinds", default="tcp,nats", help="transports of the cpu runs")
+    ap.add_argument("--heartbeat", type=float, help="heartbeat of the cpu runs, s (default off)")
     ap.add_argument("--out", help="JSON results file (cpu figures merged into an existing one)")
     ap.add_argument("--chart", help="PNG chart of the cpu figures")
     args = ap.parse_args(argv)
+    if args.heartbeat is not None:
+        global HEARTBEAT
+        HEARTBEAT = args.heartbeat
+        os.environ["SE_BENCH_HEARTBEAT"] = str(args.heartbeat)  # for the workers
     raise_nofile()
     from socketengine.transport.nats.cluster import LocalCluster
 
@@ -320,6 +327,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "rounds": args.rounds,
         "load_start": os.getloadavg(),
+        "heartbeat": HEARTBEAT,
     }
     with LocalCluster(3) as cluster:
         urls = cluster.urls
