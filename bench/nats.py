@@ -6,8 +6,12 @@
   value with K = 10, 100, 1000 subscribed clients, over NATS (host on node A, clients
   spread over A, B, C in 4 worker processes) and over direct TCP (same worker
   processes).  Measured from the first write to the moment every client holds the last
-  value; the NATS servers' own CPU is not the host's.
-* ``fanout``: deliveries/s in the same runs (N values x K clients / elapsed).
+  value (``cpu_per_write_us``; ``cpu_net_per_write_us`` less the host's idle CPU rate;
+  ``cpu_in_call_us``: inside the ``write_all`` calls only); heartbeats off (``HEARTBEAT``);
+  the NATS servers' own CPU is not the host's.  One NATS connection per worker process
+  and node (the process's gateway, shared by its clients).
+* ``fanout``: deliveries/s in the same runs (N values x K clients / elapsed, the time
+  at which every client's inline callback saw the last value).
 * ``small``: one client writes N ``[seq, 100-byte str]`` values, time until the host
   holds the last; ``roundtrip``: the client writes "ping", the host answers on "pong";
   p50.  Through ONE NATS server vs direct TCP vs pyzmq (PUSH/PULL, REQ/REP), same
@@ -25,6 +29,7 @@ import multiprocessing as mp
 import os
 import statistics
 import sys
+import threading
 import time
 import uuid
 from typing import Any, Dict, List, Optional
@@ -33,41 +38,69 @@ from .common import SMALL_TEXT, cpu_model, raise_nofile
 
 WORKERS = 4
 CHANNEL = "v"
+#: s: the host's CPU with K idle connections, subtracted for the "net" figure.
+IDLE_WINDOW = 1.0
+#: Heartbeats are off in the cpu runs (both transports), so that the host's CPU is what
+#: the writes cost (``--heartbeat S`` turns them on; the workers read it from the
+#: environment).
+HEARTBEAT = (
+    float(os.environ["SE_BENCH_HEARTBEAT"]) if os.environ.get("SE_BENCH_HEARTBEAT") else None
+)
 
 
 # -- worker processes (clients) ----------------------------------------------------------------
 
 
 def _worker(kind: str, target: Any, count: int, index: int, pipe: Any) -> None:
-    """``count`` clients of one host; answers "wait SEQ" with the seconds it took until
-    every client held SEQ (polled)."""
+    """``count`` clients of one host; answers SEQ with the time at which every client
+    held SEQ (an inline callback per client notes it: no polling)."""
     raise_nofile()
     from socketengine import Client
 
-    clients = []
+    clients: List[Any] = []
+    lock = threading.Lock()
+    want: List[Any] = [None]
+    got: set = set()
+    done = threading.Event()
+    when: List[float] = [0.0]
+
+    def arrived(i: int, seq: Any) -> None:
+        with lock:
+            if seq == want[0] and i not in got:
+                got.add(i)
+                if len(got) == len(clients):
+                    when[0] = time.monotonic()
+                    done.set()
+
     try:
         for i in range(count):
             if kind == "tcp":
-                c = Client(port=target, connect_timeout=60, timeout=30)
+                c = Client(port=target, connect_timeout=60, timeout=30, heartbeat=HEARTBEAT)
             else:
                 urls, host = target
-                c = Client(url=urls[(index + i) % len(urls)], host=host, connect_timeout=60)
+                c = Client(
+                    url=urls[(index + i) % len(urls)],
+                    host=host,
+                    connect_timeout=60,
+                    heartbeat=HEARTBEAT,
+                )
+            c.on(CHANNEL, lambda v, i=i: arrived(i, v[0]), inline=True)
             clients.append(c)
         pipe.send("ready")
         while True:
             msg = pipe.recv()
             if msg == "stop":
                 break
-            seq = msg
-            deadline = time.monotonic() + 120
-            pos = 0
-            while pos < len(clients) and time.monotonic() < deadline:
-                v = clients[pos].get(CHANNEL)
-                if v is not None and v[0] == seq:
-                    pos += 1
-                else:
-                    time.sleep(1e-4)  # polling the latest value, bounded by the deadline
-            pipe.send(("done", pos == len(clients), time.monotonic()))
+            with lock:
+                want[0] = msg
+                got.clear()
+                done.clear()
+            for i, c in enumerate(clients):  # values that came before the question
+                v = c.get(CHANNEL)
+                if v is not None:
+                    arrived(i, v[0])
+            ok = done.wait(120)
+            pipe.send(("done", ok, when[0]))
     finally:
         for c in clients:
             try:
@@ -81,7 +114,11 @@ def _fan(kind: str, k: int, n: int, urls: List[str]) -> Dict[str, float]:
     from socketengine import Host
 
     name = f"bench-{uuid.uuid4().hex[:8]}"
-    host = Host(port=0, timeout=30) if kind == "tcp" else Host(url=urls[0], name=name)
+    host = (
+        Host(port=0, timeout=30, heartbeat=HEARTBEAT)
+        if kind == "tcp"
+        else Host(url=urls[0], name=name, heartbeat=HEARTBEAT)
+    )
     target: Any = host.port if kind == "tcp" else (urls, name)
     ctx = mp.get_context("spawn")
     procs, pipes = [], []
@@ -105,10 +142,16 @@ def _fan(kind: str, k: int, n: int, urls: List[str]) -> Dict[str, float]:
             pipe.send(-1)
         for pipe in pipes:
             pipe.recv()
+        # What the host costs while nobody writes (heartbeats of K connections): a
+        # measurement window, not synchronisation.
+        idle0, w0 = time.process_time(), time.monotonic()
+        time.sleep(IDLE_WINDOW)
+        idle_rate = (time.process_time() - idle0) / (time.monotonic() - w0)
         cpu0 = time.process_time()
         t0 = time.monotonic()
         for i in range(n):
             host.write_all(CHANNEL, [i, payload])
+        calls = time.process_time() - cpu0
         for pipe in pipes:
             pipe.send(n - 1)
         ends = []
@@ -118,8 +161,17 @@ def _fan(kind: str, k: int, n: int, urls: List[str]) -> Dict[str, float]:
                 raise RuntimeError("a client never got the last value")
             ends.append(t)
         cpu = time.process_time() - cpu0
+        window = time.monotonic() - t0
         elapsed = max(ends) - t0
-        return {"cpu_per_write_us": cpu / n * 1e6, "deliveries_per_s": n * k / elapsed}
+        return {
+            "cpu_per_write_us": cpu / n * 1e6,
+            "cpu_net_per_write_us": max(0.0, cpu - idle_rate * window) / n * 1e6,
+            "cpu_in_call_us": calls / n * 1e6,
+            "idle_cpu_share": idle_rate,
+            "deliveries_per_s": n * k / elapsed,
+            "dropped": k - len(host.clients()),  # connections lost during the run
+            "load": os.getloadavg()[0],
+        }
     finally:
         for pipe in pipes:
             try:
@@ -258,9 +310,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--small", type=int, default=20000, help="values per small run")
     ap.add_argument("--trips", type=int, default=500, help="round trips per run")
     ap.add_argument("--kinds", default="tcp,nats", help="transports of the cpu runs")
+    ap.add_argument("--heartbeat", type=float, help="heartbeat of the cpu runs, s (default off)")
     ap.add_argument("--out", help="JSON results file (cpu figures merged into an existing one)")
     ap.add_argument("--chart", help="PNG chart of the cpu figures")
     args = ap.parse_args(argv)
+    if args.heartbeat is not None:
+        global HEARTBEAT
+        HEARTBEAT = args.heartbeat
+        os.environ["SE_BENCH_HEARTBEAT"] = str(args.heartbeat)  # for the workers
     raise_nofile()
     from socketengine.transport.nats.cluster import LocalCluster
 
@@ -269,6 +326,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "machine": {"cpu": cpu_model(), "nproc": os.cpu_count(), "python": sys.version.split()[0]},
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "rounds": args.rounds,
+        "load_start": os.getloadavg(),
+        "heartbeat": HEARTBEAT,
     }
     with LocalCluster(3) as cluster:
         urls = cluster.urls
@@ -283,10 +342,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         print(f"cpu k={k} {kind}: {out}", flush=True)
                         runs[kind].append(out)
                 cpu[str(k)] = {
-                    kind: {
-                        key: _med([x[key] for x in runs[kind]])
-                        for key in ("cpu_per_write_us", "deliveries_per_s")
-                    }
+                    kind: {key: _med([x[key] for x in runs[kind]]) for key in runs[kind][0]}
                     for kind in runs
                 }
             results["cpu"] = cpu
@@ -316,6 +372,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     print(f"roundtrip {kind}: p50 {v:.0f} us", flush=True)
                     runs3[kind].append(v)
             results["roundtrip_p50_us"] = {k: _med(v) for k, v in runs3.items()}
+    results["load_end"] = os.getloadavg()
     print(json.dumps(results, indent=1))
     if args.out and os.path.exists(args.out):
         with open(args.out, encoding="utf-8") as f:
@@ -343,8 +400,13 @@ def _chart(results: Dict[str, Any], path: str) -> None:
 
     ks = sorted(int(k) for k in results["cpu"])
     fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, label in (("tcp", "direct TCP"), ("nats", "NATS (3 nodes)")):
+    for kind, label, color in (("tcp", "direct TCP", "C0"), ("nats", "NATS (3 nodes)", "C1")):
         have = [k for k in ks if kind in results["cpu"][str(k)]]
+        inside = [
+            results["cpu"][str(k)][kind].get("cpu_in_call_us", {}).get("median") for k in have
+        ]
+        if all(v is not None for v in inside):
+            ax.plot(have, inside, "--.", color=color, label=f"{label}: inside the write_all call")
         ys = [results["cpu"][str(k)][kind]["cpu_per_write_us"]["median"] for k in have]
         lo = [results["cpu"][str(k)][kind]["cpu_per_write_us"]["min"] for k in have]
         hi = [results["cpu"][str(k)][kind]["cpu_per_write_us"]["max"] for k in have]
@@ -354,12 +416,13 @@ def _chart(results: Dict[str, Any], path: str) -> None:
             yerr=[[y - a for y, a in zip(ys, lo)], [b - y for y, b in zip(ys, hi)]],
             marker="o",
             capsize=3,
-            label=label,
+            color=color,
+            label=f"{label}: until every client has it",
         )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("subscribed clients")
-    ax.set_ylabel("host CPU per write_all (us, median)")
+    ax.set_ylabel("host process CPU per write_all (us, median)")
     ax.set_title("Host CPU per write_all: the NATS servers fan out")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()

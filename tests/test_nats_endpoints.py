@@ -1,12 +1,17 @@
 """Host/Client over NATS: the same behaviour as direct TCP, on a real 3-node cluster.
 
-Scenarios parametrized over ``net`` run once over direct TCP and once over NATS (host on
-node A, clients on nodes B and C); the rest are NATS-only (failover of a node, JetStream
-retained values, authentication, subject safety).
+Scenarios parametrized over ``net`` run over direct TCP, over NATS (host on node A,
+clients on nodes B and C) and over NATS with the asyncio layer (its endpoints driven by
+blocking calls from the test, see :class:`Blocking`); those over ``sync_net`` run with
+the threaded layer only (direct TCP and NATS); the rest are NATS-only (failover of a
+node, JetStream retained values, authentication, subject safety).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import inspect
 import os
 import signal
 import subprocess
@@ -15,31 +20,81 @@ import textwrap
 import threading
 import time
 import uuid
-from typing import Any, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 from conftest import wait_for
 from nats_fixtures import *  # noqa: F403
+from test_parity import AioThread
 
-from socketengine import AuthenticationError, Client, ConnectTimeout, Host, RemoteError
+from socketengine import AuthenticationError, Client, ConnectTimeout, Host, RemoteError, aio
 
 NETS = ["tcp", "nats"]
 
 
-class Net:
-    """Makes hosts and clients over one transport; closes them after the test."""
+class Blocking:
+    """An asyncio endpoint, connection or subscription used with blocking calls: each
+    call runs on the runner's loop (awaited there when it returns an awaitable), and
+    asyncio objects in the result come back wrapped, the same wrapper for the same
+    object (so ``is`` works).  ``sub.get(timeout=)`` waits as the threaded one does."""
 
-    def __init__(self, kind: str, cluster: Any) -> None:
+    def __init__(self, obj: Any, runner: AioThread, cache: Dict[int, Any]) -> None:
+        self.__dict__.update(_obj=obj, _runner=runner, _cache=cache)
+
+    def _wrap(self, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._wrap(v) for v in value)
+        if type(value).__module__.startswith("socketengine.aio"):
+            wrapped = self._cache.get(id(value))
+            if wrapped is None or wrapped._obj is not value:
+                wrapped = self._cache[id(value)] = Blocking(value, self._runner, self._cache)
+            return wrapped
+        return value
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._obj, name)
+        if not callable(attr):
+            return self._wrap(attr)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            async def invoke() -> Any:
+                if name == "get" and isinstance(self._obj, aio.Subscription):
+                    try:
+                        return await asyncio.wait_for(attr(), kwargs.get("timeout"))
+                    except asyncio.TimeoutError:
+                        raise TimeoutError("nothing arrived") from None
+                result = attr(*args, **kwargs)
+                return await result if inspect.isawaitable(result) else result
+
+            return self._wrap(self._runner.run(invoke(), 60.0))
+
+        return call
+
+
+class Net:
+    """Makes hosts and clients over one transport and layer; closes them after the test."""
+
+    def __init__(self, kind: str, cluster: Any, runner: Optional[AioThread] = None) -> None:
         self.kind = kind
         self.cluster = cluster
+        self.runner = runner  # the asyncio layer's loop (None: threaded layer)
         self.made: List[Any] = []
+        self._cache: Dict[int, Any] = {}
+
+    def _start(self, endpoint: Any) -> Any:
+        assert self.runner is not None
+        started = self.runner.run(endpoint.start(), 60.0)
+        return Blocking(started, self.runner, self._cache)
 
     def host(self, **kwargs: Any) -> Host:
         if self.kind == "tcp":
             h = Host(port=0, **kwargs)
         else:
             kwargs.setdefault("name", f"h-{uuid.uuid4().hex[:10]}")
-            h = Host(url=self.cluster.urls[0], **kwargs)
+            if self.runner is not None:
+                h = self._start(aio.Host(url=self.cluster.urls[0], **kwargs))
+            else:
+                h = Host(url=self.cluster.urls[0], **kwargs)
         self.made.append(h)
         return h
 
@@ -47,6 +102,8 @@ class Net:
         kwargs.setdefault("connect_timeout", 10)
         if self.kind == "tcp":
             c = Client(port=host.port, **kwargs)
+        elif self.runner is not None:
+            c = self._start(aio.Client(url=self.cluster.urls[node], host=host.name, **kwargs))
         else:
             c = Client(url=self.cluster.urls[node], host=host.name, **kwargs)
         self.made.append(c)
@@ -55,10 +112,23 @@ class Net:
     def close(self) -> None:
         for ep in reversed(self.made):
             ep.close()
+        if self.runner is not None:
+            self.runner.close()
+
+
+@pytest.fixture(params=NETS + ["nats-aio"])
+def net(request: Any) -> Iterator[Net]:
+    """Direct TCP, NATS, and NATS with the asyncio layer."""
+    kind = request.param.split("-")[0]
+    cluster = request.getfixturevalue("nats_cluster") if kind == "nats" else None
+    n = Net(kind, cluster, AioThread() if request.param.endswith("-aio") else None)
+    yield n
+    n.close()
 
 
 @pytest.fixture(params=NETS)
-def net(request: Any) -> Iterator[Net]:
+def sync_net(request: Any) -> Iterator[Net]:
+    """Direct TCP and NATS, threaded layer (scenarios that block an I/O thread)."""
     cluster = request.getfixturevalue("nats_cluster") if request.param == "nats" else None
     n = Net(request.param, cluster)
     yield n
@@ -222,6 +292,27 @@ def test_retained_values_reach_late_joiners(net: Net) -> None:
     assert later.get("cfg") is None
 
 
+def test_write_all_follows_interest_set_later(net: Net) -> None:
+    """A fanned-out write_all is one publish only while no client filters channels;
+    an interest set (or cleared) on a live connection is honoured at once."""
+    h = net.host()
+    picky = net.client(h, 1, name="picky")
+    other = net.client(h, 2, name="other")
+    _connected(h, 2)
+    assert h.write_all("x", 1) == 2
+    wait_for(lambda: picky.get("x") == 1 and other.get("x") == 1, what="both")
+    picky.set_interest(["mark"])
+    wait_for(lambda: h.get_client("picky").interest is not None, what="the interest")
+    assert h.write_all("x", 2) == 1  # sent to the clients that want it
+    assert h.write_all("mark", 1) == 2
+    wait_for(lambda: picky.get("mark") == 1 and other.get("x") == 2, what="the marker")
+    assert picky.get("x") == 1  # filtered by the host
+    picky.set_interest(None)
+    wait_for(lambda: h.get_client("picky").interest is None, what="the interest cleared")
+    h.write_all("x", 3)
+    wait_for(lambda: picky.get("x") == 3, what="all channels again")
+
+
 def test_wildcard_looking_channel_names_reach_only_their_channel(net: Net) -> None:
     h = net.host()
     c = net.client(h, 1)
@@ -301,8 +392,11 @@ _KILLED_CLIENT = textwrap.dedent(
     """
     import sys, time
     from socketengine import Client
-    c = Client(url=sys.argv[1], host=sys.argv[2], name="doomed", heartbeat=0.5,
-               connect_timeout=10)
+    if sys.argv[1].isdigit():  # direct TCP: the host's port
+        c = Client(port=int(sys.argv[1]), name="doomed", heartbeat=0.5, connect_timeout=10)
+    else:
+        c = Client(url=sys.argv[1], host=sys.argv[2], name="doomed", heartbeat=0.5,
+                   connect_timeout=10)
     c.write("alive", 1)
     print("ready", flush=True)
     time.sleep(60)  # killed long before
@@ -310,17 +404,26 @@ _KILLED_CLIENT = textwrap.dedent(
 )
 
 
+@contextlib.contextmanager
+def _doomed_client(where: str, host: str) -> Iterator[subprocess.Popen]:
+    """A client process (named "doomed") of ``host`` at ``where`` (a NATS URL, or the
+    host's TCP port), ready once it wrote "alive"; killed at the end if still running."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_CLIENT, where, host], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
 def test_a_killed_client_is_reported_gone_within_the_heartbeat_bound(nats_net: Net) -> None:
     h = nats_net.host(heartbeat=0.5)
     left: List[float] = []
     h.on_disconnect(lambda conn: left.append(time.monotonic()))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_CLIENT, nats_net.cluster.urls[2], h.name],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    with _doomed_client(nats_net.cluster.urls[2], h.name) as proc:
         wait_for(lambda: h.get_client("doomed"), timeout=10, what="the client")
         killed = time.monotonic()
         proc.send_signal(signal.SIGKILL)
@@ -329,9 +432,6 @@ def test_a_killed_client_is_reported_gone_within_the_heartbeat_bound(nats_net: N
         wait_for(lambda: left, timeout=3 * 0.5 + 0.25 + 2.0, what="on_disconnect")
         assert left[0] - killed <= 3 * 0.5 + 0.25 + 2.0
         assert h.get_client("doomed") is None
-    finally:
-        proc.kill()
-        proc.wait(10)
 
 
 def test_retained_values_survive_the_node_that_took_them(nats_net: Net) -> None:
@@ -353,10 +453,47 @@ def test_retained_values_survive_the_node_that_took_them(nats_net: Net) -> None:
     h2.clear_retained()
 
 
+def test_host_subscriptions_count_a_client_lost_without_goodbye(net: Net) -> None:
+    # Over TCP a lost session is kept for a resume by default (nothing missing yet):
+    # without resume (always the case over NATS) the loss is a gap at once.
+    h = net.host(heartbeat=0.5, resume_window=0)
+    sub = h.subscribe("alive")
+    polite = net.client(h, 1, name="polite")
+    polite.write("alive", 0)
+    assert sub.get(timeout=10)[0] == 0
+    polite.close()  # a goodbye: nothing can be missing
+    wait_for(lambda: not h.clients(), timeout=10, what="the polite client gone")
+    assert sub.gaps == 0
+    where = str(h.port) if net.kind == "tcp" else net.cluster.urls[2]
+    with _doomed_client(where, h.name or "") as proc:
+        assert sub.get(timeout=10)[0] == 1
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        wait_for(lambda: sub.gaps == 1, timeout=10, what="the gap counted")
+    assert not h.clients()
+
+
+def test_host_subscriptions_count_a_gap_when_the_hosts_node_dies(nats_net: Net) -> None:
+    """The host's own NATS server dies: every session may have lost units, so the host
+    ends them (its link fails over), its subscriptions count a gap, and the clients
+    reconnect and write again."""
+    h = nats_net.host()
+    c = nats_net.client(h, 1, name="writer")
+    _connected(h, 1)
+    sub = h.subscribe("n")
+    c.write("n", 0)
+    assert sub.get(timeout=10)[0] == 0
+    nats_net.cluster.kill(0)
+    wait_for(lambda: sub.gaps >= 1, timeout=20, what="the host's gap")
+    wait_for(lambda: c.reconnects >= 1 and h.clients(), timeout=20, what="the client back")
+    c.write("n", 1)
+    assert sub.get(timeout=10)[0] == 1
+
+
 # -- the asyncio layer -------------------------------------------------------------------------
 
 
-def test_asyncio_layer(net: Net) -> None:
+def test_asyncio_layer(sync_net: Net) -> None:
     """The asyncio layer, the same program over direct TCP and over NATS."""
     import asyncio
 
@@ -365,14 +502,14 @@ def test_asyncio_layer(net: Net) -> None:
     name = f"aio-{uuid.uuid4().hex[:8]}"
 
     def make_host() -> Any:
-        if net.kind == "tcp":
+        if sync_net.kind == "tcp":
             return aio.Host(port=0)
-        return aio.Host(url=net.cluster.urls[0], name=name)
+        return aio.Host(url=sync_net.cluster.urls[0], name=name)
 
     def make_client(h: Any, node: int, who: str) -> Any:
-        if net.kind == "tcp":
+        if sync_net.kind == "tcp":
             return aio.Client(port=h.port, name=who, connect_timeout=10)
-        return aio.Client(url=net.cluster.urls[node], host=name, name=who, connect_timeout=10)
+        return aio.Client(url=sync_net.cluster.urls[node], host=name, name=who, connect_timeout=10)
 
     async def until(cond: Any, what: str, timeout: float = 10.0) -> None:
         loop = asyncio.get_running_loop()
@@ -557,11 +694,11 @@ def test_tls_and_credentials_map_onto_nats(tls_nodes: Any) -> None:
             assert len(h.get("x")) == 1_500_000
 
 
-def test_images_newest_frame_wins_for_a_slow_receiver(net: Net) -> None:
+def test_images_newest_frame_wins_for_a_slow_receiver(sync_net: Net) -> None:
     np = pytest.importorskip("numpy")
-    h = net.host()
-    fast = net.client(h, 1, name="fast")
-    slow = net.client(h, 2, name="slow")
+    h = sync_net.host()
+    fast = sync_net.client(h, 1, name="fast")
+    slow = sync_net.client(h, 2, name="slow")
     _connected(h, 2)
     release = threading.Event()
     # An inline callback that blocks stops the slow client's I/O thread: it reads nothing.
@@ -590,3 +727,62 @@ def test_images_newest_frame_wins_for_a_slow_receiver(net: Net) -> None:
     assert frames_seen[-1] == 99  # ... not for the fast one, which saw the newest at once
     assert fast.connected and slow.connected
     assert h.get_client("fast") is not None and h.get_client("slow") is not None
+
+
+# -- one gateway per process ---------------------------------------------------------------------
+
+
+def test_the_endpoints_of_a_process_share_one_gateway(nats_net: Net) -> None:
+    """Clients on one node share one NATS connection and its two threads; a broadcast
+    reaches each of them once; the last one to close closes the connection."""
+    h = nats_net.host()
+    first = nats_net.client(h, 1, name="c0")
+    hub = first._gateway.hub
+    before = set(threading.enumerate())
+    clients = [first] + [nats_net.client(h, 1, name=f"c{i}") for i in range(1, 6)]
+    _connected(h, 6)
+    assert all(c._gateway.hub is hub for c in clients) and hub.refs == 6
+    new = [t.name for t in set(threading.enumerate()) - before]
+    assert not [n for n in new if n.startswith("socketengine-nats")]  # one link, one selector
+    assert h._gateway.hub is not hub  # the host is on another node: its own connection
+    subs = [c.subscribe("n") for c in clients]
+    for i in range(50):
+        h.write_all("n", i)
+    h.get_client("c3").write("n", "only c3")
+    for k, sub in enumerate(subs):
+        got = [sub.get(timeout=10) for _ in range(50 + (k == 3))]
+        assert [v for v in got if v != "only c3"] == list(range(50)), k  # once, in order
+    clients[0].close()
+    assert hub.refs == 5 and hub.link is not None
+    h.write_all("after", 1)
+    wait_for(lambda: all(c.get("after") == 1 for c in clients[1:]), what="the others")
+    for c in clients[1:]:
+        c.close()
+    assert hub.link is None and hub.closed
+    assert hub._thread is not None and not hub._thread.is_alive()
+
+
+def test_stale_socket_directories_of_killed_processes_are_removed(nats_net: Net) -> None:
+    import glob
+    import tempfile
+
+    from socketengine.transport.nats.gateway import remove_stale_dirs
+
+    h = nats_net.host()
+    with _doomed_client(nats_net.cluster.urls[1], h.name) as proc:
+        pattern = os.path.join(tempfile.gettempdir(), f"se-nats-{proc.pid}-*")
+        assert len(glob.glob(pattern)) == 1
+    stale = glob.glob(pattern)
+    assert len(stale) == 1  # SIGKILL: the directory stays behind ...
+    mine = glob.glob(os.path.join(tempfile.gettempdir(), f"se-nats-{os.getpid()}-*"))
+    assert mine  # (this process's own host directory)
+    # ... until the next process starts its first NATS endpoint.
+    code = (
+        "import shutil\n"
+        "from socketengine.transport.nats.gateway import private_socket_dir\n"
+        "shutil.rmtree(private_socket_dir())\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    assert not glob.glob(pattern)
+    assert all(os.path.isdir(d) for d in mine)  # a live process's directories stay
+    assert not any(d in mine for d in remove_stale_dirs())

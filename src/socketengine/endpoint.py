@@ -14,7 +14,7 @@ import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar, Union
 
 from . import codec, compression, frames, images
-from .engine import ConnState
+from .engine import ConnectionEngine, ConnState
 from .errors import EndpointClosed
 from .limits import HostLimits, check_compression, check_settings, check_shm
 from .peer import PeerView
@@ -39,6 +39,8 @@ class EndpointBase:
     _with_conn = False
     #: Over NATS: the gateway carrying this endpoint's connections (docs/nats.md).
     _gateway: Any = None
+    _audience_epoch = 0
+    _audience_seen: Optional[Tuple[Any, bool, int]] = None
 
     def _init_endpoint(
         self,
@@ -154,19 +156,38 @@ class EndpointBase:
         return list(groups.values())
 
     def _nats_broadcast(
-        self, channel: str, data: Any, retain: bool, compress: Optional[bool], audience: List[Any]
+        self,
+        channel: str,
+        data: Any,
+        retain: bool,
+        compress: Optional[bool],
+        audience: Callable[[], List[Any]],
     ) -> Optional[int]:
         """A NATS host's ``write_all``: one publish that the servers fan out, when every
         client gets the same plain frame (no retain, no compression, no interest set);
-        the number of clients, or ``None`` when the write must go per connection."""
+        the number of clients, or ``None`` when the write must go per connection.
+
+        The audience (``audience()``: the clients) is looked at only when a client came,
+        went or changed its interest since the last call, so the cost stays flat however
+        many clients there are (the point of fanning out)."""
         gateway = self._gateway
         if gateway is None or retain or self._codecs is not None or compress:
             return None
-        if any(conn.interest is not None for conn in audience):
+        key = (self._audience_epoch, ConnectionEngine.interest_epoch)
+        seen = self._audience_seen
+        if seen is None or seen[0] != key:
+            conns = audience()
+            seen = (key, any(conn.interest is not None for conn in conns), len(conns))
+            self._audience_seen = seen
+        if seen[1]:
             return None
         parts, _ = frames.value_frame(frames.DATA, channel, data)
         gateway.broadcast(channel, b"".join(parts))
-        return len(audience)
+        return seen[2]
+
+    def _audience_changed(self) -> None:
+        """Host: a client became ready or closed (see :meth:`_nats_broadcast`)."""
+        self._audience_epoch += 1
 
     def on_request(self, fn: _H) -> _H:
         """Call ``fn(conn, channel, value, reply, error)`` after every request this
@@ -252,6 +273,18 @@ class EndpointBase:
         closed connection, so a resume never finds one)."""
         if len(self._resume):
             self._resume_expired(self._resume.expire(time.monotonic()))
+
+    def _mark_gaps(self) -> None:
+        """A link was lost: every open subscription records a gap (each layer)."""
+
+    def _gap_from(self, conn: Any) -> None:
+        """Host: a client's connection closed; if it was lost (no BYE either way) and
+        its session is not kept for a resume, values it sent meanwhile may be missing:
+        every open subscription counts a gap, as a client's do when its link is lost."""
+        engine = conn.engine
+        if self.stopped or engine.bye_sent or engine.bye_received or engine.resumable:
+            return
+        self._mark_gaps()
 
     def _keep_session(self, conn: Any) -> None:
         """A connection closed: keep its session for a resume if the link was lost

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from typing import Any, List, Optional, Tuple
+from typing import Any, ClassVar, List, Optional, Tuple
 
 from . import frames
 from .errors import ConnectionClosed, HandshakeError, NotSupported, ProtocolError
@@ -98,6 +98,10 @@ class ConnectionEngine:
     :param now: the layer's monotonic clock at creation.
     :param on_image: stats hook for image frames (see :class:`SendQueue`).
     """
+
+    #: Changes whenever any engine's ``interest`` is set (a host caches "does any client
+    #: filter channels?" against it; a lost increment between threads still changes it).
+    interest_epoch: ClassVar[int] = 0
 
     def __init__(
         self,
@@ -194,6 +198,7 @@ class ConnectionEngine:
         if self.state is ConnState.HANDSHAKE and self.protocol.is_open and not self.opening:
             self._negotiate()
             self.interest = self.protocol.peer_interest
+            ConnectionEngine.interest_epoch += 1
             if self.session is None:
                 self._to(ConnState.OPEN)
             else:
@@ -329,6 +334,7 @@ class ConnectionEngine:
         if t == frames.INTEREST:
             value = frame.value()
             self.interest = None if not value else Interest.from_wire(value)
+            ConnectionEngine.interest_epoch += 1
             return False
         if t == frames.BATCH:
             raise ProtocolError("BATCH frame from a peer that was not told this side reads them")

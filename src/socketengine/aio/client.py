@@ -671,11 +671,7 @@ class Client(Endpoint):
         if not self.reconnect:
             return
         log_lost_link(self, conn.error)
-        for subs in self._subs.values():
-            for sub in subs:
-                sub._buffer.gap()
-        for sub in self._patterns.all_subs():
-            sub._buffer.gap()
+        self._mark_gaps()
         if self._reconnector is None or self._reconnector.done():
             self._reconnector = asyncio.get_running_loop().create_task(self._reconnect())
 

@@ -244,6 +244,11 @@ class Endpoint(EndpointBase):
         else:
             self._subs.pop(sub.channel, None)
 
+    def _mark_gaps(self) -> None:
+        """A link was lost: every open subscription records a gap."""
+        for sub in [s for ss in self._subs.values() for s in ss] + self._patterns.all_subs():
+            sub._buffer.gap()
+
     def _end_delivery(self, error: BaseException, sub_error: Optional[BaseException]) -> None:
         """Nothing more will arrive: fail waiters with ``error``; end subscriptions
         (raising ``sub_error`` after their items, if given)."""

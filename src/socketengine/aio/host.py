@@ -439,7 +439,7 @@ class Host(Endpoint):
         self._check_open()
         gateway = self._gateway
         if gateway is not None:
-            fanned = self._nats_broadcast(channel, data, retain, compress, self.clients())
+            fanned = self._nats_broadcast(channel, data, retain, compress, self.clients)
             if fanned is not None:
                 return fanned
         if retain:
@@ -588,6 +588,7 @@ class Host(Endpoint):
             logger.warning("%r: closing %s after its handshake: %s", self, conn._peer(), refusal[0])
             self._spawn(conn.close(min(self.timeout, 2.0)))
             return
+        self._audience_changed()
         logger.info("%r: client %r connected", self, conn)
         self._forget(self._departed.forget_named(conn.name))  # a named client that reconnects
         for frame in self._retained.replay(conn.wants):
@@ -597,6 +598,7 @@ class Host(Endpoint):
             conn._chain.call(Job(self._connect_handlers, (conn,), None, "on_connect"))
 
     def _connection_closed(self, conn: Connection) -> None:
+        self._audience_changed()
         self._keep_session(conn)
         self._conns.pop(conn.session, None)
         stored = self._stored.pop(conn, None)
@@ -605,6 +607,7 @@ class Host(Endpoint):
             forget_latest(self._latest, conn.values)
             return
         logger.info("%r: client %r disconnected", self, conn)
+        self._gap_from(conn)
         will = conn.engine.will_due()
         if will is not None and not self.stopped:
             self._publish_will(conn, *will)

@@ -240,9 +240,10 @@ class Subscription(Generic[_T]):
 
     @property
     def gaps(self) -> int:
-        """How many times the connection was lost while this subscription was open:
+        """How many times a connection was lost while this subscription was open:
         values sent meanwhile may be missing (a client reconnects by itself; compare
-        ``gaps`` before and after reading to know whether the stream is whole)."""
+        ``gaps`` before and after reading to know whether the stream is whole).  On a
+        host: a client's connection lost without a goodbye and not kept for a resume."""
         return self._buffer.gaps
 
     @property

@@ -375,7 +375,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         self._check_open()
         gateway = self._gateway
         if gateway is not None:
-            fanned = self._nats_broadcast(channel, data, retain, compress, self.clients())
+            fanned = self._nats_broadcast(channel, data, retain, compress, self.clients)
             if fanned is not None:
                 return fanned
         if not retain and (self._codecs is not None or compress):
@@ -606,6 +606,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
             for frame in self._retained.replay(conn.wants):
                 conn._queue_parts([frame])
             conn.mark_ready()
+        self._audience_changed()
         logger.info("%r: client %r connected", self, conn)
         if self._on_connect:
             self._dispatcher.submit(conn, self._notify, self._on_connect, conn)
@@ -617,6 +618,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         old._finish()
 
     def _on_closed(self, conn: Connection) -> None:
+        self._audience_changed()
         self._keep_session(conn)
         self._conns.pop(conn.session, None)
         stored = self._stored.pop(conn, None)
@@ -625,6 +627,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
             forget_latest(self._latest, conn.values)
             return
         logger.info("%r: client %r disconnected", self, conn)
+        self._gap_from(conn)
         will = conn.engine.will_due()
         if will is not None and not self.stopped:
             self._publish_will(conn, *will)

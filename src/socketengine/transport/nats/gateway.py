@@ -9,6 +9,13 @@ NATS message (:class:`~socketengine.transport.nats.wire.StreamSplitter`: the 8-b
 preamble, then whole frames), so the engine, ``Host``, ``Client`` and both layers run
 unchanged and no rule is written twice.
 
+* :class:`Hub` (one per process and NATS connection settings, reference-counted): the
+  NATS connection (:class:`NatsLink`, one thread), one selector thread that owns every
+  local socket of every NATS endpoint of the process, and the session table keyed by
+  the subject a session's units arrive on.  It closes with the last endpoint using it.
+  A thousand clients in one process thus cost one NATS connection and two threads
+  besides their own, and a broadcast reaches the process once (one subscription per
+  host, passed to each client's sessions by the selector thread).
 * :class:`HostGateway` (one per NATS host): subscribes ``P.h.H.in.*``; the first unit
   of a new session (a preamble) opens a connection to the host's private socket.  It
   also publishes broadcasts once (``P.h.H.b.K``, the server fans out), keeps retained
@@ -23,16 +30,24 @@ a unit -- the link disconnected (a node died, a slow consumer cut by the server)
 chunked frame lost, a subscription over its pending limit -- ends the session: the
 endpoint sees a dropped connection, exactly as after a TCP reset, and a client
 reconnects (a new session, retained values replayed).  So a gap is never hidden inside
-a live connection.  An empty NATS message is the end of a session's stream (EOF).
+a live connection.  The link is shared, so such an event ends every session of every
+endpoint of the process on that link.  An empty NATS message is the end of a session's
+stream (EOF).
 
-Threads: the link's thread (NATS callbacks only enqueue) and one selector thread per
-gateway that owns the local sockets.  Frames to a slow local reader wait in a bounded
-queue where image frames conflate (newest frame wins, as in the engine's send queue).
+Threads: the link's thread (NATS callbacks only enqueue) and the hub's selector thread.
+Frames to a slow local reader wait in a bounded queue where image frames conflate
+(newest frame wins, as in the engine's send queue).
+
+Private sockets live in ``se-nats-<pid>-*`` directories (mode 0700) under the temporary
+directory; a process killed before removing its own leaves them behind, so the first
+gateway of a process removes those of this user whose process is gone
+(:func:`remove_stale_dirs`).
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import secrets
@@ -42,7 +57,7 @@ import socket
 import ssl
 import tempfile
 import threading
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
 from ... import frames
 from ...errors import ProtocolError
@@ -51,6 +66,7 @@ from .subjects import DEFAULT_PREFIX, Subjects
 from .wire import StreamSplitter
 
 __all__ = [
+    "Hub",
     "HostGateway",
     "ClientGateway",
     "parse_url",
@@ -58,9 +74,12 @@ __all__ = [
     "nats_host",
     "nats_client",
     "nats_hosts",
+    "remove_stale_dirs",
 ]
 
 log = logging.getLogger("socketengine")
+
+T = TypeVar("T")
 
 _READ_SIZE = 256 * 1024
 #: Bytes that may wait for a slow local reader before its session is ended.
@@ -68,6 +87,10 @@ DEFAULT_LOCAL_BUFFER = 256 * 1024 * 1024
 _PREAMBLE_MAGIC = frames.MAGIC
 _HEADER = frames.HEADER
 _HEADER_SIZE = frames.HEADER_SIZE
+_DIR_PREFIX = "se-nats-"
+#: Calls from other threads run per turn of the selector thread before it looks at its
+#: sockets again.
+_CALLS_PER_TURN = 64
 
 
 def parse_url(url: Union[str, Sequence[str]]) -> List[str]:
@@ -113,6 +136,12 @@ class NatsSettings:
         # A frame is at most max_message; the preamble and headers ride along.
         self.max_message = max_message + _HEADER_SIZE + 64
 
+    @property
+    def link_key(self) -> Tuple[Any, ...]:
+        """Endpoints whose keys are equal share one :class:`Hub` (one NATS connection):
+        the same servers in the same order, credentials, TLS context and frame limit."""
+        return (tuple(self.servers), self.token, self.tls, self.max_message)
+
     def connect(self, name: str) -> NatsLink:
         """A connected :class:`NatsLink` (``ConnectTimeout``, ``AuthenticationError``,
         ``HandshakeError`` for TLS as :meth:`AsyncNatsLink.connect` says)."""
@@ -130,16 +159,83 @@ class NatsSettings:
         return link
 
 
+# -- private socket directories ----------------------------------------------------------------
+
+_stale_checked = False
+_stale_lock = threading.Lock()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
+def remove_stale_dirs(tmp: Optional[str] = None) -> List[str]:
+    """Remove this user's ``se-nats-<pid>-*`` socket directories whose process is gone
+    (it was killed before it could remove them); returns the paths removed.
+
+    A directory is removed only if it belongs to this user and no process with its pid
+    exists (in this pid namespace).  Directories of live processes are never touched.
+    """
+    tmp = tmp or tempfile.gettempdir()
+    removed: List[str] = []
+    uid = os.getuid()
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(_DIR_PREFIX):
+            continue
+        pid_text = name[len(_DIR_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit():
+            continue  # not ours (or made before pids were in the name)
+        path = os.path.join(tmp, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if st.st_uid != uid or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        if _pid_alive(int(pid_text)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.exists(path):
+            removed.append(path)
+    if removed:
+        log.info("NATS: removed %d stale socket director(ies) of dead processes", len(removed))
+    return removed
+
+
 def private_socket_dir() -> str:
-    """A new directory only this user can enter, for a gateway's Unix socket."""
-    return tempfile.mkdtemp(prefix="se-nats-")
+    """A new directory only this user can enter, for a gateway's Unix socket; the first
+    call of a process removes stale ones (:func:`remove_stale_dirs`)."""
+    global _stale_checked
+    with _stale_lock:
+        if not _stale_checked:
+            _stale_checked = True
+            try:
+                remove_stale_dirs()
+            except Exception as exc:  # noqa: BLE001 (housekeeping only)
+                log.debug("NATS: stale directory check failed: %s", exc)
+    return tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
+
+
+# -- sessions ------------------------------------------------------------------------------------
 
 
 class _Session:
     """One stream between a local socket and NATS."""
 
     __slots__ = (
+        "key",
         "name",
+        "owner",
         "sock",
         "out_subject",
         "splitter",
@@ -153,8 +249,18 @@ class _Session:
         "registered",
     )
 
-    def __init__(self, name: str, sock: socket.socket, out_subject: str, max_message: int):
+    def __init__(
+        self,
+        key: str,
+        name: str,
+        owner: _Gateway,
+        sock: socket.socket,
+        out_subject: str,
+        max_message: int,
+    ):
+        self.key = key  # the subject this session's units arrive on (unique per process)
         self.name = name
+        self.owner = owner
         self.sock = sock
         self.out_subject = out_subject
         self.splitter = StreamSplitter(max_message)
@@ -177,17 +283,31 @@ def _image_channel(body: Any) -> Optional[str]:
     return bytes(body[_HEADER_SIZE : _HEADER_SIZE + clen]).decode("utf-8", "replace")
 
 
-class _Gateway:
-    """The selector thread and the session table both gateways share."""
+# -- the hub: one per process and link settings ----------------------------------------------------
 
-    _role = "gateway"
+_hubs: Dict[Tuple[Any, ...], Hub] = {}
+_hubs_lock = threading.Lock()
+
+
+class Hub:
+    """One NATS connection and one selector thread serving every NATS endpoint of the
+    process that uses the same :attr:`NatsSettings.link_key`.
+
+    Get one with :meth:`acquire` (connects on first use) and give it back with
+    :meth:`release`; the last release closes the link and stops the thread.  Sessions
+    are keyed by the subject their units arrive on; each belongs to one gateway
+    (``owner``).  Everything about a session runs on the selector thread.
+    """
 
     def __init__(self, settings: NatsSettings, local_buffer: int = DEFAULT_LOCAL_BUFFER):
         self.settings = settings
-        self.subjects = settings.subjects
-        self.host = settings.host
+        self.key = settings.link_key
+        self.pid = os.getpid()
         self.local_buffer = local_buffer
         self.link: Optional[NatsLink] = None
+        self.refs = 0
+        self.closed = False
+        self._connect_lock = threading.Lock()
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -195,22 +315,63 @@ class _Gateway:
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._lock = threading.Lock()
         self._calls: Deque[Tuple[Callable[..., None], Tuple[Any, ...]]] = collections.deque()
-        self._sessions: Dict[str, _Session] = {}
+        self.sessions: Dict[str, _Session] = {}
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
+        # Broadcast subscriptions: subject -> (subscription, client gateways listening).
+        self._bsubs: Dict[str, Tuple[Subscription, List[ClientGateway]]] = {}
+        self._bsub_lock = threading.Lock()
         #: Sessions ended because a unit may have been lost (reconnects, losses).
         self.sessions_cut = 0
         #: Units lost for good (chunk losses and slow-consumer drops seen by the link).
         self.losses = 0
         self.images_dropped = 0
 
-    # -- the selector thread ---------------------------------------------------------------
+    # -- sharing -----------------------------------------------------------------------------
 
-    def _start_thread(self) -> None:
-        self._thread = threading.Thread(
-            target=self._run, name=f"socketengine-nats-{self._role}", daemon=True
-        )
-        self._thread.start()
+    @classmethod
+    def acquire(cls, settings: NatsSettings) -> Hub:
+        """The process's hub for ``settings`` (made and connected on first use; blocking:
+        ``ConnectTimeout``, ``AuthenticationError``, ``HandshakeError``)."""
+        key = settings.link_key
+        with _hubs_lock:
+            hub = _hubs.get(key)
+            if hub is None or hub.closed or hub.pid != os.getpid():  # new, or forked
+                hub = cls(settings)
+                _hubs[key] = hub
+            hub.refs += 1
+        try:
+            hub._connect()
+        except BaseException:
+            hub.release()
+            raise
+        return hub
+
+    def release(self) -> None:
+        """Give back one :meth:`acquire`; the last one closes the hub."""
+        with _hubs_lock:
+            self.refs -= 1
+            if self.refs > 0:
+                return
+            self.closed = True
+            if _hubs.get(self.key) is self:
+                del _hubs[self.key]
+        self._close()
+
+    def _connect(self) -> None:
+        with self._connect_lock:
+            if self.link is not None:
+                return
+            link = self.settings.connect(f"socketengine pid {os.getpid()}")
+            link.aio.on_state = self._on_state
+            link.aio.on_loss = self._on_loss
+            self.link = link
+            self._thread = threading.Thread(
+                target=self._run, name="socketengine-nats-gateway", daemon=True
+            )
+            self._thread.start()
+
+    # -- the selector thread ---------------------------------------------------------------
 
     def call(self, fn: Callable[..., None], *args: Any) -> None:
         """Run ``fn(*args)`` on the selector thread (from any thread)."""
@@ -221,9 +382,32 @@ class _Gateway:
         except (BlockingIOError, OSError):
             pass  # a wake is already pending (or we are closing)
 
+    def run(self, fn: Callable[[], T], timeout: float = 10.0) -> T:
+        """Run ``fn()`` on the selector thread and return its result (blocking)."""
+        if threading.current_thread() is self._thread or self._thread is None:
+            return fn()
+        done = threading.Event()
+        out: List[Any] = []
+
+        def wrapped() -> None:
+            try:
+                out.append((True, fn()))
+            except BaseException as exc:  # noqa: BLE001 (raised in the caller)
+                out.append((False, exc))
+            done.set()
+
+        self.call(wrapped)
+        if not done.wait(timeout):
+            raise TimeoutError(f"the NATS gateway thread did not answer within {timeout} s")
+        ok, value = out[0]
+        if not ok:
+            raise value
+        return value
+
     def _run(self) -> None:
+        timeout: Optional[float] = None
         while not self._stopping:
-            for key, mask in self._sel.select():
+            for key, mask in self._sel.select(timeout):
                 if key.data is None:
                     try:
                         while self._wake_r.recv(4096):
@@ -232,7 +416,10 @@ class _Gateway:
                         pass
                     continue
                 key.data(mask)
-            while True:
+            # At most _CALLS_PER_TURN calls, then the sockets again: units from NATS
+            # arriving without pause must not starve what the local endpoints send
+            # (their heartbeats among it).
+            for _ in range(_CALLS_PER_TURN):
                 with self._lock:
                     if not self._calls:
                         break
@@ -240,18 +427,34 @@ class _Gateway:
                 try:
                     fn(*args)
                 except Exception:
-                    log.exception("NATS %s: %r failed", self._role, fn)
-        for s in list(self._sessions.values()):
-            self._drop(s, publish_eof=False)
+                    log.exception("NATS gateway: %r failed", fn)
+            timeout = 0 if self._calls else None
+        for s in list(self.sessions.values()):
+            self.drop(s, publish_eof=False)
         self._sel.close()
 
-    def _add(self, s: _Session, reading: bool = True) -> None:
+    def register(self, sock: socket.socket, events: int, handler: Callable[[int], None]) -> None:
+        """Select ``sock`` on the selector thread (``handler(mask)`` runs there)."""
+        self.run(lambda: self._sel.register(sock, events, handler))
+
+    def unregister(self, sock: socket.socket) -> None:
+        def unreg() -> None:
+            try:
+                self._sel.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+
+        self.run(unreg)
+
+    def add(self, s: _Session, reading: bool = True) -> None:
+        """Start serving ``s`` (selector thread)."""
         s.sock.setblocking(False)
         s.reading = reading
-        self._sessions[s.name] = s
-        self._watch(s, False)
+        self.sessions[s.key] = s
+        s.owner.sessions[s.key] = s
+        self.watch(s, False)
 
-    def _watch(self, s: _Session, write: bool) -> None:
+    def watch(self, s: _Session, write: bool) -> None:
         """Select ``s``'s socket for reading (if it is read) and, if ``write``, writing."""
         events = (selectors.EVENT_READ if s.reading else 0) | (
             selectors.EVENT_WRITE if write else 0
@@ -269,41 +472,39 @@ class _Gateway:
     def _on_event(self, s: _Session, mask: int) -> None:
         if mask & selectors.EVENT_WRITE:
             self._flush(s)
-        if mask & selectors.EVENT_READ and s.name in self._sessions:
+        if mask & selectors.EVENT_READ and self.sessions.get(s.key) is s:
             self._on_readable(s)
 
     def _on_readable(self, s: _Session) -> None:
+        role = s.owner.role
         try:
             data = s.sock.recv(_READ_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            log.info("NATS %s: session %s: local socket failed: %s", self._role, s.name, exc)
-            self._drop(s)
+            log.info("NATS %s: session %s: local socket failed: %s", role, s.name, exc)
+            self.drop(s)
             return
         if not data:
-            self._drop(s)
+            self.drop(s)
             return
         try:
             units = s.splitter.feed(data)
         except ProtocolError as exc:
-            log.warning("NATS %s: session %s: %s; ending it", self._role, s.name, exc)
-            self._drop(s)
+            log.warning("NATS %s: session %s: %s; ending it", role, s.name, exc)
+            self.drop(s)
             return
         link = self.link
         assert link is not None
         for unit in units:
-            self._sent_unit(s, unit)
             link.publish_nowait(s.out_subject, unit)
 
-    def _sent_unit(self, s: _Session, unit: bytes) -> None:
-        """A unit from the local endpoint is about to go out (hook)."""
-
-    def _drop(self, s: _Session, publish_eof: bool = True) -> None:
+    def drop(self, s: _Session, publish_eof: bool = True) -> None:
         """End a session: close the local socket, tell the other side (empty body)."""
-        if self._sessions.get(s.name) is not s:
+        if self.sessions.get(s.key) is not s:
             return
-        del self._sessions[s.name]
+        del self.sessions[s.key]
+        s.owner.sessions.pop(s.key, None)
         if s.registered:
             self._sel.unregister(s.sock)
             s.registered = False
@@ -311,30 +512,26 @@ class _Gateway:
         s.outq.clear()
         if s.sub is not None:
             sub, s.sub = s.sub, None
-            self._unsubscribe(sub)
+            self.unsubscribe_soon(sub)
         if publish_eof and self.link is not None:
             try:
                 self.link.publish_nowait(s.out_subject, b"")
             except Exception as exc:  # noqa: BLE001 (closing: the other side times out)
-                log.debug("NATS %s: EOF of %s not sent: %s", self._role, s.name, exc)
-        self._ended(s)
+                log.debug("NATS %s: EOF of %s not sent: %s", s.owner.role, s.name, exc)
 
-    def _ended(self, s: _Session) -> None:
-        """A session ended (hook)."""
-
-    def _unsubscribe(self, sub: Subscription) -> None:
+    def unsubscribe_soon(self, sub: Subscription) -> None:
+        """End ``sub`` without blocking the calling thread (the link finishes it)."""
         link = self.link
         loop = None if link is None else link._loop
         if link is None or loop is None or loop.is_closed():
             return  # the link is closing: its subscriptions end with it
-        # Never block the selector thread on the link: the link finishes it.
         loop.call_soon_threadsafe(lambda: link._spawn(sub._unsubscribe()))
 
     # -- units from NATS (link thread -> selector thread) ----------------------------------
 
-    def _deliver(self, s: _Session, body: Any) -> None:
+    def deliver(self, s: _Session, body: Any) -> None:
         """Queue ``body`` for the local socket (selector thread)."""
-        if self._sessions.get(s.name) is not s:
+        if self.sessions.get(s.key) is not s:
             return
         if not len(body):
             s.eof_in = True
@@ -360,12 +557,12 @@ class _Gateway:
         if s.out_bytes > self.local_buffer:
             log.warning(
                 "NATS %s: session %s: the local endpoint did not read %d bytes; ending it",
-                self._role,
+                s.owner.role,
                 s.name,
                 s.out_bytes,
             )
             self.sessions_cut += 1
-            self._drop(s)
+            self.drop(s)
             return
         self._flush(s)
 
@@ -377,25 +574,65 @@ class _Gateway:
             except (BlockingIOError, InterruptedError):
                 n = 0
             except OSError as exc:
-                log.info("NATS %s: session %s: local socket failed: %s", self._role, s.name, exc)
-                self._drop(s)
+                log.info("NATS %s: session %s: local socket failed: %s", s.owner.role, s.name, exc)
+                self.drop(s)
                 return
             s.out_bytes -= n
             if n < len(item[1]):
                 item[1] = item[1][n:]
                 item[0] = None  # started: no longer replaceable
-                self._watch(s, True)
+                self.watch(s, True)
                 return
             s.outq.popleft()
-        self._watch(s, False)
+        self.watch(s, False)
         if s.eof_in:
             self._shut_wr(s)
 
-    def _shut_wr(self, s: _Session) -> None:
+    @staticmethod
+    def _shut_wr(s: _Session) -> None:
         try:
             s.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+
+    # -- broadcasts: one subscription per host and process ---------------------------------
+
+    def listen_broadcasts(self, gateway: ClientGateway) -> None:
+        """Pass the broadcasts of ``gateway``'s host to its open sessions (blocking)."""
+        subject = gateway.subjects.broadcast_all(gateway.host)
+        with self._bsub_lock:
+            entry = self._bsubs.get(subject)
+            if entry is None:
+                assert self.link is not None
+                sub = self.link.subscribe(
+                    subject, lambda subj, body: self.call(self._broadcast_in, subject, body)
+                )
+                self._bsubs[subject] = (sub, [gateway])
+            else:
+                # A new list: the selector thread may be iterating the old one.
+                self._bsubs[subject] = (entry[0], entry[1] + [gateway])
+
+    def forget_broadcasts(self, gateway: ClientGateway) -> None:
+        subject = gateway.subjects.broadcast_all(gateway.host)
+        with self._bsub_lock:
+            entry = self._bsubs.get(subject)
+            if entry is None or gateway not in entry[1]:
+                return
+            rest = [g for g in entry[1] if g is not gateway]
+            if rest:
+                self._bsubs[subject] = (entry[0], rest)
+                return
+            del self._bsubs[subject]
+        self.unsubscribe_soon(entry[0])
+
+    def _broadcast_in(self, subject: str, body: Any) -> None:
+        entry = self._bsubs.get(subject)
+        if entry is None:
+            return
+        for gateway in entry[1]:
+            for s in list(gateway.sessions.values()):
+                if s.open:
+                    self.deliver(s, body)
 
     # -- link events -------------------------------------------------------------------------
 
@@ -409,78 +646,119 @@ class _Gateway:
         self.call(self._cut_all, f"a NATS message was lost ({loss})")
 
     def _cut_all(self, why: str) -> None:
-        if self._sessions:
+        if self.sessions:
             log.warning(
-                "NATS %s: %s: ending %d session(s); clients reconnect",
-                self._role,
+                "NATS gateway: %s: ending %d session(s); clients reconnect",
                 why,
-                len(self._sessions),
+                len(self.sessions),
             )
-        for s in list(self._sessions.values()):
+        for s in list(self.sessions.values()):
             self.sessions_cut += 1
-            self._drop(s)
+            self.drop(s)
 
-    def _connect_link(self, name: str) -> NatsLink:
-        link = self.settings.connect(name)
-        link.aio.on_state = self._on_state
-        link.aio.on_loss = self._on_loss
-        return link
-
-    def close(self) -> None:
-        """End every session, close the link and stop the thread.  Idempotent."""
-        if self._stopping:
-            return
-        done = threading.Event()
-
-        def shut() -> None:
-            for s in list(self._sessions.values()):
-                self._drop(s)
-            done.set()
-
-        if self._thread is not None and self._thread.is_alive():
-            self.call(shut)
-            done.wait(5.0)
+    def _close(self) -> None:
+        """Stop the thread and close the link (the last endpoint released the hub)."""
         self._stopping = True
         self.call(lambda: None)
         if self._thread is not None:
             self._thread.join(5.0)
         else:
             self._sel.close()
-        self._close_extras()
         link, self.link = self.link, None
         if link is not None:
             try:
                 link.close(2.0)
             except Exception as exc:  # noqa: BLE001 (closing anyway)
-                log.debug("NATS %s: link close: %s", self._role, exc)
+                log.debug("NATS gateway: link close: %s", exc)
         self._wake_r.close()
         self._wake_w.close()
+
+    def stats(self) -> Dict[str, Any]:
+        link = self.link
+        return {
+            "sessions": len(self.sessions),
+            "sessions_cut": self.sessions_cut,
+            "losses": self.losses,
+            "images_dropped": self.images_dropped,
+            "server": None if link is None else link.connected_url,
+            "endpoints": self.refs,
+        }
+
+
+# -- the gateways: one per endpoint -------------------------------------------------------------
+
+
+class _Gateway:
+    """What both gateways share: the hub they use and their own sessions."""
+
+    role = "gateway"
+
+    def __init__(self, settings: NatsSettings):
+        self.settings = settings
+        self.subjects = settings.subjects
+        self.host = settings.host
+        self.hub: Optional[Hub] = None
+        #: This endpoint's sessions, by key (changed on the selector thread only).
+        self.sessions: Dict[str, _Session] = {}
+        self._closed = False
+
+    @property
+    def link(self) -> Optional[NatsLink]:
+        """The (shared) NATS link, ``None`` before the gateway connected or after close."""
+        hub = self.hub
+        return None if hub is None else hub.link
+
+    def _acquire(self) -> Hub:
+        self.hub = Hub.acquire(self.settings)
+        return self.hub
+
+    def _release(self) -> None:
+        hub, self.hub = self.hub, None
+        if hub is not None:
+            hub.release()
+
+    def close(self) -> None:
+        """End this endpoint's sessions, stop what it added, give the hub back.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        hub = self.hub
+        if hub is not None:
+
+            def shut() -> None:
+                for s in list(self.sessions.values()):
+                    hub.drop(s)
+
+            try:
+                hub.run(shut, 5.0)
+            except TimeoutError as exc:
+                log.warning("NATS %s: %s", self.role, exc)
+        self._close_extras()
+        self._release()
 
     def _close_extras(self) -> None:
         """Stop what the role added (hook)."""
 
     def stats(self) -> Dict[str, Any]:
-        link = self.link
-        return {
-            "sessions": len(self._sessions),
-            "sessions_cut": self.sessions_cut,
-            "losses": self.losses,
-            "images_dropped": self.images_dropped,
-            "server": None if link is None else link.connected_url,
-        }
+        hub = self.hub
+        out = {} if hub is None else hub.stats()
+        out["sessions"] = len(self.sessions)
+        return out
 
 
 class HostGateway(_Gateway):
     """The NATS side of one host: sessions to the host's private socket ``local_path``."""
 
-    _role = "host"
+    role = "host"
 
-    def __init__(self, settings: NatsSettings, **kw: Any) -> None:
-        super().__init__(settings, **kw)
+    def __init__(self, settings: NatsSettings) -> None:
+        super().__init__(settings)
         self._dir = private_socket_dir()
         self.local_path = os.path.join(self._dir, "h.sock")
         self._announcer: Any = None
         self._store: Any = None
+        self._inbox: Optional[Subscription] = None
+        self._opener: Optional[Subscription] = None
 
     @property
     def addr(self) -> str:
@@ -490,32 +768,35 @@ class HostGateway(_Gateway):
     def connect(self) -> HostGateway:
         """Connect the link (blocking; ``ConnectTimeout``, ``AuthenticationError``)."""
         os.makedirs(self._dir, mode=0o700, exist_ok=True)  # removed by a failed open
-        self.link = self._connect_link(f"socketengine host {self.host}")
+        self._closed = False
+        self._acquire()
         return self
 
     def abandon(self) -> None:
-        """A failed ``open()``: close the link, remove the socket directory; a later
+        """A failed ``open()``: give the link back, remove the socket directory; a later
         ``open()`` may :meth:`connect` again."""
-        link, self.link = self.link, None
-        if link is not None:
-            try:
-                link.close(2.0)
-            except Exception as exc:  # noqa: BLE001 (failing anyway)
-                log.debug("NATS host: link close: %s", exc)
+        self._unsubscribe()
+        self._store = None
+        self._release()
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def serve(self, info: Optional[Dict[str, Any]] = None) -> HostGateway:
         """Start taking sessions (the host listens by now) and announce the host."""
         from .presence import HostAnnouncer
 
-        assert self.link is not None
+        link = self.link
+        assert link is not None
+        hub = self.hub
+        assert hub is not None
         try:
-            self._start_thread()
-            self.link.subscribe(self.subjects.host_inbox_all(self.host), self._on_message)
+            self._inbox = link.subscribe(
+                self.subjects.host_inbox_all(self.host),
+                lambda subject, body: hub.call(self._arrived, subject, body),
+            )
             # Served after the inbox subscription: an answer to a client proves both reach it.
-            self.link.serve(self.subjects.host_open(self.host), lambda body: b"ok")
+            self._opener = link.serve(self.subjects.host_open(self.host), lambda body: b"ok")
             self._announcer = HostAnnouncer(
-                self.link,
+                link,
                 self.host,
                 dict(info or {}),
                 strict=False,  # a listing may lag; serving clients must not wait for it
@@ -532,8 +813,9 @@ class HostGateway(_Gateway):
         if self._store is None:
             from .retained import RetainedStore
 
-            assert self.link is not None
-            self._store = RetainedStore(self.link, self.host, prefix=self.settings.prefix)
+            link = self.link
+            assert link is not None
+            self._store = RetainedStore(link, self.host, prefix=self.settings.prefix)
         return self._store
 
     def retained_items(self) -> Dict[str, bytes]:
@@ -561,31 +843,32 @@ class HostGateway(_Gateway):
 
     def broadcast(self, channel: str, frame: bytes) -> None:
         """One publish for every client (the server fans out)."""
-        assert self.link is not None
-        self.link.publish_nowait(self.subjects.broadcast(self.host, channel), frame)
+        link = self.link
+        assert link is not None
+        link.publish_nowait(self.subjects.broadcast(self.host, channel), frame)
 
     # Sessions ------------------------------------------------------------------------------
 
-    def _on_message(self, subject: str, body: Any) -> None:  # link thread
-        name = self.subjects.parse(subject).name
-        self.call(self._arrived, name, body)
-
-    def _arrived(self, name: str, body: Any) -> None:
-        s = self._sessions.get(name)
+    def _arrived(self, subject: str, body: Any) -> None:  # selector thread
+        hub = self.hub
+        if hub is None or self._closed:
+            return
+        s = hub.sessions.get(subject)
         if s is None:
+            name = self.subjects.parse(subject).name
             if len(body) >= 4 and bytes(body[:4]) == _PREAMBLE_MAGIC:
-                s = self._open_session(name)
+                s = self._open_session(hub, subject, name)
                 if s is None:
                     return
-            elif len(body) and self.link is not None:
+            elif len(body) and hub.link is not None:
                 # A session this host does not know (it restarted, or ended it): say so.
-                self.link.publish_nowait(self.subjects.client_inbox(self.host, name), b"")
+                hub.link.publish_nowait(self.subjects.client_inbox(self.host, name), b"")
                 return
             else:
                 return
-        self._deliver(s, body)
+        hub.deliver(s, body)
 
-    def _open_session(self, name: str) -> Optional[_Session]:
+    def _open_session(self, hub: Hub, key: str, name: str) -> Optional[_Session]:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(self.local_path)
@@ -594,12 +877,26 @@ class HostGateway(_Gateway):
             log.warning("NATS host: cannot reach the host's socket for %s: %s", name, exc)
             return None
         s = _Session(
-            name, sock, self.subjects.client_inbox(self.host, name), self.settings.max_message
+            key,
+            name,
+            self,
+            sock,
+            self.subjects.client_inbox(self.host, name),
+            self.settings.max_message,
         )
-        self._add(s)
+        hub.add(s)
         return s
 
+    def _unsubscribe(self) -> None:
+        hub = self.hub
+        for attr in ("_inbox", "_opener"):
+            sub = getattr(self, attr)
+            setattr(self, attr, None)
+            if sub is not None and hub is not None:
+                hub.unsubscribe_soon(sub)
+
     def _close_extras(self) -> None:
+        self._unsubscribe()
         shutil.rmtree(self._dir, ignore_errors=True)
         announcer, self._announcer = self._announcer, None
         if announcer is not None:
@@ -612,23 +909,22 @@ class HostGateway(_Gateway):
 class ClientGateway(_Gateway):
     """The NATS side of one client: a private socket the client connects to."""
 
-    _role = "client"
+    role = "client"
 
     def __init__(
         self,
         settings: NatsSettings,
         name: Optional[str],
         local_dir: Optional[str] = None,
-        **kw: Any,
     ) -> None:
-        super().__init__(settings, **kw)
+        super().__init__(settings)
         self.client_name_given = name
         self.client_name = name or "client"
         # A renewed gateway (after a failed open) gets its directory back in start().
         self._dir = local_dir or private_socket_dir()
         self.local_path = os.path.join(self._dir, "c.sock")
         self._listener: Optional[socket.socket] = None
-        self._bsub: Optional[Subscription] = None
+        self._broadcasts = False
 
     @property
     def addr(self) -> str:
@@ -638,21 +934,19 @@ class ClientGateway(_Gateway):
     def start(self) -> ClientGateway:
         os.makedirs(self._dir, mode=0o700, exist_ok=True)
         try:
-            self.link = self._connect_link(f"socketengine client {self.client_name}")
+            hub = self._acquire()
         except BaseException:
             shutil.rmtree(self._dir, ignore_errors=True)
             raise
         try:
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._listener = listener
             listener.bind(self.local_path)
             listener.listen(8)
             listener.setblocking(False)
-            self._listener = listener
-            self._sel.register(listener, selectors.EVENT_READ, self._on_accept)
-            self._bsub = self.link.subscribe(
-                self.subjects.broadcast_all(self.host), self._on_broadcast
-            )
-            self._start_thread()
+            hub.listen_broadcasts(self)
+            self._broadcasts = True
+            hub.register(listener, selectors.EVENT_READ, self._on_accept)
         except BaseException:
             self.close()
             raise
@@ -664,22 +958,33 @@ class ClientGateway(_Gateway):
         self.close()
         return ClientGateway(self.settings, self.client_name_given, local_dir=self._dir)
 
-    def _on_accept(self, mask: int) -> None:
-        assert self._listener is not None and self.link is not None
+    def _on_accept(self, mask: int) -> None:  # selector thread
+        hub = self.hub
+        if self._listener is None or hub is None or hub.link is None:
+            return
         try:
             sock, _ = self._listener.accept()
         except (BlockingIOError, InterruptedError):
             return
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                log.warning("NATS client: cannot accept the local connection: %s", exc)
+            return
         name = f"{self.client_name}~{secrets.token_hex(6)}"
-        s = _Session(
-            name, sock, self.subjects.host_inbox(self.host, name), self.settings.max_message
-        )
-        self._add(s, reading=False)
-        link = self.link
         host_in = self.subjects.client_inbox(self.host, name)
+        s = _Session(
+            host_in,
+            name,
+            self,
+            sock,
+            self.subjects.host_inbox(self.host, name),
+            self.settings.max_message,
+        )
+        hub.add(s, reading=False)
+        link = hub.link
 
         def on_message(subject: str, body: Any) -> None:  # link thread
-            self.call(self._deliver, s, body)
+            hub.call(hub.deliver, s, body)
 
         async def subscribe() -> None:
             try:
@@ -687,10 +992,12 @@ class ClientGateway(_Gateway):
                 reached = await self._host_reachable(link)
             except Exception as exc:  # noqa: BLE001
                 log.warning("NATS client: cannot subscribe %s: %s", host_in, exc)
-                self.call(self._drop, s)
+                hub.call(hub.drop, s)
                 return
-            if self._sessions.get(s.name) is not s:
-                await s.sub._unsubscribe()
+            if hub.sessions.get(s.key) is not s:
+                sub, s.sub = s.sub, None
+                if sub is not None:
+                    await sub._unsubscribe()
                 return
             if not reached:
                 log.warning(
@@ -698,11 +1005,11 @@ class ClientGateway(_Gateway):
                     self.host,
                     self.settings.open_timeout,
                 )
-                self.call(self._drop, s)
+                hub.call(hub.drop, s)
                 return
             # Only now may the endpoint's units go out: replies need the subscription,
             # and the host's subscriptions must have reached this client's server.
-            self.call(self._register_reading, s)
+            hub.call(self._register_reading, s)
 
         # Reading the local socket starts once the reply subscription exists.
         assert link._loop is not None
@@ -734,22 +1041,24 @@ class ClientGateway(_Gateway):
             delay = min(delay * 2, 0.5)
 
     def _register_reading(self, s: _Session) -> None:
-        if self._sessions.get(s.name) is s:
+        hub = self.hub
+        if hub is not None and hub.sessions.get(s.key) is s:
             s.reading = True
-            self._watch(s, bool(s.outq))
-
-    def _on_broadcast(self, subject: str, body: Any) -> None:  # link thread
-        self.call(self._broadcast_in, body)
-
-    def _broadcast_in(self, body: Any) -> None:
-        for s in list(self._sessions.values()):
-            if s.open:
-                self._deliver(s, body)
+            hub.watch(s, bool(s.outq))
 
     def _close_extras(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        hub = self.hub
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            if hub is not None:
+                try:
+                    hub.unregister(listener)
+                except TimeoutError as exc:
+                    log.debug("NATS client: %s", exc)
+            listener.close()
+        if self._broadcasts and hub is not None:
+            self._broadcasts = False
+            hub.forget_broadcasts(self)
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
