@@ -174,25 +174,34 @@ class CuttingProxy:
                 raise TimeoutError(f"{self.links} links through the proxy, expected {n}")
             time.sleep(0.005)
 
-    def cut_close(self) -> int:
+    def cut_close(self, hold_new: bool = False) -> int:
         """Cut every link with a clean close: FIN to the client and to the target.
 
         Bytes held by the proxy are discarded; bytes the peers send afterwards are read
         and discarded until they hang up.  Ends a blackhole.  Returns the links cut.
+        ``hold_new``: connections accepted afterwards are held (not connected to the
+        target) until :meth:`resume`, as during a blackhole.
         """
-        return self._call_counted(self._cut_close)
+        return self._call_counted(lambda: self._held_after(self._cut_close(), hold_new))
 
-    def cut_reset(self) -> int:
-        """Cut every link with a TCP reset (SO_LINGER 0) to both peers.  Ends a blackhole."""
-        return self._call_counted(self._cut_reset)
+    def cut_reset(self, hold_new: bool = False) -> int:
+        """Cut every link with a TCP reset (SO_LINGER 0) to both peers.  Ends a blackhole.
+        ``hold_new`` as for :meth:`cut_close`."""
+        return self._call_counted(lambda: self._held_after(self._cut_reset(), hold_new))
 
-    def cut(self, mode: str = "close") -> int:
+    def cut(self, mode: str = "close", hold_new: bool = False) -> int:
         """``cut_close()`` for ``mode="close"``, ``cut_reset()`` for ``mode="reset"``."""
         if mode == "close":
-            return self.cut_close()
+            return self.cut_close(hold_new)
         if mode == "reset":
-            return self.cut_reset()
+            return self.cut_reset(hold_new)
         raise ValueError(f"mode must be 'close' or 'reset', not {mode!r}")
+
+    def _held_after(self, n: int, hold_new: bool) -> int:
+        if hold_new:  # every link is cut (draining): only new ones are held
+            self.blackholed = True
+            self._hold_new = True
+        return n
 
     def cut_after(
         self, up: Optional[int] = None, down: Optional[int] = None, mode: str = "reset"

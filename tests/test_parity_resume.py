@@ -173,3 +173,95 @@ def test_a_client_without_resume_is_served_as_before(layer: str, loop_thread: Ai
         (conn,) = host.ep.clients()
         assert conn.engine.session is None and not conn.engine.queue.numbered
     host.close()
+
+
+def _link_down(proxy: CuttingProxy, kind: str, host: Any) -> None:
+    """Cut the client's link and keep it from reconnecting until ``proxy.resume()``;
+    return once the host noticed (the client is no longer among its clients)."""
+    if kind == "blackhole":
+        proxy.blackhole(new_links=True)
+    else:
+        proxy.cut(kind, hold_new=True)
+    wait_for(lambda: not host.ep.clients(), 10.0, f"the host noticing the {kind}")
+
+
+def _conn_write(layer: str, loop_thread: AioThread, conn: Any, *args: Any) -> None:
+    if layer == "sync":
+        conn.write(*args)
+    else:
+        loop_thread.run(conn.write(*args))
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("kind", ["close", "reset", "blackhole"])
+def test_writes_for_a_client_whose_link_is_down_wait_for_its_resume(
+    layer: str, kind: str, loop_thread: AioThread
+) -> None:
+    """write_all and conn.write while the host knows the client's link is down (and
+    client writes while the client knows it): all delivered on resume, in order,
+    once."""
+    n = 300
+    host = make_host(layer, loop_thread, heartbeat=H)
+    at_client: List[Any] = []
+    at_host: List[Any] = []
+    host.ep.on("up", lambda value, *rest: at_host.append(value))
+    with CuttingProxy(host.ep.port) as proxy:
+        client = make_client(layer, loop_thread, proxy.port, heartbeat=H, name="w")
+        client.ep.on("n", lambda value, *rest: at_client.append(value))
+        wait_for(lambda: host.ep.clients(), 5.0, "the client at the host")
+        (conn,) = host.ep.clients()
+        assert host.do("write_all", "n", -1) == 1
+        wait_for(lambda: at_client == [-1], 5.0, "a first value")
+        before = client.ep.reconnects
+        _link_down(proxy, kind, host)
+        for i in range(n):
+            assert host.do("write_all", "n", i) == 1  # held for the client
+        _conn_write(layer, loop_thread, conn, "n", n)  # the old connection: held too
+        wait_for(lambda: not client.ep.connected, 10.0, "the client noticing")
+        for i in range(n):
+            client.do("write", "up", i)  # the client's own queue holds these
+        proxy.resume()
+        wait_for(lambda: client.ep.reconnects > before, 10.0, "the resume")
+        wait_for(lambda: len(at_client) >= n + 2, 10.0, "the held values")
+        wait_for(lambda: len(at_host) >= n, 10.0, "the client's values")
+        assert host.do("write_all", "n", "after") == 1
+        wait_for(lambda: len(at_client) >= n + 3, 5.0, "a value after the resume")
+        (new,) = host.ep.clients()
+        assert new is not conn and new.stats()["resume_lost"] == 0
+        client.close()
+    host.close()
+    assert at_client == [-1, *range(n + 1), "after"]
+    assert at_host == list(range(n))
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_held_writes_are_bounded_and_images_conflate(layer: str, loop_thread: AioThread) -> None:
+    """While a link is down the session holds at most max_buffer bytes (the rest is
+    counted in resume_lost); image frames held for it conflate to the newest."""
+    np = pytest.importorskip("numpy")
+    host = make_host(layer, loop_thread, heartbeat=H, max_buffer=64 * 1024)
+    at_client: List[Any] = []
+    images: List[int] = []
+    with CuttingProxy(host.ep.port) as proxy:
+        client = make_client(layer, loop_thread, proxy.port, heartbeat=H, name="w")
+        client.ep.on("n", lambda value, *rest: at_client.append(value[0]))
+        client.ep.on("img", lambda img, *rest: images.append(int(img[0, 0])))
+        wait_for(lambda: host.ep.clients(), 5.0, "the client at the host")
+        before = client.ep.reconnects
+        _link_down(proxy, "reset", host)
+        for i in range(10):
+            host.do("write_image_all", np.full((4, 4), i, np.uint8), "img")
+        payload = b"x" * 4000
+        held = sum(host.do("write_all", "n", [i, payload]) for i in range(40))
+        assert 5 < held < 40  # 64 KiB hold about 16 of them
+        proxy.resume()
+        wait_for(lambda: client.ep.reconnects > before, 10.0, "the resume")
+        wait_for(lambda: len(at_client) >= held and images, 10.0, "the held values")
+        (conn,) = host.ep.clients()
+        assert conn.stats()["resume_lost"] == 40 - held
+        assert host.do("write_all", "n", [99, b""]) == 1
+        wait_for(lambda: at_client[-1:] == [99], 5.0, "a value after the resume")
+        client.close()
+    host.close()
+    assert at_client == [*range(held), 99]  # the first ones, in order, once
+    assert images == [9]  # the newest frame only

@@ -380,3 +380,58 @@ def test_an_expired_session_is_not_resumed() -> None:
     assert table.expire(10.0) == [session]
     again, resumed = table.open(session.sid, "c")
     assert not resumed and again is not session
+
+
+def _hold(session: Session, values: List[Any], channel: str = "n") -> List[bool]:
+    out = []
+    for v in values:
+        item = frames.value_item(channel, v)
+        if isinstance(item, bytes):
+            out.append(session.hold(item, len(item)))
+        else:
+            out.append(session.hold(item[0], item[1]))
+    return out
+
+
+def test_writes_held_while_the_link_is_down_follow_the_replay_in_order() -> None:
+    pair = Pair()
+    _write(pair.host, list(range(10)))
+    pair.cut(0, 40)  # the client got a few of them
+    hs = pair.host.session
+    assert hs is not None and hs.held and pair.table.held() == [hs]
+    assert all(_hold(hs, list(range(10, 20))))
+    pair.connect()  # adopt() stops holding: writes go to the new link
+    assert not hs.held and pair.table.held() == []
+    _write(pair.host, [20])
+    pair.exchange()
+    assert pair.at_client == list(range(21))
+
+
+def test_held_writes_are_bounded_by_max_buffer_and_counted_lost() -> None:
+    pair = Pair(max_buffer=4096)
+    pair.cut(0, 0)
+    hs = pair.host.session
+    assert hs is not None
+    taken = _hold(hs, [[i, b"x" * 1000] for i in range(10)])
+    kept = taken.count(True)
+    assert 0 < kept < 10 and taken == [True] * kept + [False] * (10 - kept)
+    assert hs.lost == 10 - kept
+    image = frames.value_frame(frames.DATA, "img", b"x" * 2000, flags=frames.FLAG_IMAGE)
+    assert not hs.hold(image[0], image[1], "img")  # full: a new image channel too
+    pair.connect()
+    pair.exchange()
+    assert [v[0] for v in pair.at_client] == list(range(kept))
+
+
+def test_a_dropped_or_expired_session_holds_nothing() -> None:
+    table = SessionTable(10.0, 1)
+    a, _ = table.open(b"", "a")
+    b, _ = table.open(b"", "b")
+    for s in (a, b):
+        s.queue = SendQueue(1 << 20)
+        s.suspend(None)
+    assert table.held() == [a, b]  # b: its link died, not handed to the table yet
+    table.suspend(a, 0.0)
+    assert table.suspend(b, 1.0) == [a] and not a.held  # over resume_sessions
+    assert table.expire(11.0) == [b] and not b.held
+    assert table.held() == []

@@ -28,8 +28,9 @@ Rules owned here, once:
 * resume (protocol 1.2, :attr:`session`): counting the peer's sequenced frames,
   acknowledging them (RACK: every ``ACK_EVERY`` frames, after a read holding a
   data section, and on every :meth:`tick`), applying its acknowledgements, keeping the
-  queue when the link is lost rather than closed (:meth:`finish`) and replaying it on
-  the next link (:meth:`adopt`).
+  queue when the link is lost rather than closed (:meth:`finish`; writes for the peer
+  are held in it meanwhile, :meth:`Session.hold`) and replaying it on the next link
+  (:meth:`adopt`).
 """
 
 from __future__ import annotations
@@ -268,6 +269,7 @@ class ConnectionEngine:
             queue.numbered = numbered
         if session is not None:
             session.queue = queue
+            session.release()  # writes go to this link from now on
             if lost:
                 session.lost += lost
         if self.opening and self.state is ConnState.HANDSHAKE:
@@ -457,6 +459,8 @@ class ConnectionEngine:
         self._to(ConnState.CLOSED)
         if self.resumable:
             self.queue.detach()  # kept for the next link (adopt)
+            assert self.session is not None
+            self.session.suspend(self.interest)  # writes for the peer wait in it
         else:
             self.queue.clear()
         self.queue.shm = None
