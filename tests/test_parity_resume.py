@@ -265,3 +265,41 @@ def test_held_writes_are_bounded_and_images_conflate(layer: str, loop_thread: Ai
     host.close()
     assert at_client == [*range(held), 99]  # the first ones, in order, once
     assert images == [9]  # the newest frame only
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("acked", [False, True])
+def test_a_flush_during_a_reconnection_waits_for_the_resume(
+    layer: str, acked: bool, loop_thread: AioThread
+) -> None:
+    host = make_host(layer, loop_thread, heartbeat=H)
+    with CuttingProxy(host.ep.port) as proxy:
+        client = make_client(layer, loop_thread, proxy.port, heartbeat=H, name="w")
+        client.do("write", "n", 0)
+        wait_for(lambda: host.do("get", "n") == 0, 5.0, "a first value")
+        proxy.blackhole(new_links=True)
+        wait_for(lambda: not client.ep.connected, 10.0, "the client noticing")
+        client.do("write", "n", 1)  # kept for the next link
+        outcome: List[Any] = []
+
+        def flush() -> None:
+            try:
+                client.do("flush", 10.0, acked=acked)
+                outcome.append("flushed")
+            except Exception as exc:  # reported by the assertion below
+                outcome.append(exc)
+
+        thread = threading.Thread(target=flush, daemon=True)
+        thread.start()
+        if layer == "sync":  # the flush waits on the client's link condition
+            wait_for(lambda: client.ep._link_lock._waiters, 5.0, "the flush waiting")  # type: ignore[attr-defined]
+        else:
+            wait_for(lambda: client.ep._outbox_waiters, 5.0, "the flush waiting")
+        proxy.resume()
+        thread.join(15.0)
+        assert outcome == ["flushed"]
+        if acked:
+            assert host.do("get", "n") == 1  # stored before the flush returned
+        wait_for(lambda: host.do("get", "n") == 1, 5.0, "the value kept meanwhile")
+        client.close()
+    host.close()

@@ -476,10 +476,41 @@ class Client(Endpoint):
 
     async def flush(self, timeout: Optional[float] = None, acked: bool = False) -> None:
         """Wait until everything written so far is handed to the operating system
-        (``acked=True``: until the host confirms it has stored all of it).  Raises
-        :class:`~socketengine.WriteTimeout` after ``timeout`` s (default: the client's
-        ``timeout``) and :class:`~socketengine.ConnectionClosed` without a live link."""
-        await self._live().flush(timeout, acked)
+        (``acked=True``: until the host confirms it has stored all of it).  While the
+        client reconnects (or its link is lost during the flush), waits for the next
+        link, within ``timeout``.  Raises :class:`~socketengine.WriteTimeout` after
+        ``timeout`` s (default: the client's ``timeout``) and
+        :class:`~socketengine.ConnectionClosed` without a live link and
+        ``reconnect=False``."""
+        limit = self.timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        while True:
+            conn = self._conn
+            live = conn is not None and conn.is_open and not conn.closed
+            if live or not self.reconnect or self.stopped or not self.opened:
+                try:
+                    await self._live().flush(max(0.0, deadline - loop.time()), acked)
+                    return
+                except ConnectionClosed:
+                    if not self.reconnect or self.stopped:
+                        raise
+                    # Lost during the flush: the session resumes on the next link.
+            left = deadline - loop.time()
+            if left <= 0:
+                raise WriteTimeout(
+                    f"not connected to {self.addr}:{self._port} (reconnecting): the flush "
+                    f"gave up after {limit} s"
+                )
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._outbox_waiters.append(waiter)  # woken by the reconnection
+            try:
+                await asyncio.wait_for(waiter, left)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                if waiter in self._outbox_waiters:
+                    self._outbox_waiters.remove(waiter)
 
     async def set_interest(self, interest: Optional[Iterable[Union[str, Pattern]]]) -> None:
         """Replace the channels this client wants from broadcasts (``None``: all); the

@@ -448,22 +448,34 @@ class Client(ClientSeedNames, Endpoint[Any]):
         (``acked=True``: until the host confirms it has stored all of it).
 
         Includes writes kept while reconnecting (they must reach a new connection
-        first).  Raises :class:`WriteTimeout` after ``timeout`` seconds (default: the
-        client's ``timeout``), :class:`ConnectionClosed` if the connection is lost and
-        ``reconnect=False``.
+        first): while the client reconnects (or its link is lost during the flush), it
+        waits for the next link, within ``timeout``.  Raises :class:`WriteTimeout` after
+        ``timeout`` seconds (default: the client's ``timeout``),
+        :class:`ConnectionClosed` if the connection is lost and ``reconnect=False``.
         """
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
-        with self._link_lock:
-            while self._outbox:
-                left = deadline - time.monotonic()
-                if left <= 0 or self.stopped:
-                    raise WriteTimeout(
-                        f"not connected to {self.addr}:{self._port}: {self._outbox.queued} "
-                        f"bytes still wait for the reconnection after {limit} s"
-                    )
-                self._link_lock.wait(left)
-        self._live_conn().flush(max(0.0, deadline - time.monotonic()), acked=acked)
+        while True:
+            with self._link_lock:
+                while self.reconnect and self.opened and not self.stopped:
+                    conn = self._conn
+                    if conn is not None and conn.is_open and not self._outbox:
+                        break
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise WriteTimeout(
+                            f"not connected to {self.addr}:{self._port}: "
+                            f"{self._outbox.queued} bytes still wait for the reconnection "
+                            f"after {limit} s"
+                        )
+                    self._link_lock.wait(left)
+            try:
+                self._live_conn().flush(max(0.0, deadline - time.monotonic()), acked=acked)
+                return
+            except ConnectionClosed:
+                if not self.reconnect or self.stopped:
+                    raise
+                # Lost during the flush: the session resumes on the next link.
 
     def request(self, channel: str, data: Any, timeout: Optional[float] = 5.0) -> Any:
         """Send ``data`` as a request on ``channel``; block for and return the reply.
