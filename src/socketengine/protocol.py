@@ -27,7 +27,7 @@ import os
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from . import codec, compression, frames, shm
-from .errors import AuthenticationError, HandshakeError, ProtocolError
+from .errors import AuthenticationError, HandshakeError, HostBusy, ProtocolError
 from .frames import Frame
 from .limits import MAX_NAME_BYTES, PRE_HANDSHAKE_MAX
 from .patterns import Interest
@@ -352,8 +352,11 @@ class Protocol:
         if t == frames.REFUSE:
             reason = str(_meta(frame).get("reason", "refused"))
             self.state = State.CLOSED
-            if _meta(frame).get("code") == "auth":
+            code = _meta(frame).get("code")
+            if code == "auth":
                 raise AuthenticationError(f"the host refused the token: {reason}")
+            if code == "busy":
+                raise HostBusy(f"the peer refused the connection: {reason}")
             raise HandshakeError(f"the peer refused the connection: {reason}")
         if self.role is Role.HOST:
             self._host_handshake(frame)

@@ -15,6 +15,7 @@ from ..errors import (
     ConnectTimeout,
     EndpointClosed,
     HandshakeError,
+    HostBusy,
     SocketEngineConnectionError,
     WriteTimeout,
 )
@@ -221,7 +222,8 @@ class Client(Endpoint):
     async def start(self: _K) -> _K:
         """Connect and complete the handshake; return the client.
 
-        Retries while the host refuses (it may not be up yet), for at most
+        Retries while the host refuses (it may not be up yet) or gave up on the
+        handshake under a flood (:class:`~socketengine.HostBusy`), for at most
         ``connect_timeout`` s in all.  Raises :class:`~socketengine.ConnectTimeout`,
         :class:`~socketengine.HandshakeError` (also for a TLS failure, e.g. a host
         certificate the context does not trust) or
@@ -243,15 +245,27 @@ class Client(Endpoint):
             raise
 
     async def _open_connection(self) -> None:
-        conn = await self._connect()
-        self._conn = conn
-        try:
-            await conn._wait_ready(conn._handshake_left())
-            if self.stopped:
-                raise EndpointClosed(f"{self!r} was closed while it was connecting")
-        except BaseException:
-            conn._abort()
-            raise
+        loop = asyncio.get_running_loop()
+        deadline = None if self.connect_timeout is None else loop.time() + self.connect_timeout
+        delays = Backoff(_OPEN_RETRY_MAX, jitter=0.0)
+        while True:
+            conn = await self._connect()
+            self._conn = conn
+            try:
+                await conn._wait_ready(conn._handshake_left())
+                if self.stopped:
+                    raise EndpointClosed(f"{self!r} was closed while it was connecting")
+                break
+            except BaseException as exc:
+                conn._abort()
+                # A host that gave up on the handshake under a flood: try again.
+                delay = next(delays)
+                if not isinstance(exc, HostBusy) or (
+                    deadline is not None and loop.time() + delay >= deadline
+                ):
+                    raise
+                logger.info("%r: %s; trying again", self, exc)
+            await asyncio.sleep(delay)  # backoff between attempts, not synchronisation
         self._start_heartbeat()
         if conn.closed and self.reconnect:
             # Lost between its handshake and now, before a loss could start this.

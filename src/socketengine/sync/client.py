@@ -18,6 +18,7 @@ from ..errors import (
     ConnectTimeout,
     EndpointClosed,
     HandshakeError,
+    HostBusy,
     SocketEngineConnectionError,
     WriteTimeout,
 )
@@ -206,7 +207,8 @@ class Client(ClientSeedNames, Endpoint[Any]):
     def open(self: _K) -> _K:
         """Connect to the host and complete the handshake; start the I/O thread.
 
-        Retries while the host refuses (it may not be up yet), for at most
+        Retries while the host refuses (it may not be up yet) or gave up on the
+        handshake under a flood (:class:`~socketengine.HostBusy`), for at most
         ``connect_timeout`` seconds in all.  Raises :class:`ConnectTimeout`,
         :class:`HandshakeError` or :class:`AuthenticationError`.
         """
@@ -218,15 +220,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
             if gateway is not None and gateway.link is None:
                 gateway.start()  # ConnectTimeout / AuthenticationError
             try:
-                sock = self._connect()
-                try:
-                    self._loop.start()  # inside the try: Ctrl-C may land in start() itself
-                    conn = self._handshake(sock)
-                except BaseException:
-                    # Leave no thread behind; a later open() starts a fresh loop.
-                    self._loop.stop()
-                    self._loop = Loop(self._loop.name)
-                    raise
+                conn = self._open_link()
             except BaseException:
                 if gateway is not None:
                     self._gateway = gateway.renewed()
@@ -236,6 +230,28 @@ class Client(ClientSeedNames, Endpoint[Any]):
             self.opened = True
         logger.info("%r: connected", self)
         return self
+
+    def _open_link(self) -> Connection:
+        """Connect and complete the handshake; a host that gave up on the handshake
+        under a flood (:class:`HostBusy`) is tried again until ``connect_timeout``."""
+        deadline = None if self.connect_timeout is None else time.monotonic() + self.connect_timeout
+        backoff = Backoff(_OPEN_RETRY_MAX, jitter=0.0)
+        while True:
+            sock = self._connect()
+            try:
+                self._loop.start()  # inside the try: Ctrl-C may land in start() itself
+                return self._handshake(sock)
+            except BaseException as exc:
+                # Leave no thread behind; a later open() starts a fresh loop.
+                self._loop.stop()
+                self._loop = Loop(self._loop.name)
+                delay = next(backoff)
+                if not isinstance(exc, HostBusy) or (
+                    deadline is not None and time.monotonic() + delay >= deadline
+                ):
+                    raise
+                logger.info("%r: %s; trying again", self, exc)
+            time.sleep(delay)  # backoff between attempts, not synchronisation
 
     def _connect(self) -> socket.socket:
         deadline = None if self.connect_timeout is None else time.monotonic() + self.connect_timeout
