@@ -16,6 +16,8 @@ from conftest import wait_for
 from faults import CuttingProxy, RawClient
 from test_parity import LAYERS, AioThread, make_client, make_host
 
+from socketengine import ConnectionClosed
+
 H = 0.2  # heartbeat: a blackhole is noticed within 3·H
 
 
@@ -302,4 +304,89 @@ def test_a_flush_during_a_reconnection_waits_for_the_resume(
             assert host.do("get", "n") == 1  # stored before the flush returned
         wait_for(lambda: host.do("get", "n") == 1, 5.0, "the value kept meanwhile")
         client.close()
+    host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("what", ["request", "ack"])
+def test_a_request_or_an_acked_write_survives_a_cut(
+    layer: str, what: str, loop_thread: AioThread
+) -> None:
+    """A request: the link dies after the host's handler ran and before the reply
+    reached the client.  An acked write: the value and its SYNC go into a dead link.
+    On resume the frames are replayed, the answer arrives, the call returns, and the
+    handler ran once."""
+    host = make_host(layer, loop_thread, heartbeat=H)
+    calls: List[Any] = []
+    with CuttingProxy(host.ep.port) as proxy:
+
+        def handler(value: Any, *rest: Any) -> Any:
+            if what == "request":
+                proxy.blackhole(new_links=True)  # the reply goes into a dead link
+            calls.append(value)
+            return value * 2
+
+        host.ep.on("q", handler)
+        # The client notices a dead link within 3 s: the acked write starts before.
+        beat = H if what == "request" else 1.0
+        client = make_client(layer, loop_thread, proxy.port, heartbeat=beat, name="w")
+        wait_for(lambda: host.ep.clients(), 5.0, "the client at the host")
+        before = client.ep.reconnects
+        outcome: List[Any] = []
+        if what == "ack":
+            proxy.blackhole(new_links=True)
+
+        def call() -> None:
+            try:
+                if what == "request":
+                    outcome.append(client.do("request", "q", 21, timeout=15.0))
+                else:
+                    client.do("write", "q", 21, ack=True, timeout=15.0)
+                    outcome.append("acked")
+            except Exception as exc:  # reported by the assertion below
+                outcome.append(exc)
+
+        thread = threading.Thread(target=call, daemon=True)
+        thread.start()
+        if what == "request":
+            wait_for(lambda: calls, 5.0, "the handler")
+        wait_for(lambda: not host.ep.clients(), 10.0, "the host noticing")
+        wait_for(lambda: not client.ep.connected, 10.0, "the client noticing")
+        assert not outcome  # still waiting, not failed
+        proxy.resume()
+        wait_for(lambda: client.ep.reconnects > before, 10.0, "the resume")
+        thread.join(15.0)
+        assert outcome == ([42] if what == "request" else ["acked"])
+        client.close()
+    host.close()
+    assert calls == [21]  # once
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_request_fails_when_its_session_cannot_resume(layer: str, loop_thread: AioThread) -> None:
+    """The client closes while its link is down: the request waiting for the resume
+    fails at once (never hangs)."""
+    host = make_host(layer, loop_thread, heartbeat=H)
+    with CuttingProxy(host.ep.port) as proxy:
+
+        def handler(value: Any, *rest: Any) -> Any:
+            proxy.blackhole(new_links=True)
+            return value
+
+        host.ep.on("q", handler)
+        client = make_client(layer, loop_thread, proxy.port, heartbeat=H, name="w")
+        outcome: List[Any] = []
+
+        def call() -> None:
+            try:
+                outcome.append(client.do("request", "q", 1, timeout=None))
+            except Exception as exc:  # the expected outcome
+                outcome.append(exc)
+
+        thread = threading.Thread(target=call, daemon=True)
+        thread.start()
+        wait_for(lambda: not client.ep.connected, 10.0, "the client noticing")
+        client.close()
+        thread.join(10.0)
+        assert len(outcome) == 1 and isinstance(outcome[0], ConnectionClosed)
     host.close()

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
 
 from . import codec, compression, frames, images
 from .engine import ConnState
-from .errors import EndpointClosed
+from .errors import ConnectionClosed, EndpointClosed
 from .limits import HostLimits, check_compression, check_settings, check_shm
 from .peer import PeerView
 from .relay import RelayPolicy, RelaySpec, WritersSpec
@@ -321,6 +321,9 @@ class EndpointBase:
                 table.drop(session)
                 if session.queue is not None:
                     session.queue.clear()
+                session.fail_requests(
+                    ConnectionClosed(f"{conn._peer()} closed before it answered (closed)")
+                )
 
     def _resume_expired(self, sessions: List[Any]) -> None:
         """Lost sessions that were not resumed in time: what they held is dropped."""
@@ -339,6 +342,12 @@ class EndpointBase:
                 )
             if queue is not None:
                 queue.clear()
+            session.fail_requests(
+                ConnectionClosed(
+                    f"the session of client {session.name!r} was not resumed in time "
+                    f"(resume_window={self.resume_window:g} s) before it answered"
+                )
+            )
 
     # -- the browser monitor (hosts) --------------------------------------------------
 

@@ -158,6 +158,9 @@ class Protocol:
         self.resume_sid = b""
         #: The peer's count of sequenced frames received, from HELLO / WELCOME.
         self.peer_recv = 0
+        #: Both sides announced ``"rq"`` with ``"rs"``: requests, replies, SYNC and ACK
+        #: frames are sequenced (numbered and replayed) too.
+        self.peer_rq = False
         #: The handshake resumed an earlier session (else a new one starts at 0).
         self.resumed = False
         #: The session this connection carries (host role: opened or resumed at
@@ -233,6 +236,8 @@ class Protocol:
             out["z"] = z
         if rs is not None:
             out["rs"] = rs
+            if self.role is Role.CLIENT or self.peer_rq:
+                out["rq"] = True
         if self.role is Role.CLIENT and self._shm_threshold is not None:
             ident = shm.announce()
             if ident is not None:
@@ -377,6 +382,7 @@ class Protocol:
                 raise ProtocolError(f"HELLO name is not a string of at most {MAX_NAME_BYTES} bytes")
             self._note_peer(meta)
             self._note_resume_hello(meta.get("rs"))
+            self.peer_rq = self.peer_resume and meta.get("rq") is True
             if self._shm_threshold is not None and meta.get("shm") is not None:
                 self._shm_peer = shm.check_peer(meta.get("shm"))
             self.peer_will = _check_will(meta.get("will"))
@@ -482,6 +488,7 @@ class Protocol:
             self.session = session if type(session) is int else 0
             self._note_peer(meta)
             self._note_resume_welcome(meta.get("rs"))
+            self.peer_rq = self.peer_resume and meta.get("rq") is True
             if self._shm_threshold is not None and meta.get("shm_ok") is True:
                 peer = shm.check_peer(meta.get("shm"))
                 if peer is not None:

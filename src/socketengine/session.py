@@ -58,6 +58,8 @@ class Session:
         "lost",
         "held",
         "interest",
+        "requests",
+        "keep_requests",
         "_warned",
     )
 
@@ -81,6 +83,11 @@ class Session:
         self.held = False
         #: The channels the peer wanted from broadcasts when its link died.
         self.interest: Optional[Interest] = None
+        #: The requests (and SYNCs) this side sent in the session and has no answer
+        #: for: they survive a lost link when requests are sequenced (``"rq"``) and
+        #: :attr:`keep_requests` is set (a host; a client that reconnects).
+        self.requests: Any = None
+        self.keep_requests = True
         self._warned = False
 
     def suspend(self, interest: Optional[Interest]) -> None:
@@ -92,6 +99,12 @@ class Session:
         """A new link adopted the session, or it was dropped: stop holding writes."""
         self.held = False
         self._warned = False
+
+    def fail_requests(self, error: BaseException) -> None:
+        """The session is over (expired, dropped, closed): requests waiting in it fail."""
+        requests, self.requests = self.requests, None
+        if requests is not None and len(requests):
+            requests.fail_all(error)
 
     def wants(self, channel: str) -> bool:
         """A broadcast on ``channel`` goes to this held session (the peer's interest)."""

@@ -205,6 +205,8 @@ class Client(Endpoint):
         # The resumable session (protocol 1.2): kept across links, so a reconnection
         # replays what the host did not receive, and gets what this client did not.
         self._session = Session(b"", self.name, None)
+        # Requests in flight survive a lost link only if a reconnection may resume it.
+        self._session.keep_requests = self.reconnect
 
     @property
     def connected(self) -> bool:
@@ -409,6 +411,8 @@ class Client(Endpoint):
         conn = self._conn
         if conn is not None:
             await conn.close(self.timeout)
+        # Requests kept across a lost link for the resume that will not come.
+        self._session.fail_requests(ConnectionClosed(f"{self!r} was closed before the reply"))
         await self._stop_tasks(self.timeout)
         if self._gateway is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._gateway.close)

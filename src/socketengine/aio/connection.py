@@ -89,6 +89,7 @@ READ_SIZE = MIN_READ_SIZE
 #: (asyncio reports only the low-water mark, often far below ``max_buffer``).
 _ROOM_POLL = 0.005
 _DATA = frames.DATA
+_REPLIES = frozenset((frames.REPLY, frames.REPLY_ERROR))
 
 #: ``fn(result, exc)``: receives the first handler's outcome of a request.
 ReplyFn = Callable[[Any, Optional[BaseException]], None]
@@ -750,11 +751,16 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         """Answer request ``fid``: REPLY with ``result``, or REPLY_ERROR naming ``exc``
         (an exception, or the text itself); return the error text (``None``: a REPLY)."""
         parts, nbytes, text = reply_frame(channel, fid, result, exc)
-        if not self.is_open:
-            logger.debug("%r: dropping the reply to request %d: closed", self, fid)
-        else:
+        if self.is_open:
             self._enqueue(parts, nbytes)
             self.messages_out += 1
+            return text
+        try:
+            if self.engine.state is not ConnState.OPEN and self._held(parts, nbytes, None):
+                return text  # the link is down: sent on resume
+        except WriteTimeout:
+            pass
+        logger.debug("%r: dropping the reply to request %d: closed", self, fid)
         return text
 
     async def _await_reply(self, future: asyncio.Future[Any]) -> Any:
@@ -988,6 +994,8 @@ class Connection(PeerView, asyncio.BufferedProtocol):
             self._on_bye()
         elif t == frames.SYNC:
             self._send_protocol_bytes()  # the ACK, after everything already queued
+            for ack in self.engine.take_acks():  # a sequenced ACK: numbered, queued
+                self._enqueue((ack,), len(ack))
 
     def _block(self, gate: Gate) -> None:
         """``gate`` is full: stop handling frames until it releases this connection."""

@@ -188,6 +188,8 @@ class Client(ClientSeedNames, Endpoint[Any]):
         # The resumable session (protocol 1.2): kept across links, so a reconnection
         # replays what the host did not receive, and gets what this client did not.
         self._session = Session(b"", self.name, None)
+        # Requests in flight survive a lost link only if a reconnection may resume it.
+        self._session.keep_requests = self.reconnect
         self._backoff = Backoff(self.reconnect_max)
         self._retry_timer: Optional[TimerHandle] = None  # the next reconnection attempt
         self._retry_sock: Optional[socket.socket] = None  # an attempt connecting now
@@ -353,6 +355,8 @@ class Client(ClientSeedNames, Endpoint[Any]):
             self._link_lock.notify_all()
         if self._gateway is not None:
             self._gateway.close()
+        # Requests kept across a lost link for the resume that will not come.
+        self._session.fail_requests(ConnectionClosed(f"{self!r} was closed before the reply"))
         self._release_waiters()
         self._dispatcher.stop(self.timeout)
         logger.info("%r: closed", self)

@@ -38,7 +38,8 @@ from ..protocol import Protocol
 from ..sendqueue import ITEM_OVERHEAD, SendQueue
 from .delivery import Pausable, Waiter
 
-_DATA = frames.DATA
+# Frames a host holds for a client whose link is down (values, answers to requests).
+_HOLDABLE = frozenset((frames.DATA, frames.REPLY, frames.REPLY_ERROR))
 
 if TYPE_CHECKING:  # pragma: no cover
     from .endpoint import Endpoint
@@ -394,7 +395,7 @@ class Connection(PeerView, Pausable):
         queue = self._queue
         if (
             engine.state is not ConnState.OPEN
-            and (type(parts) is bytes or parts[0][0] == _DATA)
+            and (type(parts) is bytes or parts[0][0] in _HOLDABLE)
             and self._held(parts, nbytes, image)
         ):
             return
@@ -787,6 +788,11 @@ class Connection(PeerView, Pausable):
         if not self.engine.control(frame):
             if frame.type == frames.SYNC:
                 self._send_raw(self.engine.control_bytes())  # the ACK, in order
+                for ack in self.engine.take_acks():  # a sequenced ACK: numbered
+                    with self._lock:
+                        self._queue.push([ack], len(ack))
+                        if not self._want_write and not self.engine.closed:
+                            self._flush_locked()
             return False
         self._on_bye()
         return True
