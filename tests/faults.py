@@ -92,7 +92,17 @@ def _reset_close(sock: socket.socket) -> None:
 class _Link:
     """One client connection through the proxy and its upstream connection."""
 
-    __slots__ = ("down", "up", "to_up", "to_down", "eof_down", "eof_up", "draining", "deadline")
+    __slots__ = (
+        "down",
+        "up",
+        "to_up",
+        "to_down",
+        "eof_down",
+        "eof_up",
+        "draining",
+        "deadline",
+        "frozen",
+    )
 
     def __init__(self, down: socket.socket, up: Optional[socket.socket]) -> None:
         self.down = down  # accepted from the client
@@ -103,6 +113,7 @@ class _Link:
         self.eof_up = False  # the target half-closed
         self.draining = False  # cut cleanly: FIN sent both ways, reading until EOF
         self.deadline = 0.0
+        self.frozen = False  # blackholed alone (freeze()): nothing forwarded
 
     def sockets(self) -> List[socket.socket]:
         return [self.down] if self.up is None else [self.down, self.up]
@@ -241,11 +252,25 @@ class CuttingProxy:
         self._hold_new = new_links
         self._call(do)
 
+    def freeze(self) -> None:
+        """Blackhole only the links open now: nothing forwarded on them, nothing closed;
+        links accepted afterwards work normally (a client's old link is dead while its
+        new one is fine).  :meth:`resume` ends it."""
+
+        def do() -> None:
+            for link in self._links:
+                link.frozen = True
+            self._update_all()
+
+        self._call(do)
+
     def resume(self) -> None:
         """End a blackhole: forward again what was held, connect held links upstream."""
 
         def do() -> None:
             self.blackholed = False
+            for link in self._links:
+                link.frozen = False
             for link in list(self._links):
                 if link.up is None and not link.draining:
                     self._connect_up(link)
@@ -488,7 +513,7 @@ class CuttingProxy:
         if link.draining:
             eof = link.eof_down if sock is link.down else link.eof_up
             return 0 if eof else selectors.EVENT_READ
-        if self.blackholed or link.up is None:
+        if self.blackholed or link.up is None or link.frozen:
             return 0
         mask = 0
         if sock is link.down:

@@ -16,7 +16,7 @@ from conftest import wait_for
 from faults import CuttingProxy, RawClient
 from test_parity import LAYERS, AioThread, make_client, make_host
 
-from socketengine import ConnectionClosed
+from socketengine import ConnectionClosed, HandshakeError
 
 H = 0.2  # heartbeat: a blackhole is noticed within 3·H
 
@@ -389,4 +389,33 @@ def test_a_request_fails_when_its_session_cannot_resume(layer: str, loop_thread:
         client.close()
         thread.join(10.0)
         assert len(outcome) == 1 and isinstance(outcome[0], ConnectionClosed)
+    host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_full_host_lets_a_resuming_client_take_its_old_seat(
+    layer: str, loop_thread: AioThread
+) -> None:
+    """max_clients=1 and the client's blackholed old link still holds the seat (the
+    host has not noticed: its heartbeat is slow): the client's resume takes the seat
+    over; a client that does not resume is still refused."""
+    host = make_host(layer, loop_thread, heartbeat=5.0, max_clients=1)
+    got: List[Any] = []
+    host.ep.on("n", lambda value, *rest: got.append(value))
+    with CuttingProxy(host.ep.port) as proxy:
+        client = make_client(layer, loop_thread, proxy.port, heartbeat=H, name="w")
+        wait_for(lambda: host.ep.clients(), 5.0, "the client at the host")
+        (old,) = host.ep.clients()
+        before = client.ep.reconnects
+        proxy.freeze()  # the old link is dead, new links pass
+        client.do("write", "n", 1)
+        wait_for(lambda: client.ep.reconnects > before, 10.0, "the resume")
+        assert old.engine.closed  # superseded by the resumed link
+        (new,) = host.ep.clients()
+        assert new is not old and new.name == "w"
+        client.do("write", "n", 2)
+        wait_for(lambda: got == [1, 2], 5.0, "the values, once each")
+        with pytest.raises(HandshakeError, match="max_clients=1"):
+            make_client(layer, loop_thread, host.ep.port, name="other", connect_timeout=5)
+        client.close()
     host.close()

@@ -224,6 +224,8 @@ class EndpointBase:
         self._resume = SessionTable(self.resume_window, limits.resume_sessions)
         self._held_table = self._resume
         self._admission = Admission(limits.max_clients, limits.max_pending)
+        # A full host refuses in the handshake, once it knows who resumes (protocol).
+        self._resume.admit = self._admission.seat
         # Departed clients whose values get_all() still reports (bounded, FIFO).
         self._departed: Departed[int, Any] = Departed(
             limits.keep_departed, limits.keep_departed_bytes

@@ -429,13 +429,22 @@ class Protocol:
 
     def _welcome(self, mac: Optional[bytes]) -> None:
         rs = None
-        if self.peer_resume and self.sessions is not None:
-            session, self.resumed = self.sessions.open(self.resume_sid, self.peer_name)
+        sessions = self.sessions
+        session = None
+        if self.peer_resume and sessions is not None:
+            session, self.resumed = sessions.open(self.resume_sid, self.peer_name)
             if not self.resumed:
                 self.peer_recv = 0  # a new session: nothing of it was received yet
             self.resume_session = session
             self.resume_sid = session.sid
             rs = [session.sid, session.recv if self.resumed else 0, self.resumed]
+        if not self.resumed and sessions is not None and sessions.admit is not None:
+            refusal = sessions.admit()  # a full host: only a resuming client gets in
+            if refusal is not None:
+                if session is not None:
+                    sessions.drop(session)
+                self.refuse(*refusal)
+                raise HandshakeError(f"refused {self.peer_name or 'a client'}: {refusal[0]}")
         info: Dict[str, Any] = self._announce({"id": self.session}, None, rs)
         if mac is not None:
             info["mac"] = mac

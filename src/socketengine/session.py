@@ -23,7 +23,7 @@ import hmac
 import logging
 import secrets
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .patterns import Interest
 from .sendqueue import Outgoing, SendQueue
@@ -156,6 +156,10 @@ class SessionTable:
         self.max_suspended = max_suspended
         self._live: Dict[bytes, Session] = {}
         self._suspended: OrderedDict[bytes, Session] = OrderedDict()
+        #: The host's seat check for a client that does not resume a session: why it
+        #: is refused (``(reason, code)``), or ``None``.  A resuming client takes over
+        #: the seat of its old link, so a full host still lets it back in.
+        self.admit: Optional[Callable[[], Optional[Tuple[str, str]]]] = None
 
     def __len__(self) -> int:
         return len(self._live) + len(self._suspended)

@@ -551,7 +551,11 @@ class Host(Endpoint):
         if self.stopped:
             return ("the host is closing", "closing")
         refusal, evicted = self._admission.arrive(
-            conn.session, conn.address[0], asyncio.get_running_loop().time(), self._said_hello
+            conn.session,
+            conn.address[0],
+            asyncio.get_running_loop().time(),
+            self._said_hello,
+            resumable=self.resume_window > 0,
         )
         if refusal is not None:
             return refusal

@@ -558,7 +558,11 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
             )
             conn = Connection(self, sock, protocol, address)
             refusal, evicted = self._admission.arrive(
-                protocol.session, address[0], time.monotonic(), self._said_hello
+                protocol.session,
+                address[0],
+                time.monotonic(),
+                self._said_hello,
+                resumable=self.resume_window > 0,
             )
             if refusal is not None:
                 conn.refuse(*refusal, linger=min(self.timeout, 2.0))
