@@ -60,6 +60,7 @@ class Session:
         "interest",
         "requests",
         "keep_requests",
+        "table",
         "_warned",
     )
 
@@ -88,17 +89,23 @@ class Session:
         #: :attr:`keep_requests` is set (a host; a client that reconnects).
         self.requests: Any = None
         self.keep_requests = True
+        #: The host's table that keeps this session (``None``: a client's session).
+        self.table: Optional[SessionTable] = None
         self._warned = False
 
     def suspend(self, interest: Optional[Interest]) -> None:
         """The link died (a loss, not a close): hold writes for the peer from now on."""
         self.held = True
         self.interest = interest
+        if self.table is not None:
+            self.table._held[self.sid] = self
 
     def release(self) -> None:
         """A new link adopted the session, or it was dropped: stop holding writes."""
         self.held = False
         self._warned = False
+        if self.table is not None:
+            self.table._held.pop(self.sid, None)
 
     def fail_requests(self, error: BaseException) -> None:
         """The session is over (expired, dropped, closed): requests waiting in it fail."""
@@ -160,6 +167,8 @@ class SessionTable:
         #: is refused (``(reason, code)``), or ``None``.  A resuming client takes over
         #: the seat of its old link, so a full host still lets it back in.
         self.admit: Optional[Callable[[], Optional[Tuple[str, str]]]] = None
+        # The held sessions (Session.suspend / release keep it): broadcasts read it.
+        self._held: Dict[bytes, Session] = {}
 
     def __len__(self) -> int:
         return len(self._live) + len(self._suspended)
@@ -171,11 +180,10 @@ class SessionTable:
     def held(self) -> List[Session]:
         """The sessions writes are held for now: those whose link died (suspended,
         or not yet handed to the table by the I/O layer) and resumed ones whose new
-        link has not adopted them yet.  O(sessions), like a broadcast."""
-        # list() first: the threaded host's loop thread may add sessions meanwhile.
-        out = [s for s in list(self._suspended.values()) if s.held]
-        out.extend(s for s in list(self._live.values()) if s.held)
-        return out
+        link has not adopted them yet.  O(held sessions): nothing when every client
+        is connected."""
+        held = self._held
+        return list(held.values()) if held else []
 
     def open(self, sid: Any, name: Optional[str]) -> Tuple[Session, bool]:
         """A client finished its handshake presenting ``sid`` (``b""``: none): its
@@ -196,6 +204,7 @@ class SessionTable:
                     )
                     break
         session = Session(secrets.token_bytes(SID_SIZE), name, None)
+        session.table = self
         self._live[session.sid] = session
         return session, False
 
@@ -241,3 +250,4 @@ class SessionTable:
             session.release()
         self._live.clear()
         self._suspended.clear()
+        self._held.clear()
