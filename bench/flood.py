@@ -99,16 +99,18 @@ def start_flooder(port: int, count: int, seconds: float, trickle: bool) -> subpr
     return subprocess.Popen(args, cwd=str(ROOT), stdout=subprocess.PIPE, text=True)
 
 
-def try_clients(port: int, tries: int, pause: float = 0.2) -> int:
-    """Connect ``tries`` times with the right token; how many got in."""
+def try_clients(port: int, tries: int, pause: float = 0.2, why: Optional[list] = None) -> int:
+    """Connect ``tries`` times with the right token; how many got in (the errors of
+    the others are appended to ``why``)."""
     from socketengine import Client, SocketEngineError
 
     got_in = 0
     for _ in range(tries):
         try:
             client = Client(port=port, token=TOKEN, connect_timeout=5, heartbeat=None)
-        except (SocketEngineError, OSError):
-            pass
+        except (SocketEngineError, OSError) as exc:
+            if why is not None:
+                why.append(f"{type(exc).__name__}: {exc}")
         else:
             got_in += 1
             client.close()
@@ -151,7 +153,8 @@ def run(
     try:
         proc = start_flooder(host.port, flood, 3.0 + tries * 0.6, trickle)
         time.sleep(2.0)  # let the flood reach its full size
-        got_in = try_clients(host.port, tries)
+        why: list = []
+        got_in = try_clients(host.port, tries, why=why)
         out, _ = proc.communicate(60)
     finally:
         host.close()
@@ -162,6 +165,7 @@ def run(
         "max_pending": max_pending,
         "tries": tries,
         "got_in": got_in,
+        "failures": why,
         **json.loads(out.strip().splitlines()[-1]),
     }
 

@@ -92,7 +92,17 @@ def _reset_close(sock: socket.socket) -> None:
 class _Link:
     """One client connection through the proxy and its upstream connection."""
 
-    __slots__ = ("down", "up", "to_up", "to_down", "eof_down", "eof_up", "draining", "deadline")
+    __slots__ = (
+        "down",
+        "up",
+        "to_up",
+        "to_down",
+        "eof_down",
+        "eof_up",
+        "draining",
+        "deadline",
+        "frozen",
+    )
 
     def __init__(self, down: socket.socket, up: Optional[socket.socket]) -> None:
         self.down = down  # accepted from the client
@@ -103,6 +113,7 @@ class _Link:
         self.eof_up = False  # the target half-closed
         self.draining = False  # cut cleanly: FIN sent both ways, reading until EOF
         self.deadline = 0.0
+        self.frozen = False  # blackholed alone (freeze()): nothing forwarded
 
     def sockets(self) -> List[socket.socket]:
         return [self.down] if self.up is None else [self.down, self.up]
@@ -174,25 +185,34 @@ class CuttingProxy:
                 raise TimeoutError(f"{self.links} links through the proxy, expected {n}")
             time.sleep(0.005)
 
-    def cut_close(self) -> int:
+    def cut_close(self, hold_new: bool = False) -> int:
         """Cut every link with a clean close: FIN to the client and to the target.
 
         Bytes held by the proxy are discarded; bytes the peers send afterwards are read
         and discarded until they hang up.  Ends a blackhole.  Returns the links cut.
+        ``hold_new``: connections accepted afterwards are held (not connected to the
+        target) until :meth:`resume`, as during a blackhole.
         """
-        return self._call_counted(self._cut_close)
+        return self._call_counted(lambda: self._held_after(self._cut_close(), hold_new))
 
-    def cut_reset(self) -> int:
-        """Cut every link with a TCP reset (SO_LINGER 0) to both peers.  Ends a blackhole."""
-        return self._call_counted(self._cut_reset)
+    def cut_reset(self, hold_new: bool = False) -> int:
+        """Cut every link with a TCP reset (SO_LINGER 0) to both peers.  Ends a blackhole.
+        ``hold_new`` as for :meth:`cut_close`."""
+        return self._call_counted(lambda: self._held_after(self._cut_reset(), hold_new))
 
-    def cut(self, mode: str = "close") -> int:
+    def cut(self, mode: str = "close", hold_new: bool = False) -> int:
         """``cut_close()`` for ``mode="close"``, ``cut_reset()`` for ``mode="reset"``."""
         if mode == "close":
-            return self.cut_close()
+            return self.cut_close(hold_new)
         if mode == "reset":
-            return self.cut_reset()
+            return self.cut_reset(hold_new)
         raise ValueError(f"mode must be 'close' or 'reset', not {mode!r}")
+
+    def _held_after(self, n: int, hold_new: bool) -> int:
+        if hold_new:  # every link is cut (draining): only new ones are held
+            self.blackholed = True
+            self._hold_new = True
+        return n
 
     def cut_after(
         self, up: Optional[int] = None, down: Optional[int] = None, mode: str = "reset"
@@ -232,11 +252,25 @@ class CuttingProxy:
         self._hold_new = new_links
         self._call(do)
 
+    def freeze(self) -> None:
+        """Blackhole only the links open now: nothing forwarded on them, nothing closed;
+        links accepted afterwards work normally (a client's old link is dead while its
+        new one is fine).  :meth:`resume` ends it."""
+
+        def do() -> None:
+            for link in self._links:
+                link.frozen = True
+            self._update_all()
+
+        self._call(do)
+
     def resume(self) -> None:
         """End a blackhole: forward again what was held, connect held links upstream."""
 
         def do() -> None:
             self.blackholed = False
+            for link in self._links:
+                link.frozen = False
             for link in list(self._links):
                 if link.up is None and not link.draining:
                     self._connect_up(link)
@@ -479,7 +513,7 @@ class CuttingProxy:
         if link.draining:
             eof = link.eof_down if sock is link.down else link.eof_up
             return 0 if eof else selectors.EVENT_READ
-        if self.blackholed or link.up is None:
+        if self.blackholed or link.up is None or link.frozen:
             return 0
         mask = 0
         if sock is link.down:

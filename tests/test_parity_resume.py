@@ -16,6 +16,8 @@ from conftest import wait_for
 from faults import CuttingProxy, RawClient
 from test_parity import LAYERS, AioThread, make_client, make_host
 
+from socketengine import ConnectionClosed, HandshakeError
+
 H = 0.2  # heartbeat: a blackhole is noticed within 3·H
 
 
@@ -172,4 +174,248 @@ def test_a_client_without_resume_is_served_as_before(layer: str, loop_thread: Ai
         wait_for(lambda: host.do("get", "n") == 99, 5.0, "the old client's values")
         (conn,) = host.ep.clients()
         assert conn.engine.session is None and not conn.engine.queue.numbered
+    host.close()
+
+
+def _link_down(proxy: CuttingProxy, kind: str, host: Any) -> None:
+    """Cut the client's link and keep it from reconnecting until ``proxy.resume()``;
+    return once the host noticed (the client is no longer among its clients)."""
+    if kind == "blackhole":
+        proxy.blackhole(new_links=True)
+    else:
+        proxy.cut(kind, hold_new=True)
+    wait_for(lambda: not host.ep.clients(), 10.0, f"the host noticing the {kind}")
+
+
+def _conn_write(layer: str, loop_thread: AioThread, conn: Any, *args: Any) -> None:
+    if layer == "sync":
+        conn.write(*args)
+    else:
+        loop_thread.run(conn.write(*args))
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("kind", ["close", "reset", "blackhole"])
+def test_writes_for_a_client_whose_link_is_down_wait_for_its_resume(
+    layer: str, kind: str, loop_thread: AioThread
+) -> None:
+    """write_all and conn.write while the host knows the client's link is down (and
+    client writes while the client knows it): all delivered on resume, in order,
+    once."""
+    n = 300
+    host = make_host(layer, loop_thread, heartbeat=H)
+    at_client: List[Any] = []
+    at_host: List[Any] = []
+    host.ep.on("up", lambda value, *rest: at_host.append(value))
+    with CuttingProxy(host.ep.port) as proxy:
+        client = make_client(layer, loop_thread, proxy.port, heartbeat=H, name="w")
+        client.ep.on("n", lambda value, *rest: at_client.append(value))
+        wait_for(lambda: host.ep.clients(), 5.0, "the client at the host")
+        (conn,) = host.ep.clients()
+        assert host.do("write_all", "n", -1) == 1
+        wait_for(lambda: at_client == [-1], 5.0, "a first value")
+        before = client.ep.reconnects
+        _link_down(proxy, kind, host)
+        for i in range(n):
+            assert host.do("write_all", "n", i) == 1  # held for the client
+        _conn_write(layer, loop_thread, conn, "n", n)  # the old connection: held too
+        wait_for(lambda: not client.ep.connected, 10.0, "the client noticing")
+        for i in range(n):
+            client.do("write", "up", i)  # the client's own queue holds these
+        proxy.resume()
+        wait_for(lambda: client.ep.reconnects > before, 10.0, "the resume")
+        wait_for(lambda: len(at_client) >= n + 2, 10.0, "the held values")
+        wait_for(lambda: len(at_host) >= n, 10.0, "the client's values")
+        assert host.do("write_all", "n", "after") == 1
+        wait_for(lambda: len(at_client) >= n + 3, 5.0, "a value after the resume")
+        (new,) = host.ep.clients()
+        assert new is not conn and new.stats()["resume_lost"] == 0
+        client.close()
+    host.close()
+    assert at_client == [-1, *range(n + 1), "after"]
+    assert at_host == list(range(n))
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_held_writes_are_bounded_and_images_conflate(layer: str, loop_thread: AioThread) -> None:
+    """While a link is down the session holds at most max_buffer bytes (the rest is
+    counted in resume_lost); image frames held for it conflate to the newest."""
+    np = pytest.importorskip("numpy")
+    host = make_host(layer, loop_thread, heartbeat=H, max_buffer=64 * 1024)
+    at_client: List[Any] = []
+    images: List[int] = []
+    with CuttingProxy(host.ep.port) as proxy:
+        client = make_client(layer, loop_thread, proxy.port, heartbeat=H, name="w")
+        client.ep.on("n", lambda value, *rest: at_client.append(value[0]))
+        client.ep.on("img", lambda img, *rest: images.append(int(img[0, 0])))
+        wait_for(lambda: host.ep.clients(), 5.0, "the client at the host")
+        before = client.ep.reconnects
+        _link_down(proxy, "reset", host)
+        for i in range(10):
+            host.do("write_image_all", np.full((4, 4), i, np.uint8), "img")
+        payload = b"x" * 4000
+        held = sum(host.do("write_all", "n", [i, payload]) for i in range(40))
+        assert 5 < held < 40  # 64 KiB hold about 16 of them
+        proxy.resume()
+        wait_for(lambda: client.ep.reconnects > before, 10.0, "the resume")
+        wait_for(lambda: len(at_client) >= held and images, 10.0, "the held values")
+        (conn,) = host.ep.clients()
+        assert conn.stats()["resume_lost"] == 40 - held
+        assert host.do("write_all", "n", [99, b""]) == 1
+        wait_for(lambda: at_client[-1:] == [99], 5.0, "a value after the resume")
+        client.close()
+    host.close()
+    assert at_client == [*range(held), 99]  # the first ones, in order, once
+    assert images == [9]  # the newest frame only
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("acked", [False, True])
+def test_a_flush_during_a_reconnection_waits_for_the_resume(
+    layer: str, acked: bool, loop_thread: AioThread
+) -> None:
+    host = make_host(layer, loop_thread, heartbeat=H)
+    with CuttingProxy(host.ep.port) as proxy:
+        client = make_client(layer, loop_thread, proxy.port, heartbeat=H, name="w")
+        client.do("write", "n", 0)
+        wait_for(lambda: host.do("get", "n") == 0, 5.0, "a first value")
+        proxy.blackhole(new_links=True)
+        wait_for(lambda: not client.ep.connected, 10.0, "the client noticing")
+        client.do("write", "n", 1)  # kept for the next link
+        outcome: List[Any] = []
+
+        def flush() -> None:
+            try:
+                client.do("flush", 10.0, acked=acked)
+                outcome.append("flushed")
+            except Exception as exc:  # reported by the assertion below
+                outcome.append(exc)
+
+        thread = threading.Thread(target=flush, daemon=True)
+        thread.start()
+        if layer == "sync":  # the flush waits on the client's link condition
+            wait_for(lambda: client.ep._link_lock._waiters, 5.0, "the flush waiting")  # type: ignore[attr-defined]
+        else:
+            wait_for(lambda: client.ep._outbox_waiters, 5.0, "the flush waiting")
+        proxy.resume()
+        thread.join(15.0)
+        assert outcome == ["flushed"]
+        if acked:
+            assert host.do("get", "n") == 1  # stored before the flush returned
+        wait_for(lambda: host.do("get", "n") == 1, 5.0, "the value kept meanwhile")
+        client.close()
+    host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("what", ["request", "ack"])
+def test_a_request_or_an_acked_write_survives_a_cut(
+    layer: str, what: str, loop_thread: AioThread
+) -> None:
+    """A request: the link dies after the host's handler ran and before the reply
+    reached the client.  An acked write: the value and its SYNC go into a dead link.
+    On resume the frames are replayed, the answer arrives, the call returns, and the
+    handler ran once."""
+    host = make_host(layer, loop_thread, heartbeat=H)
+    calls: List[Any] = []
+    with CuttingProxy(host.ep.port) as proxy:
+
+        def handler(value: Any, *rest: Any) -> Any:
+            if what == "request":
+                proxy.blackhole(new_links=True)  # the reply goes into a dead link
+            calls.append(value)
+            return value * 2
+
+        host.ep.on("q", handler)
+        # The client notices a dead link within 3 s: the acked write starts before.
+        beat = H if what == "request" else 1.0
+        client = make_client(layer, loop_thread, proxy.port, heartbeat=beat, name="w")
+        wait_for(lambda: host.ep.clients(), 5.0, "the client at the host")
+        before = client.ep.reconnects
+        outcome: List[Any] = []
+        if what == "ack":
+            proxy.blackhole(new_links=True)
+
+        def call() -> None:
+            try:
+                if what == "request":
+                    outcome.append(client.do("request", "q", 21, timeout=15.0))
+                else:
+                    client.do("write", "q", 21, ack=True, timeout=15.0)
+                    outcome.append("acked")
+            except Exception as exc:  # reported by the assertion below
+                outcome.append(exc)
+
+        thread = threading.Thread(target=call, daemon=True)
+        thread.start()
+        if what == "request":
+            wait_for(lambda: calls, 5.0, "the handler")
+        wait_for(lambda: not host.ep.clients(), 10.0, "the host noticing")
+        wait_for(lambda: not client.ep.connected, 10.0, "the client noticing")
+        assert not outcome  # still waiting, not failed
+        proxy.resume()
+        wait_for(lambda: client.ep.reconnects > before, 10.0, "the resume")
+        thread.join(15.0)
+        assert outcome == ([42] if what == "request" else ["acked"])
+        client.close()
+    host.close()
+    assert calls == [21]  # once
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_request_fails_when_its_session_cannot_resume(layer: str, loop_thread: AioThread) -> None:
+    """The client closes while its link is down: the request waiting for the resume
+    fails at once (never hangs)."""
+    host = make_host(layer, loop_thread, heartbeat=H)
+    with CuttingProxy(host.ep.port) as proxy:
+
+        def handler(value: Any, *rest: Any) -> Any:
+            proxy.blackhole(new_links=True)
+            return value
+
+        host.ep.on("q", handler)
+        client = make_client(layer, loop_thread, proxy.port, heartbeat=H, name="w")
+        outcome: List[Any] = []
+
+        def call() -> None:
+            try:
+                outcome.append(client.do("request", "q", 1, timeout=None))
+            except Exception as exc:  # the expected outcome
+                outcome.append(exc)
+
+        thread = threading.Thread(target=call, daemon=True)
+        thread.start()
+        wait_for(lambda: not client.ep.connected, 10.0, "the client noticing")
+        client.close()
+        thread.join(10.0)
+        assert len(outcome) == 1 and isinstance(outcome[0], ConnectionClosed)
+    host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_full_host_lets_a_resuming_client_take_its_old_seat(
+    layer: str, loop_thread: AioThread
+) -> None:
+    """max_clients=1 and the client's blackholed old link still holds the seat (the
+    host has not noticed: its heartbeat is slow): the client's resume takes the seat
+    over; a client that does not resume is still refused."""
+    host = make_host(layer, loop_thread, heartbeat=5.0, max_clients=1)
+    got: List[Any] = []
+    host.ep.on("n", lambda value, *rest: got.append(value))
+    with CuttingProxy(host.ep.port) as proxy:
+        client = make_client(layer, loop_thread, proxy.port, heartbeat=H, name="w")
+        wait_for(lambda: host.ep.clients(), 5.0, "the client at the host")
+        (old,) = host.ep.clients()
+        before = client.ep.reconnects
+        proxy.freeze()  # the old link is dead, new links pass
+        client.do("write", "n", 1)
+        wait_for(lambda: client.ep.reconnects > before, 10.0, "the resume")
+        assert old.engine.closed  # superseded by the resumed link
+        (new,) = host.ep.clients()
+        assert new is not old and new.name == "w"
+        client.do("write", "n", 2)
+        wait_for(lambda: got == [1, 2], 5.0, "the values, once each")
+        with pytest.raises(HandshakeError, match="max_clients=1"):
+            make_client(layer, loop_thread, host.ep.port, name="other", connect_timeout=5)
+        client.close()
     host.close()

@@ -19,11 +19,13 @@ from socketengine import frames
 from socketengine.errors import (
     AuthenticationError,
     HandshakeError,
+    HostBusy,
     MessageTooBig,
     ProtocolError,
 )
 from socketengine.frames import Frame, FrameDecoder
 from socketengine.protocol import Protocol, Role, State, token_bytes
+from socketengine.state import Admission
 
 FAST = settings(max_examples=100, deadline=None)
 
@@ -270,6 +272,19 @@ def test_host_refuse_reaches_the_client_as_handshake_error() -> None:
     with pytest.raises(HandshakeError, match="too many clients") as info:
         lk.client.events()
     assert not isinstance(info.value, AuthenticationError)
+    assert not isinstance(info.value, HostBusy)
+
+
+def test_a_busy_refusal_is_host_busy_which_open_retries() -> None:
+    """REFUSE "busy" (a handshake evicted under a flood, max_pending) is transient:
+    :class:`HostBusy`, a :class:`HandshakeError` that a client's open() tries again."""
+    lk = link()
+    deliver(lk.host, lk.client.data_to_send())
+    lk.host.decoder.take()
+    lk.host.refuse(*Admission.busy(128))
+    deliver(lk.client, lk.host.data_to_send())
+    with pytest.raises(HostBusy, match="max_pending"):
+        lk.client.events()
 
 
 # -- protocol violations -------------------------------------------------------------------

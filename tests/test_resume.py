@@ -15,8 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from socketengine import frames
+from socketengine import requests as requests_mod
 from socketengine.engine import ConnectionEngine, ConnState
-from socketengine.errors import ProtocolError
+from socketengine.errors import ConnectionClosed, ProtocolError
 from socketengine.protocol import Protocol, Role
 from socketengine.sendqueue import SendQueue, rack_frame, skip_frame
 from socketengine.session import ACK_EVERY, Session, SessionTable
@@ -380,3 +381,151 @@ def test_an_expired_session_is_not_resumed() -> None:
     assert table.expire(10.0) == [session]
     again, resumed = table.open(session.sid, "c")
     assert not resumed and again is not session
+
+
+def _hold(session: Session, values: List[Any], channel: str = "n") -> List[bool]:
+    out = []
+    for v in values:
+        item = frames.value_item(channel, v)
+        if isinstance(item, bytes):
+            out.append(session.hold(item, len(item)))
+        else:
+            out.append(session.hold(item[0], item[1]))
+    return out
+
+
+def test_writes_held_while_the_link_is_down_follow_the_replay_in_order() -> None:
+    pair = Pair()
+    _write(pair.host, list(range(10)))
+    pair.cut(0, 40)  # the client got a few of them
+    hs = pair.host.session
+    assert hs is not None and hs.held and pair.table.held() == [hs]
+    assert all(_hold(hs, list(range(10, 20))))
+    pair.connect()  # adopt() stops holding: writes go to the new link
+    assert not hs.held and pair.table.held() == []
+    _write(pair.host, [20])
+    pair.exchange()
+    assert pair.at_client == list(range(21))
+
+
+def test_held_writes_are_bounded_by_max_buffer_and_counted_lost() -> None:
+    pair = Pair(max_buffer=4096)
+    pair.cut(0, 0)
+    hs = pair.host.session
+    assert hs is not None
+    taken = _hold(hs, [[i, b"x" * 1000] for i in range(10)])
+    kept = taken.count(True)
+    assert 0 < kept < 10 and taken == [True] * kept + [False] * (10 - kept)
+    assert hs.lost == 10 - kept
+    image = frames.value_frame(frames.DATA, "img", b"x" * 2000, flags=frames.FLAG_IMAGE)
+    assert not hs.hold(image[0], image[1], "img")  # full: a new image channel too
+    pair.connect()
+    pair.exchange()
+    assert [v[0] for v in pair.at_client] == list(range(kept))
+
+
+def test_a_dropped_or_expired_session_holds_nothing() -> None:
+    table = SessionTable(10.0, 1)
+    a, _ = table.open(b"", "a")
+    b, _ = table.open(b"", "b")
+    for s in (a, b):
+        s.queue = SendQueue(1 << 20)
+        s.suspend(None)
+    assert table.held() == [a, b]  # b: its link died, not handed to the table yet
+    table.suspend(a, 0.0)
+    assert table.suspend(b, 1.0) == [a] and not a.held  # over resume_sessions
+    assert table.expire(11.0) == [b] and not b.held
+    assert table.held() == []
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.result: Any = None
+        self.error: Optional[BaseException] = None
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, result: Any) -> None:
+        self.result, self._done = result, True
+
+    def set_exception(self, exception: BaseException) -> None:
+        self.error, self._done = exception, True
+
+
+def _of_type(received: List[frames.Frame], ftype: int) -> List[frames.Frame]:
+    return [f for f in received if f.type == ftype]
+
+
+def test_a_request_and_its_reply_cross_two_cuts_exactly_once() -> None:
+    """With "rq" both ways, REQUEST and REPLY frames are sequenced: replayed after a
+    cut, never duplicated; the pending request survives the link change."""
+    pair = Pair()
+    assert pair.client.protocol.peer_rq and pair.host.protocol.peer_rq
+    sink = _Sink()
+    table = pair.client.requests
+    rid = table.open(sink)
+    parts, nbytes = frames.value_frame(frames.REQUEST, "q", 21, fid=rid)
+    pair.client.queue.push(parts, nbytes)
+    pair.cut(0, 0)  # the request never reached the host
+    assert not sink.done()
+    pair.connect()
+    assert pair.client.requests is table  # the table continues on the new link
+    got = _feed(pair.host, _wire(pair.client))
+    requests = _of_type(got, frames.REQUEST)
+    assert [f.id for f in requests] == [rid]
+    reply, size, _ = requests_mod.reply_frame("q", rid, 42, None)
+    pair.host.queue.push(reply, size)
+    pair.cut(0, 0)  # the reply never reached the client
+    pair.connect()
+    received = _feed(pair.client, _wire(pair.host))
+    assert _of_type(_feed(pair.host, _wire(pair.client)), frames.REQUEST) == []  # not again
+    replies = _of_type(received, frames.REPLY)
+    assert len(replies) == 1
+    pair.client.control(replies[0])
+    assert sink.done() and sink.result == 42
+
+
+def test_a_sync_is_acknowledged_across_a_cut() -> None:
+    pair = Pair()
+    sink = _Sink()
+    rid = pair.client.requests.open(sink)
+    _write(pair.client, [1, 2])
+    sync = pair.client.sync_frame(rid)
+    pair.client.queue.push([sync], len(sync))
+    got = _feed(pair.host, _wire(pair.client))
+    for frame in _of_type(got, frames.SYNC):
+        pair.host.control(frame)
+    acks = pair.host.take_acks()
+    assert len(acks) == 1
+    pair.host.queue.push([acks[0]], len(acks[0]))
+    pair.cut(0, 0)  # the ACK is lost with the link
+    pair.connect()
+    for frame in _of_type(_feed(pair.client, _wire(pair.host)), frames.ACK):
+        pair.client.control(frame)
+    assert sink.done() and sink.result is True
+
+
+def test_requests_fail_when_the_session_is_lost() -> None:
+    """A restarted host (a new session): a request kept across the cut fails with
+    ConnectionClosed, it is not sent again."""
+    pair = Pair()
+    sink = _Sink()
+    rid = pair.client.requests.open(sink)
+    parts, nbytes = frames.value_frame(frames.REQUEST, "q", 1, fid=rid)
+    pair.client.queue.push(parts, nbytes)
+    pair.cut(0, 0)
+    assert not sink.done()
+    pair.table = SessionTable(60.0, 8)
+    pair.connect()
+    assert isinstance(sink.error, ConnectionClosed)
+
+
+def test_a_client_that_does_not_reconnect_fails_its_requests_with_the_link() -> None:
+    pair = Pair()
+    pair.session.keep_requests = False
+    sink = _Sink()
+    pair.client.requests.open(sink)
+    pair.cut(0, 0)
+    assert isinstance(sink.error, ConnectionClosed)

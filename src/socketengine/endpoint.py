@@ -10,12 +10,13 @@ from __future__ import annotations
 import itertools
 import logging
 import ssl
+import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar, Union
 
 from . import codec, compression, frames, images
 from .engine import ConnectionEngine, ConnState
-from .errors import EndpointClosed
+from .errors import ConnectionClosed, EndpointClosed
 from .limits import HostLimits, check_compression, check_settings, check_shm
 from .peer import PeerView
 from .relay import RelayPolicy, RelaySpec, WritersSpec
@@ -41,6 +42,8 @@ class EndpointBase:
     _gateway: Any = None
     _audience_epoch = 0
     _audience_seen: Optional[Tuple[Any, bool, int]] = None
+    #: A host's sessions whose writes may be held (``None``: a client).
+    _held_table: Optional[SessionTable] = None
 
     def _init_endpoint(
         self,
@@ -86,6 +89,11 @@ class EndpointBase:
         self._request_hooks: Tuple[RequestHook, ...] = ()
         #: A relaying host's policy (``relay=``); ``None``: nothing is relayed.
         self._relay: Optional[RelayPolicy] = None
+        # Held sessions (hosts): a link's death and its session's suspension, a resume's
+        # adoption, and a broadcast's choice of live links and held sessions happen
+        # under it, so a write is queued on exactly one of them (threaded layer; the
+        # asyncio layer takes it uncontended).
+        self._held_lock = threading.RLock()
 
     # -- compression (opt-in, protocol 1.1 "z") ----------------------------------------
 
@@ -235,7 +243,10 @@ class EndpointBase:
         self.resume_sessions = limits.resume_sessions
         # Resumable sessions (protocol 1.2): live ones, and lost ones kept for a while.
         self._resume = SessionTable(self.resume_window, limits.resume_sessions)
+        self._held_table = self._resume
         self._admission = Admission(limits.max_clients, limits.max_pending)
+        # A full host refuses in the handshake, once it knows who resumes (protocol).
+        self._resume.admit = self._admission.seat
         # Departed clients whose values get_all() still reports (bounded, FIFO).
         self._departed: Departed[int, Any] = Departed(
             limits.keep_departed, limits.keep_departed_bytes
@@ -266,13 +277,56 @@ class EndpointBase:
         if old is not None and old is not conn and not old.engine.closed:
             logger.info("%r: %r resumed its session on a new link", self, conn)
             self._supersede(old)
-        conn._adopt(session.queue)
+        with self._held_lock:
+            conn._adopt(session.queue)
+
+    def _hold(self, conn: Any, parts: Any, nbytes: int, image: Optional[str]) -> Optional[bool]:
+        """A write to ``conn`` whose link is down: queued into its held session (True),
+        lost because the session already holds ``max_buffer`` (False; counted and
+        logged), or ``None`` when no session is held for it (the caller raises
+        :class:`ConnectionClosed`)."""
+        session = conn.engine.session
+        if session is None or not session.held or self._held_table is None:
+            return None
+        with self._held_lock:
+            if not session.held:
+                return None
+            return session.hold(parts, nbytes, image)
+
+    def _hold_all(
+        self, parts: Any, nbytes: int, image: Optional[str], channel: str, exclude: Any = None
+    ) -> int:
+        """A broadcast on ``channel``: queue it into every held session that wants it
+        (a client whose link is down, until it resumes); returns into how many.  Call
+        with ``_held_lock``."""
+        table = self._held_table
+        if table is None:
+            return 0
+        skip = None if exclude is None else exclude.engine.session
+        held = 0
+        for session in table.held():
+            if session is not skip and session.wants(channel):
+                held += session.hold(parts, nbytes, image)
+        return held
+
+    def _hold_value(self, channel: str, data: Any) -> int:
+        """A broadcast sent compressed to live clients: held sessions get it plain
+        (their next link may announce other codecs); returns into how many.  Call
+        with ``_held_lock``."""
+        table = self._held_table
+        if table is None or not table.held():
+            return 0
+        encoded = frames.value_item(channel, data)
+        if type(encoded) is bytes:
+            return self._hold_all(encoded, len(encoded), None, channel)
+        return self._hold_all(encoded[0], encoded[1], None, channel)
 
     def _expire_sessions(self) -> None:
         """Forget lost sessions older than ``resume_window`` (at every accepted and every
         closed connection, so a resume never finds one)."""
         if len(self._resume):
-            self._resume_expired(self._resume.expire(time.monotonic()))
+            with self._held_lock:
+                self._resume_expired(self._resume.expire(time.monotonic()))
 
     def _mark_gaps(self) -> None:
         """A link was lost: every open subscription records a gap (each layer)."""
@@ -291,16 +345,20 @@ class EndpointBase:
         (at most ``resume_window`` s, ``resume_sessions`` of them), else forget it."""
         table = self._resume
         now = time.monotonic()
-        self._resume_expired(table.expire(now))
-        session = conn.engine.session
-        if session is None or session.owner not in (conn, None):
-            return  # no session, or a newer link carries it now
-        if conn.engine.resumable and not self.stopped:
-            self._resume_expired(table.suspend(session, now))
-        else:
-            table.drop(session)
-            if session.queue is not None:
-                session.queue.clear()
+        with self._held_lock:
+            self._resume_expired(table.expire(now))
+            session = conn.engine.session
+            if session is None or session.owner not in (conn, None):
+                return  # no session, or a newer link carries it now
+            if conn.engine.resumable and not self.stopped:
+                self._resume_expired(table.suspend(session, now))
+            else:
+                table.drop(session)
+                if session.queue is not None:
+                    session.queue.clear()
+                session.fail_requests(
+                    ConnectionClosed(f"{conn._peer()} closed before it answered (closed)")
+                )
 
     def _resume_expired(self, sessions: List[Any]) -> None:
         """Lost sessions that were not resumed in time: what they held is dropped."""
@@ -319,6 +377,12 @@ class EndpointBase:
                 )
             if queue is not None:
                 queue.clear()
+            session.fail_requests(
+                ConnectionClosed(
+                    f"the session of client {session.name!r} was not resumed in time "
+                    f"(resume_window={self.resume_window:g} s) before it answered"
+                )
+            )
 
     # -- the browser monitor (hosts) --------------------------------------------------
 

@@ -28,8 +28,9 @@ Rules owned here, once:
 * resume (protocol 1.2, :attr:`session`): counting the peer's sequenced frames,
   acknowledging them (RACK: every ``ACK_EVERY`` frames, after a read holding a
   data section, and on every :meth:`tick`), applying its acknowledgements, keeping the
-  queue when the link is lost rather than closed (:meth:`finish`) and replaying it on
-  the next link (:meth:`adopt`).
+  queue when the link is lost rather than closed (:meth:`finish`; writes for the peer
+  are held in it meanwhile, :meth:`Session.hold`) and replaying it on the next link
+  (:meth:`adopt`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from .frames import Frame
 from .patterns import Interest
 from .protocol import Protocol
 from .requests import ReplySink, RequestTable
-from .sendqueue import BATCH_MAX, ImageHook, SendQueue, rack_frame
+from .sendqueue import BATCH_MAX, SEQ_ALL, SEQ_VALUES, ImageHook, SendQueue, rack_frame
 from .session import ACK_EVERY, Session
 
 __all__ = ["ConnState", "Tick", "ConnectionEngine", "BYE_FRAME"]
@@ -130,6 +131,8 @@ class ConnectionEngine:
         self.error: Optional[BaseException] = None
         self.last_recv = self.last_send = self.last_ping = now
         self._out: List[bytes] = []  # frames the engine itself answers with (ACK)
+        # ACK frames when they are sequenced ("rq"): each goes to the send queue alone.
+        self._acks: List[bytes] = []
         #: The channels the peer wants from broadcasts (``None``: every channel).
         self.interest: Optional[Interest] = None
         #: The resumable session this connection carries (protocol 1.2), set when the
@@ -216,9 +219,10 @@ class ConnectionEngine:
         count = 0
         large = False
         strip = False
+        sequenced = self.queue.sequenced
         for frame in received:
             t = frame.type
-            if t == _DATA or t == _BATCH:
+            if t in sequenced:
                 count += 1
                 if frame.data is not None:
                     large = True
@@ -258,21 +262,36 @@ class ConnectionEngine:
         queue = self.queue
         session = self.session
         lost = 0
+        resumed = False
         if old is not None and old is not queue:
             old.detach()
             if session is not None and self.protocol.resumed:
                 try:
                     lost = old.rewind(self.protocol.peer_recv)
+                    resumed = True
                 except ProtocolError as exc:
                     logger.warning("%s: cannot resume (%s): sending again", self.peer, exc)
                     lost = old.restart()
             else:
                 lost = old.restart()
-            numbered = queue.numbered
+            numbered, sequenced = queue.numbered, queue.sequenced
             queue.take_over(old)
-            queue.numbered = numbered
+            queue.numbered, queue.sequenced = numbered, sequenced
         if session is not None:
+            kept = session.requests
+            if kept is not None and kept is not self.requests:
+                if resumed and self.protocol.peer_rq:
+                    self.requests = kept  # their frames were replayed: answers come here
+                else:
+                    session.fail_requests(
+                        ConnectionClosed(
+                            f"the session with {self.peer} was lost (the peer restarted, or "
+                            "it expired) before it answered"
+                        )
+                    )
+            session.requests = self.requests
             session.queue = queue
+            session.release()  # writes go to this link from now on
             if lost:
                 session.lost += lost
         if self.opening and self.state is ConnState.HANDSHAKE:
@@ -311,6 +330,7 @@ class ConnectionEngine:
             session.acked_out = session.recv  # the peer learnt it in the handshake
             self.session = session
             self.queue.numbered = True
+            self.queue.sequenced = SEQ_ALL if protocol.peer_rq else SEQ_VALUES
         # Large data sections through shared memory (same machine, same user).
         self.queue.shm = protocol.shm_writer
 
@@ -326,7 +346,11 @@ class ConnectionEngine:
             return True
         if t == frames.SYNC:
             # Everything the peer sent before it is stored: say so, in order.
-            self._out.append(_pack_header(frames.ACK, 0, 0, frame.id, 0, 0))
+            ack = _pack_header(frames.ACK, 0, 0, frame.id, 0, 0)
+            if frames.ACK in self.queue.sequenced and self.session is not None:
+                self._acks.append(ack)  # numbered: through the send queue (take_acks)
+            else:
+                self._out.append(ack)
             return False
         if t == frames.ACK:
             self.requests.acknowledge(frame.id)
@@ -385,6 +409,13 @@ class ConnectionEngine:
         if self.bye_sent or self.state is ConnState.CLOSED:
             return b""
         return out
+
+    def take_acks(self) -> List[bytes]:
+        """ACK frames to push into the send queue, one entry each (requests are
+        sequenced, ``"rq"``: they are numbered and replayed like values).  Pushed also
+        when the link is down: the queue then waits for the resume."""
+        acks, self._acks = self._acks, []
+        return acks
 
     def sync_frame(self, rid: int) -> bytes:
         """A SYNC frame: the peer answers ACK ``rid`` once it has stored everything sent
@@ -461,12 +492,22 @@ class ConnectionEngine:
         if error is not None and self.error is None:
             self.error = error
         self._to(ConnState.CLOSED)
+        session = self.session
         if self.resumable:
             self.queue.detach()  # kept for the next link (adopt)
+            assert session is not None
+            session.suspend(self.interest)  # writes for the peer wait in it
+            if session.keep_requests and self.protocol.peer_rq:
+                # Sequenced: the request frames are replayed on the next link and the
+                # answers arrive there (adopt); failed only if the session is lost.
+                session.requests = self.requests
+                self._closed_transport()
+                return
         else:
             self.queue.clear()
-        self.queue.shm = None
-        self.protocol.close_shm()
+        self._closed_transport()
+        if session is not None and session.requests is self.requests:
+            session.requests = None
         if len(self.requests):
             self.requests.fail_all(
                 ConnectionClosed(
@@ -474,6 +515,10 @@ class ConnectionEngine:
                     f"({self.error or 'closed'})"
                 )
             )
+
+    def _closed_transport(self) -> None:
+        self.queue.shm = None
+        self.protocol.close_shm()
 
     # -- time -----------------------------------------------------------------------------
 

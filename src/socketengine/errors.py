@@ -15,6 +15,7 @@ plain sockets keeps working::
     └── SocketEngineConnectionError (also a SocketEngineError)
         ├── ConnectTimeout       ``connect_timeout`` elapsed before the host accepted
         ├── HandshakeError       the peer is not a compatible socketengine endpoint
+        │   └── HostBusy         the host gave up on this handshake (max_pending): retry
         ├── AuthenticationError  the shared-secret token did not match
         └── ConnectionClosed     the connection to the peer is gone
 """
@@ -32,6 +33,7 @@ __all__ = [
     "SocketEngineConnectionError",
     "ConnectTimeout",
     "HandshakeError",
+    "HostBusy",
     "AuthenticationError",
     "ConnectionClosed",
 ]
@@ -82,6 +84,13 @@ class ConnectTimeout(SocketEngineConnectionError, TimeoutError):
 
 class HandshakeError(SocketEngineConnectionError):
     """The peer did not complete a socketengine handshake (wrong protocol, TLS mismatch, ...)."""
+
+
+class HostBusy(HandshakeError):
+    """The host gave up on this handshake because newer connections kept arriving
+    before it completed (``max_pending``, e.g. under a flood of connections that never
+    finish theirs).  Transient: a client's ``open()`` / ``start()`` tries again, with
+    backoff, until its ``connect_timeout``; reconnections retry anyway."""
 
 
 class AuthenticationError(HandshakeError):

@@ -27,7 +27,7 @@ import os
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from . import codec, compression, frames, shm
-from .errors import AuthenticationError, HandshakeError, ProtocolError
+from .errors import AuthenticationError, HandshakeError, HostBusy, ProtocolError
 from .frames import Frame
 from .limits import MAX_NAME_BYTES, PRE_HANDSHAKE_MAX
 from .patterns import Interest
@@ -158,6 +158,9 @@ class Protocol:
         self.resume_sid = b""
         #: The peer's count of sequenced frames received, from HELLO / WELCOME.
         self.peer_recv = 0
+        #: Both sides announced ``"rq"`` with ``"rs"``: requests, replies, SYNC and ACK
+        #: frames are sequenced (numbered and replayed) too.
+        self.peer_rq = False
         #: The handshake resumed an earlier session (else a new one starts at 0).
         self.resumed = False
         #: The session this connection carries (host role: opened or resumed at
@@ -233,6 +236,8 @@ class Protocol:
             out["z"] = z
         if rs is not None:
             out["rs"] = rs
+            if self.role is Role.CLIENT or self.peer_rq:
+                out["rq"] = True
         if self.role is Role.CLIENT and self._shm_threshold is not None:
             ident = shm.announce()
             if ident is not None:
@@ -360,8 +365,11 @@ class Protocol:
         if t == frames.REFUSE:
             reason = str(_meta(frame).get("reason", "refused"))
             self.state = State.CLOSED
-            if _meta(frame).get("code") == "auth":
+            code = _meta(frame).get("code")
+            if code == "auth":
                 raise AuthenticationError(f"the host refused the token: {reason}")
+            if code == "busy":
+                raise HostBusy(f"the peer refused the connection: {reason}")
             raise HandshakeError(f"the peer refused the connection: {reason}")
         if self.role is Role.HOST:
             self._host_handshake(frame)
@@ -382,6 +390,7 @@ class Protocol:
                 raise ProtocolError(f"HELLO name is not a string of at most {MAX_NAME_BYTES} bytes")
             self._note_peer(meta)
             self._note_resume_hello(meta.get("rs"))
+            self.peer_rq = self.peer_resume and meta.get("rq") is True
             if self._shm_threshold is not None and meta.get("shm") is not None:
                 self._shm_peer = shm.check_peer(meta.get("shm"))
             self.peer_will = _check_will(meta.get("will"))
@@ -428,13 +437,22 @@ class Protocol:
 
     def _welcome(self, mac: Optional[bytes]) -> None:
         rs = None
-        if self.peer_resume and self.sessions is not None:
-            session, self.resumed = self.sessions.open(self.resume_sid, self.peer_name)
+        sessions = self.sessions
+        session = None
+        if self.peer_resume and sessions is not None:
+            session, self.resumed = sessions.open(self.resume_sid, self.peer_name)
             if not self.resumed:
                 self.peer_recv = 0  # a new session: nothing of it was received yet
             self.resume_session = session
             self.resume_sid = session.sid
             rs = [session.sid, session.recv if self.resumed else 0, self.resumed]
+        if not self.resumed and sessions is not None and sessions.admit is not None:
+            refusal = sessions.admit()  # a full host: only a resuming client gets in
+            if refusal is not None:
+                if session is not None:
+                    sessions.drop(session)
+                self.refuse(*refusal)
+                raise HandshakeError(f"refused {self.peer_name or 'a client'}: {refusal[0]}")
         info: Dict[str, Any] = self._announce({"id": self.session}, None, rs)
         if mac is not None:
             info["mac"] = mac
@@ -487,6 +505,7 @@ class Protocol:
             self.session = session if type(session) is int else 0
             self._note_peer(meta)
             self._note_resume_welcome(meta.get("rs"))
+            self.peer_rq = self.peer_resume and meta.get("rq") is True
             if self._shm_threshold is not None and meta.get("shm_ok") is True:
                 peer = shm.check_peer(meta.get("shm"))
                 if peer is not None:

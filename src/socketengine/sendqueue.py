@@ -56,7 +56,16 @@ from .codec import Buffer
 from .errors import ProtocolError
 from .shm import ShmWriter
 
-__all__ = ["SendQueue", "ImageHook", "Outgoing", "BATCH_MAX", "ITEM_OVERHEAD", "WIRE_CHUNK"]
+__all__ = [
+    "SendQueue",
+    "ImageHook",
+    "Outgoing",
+    "BATCH_MAX",
+    "ITEM_OVERHEAD",
+    "WIRE_CHUNK",
+    "SEQ_VALUES",
+    "SEQ_ALL",
+]
 
 #: ``hook(channel, nbytes)`` -- told when an image frame is handed over (``nbytes``) or
 #: replaced by a newer one before that (``nbytes == -1``).
@@ -82,7 +91,10 @@ _FLAG_SHM = frames.FLAG_SHM
 _NOT_SHM = frames.FLAG_COMPRESSED | frames.FLAG_SHM
 _BATCH = frames.BATCH
 _DATA = frames.DATA
-_SEQUENCED = (frames.DATA, frames.BATCH)
+#: The frame types a session numbers: values only, or (``"rq"``) requests, replies,
+#: SYNC and ACK too.
+SEQ_VALUES = frozenset((frames.DATA, frames.BATCH))
+SEQ_ALL = SEQ_VALUES | {frames.REQUEST, frames.REPLY, frames.REPLY_ERROR, frames.SYNC, frames.ACK}
 _U32 = 0xFFFFFFFF
 
 
@@ -132,6 +144,7 @@ class SendQueue:
         "_full_since",
         "_on_image",
         "numbered",
+        "sequenced",
         "seq",
         "acked",
         "replay_bytes",
@@ -162,6 +175,8 @@ class SendQueue:
         self._on_image = on_image
         #: Number sequenced frames and keep them for a resume (protocol 1.2).
         self.numbered = False
+        #: The frame types numbered when :attr:`numbered` (a frame pushed alone).
+        self.sequenced = SEQ_VALUES
         #: Sequenced frames handed to the wire so far (the last number given).
         self.seq = 0
         #: Sequenced frames the peer acknowledged (RACK), ``<= seq``.
@@ -338,7 +353,7 @@ class SendQueue:
                 run, size = [], 0
             if kind is list:
                 parts: List[Buffer] = entry  # type: ignore[assignment]
-                if numbered and parts[0][0] in _SEQUENCED:
+                if numbered and parts[0][0] in self.sequenced:
                     self._keep(parts, None)  # the original: a replay goes by the socket
             else:
                 slot: _Slot = entry  # type: ignore[assignment]
@@ -491,6 +506,7 @@ class SendQueue:
             self._slots.setdefault(channel, slot)
         self.queued += old.queued
         self.numbered = old.numbered
+        self.sequenced = old.sequenced
         self.seq, self.acked = old.seq, old.acked
         self._replay, old._replay = old._replay, deque()
         self._replay_images, old._replay_images = old._replay_images, {}

@@ -231,8 +231,10 @@ class Admission:
     those that have:
 
     * ``max_clients`` counts only connections that **completed** the handshake.  A new
-      connection is refused (REFUSE ``full``) when that many are connected; a handshake
-      that completes when the seats were taken meanwhile is closed right after it.
+      connection is refused (REFUSE ``full``) when that many are connected -- on a host
+      that resumes sessions, in the handshake, once it is known not to resume one (a
+      resuming client takes over its old link's seat); a handshake that completes
+      when the seats were taken meanwhile is closed right after it.
     * ``max_pending`` counts handshakes in progress (TLS included in the threaded
       layer).  When one more arrives and it is full, one pending handshake is evicted
       (the host sends REFUSE ``busy`` and closes it): among those whose peer has not
@@ -289,13 +291,17 @@ class Admission:
         address: Any,
         now: float = 0.0,
         progressed: Optional[Callable[[int], bool]] = None,
+        resumable: bool = False,
     ) -> Tuple[Optional[Tuple[str, str]], List[int]]:
         """A new connection at ``now``: ``(refusal, evicted)``.  ``refusal`` is
         ``(reason, code)`` for a REFUSE (the connection is not admitted), else ``None``;
         ``evicted`` are the keys of pending handshakes the host must close now (REFUSE
         ``busy``).  ``progressed(key)``: that pending handshake got somewhere (its peer
-        sent a complete HELLO)."""
-        if len(self._clients) >= self.max_clients:
+        sent a complete HELLO).  ``resumable``: the host resumes sessions, so a full
+        host takes the connection as a pending handshake anyway: it may resume a
+        session whose old link still holds a seat (the handshake refuses it
+        otherwise, see :attr:`SessionTable.admit`)."""
+        if len(self._clients) >= self.max_clients and not resumable:
             return self.full(), []
         evicted: List[int] = []
         while len(self._pending) >= self.max_pending:
@@ -339,6 +345,11 @@ class Admission:
         else:
             del self._per_address[address]
         return True
+
+    def seat(self) -> Optional[Tuple[str, str]]:
+        """Why a client that does not resume a session is refused now (the host is
+        full), or ``None``."""
+        return self.full() if len(self._clients) >= self.max_clients else None
 
     def opened(self, key: int) -> Optional[Tuple[str, str]]:
         """The handshake of ``key`` completed: ``None`` if it takes a seat, else why

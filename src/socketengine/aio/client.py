@@ -15,6 +15,7 @@ from ..errors import (
     ConnectTimeout,
     EndpointClosed,
     HandshakeError,
+    HostBusy,
     SocketEngineConnectionError,
     WriteTimeout,
 )
@@ -204,6 +205,8 @@ class Client(Endpoint):
         # The resumable session (protocol 1.2): kept across links, so a reconnection
         # replays what the host did not receive, and gets what this client did not.
         self._session = Session(b"", self.name, None)
+        # Requests in flight survive a lost link only if a reconnection may resume it.
+        self._session.keep_requests = self.reconnect
 
     @property
     def connected(self) -> bool:
@@ -221,7 +224,8 @@ class Client(Endpoint):
     async def start(self: _K) -> _K:
         """Connect and complete the handshake; return the client.
 
-        Retries while the host refuses (it may not be up yet), for at most
+        Retries while the host refuses (it may not be up yet) or gave up on the
+        handshake under a flood (:class:`~socketengine.HostBusy`), for at most
         ``connect_timeout`` s in all.  Raises :class:`~socketengine.ConnectTimeout`,
         :class:`~socketengine.HandshakeError` (also for a TLS failure, e.g. a host
         certificate the context does not trust) or
@@ -243,15 +247,27 @@ class Client(Endpoint):
             raise
 
     async def _open_connection(self) -> None:
-        conn = await self._connect()
-        self._conn = conn
-        try:
-            await conn._wait_ready(conn._handshake_left())
-            if self.stopped:
-                raise EndpointClosed(f"{self!r} was closed while it was connecting")
-        except BaseException:
-            conn._abort()
-            raise
+        loop = asyncio.get_running_loop()
+        deadline = None if self.connect_timeout is None else loop.time() + self.connect_timeout
+        delays = Backoff(_OPEN_RETRY_MAX, jitter=0.0)
+        while True:
+            conn = await self._connect()
+            self._conn = conn
+            try:
+                await conn._wait_ready(conn._handshake_left())
+                if self.stopped:
+                    raise EndpointClosed(f"{self!r} was closed while it was connecting")
+                break
+            except BaseException as exc:
+                conn._abort()
+                # A host that gave up on the handshake under a flood: try again.
+                delay = next(delays)
+                if not isinstance(exc, HostBusy) or (
+                    deadline is not None and loop.time() + delay >= deadline
+                ):
+                    raise
+                logger.info("%r: %s; trying again", self, exc)
+            await asyncio.sleep(delay)  # backoff between attempts, not synchronisation
         self._start_heartbeat()
         if conn.closed and self.reconnect:
             # Lost between its handshake and now, before a loss could start this.
@@ -395,6 +411,8 @@ class Client(Endpoint):
         conn = self._conn
         if conn is not None:
             await conn.close(self.timeout)
+        # Requests kept across a lost link for the resume that will not come.
+        self._session.fail_requests(ConnectionClosed(f"{self!r} was closed before the reply"))
         await self._stop_tasks(self.timeout)
         if self._gateway is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._gateway.close)
@@ -476,10 +494,41 @@ class Client(Endpoint):
 
     async def flush(self, timeout: Optional[float] = None, acked: bool = False) -> None:
         """Wait until everything written so far is handed to the operating system
-        (``acked=True``: until the host confirms it has stored all of it).  Raises
-        :class:`~socketengine.WriteTimeout` after ``timeout`` s (default: the client's
-        ``timeout``) and :class:`~socketengine.ConnectionClosed` without a live link."""
-        await self._live().flush(timeout, acked)
+        (``acked=True``: until the host confirms it has stored all of it).  While the
+        client reconnects (or its link is lost during the flush), waits for the next
+        link, within ``timeout``.  Raises :class:`~socketengine.WriteTimeout` after
+        ``timeout`` s (default: the client's ``timeout``) and
+        :class:`~socketengine.ConnectionClosed` without a live link and
+        ``reconnect=False``."""
+        limit = self.timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        while True:
+            conn = self._conn
+            live = conn is not None and conn.is_open and not conn.closed
+            if live or not self.reconnect or self.stopped or not self.opened:
+                try:
+                    await self._live().flush(max(0.0, deadline - loop.time()), acked)
+                    return
+                except ConnectionClosed:
+                    if not self.reconnect or self.stopped:
+                        raise
+                    # Lost during the flush: the session resumes on the next link.
+            left = deadline - loop.time()
+            if left <= 0:
+                raise WriteTimeout(
+                    f"not connected to {self.addr}:{self._port} (reconnecting): the flush "
+                    f"gave up after {limit} s"
+                )
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._outbox_waiters.append(waiter)  # woken by the reconnection
+            try:
+                await asyncio.wait_for(waiter, left)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                if waiter in self._outbox_waiters:
+                    self._outbox_waiters.remove(waiter)
 
     async def set_interest(self, interest: Optional[Iterable[Union[str, Pattern]]]) -> None:
         """Replace the channels this client wants from broadcasts (``None``: all); the

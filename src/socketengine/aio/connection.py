@@ -88,6 +88,8 @@ READ_SIZE = MIN_READ_SIZE
 #: Seconds between checks of the transport's buffer while a write waits for room
 #: (asyncio reports only the low-water mark, often far below ``max_buffer``).
 _ROOM_POLL = 0.005
+_DATA = frames.DATA
+_REPLIES = frozenset((frames.REPLY, frames.REPLY_ERROR))
 
 #: ``fn(result, exc)``: receives the first handler's outcome of a request.
 ReplyFn = Callable[[Any, Optional[BaseException]], None]
@@ -536,6 +538,9 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         if type(parts) is bytes:
             await self._send_item(parts)
             return
+        if self.engine.state is not ConnState.OPEN and parts[0][0] == _DATA:  # type: ignore[index]
+            if self._held(parts, nbytes, image):
+                return
         self._check_writable()
         if image is not None:
             self._enqueue(parts, nbytes, image)
@@ -550,6 +555,8 @@ class Connection(PeerView, asyncio.BufferedProtocol):
 
     async def _send_item(self, item: bytes) -> None:
         """Send a small value encoded as a BATCH item; wait while the peer lags."""
+        if self.engine.state is not ConnState.OPEN and self._held(item, len(item), None):
+            return
         self._check_writable()
         await self._make_room(len(item))
         self._queue.push_item(item)
@@ -558,6 +565,24 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         self.messages_out += 1
         if self._write_paused and not self._stalled:
             await self._drain_for(self._endpoint.timeout)
+
+    def _held(self, parts: Outgoing, nbytes: int, image: Optional[str]) -> bool:
+        """The link is down: True if the write was queued into the held session (a
+        host's client that may resume); False if there is none (the caller raises
+        :class:`ConnectionClosed`).  Raises :class:`WriteTimeout` if the session
+        already holds ``max_buffer`` bytes (the write is lost, counted and logged)."""
+        if self._endpoint.stopped:
+            return False
+        queued = self._endpoint._hold(self, parts, nbytes, image)
+        if queued is None:
+            return False
+        if not queued:
+            raise WriteTimeout(
+                f"the link to {self._peer()} is down and max_buffer="
+                f"{self._queue.max_buffer} bytes already wait for its resume: not sent"
+            )
+        self.messages_out += 1
+        return True
 
     async def _make_room(self, nbytes: int) -> None:
         """Wait until ``nbytes`` more fit under ``max_buffer`` (an empty buffer takes
@@ -726,11 +751,16 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         """Answer request ``fid``: REPLY with ``result``, or REPLY_ERROR naming ``exc``
         (an exception, or the text itself); return the error text (``None``: a REPLY)."""
         parts, nbytes, text = reply_frame(channel, fid, result, exc)
-        if not self.is_open:
-            logger.debug("%r: dropping the reply to request %d: closed", self, fid)
-        else:
+        if self.is_open:
             self._enqueue(parts, nbytes)
             self.messages_out += 1
+            return text
+        try:
+            if self.engine.state is not ConnState.OPEN and self._held(parts, nbytes, None):
+                return text  # the link is down: sent on resume
+        except WriteTimeout:
+            pass
+        logger.debug("%r: dropping the reply to request %d: closed", self, fid)
         return text
 
     async def _await_reply(self, future: asyncio.Future[Any]) -> Any:
@@ -967,6 +997,8 @@ class Connection(PeerView, asyncio.BufferedProtocol):
             self._on_bye()
         elif t == frames.SYNC:
             self._send_protocol_bytes()  # the ACK, after everything already queued
+            for ack in self.engine.take_acks():  # a sequenced ACK: numbered, queued
+                self._enqueue((ack,), len(ack))
 
     def _block(self, gate: Gate) -> None:
         """``gate`` is full: stop handling frames until it releases this connection."""

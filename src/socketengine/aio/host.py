@@ -428,7 +428,9 @@ class Host(Endpoint):
     ) -> int:
         """Send ``data`` on ``channel`` to every connected client; return how many.
 
-        The value is encoded once (``TypeError`` before anything is sent).  With
+        The value is encoded once (``TypeError`` before anything is sent).  A client
+        whose link is down and may resume gets it on resume (held in its session, up
+        to ``max_buffer`` bytes; counted).  With
         ``retain=True`` the host also keeps it and sends it, flagged RETAINED, to every
         client that connects later, right after its handshake (a later retained write
         on the channel replaces it).  Never waits for one slow client: a client whose
@@ -445,7 +447,8 @@ class Host(Endpoint):
         if retain:
             parts, nbytes = frames.value_frame(frames.DATA, channel, data)
             self._retained.retain(channel, parts)
-            sent = await self._broadcast(parts, nbytes, channel=channel)
+            # Not held for a client whose link is down: a resume replays retained values.
+            sent = await self._broadcast(parts, nbytes, channel=channel, hold=False)
             if gateway is not None:
                 await _in_thread(gateway.retain, channel, self._retained.frame(channel))
             return sent
@@ -457,6 +460,7 @@ class Host(Endpoint):
                     sent += await self._broadcast(encoded, len(encoded), clients=conns)
                 else:
                     sent += await self._broadcast(encoded[0], encoded[1], clients=conns)
+            sent += self._hold_value(channel, data)
             return sent
         encoded = frames.value_item(channel, data)
         if isinstance(encoded, bytes):
@@ -504,12 +508,19 @@ class Host(Endpoint):
         image: Optional[str] = None,
         channel: str = "",
         clients: Optional[List[Connection]] = None,
+        hold: bool = True,
     ) -> int:
         """Hand one encoded frame to every client (that wants ``channel``; or exactly
-        ``clients``) without waiting for any of them."""
+        ``clients``) without waiting for any of them.  Without ``clients`` (and with
+        ``hold``), also to every client whose link is down and may resume (held
+        sessions).  Returns for how many clients it was queued."""
         sent = 0
         paused = False
-        for conn in self._audience(channel) if clients is None else clients:
+        if clients is None:
+            clients = self._audience(channel)
+            if hold:
+                sent = self._hold_all(parts, nbytes, image, channel)
+        for conn in clients:
             if conn._offer(parts, nbytes, image):
                 sent += 1
             paused = paused or conn.writing_paused
@@ -540,7 +551,11 @@ class Host(Endpoint):
         if self.stopped:
             return ("the host is closing", "closing")
         refusal, evicted = self._admission.arrive(
-            conn.session, conn.address[0], asyncio.get_running_loop().time(), self._said_hello
+            conn.session,
+            conn.address[0],
+            asyncio.get_running_loop().time(),
+            self._said_hello,
+            resumable=self.resume_window > 0,
         )
         if refusal is not None:
             return refusal
@@ -633,6 +648,7 @@ class Host(Endpoint):
             self._retained.retain(channel, parts)
         for other in self._audience(channel, exclude=conn):
             other._offer(parts, nbytes, None)
+        self._hold_all(parts, nbytes, None, channel, exclude=conn)
 
     def _publish_will(self, conn: Connection, channel: str, meta: bytes) -> None:
         """A client vanished: its last will arrives as if it had written it, here and
@@ -643,6 +659,7 @@ class Host(Endpoint):
         parts, nbytes = frames.value_frame(frames.DATA, channel, value)
         for other in self._audience(channel, exclude=conn):
             other._offer(parts, nbytes, None)
+        self._hold_all(parts, nbytes, None, channel, exclude=conn)
 
     def _forget(self, conns: List[Connection]) -> None:
         """These clients' values are forgotten: by get() too."""

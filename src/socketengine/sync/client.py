@@ -18,6 +18,7 @@ from ..errors import (
     ConnectTimeout,
     EndpointClosed,
     HandshakeError,
+    HostBusy,
     SocketEngineConnectionError,
     WriteTimeout,
 )
@@ -187,6 +188,8 @@ class Client(ClientSeedNames, Endpoint[Any]):
         # The resumable session (protocol 1.2): kept across links, so a reconnection
         # replays what the host did not receive, and gets what this client did not.
         self._session = Session(b"", self.name, None)
+        # Requests in flight survive a lost link only if a reconnection may resume it.
+        self._session.keep_requests = self.reconnect
         self._backoff = Backoff(self.reconnect_max)
         self._retry_timer: Optional[TimerHandle] = None  # the next reconnection attempt
         self._retry_sock: Optional[socket.socket] = None  # an attempt connecting now
@@ -206,7 +209,8 @@ class Client(ClientSeedNames, Endpoint[Any]):
     def open(self: _K) -> _K:
         """Connect to the host and complete the handshake; start the I/O thread.
 
-        Retries while the host refuses (it may not be up yet), for at most
+        Retries while the host refuses (it may not be up yet) or gave up on the
+        handshake under a flood (:class:`~socketengine.HostBusy`), for at most
         ``connect_timeout`` seconds in all.  Raises :class:`ConnectTimeout`,
         :class:`HandshakeError` or :class:`AuthenticationError`.
         """
@@ -218,15 +222,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
             if gateway is not None and gateway.link is None:
                 gateway.start()  # ConnectTimeout / AuthenticationError
             try:
-                sock = self._connect()
-                try:
-                    self._loop.start()  # inside the try: Ctrl-C may land in start() itself
-                    conn = self._handshake(sock)
-                except BaseException:
-                    # Leave no thread behind; a later open() starts a fresh loop.
-                    self._loop.stop()
-                    self._loop = Loop(self._loop.name)
-                    raise
+                conn = self._open_link()
             except BaseException:
                 if gateway is not None:
                     self._gateway = gateway.renewed()
@@ -236,6 +232,28 @@ class Client(ClientSeedNames, Endpoint[Any]):
             self.opened = True
         logger.info("%r: connected", self)
         return self
+
+    def _open_link(self) -> Connection:
+        """Connect and complete the handshake; a host that gave up on the handshake
+        under a flood (:class:`HostBusy`) is tried again until ``connect_timeout``."""
+        deadline = None if self.connect_timeout is None else time.monotonic() + self.connect_timeout
+        backoff = Backoff(_OPEN_RETRY_MAX, jitter=0.0)
+        while True:
+            sock = self._connect()
+            try:
+                self._loop.start()  # inside the try: Ctrl-C may land in start() itself
+                return self._handshake(sock)
+            except BaseException as exc:
+                # Leave no thread behind; a later open() starts a fresh loop.
+                self._loop.stop()
+                self._loop = Loop(self._loop.name)
+                delay = next(backoff)
+                if not isinstance(exc, HostBusy) or (
+                    deadline is not None and time.monotonic() + delay >= deadline
+                ):
+                    raise
+                logger.info("%r: %s; trying again", self, exc)
+            time.sleep(delay)  # backoff between attempts, not synchronisation
 
     def _connect(self) -> socket.socket:
         deadline = None if self.connect_timeout is None else time.monotonic() + self.connect_timeout
@@ -337,6 +355,8 @@ class Client(ClientSeedNames, Endpoint[Any]):
             self._link_lock.notify_all()
         if self._gateway is not None:
             self._gateway.close()
+        # Requests kept across a lost link for the resume that will not come.
+        self._session.fail_requests(ConnectionClosed(f"{self!r} was closed before the reply"))
         self._release_waiters()
         self._dispatcher.stop(self.timeout)
         logger.info("%r: closed", self)
@@ -448,22 +468,34 @@ class Client(ClientSeedNames, Endpoint[Any]):
         (``acked=True``: until the host confirms it has stored all of it).
 
         Includes writes kept while reconnecting (they must reach a new connection
-        first).  Raises :class:`WriteTimeout` after ``timeout`` seconds (default: the
-        client's ``timeout``), :class:`ConnectionClosed` if the connection is lost and
-        ``reconnect=False``.
+        first): while the client reconnects (or its link is lost during the flush), it
+        waits for the next link, within ``timeout``.  Raises :class:`WriteTimeout` after
+        ``timeout`` seconds (default: the client's ``timeout``),
+        :class:`ConnectionClosed` if the connection is lost and ``reconnect=False``.
         """
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
-        with self._link_lock:
-            while self._outbox:
-                left = deadline - time.monotonic()
-                if left <= 0 or self.stopped:
-                    raise WriteTimeout(
-                        f"not connected to {self.addr}:{self._port}: {self._outbox.queued} "
-                        f"bytes still wait for the reconnection after {limit} s"
-                    )
-                self._link_lock.wait(left)
-        self._live_conn().flush(max(0.0, deadline - time.monotonic()), acked=acked)
+        while True:
+            with self._link_lock:
+                while self.reconnect and self.opened and not self.stopped:
+                    conn = self._conn
+                    if conn is not None and conn.is_open and not self._outbox:
+                        break
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise WriteTimeout(
+                            f"not connected to {self.addr}:{self._port}: "
+                            f"{self._outbox.queued} bytes still wait for the reconnection "
+                            f"after {limit} s"
+                        )
+                    self._link_lock.wait(left)
+            try:
+                self._live_conn().flush(max(0.0, deadline - time.monotonic()), acked=acked)
+                return
+            except ConnectionClosed:
+                if not self.reconnect or self.stopped:
+                    raise
+                # Lost during the flush: the session resumes on the next link.
 
     def request(self, channel: str, data: Any, timeout: Optional[float] = 5.0) -> Any:
         """Send ``data`` as a request on ``channel``; block for and return the reply.

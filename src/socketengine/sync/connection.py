@@ -38,6 +38,9 @@ from ..protocol import Protocol
 from ..sendqueue import ITEM_OVERHEAD, SendQueue
 from .delivery import Pausable, Waiter
 
+# Frames a host holds for a client whose link is down (values, answers to requests).
+_HOLDABLE = frozenset((frames.DATA, frames.REPLY, frames.REPLY_ERROR))
+
 if TYPE_CHECKING:  # pragma: no cover
     from .endpoint import Endpoint
 
@@ -342,6 +345,8 @@ class Connection(PeerView, Pausable):
         """:meth:`send_parts` for a BATCH item (a small value, the most frequent write):
         the same rules, fewer steps.  Thread-safe."""
         queue = self._queue
+        if self.engine.state is not ConnState.OPEN and self._held(item, len(item), None):
+            return
         with self._lock:
             if self.engine.state is not ConnState.OPEN:
                 self.engine.check_writable()
@@ -388,6 +393,12 @@ class Connection(PeerView, Pausable):
             nbytes = frames.frame_size(parts)
         engine = self.engine
         queue = self._queue
+        if (
+            engine.state is not ConnState.OPEN
+            and (type(parts) is bytes or parts[0][0] in _HOLDABLE)
+            and self._held(parts, nbytes, image)
+        ):
+            return
         with self._lock:
             if engine.state is not ConnState.OPEN:
                 engine.check_writable()
@@ -415,6 +426,22 @@ class Connection(PeerView, Pausable):
             else:
                 self._flush_scheduled = True
                 self._loop.call_soon(self._scheduled_flush)
+
+    def _held(self, parts: Any, nbytes: int, image: Optional[str]) -> bool:
+        """The link is down: True if the write was queued into the held session (a
+        host's client that may resume); False if there is none (the caller raises
+        :class:`ConnectionClosed`).  Raises :class:`WriteTimeout` if the session
+        already holds ``max_buffer`` bytes (the write is lost, counted and logged).
+        Never called with the lock held: the endpoint's ``_held_lock`` comes first."""
+        queued = self._endpoint._hold(self, parts, nbytes, image)
+        if queued is None:
+            return False
+        if not queued:
+            raise WriteTimeout(
+                f"the link to {self._peer()} is down and max_buffer="
+                f"{self._queue.max_buffer} bytes already wait for its resume: not sent"
+            )
+        return True
 
     def _scheduled_flush(self) -> None:
         """Send a burst of queued writes (loop thread)."""
@@ -767,6 +794,11 @@ class Connection(PeerView, Pausable):
         if not self.engine.control(frame):
             if frame.type == frames.SYNC:
                 self._send_raw(self.engine.control_bytes())  # the ACK, in order
+                for ack in self.engine.take_acks():  # a sequenced ACK: numbered
+                    with self._lock:
+                        self._queue.push([ack], len(ack))
+                        if not self._want_write and not self.engine.closed:
+                            self._flush_locked()
             return False
         self._on_bye()
         return True
@@ -865,23 +897,26 @@ class Connection(PeerView, Pausable):
         engine = self.engine
         if engine.closed:
             return
-        with self._lock:
-            engine.finish()
-            self._drained.notify_all()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._registered:
-            self._loop.unregister(self.socket)
-            self._registered = False
-        try:
-            self.socket.close()
-        except OSError:  # pragma: no cover
-            pass
-        self.closed_at = time.time()
-        self.closed.set()
-        self.settled.set()
-        try:
-            self._endpoint._on_closed(self)
-        except SocketEngineError:  # pragma: no cover
-            pass
+        # The link's death and its session's suspension (_on_closed) are one step for
+        # a broadcast: it finds the client either live or held, never neither.
+        with self._endpoint._held_lock:
+            with self._lock:
+                engine.finish()
+                self._drained.notify_all()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._registered:
+                self._loop.unregister(self.socket)
+                self._registered = False
+            try:
+                self.socket.close()
+            except OSError:  # pragma: no cover
+                pass
+            self.closed_at = time.time()
+            self.closed.set()
+            self.settled.set()
+            try:
+                self._endpoint._on_closed(self)
+            except SocketEngineError:  # pragma: no cover
+                pass

@@ -367,10 +367,11 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
     ) -> int:
         """Send ``data`` on ``channel`` to every connected client; return how many.
 
-        The value is encoded once (``TypeError`` before anything is sent).  With
-        ``retain=True`` the host also keeps it and sends it to every client that
-        connects later, right after its handshake (like MQTT's retained messages; for
-        configuration and state).  Thread-safe.
+        The value is encoded once (``TypeError`` before anything is sent).  A client
+        whose link is down and may resume gets it on resume (held in its session, up
+        to ``max_buffer`` bytes; counted).  With ``retain=True`` the host also keeps it
+        and sends it to every client that connects later, right after its handshake
+        (like MQTT's retained messages; for configuration and state).  Thread-safe.
         """
         self._check_open()
         gateway = self._gateway
@@ -380,12 +381,14 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
                 return fanned
         if not retain and (self._codecs is not None or compress):
             sent = 0
-            audience = [c for c in self.clients() if c.wants(channel)]
-            for encoded, conns in self._encode_groups(channel, data, compress, audience):
-                if type(encoded) is bytes:
-                    sent += self._send_all(encoded, len(encoded), clients=conns)
-                else:
-                    sent += self._send_all(encoded[0], encoded[1], clients=conns)
+            with self._held_lock:
+                audience = [c for c in self.clients() if c.wants(channel)]
+                for encoded, conns in self._encode_groups(channel, data, compress, audience):
+                    if type(encoded) is bytes:
+                        sent += self._send_all(encoded, len(encoded), clients=conns)
+                    else:
+                        sent += self._send_all(encoded[0], encoded[1], clients=conns)
+                sent += self._hold_value(channel, data)
             return sent
         if not retain:
             encoded = frames.value_item(channel, data)
@@ -396,7 +399,8 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         parts, nbytes = frames.value_frame(frames.DATA, channel, data)
         with self._retain_lock:  # see _on_ready: no client misses or reorders it
             self._retained.retain(channel, parts)
-            sent = self._send_all(parts, nbytes, channel=channel)
+            # Not held for a client whose link is down: a resume replays retained values.
+            sent = self._send_all(parts, nbytes, channel=channel, hold=False)
         if gateway is not None:
             gateway.retain(channel, self._retained.frame(channel))
         return sent
@@ -438,14 +442,26 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         channel: Optional[str] = None,
         exclude: Optional[Connection] = None,
         clients: Optional[List[Connection]] = None,
+        hold: bool = True,
     ) -> int:
         """Queue one encoded frame for every client (that wants ``channel``, but
-        ``exclude``; or exactly ``clients``); a slow client never blocks this."""
+        ``exclude``; or exactly ``clients``); a slow client never blocks this.  With
+        ``channel`` (and ``hold``), also for every client whose link is down and may
+        resume (held sessions).  Returns for how many clients it was queued."""
+        held = 0
+        with self._held_lock:  # every client is either live or held meanwhile
+            if clients is None:
+                clients = self.clients()
+                if channel is not None:
+                    clients = [c for c in clients if c is not exclude and c.wants(channel)]
+                    if hold:
+                        held = self._hold_all(parts, nbytes, image, channel, exclude)
+            return held + self._fan_out(parts, nbytes, image, clients)
+
+    def _fan_out(
+        self, parts: Outgoing, nbytes: int, image: Optional[str], clients: List[Connection]
+    ) -> int:
         sent = 0
-        if clients is None:
-            clients = self.clients()
-            if channel is not None:
-                clients = [c for c in clients if c is not exclude and c.wants(channel)]
         # An isolated broadcast goes out at once; in a burst of them the loop thread
         # flushes each connection once for many frames instead of a syscall per frame.
         # The gap is counted from the end of the previous broadcast: sending one to 20
@@ -542,7 +558,11 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
             )
             conn = Connection(self, sock, protocol, address)
             refusal, evicted = self._admission.arrive(
-                protocol.session, address[0], time.monotonic(), self._said_hello
+                protocol.session,
+                address[0],
+                time.monotonic(),
+                self._said_hello,
+                resumable=self.resume_window > 0,
             )
             if refusal is not None:
                 conn.refuse(*refusal, linger=min(self.timeout, 2.0))
