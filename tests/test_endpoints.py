@@ -190,7 +190,9 @@ def test_malformed_frame_closes_only_that_connection(host: Host, make_client, ca
     ],
     ids=["http", "tls", "garbage", "huge-length", "future-version"],
 )
-def test_hostile_openings_close_only_that_connection(host: Host, make_client, payload: bytes) -> None:  # type: ignore[no-untyped-def]
+def test_hostile_openings_close_only_that_connection(  # type: ignore[no-untyped-def]
+    host: Host, make_client, payload: bytes
+) -> None:
     good = make_client()
     bad = _raw_connection(host.port)
     bad.sendall(payload)

@@ -56,7 +56,7 @@ def test_a_thousand_concurrent_clients_on_one_host() -> None:
         before = _rss()
         socks = []
         try:
-            for i in range(n):
+            for _i in range(n):
                 s = socket.create_connection(("127.0.0.1", h.port))
                 _handshake(s)
                 socks.append(s)

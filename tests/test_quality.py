@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize(
     "command",
     [
-        [sys.executable, "-m", "ruff", "check", "src"],
+        [sys.executable, "-m", "ruff", "check", "src", "tests", "bench"],
         [sys.executable, "-m", "ruff", "format", "--check", "src"],
         [sys.executable, "-m", "mypy", "src"],
     ],

@@ -40,7 +40,7 @@ def test_the_outbox_is_bounded() -> None:
     h.close()
     wait_for(lambda: not c.connected)
     with pytest.raises(WriteTimeout, match="not connected"):
-        for i in range(1000):  # bounded
+        for _i in range(1000):  # bounded
             c.write("x", b"y" * 10_000)
     c.close()  # returns although the host never comes back
 

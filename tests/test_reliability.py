@@ -160,7 +160,9 @@ def test_a_frozen_client_is_dropped_and_does_not_stall_others() -> None:
             for i in range(2_000):  # bounded; the frozen one is dropped long before
                 h.write_all("feed", [i, payload])
                 # The healthy client keeps receiving everything, paced at its speed.
-                wait_for(lambda i=i: healthy.get("feed") is not None and healthy.get("feed")[0] == i)
+                wait_for(
+                    lambda i=i: healthy.get("feed") is not None and healthy.get("feed")[0] == i
+                )
                 if "frozen" in gone:
                     break
             assert gone == ["frozen"]

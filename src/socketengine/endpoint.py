@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
 
 from . import codec, compression, frames, images
 from .engine import ConnectionEngine, ConnState
-from .errors import ConnectionClosed, EndpointClosed
+from .errors import ConnectionClosed, EndpointClosed, WriteTimeout
 from .limits import HostLimits, check_compression, check_settings, check_shm
 from .peer import PeerView
 from .relay import RelayPolicy, RelaySpec, WritersSpec
@@ -280,18 +280,26 @@ class EndpointBase:
         with self._held_lock:
             conn._adopt(session.queue)
 
-    def _hold(self, conn: Any, parts: Any, nbytes: int, image: Optional[str]) -> Optional[bool]:
-        """A write to ``conn`` whose link is down: queued into its held session (True),
-        lost because the session already holds ``max_buffer`` (False; counted and
-        logged), or ``None`` when no session is held for it (the caller raises
-        :class:`ConnectionClosed`)."""
+    def _hold(self, conn: Any, parts: Any, nbytes: int, image: Optional[str]) -> bool:
+        """A write to ``conn`` whose link is down: True if it was queued into its held
+        session (a host's client that may resume), False when no session is held for it
+        (the caller raises :class:`ConnectionClosed`).  Raises :class:`WriteTimeout` if
+        the session already holds ``max_buffer`` bytes (the write is lost, counted and
+        logged).  Never called with the connection's lock held: ``_held_lock`` comes
+        first."""
         session = conn.engine.session
-        if session is None or not session.held or self._held_table is None:
-            return None
+        if self.stopped or session is None or not session.held or self._held_table is None:
+            return False
         with self._held_lock:
             if not session.held:
-                return None
-            return session.hold(parts, nbytes, image)
+                return False
+            queued = session.hold(parts, nbytes, image)
+        if not queued:
+            raise WriteTimeout(
+                f"the link to {conn._peer()} is down and max_buffer="
+                f"{conn._queue.max_buffer} bytes already wait for its resume: not sent"
+            )
+        return True
 
     def _hold_all(
         self, parts: Any, nbytes: int, image: Optional[str], channel: str, exclude: Any = None

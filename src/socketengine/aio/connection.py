@@ -567,20 +567,10 @@ class Connection(PeerView, asyncio.BufferedProtocol):
             await self._drain_for(self._endpoint.timeout)
 
     def _held(self, parts: Outgoing, nbytes: int, image: Optional[str]) -> bool:
-        """The link is down: True if the write was queued into the held session (a
-        host's client that may resume); False if there is none (the caller raises
-        :class:`ConnectionClosed`).  Raises :class:`WriteTimeout` if the session
-        already holds ``max_buffer`` bytes (the write is lost, counted and logged)."""
-        if self._endpoint.stopped:
+        """The link is down: queue the write into the held session if there is one
+        (:meth:`EndpointBase._hold`)."""
+        if not self._endpoint._hold(self, parts, nbytes, image):
             return False
-        queued = self._endpoint._hold(self, parts, nbytes, image)
-        if queued is None:
-            return False
-        if not queued:
-            raise WriteTimeout(
-                f"the link to {self._peer()} is down and max_buffer="
-                f"{self._queue.max_buffer} bytes already wait for its resume: not sent"
-            )
         self.messages_out += 1
         return True
 

@@ -428,20 +428,9 @@ class Connection(PeerView, Pausable):
                 self._loop.call_soon(self._scheduled_flush)
 
     def _held(self, parts: Any, nbytes: int, image: Optional[str]) -> bool:
-        """The link is down: True if the write was queued into the held session (a
-        host's client that may resume); False if there is none (the caller raises
-        :class:`ConnectionClosed`).  Raises :class:`WriteTimeout` if the session
-        already holds ``max_buffer`` bytes (the write is lost, counted and logged).
-        Never called with the lock held: the endpoint's ``_held_lock`` comes first."""
-        queued = self._endpoint._hold(self, parts, nbytes, image)
-        if queued is None:
-            return False
-        if not queued:
-            raise WriteTimeout(
-                f"the link to {self._peer()} is down and max_buffer="
-                f"{self._queue.max_buffer} bytes already wait for its resume: not sent"
-            )
-        return True
+        """The link is down: queue the write into the held session if there is one
+        (:meth:`EndpointBase._hold`)."""
+        return bool(self._endpoint._hold(self, parts, nbytes, image))
 
     def _scheduled_flush(self) -> None:
         """Send a burst of queued writes (loop thread)."""
