@@ -89,6 +89,8 @@ READ_SIZE = MIN_READ_SIZE
 #: (asyncio reports only the low-water mark, often far below ``max_buffer``).
 _ROOM_POLL = 0.005
 _DATA = frames.DATA
+#: Looked up once: an enum member read through its class is slow on the write path.
+_OPEN = ConnState.OPEN
 _REPLIES = frozenset((frames.REPLY, frames.REPLY_ERROR))
 
 #: ``fn(result, exc)``: receives the first handler's outcome of a request.
@@ -538,7 +540,7 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         if type(parts) is bytes:
             await self._send_item(parts)
             return
-        if self.engine.state is not ConnState.OPEN and parts[0][0] == _DATA:  # type: ignore[index]
+        if self.engine.state is not _OPEN and parts[0][0] == _DATA:  # type: ignore[index]
             if self._held(parts, nbytes, image):
                 return
         self._check_writable()
@@ -555,7 +557,7 @@ class Connection(PeerView, asyncio.BufferedProtocol):
 
     async def _send_item(self, item: bytes) -> None:
         """Send a small value encoded as a BATCH item; wait while the peer lags."""
-        if self.engine.state is not ConnState.OPEN and self._held(item, len(item), None):
+        if self.engine.state is not _OPEN and self._held(item, len(item), None):
             return
         self._check_writable()
         await self._make_room(len(item))
@@ -746,7 +748,7 @@ class Connection(PeerView, asyncio.BufferedProtocol):
             self.messages_out += 1
             return text
         try:
-            if self.engine.state is not ConnState.OPEN and self._held(parts, nbytes, None):
+            if self.engine.state is not _OPEN and self._held(parts, nbytes, None):
                 return text  # the link is down: sent on resume
         except WriteTimeout:
             pass

@@ -56,6 +56,8 @@ _RETRYABLE = (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedErr
 # open() retries a refused connection with this backoff cap (seconds): a host that is
 # starting up is found quickly.
 _OPEN_RETRY_MAX = 0.5
+#: Looked up once: an enum member read through its class is slow on the write path.
+_OPEN = ConnState.OPEN
 
 
 class Client(ClientSeedNames, Endpoint[Any]):
@@ -398,7 +400,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
             encoded = value_item(channel, data)
             if type(encoded) is bytes:  # a small value: the fast path
                 conn = self._conn
-                if conn is not None and conn.engine.state is ConnState.OPEN:
+                if conn is not None and conn.engine.state is _OPEN:
                     try:
                         conn.send_item(encoded)
                         return
@@ -415,7 +417,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
         else:
             parts, nbytes = encoded
         conn = self._conn
-        if conn is not None and conn.engine.state is ConnState.OPEN:  # the common case
+        if conn is not None and conn.engine.state is _OPEN:  # the common case
             try:
                 conn.send_parts(parts, nbytes)
                 return
@@ -510,7 +512,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
     def _send(self, parts: List[Any], nbytes: int, image: Optional[str] = None) -> None:
         """Send a frame, or keep it for the reconnection when the link is down."""
         conn = self._conn
-        if conn is not None and conn.engine.state is ConnState.OPEN:
+        if conn is not None and conn.engine.state is _OPEN:
             try:
                 conn.send_parts(parts, nbytes, image=image)
                 return
@@ -524,7 +526,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
             deadline = time.monotonic() + self.timeout
             while True:
                 conn = self._conn
-                if conn is not None and conn.engine.state is ConnState.OPEN:
+                if conn is not None and conn.engine.state is _OPEN:
                     break  # reconnected meanwhile: send directly, after the outbox
                 if self.stopped:
                     raise EndpointClosed(f"{self!r} was closed while writing")

@@ -54,6 +54,8 @@ _IOV = 512
 _READS_PER_EVENT = 16
 # Writes closer together than this (seconds) count as a burst: they are coalesced.
 _BURST_GAP = 50e-6
+#: Looked up once: an enum member read through its class is slow on the write path.
+_OPEN = ConnState.OPEN
 _monotonic = time.monotonic
 # Over TLS, small parts are joined (one TLS record) up to about 4x this many bytes.
 _TLS_JOIN = 64 * 1024
@@ -345,11 +347,12 @@ class Connection(PeerView, Pausable):
         """:meth:`send_parts` for a BATCH item (a small value, the most frequent write):
         the same rules, fewer steps.  Thread-safe."""
         queue = self._queue
-        if self.engine.state is not ConnState.OPEN and self._held(item, len(item), None):
+        engine = self.engine
+        if engine.state is not _OPEN and self._held(item, len(item), None):
             return
         with self._lock:
-            if self.engine.state is not ConnState.OPEN:
-                self.engine.check_writable()
+            if engine.state is not _OPEN:
+                engine.check_writable()
             if not queue.offer_item(item):
                 self._wait_room(len(item) + ITEM_OVERHEAD)
                 queue.push_item(item)
@@ -394,7 +397,7 @@ class Connection(PeerView, Pausable):
         engine = self.engine
         queue = self._queue
         if (
-            engine.state is not ConnState.OPEN
+            engine.state is not _OPEN
             and (type(parts) is bytes or parts[0][0] in _HOLDABLE)
             and self._held(parts, nbytes, image)
         ):
