@@ -520,15 +520,7 @@ class Client(Endpoint):
                     f"not connected to {self.addr}:{self._port} (reconnecting): the flush "
                     f"gave up after {limit} s"
                 )
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._outbox_waiters.append(waiter)  # woken by the reconnection
-            try:
-                await asyncio.wait_for(waiter, left)
-            except asyncio.TimeoutError:
-                pass
-            finally:
-                if waiter in self._outbox_waiters:
-                    self._outbox_waiters.remove(waiter)
+            await self._wait_outbox(left)  # woken by the reconnection
 
     async def set_interest(self, interest: Optional[Iterable[Union[str, Pattern]]]) -> None:
         """Replace the channels this client wants from broadcasts (``None``: all); the
@@ -626,15 +618,20 @@ class Client(Endpoint):
                     f"{self._outbox.queued} bytes already wait to be sent "
                     f"(max_buffer={self.max_buffer}): the write was not kept"
                 )
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._outbox_waiters.append(waiter)
-            try:
-                await asyncio.wait_for(waiter, left)
-            except asyncio.TimeoutError:
-                pass
-            finally:
-                if waiter in self._outbox_waiters:
-                    self._outbox_waiters.remove(waiter)
+            await self._wait_outbox(left)
+
+    async def _wait_outbox(self, left: float) -> None:
+        """Wait up to ``left`` s until the reconnection or a drained outbox wakes the
+        outbox's waiters (returns on either; the caller checks again)."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._outbox_waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, left)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            if waiter in self._outbox_waiters:
+                self._outbox_waiters.remove(waiter)
 
     def _drop_outbox(self) -> None:
         self._outbox.clear()
