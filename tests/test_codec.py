@@ -723,3 +723,58 @@ def test_deeply_nested_tuples_raise_value_error_not_a_crash(depth: int) -> None:
 def test_tuples_at_the_depth_limit_decode() -> None:
     got = codec.decode(nested_tuples(codec.MAX_TUPLE_DEPTH))
     assert tuple_depth(got) == codec.MAX_TUPLE_DEPTH
+
+
+@FAST
+@given(
+    st.one_of(plain_values, big_ints, st.sampled_from([Color.RED, collections.OrderedDict(a=1)]))
+)
+def test_the_shared_plain_packer_gives_the_encoders_bytes_or_raises(value: Any) -> None:
+    # The writers' fast path (codec.pack_plain) must give exactly what encode() gives,
+    # or raise so that encode() is used: tuples, subclasses and big ints raise.
+    assume(tuple_depth(value) <= codec.MAX_TUPLE_DEPTH)
+    assert codec.pack_plain is not None  # a GIL build
+    meta, _, _ = codec.encode(value)
+    try:
+        fast = codec.pack_plain(value)
+    except (TypeError, OverflowError, ValueError):
+        return
+    assert fast == meta
+    assert tuple_depth(value) == 0 and type(value) in (
+        type(None),
+        bool,
+        int,
+        float,
+        str,
+        bytes,
+        list,
+        dict,
+    )
+
+
+def test_the_shared_plain_packer_is_left_clean_by_a_failed_call() -> None:
+    assert codec.pack_plain is not None
+    with pytest.raises(TypeError):
+        codec.pack_plain([1, "x" * 50, (2, 3)])  # fails halfway through the list
+    assert codec.pack_plain([7]) == msgpack.packb([7])
+
+
+def test_the_shared_plain_packer_serves_many_threads_at_once() -> None:
+    import threading
+
+    values = [[t, "x" * (10 + t), {"k": [t] * t}] for t in range(8)]
+    want = [codec.encode(v)[0] for v in values]
+    bad: List[Any] = []
+
+    def run(t: int) -> None:
+        for _ in range(20000):
+            if codec.pack_plain(values[t]) != want[t]:
+                bad.append(t)
+                return
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert not bad and not any(th.is_alive() for th in threads)

@@ -230,6 +230,26 @@ def _widen(value: Any) -> Any:
 _local = threading.local()
 
 
+def _plain_packer() -> Any:
+    """The shared packer of :data:`pack_plain`, or None on a free-threaded build."""
+    gil_enabled = getattr(sys, "_is_gil_enabled", None)
+    if gil_enabled is not None and not gil_enabled():
+        return None
+    return msgpack.Packer(use_bin_type=True, strict_types=True, autoreset=True)
+
+
+_PLAIN = _plain_packer()
+#: ``pack_plain(value) -> bytes``: the ``meta`` of a value msgpack packs by itself (no
+#: array, tuple, image, numpy scalar, subclass or int beyond 64 bits), byte for byte what
+#: :func:`encode` gives it; anything else raises (``TypeError``, ``OverflowError``,
+#: ``ValueError``) and :func:`encode` must be used.  One packer serves every thread:
+#: without a ``default`` hook it runs no Python code, so the GIL is never released
+#: inside a call and no other thread can enter it meanwhile (the writers' fast path
+#: saves the thread-local lookup and the hook's set-up).  ``None`` on a free-threaded
+#: build, where that reasoning does not hold.
+pack_plain: Any = None if _PLAIN is None else _PLAIN.pack
+
+
 def encode(value: Any) -> Tuple[bytes, Sequence[Buffer], int]:
     """Encode ``value`` into ``(meta, buffers, data_length)``.
 

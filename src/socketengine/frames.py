@@ -312,6 +312,7 @@ def value_frame(
 
 
 _item_prefixes: Dict[str, bytes] = {}
+_pack_plain = codec.pack_plain
 
 
 def _item_prefix(channel: str) -> bytes:
@@ -336,6 +337,17 @@ def value_item(channel: str, value: Any) -> Union[bytes, Tuple[List[codec.Buffer
     """A DATA value, encoded in the caller's thread: a BATCH *item* (``bytes``:
     msgpack str channel + msgpack value) when the value has no arrays and is small,
     else ``(parts, size)`` of a DATA frame.  Raises ``TypeError`` before anything."""
+    if _pack_plain is not None and type(value) is not tuple:
+        try:
+            meta = _pack_plain(value)
+        except Exception:
+            pass  # arrays, tuples, subclasses, big ints: the full encoder below
+        else:
+            if len(meta) <= ITEM_MAX:
+                prefix = _item_prefixes.get(channel)
+                if prefix is None:
+                    prefix = _item_prefix(channel)
+                return prefix + meta
     meta, buffers, data_len = codec.encode(value)
     if not buffers and len(meta) <= ITEM_MAX:
         prefix = _item_prefixes.get(channel)

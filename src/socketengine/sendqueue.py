@@ -48,8 +48,10 @@ layer calls everything from the event loop.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Union
+from itertools import accumulate
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import frames
 from .codec import Buffer
@@ -96,6 +98,12 @@ _DATA = frames.DATA
 SEQ_VALUES = frozenset((frames.DATA, frames.BATCH))
 SEQ_ALL = SEQ_VALUES | {frames.REQUEST, frames.REPLY, frames.REPLY_ERROR, frames.SYNC, frames.ACK}
 _U32 = 0xFFFFFFFF
+#: Entries framed per step: a window of items only is sized, split and joined in C.
+_WINDOW = 512
+
+
+def _nones(n: int) -> List[None]:
+    return [None] * n
 
 
 def skip_frame(count: int) -> bytes:
@@ -326,12 +334,55 @@ class SendQueue:
         numbered = self.numbered
         if numbered:
             self._prune()
+        limit = self.batch_limit
+        budget = WIRE_CHUNK  # numbered: no limit, a resume finds all in the replay buffer
+        i = start
+        while i < end:
+            j = i + _WINDOW if i + _WINDOW < end else end
+            if limit:
+                # The common case, a window of items only, in C: sizes, split, join.
+                window = entries[i:j]
+                try:
+                    total = sum(map(len, window))  # type: ignore[arg-type]
+                    if total > limit:
+                        ends = list(accumulate(map(len, window)))  # type: ignore[arg-type]
+                        k = bisect_right(ends, limit) or 1
+                        del window[k:]
+                        total = ends[k - 1]
+                        j = i + k
+                    body = b"".join(window)  # type: ignore[arg-type]
+                except TypeError:
+                    pass  # a frame or an image slot among them: entry by entry, below
+                else:
+                    entries[i:j] = _nones(j - i)  # type: ignore[assignment]  # framed: not kept twice
+                    i = j
+                    self._put_run(window, total, body)  # type: ignore[arg-type]
+                    budget -= total
+                    if budget <= 0 and not numbered:
+                        break
+                    continue
+            i, budget = self._entries_to_wire(entries, i, j, budget)
+            if budget <= 0 and not numbered:
+                break
+        if i < end:
+            self._taken_at = i
+        else:
+            self._taken = []
+            self._taken_at = 0
+        if numbered:
+            self._bound()
+
+    def _entries_to_wire(
+        self, entries: List[_Entry], i: int, end: int, budget: int
+    ) -> Tuple[int, int]:
+        """Frame ``entries[i:end]`` one by one (runs of items as BATCH frames) until
+        ``budget`` item bytes are framed (unnumbered queues); return where it stopped
+        and the budget left."""
+        numbered = self.numbered
         wire = self._wire
         limit = self.batch_limit
         run: List[bytes] = []
         size = 0
-        budget = WIRE_CHUNK  # numbered: no limit, a resume finds all in the replay buffer
-        i = start
         while i < end:
             entry = entries[i]
             entries[i] = None  # type: ignore[call-overload]  # framed: not kept twice
@@ -340,7 +391,7 @@ class SendQueue:
             if kind is bytes:
                 n = len(entry)  # type: ignore[arg-type]
                 if run and size + n > limit:
-                    self._flush_run(run, size)
+                    self._put_run(run, size)
                     run, size = [], 0
                 run.append(entry)  # type: ignore[arg-type]
                 size += n
@@ -349,7 +400,7 @@ class SendQueue:
                     break
                 continue
             if run:
-                self._flush_run(run, size)
+                self._put_run(run, size)
                 run, size = [], 0
             if kind is list:
                 parts: List[Buffer] = entry  # type: ignore[assignment]
@@ -364,14 +415,8 @@ class SendQueue:
                 parts = self._through_shm(parts)
             wire.extend(parts)
         if run:
-            self._flush_run(run, size)
-        if i < end:
-            self._taken_at = i
-        else:
-            self._taken = []
-            self._taken_at = 0
-        if numbered:
-            self._bound()
+            self._put_run(run, size)
+        return i, budget
 
     def _keep(self, parts: List[Buffer], image: Optional[str]) -> None:
         """Number a frame and keep it for a resume (``image``: its conflated channel;
@@ -541,15 +586,17 @@ class SendQueue:
         new = _pack_header(_DATA, flags | _FLAG_SHM, clen, fid, mlen, len(desc))
         return [new + memoryview(head)[frames.HEADER_SIZE :] + desc]
 
-    def _flush_run(self, run: List[bytes], size: int) -> None:
-        """Frame a run of items: BATCH when the peer reads them and there are two or
-        more, else one DATA frame per item."""
+    def _put_run(self, run: List[bytes], size: int, body: Optional[bytes] = None) -> None:
+        """Frame a run of items (``body``: already joined): BATCH when the peer reads
+        them and there are two or more, else one DATA frame per item."""
         wire = self._wire
         numbered = self.numbered
         if len(run) > 1 and self.batch_limit:
             # The header is counted as queued bytes too: they leave with the frame.
             self.queued += frames.HEADER_SIZE - ITEM_OVERHEAD * len(run)
-            batch = _pack_header(_BATCH, 0, 0, 0, size, 0) + b"".join(run)
+            if body is None:
+                body = b"".join(run)
+            batch = _pack_header(_BATCH, 0, 0, 0, size, 0) + body
             if numbered:
                 self._keep([batch], None)
             wire.append(batch)

@@ -400,9 +400,9 @@ class Client(ClientSeedNames, Endpoint[Any]):
             encoded = value_item(channel, data)
             if type(encoded) is bytes:  # a small value: the fast path
                 conn = self._conn
-                if conn is not None and conn.engine.state is _OPEN:
+                if conn is not None:
                     try:
-                        conn.send_item(encoded)
+                        conn.send_item(encoded)  # checks the link is open
                         return
                     except ConnectionClosed:
                         pass

@@ -346,16 +346,17 @@ class Connection(PeerView, Pausable):
     def send_item(self, item: bytes) -> None:
         """:meth:`send_parts` for a BATCH item (a small value, the most frequent write):
         the same rules, fewer steps.  Thread-safe."""
-        queue = self._queue
         engine = self.engine
         if engine.state is not _OPEN and self._held(item, len(item), None):
             return
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # not ``with``: its __exit__ call costs as much as the lock
+        try:
             if engine.state is not _OPEN:
                 engine.check_writable()
-            if not queue.offer_item(item):
+            if not self._queue.offer_item(item):
                 self._wait_room(len(item) + ITEM_OVERHEAD)
-                queue.push_item(item)
+                self._queue.push_item(item)
             if self._want_write:
                 return
             now = _monotonic()
@@ -368,6 +369,8 @@ class Connection(PeerView, Pausable):
             else:
                 self._flush_scheduled = True
                 self._loop.call_soon(self._scheduled_flush)
+        finally:
+            lock.release()
 
     def send_parts(
         self,
