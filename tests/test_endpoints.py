@@ -143,6 +143,35 @@ def test_a_write_all_right_after_open_reaches_the_new_client(host: Host) -> None
         wait_for(lambda: not host.clients(), what="the client gone")
 
 
+def test_write_all_follows_arrivals_departures_and_interest_changes(
+    host: Host, make_client
+) -> None:  # type: ignore[no-untyped-def]
+    # The host caches who wants each channel; every change of the audience must show
+    # in the very next write_all: a client that came, one that left, a new interest.
+    a = make_client(name="a")
+    assert host.write_all("t", 1) == 1
+    b = make_client(name="b")
+    assert host.write_all("t", 2) == 2
+    wait_for(lambda: a.get("t") == 2 and b.get("t") == 2, what="both have 2")
+    conn_b = wait_for(lambda: host.get_client("b"))
+    b.set_interest(["other"])
+    wait_for(lambda: conn_b.interest is not None, what="b's interest at the host")
+    assert host.write_all("t", 3) == 1
+    host.write_all("other", "o")
+    wait_for(lambda: b.get("other") == "o", what="b gets its channel")
+    assert host.write_all("t", 4) == 1
+    wait_for(lambda: a.get("t") == 4, what="a has 4")
+    assert b.get("t") == 2
+    b.set_interest(None)
+    wait_for(lambda: conn_b.interest is None, what="b's interest cleared")
+    assert host.write_all("t", 5) == 2
+    wait_for(lambda: b.get("t") == 5, what="b has 5 again")
+    a.close()
+    wait_for(lambda: len(host.clients()) == 1, what="a gone")
+    assert host.write_all("t", 6) == 1
+    wait_for(lambda: b.get("t") == 6, what="b has 6")
+
+
 def test_per_connection_write(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
     a, b = make_client(name="a"), make_client(name="b")
     conn = wait_for(lambda: host.get_client("b"))

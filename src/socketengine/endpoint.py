@@ -30,6 +30,8 @@ logger = logging.getLogger("socketengine")
 #: ``fn(conn, channel, value, reply, error)``, see :meth:`EndpointBase.on_request`.
 RequestHook = Callable[[Any, str, Any, Any, Optional[str]], Any]
 _H = TypeVar("_H", bound=RequestHook)
+#: Channels whose audience a host caches (see ``EndpointBase._wanting``).
+_AUDIENCE_CHANNELS = 256
 
 
 class EndpointBase:
@@ -42,6 +44,8 @@ class EndpointBase:
     _gateway: Any = None
     _audience_epoch = 0
     _audience_seen: Optional[Tuple[Any, bool, int]] = None
+    # channel -> connections that want it (None -> the epochs it was built at).
+    _audience_cache: Optional[Dict[Optional[str], Any]] = None
     #: A host's sessions whose writes may be held (``None``: a client).
     _held_table: Optional[SessionTable] = None
 
@@ -194,8 +198,25 @@ class EndpointBase:
         return seen[2]
 
     def _audience_changed(self) -> None:
-        """Host: a client became ready or closed (see :meth:`_nats_broadcast`)."""
+        """Host: a connection came, became ready or closed (see :meth:`_wanting`)."""
         self._audience_epoch += 1
+
+    def _wanting(self, channel: str, conns: Dict[Any, Any]) -> List[Any]:
+        """Host: the connections of ``conns`` (every connection, by session) that want
+        broadcasts on ``channel``, in connection order, whatever their state: a
+        broadcast skips those not open.  Cached per channel (up to
+        :data:`_AUDIENCE_CHANNELS` of them) until a connection comes or goes or an
+        interest changes, so a broadcast does not ask every connection every time."""
+        key = (self._audience_epoch, ConnectionEngine.interest_epoch)
+        cache = self._audience_cache
+        if cache is None or cache.get(None) != key:
+            cache = self._audience_cache = {None: key}
+        found = cache.get(channel)
+        if found is None:
+            found = [c for c in list(conns.values()) if c.wants(channel)]
+            if len(cache) <= _AUDIENCE_CHANNELS:
+                cache[channel] = found
+        return found
 
     def on_request(self, fn: _H) -> _H:
         """Call ``fn(conn, channel, value, reply, error)`` after every request this

@@ -567,6 +567,7 @@ class Host(Endpoint):
         if warning is not None:
             logger.warning("%r: %s", self, warning)
         self._conns[conn.session] = conn
+        self._audience_changed()
         return None
 
     def _said_hello(self, key: int) -> bool:
@@ -634,7 +635,7 @@ class Host(Endpoint):
 
     def _audience(self, channel: str, exclude: Optional[Connection] = None) -> List[Connection]:
         """The clients a broadcast on ``channel`` goes to (their interest)."""
-        return [c for c in self.clients() if c is not exclude and c.wants(channel)]
+        return [c for c in self._wanting(channel, self._conns) if c.is_open and c is not exclude]
 
     def _relay_out(self, conn: Connection, channel: str, meta: Any, data: Any) -> None:
         """A client wrote a value this host relays: to the other clients."""

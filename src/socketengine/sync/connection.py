@@ -343,7 +343,7 @@ class Connection(PeerView, Pausable):
 
     # -- sending (any thread) -----------------------------------------------------------
 
-    def send_item(self, item: bytes) -> None:
+    def send_item(self, item: bytes, block: bool = True, defer: bool = False) -> None:
         """:meth:`send_parts` for a BATCH item (a small value, the most frequent write):
         the same rules, fewer steps.  Thread-safe."""
         engine = self.engine
@@ -354,9 +354,13 @@ class Connection(PeerView, Pausable):
         try:
             if engine.state is not _OPEN:
                 engine.check_writable()
-            if not self._queue.offer_item(item):
-                self._wait_room(len(item) + ITEM_OVERHEAD)
-                self._queue.push_item(item)
+            queue = self._queue
+            if not queue.offer_item(item):
+                if block:
+                    self._wait_room(len(item) + ITEM_OVERHEAD)
+                elif queue.slow_consumer(len(item), _monotonic(), self._endpoint.timeout):
+                    self._drop_slow_consumer_locked()
+                queue.push_item(item)
             if self._want_write:
                 return
             now = _monotonic()
@@ -364,7 +368,7 @@ class Connection(PeerView, Pausable):
             self._last_write = now
             if self._flush_scheduled:
                 return
-            if idle and not self._tls:
+            if idle and not defer and not self._tls:
                 self._flush_locked()
             else:
                 self._flush_scheduled = True

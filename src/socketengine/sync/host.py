@@ -24,6 +24,7 @@ from typing import (
 
 from .. import codec, frames, images
 from ..compat import HostSeedNames
+from ..engine import ConnState
 from ..errors import SocketEngineError
 from ..limits import (
     DEFAULT_COMPRESS_THRESHOLD,
@@ -63,6 +64,8 @@ _C = TypeVar("_C", bound=Callable[[Connection], Any])
 _ACCEPTS_PER_EVENT = 64
 # Broadcasts closer together than this (seconds) are a burst: their sends are deferred.
 _BROADCAST_GAP = 1e-3
+#: Looked up once: an enum member read through its class is slow on the write path.
+_OPEN = ConnState.OPEN
 
 
 class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
@@ -451,15 +454,22 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         held = 0
         with self._held_lock:  # every client is either live or held meanwhile
             if clients is None:
-                clients = self.clients()
-                if channel is not None:
-                    clients = [c for c in clients if c is not exclude and c.wants(channel)]
+                if channel is None:
+                    clients = self.clients()
+                else:
+                    # Cached; may hold some not open (yet or any more): _fan_out skips them.
+                    clients = self._wanting(channel, self._conns)
                     if hold:
                         held = self._hold_all(parts, nbytes, image, channel, exclude)
-            return held + self._fan_out(parts, nbytes, image, clients)
+            return held + self._fan_out(parts, nbytes, image, clients, exclude)
 
     def _fan_out(
-        self, parts: Outgoing, nbytes: int, image: Optional[str], clients: List[Connection]
+        self,
+        parts: Outgoing,
+        nbytes: int,
+        image: Optional[str],
+        clients: List[Connection],
+        exclude: Optional[Connection] = None,
     ) -> int:
         sent = 0
         # An isolated broadcast goes out at once; in a burst of them the loop thread
@@ -469,9 +479,15 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         # make the next one look isolated (measured: fan-out to 20 then fell into a
         # mode of 5x fewer deliveries/s, the writer flushing every frame itself).
         defer = len(clients) > 1 and time.monotonic() - self._last_broadcast < _BROADCAST_GAP
+        item = type(parts) is bytes
         for conn in clients:
+            if conn.engine.state is not _OPEN or conn is exclude:
+                continue  # handshaking or closing: not a client now (held: _hold_all)
             try:
-                conn.send_parts(parts, nbytes, image=image, block=False, defer=defer)
+                if item:
+                    conn.send_item(parts, False, defer)  # type: ignore[arg-type]
+                else:
+                    conn.send_parts(parts, nbytes, image=image, block=False, defer=defer)
                 conn.messages_out += 1
                 sent += 1
             except (ConnectionError, SocketEngineError) as exc:
@@ -572,6 +588,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
                 if victim is not None:
                     self._evict(victim)
             self._conns[protocol.session] = conn
+            self._audience_changed()
             conn.attach()
             if self.tls is None:
                 # A client's HELLO is often here already: read it now, so that this
