@@ -338,6 +338,10 @@ class SendQueue:
         budget = WIRE_CHUNK  # numbered: no limit, a resume finds all in the replay buffer
         i = start
         while i < end:
+            if type(entries[i]) is not bytes:
+                # A frame or an image slot: on its own.
+                i, budget = self._entries_to_wire(entries, i, i + 1, budget)
+                continue
             j = i + _WINDOW if i + _WINDOW < end else end
             if limit:
                 # The common case, a window of items only, in C: sizes, split, join.
@@ -352,7 +356,7 @@ class SendQueue:
                         j = i + k
                     body = b"".join(window)  # type: ignore[arg-type]
                 except TypeError:
-                    pass  # a frame or an image slot among them: entry by entry, below
+                    pass  # a frame or an image slot after them: entry by entry, below
                 else:
                     entries[i:j] = _nones(j - i)  # type: ignore[assignment]  # framed: not kept twice
                     i = j
