@@ -363,6 +363,11 @@ class Connection(PeerView, Pausable):
                 queue.push_item(item)
             if self._want_write:
                 return
+            if defer:  # a burst of broadcasts: one flush on the loop thread
+                if not self._flush_scheduled:
+                    self._flush_scheduled = True
+                    self._loop.call_soon(self._scheduled_flush)
+                return
             now = _monotonic()
             idle = now - self._last_write > _BURST_GAP
             self._last_write = now
