@@ -541,3 +541,40 @@ def test_large_bodies_are_recycled_only_once_nothing_refers_to_them() -> None:
     del second
     third = one(arr + 2)  # the second buffer is free again: reused, correctly filled
     assert third.tolist() == (arr + 2).tolist() and kept.tolist() == arr.tolist()
+
+
+_writable = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(2**70), max_value=2**70),
+        st.floats(allow_nan=False),
+        st.text(max_size=30),
+        st.binary(max_size=6000),
+    ),
+    lambda children: st.one_of(
+        st.lists(children, max_size=6),
+        st.lists(children, max_size=4).map(tuple),
+        st.dictionaries(st.text(max_size=5), children, max_size=4),
+    ),
+    max_leaves=20,
+)
+
+
+@FAST
+@given(st.sampled_from(["c", "a/b", "é" * 40]), _writable)
+def test_value_item_is_the_canonical_encoding_whatever_path_it_takes(
+    channel: str, value: Any
+) -> None:
+    # The writers' fast path (one shared packer) and the full encoder must give the same
+    # bytes: a BATCH item when small, else the DATA frame value_frame() makes.
+    got = frames.value_item(channel, value)
+    meta = codec.encode(value)[0]
+    if type(got) is bytes:
+        assert len(meta) <= frames.ITEM_MAX
+        assert got == frames._item_prefix(channel) + meta
+    else:
+        parts, size = got
+        want, want_size = frames.value_frame(frames.DATA, channel, value)
+        assert b"".join(bytes(p) for p in parts) == b"".join(bytes(p) for p in want)
+        assert size == want_size

@@ -348,6 +348,7 @@ def value_item(channel: str, value: Any) -> Union[bytes, Tuple[List[codec.Buffer
                 if prefix is None:
                     prefix = _item_prefix(channel)
                 return prefix + meta
+            return plain_item(channel, meta, (), 0)  # large: a DATA frame, packed once
     meta, buffers, data_len = codec.encode(value)
     if not buffers and len(meta) <= ITEM_MAX:
         prefix = _item_prefixes.get(channel)
