@@ -578,3 +578,17 @@ def test_value_item_is_the_canonical_encoding_whatever_path_it_takes(
         want, want_size = frames.value_frame(frames.DATA, channel, value)
         assert b"".join(bytes(p) for p in parts) == b"".join(bytes(p) for p in want)
         assert size == want_size
+
+
+def test_a_channel_whose_values_hold_tuples_goes_straight_to_the_full_encoder() -> None:
+    # The shared packer cannot pack tuples; after one failed try the channel skips it,
+    # and its values, with or without tuples, keep their exact encoding.
+    channel = "test-frames-tuple-channel"
+    assert channel not in frames._full_channels
+    first = frames.value_item(channel, {"pos": (1.0, 2.0)})
+    assert channel in frames._full_channels
+    assert first == frames._item_prefix(channel) + codec.encode({"pos": (1.0, 2.0)})[0]
+    assert (
+        frames.value_item(channel, [1, "x"])
+        == frames._item_prefix(channel) + codec.encode([1, "x"])[0]
+    )

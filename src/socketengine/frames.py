@@ -20,7 +20,7 @@ from __future__ import annotations
 import mmap
 import struct
 import sys
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 from . import codec, compression, limits
 from .errors import HandshakeError, MessageTooBig, ProtocolError
@@ -313,6 +313,8 @@ def value_frame(
 
 _item_prefixes: Dict[str, bytes] = {}
 _pack_plain = codec.pack_plain
+# Channels whose values the shared packer could not pack (see value_item).
+_full_channels: Set[str] = set()
 
 
 def _item_prefix(channel: str) -> bytes:
@@ -337,11 +339,15 @@ def value_item(channel: str, value: Any) -> Union[bytes, Tuple[List[codec.Buffer
     """A DATA value, encoded in the caller's thread: a BATCH *item* (``bytes``:
     msgpack str channel + msgpack value) when the value has no arrays and is small,
     else ``(parts, size)`` of a DATA frame.  Raises ``TypeError`` before anything."""
-    if _pack_plain is not None and type(value) is not tuple:
+    if _pack_plain is not None and type(value) is not tuple and channel not in _full_channels:
         try:
             meta = _pack_plain(value)
         except Exception:
-            pass  # arrays, tuples, subclasses, big ints: the full encoder below
+            # Arrays, tuples, subclasses, big ints: the full encoder below, and from now
+            # on at once for this channel (a failed try costs ~2 us: its values usually
+            # keep their shape).
+            if len(_full_channels) < 4096:
+                _full_channels.add(channel)
         else:
             if len(meta) <= ITEM_MAX:
                 prefix = _item_prefixes.get(channel)
