@@ -539,3 +539,14 @@ def test_framing_keeps_order_limits_and_byte_counts(
     for frame in frames.FrameDecoder(1 << 20, 4096, expect_preamble=False).feed(wire):
         if frame.type == frames.BATCH:
             assert len(frame.meta) <= batch_limit
+
+
+@pytest.mark.parametrize("off", [0, 0.0])
+def test_resume_window_zero_turns_resume_off_as_int_or_float(off: float) -> None:
+    from socketengine.limits import check_host_limits
+
+    base: Any = {"max_clients": 10, "keep_departed": 10, "backlog": 10}
+    assert check_host_limits(**base, resume_window=off).resume_window == 0.0
+    for bad in (-1, -0.5, True, "0"):
+        with pytest.raises((TypeError, ValueError)):
+            check_host_limits(**base, resume_window=bad)

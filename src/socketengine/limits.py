@@ -274,7 +274,7 @@ def check_host_limits(
         backlog=_check_int("backlog", backlog, 1),
         resume_window=(
             0.0
-            if type(resume_window) is int and resume_window == 0
+            if type(resume_window) in (int, float) and resume_window == 0
             else check_seconds("resume_window", resume_window) or 0.0
         ),
         resume_sessions=_check_int("resume_sessions", resume_sessions, 0),
