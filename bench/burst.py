@@ -11,11 +11,13 @@ does not fit waits for room: backpressure).  Reported:
 * ``rss_growth_mb``: the writer process's peak RSS (VmHWM) during the burst minus its RSS
   before it: what the queued values really cost, Python objects included;
 * ``rss_growth_x``: that growth over ``max_buffer`` (``<= 1``: the burst held at most
-  ``max_buffer``);
+  ``max_buffer``).  With resume (the default) the writer also keeps what it sent and the
+  stopped peer has not acknowledged, up to another ``max_buffer`` (the replay window):
+  the bound is then 2x; ``--no-resume`` runs the host with ``resume_window=0``;
 * ``writes_per_s``, ``seconds``: the burst's pace against that slow peer.
 
     python -m bench.burst                       # 1,000,000 writes, max_buffer 4 MiB
-    python -m bench.burst --runs 5 --max-buffer-mb 16
+    python -m bench.burst --runs 5 --max-buffer-mb 16 [--no-resume]
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from typing import Any, Dict, List
 _HOST = r"""
 import sys
 from socketengine import Host
-with Host(port=0, timeout=60) as h:
+resume = {} if sys.argv[1] == "on" else {"resume_window": 0}
+with Host(port=0, timeout=60, **resume) as h:
     print(h.port, flush=True)
     sys.stdin.read()  # until the parent closes it
 """
@@ -82,9 +85,14 @@ print(json.dumps({"seconds": t1 - t0, "before": before, "hwm": hwm, "peak": peak
 """
 
 
-def one_run(n: int, max_buffer: int, stop_ms: float, run_ms: float) -> Dict[str, float]:
+def one_run(
+    n: int, max_buffer: int, stop_ms: float, run_ms: float, resume: bool = True
+) -> Dict[str, float]:
     host = subprocess.Popen(
-        [sys.executable, "-c", _HOST], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", _HOST, "on" if resume else "off"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     writer = None
     try:
@@ -137,14 +145,21 @@ def main() -> None:
     parser.add_argument("--stop-ms", type=float, default=20.0)
     parser.add_argument("--run-ms", type=float, default=5.0)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="the host runs with resume_window=0: no replay window on the writer's side",
+    )
     args = parser.parse_args()
     max_buffer = int(args.max_buffer_mb * 2**20)
     runs: List[Dict[str, float]] = [
-        one_run(args.n, max_buffer, args.stop_ms, args.run_ms) for _ in range(args.runs)
+        one_run(args.n, max_buffer, args.stop_ms, args.run_ms, not args.no_resume)
+        for _ in range(args.runs)
     ]
     summary: Dict[str, Any] = {
         "n": args.n,
         "max_buffer_mb": args.max_buffer_mb,
+        "resume": not args.no_resume,
         "peer": f"stopped {args.stop_ms} ms / running {args.run_ms} ms",
         "load": os.getloadavg(),
     }

@@ -600,10 +600,12 @@ class SendQueue:
             self.queued += frames.HEADER_SIZE - ITEM_OVERHEAD * len(run)
             if body is None:
                 body = b"".join(run)
-            batch = _pack_header(_BATCH, 0, 0, 0, size, 0) + body
+            # Header and body stay two buffers (sendmsg takes both): no 64 KiB copy.
+            head = _pack_header(_BATCH, 0, 0, 0, size, 0)
             if numbered:
-                self._keep([batch], None)
-            wire.append(batch)
+                self._keep([head, body], None)
+            wire.append(head)
+            wire.append(body)
             return
         for item in run:
             frame = frames.item_frame(item)
