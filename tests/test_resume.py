@@ -578,3 +578,29 @@ def test_acks_ride_with_the_next_write_instead_of_a_send_of_their_own(monkeypatc
         monkeypatch.undo()
         client.close()
         host.close()
+
+
+def test_link_level_frames_do_not_move_to_the_next_link() -> None:
+    # A RACK (or PING/PONG) still queued when a link dies belongs to that link: on the
+    # resumed one its count would be stale, and the peer would refuse it.
+    old = SendQueue(1 << 20)
+    old.numbered = True
+    old.batch_limit = 1 << 16
+    old.push_item(frames.value_item("c", 1))  # type: ignore[arg-type]
+    rack = rack_frame(7)
+    old.push([rack], len(rack))
+    pong = b"".join(frames.encode_frame(frames.PONG))
+    old.push([pong + rack_frame(8)], len(pong) + 16)
+    old.push_item(frames.value_item("c", 2))  # type: ignore[arg-type]
+    old.detach()
+    new = SendQueue(1 << 20)
+    new.take_over(old)
+    wire = b"".join(bytes(p) for p in new.take_all())
+    decoded = frames.FrameDecoder(1 << 20, 4096, expect_preamble=False).feed(wire)
+    assert frames.RACK not in {f.type for f in decoded}
+    assert frames.PONG not in {f.type for f in decoded}
+    values = []
+    for f in decoded:
+        values += f.items()[1::2] if f.type == frames.BATCH else [f.value()]
+    assert values == [1, 2]
+    assert new.queued == 0 and not old

@@ -106,6 +106,15 @@ def _nones(n: int) -> List[None]:
     return [None] * n
 
 
+#: Frames that only make sense on the link they were made for (see take_over).
+_LINK_ONLY = frozenset((frames.RACK, frames.PING, frames.PONG))
+
+
+def _link_only(data: Buffer) -> bool:
+    """``data`` (one queued buffer) holds link-level frames: RACK, PING or PONG."""
+    return len(data) >= frames.HEADER_SIZE and data[0] in _LINK_ONLY
+
+
 def skip_frame(count: int) -> bytes:
     """A SKIP frame standing for ``count`` sequence numbers (1 <= count < 2**32)."""
     return _pack_header(frames.SKIP, 0, 0, count, 0, 0)
@@ -550,10 +559,21 @@ class SendQueue:
         untaken = [e for e in old._taken[old._taken_at :] if e is not None]
         old._taken = []
         old._taken_at = 0
-        self._inbox = untaken + old._inbox + self._inbox
+        # Link-level frames still waiting (a RACK, a PING or PONG) belong to the old
+        # link: a RACK's count would be stale on the new one, behind the count the
+        # resume handshake gave, and the peer would take it for a count beyond what it
+        # sent (ProtocolError).
+        moved: List[_Entry] = []
+        dropped = 0
+        for entry in untaken + old._inbox:
+            if type(entry) is list and len(entry) == 1 and _link_only(entry[0]):
+                dropped += len(entry[0])
+            else:
+                moved.append(entry)
+        self._inbox = moved + self._inbox
         for channel, slot in old._slots.items():
             self._slots.setdefault(channel, slot)
-        self.queued += old.queued
+        self.queued += old.queued - dropped
         self.numbered = old.numbered
         self.sequenced = old.sequenced
         self.seq, self.acked = old.seq, old.acked
