@@ -604,3 +604,50 @@ def test_link_level_frames_do_not_move_to_the_next_link() -> None:
         values += f.items()[1::2] if f.type == frames.BATCH else [f.value()]
     assert values == [1, 2]
     assert new.queued == 0 and not old
+
+
+def test_asyncio_acks_ride_with_the_next_write_too(monkeypatch: Any) -> None:
+    # The same rule on the asyncio layer: a RACK due after a read leaves with the reply.
+    import asyncio
+    import socket as socket_mod
+
+    from socketengine import aio
+
+    sends: List[Any] = []
+    plain_send, plain_sendmsg = socket_mod.socket.send, socket_mod.socket.sendmsg
+
+    def send(self: Any, data: Any, *args: Any) -> int:
+        sends.append(self)
+        return plain_send(self, data, *args)
+
+    def sendmsg(self: Any, buffers: Any, *args: Any) -> int:
+        sends.append(self)
+        return plain_sendmsg(self, buffers, *args)
+
+    async def main() -> None:
+        host = aio.Host(port=0, timeout=5, heartbeat=None)
+        await host.start()
+        client = aio.Client(port=host.port, timeout=5, heartbeat=None)
+        try:
+            host.on("echo", lambda value, conn: value)
+            await client.start()
+            for i in range(8):
+                await client.request("echo", i)  # warm up
+            conn = host.clients()[0]
+            assert conn.engine.session is not None
+            host_socket = conn.transport.get_extra_info("socket")
+            monkeypatch.setattr(socket_mod.socket, "send", send)
+            monkeypatch.setattr(socket_mod.socket, "sendmsg", sendmsg)
+            n = 3 * ACK_EVERY
+            for i in range(n):
+                assert await client.request("echo", i) == i
+            monkeypatch.undo()
+            # asyncio hands transports a TransportSocket wrapper: compare file numbers.
+            host_sends = sum(1 for s in sends if s.fileno() == host_socket.fileno())
+            assert host_sends == n  # one send per reply, its RACK inside
+        finally:
+            monkeypatch.undo()
+            await client.close()
+            await host.close()
+
+    asyncio.run(main())

@@ -53,6 +53,10 @@ __all__ = ["ConnState", "Tick", "ConnectionEngine", "BYE_FRAME"]
 logger = logging.getLogger("socketengine")
 _DATA = frames.DATA
 _BATCH = frames.BATCH
+#: Seconds protocol bytes owed to the peer after a read (a RACK, a PONG) may wait for
+#: the next write on that connection to take them along (both layers): sent on their
+#: own, in the middle of a round trip, they cost the peer an extra wake-up.
+CONTROL_DELAY = 1e-3
 _RACK = frames.RACK
 _SKIP = frames.SKIP
 

@@ -59,7 +59,7 @@ from typing import (
 )
 
 from .. import frames
-from ..engine import ConnectionEngine, ConnState, Tick, describe_peer
+from ..engine import CONTROL_DELAY, ConnectionEngine, ConnState, Tick, describe_peer
 from ..errors import (
     ConnectionClosed,
     EndpointClosed,
@@ -319,6 +319,7 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         self._ready_waiter: Optional[asyncio.Future[None]] = None
         self._lost_waiter: asyncio.Future[None] = self._loop.create_future()
         self._timer: Optional[asyncio.TimerHandle] = None
+        self._control_timer: Optional[asyncio.TimerHandle] = None
         self._chain = CallbackChain(self)
 
     # -- public ---------------------------------------------------------------------
@@ -737,6 +738,21 @@ class Connection(PeerView, asyncio.BufferedProtocol):
             self.bytes_out += len(out)
             self.engine.sent(self._loop.time())
 
+    def _defer_protocol_bytes(self) -> None:
+        """Queue what the core wants sent, to leave with the next write or within
+        CONTROL_DELAY."""
+        out = self.engine.control_bytes()
+        if not out or self.transport is None or self._lost:
+            return
+        self._queue.push([out], len(out))
+        if self._control_timer is None:
+            self._control_timer = self._loop.call_later(CONTROL_DELAY, self._flush_control)
+
+    def _flush_control(self) -> None:
+        self._control_timer = None
+        if self._queue and not self._write_paused and not self._lost:
+            self._pump()
+
     def _send_reply(
         self, channel: str, fid: int, result: Any, exc: Union[BaseException, str, None]
     ) -> Optional[str]:
@@ -914,7 +930,14 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         was_open = engine.opened or engine.state is not ConnState.HANDSHAKE
         try:
             events = engine.events()
-        finally:
+        except BaseException:
+            self._send_protocol_bytes()
+            raise
+        if was_open and events:
+            # A RACK or PONG owed now leaves with what handling these frames writes (a
+            # reply), or within CONTROL_DELAY (see the threaded layer's _process).
+            self._defer_protocol_bytes()
+        else:
             self._send_protocol_bytes()
         if not was_open and engine.opened:
             engine.peer = self._peer()

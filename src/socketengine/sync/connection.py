@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 from .. import frames, shm
 from ..codec import Buffer
-from ..engine import ConnectionEngine, ConnState, Tick, describe_peer
+from ..engine import CONTROL_DELAY, ConnectionEngine, ConnState, Tick, describe_peer
 from ..errors import (
     ConnectionClosed,
     HandshakeError,
@@ -57,9 +57,6 @@ _BURST_GAP = 50e-6
 #: Looked up once: an enum member read through its class is slow on the write path.
 _OPEN = ConnState.OPEN
 _monotonic = time.monotonic
-# Protocol bytes owed to the peer (RACK, PONG) wait at most this long (s) for a write to
-# take them along.
-_CONTROL_DELAY = 1e-3
 # Over TLS, small parts are joined (one TLS record) up to about 4x this many bytes.
 _TLS_JOIN = 64 * 1024
 
@@ -797,16 +794,15 @@ class Connection(PeerView, Pausable):
             return
         # What the protocol owes the peer now (a RACK every 32 sequenced frames, a PONG)
         # leaves with the next write (a reply to these frames, the next request), in one
-        # send, or after _CONTROL_DELAY at the latest: sent on its own, it cost the peer
-        # an extra wake-up in the middle of a round trip (a request's p99 rose from 162
-        # to 250 us once requests were sequenced).
+        # send, or after CONTROL_DELAY at the latest (a request's p99 rose from 162 to
+        # 250 us once requests were sequenced and their RACKs went out on their own).
         with self._lock:
             self._queue.push([control], len(control))
         try:
             self._endpoint._dispatch(self, events)
         finally:
             if self._control_timer is None:
-                self._control_timer = self._loop.call_later(_CONTROL_DELAY, self._flush_control)
+                self._control_timer = self._loop.call_later(CONTROL_DELAY, self._flush_control)
 
     def _flush_control(self) -> None:
         """Send protocol bytes no write took along (loop thread, see :meth:`_process`)."""
