@@ -374,7 +374,7 @@ class Connection(PeerView, Pausable):
             self._last_write = now
             if self._flush_scheduled:
                 return
-            if idle and not defer and not self._tls:
+            if idle and not self._tls:
                 self._flush_locked()
             else:
                 self._flush_scheduled = True
