@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional
 import msgpack
 
 from .link import AsyncNatsLink, NatsLink, Subscription
-from .retained import create_bucket_kv
+from .retained import create_bucket_kv, jetstream_transient
 from .subjects import DEFAULT_PREFIX, Subjects, bucket_name, decode_token, encode_token
 
 __all__ = [
@@ -80,6 +80,11 @@ class PresenceTable:
 # -- hosts ----------------------------------------------------------------------------
 
 
+#: Seconds a host's first announcement (and a listing) is retried while JetStream cannot
+#: answer yet.
+FIRST_ANNOUNCE = 10.0
+
+
 async def _hosts_kv(link: AsyncNatsLink, prefix: str, ttl: float, replicas: int) -> Any:
     return await create_bucket_kv(
         link.nc.jetstream(),
@@ -118,12 +123,21 @@ class AsyncHostAnnouncer:
         """Announce now and keep announcing.  ``strict=False``: a first announcement
         that fails (JetStream electing a leader after a server died) is logged and
         retried every period instead of raised."""
-        try:
-            await self._announce()
-        except Exception as exc:
-            if strict:
-                raise
-            log.warning("host %r: announcement failed (%s); retrying", self.host, exc)
+        # A bucket just created (or a server just restarted) has no stream leader for a
+        # moment: its first put finds no responders.  Retried for FIRST_ANNOUNCE s.
+        deadline = time.monotonic() + FIRST_ANNOUNCE
+        while True:
+            try:
+                await self._announce()
+                break
+            except Exception as exc:
+                if jetstream_transient(exc) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)  # JetStream electing the stream's leader
+                    continue
+                if strict:
+                    raise
+                log.warning("host %r: announcement failed (%s); retrying", self.host, exc)
+                break
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _announce(self) -> None:
@@ -156,7 +170,22 @@ class AsyncHostAnnouncer:
 async def alist_hosts(
     link: AsyncNatsLink, *, prefix: str = DEFAULT_PREFIX, ttl: float = 10.0, replicas: int = 3
 ) -> Dict[str, Dict[str, Any]]:
-    """Every announced host: ``{name: info}`` (one call; asyncio)."""
+    """Every announced host: ``{name: info}`` (one call; asyncio).  JetStream not
+    answering for a moment (a stream electing its leader) is retried for
+    :data:`FIRST_ANNOUNCE` s."""
+    deadline = time.monotonic() + FIRST_ANNOUNCE
+    while True:
+        try:
+            return await _list_hosts_once(link, prefix, ttl, replicas)
+        except Exception as exc:
+            if not jetstream_transient(exc) or time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(0.1)  # JetStream electing the stream's leader
+
+
+async def _list_hosts_once(
+    link: AsyncNatsLink, prefix: str, ttl: float, replicas: int
+) -> Dict[str, Dict[str, Any]]:
     import nats.js.errors as jerr
 
     kv = await _hosts_kv(link, prefix, ttl, replicas)

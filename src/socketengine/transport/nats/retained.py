@@ -72,7 +72,9 @@ class RetainedUnavailable(SocketEngineError):
     """JetStream did not answer in time (no quorum, or a leader election under way)."""
 
 
-def _transient(exc: BaseException) -> bool:
+def jetstream_transient(exc: BaseException) -> bool:
+    """``exc`` is JetStream not answering for a moment (a leader election, a stream just
+    created, a reconnection): worth retrying within a deadline."""
     import nats.errors as nerr
     import nats.js.errors as jerr
 
@@ -159,7 +161,7 @@ class AsyncRetainedStore:
                 js, self.replicas, bucket=self.kv_bucket, history=1, direct=True
             )
         except Exception as exc:
-            if not _transient(exc):
+            if not jetstream_transient(exc):
                 raise
             log.info("retained store %r: JetStream busy (%r), binding directly", self.host, exc)
             b = self.kv_bucket
@@ -172,7 +174,7 @@ class AsyncRetainedStore:
             try:
                 return await op()
             except Exception as exc:
-                if not _transient(exc):
+                if not jetstream_transient(exc):
                     raise
                 if time.monotonic() > deadline:
                     raise RetainedUnavailable(
