@@ -531,18 +531,11 @@ def test_a_client_that_does_not_reconnect_fails_its_requests_with_the_link() -> 
     assert isinstance(sink.error, ConnectionClosed)
 
 
-def test_acks_ride_with_the_next_write_instead_of_a_send_of_their_own(monkeypatch: Any) -> None:
-    # Threaded layer, resume on, requests sequenced: each side owes a RACK every 32
-    # frames.  It leaves with the reply (host) or the next request (client), never in a
-    # send of its own in the middle of a round trip (that cost the peer a wake-up: a
-    # request's p99 went from 162 to 250 us).
+def _record_sends(monkeypatch: Any, sends: List[Any]) -> None:
+    """Append the socket of every ``send``/``sendmsg`` call to ``sends`` (until
+    ``monkeypatch.undo()``)."""
     import socket as socket_mod
 
-    from conftest import wait_for
-
-    from socketengine import Client, Host
-
-    sends: List[Any] = []
     plain_send, plain_sendmsg = socket_mod.socket.send, socket_mod.socket.sendmsg
 
     def send(self: Any, data: Any, *args: Any) -> int:
@@ -553,6 +546,20 @@ def test_acks_ride_with_the_next_write_instead_of_a_send_of_their_own(monkeypatc
         sends.append(self)
         return plain_sendmsg(self, buffers, *args)
 
+    monkeypatch.setattr(socket_mod.socket, "send", send)
+    monkeypatch.setattr(socket_mod.socket, "sendmsg", sendmsg)
+
+
+def test_acks_ride_with_the_next_write_instead_of_a_send_of_their_own(monkeypatch: Any) -> None:
+    # Threaded layer, resume on, requests sequenced: each side owes a RACK every 32
+    # frames.  It leaves with the reply (host) or the next request (client), never in a
+    # send of its own in the middle of a round trip (that cost the peer a wake-up: a
+    # request's p99 went from 162 to 250 us).
+    from conftest import wait_for
+
+    from socketengine import Client, Host
+
+    sends: List[Any] = []
     host = Host(port=0, timeout=5, heartbeat=None)
     client = Client(port=host.port, timeout=5, heartbeat=None)
     try:
@@ -562,8 +569,7 @@ def test_acks_ride_with_the_next_write_instead_of_a_send_of_their_own(monkeypatc
         for i in range(8):
             client.request("echo", i)  # warm up
         wait_for(lambda: not conn._queue and not client._conn._queue, what="idle")
-        monkeypatch.setattr(socket_mod.socket, "send", send)
-        monkeypatch.setattr(socket_mod.socket, "sendmsg", sendmsg)
+        _record_sends(monkeypatch, sends)
         n = 3 * ACK_EVERY
         for i in range(n):
             assert client.request("echo", i) == i
@@ -609,20 +615,10 @@ def test_link_level_frames_do_not_move_to_the_next_link() -> None:
 def test_asyncio_acks_ride_with_the_next_write_too(monkeypatch: Any) -> None:
     # The same rule on the asyncio layer: a RACK due after a read leaves with the reply.
     import asyncio
-    import socket as socket_mod
 
     from socketengine import aio
 
     sends: List[Any] = []
-    plain_send, plain_sendmsg = socket_mod.socket.send, socket_mod.socket.sendmsg
-
-    def send(self: Any, data: Any, *args: Any) -> int:
-        sends.append(self)
-        return plain_send(self, data, *args)
-
-    def sendmsg(self: Any, buffers: Any, *args: Any) -> int:
-        sends.append(self)
-        return plain_sendmsg(self, buffers, *args)
 
     async def main() -> None:
         host = aio.Host(port=0, timeout=5, heartbeat=None)
@@ -636,8 +632,7 @@ def test_asyncio_acks_ride_with_the_next_write_too(monkeypatch: Any) -> None:
             conn = host.clients()[0]
             assert conn.engine.session is not None
             host_socket = conn.transport.get_extra_info("socket")
-            monkeypatch.setattr(socket_mod.socket, "send", send)
-            monkeypatch.setattr(socket_mod.socket, "sendmsg", sendmsg)
+            _record_sends(monkeypatch, sends)
             n = 3 * ACK_EVERY
             for i in range(n):
                 assert await client.request("echo", i) == i
