@@ -17,6 +17,7 @@ from socketengine.limits import (
 )
 from socketengine.state import (
     Admission,
+    BudgetExceeded,
     Departed,
     StoredValues,
     SubscriptionBuffer,
@@ -204,3 +205,30 @@ def test_a_large_metadata_section_keeps_arrays_after_it_aligned_and_writable() -
     assert out["blob"] == value["blob"]
     assert np.array_equal(out["arr"], value["arr"])
     assert out["arr"].flags.aligned and out["arr"].flags.writeable
+
+
+def test_a_batch_is_counted_once_per_channel_when_it_fits() -> None:
+    stored = StoredValues(max_channels=2, max_stored=100)
+    stored.store_items(["a", b"x" * 30, "a", b"x" * 10, "b", 1])
+    assert stored.nbytes == value_size(b"x" * 10) + 1 + value_size(1) + 1
+    assert set(stored.sizes) == {"a", "b"}
+
+
+@pytest.mark.parametrize(
+    "items, accepted, match",
+    [
+        (["a", 1, "b", 2, "a", 3, "c", 4, "a", 5], 6, "max_channels=2"),
+        (["a", b"x" * 40, "b", b"x" * 40, "a", b"x" * 60], 4, "max_stored=100"),
+        (["c", 1], 0, "max_channels=2"),
+    ],
+)
+def test_a_batch_beyond_a_budget_says_how_many_items_came_before(
+    items: List[Any], accepted: int, match: str
+) -> None:
+    stored = StoredValues(max_channels=2, max_stored=100)
+    stored.store("a", 0)
+    stored.store("b", 0)
+    with pytest.raises(BudgetExceeded, match=match) as info:
+        stored.store_items(items)
+    assert info.value.accepted == accepted
+    assert isinstance(info.value, ProtocolError)  # closes the connection like any other

@@ -476,6 +476,37 @@ def test_a_client_beyond_max_channels_is_closed_and_the_log_says_why(
 
 
 @pytest.mark.parametrize("layer", LAYERS)
+def test_a_batch_that_crosses_max_channels_keeps_the_values_before_it(
+    layer: str, loop_thread: AioThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A writer's burst may travel as one BATCH frame: which of its values the host keeps
+    # must not depend on how they were framed (here: one frame, sent by hand).
+    host = make_host(layer, loop_thread, max_channels=5)
+    try:
+        with caplog.at_level(logging.WARNING, logger="socketengine"):
+            sock = socket.create_connection(("127.0.0.1", host.ep.port), timeout=10)
+            hello = frames.encode_value_frame(
+                frames.HELLO, "", {"v": 1, "name": "raw", "nonce": b"n" * 16, "batch": True}
+            )
+            sock.sendall(frames.PREAMBLE + b"".join(hello))
+            wait_for(lambda: len(host.ep.clients()) == 1, what="the raw client")
+            items = [f"c{i}" for i in range(5)] + ["c0", "c5", "c1"]
+            body = b"".join(
+                frames.value_item(ch, v)  # type: ignore[misc]  # small ints: bytes
+                for ch, v in zip(items, [0, 1, 2, 3, 4, 10, 5, 11])
+            )
+            sock.sendall(b"".join(frames.encode_frame(frames.BATCH, "", body)))
+            wait_for(lambda: not host.ep.clients(), what="the connection to close")
+            sock.close()
+        assert "max_channels=5" in caplog.text
+        assert host.ep.get_all("c0") == [10]  # before the sixth channel: kept
+        assert host.ep.get_all("c1") == [1]  # after it: not stored
+        assert host.ep.get("c5") is None
+    finally:
+        host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
 def test_a_client_beyond_max_stored_is_closed_and_the_log_says_why(
     layer: str, loop_thread: AioThread, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "Departed",
     "Admission",
     "StoredValues",
+    "BudgetExceeded",
     "SubscriptionBuffer",
     "Backoff",
 ]
@@ -214,14 +215,49 @@ class StoredValues:
 
     def store_items(self, items: List[Any]) -> None:
         """Account a BATCH frame's items (flat ``[channel, value, ...]``) before storing
-        them.  Only the last value of each channel stays stored, so only it is counted
-        (at :func:`value_size`): the same final total as storing the items one by one, for one
-        size estimate per channel instead of one per item (a burst on one channel is
-        hundreds of items).  Raises like :meth:`store`; then none of them is stored."""
+        them.  Only the last value of each channel stays stored, so when the whole batch
+        fits only it is counted (at :func:`value_size`): the same final total as storing
+        the items one by one, for one size estimate per channel instead of one per item
+        (a burst on one channel is hundreds of items).
+
+        When it does not fit, the items are accounted one by one, as separate DATA
+        frames would be, and :class:`BudgetExceeded` is raised at the first item beyond
+        a budget; its ``accepted`` says how many of ``items`` (flat entries) came before
+        it.  The caller stores those, then closes the connection: batching is invisible
+        to the writer, so what it wrote before the offending value is kept."""
+        sizes = self.sizes
         last = dict(zip(items[0::2], items[1::2]))
-        store = self.store
+        total = self.nbytes
+        new = 0
+        counted = []
         for channel, value in last.items():
-            store(channel, value_size(value))
+            size = value_size(value) + len(channel)
+            old = sizes.get(channel)
+            if old is None:
+                new += 1
+                old = 0
+            total += size - old
+            counted.append(size)
+        if len(sizes) + new <= self.max_channels and total <= self.max_stored:
+            sizes.update(zip(last, counted))
+            self.nbytes = total
+            return
+        store = self.store
+        for i in range(0, len(items), 2):
+            try:
+                store(items[i], value_size(items[i + 1]))
+            except ProtocolError as exc:
+                raise BudgetExceeded(str(exc), i) from None
+
+
+class BudgetExceeded(ProtocolError):
+    """A peer's values went beyond ``max_channels`` or ``max_stored`` in the middle of
+    a BATCH frame: the first ``accepted`` flat entries (``[channel, value, ...]``) fit
+    and are to be stored before the connection is closed."""
+
+    def __init__(self, message: str, accepted: int) -> None:
+        super().__init__(message)
+        self.accepted = accepted
 
 
 class Admission:

@@ -36,7 +36,7 @@ from ..limits import (
 from ..patterns import Pattern
 from ..relay import split_relayed
 from ..requests import no_handler, reply_frame
-from ..state import StoredValues, value_size
+from ..state import BudgetExceeded, StoredValues, value_size
 from ..watch import PatternWatch, check_key, pattern_item
 from .connection import Connection
 from .delivery import Dispatcher, Subscription, Waiter
@@ -583,9 +583,14 @@ class Endpoint(EndpointBase, Generic[_I]):
                 continue
             if t == BATCH:
                 items = frame.items()
+                overflow = None
+                if stored is not None:
+                    try:
+                        stored.store_items(items)
+                    except BudgetExceeded as exc:  # keep what came before, then close
+                        overflow = exc
+                        items = items[: exc.accepted]
                 count += len(items) // 2
-                if stored is not None:  # raises ProtocolError beyond a budget
-                    stored.store_items(items)
                 if relay is not None:
                     for i in range(0, len(items), 2):
                         if relay.allows(items[i], conn.name):
@@ -605,6 +610,9 @@ class Endpoint(EndpointBase, Generic[_I]):
                     values.update(pairs)
                     latest.update(pairs)
                     stamps.update(dict.fromkeys(pairs, now))
+                if overflow is not None:
+                    conn.messages_in += count
+                    raise overflow
                 continue
             conn.messages_in += count
             count = 0
