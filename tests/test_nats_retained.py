@@ -76,3 +76,34 @@ def test_retained_value_survives_killing_the_node_that_took_it(
     assert again.channels() == ["image", "status"]
     print(f"retained values read {time.monotonic() - t0:.2f} s after the kill")
     # (the bucket goes with the session cluster: deleting it needs a stream leader)
+
+
+def test_retry_transient_retries_only_what_jetstream_may_answer_later() -> None:
+    import asyncio
+
+    import nats.errors as nerr
+
+    from socketengine.transport.nats.retained import retry_transient
+
+    calls = []
+
+    async def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise nerr.NoRespondersError  # a stream electing its leader
+        return "ok"
+
+    async def broken() -> str:
+        calls.append(1)
+        raise ValueError("not JetStream's fault")
+
+    async def never() -> str:
+        raise nerr.NoRespondersError
+
+    assert asyncio.run(retry_transient(flaky, 5.0)) == "ok" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(ValueError):
+        asyncio.run(retry_transient(broken, 5.0))
+    assert len(calls) == 1  # not retried
+    with pytest.raises(nerr.NoRespondersError):  # the deadline passed: the last error
+        asyncio.run(retry_transient(never, 0.25))

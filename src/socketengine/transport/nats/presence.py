@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional
 import msgpack
 
 from .link import AsyncNatsLink, NatsLink, Subscription
-from .retained import create_bucket_kv, jetstream_transient
+from .retained import create_bucket_kv, retry_transient
 from .subjects import DEFAULT_PREFIX, Subjects, bucket_name, decode_token, encode_token
 
 __all__ = [
@@ -125,19 +125,12 @@ class AsyncHostAnnouncer:
         retried every period instead of raised."""
         # A bucket just created (or a server just restarted) has no stream leader for a
         # moment: its first put finds no responders.  Retried for FIRST_ANNOUNCE s.
-        deadline = time.monotonic() + FIRST_ANNOUNCE
-        while True:
-            try:
-                await self._announce()
-                break
-            except Exception as exc:
-                if jetstream_transient(exc) and time.monotonic() < deadline:
-                    await asyncio.sleep(0.1)  # JetStream electing the stream's leader
-                    continue
-                if strict:
-                    raise
-                log.warning("host %r: announcement failed (%s); retrying", self.host, exc)
-                break
+        try:
+            await retry_transient(self._announce, FIRST_ANNOUNCE)
+        except Exception as exc:
+            if strict:
+                raise
+            log.warning("host %r: announcement failed (%s); retrying", self.host, exc)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _announce(self) -> None:
@@ -173,14 +166,9 @@ async def alist_hosts(
     """Every announced host: ``{name: info}`` (one call; asyncio).  JetStream not
     answering for a moment (a stream electing its leader) is retried for
     :data:`FIRST_ANNOUNCE` s."""
-    deadline = time.monotonic() + FIRST_ANNOUNCE
-    while True:
-        try:
-            return await _list_hosts_once(link, prefix, ttl, replicas)
-        except Exception as exc:
-            if not jetstream_transient(exc) or time.monotonic() >= deadline:
-                raise
-            await asyncio.sleep(0.1)  # JetStream electing the stream's leader
+    return await retry_transient(
+        lambda: _list_hosts_once(link, prefix, ttl, replicas), FIRST_ANNOUNCE
+    )
 
 
 async def _list_hosts_once(

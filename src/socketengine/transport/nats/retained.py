@@ -29,7 +29,7 @@ import logging
 import os
 import struct
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Awaitable, Callable, Dict, List, Optional, TypeVar
 
 import msgpack
 
@@ -40,6 +40,8 @@ from .subjects import DEFAULT_PREFIX, bucket_name, decode_token, encode_token
 __all__ = ["AsyncRetainedStore", "RetainedStore", "RetainedUnavailable", "POINTER"]
 
 log = logging.getLogger("socketengine")
+
+T = TypeVar("T")
 
 POINTER = b"\xc6SEKV1"
 _MANIFEST = struct.Struct("<QIQ")
@@ -90,6 +92,20 @@ def jetstream_transient(exc: BaseException) -> bool:
             jerr.NoStreamResponseError,  # a put while the stream elects a leader
         ),
     )
+
+
+async def retry_transient(op: Callable[[], Awaitable[T]], seconds: float) -> T:
+    """Await ``op()``; while it fails with :func:`jetstream_transient` and ``seconds``
+    have not passed, try again every 0.1 s.  Then the last error is raised as is (the
+    caller may translate it); any other error is raised at once."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return await op()
+        except Exception as exc:
+            if not jetstream_transient(exc) or time.monotonic() >= deadline:
+                raise
+        await asyncio.sleep(0.1)  # JetStream electing the stream's leader
 
 
 async def create_bucket_kv(js: Any, replicas: int, **config: Any) -> Any:
@@ -169,19 +185,15 @@ class AsyncRetainedStore:
         return self
 
     async def _retry(self, op: Any) -> Any:
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                return await op()
-            except Exception as exc:
-                if not jetstream_transient(exc):
-                    raise
-                if time.monotonic() > deadline:
-                    raise RetainedUnavailable(
-                        f"JetStream did not answer within {self.timeout} s ({exc!r}): is a "
-                        "majority of the NATS servers up?"
-                    ) from None
-                await asyncio.sleep(0.1)  # backoff while JetStream elects a leader
+        try:
+            return await retry_transient(op, self.timeout)
+        except Exception as exc:
+            if not jetstream_transient(exc):
+                raise
+            raise RetainedUnavailable(
+                f"JetStream did not answer within {self.timeout} s ({exc!r}): is a "
+                "majority of the NATS servers up?"
+            ) from None
 
     def _kv_or_raise(self) -> Any:
         if self._kv is None:
