@@ -360,3 +360,38 @@ def test_inline_callbacks_run_on_the_io_thread_and_answer_requests() -> None:
             c.request("ping", 1, timeout=5)
         with pytest.raises(ValueError, match="Pattern"):
             h.on(Pattern("a/+"), lambda *a: None, inline=True)
+
+
+def test_a_callback_that_outlives_stop_finishes_without_an_error() -> None:
+    # stop() runs what is queued for up to its timeout, then drops the rest; a callback
+    # still running then must end quietly (it raised KeyError in its worker thread).
+    from socketengine.sync.delivery import Dispatcher
+
+    class Key:
+        def pause_reading(self) -> None: ...
+
+        def resume_reading(self) -> None: ...
+
+    errors: list = []
+    hook = threading.excepthook
+    threading.excepthook = lambda args: errors.append(args.exc_value)
+    try:
+        d = Dispatcher("test", workers=1)
+        started, release, ran = threading.Event(), threading.Event(), threading.Event()
+
+        def slow() -> None:
+            started.set()
+            release.wait(10)
+            ran.set()
+
+        d.submit(Key(), slow)
+        assert started.wait(10)
+        d.stop(timeout=0.05)  # gives up waiting for it
+        release.set()
+        assert ran.wait(10)
+        worker = d._threads[0]
+        worker.join(10)
+        assert not worker.is_alive()
+    finally:
+        threading.excepthook = hook
+    assert errors == []

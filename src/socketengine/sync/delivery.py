@@ -123,7 +123,8 @@ class Dispatcher:
                 if queue:
                     self._ready.append(key)
                 else:
-                    del self._queues[key]
+                    # stop() clears the queues when a callback outlives its timeout
+                    self._queues.pop(key, None)
                     self._running.discard(key)
                     cond.notify_all()  # for drain()
 
