@@ -277,6 +277,63 @@ class SEReqPinger:
         self.client.close()
 
 
+class SEAioReqPinger:
+    """``await client.request("ping", value)`` from a ``socketengine.aio.Client``, its
+    event loop running in a thread of the pinger (the host is the threaded one, with
+    an inline handler): the round trip as asyncio code sees it."""
+
+    def __init__(self, kind: str, params: Dict[str, Any], port: int) -> None:
+        import asyncio
+
+        from socketengine import aio
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.timeout = float(params.get("timeout", 30))
+        self.seq = 0
+
+        async def start() -> Any:
+            return await aio.Client(port=port, timeout=10, connect_timeout=10).start()
+
+        self.client = self._run(start())
+
+    def _run(self, coro: Any) -> Any:
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(self.timeout + 30)
+
+    async def _arounds(self, n: int) -> List[int]:
+        request = self.client.request
+        clock = time.perf_counter_ns
+        text = small_message(0)[1]
+        timeout = self.timeout
+        out = []
+        seq = self.seq
+        for _ in range(n):
+            seq += 1
+            t0 = clock()
+            v = await request("ping", [seq, text], timeout)
+            if v[0] != seq:
+                raise BenchCheckFailed(f"reply {v[0]} for request {seq}")
+            out.append(clock() - t0)
+        self.seq = seq
+        return out
+
+    def warmup(self) -> None:
+        self._run(self._arounds(WARMUP))
+
+    def go(self, n: int) -> Dict[str, Any]:
+        return _latency_result(self._run(self._arounds(n)))
+
+    def close(self) -> None:
+        try:
+            self._run(self.client.close())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
+
+
 class SEEchoServer(SEReqServer):
     """``host.on("ping", ..., inline=True)`` writes the value back on "pong" to its
     sender (``conn.write``), on the host's I/O thread."""
@@ -532,4 +589,5 @@ STYLES = {
     "req": (SEReqServer, SEReqPinger),
     "req_inline": (SEReqInlineServer, SEReqPinger),
     "echo_wait": (SEEchoServer, SEWaitPinger),
+    "aio_req": (SEReqInlineServer, SEAioReqPinger),
 }

@@ -403,6 +403,24 @@ WORKLOADS: Dict[str, Workload] = {
             "1 process",
         ),
         Workload(
+            "roundtrip_aio_req",
+            "round trip, await aio.Client.request() answered by host.on(..., inline=True)",
+            _LATENCY,
+            "roundtrip",
+            roundtrip_trial(False, "aio_req"),
+            BASE_LIBS,
+            "1 process",
+        ),
+        Workload(
+            "roundtrip_aio_req_xproc",
+            "round trip, await aio.Client.request(), separate processes",
+            _LATENCY,
+            "roundtrip_xproc",
+            roundtrip_trial(True, "aio_req"),
+            BASE_LIBS,
+            "2 processes",
+        ),
+        Workload(
             "roundtrip_echo_wait",
             "round trip, host.on(..., inline=True) echoes with conn.write; "
             "the client writes and blocks in client.wait()",

@@ -14,7 +14,7 @@ from typing import List
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKLOADS = ["small", "images", "roundtrip"]
+WORKLOADS = ["small", "images", "roundtrip", "roundtrip_aio_req_xproc"]
 #: socketengine write_image(codec="jpeg") against imagezmq's send_jpg (simplejpeg).
 JPEG_WORKLOADS = ["jpeg"]
 
