@@ -8,7 +8,10 @@ I/O thread and the hand-over to the caller disappear.  Both ways are timed in th
 process and run, host with an inline handler, ``resume_window=0`` (the prototype does
 not number frames).  It does none of what a real implementation needs (sharing the
 socket with the I/O thread, values and pings arriving meanwhile, TLS, shared memory,
-resume), so its figure is a lower bound::
+resume), so its figure is a lower bound.  A real implementation (branch
+``experiment/self-read``, 2026-12-03) measured no gain over the I/O-thread path: what
+made this prototype fast is the machinery it skips, not the thread hand-over (see
+docs/benchmarks.md, "Round trips")::
 
     python -m bench.selfread --n 3000 --rounds 4
 """
