@@ -507,6 +507,41 @@ def test_a_batch_that_crosses_max_channels_keeps_the_values_before_it(
 
 
 @pytest.mark.parametrize("layer", LAYERS)
+def test_a_batch_is_budgeted_by_what_it_leaves_stored(
+    layer: str, loop_thread: AioThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Only a channel's last value stays stored: a BATCH whose intermediate value would
+    # exceed max_stored but whose final values fit is accepted by both layers; one
+    # whose final values do not fit closes the connection, keeping what came before.
+    host = make_host(layer, loop_thread, max_stored=3000)
+    try:
+        with caplog.at_level(logging.WARNING, logger="socketengine"):
+            sock = socket.create_connection(("127.0.0.1", host.ep.port), timeout=10)
+            hello = frames.encode_value_frame(
+                frames.HELLO, "", {"v": 1, "name": "raw", "nonce": b"n" * 16, "batch": True}
+            )
+            sock.sendall(frames.PREAMBLE + b"".join(hello))
+            wait_for(lambda: len(host.ep.clients()) == 1, what="the raw client")
+
+            def batch(*pairs: Any) -> bytes:
+                body = b"".join(frames.value_item(ch, v) for ch, v in pairs)  # type: ignore[misc]
+                return b"".join(frames.encode_frame(frames.BATCH, "", body))
+
+            sock.sendall(batch(("a", b"x" * 3500), ("a", 1), ("b", 2)))
+            wait_for(lambda: host.ep.get("b") == 2, what="the first batch")
+            assert host.ep.get_all("a") == [1]
+            assert len(host.ep.clients()) == 1 and "max_stored" not in caplog.text
+            sock.sendall(batch(("c", 3), ("d", b"y" * 3500), ("e", 4)))
+            wait_for(lambda: not host.ep.clients(), what="the connection to close")
+            sock.close()
+        assert "max_stored=3000" in caplog.text
+        assert host.ep.get("c") == 3  # before the offending value: kept
+        assert host.ep.get("d") is None and host.ep.get("e") is None
+    finally:
+        host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
 def test_a_client_beyond_max_stored_is_closed_and_the_log_says_why(
     layer: str, loop_thread: AioThread, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -996,14 +996,7 @@ class Connection(PeerView, asyncio.BufferedProtocol):
             if relay is not None and relay.allows(frame.channel, self.name):
                 endpoint._relay_out(self, frame.channel, meta, frame.data)
         elif t == frames.BATCH:
-            items = frame.items()
-            deliver = self._endpoint._deliver
-            relay = self._endpoint._relay
-            for i in range(0, len(items), 2):
-                deliver(self, items[i], items[i + 1], 0)
-                if relay is not None and relay.allows(items[i], self.name):
-                    self._endpoint._relay_value(self, items[i], items[i + 1])
-            self.messages_in += len(items) // 2
+            self._endpoint._deliver_batch(self, frame.items())
         elif t == frames.REQUEST:
             value = frame.value()
             self.messages_in += 1

@@ -29,7 +29,7 @@ from ..errors import ConnectionClosed, EndpointClosed
 from ..limits import DEFAULT_SUBSCRIPTION_SIZE
 from ..patterns import Pattern
 from ..requests import no_handler
-from ..state import StoredValues, value_size
+from ..state import BudgetExceeded, StoredValues, value_size
 from ..watch import PatternWatch, check_key, pattern_item
 from .connection import Connection, Job, wait_bounded
 from .decoding import LazyImage, resolve
@@ -350,17 +350,49 @@ class Endpoint(EndpointBase):
     def _connection_closed(self, conn: Connection) -> None:
         """``conn`` is closed and every frame it received has been handled."""
 
+    def _deliver_batch(self, conn: Connection, items: List[Any]) -> None:
+        """A BATCH frame's items (flat ``[channel, value, ...]``) arrived: each one as
+        a DATA frame would be, accounted as the threaded host does
+        (:meth:`StoredValues.store_items`).  Beyond a storage budget, the items before
+        the offending one are delivered, then ``BudgetExceeded`` is raised (the
+        connection is closed)."""
+        overflow: Optional[BudgetExceeded] = None
+        stored = self._stored.get(conn)
+        if stored is not None:
+            try:
+                stored.store_items(items)
+            except BudgetExceeded as exc:
+                overflow = exc
+                items = items[: exc.accepted]
+        deliver = self._deliver
+        relay = self._relay
+        for i in range(0, len(items), 2):
+            deliver(conn, items[i], items[i + 1], counted=True)
+            if relay is not None and relay.allows(items[i], conn.name):
+                self._relay_value(conn, items[i], items[i + 1])
+        conn.messages_in += len(items) // 2
+        if overflow is not None:
+            raise overflow
+
     def _deliver(
-        self, conn: Connection, channel: str, value: Any, image: int = 0, nbytes: int = -1
+        self,
+        conn: Connection,
+        channel: str,
+        value: Any,
+        image: int = 0,
+        nbytes: int = -1,
+        counted: bool = False,
     ) -> None:
         """A DATA value arrived: store it, then waiters, subscriptions, callbacks,
         ``on_message`` hooks.  ``image``: the frame has the IMAGE flag; ``nbytes``: its
-        metadata and data bytes (``-1``: not known, estimated from the value).
+        metadata and data bytes (``-1``: not known, estimated from the value);
+        ``counted``: already accounted against the storage budgets (a BATCH item).
 
         Raises ``ProtocolError`` (the connection is closed) beyond a storage budget."""
-        stored = self._stored.get(conn)
-        if stored is not None:
-            stored.store(channel, nbytes if nbytes >= 0 else value_size(value))
+        if not counted:
+            stored = self._stored.get(conn)
+            if stored is not None:
+                stored.store(channel, nbytes if nbytes >= 0 else value_size(value))
         conn.values[channel] = value
         self._latest[channel] = value
         conn.received_at[channel] = _now()
