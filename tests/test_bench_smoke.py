@@ -66,3 +66,24 @@ def test_bench_quick_jpeg(tmp_path: Path) -> None:
     libs = doc["workloads"]["jpeg"]["libs"]
     assert set(libs) == {"socketengine", "imagezmq", "imagezmq-pubsub"}
     assert doc["workloads"]["jpeg"]["ratios"]["imagezmq"]["fps"]["median"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_writer_floor_smoke(tmp_path: Path) -> None:
+    pytest.importorskip("zmq")
+    if not (ROOT / "bench" / "writer_floor.py").exists():
+        pytest.skip("bench/ is not in this checkout")
+    out = tmp_path / "floor.json"
+    cmd = [sys.executable, "-m", "bench.writer_floor", "--n", "2000", "--rounds", "2"]
+    proc = subprocess.run(
+        [*cmd, "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=100
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    doc = json.loads(out.read_text())
+    rows = doc["us_per_message"]
+    names = {"pack alone", "minimal write", "socketengine encode", "socketengine", "pyzmq"}
+    assert set(rows) == names
+    for name, row in rows.items():
+        assert len(row["runs"]) == 2 and row["median"] > 0, name
+    assert set(doc["pyzmq_over"]) == set(rows) - {"pyzmq"}
+    assert "pyzmq ÷ this" in proc.stdout
