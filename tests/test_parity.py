@@ -852,3 +852,205 @@ def test_a_subscription_is_bounded_in_bytes(layer: str, loop_thread: AioThread) 
             assert len(sub) < 400
         finally:
             client.close()
+
+
+# -- drifts between the layers found by reading both (each failed on one layer) -----------
+
+
+def _raw_client(port: int, name: str = "raw") -> socket.socket:
+    """A hand-driven client that announces BATCH support; its handshake is not awaited."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    hello = frames.encode_value_frame(
+        frames.HELLO, "", {"v": 1, "name": name, "nonce": b"n" * 16, "batch": True}
+    )
+    sock.sendall(frames.PREAMBLE + b"".join(hello))
+    return sock
+
+
+def _next_item(side: Side, sub: Any) -> Any:
+    return sub.get(timeout=10) if side.runner is None else side.runner.run(sub.get())
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_client_without_reconnect_ends_waits_and_subscriptions_when_its_link_is_lost(
+    layer: str, loop_thread: AioThread
+) -> None:
+    from socketengine import ConnectionClosed
+
+    host = Host(port=0)
+    client = make_client(layer, loop_thread, host.port, reconnect=False)
+    try:
+        sub = client.do("subscribe", "s")
+        host.write_all("s", 1)
+        assert _next_item(client, sub) == 1
+        host.write_all("s", 2)
+        wait_for(lambda: len(sub) == 1, what="the second item")
+        outcome: Dict[str, Any] = {}
+
+        def waiting() -> None:
+            try:
+                outcome["value"] = client.do("wait", "w", timeout=20)
+            except Exception as exc:
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=waiting)
+        thread.start()
+        wait_for(lambda: "w" in client.ep._waiters, what="the wait to be registered")
+        host.close()
+        thread.join(15)
+        assert not thread.is_alive(), "wait() was not woken by the lost link"
+        assert isinstance(outcome.get("error"), ConnectionClosed), outcome
+        assert _next_item(client, sub) == 2  # what arrived before the loss is read first
+        with pytest.raises(ConnectionClosed):
+            _next_item(client, sub)
+        with pytest.raises(ConnectionClosed):
+            client.do("wait", "w", timeout=10)
+        with pytest.raises(ConnectionClosed):
+            client.do("subscribe", "t")
+    finally:
+        client.close()
+        host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_max_stored_counts_a_value_at_its_wire_size(layer: str, loop_thread: AioThread) -> None:
+    # 5,000 small ints: about 5 KB on the wire, about 45 KB as value_size estimates them.
+    host = make_host(layer, loop_thread, max_stored=20_000)
+    value = list(range(100)) * 50
+    try:
+        with _writer(host.ep.port) as c:
+            c.write("v", value)
+            c.write("done", 1)
+            wait_for(lambda: host.ep.get("done") == 1, what="the values")
+            assert host.ep.get("v") == value
+            assert len(host.ep.clients()) == 1
+    finally:
+        host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_relaying_host_forwards_a_relayed_flag_from_a_client_as_its_own_value(
+    layer: str, loop_thread: AioThread
+) -> None:
+    # A client may not claim a sender: the host takes its name off, stores and relays the
+    # value as written, with the real sender.  Forwarding it as it came used to break
+    # every receiver's connection (its meta then held two names).
+    import msgpack
+
+    host = make_host(layer, loop_thread, relay=True)
+    try:
+        with _writer(host.ep.port, name="reader") as reader:
+            sock = _raw_client(host.ep.port)
+            wait_for(lambda: len(host.ep.clients()) == 2, what="both clients")
+            meta = msgpack.packb("spoof") + msgpack.packb(5)
+            flags = frames.FLAG_RELAYED
+            sock.sendall(b"".join(frames.encode_frame(frames.DATA, "ch", meta, flags=flags)))
+            wait_for(lambda: reader.get("ch") == 5, what="the relayed value")
+            assert reader.sender("ch") == "raw"
+            assert host.ep.get("ch") == 5
+            reader.write("after", 1)
+            wait_for(lambda: host.ep.get("after") == 1, what="the reader's link to work")
+            assert len(host.ep.clients()) == 2
+            sock.close()
+    finally:
+        host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_replies_and_retained_values_count_as_messages_out(
+    layer: str, loop_thread: AioThread
+) -> None:
+    host = make_host(layer, loop_thread)
+    try:
+        host.do("write_all", "r", 1, retain=True)
+        host.do("on", "q", lambda data, conn: data)
+        with _writer(host.ep.port) as c:
+            assert c.request("q", 7, timeout=10) == 7
+            wait_for(lambda: c.get("r") == 1, what="the retained value")
+            conn = host.ep.clients()[0]
+            # Counted by the host's I/O thread once the frame is queued: maybe just after
+            # it left.
+            wait_for(lambda: conn.messages_out == 2, what="two messages out")
+            assert conn.messages_in == 1
+    finally:
+        host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_values_handled_before_a_malformed_frame_are_counted(
+    layer: str, loop_thread: AioThread
+) -> None:
+    host = make_host(layer, loop_thread)
+    try:
+        sock = _raw_client(host.ep.port)
+        wait_for(lambda: len(host.ep.clients()) == 1, what="the raw client")
+        conn = host.ep.clients()[0]
+        good = [b"".join(frames.encode_value_frame(frames.DATA, f"c{i}", i)) for i in range(3)]
+        bad = b"".join(frames.encode_frame(frames.DATA, "c3", b"\xc1"))  # never-used byte
+        sock.sendall(b"".join(good) + bad)
+        wait_for(lambda: not host.ep.clients(), what="the connection to close")
+        sock.close()
+        assert [host.ep.get(f"c{i}") for i in range(4)] == [0, 1, 2, None]
+        assert conn.messages_in == 3
+    finally:
+        host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_an_image_handed_to_on_message_counts_as_delivered(
+    layer: str, loop_thread: AioThread
+) -> None:
+    np = pytest.importorskip("numpy")
+    host = make_host(layer, loop_thread)
+    seen: List[str] = []
+    host.ep.on_message(lambda channel, data, *conn: seen.append(channel))
+    try:
+        with _writer(host.ep.port) as c:
+            for i in range(2):
+                c.write_image(np.full((4, 4), i, dtype=np.uint8), "image")
+                wait_for(lambda n=i: len(seen) == n + 1, what=f"image {i}")
+        wait_for(
+            lambda: host.ep.stats()["images"]["received"]["image"]["delivered"] == 2,
+            what="both images counted as delivered",
+        )
+        counts = host.ep.stats()["images"]["received"]["image"]
+        assert (counts["frames"], counts["dropped"], counts["pending"]) == (2, 0, 0)
+    finally:
+        host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_the_first_inline_handler_answers_and_every_handler_runs(
+    layer: str, loop_thread: AioThread
+) -> None:
+    from socketengine import Pattern
+
+    host = make_host(layer, loop_thread)
+    ran: List[str] = []
+
+    class Handlers:
+        def plain(self, data: Any, conn: Any) -> str:
+            ran.append("plain")
+            return "p"
+
+        def fast(self, data: Any, conn: Any) -> str:
+            ran.append("inline")
+            return "i"
+
+        def removed(self, data: Any, conn: Any) -> None:
+            ran.append("removed")
+
+    handlers = Handlers()
+    try:
+        host.ep.on("q", handlers.plain)  # registered first, but not inline
+        host.ep.on("q", handlers.fast, inline=True)
+        host.ep.on("q", handlers.removed)
+        host.ep.off("q", handlers.removed)  # a bound method: a new object at each access
+        with pytest.raises(ValueError, match="inline"):
+            host.ep.on(Pattern("q/+"), handlers.fast, inline=True)
+        with _writer(host.ep.port) as c:
+            assert c.request("q", 1, timeout=10) == "i"
+            wait_for(lambda: len(ran) == 2, what="both handlers")
+        assert ran == ["inline", "plain"]
+    finally:
+        host.close()

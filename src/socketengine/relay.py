@@ -25,7 +25,14 @@ from .codec import Buffer
 from .errors import ProtocolError
 from .patterns import Interest, Key
 
-__all__ = ["RelayPolicy", "relayed_frame", "split_relayed", "RelaySpec", "WritersSpec"]
+__all__ = [
+    "RelayPolicy",
+    "relayed_frame",
+    "split_relayed",
+    "unwrap_relayed",
+    "RelaySpec",
+    "WritersSpec",
+]
 
 #: ``relay=``: ``True`` (every channel), ``False`` (none) or the channels / patterns.
 RelaySpec = Union[bool, Iterable[Key]]
@@ -101,6 +108,17 @@ def relayed_value(channel: str, origin: str, value: Any) -> Tuple[List[Buffer], 
     meta, buffers, data_len = codec.encode(value)
     data = b"".join(bytes(b) for b in buffers) if buffers else None
     return relayed_frame(channel, origin, meta, data)
+
+
+def unwrap_relayed(frame: frames.Frame) -> Tuple[str, frames.Frame]:
+    """``(sender name, the frame as its sender wrote it)`` of a DATA frame with
+    ``FLAG_RELAYED``: the flag and the name are taken off, so that the value, its
+    storage budget and a relaying host's forwarded copy see the value's own meta.
+    Raises :class:`ProtocolError` if the name is missing or malformed."""
+    origin, meta = split_relayed(frame.meta)
+    return origin, frames.Frame(
+        frame.type, frame.flags & ~frames.FLAG_RELAYED, frame.channel, frame.id, meta, frame.data
+    )
 
 
 def split_relayed(meta: Buffer) -> Tuple[str, bytes]:

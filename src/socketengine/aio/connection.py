@@ -71,7 +71,7 @@ from ..frames import Frame
 from ..limits import CALLBACK_BACKLOG, MIN_READ_SIZE
 from ..peer import PeerView
 from ..protocol import Protocol
-from ..relay import split_relayed
+from ..relay import unwrap_relayed
 from ..requests import reply_frame
 from ..sendqueue import Outgoing, SendQueue
 from .decoding import LazyImage
@@ -982,16 +982,20 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         if t == frames.DATA:
             if frame.flags & frames.FLAG_COMPRESSED:  # relayed and budgeted as the original
                 frame = frames.decompressed(frame, self._endpoint.max_message)
-            flags = frame.flags
+            if frame.flags & frames.FLAG_RELAYED:  # kept and relayed as its sender wrote it
+                self.senders[frame.channel], frame = unwrap_relayed(frame)
             meta = frame.meta
-            if flags & frames.FLAG_RELAYED:
-                origin, meta = split_relayed(meta)
-                self.senders[frame.channel] = origin
-                frame = Frame(t, flags & ~frames.FLAG_RELAYED, frame.channel, 0, meta, frame.data)
+            data = frame.data
             value = frame.value()
-            self.messages_in += 1
             endpoint = self._endpoint
-            endpoint._deliver(self, frame.channel, value, flags & frames.FLAG_IMAGE)
+            endpoint._deliver(  # budgeted at wire size, as the threaded host does
+                self,
+                frame.channel,
+                value,
+                frame.flags & frames.FLAG_IMAGE,
+                len(meta) if data is None else len(meta) + len(data),
+            )
+            self.messages_in += 1
             relay = endpoint._relay
             if relay is not None and relay.allows(frame.channel, self.name):
                 endpoint._relay_out(self, frame.channel, meta, frame.data)

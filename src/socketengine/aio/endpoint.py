@@ -78,6 +78,8 @@ class Endpoint(EndpointBase):
         self._start_lock: Optional[asyncio.Lock] = None
         # Tuples, replaced on change: a queued callback job keeps the handlers it saw.
         self._handlers: Dict[str, Tuple[Callable[..., Any], ...]] = {}
+        # Those registered with inline=True: first in _handlers, as on the threaded layer.
+        self._inline_handlers: Dict[str, Tuple[Callable[..., Any], ...]] = {}
         self._any: Tuple[Callable[..., Any], ...] = ()  # on_message() hooks
         self._patterns: PatternWatch[asyncio.Future[Any], Subscription[Any]] = PatternWatch()
         self._subs: Dict[str, Tuple[Subscription[Any], ...]] = {}
@@ -142,10 +144,13 @@ class Endpoint(EndpointBase):
         ``fn(channel, data)`` / ``fn(channel, data, conn)`` for every matching
         channel.  Requests on ``channel`` are answered with the return value (awaited
         if it is awaitable) of the first handler registered (pattern handlers answer
-        none).  Exceptions are logged on the ``socketengine`` logger and change nothing
-        else.  Images sent as JPEG/PNG arrive decoded (decoded in a worker thread
-        first).  Returns ``fn``.  ``inline`` is accepted for parity with the threaded
-        layer: here plain callbacks always run on the event loop, in order.
+        none); every handler of the channel runs.  Exceptions are logged on the
+        ``socketengine`` logger and change nothing else.  Images sent as JPEG/PNG
+        arrive decoded (decoded in a worker thread first).  Returns ``fn``.
+
+        ``inline=True`` orders as on the threaded layer: a channel's inline handlers
+        run before its other handlers, and the first inline one answers requests.
+        Here every plain callback runs on the event loop anyway (none may block it).
         """
         check_key(channel)  # TypeError/ValueError for a bad name, now
 
@@ -153,9 +158,18 @@ class Endpoint(EndpointBase):
             if not callable(fn):
                 raise TypeError(f"on({channel!r}) needs a callable, not {fn!r}")
             if isinstance(channel, Pattern):
+                if inline:
+                    raise ValueError("inline=True takes an exact channel name, not a Pattern")
                 self._patterns.on(channel, fn)
                 return fn
-            self._handlers[channel] = self._handlers.get(channel, ()) + (fn,)
+            handlers = self._handlers.get(channel, ())
+            if inline:
+                first = self._inline_handlers.get(channel, ())
+                self._inline_handlers[channel] = first + (fn,)
+                at = len(first)
+                self._handlers[channel] = handlers[:at] + (fn,) + handlers[at:]
+            else:
+                self._handlers[channel] = handlers + (fn,)
             return fn
 
         if fn is None:
@@ -169,13 +183,13 @@ class Endpoint(EndpointBase):
         if isinstance(channel, Pattern):
             self._patterns.off(channel, fn)
             return
-        handlers = tuple(
-            h for h in self._handlers.get(channel, ()) if fn is not None and h is not fn
-        )
-        if handlers:
-            self._handlers[channel] = handlers
-        else:
-            self._handlers.pop(channel, None)
+        for table in (self._handlers, self._inline_handlers):
+            # ``!=``, not ``is not``: ``obj.method`` is a new bound method at every access
+            kept = tuple(h for h in table.get(channel, ()) if fn is not None and h != fn)
+            if kept:
+                table[channel] = kept
+            else:
+                table.pop(channel, None)
 
     def on_message(self, fn: _F) -> _F:
         """Call ``fn`` for every message on **every** channel (usable as a decorator).

@@ -553,11 +553,20 @@ class Client(ClientSeedNames, Endpoint[Any]):
             self._check_open()
             raise EndpointClosed(f"{self!r} is not connected")  # pragma: no cover
         if conn.engine.state is not ConnState.OPEN:
-            raise ConnectionClosed(
-                f"the connection to {self.addr}:{self._port} is closed "
-                f"({conn.error or 'the host closed it'})"
-            )
+            raise self._lost_error(conn)
         return conn
+
+    def _lost_error(self, conn: Connection) -> ConnectionClosed:
+        return ConnectionClosed(
+            f"the connection to {self.addr}:{self._port} is closed "
+            f"({conn.error or 'the host closed it'})"
+        )
+
+    def _check_receiving(self) -> None:
+        self._check_not_closed()
+        conn = self._conn
+        if not self.reconnect and conn is not None and conn.engine.closed:
+            raise self._lost_error(conn)
 
     # -- loop thread ----------------------------------------------------------------------
 
@@ -578,7 +587,12 @@ class Client(ClientSeedNames, Endpoint[Any]):
             self._link_lock.notify_all()
 
     def _on_closed(self, conn: Connection) -> None:
-        if self.stopped or not self.opened or not self.reconnect:
+        if self.stopped or not self.opened:
+            return
+        if not self.reconnect:
+            if conn is self._conn:  # nothing more will arrive: end wait() and subscriptions
+                logger.info("%r: connection to the host ended: %s", self, conn.error or "closed")
+                self._release_waiters(self._lost_error(conn))
             return
         if conn is self._pending:  # a reconnection attempt failed in its handshake
             self._pending = None

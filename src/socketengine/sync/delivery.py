@@ -221,6 +221,11 @@ class Subscription(Generic[_T]):
     connections that keep sending are no longer read until the subscriber catches up
     (TCP backpressure): nothing is dropped, and at most one read's worth of messages
     beyond ``maxsize`` is held.
+
+    Iteration ends after :meth:`close`, or when the endpoint closes (after the items
+    already received).  On a client without ``reconnect`` whose connection is lost, it
+    raises :class:`~socketengine.ConnectionClosed` once the items received are read; a
+    reconnecting client's subscriptions go on across reconnections.
     """
 
     def __init__(
@@ -238,6 +243,7 @@ class Subscription(Generic[_T]):
         self._cond = threading.Condition()
         self._on_close = on_close
         self._convert = convert  # applied in the reader's thread (e.g. image decoding)
+        self._error: Optional[BaseException] = None  # raised once closed and read
 
     @property
     def gaps(self) -> int:
@@ -266,13 +272,16 @@ class Subscription(Generic[_T]):
 
     def get(self, timeout: Optional[float] = None) -> _T:
         """The next item; raises ``TimeoutError`` after ``timeout`` s, or
-        :class:`~socketengine.EndpointClosed` once closed and empty."""
+        :class:`~socketengine.EndpointClosed` (or the lost connection's
+        :class:`~socketengine.ConnectionClosed`) once closed and empty."""
         buffer = self._buffer
         with self._cond:
             if not buffer.items:
                 deadline = None if timeout is None else time.monotonic() + timeout
                 while not buffer.items:
                     if buffer.closed:
+                        if self._error is not None:
+                            raise self._error
                         raise EndpointClosed(f"subscription to {self.channel!r} is closed")
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
@@ -292,10 +301,15 @@ class Subscription(Generic[_T]):
 
     def close(self) -> None:
         """Stop receiving; iteration ends once the items already queued are read."""
+        self._end(None)
+
+    def _end(self, error: Optional[BaseException]) -> None:
+        """No more items; iteration ends (or raises ``error``) once the rest is read."""
         with self._cond:
             if self._buffer.closed:
                 return
             released = self._buffer.close()
+            self._error = error
             self._cond.notify_all()
         for source in released:
             source.resume_reading()

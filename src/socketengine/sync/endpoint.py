@@ -25,7 +25,7 @@ from msgpack import unpackb
 from .. import frames, images
 from ..codec import plain_ext_hook
 from ..endpoint import EndpointBase
-from ..errors import EndpointClosed, SocketEngineError
+from ..errors import ConnectionClosed, EndpointClosed, SocketEngineError
 from ..frames import BATCH, DATA, FLAG_COMPRESSED, FLAG_IMAGE, FLAG_RELAYED, Frame
 from ..limits import (
     DEFAULT_SUBSCRIPTION_BYTES,
@@ -34,7 +34,7 @@ from ..limits import (
     check_timeout,
 )
 from ..patterns import Pattern
-from ..relay import split_relayed
+from ..relay import unwrap_relayed
 from ..requests import no_handler, reply_frame
 from ..state import BudgetExceeded, StoredValues, value_size
 from ..watch import PatternWatch, check_key, pattern_item
@@ -282,16 +282,24 @@ class Endpoint(EndpointBase, Generic[_I]):
         one); to see every message, :meth:`subscribe`.  On a host the result is
         ``(data, conn)``.  With a :class:`~socketengine.Pattern` the result starts with
         the concrete channel: ``(channel, data)``, on a host ``(channel, data, conn)``.
-        Raises ``TimeoutError`` after ``timeout`` seconds (``None``: wait forever) and
-        :class:`EndpointClosed` if the endpoint closes first.
+        Raises ``TimeoutError`` after ``timeout`` seconds (``None``: wait forever),
+        :class:`EndpointClosed` if the endpoint closes first, and on a client without
+        ``reconnect`` :class:`ConnectionClosed` once its connection is lost.
         """
         check_key(channel)
-        self._check_not_closed()
+        self._check_receiving()
         if isinstance(channel, Pattern):
             return self._wait_pattern(channel, timeout)
         waiter = Waiter()
         with self._watch_lock:
             self._waiters.setdefault(channel, []).append(waiter)
+        ended = self._ended()  # delivery ended just before the registration was seen
+        if ended is not None and not waiter.event.is_set():
+            with self._watch_lock:
+                waiting = self._waiters.get(channel, [])
+                if waiter in waiting:
+                    waiting.remove(waiter)
+            raise ended
         if not waiter.event.wait(timeout):
             with self._watch_lock:
                 waiting = self._waiters.get(channel, [])
@@ -301,20 +309,46 @@ class Endpoint(EndpointBase, Generic[_I]):
                         del self._waiters[channel]
             if not waiter.event.is_set():
                 raise TimeoutError(f"no message on {channel!r} within {timeout} s")
-        if waiter.item is _CLOSED:
+        item = waiter.item
+        if item is _CLOSED:
             raise EndpointClosed(f"{self!r} closed while waiting on {channel!r}")
-        return _user_item(waiter.item)
+        if type(item) is _Lost:
+            raise item.error
+        return _user_item(item)
 
     def _wait_pattern(self, pattern: Pattern, timeout: Optional[float]) -> Tuple[Any, ...]:
         waiter = Waiter()
         self._patterns.wait(pattern, waiter)
+        ended = self._ended()
+        if ended is not None and not waiter.event.is_set():
+            self._patterns.unwait(pattern, waiter)
+            raise ended
         if not waiter.event.wait(timeout):
             self._patterns.unwait(pattern, waiter)
             if not waiter.event.is_set():
                 raise TimeoutError(f"no message matching {pattern} within {timeout} s")
-        if waiter.item is _CLOSED:
+        item = waiter.item
+        if item is _CLOSED:
             raise EndpointClosed(f"{self!r} closed while waiting on {pattern}")
-        return _user_pattern_item(waiter.item)
+        if type(item) is _Lost:
+            raise item.error
+        return _user_pattern_item(item)
+
+    def _check_receiving(self) -> None:
+        """Raise if nothing more can arrive: the endpoint is closed (a client without
+        ``reconnect``: or its connection is lost)."""
+        self._check_not_closed()
+
+    def _ended(self) -> Optional[SocketEngineError]:
+        """None while values may still arrive, else what :meth:`_check_receiving`
+        raises.  Asked again once a wait or subscription is registered: delivery may
+        have ended between the first check and the registration (it would then never
+        be woken)."""
+        try:
+            self._check_receiving()
+        except (EndpointClosed, ConnectionClosed) as exc:
+            return exc
+        return None
 
     @overload
     def subscribe(
@@ -345,10 +379,12 @@ class Endpoint(EndpointBase, Generic[_I]):
         with the concrete channel: ``(channel, data)``, on a host ``(channel, data,
         conn)``.  When ``maxsize`` messages wait unread, reading the sending connection
         pauses (TCP backpressure slows the sender): nothing is dropped and memory stays
-        bounded.
+        bounded.  Iteration ends after ``close()`` or when the endpoint closes (after the
+        items already received); on a client without ``reconnect`` whose connection is
+        lost it raises :class:`ConnectionClosed` once the items received are read.
         """
         check_key(channel)
-        self._check_not_closed()
+        self._check_receiving()
         if isinstance(channel, Pattern):
             pattern = channel
             psub: Subscription[Tuple[Any, ...]] = Subscription(
@@ -359,13 +395,21 @@ class Endpoint(EndpointBase, Generic[_I]):
                 maxbytes=maxbytes,
             )
             self._patterns.subscribe(pattern, psub)
+            self._end_if_ended(psub)
             return psub
         sub: Subscription[_I] = Subscription(
             channel, maxsize, self._unsubscribe, convert=_user_item, maxbytes=maxbytes
         )
         with self._watch_lock:
             self._subs[channel] = [*self._subs.get(channel, ()), sub]
+        self._end_if_ended(sub)
         return sub
+
+    def _end_if_ended(self, sub: Subscription[Any]) -> None:
+        """End a new subscription if delivery ended before it was registered."""
+        ended = self._ended()
+        if ended is not None:
+            sub._end(ended if isinstance(ended, ConnectionClosed) else None)
 
     def _unsubscribe(self, sub: Subscription[_I]) -> None:
         with self._watch_lock:
@@ -382,6 +426,7 @@ class Endpoint(EndpointBase, Generic[_I]):
             or channel in self._subs
             or channel in self._callbacks
             or channel in self._inline
+            or self._any
         ):
             self._images.read(channel)  # an image handed to the application is delivered
         if channel in self._waiters:
@@ -433,14 +478,9 @@ class Endpoint(EndpointBase, Generic[_I]):
             poller.seen = version
 
     def _special_value(self, conn: Connection, frame: Frame) -> Any:
-        """The value of a DATA frame with flags (image, relayed, retained)."""
-        flags = frame.flags
-        if flags & FLAG_RELAYED:
-            origin, meta = split_relayed(frame.meta)
-            conn.senders[frame.channel] = origin
-            frame = Frame(frame.type, flags & ~FLAG_RELAYED, frame.channel, 0, meta, frame.data)
+        """The value of a DATA frame with flags (image, retained; relayed: unwrapped)."""
         value = frame.value()
-        if flags & FLAG_IMAGE:
+        if frame.flags & FLAG_IMAGE:
             self._image_arrived(conn, frame.channel, value)
         return value
 
@@ -462,7 +502,8 @@ class Endpoint(EndpointBase, Generic[_I]):
 
     def _answer(self, conn: Connection, channel: str, rid: int, value: Any) -> None:
         """Run the request handler (on a callback thread, or inline) and send its reply."""
-        callbacks = self._inline.get(channel) or self._callbacks.get(channel)
+        inline = self._inline.get(channel)
+        callbacks = inline or self._callbacks.get(channel)
         result: Any = None
         error: Union[BaseException, str, None] = None
         if not callbacks:
@@ -480,9 +521,14 @@ class Endpoint(EndpointBase, Generic[_I]):
         parts, size, text = reply_frame(channel, rid, result, error)
         try:
             conn.send_parts(parts, size)
+            conn.messages_out += 1
         except (ConnectionError, SocketEngineError) as exc:
             logger.info("%r: reply to %r not sent: %s", self, conn, exc)
         self._requested(conn, channel, value, None if text is not None else result, text)
+        if inline:  # answered inline: the other callbacks still run, on their thread
+            others = self._callbacks.get(channel)
+            if others:
+                self._dispatcher.submit(conn, self._run_callbacks, others, value, conn)
 
     def _mark_gaps(self) -> None:
         """The connection was lost: every open subscription records a gap."""
@@ -491,18 +537,21 @@ class Endpoint(EndpointBase, Generic[_I]):
         for sub in subs + self._patterns.all_subs():
             sub._buffer.gap()
 
-    def _release_waiters(self) -> None:
-        """Wake every wait() and end every subscription (endpoint closing)."""
+    def _release_waiters(self, error: Optional[ConnectionClosed] = None) -> None:
+        """Wake every wait() and end every subscription: the endpoint is closing, or
+        (``error``) a client's connection without ``reconnect`` is lost, and they
+        raise ``error`` (subscriptions after the items they hold)."""
         with self._watch_lock:
             waiting = [w for ws in self._waiters.values() for w in ws]
             self._waiters.clear()
             subs: List[Subscription[Any]] = [s for ss in self._subs.values() for s in ss]
         waiting += self._patterns.all_waiters()
         subs += self._patterns.all_subs()
+        mark: Any = _CLOSED if error is None else _Lost(error)
         for waiter in waiting:
-            waiter.set(_CLOSED)
+            waiter.set(mark)
         for sub in subs:
-            sub.close()
+            sub._end(error)
 
     # -- loop-thread callbacks from connections -----------------------------------------
 
@@ -553,81 +602,85 @@ class Endpoint(EndpointBase, Generic[_I]):
         count = 0
         relay = self._relay
         self._version += 1  # only this thread writes it
-        for frame in events:
-            t, flags, channel, _, meta, data = frame
-            if t == DATA:
-                if flags & FLAG_COMPRESSED:  # relayed and budgeted as the original
-                    frame = frames.decompressed(frame, self.max_message)
-                    flags, meta, data = frame.flags, frame.meta, frame.data
-                if stored is not None:  # raises ProtocolError beyond a budget
-                    stored.store(channel, len(meta) if data is None else len(meta) + len(data))
-                if flags:
-                    value = self._special_value(conn, frame)
-                elif data is None:
-                    try:
-                        value = unpackb(
-                            meta, ext_hook=plain_ext_hook, raw=False, strict_map_key=False
-                        )
-                    except Exception:
-                        value = frame.value()  # raises ProtocolError with the reason
-                else:
-                    value = frame.value()
-                count += 1
-                values[channel] = value
-                latest[channel] = value
-                stamps[channel] = now
-                if watched:
-                    self._deliver(conn, channel, value)
-                if relay is not None and relay.allows(channel, conn.name):
-                    self._relay_out(conn, channel, meta, data)
-                continue
-            if t == BATCH:
-                items = frame.items()
-                overflow = None
-                if stored is not None:
-                    try:
-                        stored.store_items(items)
-                    except BudgetExceeded as exc:  # keep what came before, then close
-                        overflow = exc
-                        items = items[: exc.accepted]
-                count += len(items) // 2
-                if relay is not None:
-                    for i in range(0, len(items), 2):
-                        if relay.allows(items[i], conn.name):
-                            self._relay_value(conn, items[i], items[i + 1])
-                if watched:
-                    for i in range(0, len(items), 2):
-                        channel = items[i]
-                        value = items[i + 1]
-                        values[channel] = value
-                        latest[channel] = value
-                        stamps[channel] = now
+        try:
+            for frame in events:
+                t, flags, channel, _, meta, data = frame
+                if t == DATA:
+                    if flags & FLAG_COMPRESSED:  # relayed and budgeted as the original
+                        frame = frames.decompressed(frame, self.max_message)
+                        flags, meta, data = frame.flags, frame.meta, frame.data
+                    if flags & FLAG_RELAYED:  # stored, budgeted and relayed as its sender wrote it
+                        conn.senders[channel], frame = unwrap_relayed(frame)
+                        flags, meta = frame.flags, frame.meta
+                    if stored is not None:  # raises ProtocolError beyond a budget
+                        stored.store(channel, len(meta) if data is None else len(meta) + len(data))
+                    if flags:
+                        value = self._special_value(conn, frame)
+                    elif data is None:
+                        try:
+                            value = unpackb(
+                                meta, ext_hook=plain_ext_hook, raw=False, strict_map_key=False
+                            )
+                        except Exception:
+                            value = frame.value()  # raises ProtocolError with the reason
+                    else:
+                        value = frame.value()
+                    count += 1
+                    values[channel] = value
+                    latest[channel] = value
+                    stamps[channel] = now
+                    if watched:
                         self._deliver(conn, channel, value)
-                else:
-                    # Nobody waits on anything: store in bulk (the last value of each
-                    # channel wins, as if the items were stored one by one).
-                    pairs = dict(zip(items[0::2], items[1::2]))
-                    values.update(pairs)
-                    latest.update(pairs)
-                    stamps.update(dict.fromkeys(pairs, now))
-                if overflow is not None:
-                    conn.messages_in += count
-                    raise overflow
-                continue
-            conn.messages_in += count
-            count = 0
-            if t == frames.REQUEST:
-                value = frame.value()
-                conn.messages_in += 1
-                if frame.channel in self._inline:
-                    self._answer(conn, frame.channel, frame.id, value)  # on the I/O thread
-                else:
-                    self._dispatcher.submit(
-                        conn, self._answer, conn, frame.channel, frame.id, value
-                    )
-            elif conn._on_control(frame):
-                return  # BYE: the peer sends nothing after it
-        conn.messages_in += count
+                    if relay is not None and relay.allows(channel, conn.name):
+                        self._relay_out(conn, channel, meta, data)
+                    continue
+                if t == BATCH:
+                    items = frame.items()
+                    overflow = None
+                    if stored is not None:
+                        try:
+                            stored.store_items(items)
+                        except BudgetExceeded as exc:  # keep what came before, then close
+                            overflow = exc
+                            items = items[: exc.accepted]
+                    count += len(items) // 2
+                    if relay is not None:
+                        for i in range(0, len(items), 2):
+                            if relay.allows(items[i], conn.name):
+                                self._relay_value(conn, items[i], items[i + 1])
+                    if watched:
+                        for i in range(0, len(items), 2):
+                            channel = items[i]
+                            value = items[i + 1]
+                            values[channel] = value
+                            latest[channel] = value
+                            stamps[channel] = now
+                            self._deliver(conn, channel, value)
+                    else:
+                        # Nobody waits on anything: store in bulk (the last value of each
+                        # channel wins, as if the items were stored one by one).
+                        pairs = dict(zip(items[0::2], items[1::2]))
+                        values.update(pairs)
+                        latest.update(pairs)
+                        stamps.update(dict.fromkeys(pairs, now))
+                    if overflow is not None:
+                        raise overflow
+                    continue
+                conn.messages_in += count
+                count = 0
+                if t == frames.REQUEST:
+                    value = frame.value()
+                    conn.messages_in += 1
+                    if frame.channel in self._inline:
+                        self._answer(conn, frame.channel, frame.id, value)  # on the I/O thread
+                    else:
+                        self._dispatcher.submit(
+                            conn, self._answer, conn, frame.channel, frame.id, value
+                        )
+                elif conn._on_control(frame):
+                    return  # BYE: the peer sends nothing after it
+        finally:
+            conn.messages_in += count  # what was handled, even when a later frame fails
 
 
 def _user_value(value: Any) -> Any:
@@ -656,3 +709,12 @@ class _Closed:
 
 
 _CLOSED = _Closed()
+
+
+class _Lost:
+    """Handed to waiters when a client's connection without reconnect is lost."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: ConnectionClosed) -> None:
+        self.error = error

@@ -642,6 +642,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         with self._retain_lock:
             for frame in self._retained.replay(conn.wants):
                 conn._queue_parts([frame])
+                conn.messages_out += 1
             conn.mark_ready()
         self._audience_changed()
         logger.info("%r: client %r connected", self, conn)
