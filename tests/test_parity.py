@@ -454,6 +454,22 @@ def _writer(port: int, **kwargs: Any) -> Client:
     return Client(port=port, connect_timeout=10, heartbeat=None, **kwargs)
 
 
+def _batch(*pairs: Any) -> bytes:
+    """One BATCH frame of small ``(channel, value)`` items, built by hand."""
+    body = b"".join(frames.value_item(ch, v) for ch, v in pairs)  # type: ignore[misc]
+    return b"".join(frames.encode_frame(frames.BATCH, "", body))
+
+
+def _raw_client(port: int, name: str = "raw") -> socket.socket:
+    """A hand-driven client that announces BATCH support; its handshake is not awaited."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    hello = frames.encode_value_frame(
+        frames.HELLO, "", {"v": 1, "name": name, "nonce": b"n" * 16, "batch": True}
+    )
+    sock.sendall(frames.PREAMBLE + b"".join(hello))
+    return sock
+
+
 @pytest.mark.parametrize("layer", LAYERS)
 def test_a_client_beyond_max_channels_is_closed_and_the_log_says_why(
     layer: str, loop_thread: AioThread, caplog: pytest.LogCaptureFixture
@@ -484,18 +500,10 @@ def test_a_batch_that_crosses_max_channels_keeps_the_values_before_it(
     host = make_host(layer, loop_thread, max_channels=5)
     try:
         with caplog.at_level(logging.WARNING, logger="socketengine"):
-            sock = socket.create_connection(("127.0.0.1", host.ep.port), timeout=10)
-            hello = frames.encode_value_frame(
-                frames.HELLO, "", {"v": 1, "name": "raw", "nonce": b"n" * 16, "batch": True}
-            )
-            sock.sendall(frames.PREAMBLE + b"".join(hello))
+            sock = _raw_client(host.ep.port)
             wait_for(lambda: len(host.ep.clients()) == 1, what="the raw client")
             items = [f"c{i}" for i in range(5)] + ["c0", "c5", "c1"]
-            body = b"".join(
-                frames.value_item(ch, v)  # type: ignore[misc]  # small ints: bytes
-                for ch, v in zip(items, [0, 1, 2, 3, 4, 10, 5, 11])
-            )
-            sock.sendall(b"".join(frames.encode_frame(frames.BATCH, "", body)))
+            sock.sendall(_batch(*zip(items, [0, 1, 2, 3, 4, 10, 5, 11])))
             wait_for(lambda: not host.ep.clients(), what="the connection to close")
             sock.close()
         assert "max_channels=5" in caplog.text
@@ -516,22 +524,13 @@ def test_a_batch_is_budgeted_by_what_it_leaves_stored(
     host = make_host(layer, loop_thread, max_stored=3000)
     try:
         with caplog.at_level(logging.WARNING, logger="socketengine"):
-            sock = socket.create_connection(("127.0.0.1", host.ep.port), timeout=10)
-            hello = frames.encode_value_frame(
-                frames.HELLO, "", {"v": 1, "name": "raw", "nonce": b"n" * 16, "batch": True}
-            )
-            sock.sendall(frames.PREAMBLE + b"".join(hello))
+            sock = _raw_client(host.ep.port)
             wait_for(lambda: len(host.ep.clients()) == 1, what="the raw client")
-
-            def batch(*pairs: Any) -> bytes:
-                body = b"".join(frames.value_item(ch, v) for ch, v in pairs)  # type: ignore[misc]
-                return b"".join(frames.encode_frame(frames.BATCH, "", body))
-
-            sock.sendall(batch(("a", b"x" * 3500), ("a", 1), ("b", 2)))
+            sock.sendall(_batch(("a", b"x" * 3500), ("a", 1), ("b", 2)))
             wait_for(lambda: host.ep.get("b") == 2, what="the first batch")
             assert host.ep.get_all("a") == [1]
             assert len(host.ep.clients()) == 1 and "max_stored" not in caplog.text
-            sock.sendall(batch(("c", 3), ("d", b"y" * 3500), ("e", 4)))
+            sock.sendall(_batch(("c", 3), ("d", b"y" * 3500), ("e", 4)))
             wait_for(lambda: not host.ep.clients(), what="the connection to close")
             sock.close()
         assert "max_stored=3000" in caplog.text
@@ -855,16 +854,6 @@ def test_a_subscription_is_bounded_in_bytes(layer: str, loop_thread: AioThread) 
 
 
 # -- drifts between the layers found by reading both (each failed on one layer) -----------
-
-
-def _raw_client(port: int, name: str = "raw") -> socket.socket:
-    """A hand-driven client that announces BATCH support; its handshake is not awaited."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    hello = frames.encode_value_frame(
-        frames.HELLO, "", {"v": 1, "name": name, "nonce": b"n" * 16, "batch": True}
-    )
-    sock.sendall(frames.PREAMBLE + b"".join(hello))
-    return sock
 
 
 def _next_item(side: Side, sub: Any) -> Any:
