@@ -467,6 +467,21 @@ def test_taken_items_are_framed_a_chunk_at_a_time() -> None:
     assert q.queued == 0 and not q
 
 
+def test_a_queue_that_drained_starts_a_new_slow_consumer_clock() -> None:
+    # A peer that was above max_buffer once, caught up, and is briefly above it again
+    # much later is not a slow consumer (the threaded layer asks for a verdict only
+    # when a broadcast does not fit, so draining must reset the clock).
+    q = SendQueue(max_buffer=100)
+    q.push([b"x" * 150], 150)
+    assert not q.slow_consumer(50, now=0.0, timeout=2.0)
+    _flush(q)
+    q.consumed(150)
+    assert q.queued == 0 and q.full_for == 0.0
+    q.push([b"y" * 150], 150)
+    assert not q.slow_consumer(50, now=60.0, timeout=2.0)  # over since now, not since 0
+    assert q.slow_consumer(50, now=62.5, timeout=2.0)
+
+
 def test_offer_item_queues_only_what_fits() -> None:
     from socketengine.sendqueue import ITEM_OVERHEAD
 

@@ -9,6 +9,7 @@ an event loop in a helper thread so that both are driven by the same test code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import resource
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Dict, Iterator, List, Optional, TypeVar
+from typing import Any, Awaitable, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 
 import pytest
 from conftest import wait_for
@@ -776,12 +777,10 @@ def test_acknowledged_writes_both_ways(layer: str, loop_thread: AioThread) -> No
         host.close()
 
 
-@pytest.mark.parametrize("layer", LAYERS)
-def test_an_acknowledged_write_to_a_peer_that_stopped_reading_times_out(
-    layer: str, loop_thread: AioThread
-) -> None:
-    from socketengine import WriteTimeout
-
+@contextlib.contextmanager
+def _mute_host() -> Iterator[int]:
+    """A host that completes one client's handshake, then never reads nor answers;
+    yields its port."""
     listener = socket.create_server(("127.0.0.1", 0))
     accepted: List[socket.socket] = []
 
@@ -801,16 +800,85 @@ def test_an_acknowledged_write_to_a_peer_that_stopped_reading_times_out(
 
     server = threading.Thread(target=mute_host, daemon=True)
     server.start()
-    client = make_client(layer, loop_thread, listener.getsockname()[1], heartbeat=None)
     try:
-        with pytest.raises(WriteTimeout, match="acknowledge"):
-            client.do("write", "x", 1, ack=True, timeout=0.5)
+        yield listener.getsockname()[1]
     finally:
-        client.close()
         server.join(5)
         for s in accepted:
             s.close()
         listener.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_an_acknowledged_write_to_a_peer_that_stopped_reading_times_out(
+    layer: str, loop_thread: AioThread
+) -> None:
+    from socketengine import WriteTimeout
+
+    with _mute_host() as port:
+        client = make_client(layer, loop_thread, port, heartbeat=None)
+        try:
+            with pytest.raises(WriteTimeout, match="acknowledge"):
+                client.do("write", "x", 1, ack=True, timeout=0.5)
+        finally:
+            client.close()
+
+
+def _fill_the_queue(client: Side) -> None:
+    """Write more than the socket buffers take to a peer that does not read: the
+    client's queue stays non-empty (the asyncio write, which waits for the transport to
+    drain, is left running in a task)."""
+    big = b"x" * (32 << 20)
+    if client.runner is None:
+        client.do("write", "big", big)
+        return
+
+    async def start() -> None:
+        task = asyncio.ensure_future(client.ep.write("big", big))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        await asyncio.sleep(0)
+
+    client.runner.run(start())
+    wait_for(lambda: client.ep.connection.stats()["queued_bytes"] > 0, what="a full queue")
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_an_acknowledgement_is_asked_for_even_when_the_queue_is_full(
+    layer: str, loop_thread: AioThread
+) -> None:
+    # flush(acked=True) waits for the answer as long as its own timeout says; asking
+    # for it (a SYNC frame) does not first wait for room behind a full queue.
+    from socketengine import WriteTimeout
+
+    with _mute_host() as port:
+        client = make_client(
+            layer, loop_thread, port, heartbeat=None, max_buffer=0, timeout=2, shm=False
+        )
+        try:
+            _fill_the_queue(client)
+            with pytest.raises(WriteTimeout, match="acknowledge"):
+                client.do("flush", timeout=0.3, acked=True)
+        finally:
+            client.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_an_image_write_never_waits_behind_a_full_queue(
+    layer: str, loop_thread: AioThread
+) -> None:
+    np = pytest.importorskip("numpy")
+    with _mute_host() as port:
+        client = make_client(
+            layer, loop_thread, port, heartbeat=None, max_buffer=0, timeout=2, shm=False
+        )
+        try:
+            _fill_the_queue(client)
+            for i in range(3):  # each one replaces the unsent one before it
+                client.do("write_image", np.full((8, 8), i, dtype=np.uint8), "cam")
+            sent = client.ep.stats()["images"]["sent"]["cam"]
+            assert (sent["frames"], sent["dropped"]) == (3, 2)
+        finally:
+            client.close()
 
 
 def test_acknowledged_writes_need_a_1_1_peer() -> None:
@@ -1043,3 +1111,132 @@ def test_the_first_inline_handler_answers_and_every_handler_runs(
         assert ran == ["inline", "plain"]
     finally:
         host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_connection_of_a_closed_host_says_the_host_is_closed(
+    layer: str, loop_thread: AioThread
+) -> None:
+    from socketengine import EndpointClosed
+
+    host = make_host(layer, loop_thread)
+    try:
+        with _writer(host.ep.port):
+            wait_for(lambda: len(host.ep.clients()) == 1, what="the client")
+            conn = host.ep.clients()[0]
+            host.close()
+
+            def call(name: str, *args: Any) -> Any:
+                result = getattr(conn, name)(*args)
+                return loop_thread.run(result) if asyncio.iscoroutine(result) else result
+
+            for name, args in (("write", ("x", 1)), ("request", ("x", 1))):
+                with pytest.raises(EndpointClosed, match="closed"):
+                    call(name, *args)
+    finally:
+        host.close()
+
+
+def _blackhole(port: int) -> Tuple[socket.socket, socket.socket]:
+    """A listener on ``port`` whose accept queue is full: the SYNs of further connects
+    are dropped (Linux), as by a host that is off or behind a firewall."""
+    listener = socket.create_server(("127.0.0.1", port), backlog=0)
+    filler = socket.create_connection(("127.0.0.1", port), timeout=5)
+    return listener, filler
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_each_reconnect_attempt_is_bounded_by_timeout(
+    layer: str, loop_thread: AioThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("dropping SYNs with a full accept queue is Linux behaviour")
+    host = Host(port=0)
+    port = host.port
+    client = make_client(
+        layer, loop_thread, port, timeout=0.3, reconnect_max=0.1, heartbeat=None
+    )
+    hole: Optional[Tuple[socket.socket, socket.socket]] = None
+    try:
+        assert client.ep.connected
+        with caplog.at_level(logging.DEBUG, logger="socketengine"):
+            host.close()
+            hole = _blackhole(port)
+            wait_for(
+                lambda: caplog.text.count("reconnect attempt") >= 3,
+                timeout=15,
+                what="three reconnect attempts against a host that does not answer",
+            )
+        for s in hole:
+            s.close()
+        hole = None
+        host = Host(port=port)
+        wait_for(lambda: client.ep.connected, timeout=15, what="the reconnection")
+    finally:
+        if hole is not None:
+            for s in hole:
+                s.close()
+        client.close()
+        host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_reconnection_tries_every_address_of_the_host_name(
+    layer: str, loop_thread: AioThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As open() does: a name whose first address refuses (say ::1 first, a host
+    # listening on 127.0.0.1 only) still reconnects through the next one.
+    host = Host(port=0)
+    port = host.port
+    real = socket.getaddrinfo
+
+    def resolve(name: Any, *args: Any, **kwargs: Any) -> Any:
+        if name != "dual.test":
+            return real(name, *args, **kwargs)
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.2", port)),  # refused
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    client = make_client(
+        layer, loop_thread, port, addr="dual.test", timeout=2, reconnect_max=0.1, heartbeat=None
+    )
+    try:
+        assert client.ep.connected
+        host.close()
+        wait_for(lambda: not client.ep.connected, what="the lost link")
+        host = Host(port=port)
+        wait_for(lambda: client.ep.connected, timeout=15, what="the reconnection")
+        assert client.ep.reconnects == 1
+    finally:
+        client.close()
+        host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_close_drops_a_reconnection_still_in_its_handshake(
+    layer: str, loop_thread: AioThread
+) -> None:
+    host = Host(port=0)
+    port = host.port
+    client = make_client(layer, loop_thread, port, timeout=2, reconnect_max=0.1, heartbeat=None)
+    listener: Optional[socket.socket] = None
+    accepted: Optional[socket.socket] = None
+    try:
+        host.close()
+        listener = socket.create_server(("127.0.0.1", port))  # accepts, never answers
+        listener.settimeout(15)
+        accepted, _ = listener.accept()
+        client.close()
+        accepted.settimeout(5)
+        for _ in range(100):  # the client's opening bytes, then the end of the stream
+            if not accepted.recv(65536):
+                break
+        else:
+            pytest.fail("the client kept sending")
+    finally:
+        client.close()
+        for s in (accepted, listener):
+            if s is not None:
+                s.close()

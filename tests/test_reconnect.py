@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 from conftest import wait_for
@@ -128,3 +129,28 @@ def test_flush_while_disconnected_times_out() -> None:
     with pytest.raises(WriteTimeout, match="reconnection"):
         c.flush(0.2)
     c.close()
+
+
+def test_a_first_link_lost_before_open_returns_is_reconnected(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The link dies after its handshake but before open() has returned (when a loss
+    # cannot start a reconnection yet): open() must start it (the asyncio client does).
+    import socket
+
+    with Host(port=0) as host:
+        original = Client._open_link
+
+        def open_link(self: Client) -> Any:
+            conn = original(self)
+            wait_for(lambda: host.clients(), what="the host's side of the link")
+            host.clients()[0].socket.shutdown(socket.SHUT_RDWR)
+            wait_for(conn.closed.is_set, what="the client to see the link die")
+            return conn
+
+        monkeypatch.setattr(Client, "_open_link", open_link)
+        with Client(port=host.port, reconnect_max=0.1, heartbeat=None) as c:
+            monkeypatch.setattr(Client, "_open_link", original)
+            wait_for(lambda: c.reconnects == 1 and c.connected, timeout=10, what="a reconnection")
+            c.write("after", 1)
+            wait_for(lambda: host.get("after") == 1, what="a write over the new link")

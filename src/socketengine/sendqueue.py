@@ -644,6 +644,10 @@ class SendQueue:
     def consumed(self, sent: int) -> None:
         """``sent`` bytes from the head of the wire went to the socket."""
         self.queued -= sent
+        if self._full_since is not None and self.queued <= self.max_buffer:
+            # Back under the bound: a later overflow starts a new slow-consumer clock
+            # (a broadcast that fits is not asked for a verdict on the threaded layer).
+            self._full_since = None
         wire = self._wire
         while sent:
             head = wire[0]

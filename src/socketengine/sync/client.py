@@ -195,7 +195,10 @@ class Client(ClientSeedNames, Endpoint[Any]):
         self._backoff = Backoff(self.reconnect_max)
         self._retry_timer: Optional[TimerHandle] = None  # the next reconnection attempt
         self._retry_sock: Optional[socket.socket] = None  # an attempt connecting now
+        self._retry_addrs: List[Any] = []  # the addresses this attempt has yet to try
+        self._attempt_timer: Optional[TimerHandle] = None  # its connect deadline
         self._pending: Optional[Connection] = None  # a reconnection in its handshake
+        self._lost_early: Optional[Connection] = None  # a link lost before open() returned
         self.reconnects = 0
         if open:
             self.open()
@@ -232,6 +235,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
             self._conn = conn
             self._loop.call_soon(self._start_heartbeat)
             self.opened = True
+            self._loop.call_soon(self._reconnect_if_lost_early, conn)
         logger.info("%r: connected", self)
         return self
 
@@ -587,7 +591,10 @@ class Client(ClientSeedNames, Endpoint[Any]):
             self._link_lock.notify_all()
 
     def _on_closed(self, conn: Connection) -> None:
-        if self.stopped or not self.opened:
+        if self.stopped:
+            return
+        if not self.opened:
+            self._lost_early = conn  # if it was the first link: open() reconnects
             return
         if not self.reconnect:
             if conn is self._conn:  # nothing more will arrive: end wait() and subscriptions
@@ -603,6 +610,19 @@ class Client(ClientSeedNames, Endpoint[Any]):
             self._mark_gaps()
             self._schedule_reconnect()
 
+    def _reconnect_if_lost_early(self, conn: Connection) -> None:
+        """The first link died after its handshake but before ``open()`` returned, when
+        a loss could not start a reconnection yet: start it now (loop thread)."""
+        if self._lost_early is not conn or self.stopped:
+            return
+        self._lost_early = None
+        if not self.reconnect:
+            self._release_waiters(self._lost_error(conn))
+            return
+        logger.warning("%r: lost the connection at once (%s); reconnecting", self, conn.error)
+        self._mark_gaps()
+        self._schedule_reconnect()
+
     def _schedule_reconnect(self) -> None:
         """Try again after the next backoff delay (loop thread)."""
         if self.stopped:
@@ -613,50 +633,89 @@ class Client(ClientSeedNames, Endpoint[Any]):
         timer, self._retry_timer = self._retry_timer, None
         if timer is not None:
             timer.cancel()
+        self._retry_addrs = []
         self._drop_attempt()
+        pending, self._pending = self._pending, None
+        if pending is not None:  # a reconnection still in its handshake: drop it
+            pending._lost(None)
 
     def _drop_attempt(self) -> None:
+        timer, self._attempt_timer = self._attempt_timer, None
+        if timer is not None:
+            timer.cancel()
         sock, self._retry_sock = self._retry_sock, None
         if sock is not None:
             self._loop.unregister(sock)
             sock.close()
 
     def _try_reconnect(self) -> None:
-        """One non-blocking connection attempt (loop thread).
+        """One reconnection attempt (loop thread): every address the host's name
+        resolves to, in order, as ``open()`` does, each for at most ``timeout`` s.
 
-        Any failure of an attempt, at any step, closes its socket and schedules the
-        next one: a client with ``reconnect=True`` never stops trying.
+        Any failure, at any step, closes the socket and goes on to the next address,
+        then schedules the next attempt: a client with ``reconnect=True`` never stops
+        trying.
         """
         self._retry_timer = None
         if self.stopped:
             return
-        sock: Optional[socket.socket] = None
-        try:
-            path = unix_path(self.addr)
-            sockaddr: Any
-            if path is not None:
-                family, kind, proto, sockaddr = socket.AF_UNIX, socket.SOCK_STREAM, 0, path
-            else:
-                family, kind, proto, _, sockaddr = socket.getaddrinfo(
-                    self.addr, self._port, type=socket.SOCK_STREAM
-                )[0]
-            sock = socket.socket(family, kind, proto)
-            sock.setblocking(False)
-            err = sock.connect_ex(sockaddr)
-            if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
-                raise OSError(err, errno.errorcode.get(err, "connect failed"))
+        path = unix_path(self.addr)
+        if path is not None:
+            self._retry_addrs = [(socket.AF_UNIX, socket.SOCK_STREAM, 0, path)]
+        else:
+            try:
+                infos = socket.getaddrinfo(self.addr, self._port, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                logger.debug("%r: reconnect attempt failed: %s", self, exc)
+                self._schedule_reconnect()
+                return
+            self._retry_addrs = [
+                (family, kind, proto, addr) for family, kind, proto, _, addr in infos
+            ]
+        self._try_next_address()
+
+    def _try_next_address(self) -> None:
+        """Start a non-blocking connect to the attempt's next address (loop thread);
+        none left: schedule the next attempt."""
+        while self._retry_addrs and not self.stopped:
+            family, kind, proto, sockaddr = self._retry_addrs.pop(0)
+            sock: Optional[socket.socket] = None
+            try:
+                sock = socket.socket(family, kind, proto)
+                sock.setblocking(False)
+                err = sock.connect_ex(sockaddr)
+                if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+                    raise OSError(err, errno.errorcode.get(err, "connect failed"))
+            except OSError as exc:
+                logger.debug("%r: reconnect attempt to %s failed: %s", self, sockaddr, exc)
+                if sock is not None:
+                    sock.close()
+                continue
             self._retry_sock = sock
-            self._loop.register(sock, selectors.EVENT_WRITE, lambda mask: self._connected(sock))
-        except OSError as exc:
-            logger.debug("%r: reconnect attempt failed: %s", self, exc)
-            if sock is not None:
-                self._retry_sock = None
-                self._loop.unregister(sock)
-                sock.close()
-            self._schedule_reconnect()
+            self._loop.register(sock, selectors.EVENT_WRITE, self._on_connect_event)
+            if self.timeout > 0:
+                self._attempt_timer = self._loop.call_later(self.timeout, self._attempt_expired)
+            return
+        self._schedule_reconnect()
+
+    def _on_connect_event(self, mask: int) -> None:
+        sock = self._retry_sock
+        if sock is not None:
+            self._connected(sock)
+
+    def _attempt_expired(self) -> None:
+        """A connect took longer than ``timeout`` (no answer: a host that is off or
+        behind a firewall drops the SYNs): give it up, try the next (loop thread)."""
+        self._attempt_timer = None
+        logger.debug("%r: reconnect attempt timed out after %s s", self, self.timeout)
+        self._drop_attempt()
+        self._try_next_address()
 
     def _connected(self, sock: socket.socket) -> None:
         """The attempt's socket is writable: connected, or failed (loop thread)."""
+        timer, self._attempt_timer = self._attempt_timer, None
+        if timer is not None:
+            timer.cancel()
         self._loop.unregister(sock)
         self._retry_sock = None
         if self.stopped:
@@ -672,8 +731,9 @@ class Client(ClientSeedNames, Endpoint[Any]):
         except OSError as exc:
             logger.debug("%r: reconnect attempt failed: %s", self, exc)
             sock.close()
-            self._schedule_reconnect()
+            self._try_next_address()
             return
+        self._retry_addrs = []
         # Until it is ready, a failure of this connection schedules the next try.
         self._pending = conn
         conn.attach()

@@ -28,6 +28,7 @@ from ..codec import Buffer
 from ..engine import CONTROL_DELAY, ConnectionEngine, ConnState, Tick, describe_peer
 from ..errors import (
     ConnectionClosed,
+    EndpointClosed,
     HandshakeError,
     ProtocolError,
     SocketEngineError,
@@ -198,7 +199,7 @@ class Connection(PeerView, Pausable):
         rid = requests.open(reply)
         try:
             frame = self.engine.sync_frame(rid)
-            self.send_parts([frame], len(frame))
+            self.send_parts([frame], len(frame), bounded=False)  # waited for below
             if not reply.event.wait(limit):
                 raise WriteTimeout(
                     f"{self._peer()} did not acknowledge the writes within {limit} s"
@@ -354,7 +355,7 @@ class Connection(PeerView, Pausable):
         lock.acquire()  # not ``with``: its __exit__ call costs as much as the lock
         try:
             if engine.state is not _OPEN:
-                engine.check_writable()
+                self._check_writable()
             queue = self._queue
             if not queue.offer_item(item):
                 if block:
@@ -390,6 +391,7 @@ class Connection(PeerView, Pausable):
         image: Optional[str] = None,
         block: bool = True,
         defer: bool = False,
+        bounded: bool = True,
     ) -> None:
         """Queue a frame's parts and send what the socket takes now.  Thread-safe.
 
@@ -402,6 +404,11 @@ class Connection(PeerView, Pausable):
             a slow consumer and raises :class:`WriteTimeout`.
         :param defer: leave the sending to the loop thread even on an idle link (a
             burst of broadcasts: one flush per connection instead of a syscall each).
+        :param bounded: ``False`` queues a small protocol frame (SYNC) without waiting
+            for room: its caller bounds the wait for the answer itself.
+
+        An image frame (``image``) never waits for room either: it takes its channel's
+        slot beyond ``max_buffer``, and a newer image replaces it while it is unsent.
 
         ``parts`` may also be a BATCH item (``bytes``, see :func:`frames.value_item`).
         """
@@ -417,12 +424,15 @@ class Connection(PeerView, Pausable):
             return
         with self._lock:
             if engine.state is not ConnState.OPEN:
-                engine.check_writable()
+                self._check_writable()
             if not queue.fits(nbytes) and not (image is not None and queue.waiting_image(image)):
-                if block:
+                if not block:
+                    if queue.slow_consumer(nbytes, _monotonic(), self._endpoint.timeout):
+                        self._drop_slow_consumer_locked()
+                elif image is None and bounded:
                     self._wait_room(nbytes)
-                elif queue.slow_consumer(nbytes, _monotonic(), self._endpoint.timeout):
-                    self._drop_slow_consumer_locked()
+                # else: an image takes its channel's slot and never waits (the next
+                # one replaces it while it is unsent), nor does a protocol frame
             if type(parts) is bytes:
                 queue.push_item(parts)
             elif not queue.push(parts, nbytes, image):
@@ -442,6 +452,13 @@ class Connection(PeerView, Pausable):
             else:
                 self._flush_scheduled = True
                 self._loop.call_soon(self._scheduled_flush)
+
+    def _check_writable(self) -> None:
+        """Raise why nothing can be queued: :class:`EndpointClosed` after the
+        endpoint's ``close()``, else the engine's :class:`ConnectionClosed`."""
+        if self._endpoint.stopped:
+            raise EndpointClosed(f"cannot write: {self._endpoint!r} is closed")
+        self.engine.check_writable()
 
     def _held(self, parts: Any, nbytes: int, image: Optional[str]) -> bool:
         """The link is down: queue the write into the held session if there is one
