@@ -500,8 +500,9 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
     def on_connect(self, fn: _C) -> _C:
         """Call ``fn(conn)`` when a client completes its handshake (usable as a decorator).
 
-        Runs on a callback thread, before any callback for that client's messages.
-        Returns ``fn``.
+        Runs on a callback thread, before any callback for that client's messages
+        that runs there; an ``inline=True`` callback (on the I/O thread) may see the
+        client's first messages before it.  Returns ``fn``.
         """
         self._on_connect = [*self._on_connect, fn]
         return fn
