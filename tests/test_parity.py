@@ -1240,3 +1240,30 @@ def test_close_drops_a_reconnection_still_in_its_handshake(
         for s in (accepted, listener):
             if s is not None:
                 s.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_requester_that_never_reads_its_replies_is_dropped_as_a_slow_consumer(
+    layer: str, loop_thread: AioThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Replies are bounded like broadcasts: without it the asyncio host queued every
+    # reply (296 MB for 300 requests of a 1 MB reply with max_buffer=1 MiB).
+    host = make_host(layer, loop_thread, max_buffer=1 << 20, timeout=2)
+    host.ep.on("q", lambda data, conn: b"x" * 1_000_000)
+    sock: Optional[socket.socket] = None
+    try:
+        with caplog.at_level(logging.WARNING, logger="socketengine"):
+            sock = _raw_client(host.ep.port)
+            wait_for(lambda: len(host.ep.clients()) == 1, what="the raw client")
+            frame = frames.encode_value_frame
+            requests = [b"".join(frame(frames.REQUEST, "q", i, fid=i + 1)) for i in range(40)]
+            sock.sendall(b"".join(requests))  # and never reads
+            wait_for(
+                lambda: not host.ep.clients() and "slow consumer" in caplog.text,
+                timeout=15,
+                what="the requester dropped as a slow consumer",
+            )
+    finally:
+        if sock is not None:
+            sock.close()
+        host.close()

@@ -760,8 +760,9 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         (an exception, or the text itself); return the error text (``None``: a REPLY)."""
         parts, nbytes, text = reply_frame(channel, fid, result, exc)
         if self.is_open:
-            self._enqueue(parts, nbytes)
-            self.messages_out += 1
+            # Never waits, and bounded like a broadcast: a peer that does not read its
+            # replies is disconnected as a slow consumer (logged) rather than queue them.
+            self._offer(parts, nbytes, None)
             return text
         try:
             if self.engine.state is not _OPEN and self._held(parts, nbytes, None):

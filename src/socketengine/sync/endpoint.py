@@ -520,7 +520,9 @@ class Endpoint(EndpointBase, Generic[_I]):
                     logger.exception("%r: callback %r raised (ignored)", self, fn)
         parts, size, text = reply_frame(channel, rid, result, error)
         try:
-            conn.send_parts(parts, size)
+            # Never waits, and bounded like a broadcast: a peer that does not read its
+            # replies is disconnected as a slow consumer (logged) rather than queue them.
+            conn.send_parts(parts, size, block=False)
             conn.messages_out += 1
         except (ConnectionError, SocketEngineError) as exc:
             logger.info("%r: reply to %r not sent: %s", self, conn, exc)
