@@ -863,9 +863,7 @@ def test_an_acknowledgement_is_asked_for_even_when_the_queue_is_full(
 
 
 @pytest.mark.parametrize("layer", LAYERS)
-def test_an_image_write_never_waits_behind_a_full_queue(
-    layer: str, loop_thread: AioThread
-) -> None:
+def test_an_image_write_never_waits_behind_a_full_queue(layer: str, loop_thread: AioThread) -> None:
     np = pytest.importorskip("numpy")
     with _mute_host() as port:
         client = make_client(
@@ -1153,9 +1151,7 @@ def test_each_reconnect_attempt_is_bounded_by_timeout(
         pytest.skip("dropping SYNs with a full accept queue is Linux behaviour")
     host = Host(port=0)
     port = host.port
-    client = make_client(
-        layer, loop_thread, port, timeout=0.3, reconnect_max=0.1, heartbeat=None
-    )
+    client = make_client(layer, loop_thread, port, timeout=0.3, reconnect_max=0.1, heartbeat=None)
     hole: Optional[Tuple[socket.socket, socket.socket]] = None
     try:
         assert client.ep.connected
@@ -1266,4 +1262,95 @@ def test_a_requester_that_never_reads_its_replies_is_dropped_as_a_slow_consumer(
     finally:
         if sock is not None:
             sock.close()
+        host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_shared_memory_announcement_naming_a_fifo_does_not_stall_the_host(
+    layer: str, loop_thread: AioThread, tmp_path: Path
+) -> None:
+    # HELLO's "shm" names a (pid, fd) the host opens through /proc, before the token is
+    # checked: naming a FIFO without a writer used to block the host's I/O thread (or
+    # event loop) in open(); only a memfd is ever opened now.
+    from socketengine import shm
+
+    if not shm.available():
+        pytest.skip("shared memory is not available here")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    host = make_host(layer, loop_thread, token="secret", heartbeat=None)
+    sock: Optional[socket.socket] = None
+    try:
+        sock = socket.create_connection(("127.0.0.1", host.ep.port), timeout=10)
+        hello = {"v": 1, "name": "x", "nonce": b"n" * 16, "shm": [os.getpid(), reader, b"t" * 16]}
+        sock.sendall(frames.PREAMBLE + b"".join(frames.encode_value_frame(frames.HELLO, "", hello)))
+        with Client(port=host.ep.port, token="secret", connect_timeout=5) as good:
+            good.write("in", 1)
+            wait_for(lambda: host.ep.get("in") == 1, what="the good client's write")
+    finally:
+        try:  # release an open() stuck on the FIFO, if any, so that the host can close
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        os.close(reader)
+        if sock is not None:
+            sock.close()
+        host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_frame_that_a_decoder_chokes_on_closes_that_connection_only(
+    layer: str, loop_thread: AioThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An INTEREST naming a 5,000-digit int: decoding it raised ValueError (not a
+    # ProtocolError); the threaded host logged a traceback and kept the connection.
+    host = make_host(layer, loop_thread)
+    sock: Optional[socket.socket] = None
+    try:
+        with _writer(host.ep.port, name="bystander") as other:
+            with caplog.at_level(logging.WARNING, logger="socketengine"):
+                sock = _raw_client(host.ep.port)
+                wait_for(lambda: len(host.ep.clients()) == 2, what="both clients")
+                bad = b"".join(frames.encode_value_frame(frames.INTEREST, "", [10**5000]))
+                after = b"".join(frames.encode_value_frame(frames.DATA, "after", 1))
+                sock.sendall(bad + after)
+                wait_for(
+                    lambda: len(host.ep.clients()) == 1 and "malformed frame" in caplog.text,
+                    what="the connection closed and the reason logged",
+                )
+            assert host.ep.get("after") is None  # nothing after the bad frame is handled
+            other.write("still", 1)
+            wait_for(lambda: host.ep.get("still") == 1, what="the other client, unaffected")
+    finally:
+        if sock is not None:
+            sock.close()
+        host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_handshake_that_a_decoder_chokes_on_is_closed_before_it_buffers_more(
+    layer: str, loop_thread: AioThread
+) -> None:
+    # Before the token is checked: a HELLO whose interest names a 5,000-digit int used to
+    # leave the threaded host's decoder paused, buffering all the peer sent next.
+    host = make_host(layer, loop_thread, token="secret", handshake_timeout=30)
+    sock = socket.create_connection(("127.0.0.1", host.ep.port), timeout=10)
+    try:
+        hello = {"v": 1, "name": "x", "nonce": b"n" * 16, "interest": [10**5000]}
+        sock.sendall(frames.PREAMBLE + b"".join(frames.encode_value_frame(frames.HELLO, "", hello)))
+        sock.settimeout(0.2)
+        junk = b"\0" * 65536
+        closed = False
+        for _ in range(500):  # the host must close long before taking 32 MiB of junk
+            try:
+                sock.sendall(junk)
+            except socket.timeout:
+                pass
+            except OSError:  # reset: closed
+                closed = True
+                break
+        assert closed, "the host kept taking bytes after a malformed handshake"
+    finally:
+        sock.close()
         host.close()

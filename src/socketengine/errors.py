@@ -50,6 +50,18 @@ class ProtocolError(SocketEngineError):
     """
 
 
+def malformed(exc: Exception) -> ProtocolError:
+    """The :class:`ProtocolError` for any other exception that handling a peer's frames
+    raised (a decoder that let a malformed value through): the I/O layers close that
+    connection only, as for any protocol error, and log why."""
+    if isinstance(exc, ProtocolError):
+        return exc
+    text = str(exc)
+    if len(text) > 200:
+        text = text[:200] + "..."
+    return ProtocolError(f"malformed frame from the peer ({type(exc).__name__}: {text})")
+
+
 class MessageTooBig(ProtocolError):
     """A frame exceeds the ``max_message`` limit (bytes) of the receiving endpoint."""
 

@@ -32,10 +32,12 @@ says whether this process can use it.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import mmap
 import os
+import stat
 import struct
 import sys
 import threading
@@ -147,7 +149,21 @@ def announce() -> Optional[List[Any]]:
 
 
 def _open_peer(pid: int, fd: int, flags: int) -> int:
-    return os.open(f"/proc/{pid}/fd/{fd}", flags | os.O_CLOEXEC)
+    """Open a peer's memfd through ``/proc``.  ``pid`` and ``fd`` come from the peer
+    (before its token is checked): only a memfd is ever opened, never blocking and
+    never as a controlling terminal, so an announcement naming a FIFO, a device or a
+    file cannot stall or touch anything.  Raises ``OSError`` for anything else."""
+    path = f"/proc/{pid}/fd/{fd}"
+    if not os.readlink(path).startswith("/memfd:"):
+        raise OSError(errno.EINVAL, "not a memfd")
+    handle = os.open(path, flags | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        if not stat.S_ISREG(os.fstat(handle).st_mode):  # replaced since the readlink
+            raise OSError(errno.EINVAL, "not a memfd")
+    except OSError:
+        os.close(handle)
+        raise
+    return handle
 
 
 def check_peer(value: Any) -> Optional[Tuple[int, bytes]]:

@@ -66,6 +66,7 @@ from ..errors import (
     HandshakeError,
     ProtocolError,
     WriteTimeout,
+    malformed,
 )
 from ..frames import Frame
 from ..limits import CALLBACK_BACKLOG, MIN_READ_SIZE
@@ -873,6 +874,8 @@ class Connection(PeerView, asyncio.BufferedProtocol):
                 self._process()
         except (ProtocolError, HandshakeError) as exc:
             self._fail(exc)
+        except Exception as exc:  # a malformed frame a decoder let through
+            self._fail(malformed(exc))
 
     def eof_received(self) -> Optional[bool]:
         """The peer half-closed: let the transport close (after flushing)."""
@@ -1032,6 +1035,8 @@ class Connection(PeerView, asyncio.BufferedProtocol):
             self._run_pending()
         except (ProtocolError, HandshakeError) as exc:
             self._fail(exc)
+        except Exception as exc:  # a malformed frame a decoder let through
+            self._fail(malformed(exc))
 
     def _unpause_for_close(self) -> None:
         if self._reading_paused and not self._blockers and self.transport is not None:

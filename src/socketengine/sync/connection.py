@@ -33,6 +33,7 @@ from ..errors import (
     ProtocolError,
     SocketEngineError,
     WriteTimeout,
+    malformed,
 )
 from ..peer import PeerView
 from ..protocol import Protocol
@@ -764,6 +765,9 @@ class Connection(PeerView, Pausable):
                     self._process()
             except (ProtocolError, HandshakeError) as exc:
                 self._fail(exc)
+                return
+            except Exception as exc:  # a malformed frame a decoder let through
+                self._fail(malformed(exc))
                 return
             if engine.closed or self._pauses or engine.peer_done:
                 return
