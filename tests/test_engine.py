@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, List, Optional, Tuple
 
+import msgpack
 import pytest
 from engine_feed import feed
 from hypothesis import given, settings
@@ -188,6 +189,22 @@ def test_requests_ids_replies_errors_and_close() -> None:
     table.fail_all(ConnectionClosed("gone"))
     assert isinstance(c.error, ConnectionClosed)
     assert len(table) == 0
+
+
+def test_an_answer_of_the_wrong_kind_for_an_id_is_ignored() -> None:
+    # Requests and SYNCs share one id space: a peer's ACK naming a request, or REPLY
+    # naming a SYNC, must not answer it.
+    table: RequestTable[_Sink] = RequestTable()
+    request, sync = _Sink(), _Sink()
+    rid, sid = table.open(request), table.open(sync)
+    table.expect_ack(sid)  # what ConnectionEngine.sync_frame does
+    assert not table.acknowledge(rid)
+    reply = frames.Frame(frames.REPLY, 0, "q", sid, msgpack.packb(5), None)
+    assert not table.resolve(reply)
+    assert not request.finished and not sync.finished
+    assert table.acknowledge(sid) and sync.result is True
+    assert table.resolve(frames.Frame(frames.REPLY, 0, "q", rid, msgpack.packb(7), None))
+    assert request.result == 7 and len(table) == 0
 
 
 def test_engine_finish_fails_outstanding_requests() -> None:

@@ -429,6 +429,7 @@ class ConnectionEngine:
                 f"{self.peer} runs protocol 1.0 and cannot acknowledge writes: upgrade it "
                 "(or write without ack=True)"
             )
+        self.requests.expect_ack(rid)
         return _pack_header(frames.SYNC, 0, 0, rid, 0, 0)
 
     def sent(self, now: float) -> None:

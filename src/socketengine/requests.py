@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any, Dict, Generic, List, Optional, Protocol, Tuple, TypeVar, Union
+from typing import Any, Dict, Generic, List, Optional, Protocol, Set, Tuple, TypeVar, Union
 
 from . import frames
 from .codec import Buffer
@@ -47,6 +47,7 @@ class RequestTable(Generic[S]):
 
     def __init__(self) -> None:
         self._open: Dict[int, S] = {}
+        self._acks: Set[int] = set()  # the ids of SYNC frames: answered by ACK only
         # itertools.count is atomic in CPython: writer threads never share an id.
         self._ids = itertools.count(1)
 
@@ -54,16 +55,24 @@ class RequestTable(Generic[S]):
         return len(self._open)
 
     def open(self, sink: S) -> int:
-        """Register ``sink`` and return the request id to send with it."""
+        """Register ``sink`` and return the id to send with it: a REQUEST's, answered
+        by REPLY / REPLY_ERROR, or a SYNC's (see :meth:`expect_ack`)."""
         while True:
             rid = next(self._ids) & MAX_REQUEST_ID
             if rid and rid not in self._open:
                 self._open[rid] = sink
                 return rid
 
+    def expect_ack(self, rid: int) -> None:
+        """``rid`` goes out in a SYNC frame: only an ACK answers it (a REPLY naming it
+        is ignored), and an ACK answers nothing else."""
+        if rid in self._open:
+            self._acks.add(rid)
+
     def cancel(self, rid: int) -> None:
         """Forget request ``rid`` (its requester gave up); a late reply is ignored."""
         self._open.pop(rid, None)
+        self._acks.discard(rid)
 
     def resolve(self, frame: Frame) -> bool:
         """Hand a REPLY / REPLY_ERROR frame to its request; False if none waits.
@@ -71,6 +80,9 @@ class RequestTable(Generic[S]):
         Raises :class:`~socketengine.ProtocolError` if the frame's value is malformed.
         """
         value = frame.value()
+        if frame.id in self._acks:
+            logger.debug("reply to SYNC id %d ignored: a SYNC is answered by ACK", frame.id)
+            return False
         sink: Optional[S] = self._open.pop(frame.id, None)
         if sink is None or sink.done():
             logger.debug("reply to an unknown or expired request id %d ignored", frame.id)
@@ -83,7 +95,11 @@ class RequestTable(Generic[S]):
 
     def acknowledge(self, rid: int) -> bool:
         """An ACK arrived for SYNC ``rid``: its waiter learns everything before it is
-        stored.  False if nobody waits for it (it gave up)."""
+        stored.  False if nobody waits for it (it gave up), or ``rid`` is a request's."""
+        if rid not in self._acks:
+            logger.debug("ACK for id %d ignored: not a SYNC's", rid)
+            return False
+        self._acks.discard(rid)
         sink: Optional[S] = self._open.pop(rid, None)
         if sink is None or sink.done():
             logger.debug("ACK for an unknown or expired id %d ignored", rid)
@@ -94,6 +110,7 @@ class RequestTable(Generic[S]):
     def fail_all(self, error: BaseException) -> None:
         """The connection closed: every outstanding request fails with ``error``."""
         pending, self._open = self._open, {}
+        self._acks.clear()
         for sink in pending.values():
             if not sink.done():
                 sink.set_exception(error)
