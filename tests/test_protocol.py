@@ -467,3 +467,29 @@ def test_max_message_is_enforced_after_open() -> None:
     assert _collect(host.events()) == [frames.DATA]
     with pytest.raises(MessageTooBig):
         deliver(host, raw_frame(frames.DATA, np.zeros(100_001, np.uint8), "big"))
+
+
+def test_an_unauthenticated_hello_builds_no_interest_and_opens_no_file(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A HELLO's interest (a pattern index costs many times its wire size) and its
+    # shared-memory announcement (a file the host opens) wait for the token: an
+    # unauthenticated peer gets neither built nor opened.
+    from socketengine import shm
+    from socketengine.patterns import Interest, Pattern
+
+    checked: List[Any] = []
+    monkeypatch.setattr(shm, "announce", lambda: [1, 2, b"t" * 16])
+    monkeypatch.setattr(shm, "check_peer", lambda value: checked.append(value))
+    interest = Interest(["a", Pattern("b/+")])
+    wrong = link(HOST_TOKEN, b"wrong", interest=interest, shm_threshold=65536)
+    wrong.to_host()  # HELLO
+    assert wrong.host.peer_interest is None and not checked
+    wrong.to_client()  # CHALLENGE
+    with pytest.raises(AuthenticationError):
+        wrong.to_host()  # AUTH with the wrong token
+    assert wrong.host.peer_interest is None and not checked
+    good = link(HOST_TOKEN, HOST_TOKEN, interest=interest, shm_threshold=65536)
+    good.run()
+    assert good.host.is_open and good.host.peer_interest == interest
+    assert checked == [[1, 2, b"t" * 16]]

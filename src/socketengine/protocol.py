@@ -169,6 +169,7 @@ class Protocol:
         # Shared memory ("shm", docs/protocol.md 8.9): None when this side turned it off.
         self._shm_threshold = shm_threshold if shm.available() else None
         self._shm_peer: Optional[Tuple[int, bytes]] = None
+        self._hello_later: Tuple[Any, Any] = (None, None)  # HELLO's "shm", "interest"
         #: Set once the handshake proved the peer is on this machine, as this user:
         #: large data sections go to it through shared memory / come from it that way.
         self.shm_writer: Optional[shm.ShmWriter] = None
@@ -391,11 +392,11 @@ class Protocol:
             self._note_peer(meta)
             self._note_resume_hello(meta.get("rs"))
             self.peer_rq = self.peer_resume and meta.get("rq") is True
-            if self._shm_threshold is not None and meta.get("shm") is not None:
-                self._shm_peer = shm.check_peer(meta.get("shm"))
             self.peer_will = _check_will(meta.get("will"))
-            if meta.get("interest") is not None:
-                self.peer_interest = Interest.from_wire(meta.get("interest"))
+            # Looked at once the token (if any) is proven, in _welcome: an
+            # unauthenticated peer makes this host open no file and build no pattern
+            # index (interests cost many times their wire size).
+            self._hello_later = (meta.get("shm"), meta.get("interest"))
             self._peer_nonce = nonce
             self.peer_name = name
             if self._token is None:
@@ -436,6 +437,12 @@ class Protocol:
         self.peer_resume = self.sessions is not None
 
     def _welcome(self, mac: Optional[bytes]) -> None:
+        announced_shm, interest = self._hello_later
+        self._hello_later = (None, None)
+        if interest is not None:
+            self.peer_interest = Interest.from_wire(interest)
+        if self._shm_threshold is not None and announced_shm is not None:
+            self._shm_peer = shm.check_peer(announced_shm)
         rs = None
         sessions = self.sessions
         session = None
