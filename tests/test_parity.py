@@ -1354,3 +1354,24 @@ def test_a_handshake_that_a_decoder_chokes_on_is_closed_before_it_buffers_more(
     finally:
         sock.close()
         host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_value_beyond_max_stored_is_refused_before_it_is_decoded(
+    layer: str, loop_thread: AioThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The budget is checked from the frame's size: a value beyond it is never decoded
+    # (here it would not even decode), and the log names the budget on both layers.
+    host = make_host(layer, loop_thread, max_stored=1000)
+    sock: Optional[socket.socket] = None
+    try:
+        with caplog.at_level(logging.WARNING, logger="socketengine"):
+            sock = _raw_client(host.ep.port)
+            wait_for(lambda: len(host.ep.clients()) == 1, what="the raw client")
+            sock.sendall(b"".join(frames.encode_frame(frames.DATA, "big", b"\xc1" * 5000)))
+            wait_for(lambda: "max_stored=1000" in caplog.text, what="the budget named")
+        assert "malformed" not in caplog.text
+    finally:
+        if sock is not None:
+            sock.close()
+        host.close()

@@ -990,14 +990,14 @@ class Connection(PeerView, asyncio.BufferedProtocol):
                 self.senders[frame.channel], frame = unwrap_relayed(frame)
             meta = frame.meta
             data = frame.data
-            value = frame.value()
             endpoint = self._endpoint
-            endpoint._deliver(  # budgeted at wire size, as the threaded host does
-                self,
-                frame.channel,
-                value,
-                frame.flags & frames.FLAG_IMAGE,
-                len(meta) if data is None else len(meta) + len(data),
+            # Budgeted at wire size before it is decoded, as the threaded host does.
+            endpoint._budget(
+                self, frame.channel, len(meta) if data is None else len(meta) + len(data)
+            )
+            value = frame.value()
+            endpoint._deliver(
+                self, frame.channel, value, frame.flags & frames.FLAG_IMAGE, counted=True
             )
             self.messages_in += 1
             relay = endpoint._relay
