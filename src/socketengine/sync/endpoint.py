@@ -295,18 +295,10 @@ class Endpoint(EndpointBase, Generic[_I]):
             self._waiters.setdefault(channel, []).append(waiter)
         ended = self._ended()  # delivery ended just before the registration was seen
         if ended is not None and not waiter.event.is_set():
-            with self._watch_lock:
-                waiting = self._waiters.get(channel, [])
-                if waiter in waiting:
-                    waiting.remove(waiter)
+            self._unwait(channel, waiter)
             raise ended
         if not waiter.event.wait(timeout):
-            with self._watch_lock:
-                waiting = self._waiters.get(channel, [])
-                if waiter in waiting:
-                    waiting.remove(waiter)
-                    if not waiting:
-                        del self._waiters[channel]
+            self._unwait(channel, waiter)
             if not waiter.event.is_set():
                 raise TimeoutError(f"no message on {channel!r} within {timeout} s")
         item = waiter.item
@@ -315,6 +307,15 @@ class Endpoint(EndpointBase, Generic[_I]):
         if type(item) is _Lost:
             raise item.error
         return _user_item(item)
+
+    def _unwait(self, channel: str, waiter: Waiter) -> None:
+        """Take back a wait() that is ending without a value (timeout, delivery ended)."""
+        with self._watch_lock:
+            waiting = self._waiters.get(channel, [])
+            if waiter in waiting:
+                waiting.remove(waiter)
+                if not waiting:
+                    del self._waiters[channel]
 
     def _wait_pattern(self, pattern: Pattern, timeout: Optional[float]) -> Tuple[Any, ...]:
         waiter = Waiter()
