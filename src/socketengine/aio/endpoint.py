@@ -401,19 +401,18 @@ class Endpoint(EndpointBase):
         channel: str,
         value: Any,
         image: int = 0,
-        nbytes: int = -1,
         counted: bool = False,
     ) -> None:
         """A DATA value arrived: store it, then waiters, subscriptions, callbacks,
-        ``on_message`` hooks.  ``image``: the frame has the IMAGE flag; ``nbytes``: its
-        metadata and data bytes (``-1``: not known, estimated from the value);
-        ``counted``: already accounted against the storage budgets (a BATCH item).
+        ``on_message`` hooks.  ``image``: the frame has the IMAGE flag; ``counted``:
+        already accounted against the storage budgets (:meth:`_budget` at wire size,
+        or a BATCH item); otherwise it is, at :func:`value_size`'s estimate.
 
         Raises ``ProtocolError`` (the connection is closed) beyond a storage budget."""
         if not counted:
             stored = self._stored.get(conn)
             if stored is not None:
-                stored.store(channel, nbytes if nbytes >= 0 else value_size(value))
+                stored.store(channel, value_size(value))
         conn.values[channel] = value
         self._latest[channel] = value
         conn.received_at[channel] = _now()
