@@ -20,10 +20,11 @@ import threading
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 
+import numpy as np
 import pytest
 from conftest import wait_for
 
-from socketengine import Client, Host, SocketEngineError, aio, frames
+from socketengine import Client, Host, SocketEngineError, aio, frames, images
 from socketengine.protocol import Protocol, Role
 
 # Arrays and images: over the socket and over shared memory (conftest.transfer).
@@ -1375,3 +1376,46 @@ def test_a_value_beyond_max_stored_is_refused_before_it_is_decoded(
         if sock is not None:
             sock.close()
         host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_an_image_file_is_not_kept_once_a_value_replaces_it_or_its_client_is_forgotten(
+    layer: str, loop_thread: AioThread
+) -> None:
+    """``get_jpeg``'s file goes with the image: an 8 MiB "JPEG" followed by a small int
+    on the same channel must not stay behind ``max_stored``, which counts the int."""
+    if not images.available_backends().get("jpeg"):
+        pytest.skip("no JPEG backend installed")
+    frame = np.zeros((120, 160, 3), np.uint8)
+    frame[:, :, 1] = np.arange(160, dtype=np.uint8)
+    host = make_host(layer, loop_thread, keep_departed=0)
+    try:
+        with _writer(host.ep.port, name="cam") as c:
+            for channel in ("single", "burst"):
+                c.write_image(frame, channel=channel, codec="jpeg")
+                wait_for(lambda ch=channel: host.ep.get_jpeg(ch) is not None, what="the file")
+            conn = host.ep.clients()[0]
+            assert conn.get_jpeg("single") is not None and conn.get_jpeg("burst") is not None
+            c.write("single", 1)  # one DATA frame
+            for i in range(200):  # small values in a burst: BATCH items
+                c.write("burst", i)
+            wait_for(lambda: _int(host.ep.get("single")) == 1 and _int(host.ep.get("burst")) == 199)
+            for channel in ("single", "burst"):
+                assert host.ep.get_jpeg(channel) is None
+                assert conn.get_jpeg(channel) is None
+            single = host.ep.stats()["images"]["received"]["single"]
+            # The frame was either read (a get() above) or replaced unread: counted once.
+            assert single["frames"] == 1 and single["delivered"] + single["dropped"] == 1
+            c.write_image(frame, channel="left", codec="jpeg")
+            wait_for(lambda: host.ep.get_jpeg("left") is not None, what="the last file")
+        # keep_departed=0: the client is forgotten as it leaves, and its file with it.
+        wait_for(lambda: host.ep.get("left") is None, what="the client to be forgotten")
+        assert host.ep.get_jpeg("left") is None
+        assert not host.ep._images.encoded and not host.ep._images.unread
+    finally:
+        host.close()
+
+
+def _int(value: Any) -> Optional[int]:
+    """``value`` if it is an int (not an image array, which ``==`` would compare)."""
+    return value if type(value) is int else None

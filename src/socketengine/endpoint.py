@@ -21,7 +21,7 @@ from .limits import HostLimits, check_compression, check_settings, check_shm
 from .peer import PeerView
 from .relay import RelayPolicy, RelaySpec, WritersSpec
 from .session import SessionTable
-from .state import Admission, Departed, RetainedValues
+from .state import Admission, Departed, RetainedValues, forget_latest
 
 __all__ = ["EndpointBase"]
 
@@ -470,6 +470,27 @@ class EndpointBase:
         encoded = self._images.arrived(channel, value)
         if encoded is not None:
             conn._encoded[channel] = encoded
+
+    def _not_an_image(self, conn: PeerView, channel: str) -> None:
+        """A value that is not an image arrived on ``channel`` (I/O thread / event
+        loop): what was kept of an earlier image there goes with it.  The layers call
+        this only while some image is kept (:meth:`_images_kept`): a dict check per
+        frame on the hot path."""
+        conn._encoded.pop(channel, None)
+        self._images.superseded(channel)
+
+    def _images_kept(self, conn: PeerView) -> bool:
+        """Whether an image file or unread frame is kept for ``conn`` or the endpoint."""
+        ledger = self._images
+        return bool(conn._encoded or ledger.encoded or ledger.unread)
+
+    def _forget_latest(self, conn: PeerView) -> None:
+        """``conn``'s values are forgotten (a departed client, or one turned away): so
+        are the endpoint's latest values that are still exactly those, and the image
+        files kept for them."""
+        forget_latest(self._latest, conn.values)
+        if self._images.encoded or self._images.unread:
+            self._images.forget(self._latest)
 
     def _read(self, table: Dict[str, Any], channel: str, default: Any) -> Any:
         """``table[channel]`` for the user: an encoded image is decoded (and cached)."""

@@ -418,6 +418,8 @@ class Endpoint(EndpointBase):
         conn.received_at[channel] = _now()
         if image:
             self._image_arrived(conn, channel, value)
+        elif self._images_kept(conn):
+            self._not_an_image(conn, channel)
         waiters = self._waiters.pop(channel, None)
         subs = self._subs.get(channel)
         handlers = self._handlers.get(channel)

@@ -34,7 +34,7 @@ from ..patterns import Pattern
 from ..protocol import Protocol, Role
 from ..relay import RelaySpec, WritersSpec, relayed_frame, relayed_value
 from ..sendqueue import Outgoing
-from ..state import Admission, StoredValues, forget_latest
+from ..state import Admission, StoredValues
 from ..watch import matching_channels
 from .connection import READ_SIZE, Connection, Job
 from .endpoint import Endpoint
@@ -620,7 +620,7 @@ class Host(Endpoint):
         stored = self._stored.pop(conn, None)
         if not self._admission.left(conn.session):
             # Never completed the handshake, or turned away after it: nothing to remember.
-            forget_latest(self._latest, conn.values)
+            self._forget_latest(conn)
             return
         logger.info("%r: client %r disconnected", self, conn)
         self._gap_from(conn)
@@ -665,7 +665,7 @@ class Host(Endpoint):
     def _forget(self, conns: List[Connection]) -> None:
         """These clients' values are forgotten: by get() too."""
         for conn in conns:
-            forget_latest(self._latest, conn.values)
+            self._forget_latest(conn)
 
     def _connections(self) -> List[Connection]:
         return list(self._conns.values())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import Any, Deque, Dict, Optional
+from typing import Any, Deque, Dict, Mapping, Optional
 
 from .encoded import EncodedImage
 
@@ -199,6 +199,21 @@ class ImageLedger:
         nbytes = self.unread.pop(channel, None)
         if nbytes is not None:
             self._stats(self.received, channel).record_delivered(nbytes)
+
+    def superseded(self, channel: str) -> None:
+        """A value that is not an image became the latest on ``channel``: the file kept
+        for :meth:`get_jpeg` goes (it would escape ``max_stored``, which counts the new
+        value), and a frame nobody read counts as dropped."""
+        self.encoded.pop(channel, None)
+        if self.unread.pop(channel, None) is not None:
+            self._stats(self.received, channel).record_dropped()
+
+    def forget(self, latest: Mapping[str, Any]) -> None:
+        """Channels left the endpoint's latest values (a forgotten client's): so do
+        their files and unread marks."""
+        for table in (self.encoded, self.unread):
+            for channel in [ch for ch in table if ch not in latest]:
+                del table[channel]
 
     def get_jpeg(self, channel: str) -> Optional[bytes]:
         """The newest encoded file received on ``channel``, or ``None``."""

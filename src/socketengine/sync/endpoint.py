@@ -604,6 +604,8 @@ class Endpoint(EndpointBase, Generic[_I]):
         now = time.time()
         count = 0
         relay = self._relay
+        ledger = self._images
+        kept, unread, conn_kept = ledger.encoded, ledger.unread, conn._encoded  # images
         self._version += 1  # only this thread writes it
         try:
             for frame in events:
@@ -632,6 +634,8 @@ class Endpoint(EndpointBase, Generic[_I]):
                     values[channel] = value
                     latest[channel] = value
                     stamps[channel] = now
+                    if (kept or unread or conn_kept) and not flags & FLAG_IMAGE:
+                        self._not_an_image(conn, channel)
                     if watched:
                         self._deliver(conn, channel, value)
                     if relay is not None and relay.allows(channel, conn.name):
@@ -666,6 +670,10 @@ class Endpoint(EndpointBase, Generic[_I]):
                         values.update(pairs)
                         latest.update(pairs)
                         stamps.update(dict.fromkeys(pairs, now))
+                    if kept or unread or conn_kept:
+                        for channel in items[0::2]:
+                            if channel in kept or channel in unread or channel in conn_kept:
+                                self._not_an_image(conn, channel)
                     if overflow is not None:
                         raise overflow
                     continue

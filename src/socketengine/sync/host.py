@@ -47,7 +47,7 @@ from ..patterns import Pattern
 from ..protocol import Protocol, Role
 from ..relay import RelaySpec, WritersSpec, relayed_frame, relayed_value
 from ..sendqueue import Outgoing
-from ..state import Admission, StoredValues, forget_latest
+from ..state import Admission, StoredValues
 from ..watch import matching_channels
 from .connection import Connection
 from .endpoint import Endpoint
@@ -663,7 +663,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         stored = self._stored.pop(conn, None)
         if not self._admission.left(conn.session):
             # Never completed the handshake, or turned away after it: nothing to remember.
-            forget_latest(self._latest, conn.values)
+            self._forget_latest(conn)
             return
         logger.info("%r: client %r disconnected", self, conn)
         self._gap_from(conn)
@@ -679,7 +679,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
     def _forget(self, conns: List[Connection]) -> None:
         """These clients' values are forgotten: by get() too (loop thread)."""
         for conn in conns:
-            forget_latest(self._latest, conn.values)
+            self._forget_latest(conn)
 
     def _publish_will(self, conn: Connection, channel: str, meta: bytes) -> None:
         """A client vanished: its last will arrives as if it had written it, here and
@@ -688,6 +688,8 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         value = codec.decode(meta, None)
         conn.values[channel] = value
         self._latest[channel] = value
+        if self._images_kept(conn):
+            self._not_an_image(conn, channel)
         self._deliver(conn, channel, value)
         parts, nbytes = frames.value_frame(frames.DATA, channel, value)
         self._send_all(parts, nbytes, channel=channel, exclude=conn)
