@@ -486,6 +486,28 @@ def test_peer_chosen_long_channel_names_are_not_kept_in_the_name_cache() -> None
     assert sum(len(k) for k in FrameDecoder._names) - before < 40 * 300
 
 
+def test_long_channel_names_are_not_kept_in_the_sending_caches() -> None:
+    # A host encodes names its clients chose when it relays a value or answers a
+    # request: the process-wide caches of encoded names must not keep long ones.
+    from socketengine.relay import RelayPolicy
+
+    def held() -> int:
+        return sum(len(k) for k in [*frames._channel_bytes, *frames._item_prefixes])
+
+    before = held()
+    policy = RelayPolicy(True)
+    for i in range(40):
+        name = f"{i:04d}" + "x" * 60_000
+        frames.value_frame(frames.DATA, name, i)
+        item = frames.value_item(name, i)
+        assert isinstance(item, bytes) and item.endswith(bytes([i]))
+        frames.value_item(name, np.zeros(3))  # the full encoder
+        assert policy.allows(name, "writer")
+    assert held() - before < 40 * 300
+    assert not any(len(ch) > frames.CACHED_NAME_MAX for ch in frames._full_channels)
+    assert not any(len(ch) > frames.CACHED_NAME_MAX for ch, _ in policy._cache)
+
+
 # -- pausing after handshake frames ----------------------------------------------------
 
 

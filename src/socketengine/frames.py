@@ -114,10 +114,11 @@ _MMAP_BODY = 16 * 1024 * 1024
 #: frames; larger ones always get a DATA frame of their own.
 ITEM_MAX = 4096
 _refcount = sys.getrefcount
-# Received channel names are cached process-wide, and any peer (even one that never
-# completes the handshake) chooses them: only short ones are kept, so the cache stays
-# under ~2 MB instead of 4096 names of up to 64 KiB each.
-_CACHED_NAME_MAX = 256
+# Channel names are cached process-wide (received ones, and the encoded names of what
+# this process sends, relays and answers), and peers choose many of them (even one that
+# never completes the handshake): only short ones are kept, so each cache stays under
+# ~2 MB instead of 4096 names of up to 64 KiB each.
+CACHED_NAME_MAX = 256
 
 
 class Frame(NamedTuple):
@@ -267,7 +268,7 @@ def channel_bytes(channel: str) -> bytes:
         b = channel.encode("utf-8")
         if len(b) > 0xFFFF:
             raise ValueError("channel name is longer than 65535 UTF-8 bytes")
-        if len(_channel_bytes) < 4096:
+        if len(_channel_bytes) < 4096 and len(b) <= CACHED_NAME_MAX:
             _channel_bytes[channel] = b
     return b
 
@@ -330,7 +331,7 @@ def _item_prefix(channel: str) -> bytes:
         else:
             head = b"\xda" + n.to_bytes(2, "big")
         prefix = head + ch
-        if len(_item_prefixes) < 4096:
+        if len(_item_prefixes) < 4096 and n <= CACHED_NAME_MAX:
             _item_prefixes[channel] = prefix
     return prefix
 
@@ -346,7 +347,7 @@ def value_item(channel: str, value: Any) -> Union[bytes, Tuple[List[codec.Buffer
             # Arrays, tuples, subclasses, big ints: the full encoder below, and from now
             # on at once for this channel (a failed try costs ~2 us: its values usually
             # keep their shape).
-            if len(_full_channels) < 4096:
+            if len(_full_channels) < 4096 and len(channel) <= CACHED_NAME_MAX:
                 _full_channels.add(channel)
         else:
             if len(meta) <= ITEM_MAX:
@@ -681,6 +682,6 @@ class FrameDecoder:
                 name = raw.decode("utf-8")
             except UnicodeDecodeError:
                 raise ProtocolError("channel name is not valid UTF-8") from None
-            if length <= _CACHED_NAME_MAX and len(self._names) < 4096:
+            if length <= CACHED_NAME_MAX and len(self._names) < 4096:
                 self._names[raw] = name
         return name

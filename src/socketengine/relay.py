@@ -67,7 +67,9 @@ class RelayPolicy:
         verdict = self._cache.get(key)
         if verdict is None:
             verdict = self._decide(channel, writer)
-            if len(self._cache) < 65536:
+            # Bounded: the names are the clients' (at most ~16,384 x 2 short names, a
+            # few MB); a long channel name is decided each time.
+            if len(self._cache) < 16384 and len(channel) <= frames.CACHED_NAME_MAX:
                 self._cache[key] = verdict
         return verdict
 
