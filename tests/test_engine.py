@@ -7,6 +7,7 @@ every boundary.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, List, Optional, Tuple
 
 import msgpack
@@ -371,6 +372,32 @@ def test_retained_values_are_snapshots() -> None:
     (got,) = decoder.take()
     assert got.flags & frames.FLAG_RETAINED
     assert list(got.value()) == list(range(10))
+
+
+def test_relayed_retained_values_are_bounded_in_bytes_least_recent_first(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def parts(channel: str, size: int) -> List[Any]:
+        return frames.value_frame(frames.DATA, channel, b"x" * size)[0]
+
+    size = sum(len(p) for p in parts("c0", 1000))  # one frame of 1,000 bytes
+    retained = RetainedValues(relayed_limit=3 * size)
+    retained.retain("own", parts("own", 5000))  # the application's: not counted
+    for ch in ("c0", "c1", "c2"):
+        retained.retain(ch, parts(ch, 1000), relayed=True)
+    retained.retain("c0", parts("c0", 1000), relayed=True)  # c0 relayed again: recent
+    with caplog.at_level(logging.WARNING, logger="socketengine"):
+        retained.retain("c3", parts("c3", 1000), relayed=True)
+    assert "c1" not in retained and {"own", "c0", "c2", "c3"} <= set(retained._frames)
+    assert retained.relayed_bytes == 3 * size
+    assert "retain_relayed_bytes" in caplog.text and "'c1'" in caplog.text
+    retained.retain("c2", parts("c2", 10_000), relayed=True)  # alone over the limit
+    assert "c2" not in retained and retained.relayed_bytes == 2 * size
+    retained.clear("c0")
+    assert retained.relayed_bytes == size
+    retained.retain("c3", parts("c3", 1000))  # the application retains it: uncounted
+    assert retained.relayed_bytes == 0 and len(retained) == 2
+    assert [f[len(f) - 1 :] for f in retained.replay()] == [b"x", b"x"]
 
 
 def test_departed_is_bounded_and_forgets_returning_names() -> None:

@@ -119,6 +119,7 @@ BAD_HOST_ARGS: List[Dict[str, Any]] = [
     {"handshake_timeout": 0},
     {"tls": "no"},
     {"token": 3},
+    {"retain_relayed_bytes": -1},
 ]
 
 

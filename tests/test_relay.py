@@ -4,6 +4,7 @@ the channels it wants).  Each scenario runs against both hosts (threaded, asynci
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, List
 
 import pytest
@@ -92,6 +93,31 @@ def test_relayed_values_can_be_retained_for_late_joiners(
         with Client(port=host.ep.port, name="late") as late:
             wait_for(lambda: late.get("config") == {"rate": 30}, what="the retained value")
             assert late.sender("config") == "config-tool"
+    finally:
+        host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_relayed_values_kept_for_late_joiners_are_bounded_in_bytes(
+    layer: str,
+    loop_thread: AioThread,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Each value's frame is a bit over 1,000 bytes: three fit in 3,500.
+    host = make_host(
+        layer, loop_thread, relay=True, retain_relayed=True, retain_relayed_bytes=3500
+    )
+    try:
+        with caplog.at_level(logging.WARNING, logger="socketengine"):
+            with Client(port=host.ep.port, name="writer") as writer:
+                for i in range(6):
+                    writer.write(f"c{i}", bytes([i]) * 1000, ack=True)
+            with Client(port=host.ep.port, name="late") as late:
+                wait_for(lambda: late.get("c5") is not None, what="the newest value")
+                wait_for(lambda: late.get("c3") is not None, what="the oldest kept")
+                assert [late.get(f"c{i}") for i in range(3)] == [None, None, None]
+                assert late.get("c4") == b"\x04" * 1000
+        assert "retain_relayed_bytes=3500" in caplog.text and "'c0'" in caplog.text
     finally:
         host.close()
 

@@ -273,7 +273,7 @@ class EndpointBase:
             limits.keep_departed, limits.keep_departed_bytes
         )
         # Retained values: one complete DATA frame (flag RETAINED) per channel.
-        self._retained = RetainedValues()
+        self._retained = RetainedValues(limits.retain_relayed_bytes)
         self._init_monitor(*monitor)
         spec, writers, retain_relayed = relay
         self._relay = RelayPolicy(spec, writers) if spec else None

@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_HEARTBEAT",
     "DEFAULT_KEEP_DEPARTED",
     "DEFAULT_KEEP_DEPARTED_BYTES",
+    "DEFAULT_RETAIN_RELAYED_BYTES",
     "DEFAULT_MAX_PENDING",
     "DEFAULT_MAX_CHANNELS",
     "DEFAULT_MAX_STORED",
@@ -102,6 +103,11 @@ DEFAULT_KEEP_DEPARTED = 64
 #: ``max_stored``: the departed keep at most what one connected client may hold); the
 #: oldest departed client is forgotten first, in ``get`` as well as ``get_all``.
 DEFAULT_KEEP_DEPARTED_BYTES = 256 * 1024 * 1024
+#: 256 MiB: bytes of relayed values a host keeps for late joiners (``retain_relayed``),
+#: at wire size; the channel relayed least recently is forgotten first.  The clients
+#: choose these channels, and the values outlive them: without a bound, a client that
+#: writes on ever new channels would grow the host without end.
+DEFAULT_RETAIN_RELAYED_BYTES = 256 * 1024 * 1024
 #: Messages a subscription holds unread before the sending connections stop being read.
 DEFAULT_SUBSCRIPTION_SIZE = 10_000
 #: 64 MiB (one ``max_message``): bytes a subscription holds unread before the sending
@@ -245,6 +251,7 @@ class HostLimits:
     backlog: int
     resume_window: float = DEFAULT_RESUME_WINDOW
     resume_sessions: int = DEFAULT_RESUME_SESSIONS
+    retain_relayed_bytes: int = DEFAULT_RETAIN_RELAYED_BYTES
 
 
 def check_host_limits(
@@ -259,6 +266,7 @@ def check_host_limits(
     max_message: int = DEFAULT_MAX_MESSAGE,
     resume_window: object = DEFAULT_RESUME_WINDOW,
     resume_sessions: object = DEFAULT_RESUME_SESSIONS,
+    retain_relayed_bytes: object = DEFAULT_RETAIN_RELAYED_BYTES,
 ) -> HostLimits:
     """Validate a host's own limits.  ``max_stored=None``: 256 MiB, or ``max_message``
     if that is larger (one value of the largest size must fit)."""
@@ -278,6 +286,7 @@ def check_host_limits(
             else check_seconds("resume_window", resume_window) or 0.0
         ),
         resume_sessions=_check_int("resume_sessions", resume_sessions, 0),
+        retain_relayed_bytes=_check_int("retain_relayed_bytes", retain_relayed_bytes, 0),
     )
 
 

@@ -52,20 +52,63 @@ class RetainedValues:
     array changed by the application afterwards does not change what late joiners
     get.  Replayed to every client right after its handshake, in the order the
     channels were first retained.
+
+    Values retained for the clients (``retain_relayed``, :meth:`retain` with
+    ``relayed=True``) are bounded: at most ``relayed_limit`` bytes of frames together,
+    the channel relayed least recently forgotten first (logged).  The application's
+    own retained values are not counted.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, relayed_limit: Optional[int] = None) -> None:
         self._frames: Dict[str, bytes] = {}
+        self.relayed_limit = relayed_limit
+        self._relayed: Dict[str, int] = {}  # channel -> frame size, least recent first
+        self.relayed_bytes = 0
+        self.forgotten = 0  # relayed channels forgotten to stay within the limit
 
-    def retain(self, channel: str, parts: List[Buffer]) -> None:
-        """Keep a snapshot of the DATA frame ``parts`` for ``channel``."""
+    def retain(self, channel: str, parts: List[Buffer], relayed: bool = False) -> None:
+        """Keep a snapshot of the DATA frame ``parts`` for ``channel`` (``relayed``: a
+        client's value, counted against ``relayed_limit``)."""
         head = bytes(parts[0])
         frame = bytearray(head[:1])
         frame.append(head[1] | frames.FLAG_RETAINED)
         frame += head[2:]
         for part in parts[1:]:
             frame += part
+        self._uncount(channel)
+        limit = self.relayed_limit
+        if relayed and limit is not None:
+            if len(frame) > limit:
+                self._frames.pop(channel, None)  # an older value would be stale
+                self._forgot(channel, f"its value of {len(frame)} bytes alone exceeds it")
+                return
+            self._relayed[channel] = len(frame)
+            self.relayed_bytes += len(frame)
+            while self.relayed_bytes > limit:
+                oldest = next(iter(self._relayed))
+                self._uncount(oldest)
+                del self._frames[oldest]
+                self._forgot(oldest, "it was relayed least recently")
         self._frames[channel] = bytes(frame)
+
+    def _uncount(self, channel: str) -> None:
+        size = self._relayed.pop(channel, None)
+        if size is not None:
+            self.relayed_bytes -= size
+
+    def _forgot(self, channel: str, why: str) -> None:
+        self.forgotten += 1
+        n = self.forgotten
+        if n & (n - 1) == 0:  # the 1st, 2nd, 4th, 8th...: a steady overflow is not a flood
+            logger.warning(
+                "relayed values kept for late joiners reached retain_relayed_bytes=%d: "
+                "channel %r is no longer kept (%s; %d forgotten so far). Raise "
+                "retain_relayed_bytes= on the Host if that is expected",
+                self.relayed_limit,
+                channel,
+                why,
+                n,
+            )
 
     def frame(self, channel: str) -> bytes:
         """The retained frame of ``channel`` (``KeyError`` if none)."""
@@ -74,8 +117,11 @@ class RetainedValues:
     def clear(self, channel: Optional[str] = None) -> None:
         if channel is None:
             self._frames.clear()
+            self._relayed.clear()
+            self.relayed_bytes = 0
         else:
             self._frames.pop(channel, None)
+            self._uncount(channel)
 
     def replay(self, wants: Optional[Callable[[str], bool]] = None) -> List[bytes]:
         """The frames a new client gets, in order (only the channels ``wants``)."""

@@ -23,6 +23,7 @@ from ..limits import (
     DEFAULT_MAX_PENDING,
     DEFAULT_RESUME_SESSIONS,
     DEFAULT_RESUME_WINDOW,
+    DEFAULT_RETAIN_RELAYED_BYTES,
     DEFAULT_SHM_THRESHOLD,
     DEFAULT_SUBSCRIPTION_BYTES,
     DEFAULT_SUBSCRIPTION_SIZE,
@@ -125,6 +126,9 @@ class Host(Endpoint):
         the clients: use a ``token``.
     :param retain_relayed: with ``relay``: keep the latest relayed value of each channel
         and send it to clients that connect later (like ``write_all(retain=True)``).
+    :param retain_relayed_bytes: with ``retain_relayed``: bytes of relayed values kept
+        (at wire size, 256 MiB by default); beyond it the channel relayed least recently
+        is forgotten (WARNING).  A value larger than this is relayed but not kept.
     :param monitor: serve the live browser monitor on this port (``0``: any free one;
         ``None``: no monitor), in its own thread; its address is ``host.monitor.url``.
     :param monitor_addr: the monitor's address (loopback by default).
@@ -157,6 +161,7 @@ class Host(Endpoint):
         relay: RelaySpec = False,
         writers: WritersSpec = None,
         retain_relayed: bool = False,
+        retain_relayed_bytes: int = DEFAULT_RETAIN_RELAYED_BYTES,
         monitor: Optional[int] = None,
         monitor_addr: str = "127.0.0.1",
         monitor_bgr: bool = False,
@@ -207,6 +212,7 @@ class Host(Endpoint):
                 max_message=self.max_message,
                 resume_window=resume_window,
                 resume_sessions=resume_sessions,
+                retain_relayed_bytes=retain_relayed_bytes,
             ),
             monitor=(monitor, monitor_addr, monitor_bgr),
             relay=(relay, writers, retain_relayed),
@@ -646,7 +652,7 @@ class Host(Endpoint):
 
     def _relay_send(self, conn: Connection, channel: str, parts: List[Any], nbytes: int) -> None:
         if self._retain_relayed:
-            self._retained.retain(channel, parts)
+            self._retained.retain(channel, parts, relayed=True)
         for other in self._audience(channel, exclude=conn):
             other._offer(parts, nbytes, None)
         self._hold_all(parts, nbytes, None, channel, exclude=conn)

@@ -39,6 +39,7 @@ from ..limits import (
     DEFAULT_MAX_PENDING,
     DEFAULT_RESUME_SESSIONS,
     DEFAULT_RESUME_WINDOW,
+    DEFAULT_RETAIN_RELAYED_BYTES,
     DEFAULT_SHM_THRESHOLD,
     check_host_limits,
 )
@@ -122,6 +123,9 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         the clients: use a ``token``.
     :param retain_relayed: with ``relay``: keep the latest relayed value of each channel
         and send it to clients that connect later (like ``write_all(retain=True)``).
+    :param retain_relayed_bytes: with ``retain_relayed``: bytes of relayed values kept
+        (at wire size, 256 MiB by default); beyond it the channel relayed least recently
+        is forgotten (WARNING).  A value larger than this is relayed but not kept.
     :param monitor: serve the live browser monitor on this port (``0``: any free one;
         ``None``: no monitor); its address is ``host.monitor.url``.
     :param monitor_addr: the monitor's address (loopback by default).
@@ -174,6 +178,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         relay: RelaySpec = False,
         writers: WritersSpec = None,
         retain_relayed: bool = False,
+        retain_relayed_bytes: int = DEFAULT_RETAIN_RELAYED_BYTES,
         monitor: Optional[int] = None,
         monitor_addr: str = "127.0.0.1",
         monitor_bgr: bool = False,
@@ -227,6 +232,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
                 max_message=self.max_message,
                 resume_window=resume_window,
                 resume_sessions=resume_sessions,
+                retain_relayed_bytes=retain_relayed_bytes,
             ),
             monitor=(monitor, monitor_addr, monitor_bgr),
             relay=(relay, writers, retain_relayed),
@@ -706,7 +712,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
     def _relay_send(self, conn: Connection, channel: str, parts: List[Any], nbytes: int) -> None:
         if self._retain_relayed:
             with self._retain_lock:
-                self._retained.retain(channel, parts)
+                self._retained.retain(channel, parts, relayed=True)
                 self._send_all(parts, nbytes, channel=channel, exclude=conn)
             return
         self._send_all(parts, nbytes, channel=channel, exclude=conn)
