@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from socketengine import frames
-from socketengine.engine import BYE_FRAME, ConnectionEngine, ConnState, Tick
-from socketengine.errors import ConnectionClosed, RemoteError
+from socketengine.engine import BYE_FRAME, OWED_MAX, ConnectionEngine, ConnState, Tick
+from socketengine.errors import ConnectionClosed, ProtocolError, RemoteError
 from socketengine.limits import check_settings
 from socketengine.protocol import Protocol, Role
 from socketengine.requests import RequestTable
@@ -132,6 +132,37 @@ def test_heartbeat_pings_a_peer_that_only_streams_to_us_and_keeps_a_pinging_peer
     # Silence from the peer for 3H is death.
     assert host.tick(now + 3 * H + 0.1) is Tick.DEAD
     assert "declared dead" in str(host.error)
+
+
+def test_answers_owed_to_a_peer_that_does_not_read_are_bounded() -> None:
+    """PONGs (and ACKs) queued while more than max_buffer waits unsent are counted;
+    past OWED_MAX the peer is asking without reading: ProtocolError.  The count starts
+    again whenever the peer has read us back under the bound."""
+    client, host = _open_pair()
+    unsent = [0]
+    host.unsent = lambda: unsent[0]
+    ping = b"".join(frames.encode_frame(frames.PING))
+    answers = OWED_MAX // 16
+    _feed(host, ping * answers, 4096)  # under max_buffer: nothing is counted
+    assert host.owed == 0 and _types(host.control_bytes()) == [frames.PONG] * answers
+    unsent[0] = (1 << 20) + 1  # the peer stopped reading
+    _feed(host, ping * (answers - 1), 4096)
+    assert host.owed == OWED_MAX - 16
+    unsent[0] = 0  # it read everything: a new count
+    _feed(host, ping, 4096)
+    assert host.owed == 0
+    unsent[0] = (1 << 20) + 1
+    _feed(host, ping * answers, 4096)
+    with pytest.raises(ProtocolError, match="without reading"):
+        _feed(host, ping, 4096)
+    # SYNC frames are counted the same way (their ACKs).
+    sync = b"".join(frames.encode_frame(frames.SYNC, fid=1))
+    client, host = _open_pair()
+    host.unsent = lambda: (1 << 20) + 1
+    with pytest.raises(ProtocolError, match="PING/SYNC"):
+        for _ in range(answers + 1):
+            for frame in _feed(host, sync, 4096):
+                host.control(frame)
 
 
 def test_paused_reading_suspends_the_dead_peer_rule() -> None:

@@ -1417,6 +1417,54 @@ def test_an_image_file_is_not_kept_once_a_value_replaces_it_or_its_client_is_for
         host.close()
 
 
+@pytest.mark.parametrize("kind", ["PING", "SYNC"])
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_peer_that_asks_for_answers_without_reading_them_is_closed(
+    layer: str,
+    kind: str,
+    transfer: str,
+    loop_thread: AioThread,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each PING queues a PONG, each SYNC an ACK: a peer that floods them and reads
+    nothing would grow the host's memory by one answer per frame.  Past max_buffer
+    unsent plus 4,096 owed answers, the host closes that connection (only that one)."""
+    if transfer == "shm":
+        pytest.skip("no arrays travel here: the socket case is the whole test")
+    host = make_host(layer, loop_thread, max_buffer=64 * 1024)
+    try:
+        with caplog.at_level(logging.WARNING, logger="socketengine"), _writer(
+            host.ep.port, name="good"
+        ) as good:
+            wait_for(lambda: len(host.ep.clients()) == 1, what="the good client")
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect
+            sock.settimeout(10)
+            sock.connect(("127.0.0.1", host.ep.port))
+            hello = frames.encode_value_frame(
+                frames.HELLO, "", {"v": 1, "name": "flood", "nonce": b"n" * 16}
+            )
+            sock.sendall(frames.PREAMBLE + b"".join(hello))
+            wait_for(lambda: len(host.ep.clients()) == 2, what="the flooding client")
+            ftype = frames.PING if kind == "PING" else frames.SYNC
+            flood = b"".join(  # 1 MiB of 16-byte frames (SYNC ids 1..65536)
+                b"".join(frames.encode_frame(ftype, fid=i if kind == "SYNC" else 0))
+                for i in range(1, 65537)
+            )
+            with sock:
+                for _ in range(64):  # at most 64 MiB, never reading
+                    try:
+                        sock.sendall(flood)
+                    except OSError:  # reset, or the send timed out: the host is gone
+                        break
+                wait_for(lambda: len(host.ep.clients()) == 1, what="the flood to be closed")
+            assert "PING/SYNC frames" in caplog.text and "without reading" in caplog.text
+            good.write("still", 1, ack=True)  # the other client is untouched
+            assert host.ep.get("still") == 1 and host.ep.clients()[0].name == "good"
+    finally:
+        host.close()
+
+
 def _int(value: Any) -> Optional[int]:
     """``value`` if it is an int (not an image array, which ``==`` would compare)."""
     return value if type(value) is int else None

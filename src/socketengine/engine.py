@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from typing import Any, ClassVar, List, Optional, Tuple
+from typing import Any, Callable, ClassVar, List, Optional, Tuple
 
 from . import frames
 from .errors import ConnectionClosed, HandshakeError, NotSupported, ProtocolError
@@ -63,6 +63,10 @@ _SKIP = frames.SKIP
 BYE_FRAME = b"".join(frames.encode_frame(frames.BYE))
 _pack_header = frames.HEADER.pack
 _PING_FRAME = b"".join(frames.encode_frame(frames.PING))
+#: Bytes of answers (PONG, ACK: 16 bytes each) a peer may have us queue while more than
+#: ``max_buffer`` bytes wait unsent to it: a peer that keeps sending PINGs or SYNCs and
+#: does not read the answers is closed past this, rather than grow our memory.
+OWED_MAX = 64 * 1024
 
 
 class ConnState(enum.Enum):
@@ -144,6 +148,11 @@ class ConnectionEngine:
         self.session: Optional[Session] = None
         #: The handshake completed with a session: :meth:`adopt` makes it OPEN.
         self.opening = False
+        #: Bytes waiting unsent to the peer, as the layer sees them (the asyncio layer
+        #: adds its transport's buffer); :meth:`_owe` compares it with ``max_buffer``.
+        self.unsent: Callable[[], int] = self._queued
+        #: Answer bytes queued while the peer was not reading (see :data:`OWED_MAX`).
+        self.owed = 0
 
     # -- state ----------------------------------------------------------------------------
 
@@ -201,7 +210,11 @@ class ConnectionEngine:
         """
         if self.state is ConnState.CLOSED:
             return []
-        out = self.protocol.events()
+        protocol = self.protocol
+        pongs = protocol.pongs_due
+        out = protocol.events()
+        if protocol.pongs_due != pongs:
+            self._owe(16 * (protocol.pongs_due - pongs))
         if self.state is ConnState.HANDSHAKE and self.protocol.is_open and not self.opening:
             self._negotiate()
             self.interest = self.protocol.peer_interest
@@ -351,6 +364,7 @@ class ConnectionEngine:
         if t == frames.SYNC:
             # Everything the peer sent before it is stored: say so, in order.
             ack = _pack_header(frames.ACK, 0, 0, frame.id, 0, 0)
+            self._owe(len(ack))
             if frames.ACK in self.queue.sequenced and self.session is not None:
                 self._acks.append(ack)  # numbered: through the send queue (take_acks)
             else:
@@ -402,6 +416,26 @@ class ConnectionEngine:
             self.error = exc
 
     # -- sending --------------------------------------------------------------------------
+
+    def _queued(self) -> int:
+        return self.queue.queued
+
+    def _owe(self, nbytes: int) -> None:
+        """The peer asked for an answer of ``nbytes`` (a PONG, an ACK).  While more
+        than ``max_buffer`` bytes wait unsent to it, the answers are counted: past
+        :data:`OWED_MAX` the peer is asking without reading, and :class:`ProtocolError`
+        closes the connection (a slow peer that reads is never near it: 4,096 answers
+        owed while over the bound)."""
+        if self.unsent() <= self.queue.max_buffer:
+            self.owed = 0
+            return
+        self.owed += nbytes
+        if self.owed > OWED_MAX:
+            raise ProtocolError(
+                f"the peer sent more than {OWED_MAX // 16} PING/SYNC frames while "
+                f"{self.unsent()} bytes (over max_buffer={self.queue.max_buffer}) waited "
+                "unsent to it: it asks for answers without reading them"
+            )
 
     def control_bytes(self) -> bytes:
         """What the protocol itself wants sent (handshake frames, PONG).  Empty once

@@ -38,6 +38,7 @@ __all__ = ["Role", "State", "Protocol", "token_bytes"]
 logger = logging.getLogger("socketengine")
 
 NONCE_SIZE = 16
+_PONG_FRAME = b"".join(frames.encode_frame(frames.PONG))
 _CLIENT_LABEL = b"socketengine/1 client"
 _HOST_LABEL = b"socketengine/1 host"
 
@@ -206,6 +207,8 @@ class Protocol:
         self.decoder.pause_after_handshake = True
         self._max_message = max_message
         self._out: List[bytes] = [frames.PREAMBLE]
+        #: PINGs read and not answered yet (:meth:`data_to_send` adds their PONGs).
+        self.pongs_due = 0
         if role is Role.CLIENT:
             self._out.append(
                 _frame(
@@ -265,6 +268,9 @@ class Protocol:
 
     def data_to_send(self) -> bytes:
         """Bytes the protocol itself wants sent (handshake, pongs); empty when none."""
+        if self.pongs_due:
+            self._out.append(_PONG_FRAME * self.pongs_due)
+            self.pongs_due = 0
         if not self._out:
             return b""
         out = b"".join(self._out)
@@ -306,7 +312,7 @@ class Protocol:
         for i, frame in enumerate(received):
             t = frame.type
             if t == frames.PING:
-                self._out.append(b"".join(frames.encode_frame(frames.PONG)))
+                self.pongs_due += 1
             elif t == frames.PONG:
                 pass
             elif t < frames.DATA:

@@ -305,6 +305,7 @@ class Connection(PeerView, asyncio.BufferedProtocol):
             now=self._loop.time(),
             on_image=endpoint._images.queue_hook,
         )
+        engine.unsent = self._unsent
         self._init_peer(engine, endpoint._latest)
         self._tls = False
         self._lost = False  # the transport is gone
@@ -710,6 +711,10 @@ class Connection(PeerView, asyncio.BufferedProtocol):
                         transport.set_write_buffer_limits(high, low)
             self.bytes_out += size
             self.engine.sent(self._loop.time())
+
+    def _unsent(self) -> int:
+        """Bytes waiting unsent to the peer: the queue's and the transport's."""
+        return self.engine.queue.queued + self._buffered()
 
     def _buffered(self) -> int:
         transport = self.transport
