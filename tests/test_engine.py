@@ -640,3 +640,32 @@ def test_resume_window_zero_turns_resume_off_as_int_or_float(off: float) -> None
     for bad in (-1, -0.5, True, "0"):
         with pytest.raises((TypeError, ValueError)):
             check_host_limits(**base, resume_window=bad)
+
+
+def _interest_frame(meta: bytes) -> frames.Frame:
+    frame = b"".join(frames.encode_frame(frames.INTEREST, "", meta))
+    (decoded,) = frames.FrameDecoder(1 << 24, 4096, expect_preamble=False).feed(frame)
+    return decoded
+
+
+def test_an_interest_frame_beyond_the_protocol_limits_is_a_protocol_error() -> None:
+    # After the handshake a peer may re-send INTEREST at will: one beyond the limits is
+    # refused (the connection is closed by the layer) and the interest in force stays.
+    from socketengine.errors import ProtocolError
+    from socketengine.limits import PRE_HANDSHAKE_MAX
+    from socketengine.patterns import MAX_INTEREST_BYTES, MAX_INTEREST_KEYS, Interest, Pattern
+
+    _, host = _open_pair()
+    host.control(_interest_frame(msgpack.packb([{"p": "a/+"}, {"c": "b"}])))
+    assert host.interest == Interest([Pattern("a/+"), "b"])
+    too_many = [{"c": f"{i:x}"} for i in range(MAX_INTEREST_KEYS + 1)]
+    with pytest.raises(ProtocolError, match=f"MAX_INTEREST_KEYS={MAX_INTEREST_KEYS}"):
+        host.control(_interest_frame(msgpack.packb(too_many)))
+    too_long = [{"p": f"{i:x}" + "/" * 200} for i in range(MAX_INTEREST_BYTES // 200)]
+    with pytest.raises(ProtocolError, match=f"MAX_INTEREST_BYTES={MAX_INTEREST_BYTES}"):
+        host.control(_interest_frame(msgpack.packb(too_long)))
+    # larger than a handshake frame: refused from its size, never decoded (these bytes
+    # would not even decode)
+    with pytest.raises(ProtocolError, match="PRE_HANDSHAKE_MAX"):
+        host.control(_interest_frame(b"\xc1" * (PRE_HANDSHAKE_MAX + 1)))
+    assert host.interest == Interest([Pattern("a/+"), "b"])

@@ -1330,6 +1330,122 @@ def test_a_frame_that_a_decoder_chokes_on_closes_that_connection_only(
         host.close()
 
 
+def _beyond_interest_limit(limit: str) -> List[Dict[str, str]]:
+    """Wire keys of an interest just beyond MAX_INTEREST_<limit> (under 64 KiB encoded)."""
+    from socketengine.patterns import MAX_INTEREST_BYTES, MAX_INTEREST_KEYS
+
+    if limit == "KEYS":
+        return [{"c": f"{i:x}"} for i in range(MAX_INTEREST_KEYS + 1)]
+    # patterns of empty levels: the costliest index per byte (~250 bytes per level)
+    return [{"p": f"{i:x}" + "/" * 200} for i in range(MAX_INTEREST_BYTES // 200 + 1)]
+
+
+@pytest.mark.parametrize("limit", ["KEYS", "BYTES"])
+@pytest.mark.parametrize("layer", LAYERS)
+def test_an_interest_beyond_the_protocol_limits_closes_that_connection_only(
+    layer: str, loop_thread: AioThread, caplog: pytest.LogCaptureFixture, limit: str
+) -> None:
+    # After the handshake, an INTEREST frame beyond MAX_INTEREST_KEYS / _BYTES (an
+    # unbounded one held ~70-250x its wire size as a pattern index, and could be re-sent
+    # at will): that connection is closed with a WARNING naming the limit; another
+    # client keeps its connection and its own interest.
+    host = make_host(layer, loop_thread)
+    sock: Optional[socket.socket] = None
+    try:
+        with _writer(host.ep.port, name="bystander", interest=["news"]) as other:
+            with caplog.at_level(logging.WARNING, logger="socketengine"):
+                sock = _raw_client(host.ep.port)
+                wait_for(lambda: len(host.ep.clients()) == 2, what="both clients")
+                wire = _beyond_interest_limit(limit)
+                bad = b"".join(frames.encode_value_frame(frames.INTEREST, "", wire))
+                assert len(bad) < 64 * 1024  # within the frame limit: the keys are refused
+                after = b"".join(frames.encode_value_frame(frames.DATA, "after", 1))
+                sock.sendall(bad + after)
+                wait_for(
+                    lambda: [c.name for c in host.ep.clients()] == ["bystander"],
+                    what="the raw client's connection to close",
+                )
+            warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+            assert any(f"MAX_INTEREST_{limit}=" in m for m in warnings), warnings
+            assert host.ep.get("after") is None  # nothing after the bad frame is handled
+            host.do("write_all", "other", 1)
+            host.do("write_all", "news", 2)
+            wait_for(lambda: other.get("news") == 2, what="the bystander's broadcast")
+            assert other.get("other") is None  # its interest still applies
+            other.write("still", 1)
+            wait_for(lambda: host.ep.get("still") == 1, what="the bystander, unaffected")
+    finally:
+        if sock is not None:
+            sock.close()
+        host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_hello_interest_beyond_the_protocol_limits_closes_that_connection_only(
+    layer: str, loop_thread: AioThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    host = make_host(layer, loop_thread)
+    sock: Optional[socket.socket] = None
+    try:
+        with _writer(host.ep.port, name="bystander") as other:
+            with caplog.at_level(logging.WARNING, logger="socketengine"):
+                sock = socket.create_connection(("127.0.0.1", host.ep.port), timeout=10)
+                hello = {
+                    "v": 1,
+                    "name": "x",
+                    "nonce": b"n" * 16,
+                    "interest": _beyond_interest_limit("BYTES"),
+                }
+                frame = b"".join(frames.encode_value_frame(frames.HELLO, "", hello))
+                sock.sendall(frames.PREAMBLE + frame)
+                wait_for(
+                    lambda: "MAX_INTEREST_BYTES=" in caplog.text,
+                    what="the refusal, logged",
+                )
+            assert [c.name for c in host.ep.clients()] == ["bystander"]
+            sock.settimeout(10)
+            with contextlib.suppress(ConnectionResetError):
+                while sock.recv(65536):  # the host closes it
+                    pass
+            other.write("still", 1)
+            wait_for(lambda: host.ep.get("still") == 1, what="the bystander, unaffected")
+    finally:
+        if sock is not None:
+            sock.close()
+        host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_client_refuses_an_interest_beyond_the_protocol_limits_before_sending(
+    layer: str, loop_thread: AioThread
+) -> None:
+    from socketengine import Pattern
+    from socketengine.patterns import MAX_INTEREST_BYTES, MAX_INTEREST_KEYS
+
+    too_many = [f"cam{i}" for i in range(MAX_INTEREST_KEYS + 1)]
+    too_long = [Pattern("a" * 200 + f"/{i}/+") for i in range(MAX_INTEREST_BYTES // 200)]
+    host = make_host(layer, loop_thread)
+    try:
+        for keys, name in ((too_many, "MAX_INTEREST_KEYS"), (too_long, "MAX_INTEREST_BYTES")):
+            with pytest.raises(ValueError, match=name):
+                make_client(layer, loop_thread, host.ep.port, interest=keys)
+        client = make_client(layer, loop_thread, host.ep.port, interest=["a"])
+        try:
+            wait_for(lambda: len(host.ep.clients()) == 1, what="the client")
+            for keys, name in ((too_many, "MAX_INTEREST_KEYS"), (too_long, "MAX_INTEREST_BYTES")):
+                with pytest.raises(ValueError, match=name):
+                    client.do("set_interest", keys)
+            host.do("write_all", "b", 1)
+            host.do("write_all", "a", 2)
+            wait_for(lambda: client.do("get", "a") == 2, what="the broadcast on 'a'")
+            assert client.do("get", "b") is None  # the interest in force stayed ['a']
+            assert len(host.ep.clients()) == 1
+        finally:
+            client.close()
+    finally:
+        host.close()
+
+
 @pytest.mark.parametrize("layer", LAYERS)
 def test_a_handshake_that_a_decoder_chokes_on_is_closed_before_it_buffers_more(
     layer: str, loop_thread: AioThread

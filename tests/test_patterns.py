@@ -476,10 +476,101 @@ def test_from_wire_refuses_malformed_keys(obj: object, message: str) -> None:
 def test_interest_from_wire_refuses_malformed() -> None:
     with pytest.raises(ProtocolError, match="list of keys"):
         Interest.from_wire({"c": "a"})
-    with pytest.raises(ProtocolError, match="at most 3"):
+    with pytest.raises(ProtocolError, match="MAX_INTEREST_KEYS=3"):
         Interest.from_wire([{"c": str(i)} for i in range(4)], max_keys=3)
     with pytest.raises(ProtocolError, match="malformed pattern"):
         Interest.from_wire([{"c": "a"}, {"p": "#/a"}])
+
+
+def _keys_of(sizes: Sequence[int], tag: str = "c") -> List[dict]:
+    """Distinct wire keys of these UTF-8 sizes (>= 4 bytes each)."""
+    return [{tag: f"{i:04x}".ljust(size, "x")} for i, size in enumerate(sizes)]
+
+
+def test_interest_from_wire_enforces_the_protocol_limits() -> None:
+    # A declared interest becomes a pattern index of up to ~250 bytes per level: a host
+    # accepts MAX_INTEREST_KEYS keys of MAX_INTEREST_BYTES together, no more, and says
+    # which limit the peer crossed.
+    keys, total = patterns.MAX_INTEREST_KEYS, patterns.MAX_INTEREST_BYTES
+    assert (keys, total) == (2048, 32 * 1024)
+    at_limit = _keys_of([total // keys] * keys)
+    assert len(Interest.from_wire(at_limit).keys) == keys
+    with pytest.raises(ProtocolError, match=f"MAX_INTEREST_KEYS={keys}"):
+        Interest.from_wire(at_limit + [{"c": "one more"}])
+    full = _keys_of([256] * (total // 256), "p")  # exactly the limit, as patterns
+    assert len(Interest.from_wire(full).keys) == total // 256
+    with pytest.raises(ProtocolError, match=f"MAX_INTEREST_BYTES={total}"):
+        Interest.from_wire(full + [{"c": "x"}])
+    # UTF-8 bytes, not characters: 10,923 three-byte characters are 32,769 bytes
+    with pytest.raises(ProtocolError, match="MAX_INTEREST_BYTES"):
+        Interest.from_wire([{"c": "\u20ac" * 10_923}])
+    assert Interest.from_wire([{"c": "\u20ac" * 10_922}]).keys == {"\u20ac" * 10_922}
+
+
+def test_an_interest_beyond_the_limit_is_refused_before_the_rest_is_parsed() -> None:
+    # Key by key: the keys after the one that crosses MAX_INTEREST_BYTES are never
+    # parsed (here the next one is malformed: the error is the limit's, not its).
+    wire = [{"c": "x" * patterns.MAX_INTEREST_BYTES}, {"c": "y"}, {"p": "#/a"}]
+    with pytest.raises(ProtocolError, match="MAX_INTEREST_BYTES"):
+        Interest.from_wire(wire)
+
+
+def test_the_audit_interest_of_a_megabyte_is_refused() -> None:
+    # 4096 patterns of 256 bytes (~1 MB on the wire) used to build a ~250 MB index.
+    wire = [{"p": f"{i:x}" + "/" * (256 - len(f"{i:x}"))} for i in range(4096)]
+    with pytest.raises(ProtocolError, match="MAX_INTEREST_KEYS"):
+        Interest.from_wire(wire)
+    with pytest.raises(ProtocolError, match="MAX_INTEREST_BYTES"):
+        Interest.from_wire(wire[:2048])
+
+
+def test_interest_declared_refuses_what_a_host_would_refuse() -> None:
+    keys, total = patterns.MAX_INTEREST_KEYS, patterns.MAX_INTEREST_BYTES
+    names = [f"{i:04x}" for i in range(keys)]
+    assert len(Interest.declared(names + names).keys) == keys  # duplicates count once
+    with pytest.raises(ValueError, match=f"MAX_INTEREST_KEYS={keys}") as info:
+        Interest.declared(names + ["one more"])
+    assert "Pattern(" in str(info.value)  # tells what to do instead
+    with pytest.raises(ValueError, match=f"MAX_INTEREST_BYTES={total}"):
+        Interest.declared(["a" * total, Pattern("b")])
+    assert Interest.declared(["a" * (total - 1), Pattern("b")]).keys == {
+        "a" * (total - 1),
+        Pattern("b"),
+    }
+    with pytest.raises(TypeError):
+        Interest.declared("abc")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        Interest.declared([1])  # type: ignore[list-item]
+    # what declared() accepts, from_wire() accepts: the same keys, the same count
+    biggest = Interest.declared(_wire_names(keys, total))
+    assert Interest.from_wire(biggest.to_wire()) == biggest
+
+
+def _wire_names(keys: int, total: int) -> List[str]:
+    base, extra = divmod(total, keys)
+    return [f"{i:04x}".ljust(base + (i < extra), "n") for i in range(keys)]
+
+
+def test_interest_built_at_once_matches_like_one_built_key_by_key() -> None:
+    # Interest builds its index in one pass (no path copying); Matcher adds key by key.
+    keys: List[object] = [
+        Pattern("a/+/c"),
+        Pattern("a/#"),
+        Pattern("+"),
+        Pattern("+/+"),
+        Pattern("//"),
+        Pattern("#"),
+        Pattern("x/y"),
+        "x/+",
+        "",
+    ]
+    names = ["", "a", "a/b", "a/b/c", "a/b/c/d", "x", "x/y", "x/+", "/", "//", "///", "q/r"]
+    for n in range(len(keys) + 1):
+        chosen = keys[:n]
+        interest = Interest(chosen)  # type: ignore[arg-type]
+        matcher: Matcher[int] = Matcher((k, 0) for k in chosen)  # type: ignore[misc]
+        for name in names:
+            assert interest.wants(name) is (not chosen or bool(matcher.match(name))), (n, name)
 
 
 @FAST

@@ -493,3 +493,47 @@ def test_an_unauthenticated_hello_builds_no_interest_and_opens_no_file(
     good.run()
     assert good.host.is_open and good.host.peer_interest == interest
     assert checked == [[1, 2, b"t" * 16]]
+
+
+def _largest_interests() -> List[Any]:
+    """Interests at both protocol limits, shaped for the longest HELLO encoding."""
+    from socketengine.patterns import MAX_INTEREST_BYTES, MAX_INTEREST_KEYS, Interest, Pattern
+
+    keys, total = MAX_INTEREST_KEYS, MAX_INTEREST_BYTES
+    short = [f"{i:04x}".ljust(total // keys, "n") for i in range(keys)]  # 4 bytes of framing
+    longer = [Pattern(f"{i:04x}/+/".ljust(32, "p")) for i in range(total // 32)]  # 5 bytes
+    return [Interest.declared(short), Interest.declared(longer)]
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_any_interest_a_client_may_declare_fits_its_hello_next_to_the_largest_will(
+    which: int,
+) -> None:
+    # MAX_INTEREST_KEYS and MAX_INTEREST_BYTES are chosen so that the HELLO of a client
+    # at both limits, with a 16 KiB will and a 256-byte name, stays under the 64 KiB
+    # handshake frame limit: what the client accepts, the host can read.
+    from socketengine.limits import PRE_HANDSHAKE_MAX
+    from socketengine.protocol import MAX_WILL_BYTES, encode_will
+
+    interest = _largest_interests()[which]
+    will = encode_will("will", b"w" * (MAX_WILL_BYTES - 3))  # bin16: 3 bytes of header
+    assert len(will[1]) == MAX_WILL_BYTES
+    lk = link(HOST_TOKEN, HOST_TOKEN, name="n" * 256, interest=interest, will=will)
+    lk.run()
+    assert lk.host.is_open and lk.host.peer_interest == interest
+    assert len(lk.sent[0]) < PRE_HANDSHAKE_MAX - 4 * 1024  # the HELLO: 57,718 bytes here
+
+
+def test_a_hello_interest_beyond_the_limit_closes_the_connection_once_authenticated() -> None:
+    # A HELLO small enough for the handshake limit but whose interest is beyond
+    # MAX_INTEREST_BYTES (built here without the client's check): the host refuses it
+    # with a ProtocolError naming the limit, once the token is proven, and builds no index.
+    from socketengine.patterns import MAX_INTEREST_BYTES, Interest
+
+    interest = Interest([f"{i:04x}".ljust(64, "x") for i in range(MAX_INTEREST_BYTES // 64 + 1)])
+    lk = link(HOST_TOKEN, HOST_TOKEN, interest=interest)
+    lk.to_host()  # HELLO: not looked at yet
+    lk.to_client()  # CHALLENGE
+    with pytest.raises(ProtocolError, match=f"MAX_INTEREST_BYTES={MAX_INTEREST_BYTES}"):
+        lk.to_host()  # AUTH: the token is right, the interest is not
+    assert lk.host.peer_interest is None and not lk.host.is_open

@@ -42,6 +42,7 @@ from typing import Any, Callable, ClassVar, List, Optional, Tuple
 from . import frames
 from .errors import ConnectionClosed, HandshakeError, NotSupported, ProtocolError
 from .frames import Frame
+from .limits import PRE_HANDSHAKE_MAX
 from .patterns import Interest
 from .protocol import Protocol
 from .requests import ReplySink, RequestTable
@@ -374,6 +375,16 @@ class ConnectionEngine:
             self.requests.acknowledge(frame.id)
             return False
         if t == frames.INTEREST:
+            # It carries what a HELLO carries: no larger than a handshake frame, checked
+            # before decoding (the keys' limits are Interest.from_wire's).
+            size = len(frame.meta) + (0 if frame.data is None else len(frame.data))
+            if size > PRE_HANDSHAKE_MAX:
+                raise ProtocolError(
+                    f"the peer sent an INTEREST frame of {size} bytes, more than the "
+                    f"{PRE_HANDSHAKE_MAX} of a handshake frame (PRE_HANDSHAKE_MAX, a protocol "
+                    "limit: an interest within MAX_INTEREST_KEYS and MAX_INTEREST_BYTES "
+                    "always fits)"
+                )
             value = frame.value()
             self.interest = None if not value else Interest.from_wire(value)
             ConnectionEngine.interest_epoch += 1

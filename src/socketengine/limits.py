@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Iterable, Optional, Tuple, Union
 
 from . import compression as _compression  # imports no codec library by itself
+from .patterns import MAX_INTEREST_BYTES, MAX_INTEREST_KEYS, Interest, Key
 
 __all__ = [
     "DEFAULT_PORT",
@@ -35,6 +36,9 @@ __all__ = [
     "DEFAULT_SUBSCRIPTION_SIZE",
     "CALLBACK_BACKLOG",
     "MAX_NAME_BYTES",
+    "MAX_INTEREST_KEYS",
+    "MAX_INTEREST_BYTES",
+    "check_interest",
     "PRE_HANDSHAKE_MAX",
     "MIN_READ_SIZE",
     "RECONNECT_FIRST",
@@ -118,8 +122,13 @@ CALLBACK_BACKLOG = 10_000
 #: Client names and host names: at most this many UTF-8 bytes.
 MAX_NAME_BYTES = 256
 #: Largest frame accepted before the handshake completed (every implementation MUST
-#: enforce it: an unauthenticated peer cannot make an endpoint allocate more).
+#: enforce it: an unauthenticated peer cannot make an endpoint allocate more), and the
+#: largest INTEREST frame (it carries what a HELLO carries).
 PRE_HANDSHAKE_MAX = 64 * 1024
+# MAX_INTEREST_KEYS (2048) and MAX_INTEREST_BYTES (32 KiB), imported above from
+# patterns.py (which enforces them): a declared interest's keys and their UTF-8 bytes.
+# Protocol limits, not settings: the client checks them before its HELLO, when the
+# host's settings are not known yet.  Worst case: ~8 MiB of pattern index per connection.
 #: Reads offered to the socket are at least this large (the seed's 256-byte reads
 #: would cripple throughput).
 MIN_READ_SIZE = 64 * 1024
@@ -174,6 +183,18 @@ def check_name(name: object, what: str = "name") -> Optional[str]:
     if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
         raise TypeError(f"{what} must be at most {MAX_NAME_BYTES} UTF-8 bytes long")
     return name
+
+
+def check_interest(keys: Optional[Iterable[Key]]) -> Optional[Interest]:
+    """A client's ``interest``: ``None`` (everything), or at most
+    :data:`MAX_INTEREST_KEYS` exact names and patterns of at most
+    :data:`MAX_INTEREST_BYTES` UTF-8 bytes together (protocol limits: a host closes the
+    connection of a client beyond them, so the client refuses them before sending).
+
+    :raises TypeError: a key is neither a str nor a ``Pattern``.
+    :raises ValueError: beyond a limit; the message names it.
+    """
+    return None if keys is None else Interest.declared(keys)
 
 
 def check_maxsize(maxsize: object) -> int:

@@ -43,7 +43,10 @@ Pieces
     user threads subscribe and unsubscribe.
 :class:`Interest`
     the set of exact names and patterns a client declared: ``wants(channel)`` tells
-    the host whether to send that channel to it.  Empty means everything.
+    the host whether to send that channel to it.  Empty means everything.  A declared
+    interest has at most :data:`MAX_INTEREST_KEYS` keys of at most
+    :data:`MAX_INTEREST_BYTES` UTF-8 bytes together (:meth:`Interest.declared` for a
+    client, :meth:`Interest.from_wire` for a host).
 :func:`to_wire` / :func:`from_wire`
     one key as a msgpack-ready map, ``{"c": name}`` or ``{"p": pattern}``; decoding
     validates and raises :class:`~socketengine.errors.ProtocolError` on anything else.
@@ -79,6 +82,7 @@ __all__ = [
     "MAX_PATTERN_BYTES",
     "MAX_CHANNEL_BYTES",
     "MAX_INTEREST_KEYS",
+    "MAX_INTEREST_BYTES",
 ]
 
 #: Longest pattern, in UTF-8 bytes.
@@ -86,8 +90,17 @@ MAX_PATTERN_BYTES = 256
 #: Longest exact channel name accepted by :func:`from_wire`: the frame header's limit
 #: (a u16 length, see ``frames.channel_bytes``).
 MAX_CHANNEL_BYTES = 0xFFFF
-#: Most keys :meth:`Interest.from_wire` accepts in one declaration.
-MAX_INTEREST_KEYS = 4096
+#: Most keys in one declared interest (a protocol limit: HELLO ``interest`` and INTEREST).
+#: A host closes the connection of a peer that declares more; a client refuses to
+#: declare more (``ValueError``).  With :data:`MAX_INTEREST_BYTES` it keeps every
+#: interest a client may declare, encoded (at most ~41 KiB), inside the 64 KiB handshake
+#: frame limit next to a 16 KiB will.
+MAX_INTEREST_KEYS = 2048
+#: Most UTF-8 bytes of names and pattern texts, together, in one declared interest (a
+#: protocol limit, enforced like :data:`MAX_INTEREST_KEYS`).  The host's pattern index
+#: takes up to ~250 bytes per level (an empty level is one byte of text), so this bounds
+#: what one interest makes a host hold to ~8 MiB (``docs/guarantees.md``).
+MAX_INTEREST_BYTES = 32 * 1024
 #: Channel names whose results a :class:`Matcher` or :class:`Interest` remembers.  Names
 #: come from peers: past this many, new names are matched without being cached.
 CACHE_SIZE = 4096
@@ -268,6 +281,26 @@ def _trie_add(node: Optional[_Node], levels: Tuple[str, ...], i: int, entry: Any
     else:
         n.children[level] = _trie_add(n.children.get(level), levels, i + 1, entry)
     return n
+
+
+def _trie_insert(root: _Node, levels: Tuple[str, ...], entry: Any) -> None:
+    """Add ``entry`` at ``levels`` to a trie that is still being built (no reader holds
+    it yet): nodes are changed in place, nothing is copied."""
+    n = root
+    for level in levels:
+        if level == "#":  # always the last level (Pattern checks it)
+            n.rest = n.rest + (entry,)
+            return
+        if level == "+":
+            child = n.plus
+            if child is None:
+                child = n.plus = _Node()
+        else:
+            child = n.children.get(level)
+            if child is None:
+                child = n.children[level] = _Node()
+        n = child
+    n.end = n.end + (entry,)
 
 
 def _trie_remove(node: _Node, levels: Tuple[str, ...], i: int, entry: Any) -> Optional[_Node]:
@@ -527,7 +560,9 @@ class Interest:
         for key in frozen:
             _check_key(key)
             if isinstance(key, Pattern):
-                root = _trie_add(root, key.levels, 0, key)
+                if root is None:
+                    root = _Node()
+                _trie_insert(root, key.levels, key)  # built once: no path copying
             else:
                 exact.add(key)
         self._keys: FrozenSet[Key] = frozen
@@ -569,18 +604,79 @@ class Interest:
         return [to_wire(k) for k in sorted(self._keys, key=_sort_key)]
 
     @classmethod
-    def from_wire(cls, obj: object, max_keys: int = MAX_INTEREST_KEYS) -> Interest:
+    def declared(
+        cls,
+        keys: Iterable[Key],
+        max_keys: int = MAX_INTEREST_KEYS,
+        max_bytes: int = MAX_INTEREST_BYTES,
+    ) -> Interest:
+        """The interest a client declares with ``keys``, checked against the protocol's
+        limits before anything is built or sent (a host would close the connection).
+
+        :raises TypeError: ``keys`` is a single key, or a key is neither a str nor a
+            :class:`Pattern`.
+        :raises ValueError: more than ``max_keys`` distinct keys, or more than
+            ``max_bytes`` UTF-8 bytes of names and pattern texts together.
+        """
+        if isinstance(keys, (str, Pattern)):
+            raise TypeError(f"an interest is an iterable of keys: write [{keys!r}]")
+        frozen = frozenset(keys)
+        for key in frozen:
+            _check_key(key)
+        if len(frozen) > max_keys:
+            raise ValueError(
+                f"an interest of {len(frozen)} keys is more than MAX_INTEREST_KEYS={max_keys} "
+                "(a protocol limit): cover several channels with one Pattern (e.g. "
+                "Pattern('cams/+/frame')) instead of naming each"
+            )
+        size = sum(_key_bytes(k) for k in frozen)
+        if size > max_bytes:
+            raise ValueError(
+                f"an interest of {size} UTF-8 bytes of names and patterns is more than "
+                f"MAX_INTEREST_BYTES={max_bytes} (a protocol limit): use fewer, broader "
+                "patterns (e.g. Pattern('cams/#')) or shorter channel names"
+            )
+        return cls(frozen)
+
+    @classmethod
+    def from_wire(
+        cls,
+        obj: object,
+        max_keys: int = MAX_INTEREST_KEYS,
+        max_bytes: int = MAX_INTEREST_BYTES,
+    ) -> Interest:
         """The interest a peer declared with :meth:`to_wire` (``None`` means everything).
 
-        :raises ProtocolError: ``obj`` is not a list of at most ``max_keys`` valid keys.
+        The limits are checked before the index is built: a peer beyond them costs the
+        decoding of its keys, never an index.
+
+        :raises ProtocolError: ``obj`` is not a list of at most ``max_keys`` valid keys of
+            at most ``max_bytes`` UTF-8 bytes together (names and pattern texts).
         """
         if obj is None:
             return cls()
         if type(obj) is not list and type(obj) is not tuple:
             raise ProtocolError(f"an interest is a list of keys, not {type(obj).__qualname__}")
         if len(obj) > max_keys:
-            raise ProtocolError(f"an interest of {len(obj)} keys; at most {max_keys} are accepted")
-        return cls(from_wire(k) for k in obj)
+            raise ProtocolError(
+                f"the peer declared an interest of {len(obj)} keys, more than "
+                f"MAX_INTEREST_KEYS={max_keys} (a protocol limit, not a setting: the client "
+                "must cover its channels with fewer keys, e.g. patterns)"
+            )
+        keys: List[Key] = []
+        size = 0
+        for k in obj:
+            key = from_wire(k)
+            size += _key_bytes(key)
+            if size > max_bytes:  # checked key by key: nothing beyond the limit is parsed
+                raise ProtocolError(
+                    f"the peer declared an interest of more than {max_bytes} UTF-8 bytes of "
+                    f"names and patterns (MAX_INTEREST_BYTES={max_bytes}, a protocol limit, "
+                    "not a setting: the client must declare fewer or shorter keys, e.g. "
+                    "broader patterns)"
+                )
+            keys.append(key)
+        return cls(keys)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Interest):
@@ -592,6 +688,15 @@ class Interest:
 
     def __repr__(self) -> str:
         return f"Interest({sorted(self._keys, key=_sort_key)!r})"
+
+
+def _key_bytes(key: Key) -> int:
+    """UTF-8 bytes of a name or a pattern's text, as counted against
+    :data:`MAX_INTEREST_BYTES` (a lone surrogate counts as 3 bytes)."""
+    text = key.text if isinstance(key, Pattern) else key
+    if text.isascii():
+        return len(text)
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def _sort_key(key: Key) -> Tuple[int, str]:

@@ -31,11 +31,12 @@ from ..limits import (
     DEFAULT_MAX_MESSAGE,
     DEFAULT_RECONNECT_MAX,
     DEFAULT_SHM_THRESHOLD,
+    check_interest,
     check_name,
     check_seconds,
 )
 from ..net import connect, peer_address, set_nodelay, unix_path
-from ..patterns import Interest, Pattern
+from ..patterns import Pattern
 from ..protocol import Protocol, Role, encode_will
 from ..sendqueue import SendQueue
 from ..session import Session
@@ -93,6 +94,9 @@ class Client(ClientSeedNames, Endpoint[Any]):
         client wants from the host's broadcasts (``write_all``, relayed writes,
         retained values): the host sends it nothing else, as pyzmq filters on the PUB
         side.  ``None`` (default): everything.  Change it with :meth:`set_interest`.
+        At most 2048 keys (``MAX_INTEREST_KEYS``) of at most 32 KiB of UTF-8 names and
+        pattern texts together (``MAX_INTEREST_BYTES``), protocol limits: beyond them
+        ``ValueError``, before anything is sent (a host would close the connection).
     :param will: a last will ``(channel, value)``: the host publishes ``value`` on
         ``channel`` as if this client had written it (to its own callbacks, waiters and
         subscriptions, and to its other clients) if this client vanishes without
@@ -178,7 +182,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
         self._init_shm(shm, shm_threshold)
         self.name = check_name(name)
         self._will = None if will is None else encode_will(*will)
-        self._interest = None if interest is None else Interest(list(interest))
+        self._interest = check_interest(interest)
         self.connect_timeout = check_seconds("connect_timeout", connect_timeout, allow_none=True)
         self.reconnect = bool(reconnect)
         self.reconnect_max = check_seconds("reconnect_max", reconnect_max) or 0.0
@@ -432,8 +436,9 @@ class Client(ClientSeedNames, Endpoint[Any]):
     def set_interest(self, interest: Optional[Iterable[Union[str, Pattern]]]) -> None:
         """Replace the channels this client wants from broadcasts (``None``: all); the
         host applies it to everything it broadcasts from then on, and a reconnection
-        announces it again.  Thread-safe."""
-        self._interest = None if interest is None else Interest(list(interest))
+        announces it again.  ``ValueError`` beyond the limits of ``interest=``, before
+        anything is sent (the interest in force stays).  Thread-safe."""
+        self._interest = check_interest(interest)
         wire = [] if self._interest is None else self._interest.to_wire()
         conn = self._conn
         if conn is not None and conn.is_open:
