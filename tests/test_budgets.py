@@ -3,6 +3,7 @@ cost, departed clients, subscriptions in bytes, and large values received once."
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, List
 
 import numpy as np
@@ -19,6 +20,7 @@ from socketengine.state import (
     Admission,
     BudgetExceeded,
     Departed,
+    KeptValues,
     StoredValues,
     SubscriptionBuffer,
     forget_latest,
@@ -232,3 +234,30 @@ def test_a_batch_beyond_a_budget_says_how_many_items_came_before(
         stored.store_items(items)
     assert info.value.accepted == accepted
     assert isinstance(info.value, ProtocolError)  # closes the connection like any other
+
+
+def test_a_clients_budget_forgets_the_oldest_channels_after_storing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="socketengine")
+    kept = KeptValues(max_channels=3, max_stored=100)
+    latest: Dict[str, Any] = {}
+    kept.tables = (latest,)
+    for ch in ("a", "b", "c", "d"):
+        kept.store(ch, 10)  # never raises: a client closes nothing
+        latest[ch] = ch
+    assert len(kept.sizes) == 4  # counted, not yet settled
+    kept.settle()
+    assert list(latest) == ["b", "c", "d"] and list(kept.sizes) == ["b", "c", "d"]
+    assert kept.nbytes == 33 and "max_channels=3" in caplog.text
+    kept.store("b", 20)  # a newer value on a kept channel keeps its place
+    latest["b"] = "b2"
+    kept.settle()
+    assert list(latest) == ["b", "c", "d"] and kept.nbytes == 43
+    kept.store("e", 200)  # alone beyond max_stored: everything else goes, it stays
+    latest["e"] = "e"
+    kept.settle()
+    assert list(latest) == ["e"] and kept.nbytes == 201 and kept.forgotten == 4
+    assert "max_stored=100" in caplog.text
+    # Logged at the 1st, 2nd and 4th channel forgotten, not the 3rd.
+    assert caplog.text.count("is forgotten") == 3

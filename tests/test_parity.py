@@ -1584,3 +1584,45 @@ def test_a_peer_that_asks_for_answers_without_reading_them_is_closed(
 def _int(value: Any) -> Optional[int]:
     """``value`` if it is an int (not an image array, which ``==`` would compare)."""
     return value if type(value) is int else None
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_client_keeps_at_most_max_channels_and_max_stored_forgetting_the_oldest(
+    layer: str, loop_thread: AioThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A relaying host forwards whatever its other clients write: a client bounds what
+    it keeps.  Beyond a budget it closes nothing: the channels that arrived first go."""
+    with Host(port=0) as host, caplog.at_level(logging.WARNING, logger="socketengine"):
+        narrow = make_client(layer, loop_thread, host.port, max_channels=5)
+        small = make_client(layer, loop_thread, host.port, max_stored=5000)
+        try:
+            wait_for(lambda: len(host.clients()) == 2, what="both clients")
+            for i in range(10):
+                host.write_all(f"c{i}", i)  # small values: BATCH items
+                host.write_all(f"b{i}", bytes([i]) * 1000)  # 1,005 bytes at wire size
+            host.write_all("done", 1)
+            for side in (narrow, small):
+                wait_for(lambda s=side: s.do("get", "done") == 1, what="the last value")
+            # Arrival order: c0, b0, c1, b1, ... c9, b9, done.
+            # max_channels=5: the five newest channels.
+            assert sorted(narrow.ep._latest) == ["b8", "b9", "c8", "c9", "done"]
+            assert narrow.do("get", "b9") == b"\t" * 1000 and narrow.do("get", "c8") == 8
+            assert narrow.do("get", "b7") is None and narrow.do("get", "c0") is None
+            # max_stored=5000: from the newest back, while they fit: done, b9..b6 (about
+            # 1,000 bytes each), c9..c6 (a few bytes each); b5 would go over.
+            kept = ["done"] + [f"{x}{i}" for i in range(6, 10) for x in "bc"]
+            assert sorted(small.ep._latest) == sorted(kept)
+            assert 4000 < small.ep._kept.nbytes <= 5000
+            assert small.do("get", "b6") == bytes([6]) * 1000 and small.do("get", "b5") is None
+            assert "max_channels=5" in caplog.text and "max_stored=5000" in caplog.text
+        finally:
+            narrow.close()
+            small.close()
+
+
+@pytest.mark.parametrize("kwargs", [{"max_channels": 0}, {"max_stored": 0}, {"max_stored": "1"}])
+def test_both_client_layers_refuse_the_same_budgets(kwargs: Dict[str, Any]) -> None:
+    makers = (lambda: Client(port=1, open=False, **kwargs), lambda: aio.Client(port=1, **kwargs))
+    for make in makers:
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            make()

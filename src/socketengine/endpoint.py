@@ -17,11 +17,17 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
 from . import codec, compression, frames, images
 from .engine import ConnectionEngine, ConnState
 from .errors import ConnectionClosed, EndpointClosed, WriteTimeout
-from .limits import HostLimits, check_compression, check_settings, check_shm
+from .limits import (
+    HostLimits,
+    check_client_budget,
+    check_compression,
+    check_settings,
+    check_shm,
+)
 from .peer import PeerView
 from .relay import RelayPolicy, RelaySpec, WritersSpec
 from .session import SessionTable
-from .state import Admission, Departed, RetainedValues, forget_latest
+from .state import Admission, Departed, KeptValues, RetainedValues, StoredValues, forget_latest
 
 __all__ = ["EndpointBase"]
 
@@ -48,6 +54,10 @@ class EndpointBase:
     _audience_cache: Optional[Dict[Optional[str], Any]] = None
     #: A host's sessions whose writes may be held (``None``: a client).
     _held_table: Optional[SessionTable] = None
+    #: Each connection's storage budget (a host's per client; a client's, its own).
+    _stored: Dict[Any, StoredValues]
+    #: A client's budget for what it keeps from its host (:meth:`_keep_for`).
+    _kept: KeptValues
 
     def _init_endpoint(
         self,
@@ -470,6 +480,30 @@ class EndpointBase:
         encoded = self._images.arrived(channel, value)
         if encoded is not None:
             conn._encoded[channel] = encoded
+
+    def _init_budget(self, max_channels: object, max_stored: object) -> None:
+        """A client's ``max_channels`` / ``max_stored``: what it keeps from its host."""
+        self._kept = KeptValues(*check_client_budget(max_channels, max_stored, self.max_message))
+        self.max_channels, self.max_stored = self._kept.max_channels, self._kept.max_stored
+
+    def _keep_for(self, conn: PeerView) -> None:
+        """A client's new connection (before it receives anything): what it receives
+        is counted against the client's budget, one :class:`KeptValues` across links
+        like the latest values themselves."""
+        kept = self._kept
+        ledger = self._images
+        kept.tables = (
+            self._latest,
+            conn.values,
+            conn.received_at,
+            conn.senders,
+            conn._encoded,
+            ledger.encoded,
+            ledger.unread,
+        )
+        stored = self._stored
+        stored.clear()  # an earlier link receives nothing more
+        stored[conn] = kept
 
     def _not_an_image(self, conn: PeerView, channel: str) -> None:
         """A value that is not an image arrived on ``channel`` (I/O thread / event

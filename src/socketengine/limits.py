@@ -32,6 +32,9 @@ __all__ = [
     "DEFAULT_MAX_PENDING",
     "DEFAULT_MAX_CHANNELS",
     "DEFAULT_MAX_STORED",
+    "DEFAULT_CLIENT_MAX_CHANNELS",
+    "DEFAULT_CLIENT_MAX_STORED",
+    "check_client_budget",
     "DEFAULT_SUBSCRIPTION_BYTES",
     "DEFAULT_SUBSCRIPTION_SIZE",
     "CALLBACK_BACKLOG",
@@ -97,6 +100,12 @@ DEFAULT_MAX_CHANNELS = 10_000
 #: ``max_clients x max_stored + keep_departed_bytes`` (plus decoding overhead of
 #: Python objects for values made of many small items).
 DEFAULT_MAX_STORED = 256 * 1024 * 1024
+#: A client's latest values from its host: at most this many channels (through a
+#: relaying host they are other clients' channels, ten of whose full budgets fit) ...
+DEFAULT_CLIENT_MAX_CHANNELS = 100_000
+#: ... and this many bytes at wire size (or ``max_message`` if larger).  Beyond either,
+#: the channel that arrived first is forgotten (logged): see ``state.KeptValues``.
+DEFAULT_CLIENT_MAX_STORED = 1024 * 1024 * 1024
 #: Seconds a new connection has to complete the handshake (TLS included).
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 #: Seconds of silence before a PING (H); a peer silent for 3·H is declared dead.
@@ -273,6 +282,16 @@ class HostLimits:
     resume_window: float = DEFAULT_RESUME_WINDOW
     resume_sessions: int = DEFAULT_RESUME_SESSIONS
     retain_relayed_bytes: int = DEFAULT_RETAIN_RELAYED_BYTES
+
+
+def check_client_budget(
+    max_channels: object, max_stored: object, max_message: int
+) -> Tuple[int, int]:
+    """Validate a client's ``max_channels`` / ``max_stored`` (``None``: 1 GiB, or
+    ``max_message`` if that is larger)."""
+    if max_stored is None:
+        max_stored = max(DEFAULT_CLIENT_MAX_STORED, max_message)
+    return _check_int("max_channels", max_channels, 1), _check_int("max_stored", max_stored, 1)
 
 
 def check_host_limits(

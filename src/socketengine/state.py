@@ -259,6 +259,9 @@ class StoredValues:
         sizes[channel] = size
         self.nbytes = total
 
+    def settle(self) -> None:
+        """After storing (a host's budget refuses beforehand: nothing to do)."""
+
     def store_items(self, items: List[Any]) -> None:
         """Account a BATCH frame's items (flat ``[channel, value, ...]``) before storing
         them.  Only the last value of each channel stays stored, so when the whole batch
@@ -294,6 +297,62 @@ class StoredValues:
                 store(items[i], value_size(items[i + 1]))
             except ProtocolError as exc:
                 raise BudgetExceeded(str(exc), i) from None
+
+
+class KeptValues(StoredValues):
+    """A client's latest values from its host, counted like a host counts a client's
+    (:class:`StoredValues`: wire size, ``max_channels`` / ``max_stored``) but with
+    another outcome.  The host is not at fault when its values exceed the budget (a
+    relaying host forwards what its other clients write), so nothing is refused or
+    closed: :meth:`store` only counts, and :meth:`settle`, once the values are stored,
+    forgets the channels that arrived first until the budget holds again (WARNING
+    naming the limit at the 1st, 2nd, 4th, 8th... channel forgotten).  The newest value
+    is never forgotten, even alone beyond ``max_stored``.
+
+    ``tables`` are the dicts a forgotten channel leaves (the endpoint's latest values,
+    the connection's values, stamps, senders, image files); the layer sets them for
+    each new connection.
+    """
+
+    __slots__ = ("tables", "forgotten")
+
+    def __init__(self, max_channels: int, max_stored: int) -> None:
+        super().__init__(max_channels, max_stored)
+        self.tables: Tuple[Dict[str, Any], ...] = ()
+        self.forgotten = 0
+
+    def store(self, channel: str, size: int) -> None:
+        """Count a value of ``size`` wire bytes on ``channel``: never raises."""
+        sizes = self.sizes
+        size += len(channel)
+        self.nbytes += size - sizes.get(channel, 0)
+        sizes[channel] = size
+
+    def settle(self) -> None:
+        """After storing: forget the oldest channels while over a budget."""
+        sizes = self.sizes
+        while len(sizes) > 1 and (len(sizes) > self.max_channels or self.nbytes > self.max_stored):
+            limit = (
+                f"max_channels={self.max_channels}"
+                if len(sizes) > self.max_channels
+                else f"max_stored={self.max_stored}"
+            )
+            channel = next(iter(sizes))
+            self.nbytes -= sizes.pop(channel)
+            for table in self.tables:
+                table.pop(channel, None)
+            self.forgotten += 1
+            n = self.forgotten
+            if n & (n - 1) == 0:
+                logger.warning(
+                    "the latest values received from the host reached %s: channel %r "
+                    "(the oldest) is forgotten, %d so far (raise %s= on the Client, or "
+                    "declare an interest, if that is expected)",
+                    limit,
+                    channel,
+                    n,
+                    limit.split("=")[0],
+                )
 
 
 class BudgetExceeded(ProtocolError):

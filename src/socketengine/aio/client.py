@@ -20,6 +20,7 @@ from ..errors import (
     WriteTimeout,
 )
 from ..limits import (
+    DEFAULT_CLIENT_MAX_CHANNELS,
     DEFAULT_COMPRESS_THRESHOLD,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT,
@@ -128,6 +129,12 @@ class Client(Endpoint):
         small descriptor then crosses the socket.  ``True`` (default) or ``False``.
     :param shm_threshold: data sections (array bytes) of at least this many bytes go
         through shared memory (default 65536); smaller ones through the socket.
+    :param max_channels: channels whose latest value this client keeps (default
+        100,000); beyond it the channel that arrived first is forgotten (WARNING).  A
+        relaying host forwards what its other clients write: this bounds what they can
+        make this client hold.
+    :param max_stored: bytes of latest values kept, at wire size (default 1 GiB, or
+        ``max_message`` if larger); beyond it, the same.  The newest value always stays.
     :param tls: an ``ssl.SSLContext`` (client side, e.g.
         ``ssl.create_default_context(cafile=...)``): the connection runs over TLS and
         the host's certificate is verified against ``addr``.
@@ -167,6 +174,8 @@ class Client(Endpoint):
         host: Optional[str] = None,
         shm: bool = True,
         shm_threshold: int = DEFAULT_SHM_THRESHOLD,
+        max_channels: int = DEFAULT_CLIENT_MAX_CHANNELS,
+        max_stored: Optional[int] = None,
     ) -> None:
         if url is not None:
             from ..transport.nats.gateway import nats_client
@@ -194,6 +203,7 @@ class Client(Endpoint):
         self.name = check_name(name)
         self._will = None if will is None else encode_will(*will)
         self._interest = check_interest(interest)
+        self._init_budget(max_channels, max_stored)
         self.connect_timeout = check_seconds("connect_timeout", connect_timeout, allow_none=True)
         self.reconnect = bool(reconnect)
         self.reconnect_max = check_seconds("reconnect_max", reconnect_max) or 0.0
@@ -387,7 +397,9 @@ class Client(Endpoint):
             resume=self._session,
             shm_threshold=self._shm_threshold,
         )
-        return Connection(self, protocol)
+        conn = Connection(self, protocol)
+        self._keep_for(conn)
+        return conn
 
     async def close(self) -> None:
         """Flush what was written (bounded by ``timeout`` s), send BYE, half-close and

@@ -388,10 +388,12 @@ class Endpoint(EndpointBase):
         deliver = self._deliver
         relay = self._relay
         for i in range(0, len(items), 2):
-            deliver(conn, items[i], items[i + 1], counted=True)
+            deliver(conn, items[i], items[i + 1], counted=True, settle=False)
             if relay is not None and relay.allows(items[i], conn.name):
                 self._relay_value(conn, items[i], items[i + 1])
         conn.messages_in += len(items) // 2
+        if stored is not None:
+            stored.settle()  # a client forgets its oldest channels beyond its budget
         if overflow is not None:
             raise overflow
 
@@ -402,17 +404,19 @@ class Endpoint(EndpointBase):
         value: Any,
         image: int = 0,
         counted: bool = False,
+        settle: bool = True,
     ) -> None:
         """A DATA value arrived: store it, then waiters, subscriptions, callbacks,
         ``on_message`` hooks.  ``image``: the frame has the IMAGE flag; ``counted``:
         already accounted against the storage budgets (:meth:`_budget` at wire size,
         or a BATCH item); otherwise it is, at :func:`value_size`'s estimate.
+        ``settle``: a client's budget forgets its oldest channels once this value is
+        stored (a BATCH settles once, after its last item).
 
         Raises ``ProtocolError`` (the connection is closed) beyond a storage budget."""
-        if not counted:
-            stored = self._stored.get(conn)
-            if stored is not None:
-                stored.store(channel, value_size(value))
+        stored = self._stored.get(conn)
+        if not counted and stored is not None:
+            stored.store(channel, value_size(value))
         conn.values[channel] = value
         self._latest[channel] = value
         conn.received_at[channel] = _now()
@@ -420,6 +424,8 @@ class Endpoint(EndpointBase):
             self._image_arrived(conn, channel, value)
         elif self._images_kept(conn):
             self._not_an_image(conn, channel)
+        if settle and stored is not None:
+            stored.settle()
         waiters = self._waiters.pop(channel, None)
         subs = self._subs.get(channel)
         handlers = self._handlers.get(channel)

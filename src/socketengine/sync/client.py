@@ -24,6 +24,7 @@ from ..errors import (
 )
 from ..frames import INTEREST, value_frame, value_item
 from ..limits import (
+    DEFAULT_CLIENT_MAX_CHANNELS,
     DEFAULT_COMPRESS_THRESHOLD,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEARTBEAT,
@@ -118,6 +119,12 @@ class Client(ClientSeedNames, Endpoint[Any]):
         small descriptor then crosses the socket.  ``True`` (default) or ``False``.
     :param shm_threshold: data sections (array bytes) of at least this many bytes go
         through shared memory (default 65536); smaller ones through the socket.
+    :param max_channels: channels whose latest value this client keeps (default
+        100,000); beyond it the channel that arrived first is forgotten (WARNING).  A
+        relaying host forwards what its other clients write: this bounds what they can
+        make this client hold.
+    :param max_stored: bytes of latest values kept, at wire size (default 1 GiB, or
+        ``max_message`` if larger); beyond it, the same.  The newest value always stays.
     :param tls: an ``ssl.SSLContext`` (client side, e.g.
         ``ssl.create_default_context(cafile=...)``): the connection runs over TLS and
         the host's certificate is verified against ``addr`` as the context says.
@@ -153,6 +160,8 @@ class Client(ClientSeedNames, Endpoint[Any]):
         host: Optional[str] = None,
         shm: bool = True,
         shm_threshold: int = DEFAULT_SHM_THRESHOLD,
+        max_channels: int = DEFAULT_CLIENT_MAX_CHANNELS,
+        max_stored: Optional[int] = None,
     ) -> None:
         gateway: Optional[ClientGateway] = None
         if url is not None:
@@ -183,6 +192,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
         self.name = check_name(name)
         self._will = None if will is None else encode_will(*will)
         self._interest = check_interest(interest)
+        self._init_budget(max_channels, max_stored)
         self.connect_timeout = check_seconds("connect_timeout", connect_timeout, allow_none=True)
         self.reconnect = bool(reconnect)
         self.reconnect_max = check_seconds("reconnect_max", reconnect_max) or 0.0
@@ -322,7 +332,9 @@ class Client(ClientSeedNames, Endpoint[Any]):
             resume=self._session,
             shm_threshold=self._shm_threshold,
         )
-        return Connection(self, sock, protocol, address)
+        conn = Connection(self, sock, protocol, address)
+        self._keep_for(conn)
+        return conn
 
     def _handshake(self, sock: socket.socket) -> Connection:
         conn = self._new_connection(sock)

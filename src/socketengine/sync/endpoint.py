@@ -692,6 +692,8 @@ class Endpoint(EndpointBase, Generic[_I]):
                     return  # BYE: the peer sends nothing after it
         finally:
             conn.messages_in += count  # what was handled, even when a later frame fails
+            if stored is not None:
+                stored.settle()  # a client forgets its oldest channels beyond its budget
 
 
 def _user_value(value: Any) -> Any:
