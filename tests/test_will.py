@@ -46,6 +46,8 @@ def test_the_will_is_published_when_the_client_is_killed(
             try:
                 assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
                 wait_for(lambda: host.ep.get("status/cam") == {"state": "online"})
+                cam = host.ep.get_client("cam")
+                online_at = cam.received_at["status/cam"]
                 proc.kill()  # kill -9: no goodbye
                 proc.wait(10)
             finally:
@@ -56,6 +58,8 @@ def test_the_will_is_published_when_the_client_is_killed(
             wait_for(lambda: dashboard.get("status/cam") == {"state": "offline"}, timeout=10)
             # the departed record follows the will on the host's I/O thread
             wait_for(lambda: {"state": "offline"} in host.ep.get_all("status/cam"), timeout=10)
+            # ... with the will's own arrival time (the monitor's "updated"), as a write
+            assert cam.received_at["status/cam"] > online_at
     finally:
         host.close()
 

@@ -694,6 +694,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         value = codec.decode(meta, None)
         conn.values[channel] = value
         self._latest[channel] = value
+        conn.received_at[channel] = time.time()
         if self._images_kept(conn):
             self._not_an_image(conn, channel)
         self._deliver(conn, channel, value)
