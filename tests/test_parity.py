@@ -1626,3 +1626,59 @@ def test_both_client_layers_refuse_the_same_budgets(kwargs: Dict[str, Any]) -> N
     for make in makers:
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             make()
+
+
+def _client_that_writes_when_told_bye(port: int, done: threading.Event) -> None:
+    """A client written from docs/protocol.md: once the host's BYE arrives, it writes
+    "late" = 1 (inside the host's linger), then says BYE itself."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    proto = Protocol(Role.CLIENT, name="late")
+    sock.sendall(proto.data_to_send())
+    decoder = proto.decoder
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return
+            buf = decoder.get_buffer()
+            buf[: len(data)] = data
+            buf.release()
+            decoder.buffer_updated(len(data))
+            events = proto.events()
+            out = proto.data_to_send()
+            if any(f.type == frames.BYE for f in events):
+                out += b"".join(frames.encode_value_frame(frames.DATA, "late", 1))
+                out += b"".join(frames.encode_frame(frames.BYE))
+            if out:
+                sock.sendall(out)
+    finally:
+        sock.close()
+        done.set()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_value_that_arrives_while_the_host_closes_still_reaches_its_waiter(
+    layer: str, loop_thread: AioThread
+) -> None:
+    """close() says BYE and lingers until the clients have said theirs: what arrives
+    meanwhile is delivered, then waiters and subscriptions end (both layers)."""
+    host = make_host(layer, loop_thread)
+    done = threading.Event()
+    client = threading.Thread(
+        target=_client_that_writes_when_told_bye, args=(host.ep.port, done), daemon=True
+    )
+    client.start()
+    got: List[Any] = []
+    try:
+        wait_for(lambda: host.ep.clients(), what="the client")
+        if layer == "sync":
+            waiter = threading.Thread(target=lambda: got.append(host.ep.wait("late", 10)))
+        else:
+            waiter = threading.Thread(target=lambda: got.append(host.do("wait", "late", 10)))
+        waiter.start()
+        wait_for(lambda: "late" in host.ep._waiters, what="the waiter")
+    finally:
+        host.close()
+    waiter.join(10)
+    client.join(10)
+    assert done.is_set() and got and got[0][0] == 1

@@ -423,10 +423,11 @@ class Client(Endpoint):
                 "%r: %d bytes written while disconnected were never sent", self, self._outbox.queued
             )
         self._drop_outbox()
-        self._end_delivery(EndpointClosed(f"{self!r} was closed"), None)
         conn = self._conn
         if conn is not None:
             await conn.close(self.timeout)
+        # After the linger: what the host sent before its BYE is delivered first.
+        self._end_delivery(EndpointClosed(f"{self!r} was closed"), None)
         # Requests kept across a lost link for the resume that will not come.
         self._session.fail_requests(ConnectionClosed(f"{self!r} was closed before the reply"))
         await self._stop_tasks(self.timeout)

@@ -291,10 +291,11 @@ class Host(Endpoint):
         if server is not None:
             server.close()
             forget_listener(self.addr)
-        self._end_delivery(EndpointClosed(f"{self!r} was closed"), None)
         conns = list(self._conns.values())
         if conns:
             await asyncio.gather(*(c.close(self.timeout) for c in conns), return_exceptions=True)
+        # After the linger: what the clients sent before their BYE is delivered first.
+        self._end_delivery(EndpointClosed(f"{self!r} was closed"), None)
         if server is not None:
             try:
                 await asyncio.wait_for(server.wait_closed(), self.timeout)
