@@ -154,3 +154,43 @@ def test_a_first_link_lost_before_open_returns_is_reconnected(
             wait_for(lambda: c.reconnects == 1 and c.connected, timeout=10, what="a reconnection")
             c.write("after", 1)
             wait_for(lambda: host.get("after") == 1, what="a write over the new link")
+
+
+def test_a_slow_name_lookup_while_reconnecting_does_not_hold_the_io_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reconnection looks the host's name up again, and a DNS server may take
+    seconds: the lookup runs in a thread of its own, so close() (and everything else
+    on the I/O thread) does not wait for it."""
+    import socket
+    import threading
+
+    real = socket.getaddrinfo
+    armed, blocked, release = threading.Event(), threading.Event(), threading.Event()
+
+    def lookup(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != "slow.test":
+            return real(host, port, *args, **kwargs)
+        if kwargs.get("flags", 0) & socket.AI_NUMERICHOST:
+            raise socket.gaierror(socket.EAI_NONAME, "not a numeric address")
+        if armed.is_set():
+            blocked.set()
+            release.wait(30)  # a DNS server that does not answer (bounded)
+        return real("127.0.0.1", port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    host = Host(port=0)
+    client = Client("slow.test", host.port, connect_timeout=10, reconnect_max=0.05)
+    try:
+        wait_for(lambda: host.clients(), what="the first connection")
+        armed.set()
+        host.close()  # the client loses its link and tries again: a lookup
+        wait_for(blocked.is_set, what="the reconnection's lookup")
+        client.close()
+        loop_thread = client._loop._thread
+        assert loop_thread is not None and not loop_thread.is_alive()
+        assert not release.is_set()  # the lookup was still waiting all along
+    finally:
+        release.set()
+        client.close()
+        host.close()

@@ -211,6 +211,8 @@ class Client(ClientSeedNames, Endpoint[Any]):
         self._retry_sock: Optional[socket.socket] = None  # an attempt connecting now
         self._retry_addrs: List[Any] = []  # the addresses this attempt has yet to try
         self._attempt_timer: Optional[TimerHandle] = None  # its connect deadline
+        # The attempt whose name resolution runs in a thread now (None: none).
+        self._resolving: Optional[object] = None
         self._pending: Optional[Connection] = None  # a reconnection in its handshake
         self._lost_early: Optional[Connection] = None  # a link lost before open() returned
         self.reconnects = 0
@@ -651,6 +653,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
         if timer is not None:
             timer.cancel()
         self._retry_addrs = []
+        self._resolving = None  # a resolution still running finds it was given up
         self._drop_attempt()
         pending, self._pending = self._pending, None
         if pending is not None:  # a reconnection still in its handshake: drop it
@@ -678,17 +681,44 @@ class Client(ClientSeedNames, Endpoint[Any]):
             return
         path = unix_path(self.addr)
         if path is not None:
-            self._retry_addrs = [(socket.AF_UNIX, socket.SOCK_STREAM, 0, path)]
-        else:
-            try:
-                infos = socket.getaddrinfo(self.addr, self._port, type=socket.SOCK_STREAM)
-            except OSError as exc:
-                logger.debug("%r: reconnect attempt failed: %s", self, exc)
-                self._schedule_reconnect()
-                return
-            self._retry_addrs = [
-                (family, kind, proto, addr) for family, kind, proto, _, addr in infos
-            ]
+            self._resolved(None, [(socket.AF_UNIX, socket.SOCK_STREAM, 0, path)])
+            return
+        try:  # an IP address: no lookup, nothing that can wait
+            infos = socket.getaddrinfo(
+                self.addr, self._port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+            )
+        except OSError:
+            # A name: the lookup may wait on a DNS server for seconds, and this is the
+            # I/O thread (close() waits on it): resolve in a thread of its own.
+            self._resolving = attempt = object()
+            threading.Thread(
+                target=self._resolve, args=(attempt,), name="socketengine-resolve", daemon=True
+            ).start()
+            return
+        self._resolved(None, infos)
+
+    def _resolve(self, attempt: object) -> None:
+        """Look the host's name up for ``attempt`` (resolver thread)."""
+        try:
+            result: Any = socket.getaddrinfo(self.addr, self._port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            result = exc
+        self._loop.call_soon(self._resolved, attempt, result)
+
+    def _resolved(self, attempt: Optional[object], result: Any) -> None:
+        """The attempt's addresses (``getaddrinfo`` entries, or ``(family, type,
+        proto, address)``), or the ``OSError`` of its lookup (loop thread)."""
+        if attempt is not None:
+            if attempt is not self._resolving:
+                return  # given up meanwhile (close(), a newer attempt)
+            self._resolving = None
+        if self.stopped:
+            return
+        if isinstance(result, OSError):
+            logger.debug("%r: reconnect attempt failed: %s", self, result)
+            self._schedule_reconnect()
+            return
+        self._retry_addrs = [(entry[0], entry[1], entry[2], entry[-1]) for entry in result]
         self._try_next_address()
 
     def _try_next_address(self) -> None:
