@@ -615,19 +615,12 @@ class Client(ClientSeedNames, Endpoint[Any]):
         if not self.opened:
             self._lost_early = conn  # if it was the first link: open() reconnects
             return
-        if not self.reconnect:
-            if conn is self._conn:  # nothing more will arrive: end wait() and subscriptions
-                logger.info("%r: connection to the host ended: %s", self, conn.error or "closed")
-                self._release_waiters(self._lost_error(conn))
-            return
         if conn is self._pending:  # a reconnection attempt failed in its handshake
             self._pending = None
             logger.info("%r: reconnect attempt failed: %s", self, conn.error)
             self._schedule_reconnect()
         elif conn is self._conn:
-            log_lost_link(self, conn.error)
-            self._mark_gaps()
-            self._schedule_reconnect()
+            self._link_lost(conn, early=False)
 
     def _reconnect_if_lost_early(self, conn: Connection) -> None:
         """The first link died after its handshake but before ``open()`` returned, when
@@ -635,10 +628,19 @@ class Client(ClientSeedNames, Endpoint[Any]):
         if self._lost_early is not conn or self.stopped:
             return
         self._lost_early = None
+        self._link_lost(conn, early=True)
+
+    def _link_lost(self, conn: Connection, early: bool) -> None:
+        """The live link ``conn`` is gone (loop thread): without ``reconnect`` nothing
+        more will arrive (``wait()`` and subscriptions end); with it, reconnect."""
         if not self.reconnect:
+            logger.info("%r: connection to the host ended: %s", self, conn.error or "closed")
             self._release_waiters(self._lost_error(conn))
             return
-        logger.warning("%r: lost the connection at once (%s); reconnecting", self, conn.error)
+        if early:
+            logger.warning("%r: lost the connection at once (%s); reconnecting", self, conn.error)
+        else:
+            log_lost_link(self, conn.error)
         self._mark_gaps()
         self._schedule_reconnect()
 
