@@ -545,30 +545,38 @@ class Client(ClientSeedNames, Endpoint[Any]):
         if not self.reconnect or self.stopped or not self.opened:
             self._live_conn().send_parts(parts, nbytes, image=image)  # or the right error
             return
-        with self._link_lock:
-            deadline = time.monotonic() + self.timeout
-            while True:
-                conn = self._conn
-                if conn is not None and conn.engine.state is _OPEN:
-                    break  # reconnected meanwhile: send directly, after the outbox
+        deadline = time.monotonic() + self.timeout
+        while True:
+            with self._link_lock:
+                while True:
+                    conn = self._conn
+                    if conn is not None and conn.engine.state is _OPEN:
+                        break  # reconnected meanwhile: send directly, after the outbox
+                    if self.stopped:
+                        raise EndpointClosed(f"{self!r} was closed while writing")
+                    outbox = self._outbox
+                    if outbox.fits(nbytes) or (image is not None and outbox.waiting_image(image)):
+                        if type(parts) is bytes:
+                            outbox.push_item(parts)
+                        else:
+                            outbox.push(parts, nbytes, image)
+                        return
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise WriteTimeout(
+                            f"not connected to {self.addr}:{self._port} (reconnecting); "
+                            f"{outbox.queued} bytes already wait to be sent "
+                            f"(max_buffer={self.max_buffer}): the write was not kept"
+                        )
+                    self._link_lock.wait(left)
+            try:
+                conn.send_parts(parts, nbytes, image=image)
+                return
+            except ConnectionClosed:
                 if self.stopped:
-                    raise EndpointClosed(f"{self!r} was closed while writing")
-                outbox = self._outbox
-                if outbox.fits(nbytes) or (image is not None and outbox.waiting_image(image)):
-                    if type(parts) is bytes:
-                        outbox.push_item(parts)
-                    else:
-                        outbox.push(parts, nbytes, image)
-                    return
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise WriteTimeout(
-                        f"not connected to {self.addr}:{self._port} (reconnecting); "
-                        f"{outbox.queued} bytes already wait to be sent "
-                        f"(max_buffer={self.max_buffer}): the write was not kept"
-                    )
-                self._link_lock.wait(left)
-        conn.send_parts(parts, nbytes, image=image)
+                    raise
+                # The new link died at once: keep the write for the next one, as if
+                # the link had been down when it was made.
 
     def _live_conn(self) -> Connection:
         conn = self._conn
