@@ -24,6 +24,7 @@ def one_input(data: bytes) -> None:
         # The value decoder alone: meta and data section split where the fuzzer says.
         meta = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 4096))
         section = bytearray(fdp.ConsumeBytes(fdp.remaining_bytes()))
+        codec.decoded_size(meta)  # what a host reads before decoding: never raises
         try:
             codec.decode(meta, section or None)
         except ValueError:

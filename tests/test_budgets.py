@@ -4,16 +4,23 @@ cost, departed clients, subscriptions in bytes, and large values received once."
 from __future__ import annotations
 
 import logging
+import struct
+import sys
 from typing import Any, Dict, List
 
+import msgpack
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from socketengine import frames
+from socketengine import codec, frames
+from socketengine.codec import decoded_size
 from socketengine.errors import ProtocolError
 from socketengine.limits import (
     DEFAULT_MAX_MESSAGE,
     DEFAULT_MAX_STORED,
+    SMALL_META,
     check_host_limits,
 )
 from socketengine.state import (
@@ -24,6 +31,7 @@ from socketengine.state import (
     StoredValues,
     SubscriptionBuffer,
     forget_latest,
+    item_size,
     value_size,
 )
 
@@ -106,6 +114,237 @@ def test_value_size_follows_the_payload() -> None:
     assert 8000 <= value_size(np.zeros(1000)) <= 8100
     nested = {"a": [b"x" * 100, (1, 2.0)], "b": None}
     assert 100 < value_size(nested) < 200
+
+
+# -- what a decoded value takes --------------------------------------------------------
+
+
+def _cached(obj: Any) -> bool:
+    """An object CPython hands out without allocating (decoding one costs nothing)."""
+    t = type(obj)
+    if obj is None or t is bool:
+        return True
+    if t is int:
+        return -5 <= obj <= 256
+    if t is str:
+        return len(obj) == 0 or (len(obj) == 1 and ord(obj) < 256)
+    if t is bytes:
+        return len(obj) <= 1
+    return t is tuple and not obj
+
+
+def _deep_size(value: Any) -> int:
+    """What a decoded value takes, measured (deterministically): every object it holds,
+    once, at sys.getsizeof rounded up to the allocators' 16 bytes."""
+    seen = set()
+    total = 0
+    stack = [value]
+    while stack:
+        obj = stack.pop()
+        if _cached(obj) or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        total += (sys.getsizeof(obj) + 15) & -16
+        if type(obj) in (list, tuple):
+            stack.extend(obj)
+        elif type(obj) is dict:
+            stack.extend(obj)
+            stack.extend(obj.values())
+    return total
+
+
+def _array32(item: bytes, n: int) -> bytes:
+    return b"\xdd" + struct.pack(">I", n) + item * n
+
+
+_RECORDS = [{"x": i * 0.5, "y": -i, "name": f"n{i}"} for i in range(3000)]
+# The shapes that take the most memory per byte, and ordinary ones.
+SHAPES = {
+    "empty lists": _array32(b"\x90", 100_000),
+    "empty dicts": _array32(b"\x80", 100_000),
+    "one-entry dicts nested": _array32(b"\x81\xc0" * 100 + b"\x80", 500),
+    "{0: {}}": _array32(b"\x81\x00\x80", 30_000),
+    "[[]]": _array32(b"\x91\x90", 50_000),
+    "fixints": _array32(b"\x05", 100_000),
+    "negative fixints": _array32(b"\xe0", 100_000),
+    "int8": _array32(b"\xd0\x9c", 50_000),
+    "uint16": _array32(b"\xcd\x03\xe8", 30_000),
+    "int64": _array32(b"\xd3" + struct.pack(">q", -(2**62)), 10_000),
+    "float32": _array32(b"\xca" + struct.pack(">f", 1.5), 20_000),
+    "float64": msgpack.packb([i / 7 for i in range(10_000)]),
+    "two-character strs": _array32(b"\xa2ab", 30_000),
+    "one wide character strs": _array32(b"\xa2\xc4\x80", 30_000),
+    "emoji strs": _array32(b"\xa4\xf0\x9f\x98\x80", 20_000),
+    "ascii + emoji str": msgpack.packb("a" * 100_000 + "\U0001f600"),
+    "cjk str": msgpack.packb("\u6f22" * 30_000),
+    "latin-1 str": msgpack.packb("\u00e9" * 30_000),
+    "two-byte bytes": _array32(b"\xc4\x02ab", 20_000),
+    "big bytes": msgpack.packb(b"x" * 100_000),
+    "tuples": codec.encode([(i, i + 1000, -i) for i in range(10_000)])[0],
+    "big ints": codec.encode([2**100 + i for i in range(5000)])[0],
+    "records": msgpack.packb(_RECORDS),
+    "distinct keys": msgpack.packb({f"k{i}": i for i in range(20_000)}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_decoded_size_is_at_least_what_decoding_creates(name: str) -> None:
+    meta = SHAPES[name]
+    assert decoded_size(meta) >= _deep_size(codec.decode(meta))
+
+
+@pytest.mark.parametrize("name", ["float64", "records", "tuples", "cjk str", "big bytes"])
+def test_decoded_size_is_close_for_ordinary_values(name: str) -> None:
+    # An upper bound, not a wild one: within 2.5x for ordinary data (records: shared
+    # keys are counted at every use).
+    meta = SHAPES[name]
+    assert decoded_size(meta) <= 2.5 * _deep_size(codec.decode(meta))
+
+
+def test_small_items_take_many_times_their_wire_size() -> None:
+    # What the budget has to see (docs/guarantees.md, max_stored).
+    for name, factor in (("empty lists", 64), ("empty dicts", 64), ("one-entry dicts nested", 100)):
+        meta = SHAPES[name]
+        assert decoded_size(meta) >= factor * len(meta)
+        assert _deep_size(codec.decode(meta)) >= factor * len(meta)
+
+
+def test_decoded_size_counts_the_lists_msgpack_allocates_for_declared_lengths() -> None:
+    # Nested array headers each declaring 5,001 items: 5 KB that make msgpack allocate
+    # 40 MB of list slots before it finds the items missing.
+    meta = (b"\xdd" + struct.pack(">I", 5001)) * 1000 + b"\x90"
+    assert decoded_size(meta) >= 1000 * 8 * 5001
+
+
+def test_decoded_size_stops_at_the_limit() -> None:
+    meta = SHAPES["empty lists"]
+    full = decoded_size(meta)
+    assert 10_000 < decoded_size(meta, 10_000) < full
+
+
+def test_decoded_size_reads_any_buffer() -> None:
+    for meta in SHAPES.values():
+        want = decoded_size(meta)
+        assert decoded_size(bytearray(meta)) == want
+        assert decoded_size(memoryview(bytearray(meta))) == want
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_decoded_size_takes_any_bytes(meta: bytes) -> None:
+    assert decoded_size(meta) >= 0  # malformed msgpack gives a number, never an error
+
+
+_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=40)
+    | st.binary(max_size=40),
+    lambda inner: (
+        st.lists(inner, max_size=12)
+        | st.tuples(inner, inner)
+        | st.dictionaries(st.text(max_size=6) | st.integers(-300, 300), inner, max_size=8)
+    ),
+    max_leaves=60,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_VALUES)
+def test_decoded_size_bounds_any_value(value: Any) -> None:
+    meta = codec.encode(value)[0]
+    assert decoded_size(meta) >= _deep_size(codec.decode(meta))
+
+
+# -- one client's values, counted before they are decoded ------------------------------
+
+
+def _heavy(max_stored: int = 10_000_000) -> StoredValues:
+    """A client whose values already take more than read_above: large values are read."""
+    stored = StoredValues(max_channels=100, max_stored=max_stored)
+    stored.store("ballast", stored.read_above)
+    return stored
+
+
+def test_a_small_value_counts_at_its_wire_size() -> None:
+    stored = _heavy()
+    before = stored.nbytes
+    meta = msgpack.packb([[]] * 200)  # 203 bytes: not read, though it decodes to 13 KB
+    assert len(meta) <= SMALL_META < decoded_size(meta)
+    stored.store_frame("s", meta, None)
+    assert stored.sizes["s"] == len(meta) + 1
+    assert stored.nbytes == before + len(meta) + 1
+
+
+def test_a_large_value_counts_at_its_decoded_size() -> None:
+    stored = _heavy()
+    before = stored.nbytes
+    meta = SHAPES["empty lists"]
+    stored.store_frame("big", meta, b"d" * 10)
+    charge = decoded_size(meta) + 10 + len("big")
+    assert stored.sizes["big"] == charge and stored.nbytes == before + charge
+    stored.store_frame("big", b"\x01", None)  # replaced: the same number comes off
+    assert stored.nbytes == before + 1 + len("big")
+
+
+def test_a_large_value_of_little_memory_counts_at_its_wire_size() -> None:
+    stored = _heavy()
+    meta = SHAPES["cjk str"]  # 90 KB of UTF-8, 60 KB as a str
+    stored.store_frame("t", meta, None)
+    assert stored.sizes["t"] == len(meta) + 1
+
+
+def test_a_large_value_from_a_client_holding_little_is_not_read() -> None:
+    # Below read_above (max_stored / 128) even ~112x its wire size stays within
+    # max_stored: counted at its wire size, unread.
+    stored = StoredValues(max_channels=100, max_stored=10_000_000)
+    meta = _array32(b"\x90", 50_000)
+    assert len(meta) < stored.read_above
+    stored.store_frame("big", meta, None)
+    assert stored.nbytes == len(meta) + 3
+    stored.store_frame("big2", meta, None)  # now beyond read_above: read
+    assert stored.sizes["big2"] == decoded_size(meta) + 4
+
+
+def test_a_value_that_decodes_beyond_max_stored_is_refused_and_nothing_changes() -> None:
+    stored = _heavy(max_stored=1_000_000)
+    stored.store_frame("a", b"\x01", None)
+    sizes, nbytes = dict(stored.sizes), stored.nbytes
+    meta = SHAPES["empty lists"]  # 100 KB: fits at wire size, 7 MB decoded does not
+    with pytest.raises(ProtocolError, match="max_stored=1000000") as info:
+        stored.store_frame("big", meta, None)
+    assert "once decoded" in str(info.value)
+    assert stored.sizes == sizes and stored.nbytes == nbytes
+
+
+def test_max_channels_is_named_before_a_large_value_is_read() -> None:
+    stored = StoredValues(max_channels=1, max_stored=1_000_000)
+    stored.store("ballast", stored.read_above)
+    with pytest.raises(ProtocolError, match="max_channels=1"):
+        stored.store_frame("big", SHAPES["empty lists"], None)
+
+
+def test_a_large_batch_item_counts_as_its_data_frame_would() -> None:
+    value = [[] for _ in range(4000)]  # 4 KB of msgpack: a BATCH item
+    meta = codec.encode(value)[0]
+    assert len(meta) <= frames.ITEM_MAX
+    assert item_size(value) == decoded_size(meta)
+    stored = _heavy()
+    before = stored.nbytes
+    stored.store_items(["d", value, "e", 1])
+    assert stored.sizes["d"] == decoded_size(meta) + 1
+    assert stored.nbytes == before + decoded_size(meta) + 1 + value_size(1) + 1
+    assert item_size([1, 2, 3]) == value_size([1, 2, 3])  # small: value_size, as before
+
+
+def test_a_batch_item_beyond_max_stored_once_decoded_says_how_many_came_before() -> None:
+    stored = _heavy(max_stored=200_000)
+    items = ["c", 3, "d", [[] for _ in range(4000)], "e", 4]  # "d": ~290 KB decoded
+    with pytest.raises(BudgetExceeded, match="max_stored=200000") as info:
+        stored.store_items(items)
+    assert info.value.accepted == 2
 
 
 # -- departed clients ------------------------------------------------------------------
@@ -261,3 +500,16 @@ def test_a_clients_budget_forgets_the_oldest_channels_after_storing(
     assert "max_stored=100" in caplog.text
     # Logged at the 1st, 2nd and 4th channel forgotten, not the 3rd.
     assert caplog.text.count("is forgotten") == 3
+
+
+def test_a_clients_budget_counts_a_large_value_at_its_decoded_size_and_never_raises() -> None:
+    kept = KeptValues(max_channels=10, max_stored=1_000_000)
+    kept.store("ballast", kept.read_above)
+    meta = SHAPES["empty lists"]  # 100 KB on the wire, 7 MB decoded: beyond max_stored
+    kept.store_frame("big", meta, None)  # counted (reading stops past max_stored)
+    assert kept.sizes["big"] > kept.max_stored
+    kept.settle()  # the oldest go; the newest stays, even alone beyond the budget
+    assert list(kept.sizes) == ["big"]
+    small = SHAPES["float64"]
+    kept.store_frame("f", small, b"d" * 8)
+    assert kept.sizes["f"] == decoded_size(small) + 8 + 1

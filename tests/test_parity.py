@@ -970,18 +970,74 @@ def test_a_client_without_reconnect_ends_waits_and_subscriptions_when_its_link_i
 
 
 @pytest.mark.parametrize("layer", LAYERS)
-def test_max_stored_counts_a_value_at_its_wire_size(layer: str, loop_thread: AioThread) -> None:
-    # 5,000 small ints: about 5 KB on the wire, about 45 KB as value_size estimates them.
-    host = make_host(layer, loop_thread, max_stored=20_000)
-    value = list(range(100)) * 50
+def test_max_stored_counts_a_small_value_at_its_wire_size(
+    layer: str, loop_thread: AioThread
+) -> None:
+    # 100 small ints: 101 bytes on the wire (at most SMALL_META: not read ahead), about
+    # 900 as value_size estimates them or in memory.  A DATA frame built by hand: a
+    # writer could batch it (BATCH items count at value_size).
+    host = make_host(layer, loop_thread, max_stored=400)
+    value = list(range(100))
+    sock: Optional[socket.socket] = None
     try:
-        with _writer(host.ep.port) as c:
-            c.write("v", value)
-            c.write("done", 1)
-            wait_for(lambda: host.ep.get("done") == 1, what="the values")
-            assert host.ep.get("v") == value
-            assert len(host.ep.clients()) == 1
+        sock = _raw_client(host.ep.port)
+        wait_for(lambda: len(host.ep.clients()) == 1, what="the raw client")
+        for channel, v in (("v", value), ("done", 1)):
+            sock.sendall(b"".join(frames.encode_value_frame(frames.DATA, channel, v)))
+        wait_for(lambda: host.ep.get("done") == 1, what="the values")
+        assert host.ep.get("v") == value
+        assert len(host.ep.clients()) == 1
     finally:
+        if sock is not None:
+            sock.close()
+        host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_max_stored_counts_a_large_value_at_its_decoded_size(
+    layer: str, loop_thread: AioThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 200,000 empty lists: 200 KB on the wire, which max_stored fits, and ~14 MB of
+    # Python objects once decoded, which it does not: refused before it is decoded.
+    host = make_host(layer, loop_thread, max_stored=1_000_000)
+    try:
+        c = _writer(host.ep.port, reconnect=False)
+        with caplog.at_level(logging.WARNING, logger="socketengine"), c:
+            c.write("a", b"x" * 100_000)
+            wait_for(lambda: host.ep.get("a") is not None, what="the first value")
+            c.write("big", [[] for _ in range(200_000)])
+            wait_for(lambda: not host.ep.clients(), what="the connection to close")
+        assert "max_stored=1000000" in caplog.text and "once decoded" in caplog.text
+        assert host.ep.get("a") == b"x" * 100_000  # what came before is kept
+        assert host.ep.get("big") is None
+    finally:
+        host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_batch_item_counts_at_its_decoded_size(
+    layer: str, loop_thread: AioThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A BATCH item of 4,000 empty lists (4 KB of msgpack, 20 KB as value_size estimates
+    # it, ~290 KB in memory) beyond max_stored once decoded: the items before it are
+    # kept, the connection is closed, on both layers.
+    host = make_host(layer, loop_thread, max_stored=100_000)
+    sock: Optional[socket.socket] = None
+    try:
+        with caplog.at_level(logging.WARNING, logger="socketengine"):
+            sock = _raw_client(host.ep.port)
+            wait_for(lambda: len(host.ep.clients()) == 1, what="the raw client")
+            sock.sendall(_batch(("a", b"x" * 3000), ("b", 1)))
+            wait_for(lambda: host.ep.get("b") == 1, what="the first batch")
+            sock.sendall(_batch(("c", 3), ("d", [[] for _ in range(4000)]), ("e", 4)))
+            wait_for(lambda: not host.ep.clients(), what="the connection to close")
+        assert "max_stored=100000" in caplog.text
+        assert host.ep.get("c") == 3  # before the offending value: kept
+        assert host.ep.get("d") is None and host.ep.get("e") is None
+        assert host.ep.get("a") == b"x" * 3000
+    finally:
+        if sock is not None:
+            sock.close()
         host.close()
 
 

@@ -17,9 +17,10 @@ Nothing is ever unpickled: every extension type is decoded by explicit code here
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
-from typing import Any, Callable, List, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
 
 import msgpack
 
@@ -28,6 +29,7 @@ from .images import EncodedImage
 __all__ = [
     "encode",
     "decode",
+    "decoded_size",
     "Buffer",
     "EXT_NDARRAY",
     "EXT_TUPLE",
@@ -420,3 +422,233 @@ def decode(meta: Buffer, data: Buffer | None = None) -> Any:
         raise
     except Exception as exc:  # msgpack raises several types; normalise for the caller
         raise ValueError(f"malformed value: {type(exc).__name__}: {exc}") from None
+
+
+# -- what a decoded value takes in memory ---------------------------------------------
+#
+# A host budgets what a client's values take (``max_stored``).  Their wire size is no
+# measure of that for msgpack made of many small items: an empty list is one byte on the
+# wire and 64 bytes plus an 8-byte pointer in Python; dicts of one entry nested in each
+# other, two bytes and 224 bytes per level (the most measured: 112 per byte, CPython
+# 3.11).  decoded_size() reads the msgpack
+# bytes without decoding them and adds up the objects decoding them creates, from this
+# interpreter's own object sizes rounded up to the allocators' 16 bytes.  It is an upper
+# bound: what it cannot know (which ints and strings are cached singletons, which map
+# keys another value already interned) it counts as new.
+
+
+def _r16(n: int) -> int:
+    return (n + 15) & -16
+
+
+_LIST = _r16(sys.getsizeof([]))
+_DICT = _r16(sys.getsizeof({}))
+
+
+def _mixed_keys() -> Dict[Any, None]:
+    mixed: Dict[Any, None] = {"": None}
+    mixed[0] = None  # a str-only keys table is rebuilt, larger, for another key
+    return mixed
+
+
+_DICT_SMALL = _r16(sys.getsizeof(_mixed_keys()))  # up to 5 entries (352 B)
+# A dict entry beyond 5, with the table's growth and a rebuild for mixed keys (measured:
+# at most 108 B below 2**15 entries, 120 B above).
+_ENTRY = 120
+# msgpack interns str map keys: a new key also takes a slot (<= 48 B, with growth) in the
+# interpreter's table of interned strings.  Counted for every map entry.
+_KEY = 48
+_INT = _r16(sys.getsizeof(1 << 59))  # an int below 2**60: msgpack's 8 to 32-bit ones
+_INT64 = _r16(sys.getsizeof(1 << 63))
+_FLOAT = _r16(sys.getsizeof(1.0))
+_STR = sys.getsizeof("")  # an ASCII str: this + its length
+_USTR = sys.getsizeof("\U0001f600") - 4  # any other str: this + width x (chars + 1)
+_BYTES = sys.getsizeof(b"")
+# A numpy array or an EncodedImage decoded from an extension value: the object, its view
+# of the data section, shape and strides (measured 540-600 B, 16 B more per dimension);
+# the data section itself is counted at its size.
+_VIEW = 640
+
+
+def _list_size(n: int) -> int:
+    # msgpack fills a long list by appending (the list over-allocates by up to 1/8).
+    return _LIST + (_r16(8 * n) if n < 16 else _r16(9 * n + 48))
+
+
+def _dict_size(n: int) -> int:
+    if n == 0:
+        return _DICT
+    if n <= 5:
+        return _DICT_SMALL + _KEY * n
+    return _DICT + (_ENTRY + _KEY) * n
+
+
+# Tokens whose length and cost their first byte tells: size (0: read further) and cost.
+_SIZE = [0] * 256
+_COST = [0] * 256
+for _b in range(0x80):  # positive fixint: a cached int
+    _SIZE[_b] = 1
+for _b in range(0xE0, 0x100):  # negative fixint: -32..-6 are new ints
+    _SIZE[_b], _COST[_b] = 1, (_INT if _b <= 0xFA else 0)
+for _b in range(16):
+    _SIZE[0x80 + _b], _COST[0x80 + _b] = 1, _dict_size(_b)  # fixmap header
+    _SIZE[0x90 + _b], _COST[0x90 + _b] = 1, _list_size(_b)  # fixarray header
+for _b, _s, _c in (
+    (0xA0, 1, 0),  # "" and one-character strs are cached
+    (0xA1, 2, 0),
+    (0xC0, 1, 0),  # nil, false, true
+    (0xC2, 1, 0),
+    (0xC3, 1, 0),
+    (0xCA, 5, _FLOAT),
+    (0xCB, 9, _FLOAT),
+    (0xCC, 2, 0),  # uint8: cached
+    (0xCD, 3, _INT),
+    (0xCE, 5, _INT),
+    (0xCF, 9, _INT64),
+    (0xD0, 2, _INT),
+    (0xD1, 3, _INT),
+    (0xD2, 5, _INT),
+    (0xD3, 9, _INT64),
+):
+    _SIZE[_b], _COST[_b] = _s, _c
+_TOKEN_SIZE = tuple(_SIZE)
+_TOKEN_COST = tuple(_COST)
+del _SIZE, _COST, _b, _s, _c
+_FIXSTR_COST = tuple(_r16(_STR + (b & 0x1F)) for b in range(256))  # by fixstr header
+# In a long list: a run of one-byte tokens that cost nothing themselves (cached ints,
+# nil, booleans, ""; the pointers to them are counted with the list), and a run of
+# negative fixints that are new ints.
+_FREE = re.compile(rb"[\x00-\x7f\xa0\xc0\xc2\xc3\xfb-\xff]*")
+_NEGATIVE = re.compile(rb"[\xe0-\xfa]*")
+_CONTINUATION = bytes(range(0x80, 0xC0))
+# UTF-8 lead bytes -> the width of the str holding that character (1 for the others).
+_WIDTH = bytes(4 if b >= 0xF0 else 2 if b >= 0xC4 else 1 for b in range(256))
+_FIXEXT = (1, 2, 4, 8, 16)
+_ASCII_CHUNK = 1 << 18
+
+
+def decoded_size(meta: Buffer, limit: int = 1 << 62, _depth: int = 0) -> int:
+    """An upper bound of the bytes of Python objects that :func:`decode` creates for the
+    value whose msgpack is ``meta`` (its data section not included), found without
+    decoding it.
+
+    Reading stops, and a number above ``limit`` is returned, as soon as the count exceeds
+    ``limit``.  Malformed msgpack gives some number (decoding it fails anyway).  One pass
+    over the tokens in Python: a few times as long as decoding them (about as long for
+    long lists of numbers, which are skipped in C; a long str or bytes is one step).
+    """
+    m = meta
+    if type(m) is memoryview:  # a large meta arrives as one: bytes slice faster (a
+        m = m.tobytes()  # copy, freed before the value is decoded)
+    n = len(m)
+    i = 0
+    total = 0
+    size_of = _TOKEN_SIZE
+    cost_of = _TOKEN_COST
+    try:
+        while i < n:
+            b = m[i]
+            s = size_of[b]
+            if s:
+                total += cost_of[b]
+                i += s
+            elif b <= 0xBF:  # fixstr of 2..31 bytes
+                start = i + 1
+                i = start + (b & 0x1F)
+                chunk = m[start:i]
+                total += _FIXSTR_COST[b] if chunk.isascii() else _wide_str_size(chunk)
+            elif b == 0xDC or b == 0xDD:  # array 16/32: a long list, often of numbers
+                start = i + (3 if b == 0xDC else 5)
+                count = int.from_bytes(m[start - 2 if b == 0xDC else i + 1 : start], "big")
+                total += _list_size(count)
+                i, cost = _skip_run(m, start, count)
+                total += cost
+            elif b == 0xD9 or b == 0xDA:  # str 8/16
+                start = i + 2 if b == 0xD9 else i + 3
+                i = start + (m[i + 1] if b == 0xD9 else m[i + 1] << 8 | m[i + 2])
+                chunk = m[start:i]
+                if chunk.isascii():
+                    total += (len(chunk) + _STR + 15) & -16
+                else:
+                    total += _wide_str_size(chunk)
+            elif b == 0xDE or b == 0xDF:  # map 16/32
+                start = i + (3 if b == 0xDE else 5)
+                total += _dict_size(int.from_bytes(m[i + 1 : start], "big"))
+                i = start
+            elif b == 0xDB:  # str 32
+                start = i + 5
+                i = start + int.from_bytes(m[i + 1 : start], "big")
+                total += _str_size(m, start, i)
+            elif 0xC4 <= b <= 0xC6:  # bin 8/16/32: b"" and one-byte bytes are cached
+                start = i + 2 + (b > 0xC4) + 2 * (b > 0xC5)
+                length = int.from_bytes(m[i + 1 : start], "big")
+                i = start + length
+                if length > 1:
+                    total += _r16(_BYTES + length)
+            elif 0xD4 <= b <= 0xD8 or 0xC7 <= b <= 0xC9:  # extension values
+                if b >= 0xD4:
+                    length = _FIXEXT[b - 0xD4]
+                    start = i + 2
+                else:
+                    start = i + 3 + (b > 0xC7) + 2 * (b > 0xC8)
+                    length = int.from_bytes(m[i + 1 : start - 1], "big")
+                code = m[start - 1]
+                i = start + length
+                if code == EXT_TUPLE:
+                    if _depth < MAX_TUPLE_DEPTH:  # deeper fails to decode
+                        total += decoded_size(m[start:i], limit - total, _depth + 1)
+                elif code == EXT_NDARRAY or code == EXT_IMAGE:
+                    total += _VIEW + 16 * length
+                elif code == EXT_NPSCALAR:
+                    total += 128 + length
+                elif code == EXT_BIGINT:
+                    total += 32 + 2 * length
+            else:  # 0xc1: never valid
+                break
+            if total > limit:
+                break
+    except IndexError:  # truncated: decoding fails
+        pass
+    return total
+
+
+def _skip_run(m: Union[bytes, bytearray], i: int, count: int) -> Tuple[int, int]:
+    """Past the items at ``m[i:]`` of a list of ``count`` that are all the same kind
+    of number (read in C): ``(where the rest starts, what those items cost)``."""
+    if count < 16 or i >= len(m):
+        return i, 0
+    b = m[i]
+    s = _TOKEN_SIZE[b]
+    if s == 1:
+        if b >= 0xE0 and _TOKEN_COST[b]:
+            j = _NEGATIVE.match(m, i, i + count).end()  # type: ignore[union-attr]
+            return j, _INT * (j - i)
+        if not _TOKEN_COST[b]:
+            return _FREE.match(m, i, i + count).end(), 0  # type: ignore[union-attr]
+        return i, 0  # container headers: one by one
+    if s > 1 and _TOKEN_COST[b]:
+        # Floats or ints of one encoding: every s-th byte is b as far as they go.
+        heads = m[i : i + s * count : s]
+        run = len(heads) - len(heads.lstrip(heads[:1]))
+        return i + s * run, _TOKEN_COST[b] * run
+    return i, 0
+
+
+def _str_size(m: Buffer, start: int, end: int) -> int:
+    """What the str decoded from the UTF-8 bytes ``m[start:end]`` takes."""
+    length = end - start
+    if length <= 1:
+        return 0  # "" and one-character strs are cached
+    for at in range(start, end, _ASCII_CHUNK):  # in slices: m may be 64 MiB
+        if not bytes(m[at : min(at + _ASCII_CHUNK, end)]).isascii():
+            return _wide_str_size(bytes(m[start:end]))
+    return _r16(_STR + length)
+
+
+def _wide_str_size(chunk: Union[bytes, bytearray]) -> int:
+    """What the str decoded from the UTF-8 bytes ``chunk`` (not all ASCII) takes: its
+    characters are 1, 2 or 4 bytes wide, after the widest."""
+    leads = chunk.translate(_WIDTH)
+    width = 4 if b"\x04" in leads else 2 if b"\x02" in leads else 1
+    chars = len(chunk.translate(None, _CONTINUATION))
+    return _r16(_USTR + width * (chars + 1))

@@ -35,6 +35,7 @@ __all__ = [
     "DEFAULT_CLIENT_MAX_CHANNELS",
     "DEFAULT_CLIENT_MAX_STORED",
     "check_client_budget",
+    "SMALL_META",
     "DEFAULT_SUBSCRIPTION_BYTES",
     "DEFAULT_SUBSCRIPTION_SIZE",
     "CALLBACK_BACKLOG",
@@ -93,19 +94,27 @@ DEFAULT_MAX_PENDING = 128
 #: Distinct channels one client may write on (the host keeps a latest value per channel
 #: and client); one more closes the connection (logged).  Names count in ``max_stored``.
 DEFAULT_MAX_CHANNELS = 10_000
-#: 256 MiB: bytes of latest values (wire size: name, metadata and array bytes) the host
-#: keeps for one client; a value that would exceed it closes the connection (logged).
-#: Four ``max_message`` values, or ten 4K RGB frames.  When ``max_message`` is raised
-#: above it, the default follows ``max_message``.  Worst case per host:
-#: ``max_clients x max_stored + keep_departed_bytes`` (plus decoding overhead of
-#: Python objects for values made of many small items).
+#: 256 MiB: bytes of latest values (wire size: name, metadata and array bytes; see
+#: ``SMALL_META`` for large metadata) the host keeps for one client; a value that would
+#: exceed it closes the connection (logged).  Four ``max_message`` values, or ten 4K RGB
+#: frames.  When ``max_message`` is raised above it, the default follows
+#: ``max_message``.  In memory, a client's values take at most
+#: ``max_stored + 111 x (max_stored / 128 + SMALL_META x max_channels)`` (0.73 GiB at the
+#: defaults): decoded msgpack of tiny items takes up to 112x its wire size.
 DEFAULT_MAX_STORED = 256 * 1024 * 1024
 #: A client's latest values from its host: at most this many channels (through a
 #: relaying host they are other clients' channels, ten of whose full budgets fit) ...
 DEFAULT_CLIENT_MAX_CHANNELS = 100_000
-#: ... and this many bytes at wire size (or ``max_message`` if larger).  Beyond either,
-#: the channel that arrived first is forgotten (logged): see ``state.KeptValues``.
+#: ... and this many bytes, counted as a host counts (wire size, see ``SMALL_META``; or
+#: ``max_message`` if larger).  Beyond either, the channel that arrived first is
+#: forgotten (logged): see ``state.KeptValues``.
 DEFAULT_CLIENT_MAX_STORED = 1024 * 1024 * 1024
+#: A value whose msgpack metadata is at most this many bytes counts in ``max_stored`` at
+#: its wire size, unread (the hot path); a larger one counts at what decoding it takes
+#: in Python objects if that is more (``codec.decoded_size``, read before it is decoded),
+#: once the peer's values take more than ``max_stored / 128`` (below that, even at 112x
+#: they stay within ``max_stored``).
+SMALL_META = 256
 #: Seconds a new connection has to complete the handshake (TLS included).
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 #: Seconds of silence before a PING (H); a peer silent for 3·H is declared dead.

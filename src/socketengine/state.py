@@ -25,9 +25,9 @@ from typing import (
 )
 
 from . import frames
-from .codec import Buffer
+from .codec import Buffer, decoded_size, encode
 from .errors import ProtocolError
-from .limits import DEFAULT_MAX_PENDING, RECONNECT_FIRST
+from .limits import DEFAULT_MAX_PENDING, RECONNECT_FIRST, SMALL_META
 
 __all__ = [
     "RetainedValues",
@@ -222,50 +222,107 @@ class StoredValues:
     """What one connection's latest values cost the host, and its two budgets.
 
     Each channel's latest value is counted at its size on the wire (channel name,
-    msgpack metadata and raw array bytes); a new value on a channel replaces the old
-    one's count.  :meth:`store` raises :class:`ProtocolError` (the connection is then
-    closed and logged) when the peer would hold more than ``max_channels`` distinct
-    channels or ``max_stored`` bytes.
+    msgpack metadata and raw array bytes), except that a value whose metadata is larger
+    than :data:`~socketengine.limits.SMALL_META` bytes counts at what decoding it takes
+    in Python objects when that is more (:func:`~socketengine.codec.decoded_size`: an
+    empty list is one byte on the wire and 72 in memory), once the peer's values take
+    more than :attr:`read_above` bytes (before that, even values that take ~112 times
+    their wire size in memory cannot take more than ``max_stored``).  A new value on a
+    channel replaces the old one's count.  :meth:`store_frame` raises
+    :class:`ProtocolError` (the connection is then closed and logged) when the peer
+    would hold more than ``max_channels`` distinct channels or ``max_stored`` bytes.
     """
 
-    __slots__ = ("max_channels", "max_stored", "sizes", "nbytes")
+    __slots__ = ("max_channels", "max_stored", "read_above", "sizes", "nbytes")
 
     def __init__(self, max_channels: int, max_stored: int) -> None:
         self.max_channels = max_channels
         self.max_stored = max_stored
+        #: Large values are read before they are decoded once the peer's values would
+        #: take more than this (``max_stored / 128``).
+        self.read_above = max_stored >> 7
         self.sizes: Dict[str, int] = {}
         self.nbytes = 0
 
-    def store(self, channel: str, size: int) -> None:
-        """Account a value of ``size`` wire bytes on ``channel`` (before storing it)."""
+    def store_frame(self, channel: str, meta: Buffer, data: Optional[Buffer]) -> None:
+        """Account a DATA value on ``channel``, from its msgpack ``meta`` and its data
+        section ``data``, before it is decoded (a value beyond a budget never is).
+
+        The hot path of every received value: :meth:`store` inlined, and ``meta`` is
+        read (:func:`~socketengine.codec.decoded_size`) only when it is larger than
+        :data:`SMALL_META` and the peer's values take more than :attr:`read_above`."""
+        size = len(meta)
+        if size > SMALL_META and self.nbytes + size > self.read_above:
+            size = self._decoded(channel, meta, size, data)
+        if data is not None:
+            size += len(data)
         sizes = self.sizes
         old = sizes.get(channel)
         size += len(channel)
         if old is None:
             if len(sizes) >= self.max_channels:
-                raise ProtocolError(
-                    f"the peer wrote on more than max_channels={self.max_channels} distinct "
-                    "channels; the host keeps a latest value per channel and client "
-                    "(raise max_channels= on the Host if that is expected)"
-                )
+                raise self._too_many_channels()
             old = 0
         total = self.nbytes - old + size
         if total > self.max_stored:
-            raise ProtocolError(
-                f"the peer's latest values would take {total} bytes, more than "
-                f"max_stored={self.max_stored} (raise max_stored= on the Host if that is "
-                "expected)"
-            )
+            raise self._too_many_bytes(total)
         sizes[channel] = size
         self.nbytes = total
 
     def settle(self) -> None:
         """After storing (a host's budget refuses beforehand: nothing to do)."""
 
+    def store(self, channel: str, size: int) -> None:
+        """Account a value of ``size`` bytes on ``channel`` (before storing it)."""
+        sizes = self.sizes
+        old = sizes.get(channel)
+        size += len(channel)
+        if old is None:
+            if len(sizes) >= self.max_channels:
+                raise self._too_many_channels()
+            old = 0
+        total = self.nbytes - old + size
+        if total > self.max_stored:
+            raise self._too_many_bytes(total)
+        sizes[channel] = size
+        self.nbytes = total
+
+    def _decoded(self, channel: str, meta: Buffer, size: int, data: Optional[Buffer]) -> int:
+        """What a value with a large ``meta`` counts: the larger of its wire size and
+        what decoding ``meta`` takes, read only as far as the budget left allows."""
+        old = self.sizes.get(channel)
+        if old is None and len(self.sizes) >= self.max_channels:
+            return size  # refused for max_channels
+        left = self.max_stored - self.nbytes + (old or 0) - len(channel)
+        if data is not None:
+            left -= len(data)
+        decoded = decoded_size(meta, left)
+        if decoded > left:
+            raise ProtocolError(
+                f"the peer's value on {channel!r} ({size} bytes of msgpack) would take "
+                f"more than the {max(left, 0)} bytes left of max_stored={self.max_stored} "
+                "once decoded (raise max_stored= on the Host if that is expected)"
+            )
+        return max(size, decoded)
+
+    def _too_many_channels(self) -> ProtocolError:
+        return ProtocolError(
+            f"the peer wrote on more than max_channels={self.max_channels} distinct "
+            "channels; the host keeps a latest value per channel and client "
+            "(raise max_channels= on the Host if that is expected)"
+        )
+
+    def _too_many_bytes(self, total: int) -> ProtocolError:
+        return ProtocolError(
+            f"the peer's latest values would take {total} bytes, more than "
+            f"max_stored={self.max_stored} (raise max_stored= on the Host if that is "
+            "expected)"
+        )
+
     def store_items(self, items: List[Any]) -> None:
         """Account a BATCH frame's items (flat ``[channel, value, ...]``) before storing
         them.  Only the last value of each channel stays stored, so when the whole batch
-        fits only it is counted (at :func:`value_size`): the same final total as storing
+        fits only it is counted (at :func:`item_size`): the same final total as storing
         the items one by one, for one size estimate per channel instead of one per item
         (a burst on one channel is hundreds of items).
 
@@ -279,8 +336,12 @@ class StoredValues:
         total = self.nbytes
         new = 0
         counted = []
+        read_above = self.read_above
         for channel, value in last.items():
-            size = value_size(value) + len(channel)
+            size = value_size(value)
+            if size > SMALL_META and total + size > read_above:
+                size = item_size(value, size)
+            size += len(channel)
             old = sizes.get(channel)
             if old is None:
                 new += 1
@@ -294,17 +355,21 @@ class StoredValues:
         store = self.store
         for i in range(0, len(items), 2):
             try:
-                store(items[i], value_size(items[i + 1]))
+                size = value_size(items[i + 1])
+                if size > SMALL_META and self.nbytes + size > read_above:
+                    size = item_size(items[i + 1], size)
+                store(items[i], size)
             except ProtocolError as exc:
                 raise BudgetExceeded(str(exc), i) from None
 
 
 class KeptValues(StoredValues):
     """A client's latest values from its host, counted like a host counts a client's
-    (:class:`StoredValues`: wire size, ``max_channels`` / ``max_stored``) but with
-    another outcome.  The host is not at fault when its values exceed the budget (a
-    relaying host forwards what its other clients write), so nothing is refused or
-    closed: :meth:`store` only counts, and :meth:`settle`, once the values are stored,
+    (:class:`StoredValues`: wire size, a large value at its decoded size;
+    ``max_channels`` / ``max_stored``) but with another outcome.  The host is not at
+    fault when its values exceed the budget (a relaying host forwards what its other
+    clients write), so nothing is refused or closed: :meth:`store` and
+    :meth:`store_frame` only count, and :meth:`settle`, once the values are stored,
     forgets the channels that arrived first until the budget holds again (WARNING
     naming the limit at the 1st, 2nd, 4th, 8th... channel forgotten).  The newest value
     is never forgotten, even alone beyond ``max_stored``.
@@ -327,6 +392,17 @@ class KeptValues(StoredValues):
         size += len(channel)
         self.nbytes += size - sizes.get(channel, 0)
         sizes[channel] = size
+
+    def store_frame(self, channel: str, meta: Buffer, data: Optional[Buffer]) -> None:
+        """Count a DATA value as a host counts one (:meth:`StoredValues.store_frame`: a
+        large ``meta`` at what decoding it takes, read first): never raises."""
+        size = len(meta)
+        if size > SMALL_META and self.nbytes + size > self.read_above:
+            # Past max_stored the count is all settle() needs: stop reading there.
+            size = max(size, decoded_size(meta, self.max_stored))
+        if data is not None:
+            size += len(data)
+        self.store(channel, size)
 
     def settle(self) -> None:
         """After storing: forget the oldest channels while over a budget."""
@@ -353,6 +429,22 @@ class KeptValues(StoredValues):
                     n,
                     limit.split("=")[0],
                 )
+
+
+def item_size(value: Any, size: Optional[int] = None) -> int:
+    """What a decoded BATCH item counts against ``max_stored``: :func:`value_size` (its
+    wire size, about), or, when its msgpack is larger than :data:`SMALL_META` bytes,
+    what decoding it takes if that is more (:func:`~socketengine.codec.decoded_size` of
+    the value encoded again: about what the DATA frame carrying it counts).  ``size``:
+    its :func:`value_size`, if known."""
+    if size is None:
+        size = value_size(value)
+    if size <= SMALL_META:
+        return size
+    meta = encode(value)[0]
+    if len(meta) <= SMALL_META:
+        return size
+    return max(size, decoded_size(meta))
 
 
 class BudgetExceeded(ProtocolError):

@@ -996,10 +996,8 @@ class Connection(PeerView, asyncio.BufferedProtocol):
             meta = frame.meta
             data = frame.data
             endpoint = self._endpoint
-            # Budgeted at wire size before it is decoded, as the threaded host does.
-            endpoint._budget(
-                self, frame.channel, len(meta) if data is None else len(meta) + len(data)
-            )
+            # Budgeted before it is decoded, as the threaded host does.
+            endpoint._budget(self, frame.channel, meta, data)
             value = frame.value()
             endpoint._deliver(
                 self, frame.channel, value, frame.flags & frames.FLAG_IMAGE, counted=True

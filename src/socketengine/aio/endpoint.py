@@ -364,12 +364,13 @@ class Endpoint(EndpointBase):
     def _connection_closed(self, conn: Connection) -> None:
         """``conn`` is closed and every frame it received has been handled."""
 
-    def _budget(self, conn: Connection, channel: str, nbytes: int) -> None:
-        """Account a DATA value of ``nbytes`` wire bytes before it is decoded (hosts);
-        raises ``ProtocolError`` (the connection is closed) beyond a storage budget."""
+    def _budget(self, conn: Connection, channel: str, meta: Any, data: Any) -> None:
+        """Account a DATA value (msgpack ``meta``, data section ``data``) before it is
+        decoded (hosts; :meth:`StoredValues.store_frame`); raises ``ProtocolError`` (the
+        connection is closed) beyond a storage budget."""
         stored = self._stored.get(conn)
         if stored is not None:
-            stored.store(channel, nbytes)
+            stored.store_frame(channel, meta, data)
 
     def _deliver_batch(self, conn: Connection, items: List[Any]) -> None:
         """A BATCH frame's items (flat ``[channel, value, ...]``) arrived: each one as

@@ -66,9 +66,10 @@ class Host(Endpoint):
         TLS handshake counts from when it completes (asyncio runs it before).
     :param max_channels: distinct channels one client may write on; one more closes
         its connection (logged).
-    :param max_stored: bytes of latest values kept for one client (wire size); a value
-        beyond it closes the connection (logged).  Default 256 MiB, or ``max_message``
-        if larger.
+    :param max_stored: bytes of latest values kept for one client (wire size, or for a
+        value with more than 256 bytes of metadata its size once decoded if more); a
+        value beyond it closes the connection (logged).  Default 256 MiB, or
+        ``max_message`` if larger.
     :param max_message: largest frame accepted from a client, bytes (default 64 MiB).
     :param max_buffer: bytes one client's transport buffer may hold (default 256 MiB):
         beyond it ``await conn.write`` waits up to ``timeout`` s, then raises

@@ -618,7 +618,7 @@ class Endpoint(EndpointBase, Generic[_I]):
                         conn.senders[channel], frame = unwrap_relayed(frame)
                         flags, meta = frame.flags, frame.meta
                     if stored is not None:  # raises ProtocolError beyond a budget
-                        stored.store(channel, len(meta) if data is None else len(meta) + len(data))
+                        stored.store_frame(channel, meta, data)
                     if flags:
                         value = self._special_value(conn, frame)
                     elif data is None:

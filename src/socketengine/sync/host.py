@@ -88,9 +88,10 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         pending handshake of the address with the most of them (see SECURITY.md).
     :param max_channels: distinct channels one client may write on; one more closes
         its connection (logged).
-    :param max_stored: bytes of latest values kept for one client (wire size); a value
-        beyond it closes the connection (logged).  Default 256 MiB, or ``max_message``
-        if larger.
+    :param max_stored: bytes of latest values kept for one client (wire size, or for a
+        value with more than 256 bytes of metadata its size once decoded if more); a
+        value beyond it closes the connection (logged).  Default 256 MiB, or
+        ``max_message`` if larger.
     :param max_message: largest frame accepted from a client, bytes (default 64 MiB).
     :param max_buffer: bytes that may wait unsent for one client before writes to it
         block (up to ``timeout``) and then raise :class:`WriteTimeout`.
