@@ -55,7 +55,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, 
 
 from . import frames
 from .codec import Buffer
-from .errors import ProtocolError
+from .errors import ProtocolError, WriteTimeout
 from .shm import ShmWriter
 
 __all__ = [
@@ -227,6 +227,25 @@ class SendQueue:
         """An image frame of ``channel`` waits, replaceable: a new one takes its place
         (and needs no room of its own beyond the size difference)."""
         return channel in self._slots
+
+    def keep(self, parts: Any, nbytes: int, image: Optional[str] = None) -> bool:
+        """A client's outbox while it reconnects: queue a write if there is room for it
+        (a BATCH item as ``bytes``, else a frame's parts), or if it is an image that
+        replaces a waiting one.  False: nothing queued, the writer waits for room."""
+        if not self.fits(nbytes) and not (image is not None and image in self._slots):
+            return False
+        if type(parts) is bytes:
+            self.push_item(parts)
+        else:
+            self.push(list(parts), nbytes, image)
+        return True
+
+    def full_error(self, where: str) -> WriteTimeout:
+        """The error of a write that found no room in the outbox within its timeout."""
+        return WriteTimeout(
+            f"not connected to {where} (reconnecting); {self.queued} bytes already wait "
+            f"to be sent (max_buffer={self.max_buffer}): the write was not kept"
+        )
 
     def push_item(self, item: bytes) -> None:
         """Queue a small DATA value as a BATCH item (see :func:`frames.value_item`)."""

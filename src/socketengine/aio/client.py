@@ -622,20 +622,11 @@ class Client(Endpoint):
                     return
                 except ConnectionClosed:
                     continue  # lost again before it was handed over: keep it
-            outbox = self._outbox
-            if outbox.fits(nbytes) or (image is not None and outbox.waiting_image(image)):
-                if isinstance(parts, bytes):
-                    outbox.push_item(parts)
-                else:
-                    outbox.push(list(parts), nbytes, image)
+            if self._outbox.keep(parts, nbytes, image):
                 return
             left = deadline - loop.time()
             if left <= 0:
-                raise WriteTimeout(
-                    f"not connected to {self.addr}:{self._port} (reconnecting); "
-                    f"{self._outbox.queued} bytes already wait to be sent "
-                    f"(max_buffer={self.max_buffer}): the write was not kept"
-                )
+                raise self._outbox.full_error(f"{self.addr}:{self._port}")
             await self._wait_outbox(left)
 
     async def _wait_outbox(self, left: float) -> None:

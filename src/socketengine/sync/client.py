@@ -554,20 +554,11 @@ class Client(ClientSeedNames, Endpoint[Any]):
                         break  # reconnected meanwhile: send directly, after the outbox
                     if self.stopped:
                         raise EndpointClosed(f"{self!r} was closed while writing")
-                    outbox = self._outbox
-                    if outbox.fits(nbytes) or (image is not None and outbox.waiting_image(image)):
-                        if type(parts) is bytes:
-                            outbox.push_item(parts)
-                        else:
-                            outbox.push(parts, nbytes, image)
+                    if self._outbox.keep(parts, nbytes, image):
                         return
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        raise WriteTimeout(
-                            f"not connected to {self.addr}:{self._port} (reconnecting); "
-                            f"{outbox.queued} bytes already wait to be sent "
-                            f"(max_buffer={self.max_buffer}): the write was not kept"
-                        )
+                        raise self._outbox.full_error(f"{self.addr}:{self._port}")
                     self._link_lock.wait(left)
             try:
                 conn.send_parts(parts, nbytes, image=image)
