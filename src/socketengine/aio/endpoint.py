@@ -409,8 +409,9 @@ class Endpoint(EndpointBase):
     ) -> None:
         """A DATA value arrived: store it, then waiters, subscriptions, callbacks,
         ``on_message`` hooks.  ``image``: the frame has the IMAGE flag; ``counted``:
-        already accounted against the storage budgets (:meth:`_budget` at wire size,
-        or a BATCH item); otherwise it is, at :func:`value_size`'s estimate.
+        already accounted against the storage budgets (:meth:`_budget`: the wire size,
+        or for large metadata the decoded size; or a BATCH item); otherwise it is, at
+        :func:`value_size`'s estimate.
         ``settle``: a client's budget forgets its oldest channels once this value is
         stored (a BATCH settles once, after its last item).
 
