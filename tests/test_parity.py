@@ -1573,12 +1573,16 @@ def test_an_image_file_is_not_kept_once_a_value_replaces_it_or_its_client_is_for
             for i in range(200):  # small values in a burst: BATCH items
                 c.write("burst", i)
             wait_for(lambda: _int(host.ep.get("single")) == 1 and _int(host.ep.get("burst")) == 199)
+            # The files go as the values are stored (a BATCH: once its items are).
             for channel in ("single", "burst"):
-                assert host.ep.get_jpeg(channel) is None
-                assert conn.get_jpeg(channel) is None
-            single = host.ep.stats()["images"]["received"]["single"]
+                wait_for(lambda ch=channel: host.ep.get_jpeg(ch) is None, what="no file")
+                wait_for(lambda ch=channel: conn.get_jpeg(ch) is None, what="no file")
             # The frame was either read (a get() above) or replaced unread: counted once.
-            assert single["frames"] == 1 and single["delivered"] + single["dropped"] == 1
+            def counted_once() -> bool:
+                single = host.ep.stats()["images"]["received"]["single"]
+                return bool(single["frames"] == 1 and single["delivered"] + single["dropped"] == 1)
+
+            wait_for(counted_once, what="the frame counted once")
             c.write_image(frame, channel="left", codec="jpeg")
             wait_for(lambda: host.ep.get_jpeg("left") is not None, what="the last file")
         # keep_departed=0: the client is forgotten as it leaves, and its file with it.
@@ -1659,15 +1663,17 @@ def test_a_client_keeps_at_most_max_channels_and_max_stored_forgetting_the_oldes
             host.write_all("done", 1)
             for side in (narrow, small):
                 wait_for(lambda s=side: s.do("get", "done") == 1, what="the last value")
-            # Arrival order: c0, b0, c1, b1, ... c9, b9, done.
+            # Arrival order: c0, b0, c1, b1, ... c9, b9, done.  A frame's values are
+            # stored, then the budget settles: wait for that (the I/O thread's work).
             # max_channels=5: the five newest channels.
-            assert sorted(narrow.ep._latest) == ["b8", "b9", "c8", "c9", "done"]
+            newest = ["b8", "b9", "c8", "c9", "done"]
+            wait_for(lambda: sorted(narrow.ep._latest) == newest, what="max_channels")
             assert narrow.do("get", "b9") == b"\t" * 1000 and narrow.do("get", "c8") == 8
             assert narrow.do("get", "b7") is None and narrow.do("get", "c0") is None
             # max_stored=5000: from the newest back, while they fit: done, b9..b6 (about
             # 1,000 bytes each), c9..c6 (a few bytes each); b5 would go over.
-            kept = ["done"] + [f"{x}{i}" for i in range(6, 10) for x in "bc"]
-            assert sorted(small.ep._latest) == sorted(kept)
+            kept = sorted(["done"] + [f"{x}{i}" for i in range(6, 10) for x in "bc"])
+            wait_for(lambda: sorted(small.ep._latest) == kept, what="max_stored")
             assert 4000 < small.ep._kept.nbytes <= 5000
             assert small.do("get", "b6") == bytes([6]) * 1000 and small.do("get", "b5") is None
             assert "max_channels=5" in caplog.text and "max_stored=5000" in caplog.text
