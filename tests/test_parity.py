@@ -1585,7 +1585,9 @@ def test_an_image_file_is_not_kept_once_a_value_replaces_it_or_its_client_is_for
             wait_for(counted_once, what="the frame counted once")
             c.write_image(frame, channel="left", codec="jpeg")
             wait_for(lambda: host.ep.get_jpeg("left") is not None, what="the last file")
-        # keep_departed=0: the client is forgotten as it leaves, and its file with it.
+            assert host.ep.get("left").shape == frame.shape  # decoded (and cached) here
+        # keep_departed=0: the client is forgotten as it leaves, its value (decoded by
+        # get() above: the threaded host's cache hid it from forgetting) and its file.
         wait_for(lambda: host.ep.get("left") is None, what="the client to be forgotten")
         assert host.ep.get_jpeg("left") is None
         assert not host.ep._images.encoded and not host.ep._images.unread

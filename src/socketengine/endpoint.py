@@ -526,6 +526,19 @@ class EndpointBase:
         if self._images.encoded or self._images.unread:
             self._images.forget(self._latest)
 
+    def _read_host(self, channel: str, default: Any, conns: Iterable[PeerView]) -> Any:
+        """A host's ``get``: the latest value, an encoded image decoded once and the
+        decoded array put in the sender's own table too (``conns``: every connection
+        and departed client), so that ``get_all`` reuses it and forgetting that client
+        still recognises its value (``forget_latest`` compares identities)."""
+        value = self._latest.get(channel)
+        decoded = self._read(self._latest, channel, default)
+        if type(value) is images.EncodedImage:
+            for conn in conns:
+                if conn.values.get(channel) is value:
+                    conn.values[channel] = decoded
+        return decoded
+
     def _read(self, table: Dict[str, Any], channel: str, default: Any) -> Any:
         """``table[channel]`` for the user: an encoded image is decoded (and cached)."""
         if channel in self._images.unread:

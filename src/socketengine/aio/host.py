@@ -327,14 +327,8 @@ class Host(Endpoint):
 
         Images sent compressed are returned decoded (numpy arrays; decoded here, once).
         """
-        value = self._latest.get(channel)
-        decoded = self._read(self._latest, channel, default)
-        if type(value) is images.EncodedImage:
-            # The sender's own entry holds the same file: decoded once for get_all() too.
-            for conn in [*self._conns.values(), *(c for _, c in self._departed.items())]:
-                if conn.values.get(channel) is value:
-                    conn.values[channel] = decoded
-        return decoded
+        departed = [c for _, c in self._departed.items()]
+        return self._read_host(channel, default, [*self._conns.values(), *departed])
 
     @overload
     def get_all(self, channel: str) -> List[Any]: ...

@@ -345,7 +345,8 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         Images sent compressed are returned decoded (numpy arrays).
         """
         self._polled()
-        return self._read(self._latest, channel, default)
+        departed = [c for _, c in self._departed.items()]
+        return self._read_host(channel, default, [*list(self._conns.values()), *departed])
 
     @overload
     def get_all(self, channel: str) -> List[Any]: ...
