@@ -46,6 +46,10 @@ from .common import (
 )
 
 CHANNEL = {"small": "small", "images": "image", "arrays": "frame"}
+#: How the socketengine sender writes small messages: one ``write`` each, or
+#: ``write_many`` with MANY_CHUNK messages a call.
+SENDER_STYLES = ("write", "many")
+MANY_CHUNK = 1000
 #: Kinds whose values are 1080p frames.  ``images``: socketengine sends with
 #: ``write_image`` (a queued, unsent frame may be replaced by a newer one);
 #: ``arrays``: ``write(channel, ndarray)`` (never conflated).  Anchors: the same for both.
@@ -201,6 +205,9 @@ class SESender:
         self.channel = CHANNEL[kind]
         self.frames = make_frames() if kind in FRAME_KINDS else None
         self.client = Client(port=port, timeout=30, connect_timeout=10)
+        self.sender = params.get("sender", "write")
+        if self.sender not in SENDER_STYLES:
+            raise ValueError(f"sender must be one of {SENDER_STYLES}, not {self.sender!r}")
 
     def warmup(self) -> None:
         if self.kind == "images":
@@ -214,7 +221,14 @@ class SESender:
         c = self.client
         ch = self.channel
         t0 = now()
-        if self.kind == "small":
+        if self.kind == "small" and self.sender == "many":
+            # write_many: the same messages, MANY_CHUNK to a call (each still arrives
+            # as its own value, in order).
+            write_many = c.write_many
+            text = small_message(0)[1]
+            for start in range(0, n, MANY_CHUNK):
+                write_many([(ch, [i, text]) for i in range(start, min(n, start + MANY_CHUNK))])
+        elif self.kind == "small":
             write = c.write
             text = small_message(0)[1]
             for i in range(n):

@@ -100,9 +100,10 @@ def _pair(
     xproc: bool,
     timeout: float,
     reader: str = "poll",
+    sender: str = "write",
 ) -> Dict[str, Any]:
     """Set up a receiver/sender pair, warm it up, run ``n``; return both results."""
-    params = {"timeout": timeout, "reader": reader}
+    params = {"timeout": timeout, "reader": reader, "sender": sender}
     if not xproc:
         r = s = None
         try:
@@ -156,13 +157,15 @@ def _latency_metrics(res: Dict[str, Any]) -> Dict[str, float]:
 
 
 def stream_trial(
-    kind: str, xproc: bool, reader: str = "poll"
+    kind: str, xproc: bool, reader: str = "poll", sender: str = "write"
 ) -> Callable[[str, Dict[str, Any]], Dict[str, float]]:
     key = kind + ("_xproc" if xproc else "")
 
     def trial(lib: str, cfg: Dict[str, Any]) -> Dict[str, float]:
         n = cfg["sizes"][key]
-        res = _pair(stream.RECEIVERS, stream.SENDERS, kind, lib, n, xproc, cfg["timeout"], reader)
+        res = _pair(
+            stream.RECEIVERS, stream.SENDERS, kind, lib, n, xproc, cfg["timeout"], reader, sender
+        )
         return _stream_metrics(kind, n, res)
 
     return trial
@@ -317,6 +320,25 @@ WORKLOADS: Dict[str, Workload] = {
             _THROUGHPUT,
             "small_xproc",
             stream_trial("small", True),
+            BASE_LIBS,
+            "2 processes",
+        ),
+        Workload(
+            "small_many",
+            "small messages, socketengine client.write_many (1,000 a call; pyzmq and raw "
+            "TCP: one send each, they have no batch of separate messages)",
+            _THROUGHPUT,
+            "small",
+            stream_trial("small", False, sender="many"),
+            BASE_LIBS,
+            "1 process",
+        ),
+        Workload(
+            "small_many_xproc",
+            "small messages with client.write_many (1,000 a call), separate processes",
+            _THROUGHPUT,
+            "small_xproc",
+            stream_trial("small", True, sender="many"),
             BASE_LIBS,
             "2 processes",
         ),

@@ -12,6 +12,8 @@ and the same run, rounds rotating between the variants:
 * **socketengine**: ``Client.write("test", [seq, text])`` to a Host in another process
   (what ``small_xproc`` measures, its writer side): encoding, then the thread-safe
   queue (lock, ``max_buffer`` budget, coalescing decision);
+* **socketengine write_many**: ``Client.write_many`` of the same messages, 1,000 to a
+  call, the pairs built in the loop (a batch API: no per-call floor applies);
 * **pyzmq**: ``PUSH.send(msgpack.packb([seq, text]))`` to a PULL socket in another
   process (the ``small_xproc`` anchor's writer side).
 
@@ -36,7 +38,16 @@ from typing import Any, Callable, Dict, List
 
 from .common import small_message
 
-VARIANTS = ("pack alone", "minimal write", "socketengine encode", "socketengine", "pyzmq")
+VARIANTS = (
+    "pack alone",
+    "minimal write",
+    "socketengine encode",
+    "socketengine",
+    "socketengine write_many",
+    "pyzmq",
+)
+#: Messages per ``write_many`` call in the write_many variant.
+MANY_CHUNK = 1000
 
 
 def _host(ports: Any, stop: Any) -> None:
@@ -125,6 +136,12 @@ def measure(n: int, rounds: int) -> Dict[str, List[float]]:
             for i in range(k):
                 write("test", [i, text])
 
+        write_many = client.write_many
+
+        def run_write_many(k: int) -> None:
+            for start in range(0, k, MANY_CHUNK):
+                write_many([("test", [i, text]) for i in range(start, min(k, start + MANY_CHUNK))])
+
         send = push.send
         packb = msgpack.packb
 
@@ -133,7 +150,10 @@ def measure(n: int, rounds: int) -> Dict[str, List[float]]:
                 send(packb([i, text]))
 
         loops = dict(
-            zip(VARIANTS, (run_pack, run_minimal, run_encode, run_socketengine, run_pyzmq))
+            zip(
+                VARIANTS,
+                (run_pack, run_minimal, run_encode, run_socketengine, run_write_many, run_pyzmq),
+            )
         )
         for loop in loops.values():  # warm-up: connections, caches
             loop(min(n, 2000))
@@ -176,7 +196,7 @@ def main(argv: Any = None) -> int:
     for name, row in doc["us_per_message"].items():
         ratio = doc["pyzmq_over"].get(name)
         tail = f"   pyzmq ÷ this {ratio:.2f}" if ratio is not None else ""
-        print(f"{name:20s} {row['median']:6.2f} µs/msg [{row['min']:.2f}, {row['max']:.2f}]{tail}")
+        print(f"{name:24s} {row['median']:6.2f} µs/msg [{row['min']:.2f}, {row['max']:.2f}]{tail}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"n": args.n, "rounds": args.rounds, **doc}, fh, indent=1)

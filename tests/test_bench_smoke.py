@@ -14,7 +14,7 @@ from typing import List
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKLOADS = ["small", "images", "roundtrip", "roundtrip_aio_req_xproc"]
+WORKLOADS = ["small", "small_many", "images", "roundtrip", "roundtrip_aio_req_xproc"]
 #: socketengine write_image(codec="jpeg") against imagezmq's send_jpg (simplejpeg).
 JPEG_WORKLOADS = ["jpeg"]
 
@@ -81,7 +81,14 @@ def test_writer_floor_smoke(tmp_path: Path) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     doc = json.loads(out.read_text())
     rows = doc["us_per_message"]
-    names = {"pack alone", "minimal write", "socketengine encode", "socketengine", "pyzmq"}
+    names = {
+        "pack alone",
+        "minimal write",
+        "socketengine encode",
+        "socketengine",
+        "socketengine write_many",
+        "pyzmq",
+    }
     assert set(rows) == names
     for name, row in rows.items():
         assert len(row["runs"]) == 2 and row["median"] > 0, name

@@ -669,3 +669,31 @@ def test_an_interest_frame_beyond_the_protocol_limits_is_a_protocol_error() -> N
     with pytest.raises(ProtocolError, match="PRE_HANDSHAKE_MAX"):
         host.control(_interest_frame(b"\xc1" * (PRE_HANDSHAKE_MAX + 1)))
     assert host.interest == Interest([Pattern("a/+"), "b"])
+
+
+@pytest.mark.parametrize("batch_limit", [0, 1 << 16])
+def test_a_write_many_is_queued_in_order_and_counted_once(batch_limit: int) -> None:
+    from socketengine.sendqueue import ITEM_OVERHEAD, values_size
+
+    q = SendQueue(1 << 20)
+    q.batch_limit = batch_limit  # 0: a 1.0 peer, every item becomes a DATA frame
+    pairs = [("a", 1), ("big", b"\0" * 5000), ("b", "x"), ("a", 2)]
+    encoded = frames.value_items(pairs)
+    assert encoded.frames == 1
+    size = values_size(encoded)
+    assert size == sum(
+        len(e) + ITEM_OVERHEAD if type(e) is bytes else e[1] for e in encoded
+    )
+    items_only = frames.value_items([("a", 1), ("b", "x")])
+    assert items_only.frames == 0
+    assert values_size(items_only) == sum(len(e) + ITEM_OVERHEAD for e in items_only)
+    q.push_values(encoded, size)
+    q.push_values(items_only, values_size(items_only))
+    assert q.queued == size + values_size(items_only)
+    wire = b"".join(bytes(p) for p in q.take_all())
+    assert _decode_all(wire) == [*pairs, ("a", 1), ("b", "x")]
+    types = [f.type for f in frames.FrameDecoder(1 << 20, 4096, expect_preamble=False).feed(wire)]
+    if batch_limit == 0:
+        assert frames.BATCH not in types
+    else:
+        assert frames.BATCH in types

@@ -614,3 +614,41 @@ def test_a_channel_whose_values_hold_tuples_goes_straight_to_the_full_encoder() 
         frames.value_item(channel, [1, "x"])
         == frames._item_prefix(channel) + codec.encode([1, "x"])[0]
     )
+
+
+@FAST
+@given(st.lists(st.tuples(st.sampled_from(["c", "a/b", "é" * 40, "t"]), _writable), max_size=8))
+def test_value_items_encode_every_pair_as_value_item_does(pairs: List[Tuple[str, Any]]) -> None:
+    # write_many's inlined loop must give exactly write()'s encoding, pair by pair, and
+    # count the DATA frames among them (the queue takes items-only batches in one step).
+    got = frames.value_items(pairs)
+    assert len(got) == len(pairs)
+    for (channel, value), encoded in zip(pairs, got):
+        want = frames.value_item(channel, value)
+        if type(want) is bytes:
+            assert encoded == want
+        else:
+            assert type(encoded) is not bytes
+            assert b"".join(bytes(p) for p in encoded[0]) == b"".join(bytes(p) for p in want[0])
+            assert encoded[1] == want[1]
+    assert got.frames == sum(type(e) is not bytes for e in got)
+
+
+@pytest.mark.parametrize(
+    "pairs, error, where",
+    [
+        ([("a", 1), ("b", object())], TypeError, "item 1"),
+        ([("a", 1), "ab"], TypeError, "item 1"),
+        ([("a", 1, 2)], ValueError, "item 0"),
+        ([["a", 1], ("b", 2), 3], TypeError, "item 2"),
+        ([("a", 1), (5, 2)], TypeError, "item 1"),
+        ([("a", 1), ("x" * 70000, 2)], ValueError, "item 1"),
+    ],
+)
+def test_value_items_name_the_first_pair_that_cannot_be_sent(
+    pairs: List[Any], error: type, where: str
+) -> None:
+    with pytest.raises(error, match=f"write_many\\(\\): {where} cannot be sent"):
+        frames.value_items(pairs)
+    with pytest.raises(error, match=f"write_many\\(\\): {where} cannot be sent"):
+        frames.encode_pairs(pairs, frames.value_item)

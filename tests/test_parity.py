@@ -1746,3 +1746,156 @@ def test_a_value_that_arrives_while_the_host_closes_still_reaches_its_waiter(
     waiter.join(10)
     client.join(10)
     assert done.is_set() and got and got[0][0] == 1
+
+
+# -- write_many -------------------------------------------------------------------------------
+
+
+def _many_values() -> List[Tuple[str, Any]]:
+    """Small values (BATCH items), a large one and an array (DATA frames), in one order."""
+    pairs: List[Tuple[str, Any]] = [("n", i) for i in range(150)]
+    pairs.insert(40, ("n", b"x" * 10_000))  # beyond a BATCH item: a DATA frame of its own
+    pairs.insert(90, ("n", np.arange(1000, dtype=np.int32)))  # arrays: a DATA frame too
+    pairs.append(("cfg", {"gain": 2, "name": "left"}))
+    return pairs
+
+
+def _plain(value: Any) -> Any:
+    return value.tolist() if isinstance(value, np.ndarray) else value
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_write_many_delivers_every_value_as_separate_writes_would(
+    layer: str, loop_thread: AioThread
+) -> None:
+    with Host(port=0) as host:
+        sub = host.subscribe("n", maxsize=1000)
+        seen: List[Any] = []
+        host.on("cfg", lambda v, conn: seen.append(v))
+        client = make_client(layer, loop_thread, host.port)
+        try:
+            pairs = _many_values()
+            client.do("write_many", pairs)
+            client.do("write_many", {"a": 1, "b": [1, 2]})  # a mapping
+            client.do("write_many", [])  # nothing: nothing happens
+            client.do("flush", acked=True)
+            want = [_plain(v) for ch, v in pairs if ch == "n"]
+            got = [_plain(sub.get(timeout=5)[0]) for _ in want]
+            assert got == want
+            assert host.get("cfg") == {"gain": 2, "name": "left"}
+            assert (host.get("a"), host.get("b")) == (1, [1, 2])
+            wait_for(lambda: seen, what="the callback")
+            assert seen == [{"gain": 2, "name": "left"}]
+            (conn,) = host.clients()
+            assert conn.messages_in >= len(pairs) + 2
+        finally:
+            client.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_write_many_from_a_host_to_one_client(layer: str, loop_thread: AioThread) -> None:
+    host = make_host(layer, loop_thread)
+    try:
+        with Client(port=host.ep.port, connect_timeout=10) as c:
+            sub = c.subscribe("n", maxsize=1000)
+            wait_for(lambda: host.ep.clients(), what="the client")
+            (conn,) = host.ep.clients()
+            pairs = _many_values()
+            if layer == "sync":
+                conn.write_many(pairs)
+            else:
+                loop_thread.run(conn.write_many(pairs))
+            want = [_plain(v) for ch, v in pairs if ch == "n"]
+            got = [_plain(sub.get(timeout=5)) for _ in want]
+            assert got == want
+            wait_for(lambda: c.get("cfg") is not None, what="the last value")
+            assert conn.messages_out >= len(pairs)
+    finally:
+        host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize(
+    "items, error",
+    [
+        ([("a", 1), ("b", object())], TypeError),
+        ([("a", 1), "ab"], TypeError),
+        ([("a", 1), ("b", 2, 3)], ValueError),
+        ({"a": 1, 5: 2}, TypeError),
+    ],
+    ids=["value", "not-a-pair", "triple", "channel"],
+)
+def test_write_many_with_one_bad_item_sends_nothing(
+    layer: str, loop_thread: AioThread, items: Any, error: type
+) -> None:
+    with Host(port=0) as host:
+        client = make_client(layer, loop_thread, host.port)
+        try:
+            with pytest.raises(error, match="write_many\\(\\): item 1 cannot be sent"):
+                client.do("write_many", items)
+            client.do("write", "after", 1)
+            client.do("flush", acked=True)
+            assert host.get("after") == 1
+            assert host.get("a") is None  # the good item before the bad one was not sent
+        finally:
+            client.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_write_many_waits_for_room_then_times_out_with_nothing_queued(
+    layer: str, loop_thread: AioThread
+) -> None:
+    from socketengine import WriteTimeout
+
+    with _mute_host() as port:
+        client = make_client(
+            layer, loop_thread, port, heartbeat=None, max_buffer=0, timeout=0.5, shm=False
+        )
+        try:
+            _fill_the_queue(client)
+            stats = client.ep.connection.stats if layer == "aio" else client.ep._conn.stats
+            before = stats()["queued_bytes"]
+            with pytest.raises(WriteTimeout, match="not reading"):
+                client.do("write_many", [("a", i) for i in range(100)])
+            assert stats()["queued_bytes"] == before  # the whole batch or nothing
+        finally:
+            client.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_write_many_while_reconnecting_is_sent_in_order_on_the_next_link(
+    layer: str, loop_thread: AioThread
+) -> None:
+    first = Host(port=0)
+    port = first.port
+    client = make_client(layer, loop_thread, port, heartbeat=None)
+    try:
+        wait_for(lambda: first.clients(), what="the client")
+        first.close()
+        wait_for(lambda: not client.ep.connected, what="the client to notice")
+        client.do("write_many", [("n", i) for i in range(50)] + [("last", True)])
+        with Host(port=port) as second:
+            sub = second.subscribe("n", maxsize=100)
+            wait_for(lambda: second.get("last"), what="the outbox to arrive")
+            assert [sub.get(timeout=5)[0] for _ in range(50)] == list(range(50))
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_write_many_compresses_as_write_does(layer: str, loop_thread: AioThread) -> None:
+    from socketengine import compression
+
+    if not compression.available():
+        pytest.skip("no compression codec installed")
+    with Host(port=0, compression="auto") as host:
+        client = make_client(layer, loop_thread, host.port, compression="auto")
+        try:
+            big = "abc" * 20_000
+            client.do("write_many", [("big", big), ("small", 1)])
+            client.do("flush", acked=True)
+            assert (host.get("big"), host.get("small")) == (big, 1)
+            (conn,) = host.clients()
+            assert conn.bytes_in < len(big)  # it crossed compressed
+        finally:
+            client.close()

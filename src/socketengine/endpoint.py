@@ -12,7 +12,18 @@ import logging
 import ssl
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Mapping,
+    Optional,
+    Tuple,
+    TypeVar,
+    Union,
+)
 
 from . import codec, compression, frames, images
 from .engine import ConnectionEngine, ConnState
@@ -26,6 +37,7 @@ from .limits import (
 )
 from .peer import PeerView
 from .relay import RelayPolicy, RelaySpec, WritersSpec
+from .sendqueue import values_size
 from .session import SessionTable
 from .state import Admission, Departed, KeptValues, RetainedValues, StoredValues, forget_latest
 
@@ -36,6 +48,8 @@ logger = logging.getLogger("socketengine")
 #: ``fn(conn, channel, value, reply, error)``, see :meth:`EndpointBase.on_request`.
 RequestHook = Callable[[Any, str, Any, Any, Optional[str]], Any]
 _H = TypeVar("_H", bound=RequestHook)
+#: What ``write_many`` takes: a mapping of channel to value, or ``(channel, value)`` pairs.
+WriteItems = Union[Mapping[str, Any], Iterable[Tuple[str, Any]]]
 #: Channels whose audience a host caches (see ``EndpointBase._wanting``).
 _AUDIENCE_CHANNELS = 256
 
@@ -156,6 +170,21 @@ class EndpointBase:
         settings, ``compress`` and the peer allow it (the writer's thread)."""
         threshold = 0 if compress else self.compress_threshold
         return frames.compressed_item(channel, data, self._codec_for(conn, compress), threshold)
+
+    def _encode_many(
+        self, conn: Any, items: WriteItems, compress: Optional[bool]
+    ) -> Tuple[frames.EncodedValues, int]:
+        """``write_many``: every value of ``items`` encoded as :meth:`write` would (a
+        BATCH item or a DATA frame's ``(parts, size)``), and the bytes they will queue.
+        Raises ``TypeError``/``ValueError`` naming the item before anything is sent."""
+        pairs: Iterable[Any] = items.items() if isinstance(items, Mapping) else items
+        if self._codecs is None and not compress:
+            out = frames.value_items(pairs)
+        else:
+            out = frames.encode_pairs(
+                pairs, lambda channel, data: self._encode_for(conn, channel, data, compress)
+            )
+        return out, values_size(out)
 
     def _encode_groups(
         self, channel: str, data: Any, compress: Optional[bool], conns: Iterable[Any]

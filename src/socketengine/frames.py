@@ -20,7 +20,19 @@ from __future__ import annotations
 import mmap
 import struct
 import sys
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    Union,
+)
 
 from . import codec, compression, limits
 from .errors import HandshakeError, MessageTooBig, ProtocolError
@@ -369,6 +381,85 @@ def value_item(channel: str, value: Any) -> Union[bytes, Tuple[List[codec.Buffer
     if buffers:
         return [head, *buffers], len(head) + data_len
     return [head], len(head)
+
+
+class EncodedValues(List[Any]):
+    """A ``write_many``'s values as :func:`value_item` encodes them, in order: BATCH
+    items (``bytes``) and, for large values or arrays, DATA frames ``(parts, size)``;
+    ``frames`` counts the latter (0: items only, queued in one step)."""
+
+    __slots__ = ("frames",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames = 0
+
+
+def value_items(pairs: Iterable[Any]) -> EncodedValues:
+    """:func:`value_item` of every ``(channel, value)`` pair, in order (``write_many``):
+    the same encoding, with the common case (a small plain value) inlined.  Raises
+    ``TypeError``/``ValueError`` naming the first pair that cannot be sent."""
+    out = EncodedValues()
+    append = out.append
+    pack = _pack_plain
+    prefixes = _item_prefixes
+    full = _full_channels
+    last_channel: Any = None
+    prefix = b""
+    try:
+        for pair in pairs:
+            if type(pair) is not tuple:
+                pair = checked_pair(pair)
+            channel, value = pair
+            if pack is not None and type(value) is not tuple and channel not in full:
+                try:
+                    meta = pack(value)
+                except Exception:
+                    meta = None
+                if meta is not None and len(meta) <= ITEM_MAX:
+                    if channel is not last_channel:
+                        prefix = prefixes.get(channel) or _item_prefix(channel)
+                        last_channel = channel
+                    append(prefix + meta)
+                    continue
+            encoded = value_item(channel, value)
+            if type(encoded) is not bytes:
+                out.frames += 1
+            append(encoded)
+    except (TypeError, ValueError) as exc:
+        raise _item_error(exc, len(out)) from exc
+    return out
+
+
+def encode_pairs(pairs: Iterable[Any], encode: Callable[[str, Any], Any]) -> EncodedValues:
+    """``write_many`` with an encoder of the endpoint's (compression): ``encode(channel,
+    value)`` of every pair, in order; errors as :func:`value_items` raises them."""
+    out = EncodedValues()
+    try:
+        for pair in pairs:
+            channel, value = checked_pair(pair)
+            encoded = encode(channel, value)
+            if type(encoded) is not bytes:
+                out.frames += 1
+            out.append(encoded)
+    except (TypeError, ValueError) as exc:
+        raise _item_error(exc, len(out)) from exc
+    return out
+
+
+def _item_error(exc: Exception, index: int) -> Exception:
+    kind = TypeError if isinstance(exc, TypeError) else ValueError
+    return kind(f"write_many(): item {index} cannot be sent (nothing was sent): {exc}")
+
+
+def checked_pair(pair: Any) -> Any:
+    """A ``write_many`` item: a ``(channel, value)`` tuple or list, else ``TypeError``."""
+    if type(pair) is not tuple and not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+        raise TypeError(
+            "write_many() takes a mapping or (channel, value) pairs, "
+            f"not {type(pair).__qualname__} items"
+        )
+    return pair
 
 
 def item_frame(item: bytes) -> bytes:

@@ -87,6 +87,18 @@ WIRE_CHUNK = 256 * 1024
 #: and allocator rounding (CPython: 33 + up to 15) and its slot in the inbox list.
 ITEM_OVERHEAD = 56
 
+
+def values_size(encoded: frames.EncodedValues) -> int:
+    """What a ``write_many``'s values count against ``max_buffer``: each BATCH item
+    its bytes plus :data:`ITEM_OVERHEAD`, each DATA frame its size."""
+    if not encoded.frames:
+        return sum(map(len, encoded)) + ITEM_OVERHEAD * len(encoded)  # items only: in C
+    total = 0
+    for value in encoded:
+        total += len(value) + ITEM_OVERHEAD if type(value) is bytes else value[1]
+    return total
+
+
 _pack_header = frames.HEADER.pack
 _unpack_header = frames.HEADER.unpack_from
 _FLAG_SHM = frames.FLAG_SHM
@@ -246,6 +258,18 @@ class SendQueue:
             f"not connected to {where} (reconnecting); {self.queued} bytes already wait "
             f"to be sent (max_buffer={self.max_buffer}): the write was not kept"
         )
+
+    def push_values(self, encoded: frames.EncodedValues, nbytes: int) -> None:
+        """Queue a ``write_many``'s values in order (BATCH items and DATA frames, as
+        :func:`frames.value_item` encoded them); ``nbytes`` is their
+        :func:`values_size`."""
+        inbox = self._inbox
+        if not encoded.frames:
+            inbox.extend(encoded)  # items only (the common case): in C
+        else:
+            for value in encoded:
+                inbox.append(value if type(value) is bytes else value[0])
+        self.queued += nbytes
 
     def push_item(self, item: bytes) -> None:
         """Queue a small DATA value as a BATCH item (see :func:`frames.value_item`)."""

@@ -16,6 +16,7 @@ def threaded() -> None:
     c = Client(port=h.port, reconect=True)  # E: Unexpected keyword argument "reconect"
     h.on(42)  # E: No overload variant of "on" of "Endpoint" matches argument type "int"
     c.write(7, "data")  # E: Argument 1 to "write" of "Client" has incompatible type "int"
+    c.write_many([(7, "data")])  # E: List item 0 has incompatible type
 
     @h.on("add")
     def add(numbers: List[int], conn: Connection) -> int:

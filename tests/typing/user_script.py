@@ -87,6 +87,10 @@ def pep8_threaded() -> None:
         hello(h.clients()[0])
         command("stop")
         c.write("pose", {"x": 1.5})
+        c.write_many([("pose", {"x": 1.5}), ("speed", 0.3)])
+        c.write_many({"pose": {"x": 2.0}, "speed": 0.4})
+        samples: List[float] = [0.1, 0.2]
+        c.write_many(("imu", s) for s in samples)
         assert_type(h.wait("pose", timeout=5), Tuple[Any, Connection])
         value, sender = h.wait("pose", timeout=5)
         name: Optional[str] = sender.name
@@ -151,6 +155,8 @@ async def pep8_asyncio() -> None:
         assert_type(total, int)
         command("stop")
         await c.write("pose", {"x": 1.5})
+        await c.write_many({"pose": {"x": 2.0}, "speed": 0.4})
+        await h.clients()[0].write_many([("cmd", "go")])
         assert_type(await h.wait("pose", timeout=5), Tuple[Any, aio.Connection])
         data, conn = await h.wait("pose", timeout=5)
         name: Optional[str] = conn.name

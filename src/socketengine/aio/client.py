@@ -10,6 +10,7 @@ import ssl
 from typing import Any, Iterable, List, Optional, Tuple, TypeVar, Union
 
 from .. import frames
+from ..endpoint import WriteItems
 from ..errors import (
     ConnectionClosed,
     ConnectTimeout,
@@ -508,6 +509,34 @@ class Client(Endpoint):
             await self._send(encoded, len(encoded))
         else:
             await self._send(*encoded)
+
+    async def write_many(self, items: WriteItems, compress: Optional[bool] = None) -> None:
+        """Send many values to the host at once: a mapping ``{channel: value}`` or an
+        iterable of ``(channel, value)`` pairs.  Each is delivered exactly as if sent
+        by :meth:`write`, in order, at a fraction of the cost of separate writes
+        (docs/values-and-images.md, "Writing many values at once").
+
+        Every value is encoded first: ``TypeError``/``ValueError`` naming the item if
+        one cannot be sent, and then nothing is sent.  The batch is queued whole once
+        it fits under ``max_buffer`` (an empty buffer takes any batch): waits up to
+        ``timeout`` s, then :class:`~socketengine.WriteTimeout` with nothing sent.
+        While the link is down with ``reconnect``, the values are kept one by one as
+        separate writes would be.  For the host's confirmation, follow with
+        ``await flush(acked=True)``."""
+        conn = self._conn
+        encoded, nbytes = self._encode_many(conn, items, compress)
+        if conn is not None and conn.is_open and self.opened:
+            try:
+                await conn._send_values(encoded, nbytes)
+                return
+            except ConnectionClosed:
+                if not self.reconnect or self.stopped:
+                    raise
+        for value in encoded:
+            if type(value) is bytes:
+                await self._send(value, len(value))
+            else:
+                await self._send(*value)
 
     async def flush(self, timeout: Optional[float] = None, acked: bool = False) -> None:
         """Wait until everything written so far is handed to the operating system

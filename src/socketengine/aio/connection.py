@@ -59,6 +59,7 @@ from typing import (
 )
 
 from .. import frames
+from ..endpoint import WriteItems
 from ..engine import CONTROL_DELAY, ConnectionEngine, ConnState, Tick, describe_peer
 from ..errors import (
     ConnectionClosed,
@@ -399,6 +400,17 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         if ack:
             await self.sync(timeout)
 
+    async def write_many(self, items: WriteItems, compress: Optional[bool] = None) -> None:
+        """Send many values to this peer at once: a mapping ``{channel: value}`` or an
+        iterable of ``(channel, value)`` pairs.  Each is delivered exactly as if
+        written by :meth:`write`, in order; small values travel several to a BATCH
+        frame.  Every value is encoded first (``TypeError``/``ValueError`` naming the
+        item, nothing sent); the batch is queued whole once it fits under
+        ``max_buffer`` (an empty buffer takes any batch): waits up to ``timeout`` s,
+        then :class:`~socketengine.WriteTimeout` with nothing sent."""
+        encoded, nbytes = self._endpoint._encode_many(self, items, compress)
+        await self._send_values(encoded, nbytes)
+
     async def sync(self, timeout: Optional[float] = None) -> None:
         """Wait until the peer confirms it has stored everything written to it so far
         (SYNC answered by ACK, protocol 1.1).  Raises :class:`~socketengine.WriteTimeout`
@@ -568,6 +580,28 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         if not self._write_paused:
             self._pump()
         self.messages_out += 1
+        if self._write_paused and not self._stalled:
+            await self._drain_for(self._endpoint.timeout)
+
+    async def _send_values(self, encoded: frames.EncodedValues, nbytes: int) -> None:
+        """Queue a ``write_many``'s values whole (see
+        :meth:`EndpointBase._encode_many`); wait while the peer lags."""
+        if not encoded:
+            return
+        if self.engine.state is not _OPEN:
+            for value in encoded:  # held for a resume one by one, or the right error
+                if type(value) is bytes:
+                    await self._send_item(value)
+                else:
+                    await self._send_frame(*value)
+            return
+        self._check_writable()
+        await self._make_room(nbytes)
+        self._check_writable()
+        self._queue.push_values(encoded, nbytes)
+        self.messages_out += len(encoded)
+        if not self._write_paused:
+            self._pump()
         if self._write_paused and not self._stalled:
             await self._drain_for(self._endpoint.timeout)
 
