@@ -5,7 +5,7 @@ channel; a Host in another process polls ``get`` every 100 µs until the last on
 with each thread's own CPU clock (``pthread_getcpuclockid``) read before and after:
 
 * **writer**: the thread calling ``client.write`` (encoding, queueing, sends it makes
-  itself);
+  itself), or ``client.write_many`` for a version given as ``NAME=SRC_DIR@many``;
 * **I/O thread**: the client's I/O thread (framing bursts, ``sendmsg``);
 * **receiver**: the host's I/O thread (``recv``, frame parsing, decoding, storing the
   latest value).
@@ -88,9 +88,14 @@ c.flush()
 sys.stdin.readline()  # go
 io0 = cpu_ns("socketengine-client")
 w0 = time.thread_time_ns()
-write = c.write
-for i in range(n):
-    write("small", [i, text])
+if sys.argv[3] == "many":  # write_many, 1,000 messages a call
+    write_many = c.write_many
+    for start in range(0, n, 1000):
+        write_many([("small", [i, text]) for i in range(start, min(n, start + 1000))])
+else:
+    write = c.write
+    for i in range(n):
+        write("small", [i, text])
 w1 = time.thread_time_ns()
 c.flush(60)
 sys.stdin.readline()  # the host has the last value
@@ -102,6 +107,9 @@ c.close()
 
 
 def one_round(src: str, n: int) -> Dict[str, float]:
+    """One run of ``src`` (a source directory; ``DIR@many``: the writer uses
+    ``write_many``, 1,000 messages a call)."""
+    src, _, style = src.partition("@")
     env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
     pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True, "env": env}
     host = subprocess.Popen([sys.executable, "-c", _HOST], **pipes)  # type: ignore[call-overload]
@@ -109,7 +117,7 @@ def one_round(src: str, n: int) -> Dict[str, float]:
     try:
         port = host.stdout.readline().strip()
         client = subprocess.Popen(
-            [sys.executable, "-c", _CLIENT, port, str(n)],
+            [sys.executable, "-c", _CLIENT, port, str(n), style or "write"],
             **pipes,  # type: ignore[call-overload]
         )
         host.stdin.write(f"{n}\n")
@@ -196,7 +204,11 @@ def plot(result: Dict[str, Any], out: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("versions", nargs="*", help="NAME=SRC_DIR, in chart order")
+    parser.add_argument(
+        "versions",
+        nargs="*",
+        help="NAME=SRC_DIR, in chart order (NAME=SRC_DIR@many: the writer uses write_many)",
+    )
     parser.add_argument("--n", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default="cost-profile.png", help="the PNG; the JSON beside it")
