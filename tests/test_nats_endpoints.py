@@ -247,6 +247,22 @@ def test_callbacks_wait_and_subscriptions_in_order(net: Net) -> None:
     assert value == 2 and conn is h.clients()[0]
 
 
+def test_write_many_both_ways(net: Net) -> None:
+    h = net.host()
+    c = net.client(h, 1, name="cam-1")
+    _connected(h, 1)
+    host_sub = h.subscribe("n")
+    sub = c.subscribe("m")
+    c.write_many([("n", i) for i in range(300)] + [("last", {"k": 1})])
+    c.write_many({"a": 1, "b": "two"})
+    assert [host_sub.get(timeout=10)[0] for _ in range(300)] == list(range(300))
+    wait_for(lambda: h.get("b") == "two", what="the mapping")
+    assert (h.get("last"), h.get("a")) == ({"k": 1}, 1)
+    conn = h.get_client("cam-1")
+    conn.write_many([("m", i) for i in range(100)])
+    assert [sub.get(timeout=10) for _ in range(100)] == list(range(100))
+
+
 def test_requests_both_ways(net: Net) -> None:
     h = net.host()
     c = net.client(h, 2, name="asker")

@@ -36,7 +36,7 @@ __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("socketengine")
 
-#: Measured: the full suite (5 runs) took 292 s on 2 cores (docs/bench-results.json).
+#: Measured: the full suite (5 runs) took 409 s on 2 cores (docs/bench-results.json).
 BENCH_DURATION = "about 7 minutes on 2 cores"
 
 
