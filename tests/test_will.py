@@ -109,3 +109,40 @@ def test_a_will_is_checked_when_the_client_is_made() -> None:
         encode_will("status", np.zeros(3))
     with pytest.raises(ValueError, match="16384"):
         encode_will("status", "x" * 20000)
+    with pytest.raises(ValueError, match="1024 UTF-8 bytes"):
+        Client(port=1, open=False, will=("é" * 513, "offline"))
+    from socketengine import aio
+
+    with pytest.raises(ValueError, match="1024 UTF-8 bytes"):
+        aio.Client(port=1, will=("w" * 1025, "offline"))
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_hello_with_every_field_at_its_limit_is_accepted(
+    layer: str, loop_thread: AioThread  # noqa: F811
+) -> None:
+    # Name, interest and will at their limits, with a token and shared memory announced:
+    # the HELLO must still fit what a host reads before the handshake (64 KiB).
+    from socketengine.limits import MAX_INTEREST_BYTES, MAX_INTEREST_KEYS
+    from socketengine.protocol import MAX_WILL_BYTES, MAX_WILL_CHANNEL_BYTES
+
+    key = MAX_INTEREST_BYTES // MAX_INTEREST_KEYS
+    interest = [f"{i:0{key}d}" for i in range(MAX_INTEREST_KEYS)]
+    assert sum(len(k) for k in interest) == MAX_INTEREST_BYTES
+    channel = "w" * MAX_WILL_CHANNEL_BYTES
+    value = b"x" * (MAX_WILL_BYTES - 3)  # msgpack bin 16: a 3-byte head
+    assert len(encode_will(channel, value)[1]) == MAX_WILL_BYTES
+    host = make_host(layer, loop_thread, token="secret")
+    try:
+        with Client(
+            port=host.ep.port,
+            name="n" * 256,
+            token="secret",
+            interest=interest,
+            will=(channel, value),
+            connect_timeout=10,
+        ) as c:
+            wait_for(lambda: host.ep.clients(), what="the client")
+            assert c.connected
+    finally:
+        host.close()

@@ -72,12 +72,20 @@ def _mac(token: bytes, label: bytes, first: bytes, second: bytes) -> bytes:
 #: A last will's encoded value may be at most this large (it rides in HELLO, before the
 #: peer is authenticated, under the 64 KiB pre-handshake limit).
 MAX_WILL_BYTES = 16 * 1024
+#: A last will's channel name may be at most this many UTF-8 bytes: with a name, an
+#: interest and a will at their limits, a HELLO then still fits the 64 KiB a host reads
+#: before the handshake (a longer one made the host refuse the HELLO as too large).
+MAX_WILL_CHANNEL_BYTES = 1024
 
 
 def encode_will(channel: str, value: Any) -> Tuple[str, bytes]:
     """A client's last will, checked and encoded for its HELLO (``TypeError`` /
     ``ValueError`` now, not at the handshake)."""
-    frames.channel_bytes(channel)
+    if len(frames.channel_bytes(channel)) > MAX_WILL_CHANNEL_BYTES:
+        raise ValueError(
+            f"a last will's channel name may be at most {MAX_WILL_CHANNEL_BYTES} UTF-8 "
+            "bytes (it rides in the handshake): use a shorter channel for the will"
+        )
     meta, buffers, _ = codec.encode(value)
     if buffers:
         raise TypeError("a last will cannot hold numpy arrays (send them as values instead)")

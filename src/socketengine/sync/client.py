@@ -103,7 +103,8 @@ class Client(ClientSeedNames, Endpoint[Any]):
         ``channel`` as if this client had written it (to its own callbacks, waiters and
         subscriptions, and to its other clients) if this client vanishes without
         saying goodbye -- a crash, a kill, a link declared dead.  A polite
-        :meth:`close` does not trigger it.  At most 16 KiB encoded, no arrays.
+        :meth:`close` does not trigger it.  At most 16 KiB encoded, no arrays; its
+        channel name at most 1,024 UTF-8 bytes (``ValueError`` otherwise).
     :param url: connect through a NATS cluster instead of TCP: ``"nats://HOST:4222"``
         (comma-separated, or a list, for several servers); needs ``host=``.
         ``token=`` also authenticates to the servers; ``tls=`` is the
