@@ -219,21 +219,28 @@ def test_writes_for_a_client_whose_link_is_down_wait_for_its_resume(
         for i in range(n):
             assert host.do("write_all", "n", i) == 1  # held for the client
         _conn_write(layer, loop_thread, conn, "n", n)  # the old connection: held too
+        many = [("n", n + 1), ("n", n + 2)]
+        if layer == "sync":
+            conn.write_many(many)  # held one by one, like separate writes
+        else:
+            loop_thread.run(conn.write_many(many))
         wait_for(lambda: not client.ep.connected, 10.0, "the client noticing")
         for i in range(n):
             client.do("write", "up", i)  # the client's own queue holds these
+        client.do("write_many", [("up", n), ("up", n + 1)])
         proxy.resume()
         wait_for(lambda: client.ep.reconnects > before, 10.0, "the resume")
-        wait_for(lambda: len(at_client) >= n + 2, 10.0, "the held values")
-        wait_for(lambda: len(at_host) >= n, 10.0, "the client's values")
+        wait_for(lambda: len(at_client) >= n + 4, 10.0, "the held values")
+        wait_for(lambda: len(at_host) >= n + 2, 10.0, "the client's values")
         assert host.do("write_all", "n", "after") == 1
-        wait_for(lambda: len(at_client) >= n + 3, 5.0, "a value after the resume")
+        wait_for(lambda: len(at_client) >= n + 5, 5.0, "a value after the resume")
         (new,) = host.ep.clients()
         assert new is not conn and new.stats()["resume_lost"] == 0
+        assert conn.messages_out == 4  # -1, then n and n+1, n+2 held for it (write_all: not)
         client.close()
     host.close()
-    assert at_client == [-1, *range(n + 1), "after"]
-    assert at_host == list(range(n))
+    assert at_client == [-1, *range(n + 3), "after"]
+    assert at_host == list(range(n + 2))
 
 
 @pytest.mark.parametrize("layer", LAYERS)

@@ -245,6 +245,7 @@ class Connection(PeerView, Pausable):
         if engine.state is not _OPEN:
             for value in encoded:  # held for a resume one by one, or the right error
                 self.send_value(value)
+                self.messages_out += 1
             return
         with self._lock:
             if engine.state is not _OPEN:
