@@ -18,6 +18,7 @@ from socketengine import codec, frames
 from socketengine.codec import decoded_size
 from socketengine.errors import ProtocolError
 from socketengine.limits import (
+    BATCH_READ_ABOVE,
     DEFAULT_MAX_MESSAGE,
     DEFAULT_MAX_STORED,
     SMALL_META,
@@ -106,6 +107,20 @@ def test_stored_values_count_channels_and_bytes() -> None:
     with pytest.raises(ProtocolError, match="max_stored=100"):
         stored.store("a", 80)
     assert stored.nbytes == 11 + 21 + 21  # unchanged by the refused values
+
+
+def test_a_batch_body_is_read_before_decoding_only_when_large() -> None:
+    nested = b"\xa1a" + b"\x91" * 6 + b"\x90"  # "a": [[[[[[[]]]]]]], 9 bytes
+    for stored in (StoredValues(10, 1_000_000), KeptValues(10, 1_000_000)):
+        small = nested * (BATCH_READ_ABOVE // len(nested))  # ~3.6 MB decoded, unread
+        stored.check_batch(small)
+        big = nested * (BATCH_READ_ABOVE // len(nested) + 1)
+        with pytest.raises(ProtocolError, match=r"BATCH frame .* max_stored=1000000"):
+            stored.check_batch(big)
+        plain = frames.value_item("k", [1, "v" * 100]) * (2 * BATCH_READ_ABOVE // 110)
+        assert len(plain) > BATCH_READ_ABOVE
+        stored.check_batch(plain)  # ~2.4x in memory: fits
+        assert stored.nbytes == 0  # nothing counted: the items are, once decoded
 
 
 def test_value_size_follows_the_payload() -> None:

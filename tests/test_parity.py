@@ -544,6 +544,37 @@ def test_a_batch_is_budgeted_by_what_it_leaves_stored(
 
 
 @pytest.mark.parametrize("layer", LAYERS)
+def test_a_large_batch_that_would_decode_beyond_max_stored_is_not_decoded(
+    layer: str, loop_thread: AioThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Each item's final value is tiny, so counting after decoding would accept it: but
+    # 1 MiB of nested empty lists is ~60 MiB of Python objects while decoded.  A body
+    # over BATCH_READ_ABOVE is read first and refused; one that decodes small is taken.
+    host = make_host(layer, loop_thread, max_stored=8 * 1024 * 1024)
+    try:
+        with caplog.at_level(logging.WARNING, logger="socketengine"):
+            good = _raw_client(host.ep.port, "good")
+            wait_for(lambda: len(host.ep.clients()) == 1, what="the first raw client")
+            # 300 KiB of ordinary items: larger than BATCH_READ_ABOVE, decodes small.
+            pairs = [(f"k{i % 50}", [i, "v" * 90]) for i in range(3000)]
+            good.sendall(_batch(*pairs))
+            wait_for(lambda: host.ep.get("k49") == [2999, "v" * 90], what="the large batch")
+            bomb = _raw_client(host.ep.port, "bomb")
+            wait_for(lambda: len(host.ep.clients()) == 2, what="the second raw client")
+            item = b"\xa1a" + b"\x91" * 6 + b"\x90"  # "a": [[[[[[[]]]]]]]
+            body = item * (1024 * 1024 // len(item))
+            bomb.sendall(b"".join(frames.encode_frame(frames.BATCH, "", body)))
+            wait_for(lambda: len(host.ep.clients()) == 1, what="the connection to close")
+            assert [c.name for c in host.ep.clients()] == ["good"]
+            bomb.close()
+            good.close()
+        assert "BATCH frame" in caplog.text and "max_stored=8388608" in caplog.text
+        assert host.ep.get("a") is None
+    finally:
+        host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
 def test_a_client_beyond_max_stored_is_closed_and_the_log_says_why(
     layer: str, loop_thread: AioThread, caplog: pytest.LogCaptureFixture
 ) -> None:

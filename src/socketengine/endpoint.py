@@ -534,6 +534,15 @@ class EndpointBase:
         stored.clear()  # an earlier link receives nothing more
         stored[conn] = kept
 
+    def _batch_items(self, conn: PeerView, frame: frames.Frame) -> List[Any]:
+        """A BATCH frame's items, flat (``[channel, value, ...]``), decoded once its
+        body passed ``conn``'s budget (:meth:`StoredValues.check_batch`: a body too
+        large to decode safely raises :class:`ProtocolError`, nothing decoded)."""
+        stored = self._stored.get(conn)
+        if stored is not None:
+            stored.check_batch(frame.meta)
+        return frame.items()
+
     def _not_an_image(self, conn: PeerView, channel: str) -> None:
         """A value that is not an image arrived on ``channel`` (I/O thread / event
         loop): what was kept of an earlier image there goes with it.  The layers call

@@ -36,6 +36,7 @@ __all__ = [
     "DEFAULT_CLIENT_MAX_STORED",
     "check_client_budget",
     "SMALL_META",
+    "BATCH_READ_ABOVE",
     "DEFAULT_SUBSCRIPTION_BYTES",
     "DEFAULT_SUBSCRIPTION_SIZE",
     "CALLBACK_BACKLOG",
@@ -115,6 +116,12 @@ DEFAULT_CLIENT_MAX_STORED = 1024 * 1024 * 1024
 #: once the peer's values take more than ``max_stored / 128`` (below that, even at 112x
 #: they stay within ``max_stored``).
 SMALL_META = 256
+#: A BATCH body larger than this (only a peer not written in Python sends one: Python
+#: senders keep bodies within it) is read before it is decoded
+#: (``codec.decoded_size``): if its Python objects would take more than the receiver's
+#: ``max_stored``, the connection is closed (logged) and nothing of it is decoded.  A body
+#: within it is decoded unread: at most ~112 x 64 KiB = 7 MiB of objects for a moment.
+BATCH_READ_ABOVE = 64 * 1024
 #: Seconds a new connection has to complete the handshake (TLS included).
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 #: Seconds of silence before a PING (H); a peer silent for 3·H is declared dead.

@@ -27,7 +27,7 @@ from typing import (
 from . import frames
 from .codec import Buffer, decoded_size, encode
 from .errors import ProtocolError
-from .limits import DEFAULT_MAX_PENDING, RECONNECT_FIRST, SMALL_META
+from .limits import BATCH_READ_ABOVE, DEFAULT_MAX_PENDING, RECONNECT_FIRST, SMALL_META
 
 __all__ = [
     "RetainedValues",
@@ -319,6 +319,25 @@ class StoredValues:
             "expected)"
         )
 
+    def check_batch(self, body: Buffer) -> None:
+        """Before a BATCH frame's ``body`` is decoded: one larger than
+        :data:`~socketengine.limits.BATCH_READ_ABOVE` is read first
+        (:func:`~socketengine.codec.decoded_size`, up to ``max_stored``) and refused with
+        :class:`ProtocolError` if its Python objects would take more than ``max_stored``
+        (tiny items take up to ~112 times their wire size; only the last value of each
+        channel is kept, but decoding holds them all at once).  For a host and a client
+        alike: no budget allows that much, so the connection is closed."""
+        size = len(body)
+        if size <= BATCH_READ_ABOVE:
+            return
+        decoded = decoded_size(body, self.max_stored)
+        if decoded > self.max_stored:
+            raise ProtocolError(
+                f"the peer's BATCH frame ({size} bytes of msgpack) would take more than "
+                f"max_stored={self.max_stored} bytes once decoded; it is not decoded (send "
+                "values this large as DATA frames, or raise max_stored=)"
+            )
+
     def store_items(self, items: List[Any]) -> None:
         """Account a BATCH frame's items (flat ``[channel, value, ...]``) before storing
         them.  Only the last value of each channel stays stored, so when the whole batch
@@ -368,7 +387,8 @@ class KeptValues(StoredValues):
     (:class:`StoredValues`: wire size, a large value at its decoded size;
     ``max_channels`` / ``max_stored``) but with another outcome.  The host is not at
     fault when its values exceed the budget (a relaying host forwards what its other
-    clients write), so nothing is refused or closed: :meth:`store` and
+    clients write), so nothing is refused or closed (but a BATCH body that is not safe
+    to decode, :meth:`StoredValues.check_batch`): :meth:`store` and
     :meth:`store_frame` only count, and :meth:`settle`, once the values are stored,
     forgets the channels that arrived first until the budget holds again (WARNING
     naming the limit at the 1st, 2nd, 4th, 8th... channel forgotten).  The newest value

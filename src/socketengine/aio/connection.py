@@ -1041,7 +1041,8 @@ class Connection(PeerView, asyncio.BufferedProtocol):
             if relay is not None and relay.allows(frame.channel, self.name):
                 endpoint._relay_out(self, frame.channel, meta, frame.data)
         elif t == frames.BATCH:
-            self._endpoint._deliver_batch(self, frame.items())
+            endpoint = self._endpoint
+            endpoint._deliver_batch(self, endpoint._batch_items(self, frame))
         elif t == frames.REQUEST:
             value = frame.value()
             self.messages_in += 1

@@ -642,7 +642,7 @@ class Endpoint(EndpointBase, Generic[_I]):
                         self._relay_out(conn, channel, meta, data)
                     continue
                 if t == BATCH:
-                    items = frame.items()
+                    items = self._batch_items(conn, frame)
                     overflow = None
                     if stored is not None:
                         try:
