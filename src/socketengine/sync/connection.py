@@ -413,11 +413,11 @@ class Connection(PeerView, Pausable):
                     self._flush_scheduled = True
                     self._loop.call_soon(self._scheduled_flush)
                 return
+            if self._flush_scheduled:  # a burst: the flush stamps _last_write
+                return
             now = _monotonic()
             idle = now - self._last_write > _BURST_GAP
             self._last_write = now
-            if self._flush_scheduled:
-                return
             if idle and not self._tls:
                 self._flush_locked()
             else:
@@ -485,11 +485,11 @@ class Connection(PeerView, Pausable):
             # Coalescing: a write on an idle link goes out at once from this thread (no
             # thread hop, lowest latency); writes that follow it closely are left for one
             # flush on the loop thread, which sends the whole burst in a few syscalls.
+            if self._flush_scheduled:  # a burst: the flush stamps _last_write
+                return
             now = _monotonic()
             idle = now - self._last_write > _BURST_GAP
             self._last_write = now
-            if self._flush_scheduled:
-                return
             if idle and not defer and not self._tls:  # SSL: never read and write at once
                 self._flush_locked()
             else:
@@ -512,6 +512,9 @@ class Connection(PeerView, Pausable):
         """Send a burst of queued writes (loop thread)."""
         with self._lock:
             self._flush_scheduled = False
+            # The burst's writes did not stamp themselves (one clock read less each): a
+            # write right after this flush still belongs to it.
+            self._last_write = _monotonic()
             if not self._want_write and not self.engine.closed:
                 self._flush_locked()
 
