@@ -7,16 +7,19 @@ nothing may be lost, duplicated or reordered, either way.  Bounded waits, no sle
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
-from typing import Any, Iterator, List
+from typing import Any, Iterator, List, Tuple
 
 import pytest
 from conftest import wait_for
 from faults import CuttingProxy, RawClient
 from test_parity import LAYERS, AioThread, make_client, make_host
 
-from socketengine import ConnectionClosed, HandshakeError
+from socketengine import ConnectionClosed, HandshakeError, frames
+from socketengine.protocol import Protocol, Role
+from socketengine.session import Session
 
 H = 0.2  # heartbeat: a blackhole is noticed within 3·H
 
@@ -116,6 +119,137 @@ def test_no_loss_no_duplicates_in_order_across_cuts(layer: str, loop_thread: Aio
     host.close()
     _check(at_host, n, "client -> host")
     _check(at_client, sent_down[0], "host -> client")
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_unpaced_writers_in_several_threads_lose_nothing_across_cuts(
+    layer: str, loop_thread: AioThread
+) -> None:
+    # Bursts from several threads at once: on the threaded layer, writes in a burst are
+    # staged without the connection lock, so they race with flushes, with the link
+    # closing and with the next link taking the queue over.  Each thread's values must
+    # still arrive exactly once and in order, both ways.
+    threads = 3
+    host = make_host(layer, loop_thread, heartbeat=H)
+    at_host: List[List[int]] = [[] for _ in range(threads)]
+    at_client: List[int] = []
+    for k in range(threads):
+        host.ep.on(f"t{k}", lambda value, *rest, k=k: at_host[k].append(value))
+    with CuttingProxy(host.ep.port) as proxy:
+        client = make_client(layer, loop_thread, proxy.port, heartbeat=H, name="w")
+        client.ep.on("down", lambda value, *rest: at_client.append(value))
+        wait_for(lambda: host.ep.clients(), 5.0, "the client at the host")
+        stop = threading.Event()
+        written = [0] * threads
+        sent_down = [0]
+
+        def writer(k: int) -> None:
+            i = 0
+            deadline = time.monotonic() + 30
+            while not stop.is_set() and time.monotonic() < deadline:
+                client.do("write", f"t{k}", i)
+                i += 1
+            written[k] = i
+
+        def broadcaster() -> None:
+            # Bursts of 20, paced: a held session keeps max_buffer while the link is
+            # down and loses (counted) what goes beyond; this one never gets there.
+            deadline = time.monotonic() + 30
+            while not stop.is_set() and time.monotonic() < deadline:
+                for _ in range(20):
+                    if host.do("write_all", "down", sent_down[0]):
+                        sent_down[0] += 1
+                time.sleep(0.001)  # pacing, not synchronisation
+
+        workers = [threading.Thread(target=writer, args=(k,), daemon=True) for k in range(threads)]
+        workers.append(threading.Thread(target=broadcaster, daemon=True))
+        for w in workers:
+            w.start()
+        try:
+            for kind in ("close", "reset", "close", "reset"):
+                mark = sum(map(len, at_host)) + 5000
+                wait_for(lambda m=mark: sum(map(len, at_host)) > m, 10.0, "values flowing")
+                _cut(proxy, kind, client)
+        finally:
+            stop.set()
+            for w in workers:
+                w.join(10)
+        for k in range(threads):
+            try:
+                wait_for(lambda k=k: len(at_host[k]) >= written[k], 20.0, f"thread {k}'s values")
+            except AssertionError:
+                _check(at_host[k], written[k], f"client thread {k} -> host")
+                raise
+        wait_for(lambda: len(at_client) >= sent_down[0], 20.0, "the host's values")
+        client.close()
+    host.close()
+    for k in range(threads):
+        _check(at_host[k], written[k], f"client thread {k} -> host")
+    _check(at_client, sent_down[0], "host -> client")
+
+
+def _resume_raw_client(port: int) -> Tuple[socket.socket, Protocol]:
+    """A hand-driven client that announces resume; never reads unless told."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    protocol = Protocol(Role.CLIENT, name="raw", resume=Session(b"", "raw", None))
+    sock.sendall(protocol.data_to_send())
+    while not protocol.is_open:
+        data = sock.recv(65536)
+        assert data, "the host closed the connection during the handshake"
+        view = memoryview(data)
+        while view:  # into the protocol's decoder: events() parses it
+            buf = protocol.decoder.get_buffer()
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            view = view[n:]
+            protocol.decoder.buffer_updated(n)
+        protocol.events()
+        out = protocol.data_to_send()
+        if out:
+            sock.sendall(out)
+    assert protocol.peer_resume
+    return sock, protocol
+
+
+def _data_frames(n: int) -> bytes:
+    return b"".join(b"".join(frames.encode_value_frame(frames.DATA, "n", i)) for i in range(n))
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_rack_counts_never_go_backwards_behind_a_backlog(
+    layer: str, loop_thread: AioThread
+) -> None:
+    # A RACK owed after a read waits in the send queue (it leaves with the next write);
+    # the heartbeat's RACK, with a newer count, must not overtake it while a backlog
+    # holds the queue: the peer would read the older count as one beyond what it sent.
+    host = make_host(layer, loop_thread, heartbeat=0.5)
+    sock, protocol = _resume_raw_client(host.ep.port)
+    try:
+        wait_for(lambda: len(host.ep.clients()) == 1, 5.0, "the raw client")
+        (conn,) = host.ep.clients()
+        session = conn.engine.session
+        for _ in range(4):  # 8 MB the raw client does not read yet: a backlog
+            assert host.do("write_all", "big", b"x" * (2 << 20)) == 1  # (never waits)
+        sock.sendall(_data_frames(40))
+        wait_for(lambda: session.acked_out == 40, 5.0, "the RACK owed after 40 frames")
+        sock.sendall(_data_frames(10))
+        wait_for(lambda: session.acked_out == 50, 5.0, "the heartbeat's RACK")
+        racks: List[int] = []
+        big = 0
+        deadline = time.monotonic() + 10
+        while (big < 4 or 50 not in racks) and time.monotonic() < deadline:
+            chunk = sock.recv(1 << 20)
+            assert chunk, "the host closed the connection"
+            for frame in protocol.decoder.feed(chunk):
+                if frame.type == frames.RACK:
+                    racks.append(frame.id)
+                elif frame.type == frames.DATA and frame.channel == "big":
+                    big += 1
+        assert 40 in racks and 50 in racks, racks
+        assert racks == sorted(racks), f"RACK counts went backwards: {racks}"
+    finally:
+        sock.close()
+        host.close()
 
 
 @pytest.mark.parametrize("layer", LAYERS)

@@ -774,9 +774,21 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         """Send what the core wants sent (handshake frames, PONG): never after BYE."""
         out = self.engine.control_bytes()
         if out and self.transport is not None and not self._lost:
-            self.transport.write(out)
-            self.bytes_out += len(out)
-            self.engine.sent(self._loop.time())
+            self._write_control(out)
+
+    def _write_control(self, out: bytes) -> None:
+        """Protocol bytes out now, yet never ahead of protocol bytes queued earlier
+        (:meth:`_defer_protocol_bytes`): a RACK's count must not go backwards (the peer
+        would read the older count as one beyond what it sent), so while the queue
+        holds anything they join its end, as on the threaded layer."""
+        if self._queue:
+            self._queue.push([out], len(out))
+            if not self._write_paused:
+                self._pump()
+            return
+        self.transport.write(out)  # type: ignore[union-attr]
+        self.bytes_out += len(out)
+        self.engine.sent(self._loop.time())
 
     def _defer_protocol_bytes(self) -> None:
         """Queue what the core wants sent, to leave with the next write or within
@@ -831,9 +843,7 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         if verdict is Tick.PING:
             ping = self.engine.ping(self._loop.time())
             if ping and self.transport is not None:
-                self.transport.write(ping)
-                self.bytes_out += len(ping)
-                self.engine.sent(self._loop.time())
+                self._write_control(ping)
         elif verdict is Tick.DEAD:
             logger.warning("%r: %s", self._endpoint, self.engine.error)
             # A lost link, not a failed peer: its session may be resumed (no fail()).
