@@ -19,6 +19,13 @@ apply the same way:
   (``msgpack(channel) + msgpack(value)``).  A run of two or more items becomes one
   BATCH frame when the peer announced it can read them (:attr:`batch_limit`);
   otherwise every item becomes an ordinary DATA frame.
+* **Staging (threaded writers in a burst).**  While a flush is already due, a writer
+  may append a small item to :attr:`staged` without the connection lock (a deque
+  append is atomic), when :meth:`may_stage` says so: fewer than :data:`STAGE_MAX` items
+  are staged and the queue is :data:`STAGE_HEADROOM` bytes below ``max_buffer``, so
+  staged items never take the queue beyond it.  Every method that reads or changes the
+  inbox first moves the staged items to its end, counted (:meth:`unstage`, under the
+  lock), so the order of entries is the order in which they were pushed or staged.
 * **max_buffer.**  :meth:`fits` says whether a frame may be queued now: an empty
   queue takes any frame; otherwise queued bytes plus the frame must stay within
   ``max_buffer``.  An item not framed yet also counts its memory beyond its bytes
@@ -48,9 +55,10 @@ layer calls everything from the event loop.
 
 from __future__ import annotations
 
+import threading
 from bisect import bisect_right
 from collections import deque
-from itertools import accumulate
+from itertools import accumulate, repeat, starmap
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import frames
@@ -67,6 +75,8 @@ __all__ = [
     "WIRE_CHUNK",
     "SEQ_VALUES",
     "SEQ_ALL",
+    "STAGE_MAX",
+    "STAGE_HEADROOM",
 ]
 
 #: ``hook(channel, nbytes)`` -- told when an image frame is handed over (``nbytes``) or
@@ -86,6 +96,11 @@ WIRE_CHUNK = 256 * 1024
 #: Memory an item takes beyond its bytes until it is framed: the bytes object's header
 #: and allocator rounding (CPython: 33 + up to 15) and its slot in the inbox list.
 ITEM_OVERHEAD = 56
+#: Items a burst of writes may stage without the lock before a writer takes it.
+STAGE_MAX = 64
+#: Staging needs the queue this far below ``max_buffer``: room for STAGE_MAX of the
+#: largest items, so staged items never take it beyond ``max_buffer``.
+STAGE_HEADROOM = STAGE_MAX * (frames.ITEM_MAX + ITEM_OVERHEAD)
 
 
 def values_size(encoded: frames.EncodedValues) -> int:
@@ -182,6 +197,8 @@ class SendQueue:
         "_replay_images",
         "framing",
         "shm",
+        "staged",
+        "_stage_lock",
     )
 
     def __init__(self, max_buffer: int, on_image: Optional[ImageHook] = None) -> None:
@@ -223,15 +240,55 @@ class SendQueue:
         #: Set when the handshake negotiated shared memory: large DATA frames leave
         #: as descriptors (see :meth:`to_wire`).
         self.shm: Optional[ShmWriter] = None
+        #: Items appended without the lock (see "Staging" above), not counted yet.
+        self.staged: Deque[bytes] = deque()
+        self._stage_lock = threading.Lock()
 
     def __bool__(self) -> bool:
+        if self.staged:
+            return True
         return bool(self._inbox) or bool(self._wire) or self._taken_at < len(self._taken)
+
+    def may_stage(self) -> bool:
+        """May a writer append an item to :attr:`staged` now, without the lock?  Read
+        without the lock too: a racing writer may stage one more, never beyond
+        ``max_buffer`` (:data:`STAGE_HEADROOM`).  The threaded layer inlines this."""
+        return len(self.staged) < STAGE_MAX and self.queued <= self.max_buffer - STAGE_HEADROOM
+
+    def unstage(self) -> None:
+        """Move the staged items to the end of the inbox, counted (under the lock).
+        Writers may go on appending meanwhile: exactly the items there now move."""
+        staged = self.staged
+        with self._stage_lock:  # against unstage_own (a closed link's writer)
+            n = len(staged)
+            items = list(starmap(staged.popleft, repeat((), n)))
+        if n:
+            self._inbox.extend(items)
+            self.queued += sum(map(len, items)) + ITEM_OVERHEAD * n
+
+    def unstage_own(self, item: bytes) -> bool:
+        """A writer's staged ``item`` is taken back (its link closed meanwhile): True if
+        it was still staged (now removed: the writer sends it as if never staged),
+        False if a flush or :meth:`take_over` took it already.
+
+        Safe against :meth:`unstage` from another thread (the next link taking this
+        queue over) and against writers appending: the search runs on a snapshot
+        (``list()`` of a deque is one step), and appends never move earlier entries."""
+        staged = self.staged
+        with self._stage_lock:
+            for i, entry in enumerate(list(staged)):
+                if entry is item:
+                    del staged[i]
+                    return True
+        return False
 
     # -- writers (the inbox) ----------------------------------------------------------
 
     def fits(self, nbytes: int, extra: int = 0) -> bool:
         """May a frame of ``nbytes`` be queued now?  ``extra``: bytes the I/O layer
         holds beyond this queue (the asyncio transport's buffer)."""
+        if self.staged:
+            self.unstage()
         total = self.queued + extra
         return not total or total + nbytes <= self.max_buffer
 
@@ -263,6 +320,8 @@ class SendQueue:
         """Queue a ``write_many``'s values in order (BATCH items and DATA frames, as
         :func:`frames.value_item` encoded them); ``nbytes`` is their
         :func:`values_size`."""
+        if self.staged:
+            self.unstage()
         inbox = self._inbox
         if not encoded.frames:
             inbox.extend(encoded)  # items only (the common case): in C
@@ -273,12 +332,16 @@ class SendQueue:
 
     def push_item(self, item: bytes) -> None:
         """Queue a small DATA value as a BATCH item (see :func:`frames.value_item`)."""
+        if self.staged:
+            self.unstage()
         self._inbox.append(item)
         self.queued += len(item) + ITEM_OVERHEAD
 
     def offer_item(self, item: bytes) -> bool:
         """:meth:`push_item` if the item :meth:`fits` now (one call on the writer's
         fast path); False, nothing queued, if it does not."""
+        if self.staged:
+            self.unstage()
         cost = len(item) + ITEM_OVERHEAD
         total = self.queued
         if total and total + cost > self.max_buffer:
@@ -290,6 +353,8 @@ class SendQueue:
     def push(self, parts: List[Buffer], nbytes: int, image: Optional[str] = None) -> bool:
         """Queue a frame's parts; an image frame (``image`` = its channel) replaces a
         waiting one on the same channel.  Returns False if it replaced one."""
+        if self.staged:
+            self.unstage()
         if image is None:
             self._inbox.append(parts)
             self.queued += nbytes
@@ -312,6 +377,8 @@ class SendQueue:
         """Broadcast verdict: True if the peer must be dropped as a slow consumer
         rather than be given ``nbytes`` more (it stayed above ``max_buffer`` for more
         than ``timeout`` s, or would exceed twice ``max_buffer``)."""
+        if self.staged:
+            self.unstage()
         total = self.queued + extra
         if not total or total + nbytes <= self.max_buffer:
             self._full_since = None
@@ -347,6 +414,8 @@ class SendQueue:
     def take_inbox(self) -> List[_Entry]:
         """Everything pushed so far, in order; from now on it is being sent (image
         slots can no longer be replaced).  O(1)."""
+        if self.staged:
+            self.unstage()
         inbox = self._inbox
         if not inbox:
             return inbox
@@ -597,6 +666,8 @@ class SendQueue:
         buffer) behind what this queue already holds (the new connection's handshake
         bytes): the previous link's queue continues on this one.  ``old`` is left
         empty."""
+        if old.staged:
+            old.unstage()
         self._wire.extend(old._wire)
         # Entries the old queue took but had not framed yet come first.
         untaken = [e for e in old._taken[old._taken_at :] if e is not None]
@@ -705,6 +776,8 @@ class SendQueue:
     def take_all(self) -> List[Buffer]:
         """Every waiting buffer, in order, the queue emptied (the asyncio layer hands
         it all to its transport)."""
+        if self.staged:
+            self.unstage()
         while self.unframed:
             self.to_wire([])
         self.to_wire(self.take_inbox())
@@ -719,6 +792,8 @@ class SendQueue:
         """Move everything waiting in ``other`` to the end of this queue's inbox,
         image slots still replaceable (a reconnecting client's outbox into its new
         connection).  ``other`` has no wire buffers: it is never flushed."""
+        if self.staged:
+            self.unstage()
         for entry in other._inbox:
             if type(entry) is _Slot:
                 old = self._slots.get(entry.channel)
@@ -733,6 +808,8 @@ class SendQueue:
 
     def clear(self) -> int:
         """Forget everything waiting; return how many bytes that was."""
+        if self.staged:
+            self.unstage()
         dropped = self.queued
         self._inbox = []
         self._wire.clear()

@@ -38,7 +38,7 @@ from ..errors import (
 )
 from ..peer import PeerView
 from ..protocol import Protocol
-from ..sendqueue import ITEM_OVERHEAD, SendQueue
+from ..sendqueue import ITEM_OVERHEAD, STAGE_HEADROOM, STAGE_MAX, SendQueue
 from .delivery import Pausable, Waiter
 
 # Frames a host holds for a client whose link is down (values, answers to requests).
@@ -59,6 +59,8 @@ _READS_PER_EVENT = 16
 _BURST_GAP = 50e-6
 #: Looked up once: an enum member read through its class is slow on the write path.
 _OPEN = ConnState.OPEN
+_STAGE_MAX = STAGE_MAX
+_STAGE_HEADROOM = STAGE_HEADROOM
 _monotonic = time.monotonic
 # Over TLS, small parts are joined (one TLS record) up to about 4x this many bytes.
 _TLS_JOIN = 64 * 1024
@@ -390,8 +392,22 @@ class Connection(PeerView, Pausable):
 
     def send_item(self, item: bytes, block: bool = True, defer: bool = False) -> None:
         """:meth:`send_parts` for a BATCH item (a small value, the most frequent write):
-        the same rules, fewer steps.  Thread-safe."""
+        the same rules, fewer steps.  Thread-safe.
+
+        In a burst (a flush already due on the loop thread) the item is staged without
+        the lock (:attr:`SendQueue.staged`, ``may_stage`` inlined): the flush takes it
+        in order.  Appended first, checked after: if the flush began meanwhile or the
+        link closed, :meth:`_settle_staged` decides under the lock."""
         engine = self.engine
+        if self._flush_scheduled and engine.state is _OPEN:
+            queue = self._queue
+            staged = queue.staged
+            if len(staged) < _STAGE_MAX and queue.queued <= queue.max_buffer - _STAGE_HEADROOM:
+                staged.append(item)
+                if self._flush_scheduled and engine.state is _OPEN:
+                    return  # the due flush has not begun: it takes the item
+                if self._settle_staged(item):
+                    return
         if engine.state is not _OPEN and self._held(item, len(item), None):
             return
         lock = self._lock
@@ -425,6 +441,20 @@ class Connection(PeerView, Pausable):
                 self._loop.call_soon(self._scheduled_flush)
         finally:
             lock.release()
+
+    def _settle_staged(self, item: bytes) -> bool:
+        """A staged ``item`` raced with the flush or a close: True if it is accepted
+        (queued, taken or carried to the next link), False if it was taken back for
+        the ordinary path (its link closed before any flush or hand-over took it)."""
+        with self._lock:
+            queue = self._queue
+            if self.engine.state is _OPEN:
+                queue.unstage()  # no flush may be due any more: make sure of one
+                if not self._want_write and not self._flush_scheduled:
+                    self._flush_scheduled = True
+                    self._loop.call_soon(self._scheduled_flush)
+                return True
+            return not queue.unstage_own(item)
 
     def send_parts(
         self,
