@@ -22,7 +22,7 @@ from socketengine.errors import ConnectionClosed, ProtocolError, RemoteError
 from socketengine.limits import check_settings
 from socketengine.protocol import Protocol, Role
 from socketengine.requests import RequestTable
-from socketengine.sendqueue import SendQueue
+from socketengine.sendqueue import ITEM_OVERHEAD, STAGE_HEADROOM, SendQueue
 from socketengine.state import Backoff, Departed, RetainedValues, SubscriptionBuffer
 
 
@@ -314,6 +314,43 @@ def test_items_become_batch_frames_only_for_peers_that_read_them(batch_limit: in
         for frame in frames.FrameDecoder(1 << 20, 4096, expect_preamble=False).feed(wire):
             if frame.type == frames.BATCH:
                 assert len(frame.meta) <= batch_limit
+
+
+def test_staged_items_join_the_inbox_in_order_counted_before_anything_else() -> None:
+    # The threaded layer stages burst items without its lock; whatever reads or changes
+    # the inbox first moves them to its end, counted, so the order is the pushing order.
+    q = SendQueue(1 << 20)
+    q.batch_limit = 1 << 16
+    item = [frames.value_item("s", i) for i in range(4)]
+    q.push_item(frames.value_item("a", 0))  # type: ignore[arg-type]
+    q.staged.extend(item[:2])  # what writers append without the lock
+    assert q and q.queued == len(frames.value_item("a", 0)) + ITEM_OVERHEAD
+    q.push(frames.encode_value_frame(frames.DATA, "b", 1), 0)  # unstages first
+    q.staged.append(item[2])
+    assert q.fits(1) and len(q.staged) == 0  # counted before the budget says
+    q.staged.append(item[3])
+    wire = b"".join(bytes(p) for p in q.take_all())
+    assert _decode_all(wire) == [("a", 0), ("s", 0), ("s", 1), ("b", 1), ("s", 2), ("s", 3)]
+    assert q.queued == 0 and not q.staged
+    assert q.stage_below == (1 << 20) - STAGE_HEADROOM
+    assert SendQueue(STAGE_HEADROOM - 1).stage_below < 0  # too small a buffer: never
+
+
+def test_a_staged_item_taken_back_or_carried_to_the_next_link() -> None:
+    old = SendQueue(1 << 20)
+    mine, theirs = frames.value_item("x", 1), frames.value_item("x", 1)  # equal, distinct
+    assert mine == theirs and mine is not theirs
+    old.staged.extend([theirs, mine])
+    assert old.unstage_own(mine) and list(old.staged) == [theirs]  # by identity
+    assert not old.unstage_own(mine)
+    new = SendQueue(1 << 20)
+    new.take_over(old)  # a resumed session carries what was staged
+    assert not old.staged and old.queued == 0
+    assert new.queued == len(theirs) + ITEM_OVERHEAD
+    assert _decode_all(b"".join(bytes(p) for p in new.take_all())) == [("x", 1)]
+    dropped = SendQueue(1 << 20)
+    dropped.staged.append(mine)
+    assert dropped.clear() == len(mine) + ITEM_OVERHEAD and not dropped.staged
 
 
 def test_queued_bytes_return_to_zero_after_batching() -> None:

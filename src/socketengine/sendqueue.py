@@ -21,8 +21,8 @@ apply the same way:
   otherwise every item becomes an ordinary DATA frame.
 * **Staging (threaded writers in a burst).**  While a flush is already due, a writer
   may append a small item to :attr:`staged` without the connection lock (a deque
-  append is atomic), when :meth:`may_stage` says so: fewer than :data:`STAGE_MAX` items
-  are staged and the queue is :data:`STAGE_HEADROOM` bytes below ``max_buffer``, so
+  append is atomic) while fewer than :data:`STAGE_MAX` items are staged and the queue
+  is :data:`STAGE_HEADROOM` bytes below ``max_buffer`` (:attr:`stage_below`), so
   staged items never take the queue beyond it.  Every method that reads or changes the
   inbox first moves the staged items to its end, counted (:meth:`unstage`, under the
   lock), so the order of entries is the order in which they were pushed or staged.
@@ -198,6 +198,7 @@ class SendQueue:
         "framing",
         "shm",
         "staged",
+        "stage_below",
         "_stage_lock",
     )
 
@@ -242,18 +243,16 @@ class SendQueue:
         self.shm: Optional[ShmWriter] = None
         #: Items appended without the lock (see "Staging" above), not counted yet.
         self.staged: Deque[bytes] = deque()
+        #: A writer may stage an item while fewer than STAGE_MAX are staged and at most
+        #: this many bytes are queued (read without the lock: a racing writer may stage
+        #: one more, still within ``max_buffer``).  Negative: never.
+        self.stage_below = max_buffer - STAGE_HEADROOM
         self._stage_lock = threading.Lock()
 
     def __bool__(self) -> bool:
         if self.staged:
             return True
         return bool(self._inbox) or bool(self._wire) or self._taken_at < len(self._taken)
-
-    def may_stage(self) -> bool:
-        """May a writer append an item to :attr:`staged` now, without the lock?  Read
-        without the lock too: a racing writer may stage one more, never beyond
-        ``max_buffer`` (:data:`STAGE_HEADROOM`).  The threaded layer inlines this."""
-        return len(self.staged) < STAGE_MAX and self.queued <= self.max_buffer - STAGE_HEADROOM
 
     def unstage(self) -> None:
         """Move the staged items to the end of the inbox, counted (under the lock).

@@ -38,7 +38,7 @@ from ..errors import (
 )
 from ..peer import PeerView
 from ..protocol import Protocol
-from ..sendqueue import ITEM_OVERHEAD, STAGE_HEADROOM, STAGE_MAX, SendQueue
+from ..sendqueue import ITEM_OVERHEAD, STAGE_MAX, SendQueue
 from .delivery import Pausable, Waiter
 
 # Frames a host holds for a client whose link is down (values, answers to requests).
@@ -60,7 +60,6 @@ _BURST_GAP = 50e-6
 #: Looked up once: an enum member read through its class is slow on the write path.
 _OPEN = ConnState.OPEN
 _STAGE_MAX = STAGE_MAX
-_STAGE_HEADROOM = STAGE_HEADROOM
 _monotonic = time.monotonic
 # Over TLS, small parts are joined (one TLS record) up to about 4x this many bytes.
 _TLS_JOIN = 64 * 1024
@@ -395,14 +394,14 @@ class Connection(PeerView, Pausable):
         the same rules, fewer steps.  Thread-safe.
 
         In a burst (a flush already due on the loop thread) the item is staged without
-        the lock (:attr:`SendQueue.staged`, ``may_stage`` inlined): the flush takes it
+        the lock (:attr:`SendQueue.staged`, within ``stage_below``): the flush takes it
         in order.  Appended first, checked after: if the flush began meanwhile or the
         link closed, :meth:`_settle_staged` decides under the lock."""
         engine = self.engine
         if self._flush_scheduled and engine.state is _OPEN:
             queue = self._queue
             staged = queue.staged
-            if len(staged) < _STAGE_MAX and queue.queued <= queue.max_buffer - _STAGE_HEADROOM:
+            if len(staged) < _STAGE_MAX and queue.queued <= queue.stage_below:
                 staged.append(item)
                 if self._flush_scheduled and engine.state is _OPEN:
                     return  # the due flush has not begun: it takes the item
