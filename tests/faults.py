@@ -39,6 +39,7 @@ from typing import IO, Any, Callable, Dict, Iterable, List, Optional, Tuple, Uni
 
 from socketengine import frames
 from socketengine.protocol import Protocol, Role, token_bytes
+from socketengine.session import Session
 
 __all__ = [
     "ClientsProcess",
@@ -742,10 +743,15 @@ class RawClient:
         token: Union[str, bytes, None] = None,
         host: str = LOOPBACK,
         timeout: float = 10.0,
+        resume: bool = False,
     ) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        protocol = Protocol(Role.CLIENT, name=name, token=token_bytes(token))
+        session = Session(b"", name, None) if resume else None
+        #: The handshake's protocol state; its decoder parses what arrives later too.
+        self.protocol = protocol = Protocol(
+            Role.CLIENT, name=name, token=token_bytes(token), resume=session
+        )
         self.sock.sendall(protocol.data_to_send())
         while not protocol.is_open:
             data = self.sock.recv(65536)

@@ -7,10 +7,9 @@ nothing may be lost, duplicated or reordered, either way.  Bounded waits, no sle
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
-from typing import Any, Iterator, List, Tuple
+from typing import Any, Iterator, List
 
 import pytest
 from conftest import wait_for
@@ -18,8 +17,6 @@ from faults import CuttingProxy, RawClient
 from test_parity import LAYERS, AioThread, make_client, make_host
 
 from socketengine import ConnectionClosed, HandshakeError, frames
-from socketengine.protocol import Protocol, Role
-from socketengine.session import Session
 
 H = 0.2  # heartbeat: a blackhole is noticed within 3·H
 
@@ -188,29 +185,6 @@ def test_unpaced_writers_in_several_threads_lose_nothing_across_cuts(
     _check(at_client, sent_down[0], "host -> client")
 
 
-def _resume_raw_client(port: int) -> Tuple[socket.socket, Protocol]:
-    """A hand-driven client that announces resume; never reads unless told."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    protocol = Protocol(Role.CLIENT, name="raw", resume=Session(b"", "raw", None))
-    sock.sendall(protocol.data_to_send())
-    while not protocol.is_open:
-        data = sock.recv(65536)
-        assert data, "the host closed the connection during the handshake"
-        view = memoryview(data)
-        while view:  # into the protocol's decoder: events() parses it
-            buf = protocol.decoder.get_buffer()
-            n = min(len(buf), len(view))
-            buf[:n] = view[:n]
-            view = view[n:]
-            protocol.decoder.buffer_updated(n)
-        protocol.events()
-        out = protocol.data_to_send()
-        if out:
-            sock.sendall(out)
-    assert protocol.peer_resume
-    return sock, protocol
-
-
 def _data_frames(n: int) -> bytes:
     return b"".join(b"".join(frames.encode_value_frame(frames.DATA, "n", i)) for i in range(n))
 
@@ -223,7 +197,9 @@ def test_rack_counts_never_go_backwards_behind_a_backlog(
     # the heartbeat's RACK, with a newer count, must not overtake it while a backlog
     # holds the queue: the peer would read the older count as one beyond what it sent.
     host = make_host(layer, loop_thread, heartbeat=0.5)
-    sock, protocol = _resume_raw_client(host.ep.port)
+    raw = RawClient(host.ep.port, resume=True)  # reads only when told, below
+    sock, protocol = raw.sock, raw.protocol
+    assert protocol.peer_resume
     try:
         wait_for(lambda: len(host.ep.clients()) == 1, 5.0, "the raw client")
         (conn,) = host.ep.clients()
