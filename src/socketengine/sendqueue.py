@@ -775,8 +775,6 @@ class SendQueue:
     def take_all(self) -> List[Buffer]:
         """Every waiting buffer, in order, the queue emptied (the asyncio layer hands
         it all to its transport)."""
-        if self.staged:
-            self.unstage()
         while self.unframed:
             self.to_wire([])
         self.to_wire(self.take_inbox())

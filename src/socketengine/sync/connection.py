@@ -59,7 +59,6 @@ _READS_PER_EVENT = 16
 _BURST_GAP = 50e-6
 #: Looked up once: an enum member read through its class is slow on the write path.
 _OPEN = ConnState.OPEN
-_STAGE_MAX = STAGE_MAX
 _monotonic = time.monotonic
 # Over TLS, small parts are joined (one TLS record) up to about 4x this many bytes.
 _TLS_JOIN = 64 * 1024
@@ -401,7 +400,7 @@ class Connection(PeerView, Pausable):
         if self._flush_scheduled and engine.state is _OPEN:
             queue = self._queue
             staged = queue.staged
-            if len(staged) < _STAGE_MAX and queue.queued <= queue.stage_below:
+            if len(staged) < STAGE_MAX and queue.queued <= queue.stage_below:
                 staged.append(item)
                 if self._flush_scheduled and engine.state is _OPEN:
                     return  # the due flush has not begun: it takes the item
