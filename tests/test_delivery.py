@@ -395,3 +395,215 @@ def test_a_callback_that_outlives_stop_finishes_without_an_error() -> None:
     finally:
         threading.excepthook = hook
     assert errors == []
+
+
+# -- a waiting client thread reads its own reply (Connection.read_until) ------------------
+
+
+def _self_reading(c: Client) -> bool:
+    conn = c._conn
+    return conn is not None and conn._self_reader
+
+
+def _request_in_thread(c: Client, channel: str, data: Any, timeout: float = 30) -> Any:
+    out: dict = {}
+
+    def ask() -> None:
+        out["thread"] = threading.current_thread().name
+        try:
+            out["reply"] = c.request(channel, data, timeout=timeout)
+        except Exception as exc:  # kept for the test to check
+            out["error"] = exc
+
+    t = threading.Thread(target=ask, name="asker")
+    t.start()
+    out["t"] = t
+    return out
+
+
+def test_an_asking_thread_reads_its_reply_and_what_comes_first(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
+    release = threading.Event()
+
+    @host.on("job")
+    def job(data, conn):  # type: ignore[no-untyped-def]
+        release.wait(10)
+        conn.write("note", data * 10)  # arrives before the reply
+        return data + 1
+
+    c = make_client()
+    seen: list = []
+    c.on("note", lambda data: seen.append((data, threading.current_thread().name)), inline=True)
+    got = _request_in_thread(c, "job", 4)
+    wait_for(lambda: _self_reading(c), what="the asker reading its own connection")
+    release.set()
+    got["t"].join(10)
+    assert got.get("reply") == 5, got
+    # the value before the reply was handled exactly as the I/O thread would, on the asker
+    assert seen == [(40, "asker")]
+    assert c.get("note") == 40
+    assert not _self_reading(c)
+    # the I/O thread reads again once the asker is done
+    host.write_all("after", 1)
+    wait_for(lambda: c.get("after") == 1, what="a value read by the I/O thread")
+
+
+def test_a_self_reading_request_serves_other_waiters_and_callbacks(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
+    release = threading.Event()
+
+    @host.on("job")
+    def job(data, conn):  # type: ignore[no-untyped-def]
+        release.wait(10)
+        return "done"
+
+    c = make_client()
+    called = threading.Event()
+    c.on("other", lambda data: called.set())  # a pooled callback, submitted by the asker
+    got = _request_in_thread(c, "job", 1)
+    wait_for(lambda: _self_reading(c), what="the asker reading its own connection")
+    waited: dict = {}
+    waiter = threading.Thread(target=lambda: waited.setdefault("v", c.wait("other", timeout=10)))
+    waiter.start()
+    wait_for(lambda: c._waiters.get("other"), what="the second thread waiting")
+    host.write_all("other", "hello")
+    waiter.join(10)
+    assert waited == {"v": "hello"}  # read by the asker, handed to the waiter
+    assert called.wait(10)
+    release.set()
+    got["t"].join(10)
+    assert got.get("reply") == "done", got
+
+
+def test_close_wakes_a_thread_reading_its_own_reply(host: Host) -> None:
+    release = threading.Event()
+    host.on("hang", lambda data, conn: release.wait(10))
+    c = Client(port=host.port)
+    got = _request_in_thread(c, "hang", 1, timeout=60)
+    wait_for(lambda: _self_reading(c), what="the asker reading its own connection")
+    c.close()
+    got["t"].join(10)
+    release.set()
+    assert not got["t"].is_alive(), "request() did not end with close()"
+    assert isinstance(got.get("error"), (ConnectionClosed, EndpointClosed)), got
+
+
+def test_a_full_subscription_hands_reading_back_and_loses_nothing(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
+    @host.on("burst", inline=True)
+    def burst(n, conn):  # type: ignore[no-untyped-def]
+        for i in range(n):
+            conn.write("flood", i)
+        return "sent"
+
+    c = make_client()
+    sub = c.subscribe("flood", maxsize=2)
+    got = _request_in_thread(c, "burst", 50)
+    # the asker reads the flood, the subscription fills, reading pauses: the reply
+    # waits behind the values until the subscriber drains them
+    assert [sub.get(timeout=10) for _ in range(50)] == list(range(50))
+    got["t"].join(10)
+    assert got.get("reply") == "sent", got
+    wait_for(lambda: not c._conn.reading_paused, what="reading resumed (asynchronously)")
+    host.write_all("flood", "more")
+    assert sub.get(timeout=10) == "more"
+
+
+def test_the_loop_keeps_its_timers_while_a_thread_reads_its_reply() -> None:
+    release = threading.Event()
+    with Host(port=0, heartbeat=0.05) as h, Client(port=h.port, heartbeat=0.05) as c:
+        h.on("slow", lambda data, conn: release.wait(10) and "late")
+        got = _request_in_thread(c, "slow", 1)
+        wait_for(lambda: _self_reading(c), what="the asker reading its own connection")
+        conn = c._conn
+        pings: set = set()
+        # the client's heartbeat (a loop timer) keeps pinging; what the asker reads keeps
+        # the link alive, far beyond the 3-beat dead-peer limit
+        wait_for(
+            lambda: pings.add(conn.engine.last_ping) or len(pings) > 10,
+            what="ten more heartbeats",
+        )
+        assert c.connected and conn is c._conn
+        release.set()
+        got["t"].join(10)
+        assert got.get("reply") == "late", got
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise _Interrupted
+
+
+def _release_when_self_reading(c: Client, release: threading.Event) -> threading.Thread:
+    def run() -> None:
+        wait_for(lambda: _self_reading(c), what="the main thread reading its own reply")
+        release.set()
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_ctrl_c_interrupts_a_main_thread_reading_its_own_reply(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+
+    release = threading.Event()
+    host.on("hang", lambda data, conn: release.wait(10) and "late")
+    c = make_client()
+    previous = signal.signal(signal.SIGINT, _raise_interrupted)
+    try:
+
+        def interrupt() -> None:
+            wait_for(lambda: _self_reading(c), what="the main thread reading its own reply")
+            os.kill(os.getpid(), signal.SIGINT)
+
+        t = threading.Thread(target=interrupt)
+        t.start()
+        with pytest.raises(_Interrupted):  # raised while it waits: at once
+            c.request("hang", 1, timeout=30)
+        t.join(10)
+        assert signal.getsignal(signal.SIGINT) is _raise_interrupted  # put back
+        assert not _self_reading(c)
+        release.set()
+        assert c.request("hang", 2, timeout=10) == "late"  # the connection is intact
+    finally:
+        release.set()
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_in_a_read_step_waits_until_its_frames_are_handled(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
+    import signal
+
+    release = threading.Event()
+
+    @host.on("job")
+    def job(data, conn):  # type: ignore[no-untyped-def]
+        release.wait(10)
+        conn.write_many([("note", 1), ("note", 2)])
+        return "done"
+
+    c = make_client()
+    notes: list = []
+
+    @c.on("note", inline=True)
+    def note(value: Any) -> None:  # runs on the main thread, which reads its reply
+        notes.append((value, threading.current_thread() is threading.main_thread()))
+        if len(notes) == 1:
+            signal.raise_signal(signal.SIGINT)  # lands while the frames are handled
+
+    previous = signal.signal(signal.SIGINT, _raise_interrupted)
+    try:
+        t = _release_when_self_reading(c, release)
+        with pytest.raises(_Interrupted):
+            c.request("job", 1, timeout=30)
+        t.join(10)
+        # the interrupt waited for the read step: both values were handled, whole
+        assert notes[0] == (1, True)
+        wait_for(lambda: c.get("note") == 2, what="the second note")
+        assert [v for v, _ in notes] == [1, 2]
+        assert c.request("job", 2, timeout=10) == "done"  # the connection is intact
+        assert [v for v, _ in notes] == [1, 2, 1, 2]
+    finally:
+        release.set()
+        signal.signal(signal.SIGINT, previous)

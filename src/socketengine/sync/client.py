@@ -44,6 +44,7 @@ from ..sendqueue import SendQueue
 from ..session import Session
 from ..state import Backoff, log_lost_link
 from .connection import Connection
+from .delivery import Flag
 from .endpoint import Endpoint
 from .loop import Loop, TimerHandle
 
@@ -560,6 +561,10 @@ class Client(ClientSeedNames, Endpoint[Any]):
         :class:`RemoteError` if that callback raised or there is none,
         ``TimeoutError`` after ``timeout`` s, :class:`ConnectionClosed` if the
         connection is lost first.  Never hangs.
+
+        The calling thread reads the reply itself (as does ``wait()``): what arrives
+        before it is handled as the I/O thread would handle it, and this client's inline
+        callbacks for it run on this thread (docs/reacting.md).
         """
         return self._live_conn().request(channel, data, timeout)
 
@@ -599,6 +604,14 @@ class Client(ClientSeedNames, Endpoint[Any]):
                     raise
                 # The new link died at once: keep the write for the next one, as if
                 # the link had been down when it was made.
+
+    _self_read = True
+
+    def _await(self, flag: Flag, timeout: Optional[float]) -> bool:
+        conn = self._conn
+        if conn is None or conn.engine.state is not _OPEN:
+            return flag.wait(timeout)
+        return conn.read_until(flag, timeout)
 
     def _live_conn(self) -> Connection:
         conn = self._conn

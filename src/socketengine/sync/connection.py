@@ -16,7 +16,9 @@ same ``sendmsg`` call.
 from __future__ import annotations
 
 import logging
+import select
 import selectors
+import signal
 import socket
 import ssl
 import threading
@@ -39,7 +41,7 @@ from ..errors import (
 from ..peer import PeerView
 from ..protocol import Protocol
 from ..sendqueue import ITEM_OVERHEAD, STAGE_MAX, SendQueue
-from .delivery import Pausable, Waiter
+from .delivery import Flag, Pausable, Waiter
 
 # Frames a host holds for a client whose link is down (values, answers to requests).
 _HOLDABLE = frozenset((frames.DATA, frames.REPLY, frames.REPLY_ERROR))
@@ -55,6 +57,16 @@ _WRITE = selectors.EVENT_WRITE
 _IOV = 512
 # Reads per readiness event before the loop serves other sockets (fairness).
 _READS_PER_EVENT = 16
+_HAS_POLL = hasattr(select, "poll")  # not on Windows: there a reply is handed over
+_POLL_IN = getattr(select, "POLLIN", 1) | getattr(select, "POLLPRI", 2)
+# signal.signal/getsignal wrap these with enum conversions that cost ~5 us a call pair;
+# a request on the main thread makes one pair (_HeldInterrupt).
+_signal_c: Any = getattr(signal, "_signal", signal)
+_getsignal = getattr(_signal_c, "getsignal", signal.getsignal)
+_setsignal = getattr(_signal_c, "signal", signal.signal)
+_SIGINT = int(signal.SIGINT)
+#: A thread reading its own reply re-checks the link at least this often (seconds).
+_SELF_READ_SLICE = 0.25
 # Writes closer together than this (seconds) count as a burst: they are coalesced.
 _BURST_GAP = 50e-6
 #: Looked up once: an enum member read through its class is slow on the write path.
@@ -98,6 +110,47 @@ def _tls_payload(batch: List[Buffer]) -> Buffer:
         group.append(item)
         total += size
     return b"".join(group)
+
+
+class _HeldInterrupt:
+    """Ctrl-C while the main thread reads its own reply (:meth:`Connection.read_until`).
+
+    Raised at once while the thread waits; held while it handles frames, so a frame is
+    never left half handled, and raised right after.  Only on the main thread (where
+    Python runs signal handlers) and only over a Python-level SIGINT handler.
+    """
+
+    __slots__ = ("previous", "handling", "held")
+
+    def __init__(self) -> None:
+        self.previous: Any = None
+        self.handling = False
+        self.held: Optional[Tuple[int, Any]] = None
+
+    def install(self) -> bool:
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        previous = _getsignal(_SIGINT)
+        if not callable(previous):
+            return False
+        self.previous = previous
+        _setsignal(_SIGINT, self._on_signal)
+        return True
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.handling:
+            self.held = (signum, frame)
+        else:
+            self.previous(signum, frame)
+
+    def deliver(self) -> None:
+        """Run the handler for a Ctrl-C held while frames were handled (outside the role)."""
+        held, self.held = self.held, None
+        if held is not None:
+            self.previous(*held)
+
+    def uninstall(self) -> None:
+        _setsignal(_SIGINT, self.previous)
 
 
 class Connection(PeerView, Pausable):
@@ -144,6 +197,8 @@ class Connection(PeerView, Pausable):
         self._shut_wr = False
         self._pauses = 0  # reasons to stop reading (full subscriptions, callback backlog)
         self._registered = False
+        self._self_reader = False  # a waiting thread reads this socket (read_until)
+        self._read_dropped = False  # ... and the loop stopped watching it for reads
         # TLS: the handshake runs non-blocking in the loop before anything else is sent.
         self._tls = isinstance(sock, ssl.SSLSocket)
         self._tls_pending = self._tls
@@ -301,7 +356,7 @@ class Connection(PeerView, Pausable):
             parts = frames.encode_value_frame(frames.REQUEST, channel, data, fid=rid)
             self.send_parts(parts)
             self.messages_out += 1
-            if not reply.event.wait(timeout):
+            if not self.read_until(reply.event, timeout):
                 raise TimeoutError(
                     f"no reply from {self._peer()} to a request on {channel!r} within {timeout} s"
                 )
@@ -310,6 +365,97 @@ class Connection(PeerView, Pausable):
         if reply.error is not None:
             raise reply.error
         return reply.item
+
+    def read_until(self, flag: Flag, timeout: Optional[float]) -> bool:
+        """Wait for ``flag`` (a reply, a ``wait()``), reading this connection meanwhile.
+
+        True once ``flag`` is set, False after ``timeout`` seconds (``None``: no limit).
+        A reply read by the I/O thread reaches a waiting thread through a hand-over that
+        costs more than the round trip itself on an idle machine (a sleeping thread is
+        woken on another core).  So the waiting thread reads the socket itself: the
+        loop stops watching it for reads, the thread polls it, and for each read takes
+        the loop's role (:attr:`Loop.role`), acting as the loop, so the frames are
+        handled exactly as the loop would handle them (values stored, waiters and
+        callbacks served, inline handlers run, RACKs queued).  Everything else -- writes
+        to a full socket, heartbeats, timers, other sockets -- stays with the loop.
+
+        Falls back to a plain wait when it cannot read here: on the loop thread, over
+        TLS (the TLS layer buffers bytes ``poll`` cannot see), when another thread
+        already reads this connection, while reading is paused (backpressure), or once
+        the connection is not open.
+        """
+        if flag.is_set():
+            return True
+        loop = self._loop
+        if not (self._endpoint._self_read and _HAS_POLL) or self._tls or loop.in_thread():
+            return flag.wait(timeout)
+        deadline = None if timeout is None else _monotonic() + timeout
+        me = threading.current_thread()
+        engine = self.engine
+        with loop.role:
+            here = not (
+                self._self_reader
+                or self._pauses
+                or engine.state is not _OPEN
+                or engine.peer_done
+                or not loop.running
+            )
+            if here:
+                # The loop stops watching this socket for reads, or it would wake (and
+                # take the role) for the very bytes this thread is about to read.
+                self._self_reader = self._read_dropped = True
+                loop.acting = me
+                try:
+                    self._update_interest()
+                finally:
+                    loop.acting = None
+        if not here:
+            return flag.wait(timeout)
+        ctrl_c = _HeldInterrupt()
+        installed = False
+        try:
+            installed = ctrl_c.install()
+            poller = select.poll()
+            poller.register(self.socket, _POLL_IN)
+            while not flag.is_set():
+                left = _SELF_READ_SLICE if deadline is None else deadline - _monotonic()
+                if left <= 0 or engine.closed:
+                    break
+                # Bounded: a close that shutdown() could not wake is seen within a slice.
+                ready = poller.poll(1000.0 * min(left, _SELF_READ_SLICE) + 1)
+                if not ready or flag.is_set():
+                    continue
+                with loop.role:
+                    if engine.closed or self._pauses or engine.peer_done:
+                        break  # the loop (or a plain wait) takes it from here
+                    loop.acting = me
+                    ctrl_c.handling = True
+                    try:
+                        self._on_readable()
+                    except Exception:  # as in the loop: a handler never kills a reader
+                        logger.exception("%s: error reading %s", self._endpoint, self._peer())
+                        break
+                    finally:
+                        ctrl_c.handling = False
+                        loop.acting = None
+                ctrl_c.deliver()
+        finally:
+            with loop.role:
+                self._self_reader = False
+                if self._read_dropped:
+                    self._read_dropped = False
+                    loop.acting = me
+                    try:
+                        self._update_interest()  # the loop reads again
+                    finally:
+                        loop.acting = None
+            if installed:
+                ctrl_c.uninstall()
+                ctrl_c.deliver()  # a Ctrl-C held by a read step that ended with a break
+        if flag.is_set():
+            return True
+        rest = None if deadline is None else max(0.0, deadline - _monotonic())
+        return flag.wait(rest)
 
     # -- flow control (any thread) ---------------------------------------------------
 
@@ -741,9 +887,8 @@ class Connection(PeerView, Pausable):
         if self._tls_pending:
             events = self._tls_want
         else:
-            events = (0 if self._pauses or self.engine.peer_done else _READ) | (
-                _WRITE if self._want_write else 0
-            )
+            reads = not (self._pauses or self.engine.peer_done or self._read_dropped)
+            events = (_READ if reads else 0) | (_WRITE if self._want_write else 0)
         try:
             if not events:
                 if self._registered:
@@ -806,7 +951,12 @@ class Connection(PeerView, Pausable):
                 if not self._want_write:
                     self._update_interest()
         if mask & _READ and not self.engine.closed and not self._pauses:
-            if not self.engine.peer_done:
+            if self._self_reader:
+                # A waiting thread reads this socket (read_until): stop watching it
+                # until that thread is done, rather than wake for every byte it reads.
+                self._read_dropped = True
+                self._update_interest()
+            elif not self.engine.peer_done:
                 self._on_readable()
 
     def _on_readable(self) -> None:
@@ -1031,6 +1181,11 @@ class Connection(PeerView, Pausable):
             if self._registered:
                 self._loop.unregister(self.socket)
                 self._registered = False
+            if self._self_reader:
+                try:  # wake the thread polling this socket in read_until: close() won't
+                    self.socket.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
             try:
                 self.socket.close()
             except OSError:  # pragma: no cover

@@ -39,7 +39,7 @@ from ..requests import no_handler, reply_frame
 from ..state import BudgetExceeded, StoredValues, value_size
 from ..watch import PatternWatch, check_key, pattern_item
 from .connection import Connection
-from .delivery import Dispatcher, Subscription, Waiter
+from .delivery import Dispatcher, Flag, Subscription, Waiter
 from .loop import Loop
 
 logger = logging.getLogger("socketengine")
@@ -58,6 +58,10 @@ class Endpoint(EndpointBase, Generic[_I]):
     Generic over the item type of :meth:`wait` and :meth:`subscribe`: ``Host`` is an
     ``Endpoint[Tuple[Any, Connection]]``, ``Client`` an ``Endpoint[Any]``.
     """
+
+    #: A thread waiting for one reply or value reads its connection itself
+    #: (:meth:`Connection.read_until`); a client does, a host hands values over.
+    _self_read = False
 
     def __init__(
         self,
@@ -204,13 +208,15 @@ class Endpoint(EndpointBase, Generic[_I]):
         else.  For a request on ``channel``, the first callback's return value is the
         reply (see :meth:`request`; pattern callbacks answer no requests).
 
-        ``inline=True`` runs ``fn`` on the I/O thread itself, as soon as the message is
-        decoded: no hand-over to a callback thread, so a request answered inline, or a
-        reply written from an inline callback, saves one thread hop (about 10-30 µs)
-        per round trip.  Such a callback **must not block** (no ``wait()``, no
-        ``request()``, no sleeping, no blocking write): while it runs, no connection of
-        this endpoint is read or written.  Inline callbacks of a channel run before its
-        other callbacks, and the first inline one answers requests on it.
+        ``inline=True`` runs ``fn`` on the thread that reads the message, as soon as it
+        is decoded: the I/O thread, or on a client a thread blocked in ``request()`` or
+        ``wait()`` that reads its own reply (docs/reacting.md).  No hand-over to a
+        callback thread, so a request answered inline, or a reply written from an inline
+        callback, saves one thread hop (about 10-30 µs) per round trip.  Such a callback
+        **must not block** (no ``wait()``, no ``request()``, no sleeping, no blocking
+        write): while it runs, no connection of this endpoint is read or written.
+        Inline callbacks of a channel run before its other callbacks, and the first
+        inline one answers requests on it.
         """
         check_key(channel)
 
@@ -297,7 +303,7 @@ class Endpoint(EndpointBase, Generic[_I]):
         if ended is not None and not waiter.event.is_set():
             self._unwait(channel, waiter)
             raise ended
-        if not waiter.event.wait(timeout):
+        if not self._await(waiter.event, timeout):
             self._unwait(channel, waiter)
             if not waiter.event.is_set():
                 raise TimeoutError(f"no message on {channel!r} within {timeout} s")
@@ -307,6 +313,10 @@ class Endpoint(EndpointBase, Generic[_I]):
         if type(item) is _Lost:
             raise item.error
         return _user_item(item)
+
+    def _await(self, flag: Flag, timeout: Optional[float]) -> bool:
+        """Wait for ``flag`` (a ``wait()``): True once set, False after ``timeout``."""
+        return flag.wait(timeout)
 
     def _unwait(self, channel: str, waiter: Waiter) -> None:
         """Take back a wait() that is ending without a value (timeout, delivery ended)."""
@@ -324,7 +334,7 @@ class Endpoint(EndpointBase, Generic[_I]):
         if ended is not None and not waiter.event.is_set():
             self._patterns.unwait(pattern, waiter)
             raise ended
-        if not waiter.event.wait(timeout):
+        if not self._await(waiter.event, timeout):
             self._patterns.unwait(pattern, waiter)
             if not waiter.event.is_set():
                 raise TimeoutError(f"no message matching {pattern} within {timeout} s")

@@ -2,8 +2,16 @@
 
 Every socket of an endpoint (the listening socket and every connection) is served by
 this one thread, so a host with a thousand clients runs on a constant number of
-threads.  Other threads never touch the selector: they hand work to the loop with
-:meth:`Loop.call_soon`, which wakes it through a socketpair.
+threads.  Other threads hand work to the loop with :meth:`Loop.call_soon`, which
+wakes it through a socketpair.
+
+**The loop role.**  Everything the loop does -- handlers, queued calls, timers -- runs
+while its thread holds :attr:`Loop.role`, a lock it lets go of only while it waits in
+``select``.  A thread that needs one reply (``request()``, ``wait()`` on a client) may
+take the role for a moment and read its connection itself
+(:meth:`~socketengine.sync.connection.Connection.read_until`): while it holds the role
+it *is* the loop (:meth:`Loop.in_thread` says so), so every rule written for the loop
+thread holds for it too, and the reply saves a hand-over between threads.
 """
 
 from __future__ import annotations
@@ -54,6 +62,10 @@ class Loop:
         self._stopping = False
         self._closed = False  # the selector was closed (stop() of a loop that never ran)
         self._thread: Optional[threading.Thread] = None
+        #: Held by whoever acts as the loop: its thread, except while it waits in select.
+        self.role = threading.Lock()
+        #: A thread other than the loop's own that holds :attr:`role` to read a reply.
+        self.acting: Optional[threading.Thread] = None
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -67,8 +79,10 @@ class Loop:
         return self._thread is not None and self._thread.is_alive()
 
     def in_thread(self) -> bool:
-        """True when called from the loop's own thread."""
-        return threading.current_thread() is self._thread
+        """True when called from the loop's thread, or from a thread acting as the loop
+        (holding :attr:`role` to read its own reply)."""
+        me = threading.current_thread()
+        return me is self._thread or me is self.acting
 
     def stop(self, timeout: Optional[float] = 5.0) -> None:
         """Stop the loop after the calls already queued have run, and join its thread."""
@@ -82,8 +96,10 @@ class Loop:
         except (BlockingIOError, OSError):
             pass
         thread = self._thread
-        # ident is None for a thread whose start() was interrupted (Ctrl-C right there)
-        if thread is not None and thread is not threading.current_thread() and thread.ident:
+        me = threading.current_thread()
+        # ident is None for a thread whose start() was interrupted (Ctrl-C right there);
+        # a thread acting as the loop holds the role the loop thread needs to finish.
+        if thread is not None and thread is not me and me is not self.acting and thread.ident:
             thread.join(timeout)
             if thread.is_alive():  # pragma: no cover - only if a handler hangs
                 logger.warning("%s: I/O thread did not stop within %ss", self.name, timeout)
@@ -118,9 +134,12 @@ class Loop:
                 pass
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> TimerHandle:
-        """Run ``fn()`` on the loop thread after ``delay`` seconds (loop thread only)."""
+        """Run ``fn()`` on the loop thread after ``delay`` seconds (loop thread, or a
+        thread acting as the loop)."""
         handle = TimerHandle(time.monotonic() + delay, fn)
         heapq.heappush(self._timers, (handle.when, next(self._seq), handle))
+        if threading.current_thread() is not self._thread:
+            self.wake()  # it sleeps in select with a timeout computed without this timer
         return handle
 
     def _on_wake(self, mask: int) -> None:
@@ -155,6 +174,8 @@ class Loop:
         select = self.selector.select
         calls = self._calls
         timers = self._timers
+        role = self.role
+        role.acquire()
         try:
             while not self._stopping:
                 timeout: Optional[float] = None
@@ -162,6 +183,7 @@ class Loop:
                     timeout = 0
                 elif timers:
                     timeout = max(0.0, timers[0][0] - time.monotonic())
+                role.release()
                 try:
                     ready = select(timeout)
                 except (ValueError, OSError):
@@ -170,6 +192,10 @@ class Loop:
                         # interrupted before it ran: there is nothing left to serve.
                         return
                     raise
+                finally:
+                    role.acquire()
+                # An event may be stale: a thread acting as the loop may have read that
+                # socket meanwhile.  Handlers take a read that would block as "nothing".
                 for key, mask in ready:
                     try:
                         key.data(mask)
@@ -191,4 +217,5 @@ class Loop:
                             except Exception:
                                 logger.exception("%s: error in timer %r", self.name, handle.fn)
         finally:
+            role.release()
             self._close_selector()
