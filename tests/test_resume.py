@@ -20,7 +20,7 @@ from socketengine.engine import ConnectionEngine, ConnState
 from socketengine.errors import ConnectionClosed, ProtocolError
 from socketengine.protocol import Protocol, Role
 from socketengine.sendqueue import SendQueue, rack_frame, skip_frame
-from socketengine.session import ACK_EVERY, Session, SessionTable
+from socketengine.session import ACK_BYTES, ACK_EVERY, Session, SessionTable
 
 
 def _client(session: Optional[Session], max_buffer: int = 1 << 20) -> ConnectionEngine:
@@ -646,3 +646,24 @@ def test_asyncio_acks_ride_with_the_next_write_too(monkeypatch: Any) -> None:
             await host.close()
 
     asyncio.run(main())
+
+
+def test_a_rack_is_due_every_256_kib_of_sequenced_bytes_too() -> None:
+    """BATCH frames of up to 64 KiB: 32 of them would leave 2 MiB unacknowledged, more
+    than a small replay window (max_buffer) holds; a RACK is also due per ACK_BYTES."""
+    pair = Pair()
+    host = pair.host
+    body = "x" * 1000
+    racks_at = []
+    for i in range(12):  # each push + flush is one BATCH frame of ~60 KiB
+        _write(pair.client, [[i, body]] * 60)
+        wire = b"".join(bytes(b) for b in pair.client.queue.take_all())
+        assert _types(wire) == [frames.BATCH]
+        _feed(host, wire)
+        out = host.control_bytes()
+        if frames.RACK in _types(out):
+            racks_at.append(i + 1)
+    assert host.session is not None and host.session.recv == 12
+    # ~60 KiB frames: the 5th crosses 256 KiB, then every 5th again; never 32 frames
+    assert racks_at == [5, 10], racks_at
+    assert ACK_BYTES == 256 * 1024

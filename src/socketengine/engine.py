@@ -26,8 +26,9 @@ Rules owned here, once:
 * the send queue: order, image conflation, ``max_buffer`` and slow-consumer verdicts
   (:class:`~socketengine.sendqueue.SendQueue`);
 * resume (protocol 1.2, :attr:`session`): counting the peer's sequenced frames,
-  acknowledging them (RACK: every ``ACK_EVERY`` frames, after a read holding a
-  data section, and on every :meth:`tick`), applying its acknowledgements, keeping the
+  acknowledging them (RACK: every ``ACK_EVERY`` frames or ``ACK_BYTES`` bytes, after a
+  read holding a data section, and on every :meth:`tick`), applying its
+  acknowledgements, keeping the
   queue when the link is lost rather than closed (:meth:`finish`; writes for the peer
   are held in it meanwhile, :meth:`Session.hold`) and replaying it on the next link
   (:meth:`adopt`).
@@ -47,7 +48,7 @@ from .patterns import Interest
 from .protocol import Protocol
 from .requests import ReplySink, RequestTable
 from .sendqueue import BATCH_MAX, SEQ_ALL, SEQ_VALUES, ImageHook, SendQueue, rack_frame
-from .session import ACK_EVERY, Session
+from .session import ACK_BYTES, ACK_EVERY, Session
 
 __all__ = ["ConnState", "Tick", "ConnectionEngine", "BYE_FRAME"]
 
@@ -147,6 +148,9 @@ class ConnectionEngine:
         #: The resumable session this connection carries (protocol 1.2), set when the
         #: handshake completes with both sides announcing it; ``None`` otherwise.
         self.session: Optional[Session] = None
+        # Bytes of the peer's sequenced frames (without data sections) since our last
+        # RACK: one is due at ACK_BYTES as well as at ACK_EVERY frames.
+        self._unacked_bytes = 0
         #: The handshake completed with a session: :meth:`adopt` makes it OPEN.
         self.opening = False
         #: Bytes waiting unsent to the peer, as the layer sees them (the asyncio layer
@@ -235,6 +239,7 @@ class ConnectionEngine:
         session = self.session
         assert session is not None
         count = 0
+        nbytes = 0
         large = False
         strip = False
         sequenced = self.queue.sequenced
@@ -244,6 +249,8 @@ class ConnectionEngine:
                 count += 1
                 if frame.data is not None:
                     large = True
+                else:
+                    nbytes += len(frame.meta)
             elif t == _SKIP:
                 if frame.id < 1:
                     raise ProtocolError("SKIP frame standing for no sequence number")
@@ -253,7 +260,12 @@ class ConnectionEngine:
                 self.queue.ack(frame.id)
                 strip = True
         session.recv += count
-        if session.recv - session.acked_out >= ACK_EVERY or (large and count):
+        self._unacked_bytes += nbytes
+        if (
+            session.recv - session.acked_out >= ACK_EVERY
+            or (large and count)
+            or self._unacked_bytes >= ACK_BYTES
+        ):
             self._ack()
         if strip:
             return [f for f in received if f.type != _SKIP and f.type != _RACK]
@@ -263,6 +275,7 @@ class ConnectionEngine:
         session = self.session
         if session is not None and session.recv != session.acked_out and not self.bye_sent:
             session.acked_out = session.recv
+            self._unacked_bytes = 0
             self._out.append(rack_frame(session.recv))
 
     def adopt(self, old: Optional[SendQueue]) -> int:
@@ -491,6 +504,7 @@ class ConnectionEngine:
             session = self.session
             assert session is not None
             session.acked_out = session.recv
+            self._unacked_bytes = 0
             out = rack_frame(session.recv)
         interval = self.heartbeat
         if interval is None or self._ping_due(now, interval) or not out:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from .patterns import Interest
 from .sendqueue import Outgoing, SendQueue
 
-__all__ = ["Session", "SessionTable", "SID_SIZE", "ACK_EVERY"]
+__all__ = ["Session", "SessionTable", "SID_SIZE", "ACK_EVERY", "ACK_BYTES"]
 
 logger = logging.getLogger("socketengine")
 
@@ -37,6 +37,10 @@ SID_SIZE = 16
 #: A receiver sends a RACK at least every this many sequenced frames (and on its
 #: heartbeat tick, and after any read that held a frame with a data section).
 ACK_EVERY = 32
+#: ... and once the sequenced frames without a data section it has not acknowledged
+#: take this many bytes (a BATCH frame holds up to 64 KiB: 32 of them would leave 2 MiB
+#: unacknowledged, beyond a small sender's replay window).
+ACK_BYTES = 256 * 1024
 
 
 class Session:
