@@ -330,8 +330,9 @@ class ConnectionEngine:
             self._to(ConnState.OPEN)
         if lost:
             logger.warning(
-                "%s: %d values written before the link was lost had left the replay "
-                "window (max_buffer=%d) and are lost",
+                "%s: %d frames written before the link was lost (values; a burst of "
+                "small values counts once per BATCH frame) had left the replay window "
+                "(max_buffer=%d) and are lost",
                 self.peer,
                 lost,
                 queue.max_buffer,

@@ -93,9 +93,12 @@ class PeerView:
 
     @property
     def resume_lost(self) -> int:
-        """Values this side had written in this connection's session (protocol 1.2)
+        """Frames this side had written in this connection's session (protocol 1.2)
         that were lost at a resume because they had left the replay window
-        (``max_buffer``); each such resume also logs a WARNING.  0 without a session."""
+        (``max_buffer``), plus writes lost while the link was down beyond what a held
+        session keeps; each such resume also logs a WARNING.  0 without a session.
+        A frame is one value, except that small values written in a burst travel as
+        one BATCH frame, counted once here."""
         session = self.engine.session
         return 0 if session is None else session.lost
 
