@@ -513,14 +513,13 @@ def test_the_loop_keeps_its_timers_while_a_thread_reads_its_reply() -> None:
         got = _request_in_thread(c, "slow", 1)
         wait_for(lambda: _self_reading(c), what="the asker reading its own connection")
         conn = c._conn
-        pings: set = set()
-        # the client's heartbeat (a loop timer) keeps pinging; what the asker reads keeps
-        # the link alive, far beyond the 3-beat dead-peer limit
-        wait_for(
-            lambda: pings.add(conn.engine.last_ping) or len(pings) > 10,
-            what="ten more heartbeats",
-        )
-        assert c.connected and conn is c._conn
+        (at_host,) = h.clients()
+        start = at_host.bytes_in
+        # Heartbeat traffic keeps flowing from the client while the asker reads: its
+        # PINGs come from a loop timer, its PONGs (to what the asker reads) leave on a
+        # loop timer too.  Twenty 16-byte frames, far beyond the 3-beat dead-peer limit.
+        wait_for(lambda: at_host.bytes_in >= start + 20 * 16, what="heartbeat traffic")
+        assert c.connected and conn is c._conn and _self_reading(c)
         release.set()
         got["t"].join(10)
         assert got.get("reply") == "late", got
@@ -607,3 +606,23 @@ def test_ctrl_c_in_a_read_step_waits_until_its_frames_are_handled(host: Host, ma
     finally:
         release.set()
         signal.signal(signal.SIGINT, previous)
+
+
+def test_an_acknowledged_write_reads_its_own_ack(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
+    sub = host.subscribe("x", maxsize=1)  # full after one value: the host stops reading
+    c = make_client()
+    for i in range(3):
+        c.write("x", i)
+    done: dict = {}
+
+    def acked_write() -> None:
+        c.write("x", 3, ack=True, timeout=30)
+        done["ok"] = True
+
+    t = threading.Thread(target=acked_write)
+    t.start()
+    wait_for(lambda: _self_reading(c), what="the writer waiting for its ACK, reading")
+    assert [sub.get(timeout=10)[0] for _ in range(4)] == [0, 1, 2, 3]
+    t.join(10)
+    assert done == {"ok": True}
+    assert not _self_reading(c)

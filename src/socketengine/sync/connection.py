@@ -271,7 +271,7 @@ class Connection(PeerView, Pausable):
         try:
             frame = self.engine.sync_frame(rid)
             self.send_parts([frame], len(frame), bounded=False)  # waited for below
-            if not reply.event.wait(limit):
+            if not self.read_until(reply.event, limit):
                 raise WriteTimeout(
                     f"{self._peer()} did not acknowledge the writes within {limit} s"
                 )
@@ -367,7 +367,7 @@ class Connection(PeerView, Pausable):
         return reply.item
 
     def read_until(self, flag: Flag, timeout: Optional[float]) -> bool:
-        """Wait for ``flag`` (a reply, a ``wait()``), reading this connection meanwhile.
+        """Wait for ``flag`` (a reply, an ACK, a ``wait()``), reading this connection meanwhile.
 
         True once ``flag`` is set, False after ``timeout`` seconds (``None``: no limit).
         A reply read by the I/O thread reaches a waiting thread through a hand-over that
@@ -416,8 +416,12 @@ class Connection(PeerView, Pausable):
         try:
             installed = ctrl_c.install()
             poller = select.poll()
-            poller.register(self.socket, _POLL_IN)
-            while not flag.is_set():
+            try:
+                poller.register(self.socket, _POLL_IN)
+                polling = True
+            except (ValueError, OSError):  # closed meanwhile: the plain wait below
+                polling = False
+            while polling and not flag.is_set():
                 left = _SELF_READ_SLICE if deadline is None else deadline - _monotonic()
                 if left <= 0 or engine.closed:
                     break
