@@ -626,3 +626,35 @@ def test_an_acknowledged_write_reads_its_own_ack(host: Host, make_client) -> Non
     t.join(10)
     assert done == {"ok": True}
     assert not _self_reading(c)
+
+
+def test_a_host_thread_reads_its_own_reply_from_one_client(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
+    release = threading.Event()
+    c = make_client(name="cam")
+
+    @c.on("job")
+    def job(data):  # type: ignore[no-untyped-def]
+        release.wait(10)
+        c.write("note", data * 10)  # reaches the host before the reply
+        return data + 1
+
+    seen: list = []
+    host.on(
+        "note", lambda data, conn: seen.append((data, threading.current_thread().name)), inline=True
+    )
+    conn = wait_for(lambda: host.get_client("cam"), what="the client at the host")
+    out: dict = {}
+
+    def ask() -> None:
+        out["reply"] = conn.request("job", 4, timeout=30)
+
+    t = threading.Thread(target=ask, name="host-asker")
+    t.start()
+    wait_for(lambda: conn._self_reader, what="the host thread reading that connection")
+    release.set()
+    t.join(10)
+    assert out == {"reply": 5}
+    assert seen == [(40, "host-asker")]  # handled as the I/O thread would, on the asker
+    assert conn.values["note"] == 40 and not conn._self_reader
+    c.write("after", 1)  # the host's I/O thread reads that connection again
+    wait_for(lambda: conn.values.get("after") == 1, what="a value read by the I/O thread")

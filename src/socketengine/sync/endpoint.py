@@ -59,8 +59,8 @@ class Endpoint(EndpointBase, Generic[_I]):
     ``Endpoint[Tuple[Any, Connection]]``, ``Client`` an ``Endpoint[Any]``.
     """
 
-    #: A thread waiting for one reply or value reads its connection itself
-    #: (:meth:`Connection.read_until`); a client does, a host hands values over.
+    #: A thread waiting for one reply, ACK or value reads its connection itself
+    #: (:meth:`Connection.read_until`): set by Client and Host.
     _self_read = False
 
     def __init__(
@@ -209,8 +209,9 @@ class Endpoint(EndpointBase, Generic[_I]):
         reply (see :meth:`request`; pattern callbacks answer no requests).
 
         ``inline=True`` runs ``fn`` on the thread that reads the message, as soon as it
-        is decoded: the I/O thread, or on a client a thread blocked in ``request()`` or
-        ``wait()`` that reads its own reply (docs/reacting.md).  No hand-over to a
+        is decoded: the I/O thread, or a thread blocked in ``request()``, an
+        acknowledged write or (on a client) ``wait()`` that reads its own reply
+        (docs/reacting.md).  No hand-over to a
         callback thread, so a request answered inline, or a reply written from an inline
         callback, saves one thread hop (about 10-30 µs) per round trip.  Such a callback
         **must not block** (no ``wait()``, no ``request()``, no sleeping, no blocking

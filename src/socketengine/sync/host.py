@@ -154,6 +154,11 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         before :class:`ConnectTimeout`.
     """
 
+    # A host thread blocked in conn.request() or an acknowledged conn.write() reads
+    # that connection itself (Connection.read_until); wait() and subscriptions, which
+    # hear from every client, are handed their values.
+    _self_read = True
+
     _kind = "host"
     _with_conn = True
 
