@@ -613,6 +613,9 @@ def test_an_acknowledged_write_reads_its_own_ack(host: Host, make_client) -> Non
     c = make_client()
     for i in range(3):
         c.write("x", i)
+    (conn,) = wait_for(lambda: host.clients(), what="the client at the host")
+    # only once the host has stopped reading is the ACK sure to wait for the subscriber
+    wait_for(lambda: conn.reading_paused, what="the host pausing its reading")
     done: dict = {}
 
     def acked_write() -> None:
