@@ -647,6 +647,45 @@ def test_a_handshake_that_completes_after_the_last_seat_went_is_closed(
         host.close()
 
 
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_refused_peer_that_already_reset_is_dropped_quietly(
+    layer: str, loop_thread: AioThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer refused at accept (the host is full) that hung up before the host got to
+    it: the half-close after the REFUSE fails (the peer answered the REFUSE with a
+    reset), and that ends this connection only -- no error escapes into the event
+    loop, the host serves on."""
+    host = make_host(layer, loop_thread, max_clients=1, resume_window=0, heartbeat=None)
+    release = threading.Event()
+    blocked = threading.Event()
+
+    def block() -> None:  # hold the host's I/O thread while the peer comes and goes
+        blocked.set()
+        release.wait(10)
+
+    try:
+        with caplog.at_level(logging.WARNING), _writer(host.ep.port) as first:
+            wait_for(lambda: host.ep._admission.clients == 1, what="the first client")
+            if layer == "sync":
+                host.ep._loop.call_soon(block)
+            else:
+                loop_thread.loop.call_soon_threadsafe(block)
+            assert blocked.wait(10)
+            try:
+                # It hangs up before the host accepts: the host's REFUSE still leaves,
+                # and on loopback the answer (a reset) is in before the half-close.
+                socket.create_connection(("127.0.0.1", host.ep.port), timeout=10).close()
+            finally:
+                release.set()
+            wait_for(lambda: "the host is full" in caplog.text, what="the refusal")
+            first.write("after", 1)
+            wait_for(lambda: host.ep.get("after") == 1, what="the first client's write")
+        assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    finally:
+        release.set()
+        host.close()
+
+
 # -- channel patterns ----------------------------------------------------------------------
 
 

@@ -882,7 +882,12 @@ class Connection(PeerView, asyncio.BufferedProtocol):
                 return
             # Half-close and read until the client hangs up, so that the REFUSE is not
             # lost to a TCP reset (bounded by the linger).
-            self.transport.write_eof()
+            try:
+                self.transport.write_eof()
+            except OSError as exc:  # the peer already reset it: nobody is left to tell
+                engine.lost(exc)
+                self.transport.abort()
+                return
             self._arm_deadline()
             return
         self._send_protocol_bytes()
