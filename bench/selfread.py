@@ -8,10 +8,12 @@ I/O thread and the hand-over to the caller disappear.  Both ways are timed in th
 process and run, host with an inline handler, ``resume_window=0`` (the prototype does
 not number frames).  It does none of what a real implementation needs (sharing the
 socket with the I/O thread, values and pings arriving meanwhile, TLS, shared memory,
-resume), so its figure is a lower bound.  A real implementation (branch
-``experiment/self-read``, 2026-12-03) measured no gain over the I/O-thread path: what
-made this prototype fast is the machinery it skips, not the thread hand-over (see
-docs/benchmarks.md, "Round trips")::
+resume), so its figure is a lower bound.  A first real implementation (branch
+``experiment/self-read``, 2026-12-03) measured no gain over the I/O-thread path; a
+leaner one was merged on 2026-12-04 (``Connection.read_until``: ``request()`` ÷ pyzmq
+1.25-1.38× against 1.43-1.55× in two processes, unchanged in one).  Since then
+``_normal`` here is itself a self-reading ``request()``; see docs/benchmarks.md, "Round
+trips"::
 
     python -m bench.selfread --n 3000 --rounds 4
 """

@@ -894,13 +894,9 @@ class Connection(PeerView, Pausable):
             reads = not (self._pauses or self.engine.peer_done or self._read_dropped)
             events = (_READ if reads else 0) | (_WRITE if self._want_write else 0)
         try:
-            if not events:
-                if self._registered:
-                    self._loop.unregister(self.socket)
-                    self._registered = False
-            elif self._registered:
+            if self._registered:  # 0 events: still registered, watched for nothing
                 self._loop.modify(self.socket, events, self.on_event)
-            else:
+            elif events:
                 self._loop.register(self.socket, events, self.on_event)
                 self._registered = True
         except (KeyError, ValueError, OSError):

@@ -3,7 +3,8 @@
 Every socket of an endpoint (the listening socket and every connection) is served by
 this one thread, so a host with a thousand clients runs on a constant number of
 threads.  Other threads hand work to the loop with :meth:`Loop.call_soon`, which
-wakes it through a socketpair.
+wakes it through a socketpair.  It waits on ``epoll`` directly on Linux (:class:`_Epoll`)
+and on a ``selectors`` selector elsewhere (:class:`_Selector`).
 
 **The loop role.**  Everything the loop does -- handlers, queued calls, timers -- runs
 while its thread holds :attr:`Loop.role`, a lock it lets go of only while it waits in
@@ -19,12 +20,13 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import select
 import selectors
 import socket
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Deque, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 logger = logging.getLogger("socketengine")
 
@@ -45,16 +47,137 @@ class TimerHandle:
         self.cancelled = True
 
 
+_READ = selectors.EVENT_READ
+_WRITE = selectors.EVENT_WRITE
+
+
+class _Epoll:
+    """What the loop waits on, on Linux: ``epoll`` with a plain ``fd -> handler`` map.
+
+    ``selectors.EpollSelector`` builds a key object per registration and per ready
+    socket, and takes a socket off (``unregister``) to stop watching it; this poller
+    keeps a socket registered with no events instead (``modify(sock, 0)``).  A thread
+    reading its own reply (``read_until``) switches its socket's reads off and on
+    around every round trip, so those steps are one ``epoll_ctl`` each.  Events mean
+    what they mean for ``selectors``: an error or hang-up counts as both readable and
+    writable, within what the socket is watched for.
+    """
+
+    def __init__(self) -> None:
+        self._ep = select.epoll()
+        #: fd -> [socket, events, handler]
+        self._entries: Dict[int, List[Any]] = {}
+        self._fds: Dict[Any, int] = {}  # socket -> fd (a closed socket forgets its fd)
+
+    @staticmethod
+    def _mask(events: int) -> int:
+        return (select.EPOLLIN if events & _READ else 0) | (
+            select.EPOLLOUT if events & _WRITE else 0
+        )
+
+    def register(self, sock: Any, events: int, handler: Handler) -> None:
+        fd = sock.fileno()
+        if fd < 0:
+            raise ValueError(f"{sock!r} is closed")
+        if sock in self._fds:
+            raise KeyError(f"{sock!r} is already registered")
+        self._ep.register(fd, self._mask(events))
+        self._entries[fd] = [sock, events, handler]
+        self._fds[sock] = fd
+
+    def modify(self, sock: Any, events: int, handler: Handler) -> None:
+        fd = self._fds[sock]
+        entry = self._entries[fd]
+        if events != entry[1]:
+            self._ep.modify(fd, self._mask(events))
+            entry[1] = events
+        entry[2] = handler
+
+    def unregister(self, sock: Any) -> None:
+        fd = self._fds.pop(sock)
+        entry = self._entries.get(fd)
+        if entry is not None and entry[0] is sock:
+            del self._entries[fd]
+            try:
+                self._ep.unregister(fd)
+            except OSError:  # closed already: the kernel forgot it
+                pass
+
+    def select(self, timeout: Optional[float]) -> List[Tuple[Handler, int]]:
+        ready = self._ep.poll(-1 if timeout is None else timeout)
+        entries = self._entries
+        out = []
+        for fd, ev in ready:
+            entry = entries.get(fd)
+            if entry is None:
+                continue
+            mask = (
+                (_READ if ev & ~select.EPOLLOUT else 0) | (_WRITE if ev & ~select.EPOLLIN else 0)
+            ) & entry[1]
+            if mask:
+                out.append((entry[2], mask))
+        return out
+
+    def close(self) -> None:
+        self._ep.close()
+        self._entries.clear()
+        self._fds.clear()
+
+
+class _Selector:
+    """What the loop waits on elsewhere: a ``selectors`` selector, where a socket
+    watched for nothing is taken off (``selectors`` has no empty event set)."""
+
+    def __init__(self) -> None:
+        self._sel = selectors.DefaultSelector()
+        self._idle: Dict[Any, Handler] = {}  # registered, watched for nothing
+
+    def register(self, sock: Any, events: int, handler: Handler) -> None:
+        if sock in self._idle:
+            raise KeyError(f"{sock!r} is already registered")
+        if events:
+            self._sel.register(sock, events, handler)
+        else:
+            sock.fileno()  # a closed socket raises here, as on the other poller
+            self._idle[sock] = handler
+
+    def modify(self, sock: Any, events: int, handler: Handler) -> None:
+        if sock in self._idle:
+            if events:
+                self._sel.register(sock, events, handler)
+                del self._idle[sock]
+            else:
+                self._idle[sock] = handler
+        elif events:
+            self._sel.modify(sock, events, handler)
+        else:
+            self._sel.unregister(sock)
+            self._idle[sock] = handler
+
+    def unregister(self, sock: Any) -> None:
+        if self._idle.pop(sock, None) is None:
+            self._sel.unregister(sock)
+
+    def select(self, timeout: Optional[float]) -> List[Tuple[Handler, int]]:
+        return [(key.data, mask) for key, mask in self._sel.select(timeout)]
+
+    def close(self) -> None:
+        self._sel.close()
+        self._idle.clear()
+
+
 class Loop:
     """A selector loop running in one daemon thread named ``name``."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.selector = selectors.DefaultSelector()
+        self.selector: Union[_Epoll, _Selector] = (
+            _Epoll() if hasattr(select, "epoll") else _Selector()
+        )
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        self.selector.register(self._wake_r, _READ, self._on_wake)
         self._calls: Deque[Tuple[Callable[..., Any], Tuple[Any, ...]]] = deque()
         self._timers: List[Tuple[float, int, TimerHandle]] = []
         self._seq = itertools.count()
@@ -160,6 +283,7 @@ class Loop:
         self.selector.register(sock, events, handler)
 
     def modify(self, sock: Any, events: int, handler: Handler) -> None:
+        """Change what ``sock`` is watched for; ``events`` 0: nothing, for now."""
         self.selector.modify(sock, events, handler)
 
     def unregister(self, sock: Any) -> None:
@@ -196,9 +320,9 @@ class Loop:
                     role.acquire()
                 # An event may be stale: a thread acting as the loop may have read that
                 # socket meanwhile.  Handlers take a read that would block as "nothing".
-                for key, mask in ready:
+                for handler, mask in ready:
                     try:
-                        key.data(mask)
+                        handler(mask)
                     except Exception:  # a handler must never kill the I/O thread
                         logger.exception("%s: error in I/O handler", self.name)
                 while calls:
