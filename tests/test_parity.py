@@ -435,18 +435,26 @@ def test_unfinished_handshakes_do_not_keep_a_client_with_the_token_out(
     try:
         admission = host.ep._admission
         wait_for(lambda: admission.evicted >= flood, timeout=10, what="the flood")
-        got_in = 0
+        # The client gets in every time.  A try may still lose its handshake to the
+        # flood (evicted as "busy" when 32 newer handshakes arrive before the host reads
+        # its HELLO, a matter of load): that one is retried.  What must never happen is
+        # the refusal the flood used to cause: "the host is full".
+        tries = 0
+        failures: List[str] = []
         for _ in range(10):
-            try:
-                client = Client(port=host.ep.port, token=FLOOD_TOKEN, connect_timeout=5)
-            except (SocketEngineError, OSError):
-                continue
-            got_in += 1
+            while True:
+                tries += 1
+                assert tries <= 40, f"{tries} tries for 10 entries; failures: {failures[:5]}"
+                try:
+                    client = Client(port=host.ep.port, token=FLOOD_TOKEN, connect_timeout=5)
+                    break
+                except (SocketEngineError, OSError) as exc:
+                    failures.append(str(exc))
+                    assert "full" not in str(exc), exc
             wait_for(lambda: admission.clients == 1, what="the seat")  # the flood has none
             client.close()
             wait_for(lambda: admission.clients == 0, what="the seat to be free again")
         assert admission.pending <= 32
-        assert got_in >= 8, f"the client got in on {got_in} of 10 tries"
     finally:
         proc.kill()
         proc.communicate(10)
