@@ -185,6 +185,96 @@ def test_unpaced_writers_in_several_threads_lose_nothing_across_cuts(
     _check(at_client, sent_down[0], "host -> client")
 
 
+SMALL = 64 * 1024  # max_buffer: far less than the kernel holds in flight on loopback
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_small_max_buffer_loses_nothing_across_cuts(layer: str, loop_thread: AioThread) -> None:
+    # An unpaced writer of 1 KB values with max_buffer = 64 KiB: the socket buffers
+    # alone hold several MiB, so before the replay window had flow control the frames
+    # in flight left it unacknowledged and every cut lost some.  Now writes wait for
+    # RACKs instead.
+    host = make_host(layer, loop_thread, heartbeat=H, max_buffer=SMALL)
+    at_host: List[int] = []
+    host.ep.on("n", lambda value, *rest: at_host.append(value[0]))
+    pad = b"x" * 1000
+    with CuttingProxy(host.ep.port) as proxy:
+        client = make_client(layer, loop_thread, proxy.port, heartbeat=H, max_buffer=SMALL)
+        wait_for(lambda: host.ep.clients(), 5.0, "the client at the host")
+        stop = threading.Event()
+        written = [0]
+
+        def writer() -> None:
+            i = 0
+            deadline = time.monotonic() + 30
+            while not stop.is_set() and time.monotonic() < deadline:
+                client.do("write", "n", [i, pad])
+                i += 1
+            written[0] = i
+
+        thread = threading.Thread(target=writer, daemon=True)
+        thread.start()
+        try:
+            for kind in ("reset", "close", "reset", "reset"):
+                mark = len(at_host) + 2000
+                wait_for(lambda m=mark: len(at_host) > m, 10.0, "values flowing")
+                _cut(proxy, kind, client)
+        finally:
+            stop.set()
+            thread.join(10)
+        n = written[0]
+        try:
+            wait_for(lambda: len(at_host) >= n, 20.0, f"{n} values at the host")
+        except AssertionError:
+            _check(at_host, n, "client -> host")
+            raise
+        client.close()
+    host.close()
+    _check(at_host, n, "client -> host")
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_full_replay_windows_both_ways_do_not_wait_for_each_other(
+    layer: str, loop_thread: AioThread
+) -> None:
+    # Each side's RACKs travel in its send queue, behind its own values: with both
+    # windows full, a side that held its RACKs back with its values would wait for
+    # the other side's RACKs, held back the same way.  Link-level frames pass.
+    n = 4000
+    pad = b"y" * 1500
+    host = make_host(layer, loop_thread, heartbeat=None, max_buffer=SMALL)
+    at_host: List[int] = []
+    at_client: List[int] = []
+    host.ep.on("up", lambda value, *rest: at_host.append(value[0]))
+    client = make_client(layer, loop_thread, host.ep.port, heartbeat=None, max_buffer=SMALL)
+    client.ep.on("down", lambda value, *rest: at_client.append(value[0]))
+    try:
+        wait_for(lambda: host.ep.clients(), 5.0, "the client at the host")
+        (conn,) = host.ep.clients()
+        errors: List[BaseException] = []
+
+        def down() -> None:
+            try:
+                for i in range(n):
+                    result = conn.write("down", [i, pad])
+                    if host.runner is not None:
+                        host.runner.run(result)
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        thread = threading.Thread(target=down, daemon=True)
+        thread.start()
+        for i in range(n):
+            client.do("write", "up", [i, pad])
+        thread.join(30)
+        assert not errors, errors
+        wait_for(lambda: len(at_host) >= n and len(at_client) >= n, 20.0, "both directions")
+        assert at_host == list(range(n)) and at_client == list(range(n))
+    finally:
+        client.close()
+        host.close()
+
+
 def _data_frames(n: int) -> bytes:
     return b"".join(b"".join(frames.encode_value_frame(frames.DATA, "n", i)) for i in range(n))
 

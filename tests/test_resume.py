@@ -19,7 +19,7 @@ from socketengine import requests as requests_mod
 from socketengine.engine import ConnectionEngine, ConnState
 from socketengine.errors import ConnectionClosed, ProtocolError
 from socketengine.protocol import Protocol, Role
-from socketengine.sendqueue import SendQueue, rack_frame, skip_frame
+from socketengine.sendqueue import WINDOW_MIN, SendQueue, rack_frame, skip_frame
 from socketengine.session import ACK_BYTES, ACK_EVERY, Session, SessionTable
 
 
@@ -221,14 +221,110 @@ def test_conflated_images_replay_only_the_newest() -> None:
     assert pair.host.session is not None and pair.host.session.recv == 6
 
 
-def test_values_beyond_the_window_are_counted_lost_and_numbering_holds() -> None:
+def _big_frames(engine: ConnectionEngine, first: int, count: int, size: int = 1500) -> None:
+    big = b"x" * size
+    for i in range(first, first + count):
+        parts, nbytes = frames.value_frame(frames.DATA, "n", [i, big])
+        engine.queue.push(parts, nbytes)
+
+
+def test_a_full_replay_window_holds_values_back_instead_of_losing_them() -> None:
+    """Flow control: once the replay buffer holds the window (at most one frame more),
+    values wait in the queue until RACKs make room, and a cut then loses nothing."""
     pair = Pair(max_buffer=4096)
+    q = pair.client.queue
+    assert q.window == WINDOW_MIN  # never below what a peer is bound to acknowledge
+    _big_frames(pair.client, 0, 400)  # ~600 KB: more than the window
+    wire = _wire(pair.client)
+    assert q.held_back and q._inbox
+    # At least the window (so the peer owes a RACK), at most one frame beyond it.
+    assert q.window <= q.replay_bytes < q.window + 1600 and q.replay_overflow == 0
+    assert q.queued == sum(frames.frame_size(e) for e in q._inbox)  # still counted
+    # Nothing more leaves until a RACK arrives.
+    assert _wire(pair.client) == b""
+    # The link dies with what was sent half delivered; the resume replays it, and the
+    # values held back follow as RACKs make room: all 400, once, in order.
+    pair.at_host += _values(_feed(pair.host, wire[: len(wire) // 2]))
+    for engine in (pair.client, pair.host):
+        engine.lost(ConnectionError("cut"))
+        engine.finish()
+    assert pair.host.session is not None
+    pair.table.suspend(pair.host.session, 0.0)
+    pair.connect()
+    for _ in range(20):
+        pair.exchange()
+        assert pair.client.queue.replay_bytes < pair.client.queue.window + 1600
+    assert pair.at_host == [[i, b"x" * 1500] for i in range(400)]
+    assert pair.session.lost == 0 and pair.client.queue.replay_overflow == 0
+
+
+def test_link_level_frames_pass_values_held_back_by_the_window() -> None:
+    """The peer's own window may wait for this side's RACKs: a RACK, PING or PONG
+    queued behind held-back values leaves at once, in order; a BYE does not."""
+    q = SendQueue(4096)
+    q.numbered = True
+    big = b"x" * 1500
+    for i in range(400):
+        parts, nbytes = frames.value_frame(frames.DATA, "n", [i, big])
+        q.push(parts, nbytes)
+    q.to_wire(q.take_inbox())
+    assert q.held_back
+    sent_values = q.seq
+    q.push([rack_frame(3)], frames.HEADER_SIZE)
+    bye = frames.encode_frame(frames.BYE, "", b"")
+    q.push(list(bye), frames.frame_size(list(bye)))
+    q.push([rack_frame(4)], frames.HEADER_SIZE)
+    taken = q.take_inbox()
+    assert taken == [[rack_frame(3)], [rack_frame(4)]]
+    q.to_wire(taken)
+    assert q.seq == sent_values  # nothing numbered
+    assert q.held_back and frames.BYE in [e[0][0] for e in q._inbox if type(e) is list]
+    # RACKs for everything sent open the window: the rest, BYE last, in order.
+    rest: List[Any] = []
+    for _ in range(10):
+        q.ack(q.seq)
+        taken = q.take_inbox()
+        rest += taken  # before to_wire, which clears what it framed
+        q.to_wire(taken)
+        if not q.held_back:
+            break
+    assert not q._inbox and q.seq == 400
+    assert type(rest[-1]) is list and rest[-1][0][0] == frames.BYE
+
+
+def test_a_frame_larger_than_the_window_still_goes_alone() -> None:
+    """A single frame larger than the window is taken when nothing waits for a RACK
+    (or it would never leave), and the next waits for the RACK."""
+    q = SendQueue(4096)
+    q.numbered = True
+    huge = b"y" * (WINDOW_MIN + 1000)
+    for i in range(2):
+        parts, nbytes = frames.value_frame(frames.DATA, "n", [i, huge])
+        q.push(parts, nbytes)
+    first = q.take_inbox()
+    assert len(first) == 1 and q.held_back
+    q.to_wire(first)
+    assert q.take_inbox() == []
+    q.ack(1)
+    assert len(q.take_inbox()) == 1 and not q.held_back
+    assert q.replay_overflow == 0
+
+
+def test_frames_that_left_the_window_are_counted_lost_and_numbering_holds() -> None:
+    """The safety net (``_bound``): frames that left the replay buffer unacknowledged
+    (flow control never lets that happen here) are reported lost at the resume, and
+    the numbering goes on with a SKIP for them."""
+    pair = Pair(max_buffer=4096)
+    q = pair.client.queue
     big = b"x" * 1500
     for i in range(10):
         item = frames.value_frame(frames.DATA, "n", [i, big])
-        pair.client.queue.push(item[0], item[1])
-        pair.client.queue.to_wire(pair.client.queue.take_inbox())
-    assert pair.client.queue.replay_overflow > 0
+        q.push(item[0], item[1])
+        q.to_wire(q.take_inbox())
+    assert q.replay_overflow == 0 and len(q._replay) == 10
+    q.window = 4096  # as if the window were that small: the safety net trims
+    q._bound()
+    assert q.replay_overflow > 0 and len(q._replay) < 10
     pair.cut(0, 0)
     pair.connect()
     lost = pair.session.lost

@@ -60,6 +60,7 @@ _BATCH = frames.BATCH
 #: own, in the middle of a round trip, they cost the peer an extra wake-up.
 CONTROL_DELAY = 1e-3
 _RACK = frames.RACK
+_HEADER_SIZE = frames.HEADER_SIZE
 _SKIP = frames.SKIP
 
 BYE_FRAME = b"".join(frames.encode_frame(frames.BYE))
@@ -151,6 +152,13 @@ class ConnectionEngine:
         # Bytes of the peer's sequenced frames (without data sections) since our last
         # RACK: one is due at ACK_BYTES as well as at ACK_EVERY frames.
         self._unacked_bytes = 0
+        #: A RACK arrived: the I/O layer checks, under its lock, whether the send queue
+        #: held values back for want of room in the replay window, and flushes again
+        #: (see :meth:`SendQueue.take_inbox`).  It clears the flag.
+        self.racked = False
+        #: The RACK just queued must not wait for the next write (CONTROL_DELAY): the
+        #: I/O layer sends the protocol bytes now and clears the flag.
+        self.rack_urgent = False
         #: The handshake completed with a session: :meth:`adopt` makes it OPEN.
         self.opening = False
         #: Bytes waiting unsent to the peer, as the layer sees them (the asyncio layer
@@ -249,8 +257,13 @@ class ConnectionEngine:
                 count += 1
                 if frame.data is not None:
                     large = True
-                else:
-                    nbytes += len(frame.meta)
+                else:  # the whole frame, as the sender's replay window counts it
+                    channel = frame.channel
+                    nbytes += (
+                        _HEADER_SIZE
+                        + len(frame.meta)
+                        + (len(channel) if channel.isascii() else len(channel.encode()))
+                    )
             elif t == _SKIP:
                 if frame.id < 1:
                     raise ProtocolError("SKIP frame standing for no sequence number")
@@ -258,14 +271,16 @@ class ConnectionEngine:
                 strip = True
             elif t == _RACK:
                 self.queue.ack(frame.id)
+                self.racked = True
                 strip = True
         session.recv += count
         self._unacked_bytes += nbytes
-        if (
-            session.recv - session.acked_out >= ACK_EVERY
-            or (large and count)
-            or self._unacked_bytes >= ACK_BYTES
-        ):
+        if self._unacked_bytes >= ACK_BYTES:
+            # A stream of large frames: the sender's replay window may be waiting for
+            # this RACK (flow control), so it leaves now, not with the next write.
+            self._ack()
+            self.rack_urgent = True
+        elif session.recv - session.acked_out >= ACK_EVERY or (large and count):
             self._ack()
         if strip:
             return [f for f in received if f.type != _SKIP and f.type != _RACK]
@@ -288,8 +303,9 @@ class ConnectionEngine:
         (:meth:`SendQueue.rewind`); without one (a new session, a peer without
         resume: a restarted host), everything unacknowledged is sent again (at least
         once, :meth:`SendQueue.restart`).  Returns the number of sequenced frames
-        lost because they had left the replay window (``max_buffer``); they are also
-        logged as a WARNING and counted in ``session.lost``."""
+        lost because they had left the replay window (flow control keeps them in it:
+        see :meth:`SendQueue.take_inbox`); they are also logged as a WARNING and
+        counted in ``session.lost``."""
         queue = self.queue
         session = self.session
         lost = 0

@@ -77,9 +77,12 @@ MIN_MAX_MESSAGE = 1024
 #: 256 MiB: bytes that may wait unsent for one peer before writes block (and then
 #: raise ``WriteTimeout``); ``write_all`` tolerates up to twice this for ``timeout``
 #: seconds, then drops the peer as a slow consumer.  ``0``: at most one frame queued.
-#: With resume (protocol 1.2) it also bounds the replay window: sent values the peer has
-#: not acknowledged yet, kept for a lost link (oldest leave it first).  Worst case per
-#: connection: ``2 x max_buffer`` (queue + window; 3x briefly for ``write_all``).
+#: With resume (protocol 1.2) it also sizes the replay window: sent values the peer has
+#: not acknowledged yet, kept for a lost link.  Once the window holds ``max_buffer``
+#: bytes (at least 512.5 KiB, ``sendqueue.WINDOW_MIN``) values wait in the queue until
+#: the peer acknowledges some (flow control), so none leaves it unacknowledged.  Worst
+#: case per connection: ``2 x max_buffer`` plus one frame (queue + window; 3x briefly
+#: for ``write_all``).
 #: Counted at wire size; a small value not framed yet also counts its Python overhead
 #: (``sendqueue.ITEM_OVERHEAD``), so the memory held stays near this bound.
 DEFAULT_MAX_BUFFER = 256 * 1024 * 1024

@@ -94,9 +94,11 @@ class PeerView:
     @property
     def resume_lost(self) -> int:
         """Frames this side had written in this connection's session (protocol 1.2)
-        that were lost at a resume because they had left the replay window
-        (``max_buffer``), plus writes lost while the link was down beyond what a held
-        session keeps; each such resume also logs a WARNING.  0 without a session.
+        that were lost at a resume: writes for a client whose link was down beyond
+        what its held session keeps (``max_buffer``), and frames that had left the
+        replay window (none since the window has flow control; kept for peers of
+        older versions and as a safety net).  Each such resume also logs a WARNING.
+        0 without a session.
         A frame is one value, except that small values written in a burst travel as
         one BATCH frame, counted once here."""
         session = self.engine.session

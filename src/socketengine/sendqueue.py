@@ -36,11 +36,17 @@ apply the same way:
   user values (DATA, BATCH) is numbered when it goes to the wire (so conflated images,
   replaced while still in the inbox, never take a number) and kept in a *replay
   buffer* until the peer acknowledges it (:meth:`ack`).  The replay buffer is bounded
-  by ``max_buffer`` bytes on its own: beyond that, the oldest frames leave it
-  unacknowledged (:attr:`replay_overflow`) and a resume that would need them reports
-  them lost.  An image frame superseded by a newer one on the same channel is
-  replaced by a placeholder: a resume replays only the newest frame of a conflated
-  channel, and a SKIP frame keeps the numbering.  After a link dies,
+  by :attr:`window` bytes (``max_buffer``, at least :data:`WINDOW_MIN`) with flow
+  control: once it holds that much, :meth:`take_inbox` holds the values in the inbox
+  back (:attr:`held_back`) until RACKs make room, so writers wait on ``max_buffer``
+  instead of frames leaving the window unacknowledged.  It may pass the window by the
+  last entry it took (one frame larger than the window goes alone).  Link-level
+  frames (RACK, PING, PONG) are never held back: the peer's window may wait for this
+  side's RACKs.  A resume that would need frames no longer held (none, with flow
+  control; see :meth:`_bound`) reports them lost.  An image frame superseded by a
+  newer one on the same channel is replaced by a placeholder: a resume replays only
+  the newest frame of a conflated channel, and a SKIP frame keeps the numbering.
+  After a link dies,
   :meth:`detach` drops the half-sent wire buffers; :meth:`rewind` (the peer still
   has the session) or :meth:`restart` (it does not: at least once) prepares the
   replay, and :meth:`take_over` moves it all into the next connection's queue.
@@ -93,6 +99,15 @@ BATCH_MAX = 64 * 1024
 #: into frames all at once (measured: a million writes to a slow peer peaked at 2.5x
 #: ``max_buffer`` of RSS when the whole inbox was framed in one go).
 WIRE_CHUNK = 256 * 1024
+#: The replay window (resume) is never smaller than this.  A peer owes a RACK once 32
+#: sequenced frames, or 256 KiB of them (``session.ACK_EVERY``, ``ACK_BYTES``; a
+#: Python peer counts headers, channel names and meta, one that follows the older text
+#: of protocol.md meta only), or a frame with a data section arrived since its last
+#: one.  So a window this full (counting whole frames) always gets one, and flow
+#: control on it never waits for ever.  Twice 256 KiB: the sender goes on while that
+#: RACK travels (measured, 1 KB values, ``max_buffer`` 64 KiB: 285 MB/s, as without
+#: flow control; 239-265 MB/s with a 256.5 KiB window).
+WINDOW_MIN = 2 * 256 * 1024 + 32 * frames.HEADER_SIZE
 #: Memory an item takes beyond its bytes until it is framed: the bytes object's header
 #: and allocator rounding (CPython: 33 + up to 15) and its slot in the inbox list.
 ITEM_OVERHEAD = 56
@@ -140,6 +155,11 @@ _LINK_ONLY = frozenset((frames.RACK, frames.PING, frames.PONG))
 def _link_only(data: Buffer) -> bool:
     """``data`` (one queued buffer) holds link-level frames: RACK, PING or PONG."""
     return len(data) >= frames.HEADER_SIZE and data[0] in _LINK_ONLY
+
+
+def _link_only_entry(entry: Any) -> bool:
+    """An inbox entry (a frame's parts) that holds link-level frames only."""
+    return len(entry) == 1 and _link_only(entry[0])
 
 
 def skip_frame(count: int) -> bytes:
@@ -193,6 +213,9 @@ class SendQueue:
         "acked",
         "replay_bytes",
         "replay_overflow",
+        "window",
+        "held_back",
+        "_links",
         "_replay",
         "_replay_images",
         "framing",
@@ -230,8 +253,17 @@ class SendQueue:
         self.acked = 0
         #: Bytes held in the replay buffer.
         self.replay_bytes = 0
-        #: Unacknowledged frames pushed out of the replay buffer by ``max_buffer``.
+        #: Unacknowledged frames pushed out of the replay buffer (by the safety net,
+        #: :meth:`_bound`; flow control keeps this at 0).
         self.replay_overflow = 0
+        #: Bytes the replay buffer may hold (flow control, see "Resume" above).
+        self.window = max(max_buffer, WINDOW_MIN)
+        #: :meth:`take_inbox` left entries in the inbox for want of room in the
+        #: window: the I/O layer flushes again once a RACK arrived.
+        self.held_back = False
+        # Link-level frames pushed since the inbox was last taken (so a held-back
+        # inbox is searched for them only when there are some).
+        self._links = 0
         # [seq, parts or None (a superseded image: a placeholder), nbytes, image channel]
         self._replay: Deque[List[Any]] = deque()
         self._replay_images: Dict[str, List[Any]] = {}
@@ -357,6 +389,8 @@ class SendQueue:
         if image is None:
             self._inbox.append(parts)
             self.queued += nbytes
+            if len(parts) == 1 and _link_only(parts[0]):
+                self._links += 1
             return True
         slot = self._slots.get(image)
         if slot is not None:
@@ -418,6 +452,10 @@ class SendQueue:
         inbox = self._inbox
         if not inbox:
             return inbox
+        if self.numbered and self.replay_bytes + self.queued > self.window:
+            return self._take_within_window()
+        self.held_back = False
+        self._links = 0
         self.framing = True
         self._inbox = []
         slots = self._slots
@@ -428,6 +466,59 @@ class SendQueue:
                 for slot in slots.values():
                     hook(slot.channel, slot.nbytes)
         return inbox
+
+    def _take_within_window(self) -> List[_Entry]:
+        """:meth:`take_inbox` near a full replay window.
+
+        While the replay buffer holds less than :attr:`window` bytes, the head of the
+        inbox up to the entry that fills it (sizes as :meth:`push` counted them, at
+        least what the frames will take).  Once it holds :attr:`window` bytes or more,
+        no value leaves until RACKs make room; the peer owes one by then (see
+        :data:`WINDOW_MIN`).  Link-level frames behind held-back values go at once,
+        in order: they carry no number, and the peer's window may wait for this
+        side's RACKs."""
+        self._prune()
+        inbox = self._inbox
+        room = self.window - self.replay_bytes
+        end = len(inbox)
+        i = 0
+        while i < end and room > 0:
+            entry = inbox[i]
+            kind = type(entry)
+            if kind is bytes:
+                room -= len(entry) + ITEM_OVERHEAD  # type: ignore[arg-type]
+            elif kind is list:
+                if not _link_only_entry(entry):
+                    room -= sum(map(len, entry))  # type: ignore[arg-type]
+            else:
+                room -= entry.nbytes  # type: ignore[union-attr]
+            i += 1
+        rest: List[_Entry] = []
+        if i == end:
+            taken = inbox
+        elif not self._links:
+            taken, rest = inbox[:i], inbox[i:]
+        else:
+            taken = inbox[:i]
+            for entry in inbox[i:]:
+                if type(entry) is list and _link_only_entry(entry):
+                    taken.append(entry)
+                else:
+                    rest.append(entry)
+        self._links = 0
+        self.held_back = bool(rest)
+        self._inbox = rest
+        slots = self._slots
+        if slots:
+            hook = self._on_image
+            for entry in taken:
+                if type(entry) is _Slot and slots.get(entry.channel) is entry:
+                    del slots[entry.channel]
+                    if hook is not None:
+                        hook(entry.channel, entry.nbytes)
+        if taken:
+            self.framing = True
+        return taken
 
     def to_wire(self, entries: List[_Entry]) -> None:
         """Turn taken entries into wire buffers, in order: a run of items becomes one
@@ -559,9 +650,12 @@ class SendQueue:
         self.replay_bytes += nbytes
 
     def _bound(self) -> None:
-        """Keep the replay buffer within ``max_buffer`` bytes (oldest frames leave)."""
+        """A safety net: the oldest frames leave the replay buffer (lost if the link then
+        dies) while it holds more than :attr:`window` bytes before its newest frame.
+        Flow control (:meth:`take_inbox`) never lets it get there: it stops taking
+        once the entry just taken reaches the window."""
         replay = self._replay
-        while self.replay_bytes > self.max_buffer and len(replay) > 1:
+        while len(replay) > 1 and self.replay_bytes - replay[-1][2] > self.window:
             record = replay.popleft()
             self.replay_bytes -= record[2]
             self.replay_overflow += 1
@@ -679,7 +773,7 @@ class SendQueue:
         moved: List[_Entry] = []
         dropped = 0
         for entry in untaken + old._inbox:
-            if type(entry) is list and len(entry) == 1 and _link_only(entry[0]):
+            if type(entry) is list and _link_only_entry(entry):
                 dropped += len(entry[0])
             else:
                 moved.append(entry)
@@ -697,6 +791,7 @@ class SendQueue:
         self.images_sent += old.images_sent
         self.images_dropped += old.images_dropped
         old._inbox = []
+        old._links = 0
         old._wire.clear()
         old._slots = {}
         old.queued = 0
@@ -773,16 +868,22 @@ class SendQueue:
                 sent = 0
 
     def take_all(self) -> List[Buffer]:
-        """Every waiting buffer, in order, the queue emptied (the asyncio layer hands
-        it all to its transport)."""
-        while self.unframed:
-            self.to_wire([])
-        self.to_wire(self.take_inbox())
-        while self.unframed:
-            self.to_wire([])
+        """Every buffer that may leave now, in order: the whole queue, but for values
+        the replay window holds back (:attr:`held_back`).  A flusher in one call, for
+        sans-I/O use (tests, tools)."""
+        while True:
+            while self.unframed:
+                self.to_wire([])
+            entries = self.take_inbox()
+            if not entries:
+                break
+            self.to_wire(entries)
         out = list(self._wire)
         self._wire.clear()
-        self.queued = 0
+        if self._inbox:  # held back: still counted
+            self.queued -= sum(map(len, out))
+        else:
+            self.queued = 0
         return out
 
     def absorb(self, other: SendQueue) -> None:
@@ -809,6 +910,7 @@ class SendQueue:
             self.unstage()
         dropped = self.queued
         self._inbox = []
+        self._links = 0
         self._wire.clear()
         self._taken = []
         self._taken_at = 0

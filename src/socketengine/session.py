@@ -38,8 +38,10 @@ SID_SIZE = 16
 #: heartbeat tick, and after any read that held a frame with a data section).
 ACK_EVERY = 32
 #: ... and once the sequenced frames without a data section it has not acknowledged
-#: take this many bytes (a BATCH frame holds up to 64 KiB: 32 of them would leave 2 MiB
-#: unacknowledged, beyond a small sender's replay window).
+#: take this many bytes, whole frames counted (header, channel name, meta), as the
+#: sender's replay window counts them: a sender whose window is full
+#: (``sendqueue.WINDOW_MIN`` or more) stops until it gets a RACK, and this rule makes
+#: sure one comes (a BATCH frame holds up to 64 KiB: 32 of them would be 2 MiB).
 ACK_BYTES = 256 * 1024
 
 

@@ -726,7 +726,13 @@ class Connection(PeerView, asyncio.BufferedProtocol):
             return
         while queue and (force or not self._write_paused):
             if not queue.wire_pending:
-                queue.to_wire([] if queue.unframed else queue.take_inbox())
+                if queue.unframed:
+                    queue.to_wire([])
+                    continue
+                entries = queue.take_inbox()
+                if not entries:
+                    break  # held back: the replay window is full until a RACK (_window_moved)
+                queue.to_wire(entries)
                 continue
             batch = queue.wire_batch(1 << 30)
             size = sum(memoryview(part).nbytes for part in batch)
@@ -926,10 +932,21 @@ class Connection(PeerView, asyncio.BufferedProtocol):
             engine = self.engine
             while decoder.frames and not engine.closed and not engine.bye_received:
                 self._process()
+            if engine.racked:
+                engine.racked = False
+                self._window_moved()
         except (ProtocolError, HandshakeError) as exc:
             self._fail(exc)
         except Exception as exc:  # a malformed frame a decoder let through
             self._fail(malformed(exc))
+
+    def _window_moved(self) -> None:
+        """A RACK arrived: send what the send queue held back for want of room in
+        the replay window, and let writers waiting for room look again."""
+        if self._queue.held_back and not self._write_paused and not self._lost:
+            self._pump()
+            for waiter in self._drain_waiters:
+                _wake(waiter)
 
     def eof_received(self) -> Optional[bool]:
         """The peer half-closed: let the transport close (after flushing)."""
@@ -991,7 +1008,10 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         except BaseException:
             self._send_protocol_bytes()
             raise
-        if was_open and events:
+        urgent = engine.rack_urgent
+        if urgent:
+            engine.rack_urgent = False
+        if was_open and events and not urgent:
             # A RACK or PONG owed now leaves with what handling these frames writes (a
             # reply), or within CONTROL_DELAY (see the threaded layer's _process).
             self._defer_protocol_bytes()

@@ -986,6 +986,9 @@ class Connection(PeerView, Pausable):
                 # time (Protocol.events); nothing after the peer's BYE is handled.
                 while decoder.frames and not engine.closed and not engine.bye_received:
                     self._process()
+                if engine.racked:
+                    engine.racked = False
+                    self._window_moved()
             except (ProtocolError, HandshakeError) as exc:
                 self._fail(exc)
                 return
@@ -1031,7 +1034,10 @@ class Connection(PeerView, Pausable):
                 self._endpoint._dispatch(self, events)
             return
         control = engine.control_bytes()
-        if not events or not control or engine.closed:
+        urgent = engine.rack_urgent
+        if urgent:
+            engine.rack_urgent = False
+        if not events or not control or engine.closed or urgent:
             self._send_raw(control)
             if events:
                 self._endpoint._dispatch(self, events)
@@ -1047,6 +1053,14 @@ class Connection(PeerView, Pausable):
         finally:
             if self._control_timer is None:
                 self._control_timer = self._loop.call_later(CONTROL_DELAY, self._flush_control)
+
+    def _window_moved(self) -> None:
+        """A RACK arrived (loop thread): if the send queue held values back for want
+        of room in the replay window, send them now.  Checked under the lock, where the
+        flusher decides to hold back, so a RACK cannot slip between the two."""
+        with self._lock:
+            if self._queue.held_back and not self._want_write and not self.engine.closed:
+                self._flush_locked()
 
     def _flush_control(self) -> None:
         """Send protocol bytes no write took along (loop thread, see :meth:`_process`)."""
