@@ -734,6 +734,12 @@ class Connection(PeerView, asyncio.BufferedProtocol):
                     break  # held back: the replay window is full until a RACK (_window_moved)
                 queue.to_wire(entries)
                 continue
+            if transport.is_closing():
+                # Lost, and connection_lost() not called yet: what is left waits for it
+                # (kept for a resume).  Writing now would be dropped by write(), and
+                # raises in writelines() on CPython 3.13.0 (TypeError from a closed
+                # transport's cleared _write_ready).
+                break
             batch = queue.wire_batch(1 << 30)
             size = sum(memoryview(part).nbytes for part in batch)
             queue.consumed(size)
