@@ -389,7 +389,7 @@ class SendQueue:
         if image is None:
             self._inbox.append(parts)
             self.queued += nbytes
-            if len(parts) == 1 and _link_only(parts[0]):
+            if _link_only_entry(parts):
                 self._links += 1
             return True
         slot = self._slots.get(image)
