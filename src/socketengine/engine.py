@@ -152,13 +152,10 @@ class ConnectionEngine:
         # Bytes of the peer's sequenced frames (without data sections) since our last
         # RACK: one is due at ACK_BYTES as well as at ACK_EVERY frames.
         self._unacked_bytes = 0
-        #: A RACK arrived: the I/O layer checks, under its lock, whether the send queue
-        #: held values back for want of room in the replay window, and flushes again
-        #: (see :meth:`SendQueue.take_inbox`).  It clears the flag.
-        self.racked = False
-        #: The RACK just queued must not wait for the next write (CONTROL_DELAY): the
-        #: I/O layer sends the protocol bytes now and clears the flag.
-        self.rack_urgent = False
+        # A RACK arrived (read and cleared by take_racked), and the RACK just queued
+        # must not wait for the next write (read and cleared by take_rack_urgent).
+        self._racked = False
+        self._rack_urgent = False
         #: The handshake completed with a session: :meth:`adopt` makes it OPEN.
         self.opening = False
         #: Bytes waiting unsent to the peer, as the layer sees them (the asyncio layer
@@ -271,7 +268,7 @@ class ConnectionEngine:
                 strip = True
             elif t == _RACK:
                 self.queue.ack(frame.id)
-                self.racked = True
+                self._racked = True
                 strip = True
         session.recv += count
         self._unacked_bytes += nbytes
@@ -279,12 +276,29 @@ class ConnectionEngine:
             # A stream of large frames: the sender's replay window may be waiting for
             # this RACK (flow control), so it leaves now, not with the next write.
             self._ack()
-            self.rack_urgent = True
+            self._rack_urgent = True
         elif session.recv - session.acked_out >= ACK_EVERY or (large and count):
             self._ack()
         if strip:
             return [f for f in received if f.type != _SKIP and f.type != _RACK]
         return received
+
+    def take_racked(self) -> bool:
+        """Whether a RACK arrived since the last call.  When it did, the I/O layer
+        checks, under its lock, whether the send queue held values back for want of
+        room in the replay window, and flushes again (see
+        :meth:`SendQueue.take_inbox`)."""
+        racked = self._racked
+        self._racked = False
+        return racked
+
+    def take_rack_urgent(self) -> bool:
+        """Whether the RACK queued since the last call must leave now rather than wait
+        for the next write (``CONTROL_DELAY``): the peer's replay window may be full
+        and waiting for it."""
+        urgent = self._rack_urgent
+        self._rack_urgent = False
+        return urgent
 
     def _ack(self) -> None:
         session = self.session

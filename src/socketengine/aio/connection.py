@@ -938,8 +938,7 @@ class Connection(PeerView, asyncio.BufferedProtocol):
             engine = self.engine
             while decoder.frames and not engine.closed and not engine.bye_received:
                 self._process()
-            if engine.racked:
-                engine.racked = False
+            if engine.take_racked():
                 self._window_moved()
         except (ProtocolError, HandshakeError) as exc:
             self._fail(exc)
@@ -1014,9 +1013,7 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         except BaseException:
             self._send_protocol_bytes()
             raise
-        urgent = engine.rack_urgent
-        if urgent:
-            engine.rack_urgent = False
+        urgent = engine.take_rack_urgent()
         if was_open and events and not urgent:
             # A RACK or PONG owed now leaves with what handling these frames writes (a
             # reply), or within CONTROL_DELAY (see the threaded layer's _process).

@@ -986,8 +986,7 @@ class Connection(PeerView, Pausable):
                 # time (Protocol.events); nothing after the peer's BYE is handled.
                 while decoder.frames and not engine.closed and not engine.bye_received:
                     self._process()
-                if engine.racked:
-                    engine.racked = False
+                if engine.take_racked():
                     self._window_moved()
             except (ProtocolError, HandshakeError) as exc:
                 self._fail(exc)
@@ -1034,9 +1033,7 @@ class Connection(PeerView, Pausable):
                 self._endpoint._dispatch(self, events)
             return
         control = engine.control_bytes()
-        urgent = engine.rack_urgent
-        if urgent:
-            engine.rack_urgent = False
+        urgent = engine.take_rack_urgent()
         if not events or not control or engine.closed or urgent:
             self._send_raw(control)
             if events:
