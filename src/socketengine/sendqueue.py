@@ -381,6 +381,25 @@ class SendQueue:
         self.queued = total + cost
         return True
 
+    def push_items(self, items: List[bytes], nbytes: int) -> None:
+        """Queue many small DATA values as BATCH items, in order; ``nbytes``: their
+        bytes plus :data:`ITEM_OVERHEAD` each (a host's run of broadcasts)."""
+        if self.staged:
+            self.unstage()
+        self._inbox.extend(items)
+        self.queued += nbytes
+
+    def offer_items(self, items: List[bytes], nbytes: int) -> bool:
+        """:meth:`push_items` if they :meth:`fits` now; False, nothing queued, if not."""
+        if self.staged:
+            self.unstage()
+        total = self.queued
+        if total and total + nbytes > self.max_buffer:
+            return False
+        self._inbox.extend(items)
+        self.queued = total + nbytes
+        return True
+
     def push(self, parts: List[Buffer], nbytes: int, image: Optional[str] = None) -> bool:
         """Queue a frame's parts; an image frame (``image`` = its channel) replaces a
         waiting one on the same channel.  Returns False if it replaced one."""

@@ -175,6 +175,9 @@ class Connection(PeerView, Pausable):
     ) -> None:
         self._endpoint = endpoint
         self._loop = endpoint._loop
+        # A host's run of deferred broadcasts (fanout.py): handed over before anything
+        # else is queued here, so nothing overtakes it.  None on a client.
+        self._fan = endpoint._fan
         self.socket = sock
         self.address = address
         engine = ConnectionEngine(
@@ -296,6 +299,9 @@ class Connection(PeerView, Pausable):
         whole, under one lock, and send them with one flush.  Thread-safe."""
         if not encoded:
             return
+        fan = self._fan
+        if fan is not None and fan.items:
+            self._endpoint._fan_flush()
         engine = self.engine
         if engine.state is not _OPEN:
             for value in encoded:  # held for a resume one by one, or the right error
@@ -546,6 +552,9 @@ class Connection(PeerView, Pausable):
         the lock (:attr:`SendQueue.staged`, within ``stage_below``): the flush takes it
         in order.  Appended first, checked after: if the flush began meanwhile or the
         link closed, :meth:`_settle_staged` decides under the lock."""
+        fan = self._fan
+        if fan is not None and fan.items:
+            self._endpoint._fan_flush()
         engine = self.engine
         if self._flush_scheduled and engine.state is _OPEN:
             queue = self._queue
@@ -589,6 +598,40 @@ class Connection(PeerView, Pausable):
                 self._loop.call_soon(self._scheduled_flush)
         finally:
             lock.release()
+
+    def send_items(self, items: List[bytes], nbytes: int) -> None:
+        """A host's run of broadcast values (:class:`FanOut`, ``nbytes`` as it counts
+        them), queued at once, in order, and sent by the loop thread; like
+        :meth:`send_item` with ``block=False`` for each.  Called with the host's
+        ``_held_lock`` held.
+
+        A connection that is no longer open gets them only if its session survives
+        it: into the queue that a resume continues (while the link is being closed),
+        or the held session (once it is).  Raises :class:`WriteTimeout` when it drops
+        this peer as a slow consumer (nothing of the run is queued then)."""
+        engine = self.engine
+        if engine.closed:
+            for item in items:
+                if not self._held(item, len(item), None):
+                    return  # no session kept for it
+            return
+        with self._lock:
+            queue = self._queue
+            if engine.state is not _OPEN:
+                # Lost just now (the loop has not closed it yet): the session keeps the
+                # queue for a resume, up to max_buffer.  Closing with a BYE: not sent.
+                if engine.resumable and queue.offer_items(items, nbytes):
+                    self.messages_out += len(items)
+                return
+            if not queue.offer_items(items, nbytes):
+                if queue.slow_consumer(nbytes, _monotonic(), self._endpoint.timeout):
+                    self._drop_slow_consumer_locked()
+                queue.push_items(items, nbytes)
+            self.messages_out += len(items)
+            if self._want_write or self._flush_scheduled:
+                return
+            self._flush_scheduled = True
+            self._loop.call_soon(self._scheduled_flush)
 
     def _settle_staged(self, item: bytes) -> bool:
         """A staged ``item`` raced with the flush or a close: True if it is accepted
@@ -635,6 +678,9 @@ class Connection(PeerView, Pausable):
         """
         if nbytes is None:
             nbytes = frames.frame_size(parts)
+        fan = self._fan
+        if fan is not None and fan.items:
+            self._endpoint._fan_flush()
         engine = self.engine
         queue = self._queue
         if (
@@ -729,6 +775,9 @@ class Connection(PeerView, Pausable):
         if acked:
             self.sync(limit)
             return
+        fan = self._fan
+        if fan is not None and fan.items:
+            self._endpoint._fan_flush()
         with self._lock:
             if self._queue and not self._want_write and not self._flushing:
                 if not self._flush_scheduled and not self._tls and self.ready.is_set():
@@ -1183,6 +1232,9 @@ class Connection(PeerView, Pausable):
         # The link's death and its session's suspension (_on_closed) are one step for
         # a broadcast: it finds the client either live or held, never neither.
         with self._endpoint._held_lock:
+            fan = self._fan
+            if fan is not None and fan.items:
+                self._endpoint._fan_flush()  # into the queue its session may keep
             with self._lock:
                 engine.finish()
                 self._drained.notify_all()

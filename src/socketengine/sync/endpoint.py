@@ -26,6 +26,7 @@ from .. import frames, images
 from ..codec import plain_ext_hook
 from ..endpoint import EndpointBase
 from ..errors import ConnectionClosed, EndpointClosed, SocketEngineError
+from ..fanout import FanOut
 from ..frames import BATCH, DATA, FLAG_COMPRESSED, FLAG_IMAGE, FLAG_RELAYED, Frame
 from ..limits import (
     DEFAULT_SUBSCRIPTION_BYTES,
@@ -62,6 +63,8 @@ class Endpoint(EndpointBase, Generic[_I]):
     #: A thread waiting for one reply, ACK or value reads its connection itself
     #: (:meth:`Connection.read_until`): set by Client and Host.
     _self_read = False
+    #: A host's run of deferred broadcasts (see :mod:`socketengine.fanout`).
+    _fan: Optional[FanOut[Connection]] = None
 
     def __init__(
         self,
@@ -149,6 +152,9 @@ class Endpoint(EndpointBase, Generic[_I]):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    def _fan_flush(self) -> None:
+        """Hand the run of deferred broadcasts to its recipients (a host's)."""
 
     def _check_open(self) -> None:
         if self.stopped:

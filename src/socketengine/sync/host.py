@@ -26,6 +26,7 @@ from .. import codec, frames, images
 from ..compat import HostSeedNames
 from ..engine import ConnState
 from ..errors import SocketEngineError
+from ..fanout import FanOut
 from ..limits import (
     DEFAULT_COMPRESS_THRESHOLD,
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -250,6 +251,8 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         self._conns: Dict[int, Connection] = {}
         self._retain_lock = threading.Lock()
         self._last_broadcast = 0.0
+        self._fan: FanOut[Connection] = FanOut()
+        self._fan_due = False  # a _fan_tick is scheduled on the loop thread
         self._on_connect: List[Callable[[Connection], Any]] = []
         self._on_disconnect: List[Callable[[Connection], Any]] = []
         if open:
@@ -294,6 +297,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
     def close(self) -> None:
         """Close every client connection gracefully (flush, BYE; up to ``timeout`` s),
         stop listening and join the I/O thread.  Idempotent."""
+        self._fan_flush()  # deferred broadcasts go before the BYEs
         with self._state_lock:
             if self.stopped:
                 return
@@ -466,15 +470,68 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         resume (held sessions).  Returns for how many clients it was queued."""
         held = 0
         with self._held_lock:  # every client is either live or held meanwhile
+            fan = self._fan
+            if clients is None and channel is not None:
+                # Cached; may hold some not open (yet or any more): _fan_out skips them.
+                clients = self._wanting(channel, self._conns)
+                if fan and not fan.joins(clients):
+                    self._fan_flush()  # before the held sessions get this one
+                if hold:
+                    held = self._hold_all(parts, nbytes, image, channel, exclude)
+                if type(parts) is bytes and exclude is None:
+                    return held + self._fan_item(parts, clients)
+            if fan:
+                self._fan_flush()
             if clients is None:
-                if channel is None:
-                    clients = self.clients()
-                else:
-                    # Cached; may hold some not open (yet or any more): _fan_out skips them.
-                    clients = self._wanting(channel, self._conns)
-                    if hold:
-                        held = self._hold_all(parts, nbytes, image, channel, exclude)
+                clients = self.clients()
             return held + self._fan_out(parts, nbytes, image, clients, exclude)
+
+    def _fan_item(self, item: bytes, clients: List[Connection]) -> int:
+        """A small value for every open connection of ``clients`` (``_wanting``'s
+        cached audience; ``_held_lock`` held).  In a burst it joins the run of
+        deferred broadcasts (fanout.py): queued once, handed to every recipient on the
+        loop thread's next step (or here, once the run is full).  An isolated one
+        goes out at once."""
+        fan = self._fan
+        if fan.joins(clients):
+            full = fan.add(item)
+            count = len(fan.recipients)
+            if full:
+                self._fan_flush()
+            self._last_broadcast = time.monotonic()
+            return count
+        if len(clients) < 2 or time.monotonic() - self._last_broadcast >= _BROADCAST_GAP:
+            return self._fan_out(item, len(item), None, clients)
+        fan.start(clients, [c for c in clients if c.engine.state is _OPEN])
+        fan.add(item)
+        if not self._fan_due:
+            self._fan_due = True
+            self._loop.call_soon(self._fan_tick)
+        self._last_broadcast = time.monotonic()
+        return len(fan.recipients)
+
+    def _fan_tick(self) -> None:
+        """The loop thread's step after a run of deferred broadcasts began."""
+        self._fan_due = False
+        self._fan_flush()
+
+    def _fan_flush(self) -> None:
+        """Hand the run of deferred broadcasts to each of its recipients, in order
+        (any thread; no connection lock held: ``_held_lock`` comes first)."""
+        with self._held_lock:
+            fan = self._fan
+            if not fan:
+                return
+            # The run stays visible (fan.items) until every recipient has it: a thread
+            # writing to one of them meanwhile waits here (Connection.send_*), so
+            # nothing overtakes it.
+            items, nbytes = fan.items, fan.nbytes
+            for conn in fan.recipients:
+                try:
+                    conn.send_items(items, nbytes)
+                except (ConnectionError, SocketEngineError) as exc:
+                    logger.info("%r: not sent to %r: %s", self, conn, exc)
+            fan.clear()
 
     def _fan_out(
         self,
