@@ -5,17 +5,26 @@ them, and at most FAN_MAX values wait outside the send queues."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from typing import Any, List, Tuple
+from typing import Any, Iterator, List, Tuple
 
 import pytest
 from conftest import wait_for
+from test_parity import LAYERS, AioThread, make_host
 
 from socketengine import Client, Host
 from socketengine.fanout import FAN_MAX, FanOut
 from socketengine.sendqueue import ITEM_OVERHEAD
 
 N = 2000
+
+
+@pytest.fixture
+def aio_loop() -> Iterator[AioThread]:
+    runner = AioThread()
+    yield runner
+    runner.close()
 
 
 def _recorder(client: Client) -> List[Tuple[str, Any]]:
@@ -75,6 +84,45 @@ def test_nothing_written_to_one_client_overtakes_a_burst(host: Host, make_client
     assert log_a == expected_a
     wait_for(lambda: len(log_b) == N, what="the broadcasts at b")
     assert log_b == [("fan", i) for i in range(N)]
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_both_layers_keep_broadcasts_and_direct_writes_in_order(
+    layer: str, aio_loop: AioThread
+) -> None:
+    # The threaded host defers broadcasts in runs, the asyncio host queues each at
+    # once: a client sees the same interleaving of both either way.
+    host = make_host(layer, aio_loop)
+    a = Client(port=host.ep.port, name="a", connect_timeout=10)
+    b = Client(port=host.ep.port, name="b", connect_timeout=10)
+    try:
+        log_a, log_b = _recorder(a), _recorder(b)
+        conn_a = wait_for(lambda: host.ep.get_client("a"))
+        wait_for(lambda: host.ep.get_client("b"))
+
+        def direct(name: str, *args: Any) -> None:
+            result = getattr(conn_a, name)(*args)
+            if asyncio.iscoroutine(result):
+                aio_loop.run(result)
+
+        expected: List[Tuple[str, Any]] = []
+        for i in range(600):
+            assert host.do("write_all", "fan", i) == 2
+            expected.append(("fan", i))
+            if i % 37 == 0:
+                direct("write", "direct", i)
+                expected.append(("direct", i))
+            if i % 149 == 0:
+                direct("write_many", [("many", i), ("many", -i)])
+                expected += [("many", i), ("many", -i)]
+        wait_for(lambda: len(log_a) == len(expected), what="everything at a")
+        assert log_a == expected
+        wait_for(lambda: len(log_b) == 600, what="the broadcasts at b")
+        assert log_b == [("fan", i) for i in range(600)]
+    finally:
+        a.close()
+        b.close()
+        host.close()
 
 
 def test_broadcasts_to_different_audiences_keep_their_order(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
@@ -191,3 +239,21 @@ def test_conn_flush_after_a_burst_waits_for_it(host: Host, make_client) -> None:
     conn.flush(acked=True)  # the client has stored them all
     assert c.get("fan") == N - 1
     wait_for(lambda: len(log) == N, what="every value")
+
+
+def test_a_send_queue_takes_a_run_whole_or_not_at_all() -> None:
+    from socketengine.sendqueue import SendQueue
+
+    q = SendQueue(max_buffer=1000)
+    q.staged.append(b"s")  # staged before: stays first
+    run = [b"a" * 300, b"b" * 300]
+    cost = 600 + 2 * ITEM_OVERHEAD
+    assert q.offer_items(run, cost)  # 57 bytes queued: 57 + 712 fit
+    before = q.queued
+    assert not q.offer_items(run, cost)  # would pass max_buffer: nothing queued
+    assert q.queued == before
+    q.push_items([b"c"], 1 + ITEM_OVERHEAD)  # the slow-consumer path: beyond the bound
+    assert q.queued == before + 1 + ITEM_OVERHEAD
+    assert q.take_inbox() == [b"s", b"a" * 300, b"b" * 300, b"c"]
+    empty = SendQueue(max_buffer=10)
+    assert empty.offer_items(run, cost)  # an empty queue takes any run

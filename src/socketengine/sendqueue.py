@@ -391,13 +391,10 @@ class SendQueue:
 
     def offer_items(self, items: List[bytes], nbytes: int) -> bool:
         """:meth:`push_items` if they :meth:`fits` now; False, nothing queued, if not."""
-        if self.staged:
-            self.unstage()
-        total = self.queued
-        if total and total + nbytes > self.max_buffer:
+        if not self.fits(nbytes):
             return False
         self._inbox.extend(items)
-        self.queued = total + nbytes
+        self.queued += nbytes
         return True
 
     def push(self, parts: List[Buffer], nbytes: int, image: Optional[str] = None) -> bool:
