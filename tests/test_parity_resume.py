@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Iterator, List
+from typing import Any, Callable, Iterator, List, Sequence
 
 import pytest
 from conftest import wait_for
@@ -58,6 +58,39 @@ def _check(got: List[int], n: int, way: str) -> None:
     )
 
 
+def _cut_under_load(
+    proxy: CuttingProxy,
+    client: Any,
+    workers: List[threading.Thread],
+    stop: threading.Event,
+    kinds: Sequence[str],
+    progress: Callable[[], int],
+    step: int,
+) -> None:
+    """Start ``workers``; for each of ``kinds``, once ``progress()`` grew by ``step``,
+    cut the link that way and wait for the reconnection; then stop and join them."""
+    for w in workers:
+        w.start()
+    try:
+        for kind in kinds:
+            mark = progress() + step
+            wait_for(lambda m=mark: progress() > m, 10.0, "values flowing")
+            _cut(proxy, kind, client)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(10)
+
+
+def _wait_all(got: List[int], n: int, timeout: float, way: str) -> None:
+    """Wait until ``got`` holds ``n`` values; on time-out, say what is missing."""
+    try:
+        wait_for(lambda: len(got) >= n, timeout, f"{n} values, {way}")
+    except AssertionError:
+        _check(got, n, way)
+        raise
+
+
 @pytest.mark.parametrize("layer", LAYERS)
 def test_no_loss_no_duplicates_in_order_across_cuts(layer: str, loop_thread: AioThread) -> None:
     host = make_host(layer, loop_thread, heartbeat=H)
@@ -95,22 +128,17 @@ def test_no_loss_no_duplicates_in_order_across_cuts(layer: str, loop_thread: Aio
             writes[0] = i
 
         writes = [0]
-        thread = threading.Thread(target=writer, daemon=True)
-        thread.start()
-        try:
-            for kind in ("close", "reset", "blackhole", "close", "reset", "blackhole"):
-                mark = len(at_host) + 50
-                wait_for(lambda m=mark: len(at_host) > m, 10.0, "values flowing")
-                _cut(proxy, kind, client)
-        finally:
-            stop.set()
-            thread.join(10)
+        _cut_under_load(
+            proxy,
+            client,
+            [threading.Thread(target=writer, daemon=True)],
+            stop,
+            ("close", "reset", "blackhole", "close", "reset", "blackhole"),
+            lambda: len(at_host),
+            50,
+        )
         n = writes[0]
-        try:
-            wait_for(lambda: len(at_host) >= n, 10.0, f"{n} values at the host")
-        except AssertionError:
-            _check(at_host, n, "client -> host")
-            raise
+        _wait_all(at_host, n, 10.0, "client -> host")
         wait_for(lambda: len(at_client) >= sent_down[0], 10.0, "the host's values")
         client.close()
     host.close()
@@ -160,23 +188,17 @@ def test_unpaced_writers_in_several_threads_lose_nothing_across_cuts(
 
         workers = [threading.Thread(target=writer, args=(k,), daemon=True) for k in range(threads)]
         workers.append(threading.Thread(target=broadcaster, daemon=True))
-        for w in workers:
-            w.start()
-        try:
-            for kind in ("close", "reset", "close", "reset"):
-                mark = sum(map(len, at_host)) + 5000
-                wait_for(lambda m=mark: sum(map(len, at_host)) > m, 10.0, "values flowing")
-                _cut(proxy, kind, client)
-        finally:
-            stop.set()
-            for w in workers:
-                w.join(10)
+        _cut_under_load(
+            proxy,
+            client,
+            workers,
+            stop,
+            ("close", "reset", "close", "reset"),
+            lambda: sum(map(len, at_host)),
+            5000,
+        )
         for k in range(threads):
-            try:
-                wait_for(lambda k=k: len(at_host[k]) >= written[k], 20.0, f"thread {k}'s values")
-            except AssertionError:
-                _check(at_host[k], written[k], f"client thread {k} -> host")
-                raise
+            _wait_all(at_host[k], written[k], 20.0, f"client thread {k} -> host")
         wait_for(lambda: len(at_client) >= sent_down[0], 20.0, "the host's values")
         client.close()
     host.close()
@@ -212,22 +234,17 @@ def test_a_small_max_buffer_loses_nothing_across_cuts(layer: str, loop_thread: A
                 i += 1
             written[0] = i
 
-        thread = threading.Thread(target=writer, daemon=True)
-        thread.start()
-        try:
-            for kind in ("reset", "close", "reset", "reset"):
-                mark = len(at_host) + 2000
-                wait_for(lambda m=mark: len(at_host) > m, 10.0, "values flowing")
-                _cut(proxy, kind, client)
-        finally:
-            stop.set()
-            thread.join(10)
+        _cut_under_load(
+            proxy,
+            client,
+            [threading.Thread(target=writer, daemon=True)],
+            stop,
+            ("reset", "close", "reset", "reset"),
+            lambda: len(at_host),
+            2000,
+        )
         n = written[0]
-        try:
-            wait_for(lambda: len(at_host) >= n, 20.0, f"{n} values at the host")
-        except AssertionError:
-            _check(at_host, n, "client -> host")
-            raise
+        _wait_all(at_host, n, 20.0, "client -> host")
         client.close()
     host.close()
     _check(at_host, n, "client -> host")

@@ -65,7 +65,7 @@ import threading
 from bisect import bisect_right
 from collections import deque
 from itertools import accumulate, repeat, starmap
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from . import frames
 from .codec import Buffer
@@ -474,14 +474,26 @@ class SendQueue:
         self._links = 0
         self.framing = True
         self._inbox = []
-        slots = self._slots
-        if slots:
-            self._slots = {}
-            hook = self._on_image
-            if hook is not None:
-                for slot in slots.values():
-                    hook(slot.channel, slot.nbytes)
+        if self._slots:
+            self._release_slots(None)
         return inbox
+
+    def _release_slots(self, taken: Optional[List[_Entry]]) -> None:
+        """The image frames of ``taken`` (``None``: every waiting one) are being sent:
+        a newer frame on their channel no longer replaces them; tell the hook."""
+        slots = self._slots
+        released: Iterable[_Slot]
+        if taken is None:
+            self._slots = {}
+            released = slots.values()
+        else:
+            released = [e for e in taken if type(e) is _Slot and slots.get(e.channel) is e]
+            for slot in released:
+                del slots[slot.channel]
+        hook = self._on_image
+        if hook is not None:
+            for slot in released:
+                hook(slot.channel, slot.nbytes)
 
     def _take_within_window(self) -> List[_Entry]:
         """:meth:`take_inbox` near a full replay window.
@@ -524,14 +536,8 @@ class SendQueue:
         self._links = 0
         self.held_back = bool(rest)
         self._inbox = rest
-        slots = self._slots
-        if slots:
-            hook = self._on_image
-            for entry in taken:
-                if type(entry) is _Slot and slots.get(entry.channel) is entry:
-                    del slots[entry.channel]
-                    if hook is not None:
-                        hook(entry.channel, entry.nbytes)
+        if self._slots:
+            self._release_slots(taken)
         if taken:
             self.framing = True
         return taken
