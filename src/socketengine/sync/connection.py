@@ -599,7 +599,7 @@ class Connection(PeerView, Pausable):
         finally:
             lock.release()
 
-    def send_items(self, items: List[bytes], nbytes: int) -> None:
+    def _send_run(self, items: List[bytes], nbytes: int) -> None:
         """A host's run of broadcast values (:class:`FanOut`, ``nbytes`` as it counts
         them), queued at once, in order, and sent by the loop thread; like
         :meth:`send_item` with ``block=False`` for each.  Called with the host's

@@ -528,7 +528,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
             items, nbytes = fan.items, fan.nbytes
             for conn in fan.recipients:
                 try:
-                    conn.send_items(items, nbytes)
+                    conn._send_run(items, nbytes)
                 except (ConnectionError, SocketEngineError) as exc:
                     logger.info("%r: not sent to %r: %s", self, conn, exc)
             fan.clear()
