@@ -20,8 +20,9 @@ The rules, for every I/O layer that defers broadcasts:
 * **Order.**  Anything else sent to one of its recipients (a direct write, a reply, a
   broadcast that is not deferred, a close) hands the run over first, so nothing
   overtakes it.  A connection whose link is lost before the hand-over gets the run
-  into the queue its session keeps for a resume; one that is closing (BYE, refused,
-  dropped) does not get it.
+  into the queue its session keeps for a resume; one that is closing otherwise (a
+  goodbye from either side, a protocol error, a slow-consumer drop: no session is
+  kept for those) does not get it.
 """
 
 from __future__ import annotations
