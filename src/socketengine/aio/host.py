@@ -49,6 +49,8 @@ _H = TypeVar("_H", bound="Host")
 T = TypeVar("T")
 #: An ``on_connect`` / ``on_disconnect`` callback: ``fn(conn)``, plain or ``async``.
 _C = TypeVar("_C", bound=Callable[[Connection], Any])
+# Broadcasts closer together than this are a burst (see Host._broadcast).
+_BROADCAST_GAP = 1e-3
 
 
 class Host(Endpoint):
@@ -221,6 +223,7 @@ class Host(Endpoint):
         self._server: Optional[asyncio.AbstractServer] = None
         # Every accepted connection, in accept order, until it departs.
         self._conns: Dict[int, Connection] = {}
+        self._last_broadcast = 0.0
         self._connect_handlers: Tuple[Callable[..., Any], ...] = ()
         self._disconnect_handlers: Tuple[Callable[..., Any], ...] = ()
 
@@ -522,10 +525,16 @@ class Host(Endpoint):
             clients = self._audience(channel)
             if hold:
                 sent = self._hold_all(parts, nbytes, image, channel)
+        # In a burst of broadcasts each connection sends once for many of them, on the
+        # loop's next step.  The gap is counted from the end of the previous broadcast,
+        # which sending to many clients at once makes long (see the threaded Host).
+        loop_time = asyncio.get_running_loop().time
+        burst = len(clients) > 1 and loop_time() - self._last_broadcast < _BROADCAST_GAP
         for conn in clients:
-            if conn._offer(parts, nbytes, image):
+            if conn._offer(parts, nbytes, image, burst):
                 sent += 1
             paused = paused or conn.writing_paused
+        self._last_broadcast = loop_time()
         if paused:
             # Let the event loop flush the transports: a producer that calls this in a
             # tight loop must not starve them (without waiting for any client).
