@@ -790,7 +790,9 @@ class Connection(PeerView, asyncio.BufferedProtocol):
                     if transport.get_write_buffer_size() > high:
                         transport.set_write_buffer_limits(high, low)
             self.bytes_out += size
-            self.engine.sent(self._loop.time())
+            now = self._loop.time()
+            self.engine.sent(now)
+            self._last_write = now  # a write soon after this send is part of the burst
 
     def _unsent(self) -> int:
         """Bytes waiting unsent to the peer: the queue's and the transport's."""
