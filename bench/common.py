@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import resource
 import socket
 import statistics
 import struct
 import sys
+import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -172,6 +174,27 @@ def close_quietly(*things: Any) -> None:
             thing.close()
         except Exception:
             pass
+
+
+class AioThread:
+    """An asyncio event loop running in a thread of its own: how the asyncio workloads
+    run their coroutines beside the (threaded) receivers, in one process or two."""
+
+    def __init__(self, timeout: float = 60.0) -> None:
+        self.timeout = timeout
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="bench-aio", daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any) -> Any:
+        """Run ``coro`` on the loop; return its result (``timeout`` s at most)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(self.timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        if not self.thread.is_alive():
+            self.loop.close()
 
 
 # -- process / machine ------------------------------------------------------------------

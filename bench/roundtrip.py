@@ -27,6 +27,7 @@ from .common import (
     SE,
     U32,
     ZMQ,
+    AioThread,
     BenchCheckFailed,
     BenchTimeout,
     close_quietly,
@@ -283,14 +284,10 @@ class SEAioReqPinger:
     an inline handler): the round trip as asyncio code sees it."""
 
     def __init__(self, kind: str, params: Dict[str, Any], port: int) -> None:
-        import asyncio
-
         from socketengine import aio
 
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
         self.timeout = float(params.get("timeout", 30))
+        self.aio = AioThread(self.timeout + 30)
         self.seq = 0
 
         async def start() -> Any:
@@ -299,9 +296,7 @@ class SEAioReqPinger:
         self.client = self._run(start())
 
     def _run(self, coro: Any) -> Any:
-        import asyncio
-
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(self.timeout + 30)
+        return self.aio.run(coro)
 
     async def _arounds(self, n: int) -> List[int]:
         request = self.client.request
@@ -330,8 +325,7 @@ class SEAioReqPinger:
         try:
             self._run(self.client.close())
         finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(5)
+            self.aio.close()
 
 
 class SEEchoServer(SEReqServer):

@@ -28,6 +28,7 @@ from .common import (
     WARM_SEQ,
     WARM_STAMP,
     ZMQ,
+    AioThread,
     BenchCheckFailed,
     BenchTimeout,
     close_quietly,
@@ -47,8 +48,12 @@ from .common import (
 
 CHANNEL = {"small": "small", "images": "image", "arrays": "frame"}
 #: How the socketengine sender writes small messages: one ``write`` each, or
-#: ``write_many`` with MANY_CHUNK messages a call.
-SENDER_STYLES = ("write", "many")
+#: ``write_many`` with MANY_CHUNK messages a call, or ``aio``: a coroutine on an event
+#: loop awaiting one ``socketengine.aio.Client.write`` each.  With ``aio`` every anchor
+#: sends from a coroutine too (pyzmq: ``zmq.asyncio`` PUSH, ``await send``; raw TCP:
+#: ``StreamWriter.write`` then ``await drain()``, the streams idiom); the receivers are
+#: the same threaded ones.
+SENDER_STYLES = ("write", "many", "aio")
 MANY_CHUNK = 1000
 #: Kinds whose values are 1080p frames.  ``images``: socketengine sends with
 #: ``write_image`` (a queued, unsent frame may be replaced by a newer one);
@@ -204,13 +209,33 @@ class SESender:
         self.kind = kind
         self.channel = CHANNEL[kind]
         self.frames = make_frames() if kind in FRAME_KINDS else None
-        self.client = Client(port=port, timeout=30, connect_timeout=10)
-        self.sender = params.get("sender", "write")
-        if self.sender not in SENDER_STYLES:
-            raise ValueError(f"sender must be one of {SENDER_STYLES}, not {self.sender!r}")
+        self.sender = _sender_style(kind, params)
+        self.aio: Optional[AioThread] = None
+        if self.sender == "aio":
+            from socketengine import aio
+
+            self.aio = AioThread()
+
+            async def start() -> Any:
+                return await aio.Client(port=port, timeout=30, connect_timeout=10).start()
+
+            self.client = self.aio.run(start())
+        else:
+            self.client = Client(port=port, timeout=30, connect_timeout=10)
+
+    async def _aio_go(self, n: int) -> Dict[str, Any]:
+        write = self.client.write
+        ch = self.channel
+        text = small_message(0)[1]
+        t0 = now()
+        for i in range(n):
+            await write(ch, [i, text])
+        return {"t0": t0, "t_sent": now()}
 
     def warmup(self) -> None:
-        if self.kind == "images":
+        if self.aio is not None:
+            self.aio.run(self.client.write(self.channel, small_message(WARM_SEQ)))
+        elif self.kind == "images":
             self.client.write_image(self.frames["warm"], self.channel)  # type: ignore[index]
         elif self.kind == "arrays":
             self.client.write(self.channel, self.frames["warm"])  # type: ignore[index]
@@ -218,6 +243,8 @@ class SESender:
             self.client.write(self.channel, small_message(WARM_SEQ))
 
     def go(self, n: int) -> Dict[str, Any]:
+        if self.aio is not None:
+            return self.aio.run(self._aio_go(n))  # type: ignore[no-any-return]
         c = self.client
         ch = self.channel
         t0 = now()
@@ -248,7 +275,22 @@ class SESender:
         return {"t0": t0, "t_sent": now()}
 
     def close(self) -> None:
-        self.client.close()
+        if self.aio is None:
+            self.client.close()
+            return
+        try:
+            self.aio.run(self.client.close())
+        finally:
+            self.aio.close()
+
+
+def _sender_style(kind: str, params: Dict[str, Any]) -> str:
+    style = params.get("sender", "write")
+    if style not in SENDER_STYLES:
+        raise ValueError(f"sender must be one of {SENDER_STYLES}, not {style!r}")
+    if style == "aio" and kind != "small":
+        raise ValueError("the aio sender sends small messages only")
+    return str(style)
 
 
 # -- pyzmq ------------------------------------------------------------------------------------
@@ -327,25 +369,51 @@ class ZmqReceiver:
 
 class ZmqSender:
     """PUSH socket; msgpack for small messages, ``send(frame, copy=False)`` for images
-    (what imagezmq does)."""
+    (what imagezmq does).  ``sender="aio"``: a ``zmq.asyncio`` PUSH socket on an event
+    loop, one ``await send`` per message."""
 
     def __init__(self, kind: str, params: Dict[str, Any], port: int) -> None:
         import zmq
 
         self.kind = kind
         self.frames = make_frames() if kind in FRAME_KINDS else None
-        self.ctx = zmq.Context()
+        self.aio: Optional[AioThread] = None
+        if _sender_style(kind, params) == "aio":
+            import zmq.asyncio
+
+            self.aio = AioThread()
+            self.ctx: Any = zmq.asyncio.Context()
+        else:
+            self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.PUSH)
         self.sock.setsockopt(zmq.SNDTIMEO, 30000)
         self.sock.connect(f"tcp://127.0.0.1:{port}")
 
+    async def _aio_go(self, n: int) -> Dict[str, Any]:
+        send = self.sock.send
+        packb = msgpack.packb
+        text = small_message(0)[1]
+        t0 = now()
+        for i in range(n):
+            await send(packb([i, text]))
+        return {"t0": t0, "t_sent": now()}
+
     def warmup(self) -> None:
-        if self.kind in FRAME_KINDS:
+        if self.aio is not None:
+            sock = self.sock
+
+            async def send_warm() -> None:  # on the loop's thread, like every send
+                await sock.send(msgpack.packb(small_message(WARM_SEQ)))
+
+            self.aio.run(send_warm())
+        elif self.kind in FRAME_KINDS:
             self.sock.send(self.frames["warm"], copy=False)  # type: ignore[index]
         else:
             self.sock.send(msgpack.packb(small_message(WARM_SEQ)))
 
     def go(self, n: int) -> Dict[str, Any]:
+        if self.aio is not None:
+            return self.aio.run(self._aio_go(n))  # type: ignore[no-any-return]
         send = self.sock.send
         t0 = now()
         if self.kind == "small":
@@ -361,8 +429,20 @@ class ZmqSender:
         return {"t0": t0, "t_sent": now()}
 
     def close(self) -> None:
-        self.sock.close(linger=5000)
-        self.ctx.term()
+        if self.aio is None:
+            self.sock.close(linger=5000)
+            self.ctx.term()
+            return
+        sock = self.sock
+
+        async def shut() -> None:  # the loop's reader of the socket goes with it
+            sock.close(linger=5000)
+
+        try:
+            self.aio.run(shut())
+            self.ctx.term()
+        finally:
+            self.aio.close()
 
 
 # -- raw TCP ---------------------------------------------------------------------------------
@@ -454,24 +534,59 @@ class RawReceiver:
 
 
 class RawSender:
+    """Length-prefixed messages with ``sendall``.  ``sender="aio"``: the same bytes
+    through an asyncio ``StreamWriter`` (``write``, then ``await drain()``) on an event
+    loop."""
+
     def __init__(self, kind: str, params: Dict[str, Any], port: int) -> None:
         self.kind = kind
         self.frames = make_frames() if kind in FRAME_KINDS else None
         self.sock = raw_connect(port)
         self.head = U64.pack(frame_nbytes())
+        self.aio: Optional[AioThread] = None
+        self.writer: Any = None
+        if _sender_style(kind, params) == "aio":
+            import asyncio
+
+            self.aio = AioThread()
+
+            async def wrap() -> Any:
+                return (await asyncio.open_connection(sock=self.sock))[1]
+
+            self.writer = self.aio.run(wrap())
 
     def _send_frame(self, frame: Any) -> None:
         self.sock.sendall(self.head)
         self.sock.sendall(frame)
 
+    async def _aio_send(self, body: bytes) -> None:
+        self.writer.write(U32.pack(len(body)) + body)
+        await self.writer.drain()
+
+    async def _aio_go(self, n: int) -> Dict[str, Any]:
+        writer = self.writer
+        packb = msgpack.packb
+        pack_len = U32.pack
+        text = small_message(0)[1]
+        t0 = now()
+        for i in range(n):
+            body = packb([i, text])
+            writer.write(pack_len(len(body)) + body)
+            await writer.drain()
+        return {"t0": t0, "t_sent": now()}
+
     def warmup(self) -> None:
-        if self.kind in FRAME_KINDS:
+        if self.aio is not None:
+            self.aio.run(self._aio_send(msgpack.packb(small_message(WARM_SEQ))))
+        elif self.kind in FRAME_KINDS:
             self._send_frame(self.frames["warm"])  # type: ignore[index]
         else:
             body = msgpack.packb(small_message(WARM_SEQ))
             self.sock.sendall(U32.pack(len(body)) + body)
 
     def go(self, n: int) -> Dict[str, Any]:
+        if self.aio is not None:
+            return self.aio.run(self._aio_go(n))  # type: ignore[no-any-return]
         sendall = self.sock.sendall
         t0 = now()
         if self.kind == "small":
@@ -490,7 +605,19 @@ class RawSender:
         return {"t0": t0, "t_sent": now()}
 
     def close(self) -> None:
-        close_quietly(self.sock)
+        if self.aio is None:
+            close_quietly(self.sock)
+            return
+        writer = self.writer
+
+        async def shut() -> None:
+            writer.close()
+            await writer.wait_closed()
+
+        try:
+            self.aio.run(shut())
+        finally:
+            self.aio.close()
 
 
 RECEIVERS = {SE: SEReceiver, ZMQ: ZmqReceiver, RAW: RawReceiver}

@@ -192,6 +192,11 @@ def fanout_trial(lib: str, cfg: Dict[str, Any]) -> Dict[str, float]:
     return fanout.RUNNERS[lib](sizes["fanout"], sizes["fanout_clients"], cfg["timeout"])
 
 
+def fanout_aio_trial(lib: str, cfg: Dict[str, Any]) -> Dict[str, float]:
+    sizes = cfg["sizes"]
+    return fanout.AIO_RUNNERS[lib](sizes["fanout"], sizes["fanout_clients"], cfg["timeout"])
+
+
 def many_trial(lib: str, cfg: Dict[str, Any]) -> Dict[str, float]:
     sizes = cfg["sizes"]
     return many.run(lib, sizes["many"], sizes["many_workers"], cfg["timeout"])
@@ -341,6 +346,35 @@ WORKLOADS: Dict[str, Workload] = {
             stream_trial("small", True, sender="many"),
             BASE_LIBS,
             "2 processes",
+        ),
+        Workload(
+            "small_aio",
+            "small messages from a coroutine: await aio.Client.write (pyzmq: zmq.asyncio "
+            "PUSH await send; raw TCP: asyncio StreamWriter write + await drain)",
+            _THROUGHPUT,
+            "small",
+            stream_trial("small", False, sender="aio"),
+            BASE_LIBS,
+            "1 process",
+        ),
+        Workload(
+            "small_aio_xproc",
+            "small messages from a coroutine (as small_aio), separate processes",
+            _THROUGHPUT,
+            "small_xproc",
+            stream_trial("small", True, sender="aio"),
+            BASE_LIBS,
+            "2 processes",
+        ),
+        Workload(
+            "fanout_aio",
+            "host -> 20 clients, small messages from a coroutine: await aio.Host.write_all "
+            "(pyzmq: zmq.asyncio PUB; raw TCP: a StreamWriter per client)",
+            [Metric("deliveries_per_s", "deliveries/s", True)],
+            "fanout",
+            fanout_aio_trial,
+            BASE_LIBS,
+            "1 process",
         ),
         Workload(
             "images_xproc",

@@ -14,7 +14,15 @@ from typing import List
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKLOADS = ["small", "small_many", "images", "roundtrip", "roundtrip_aio_req_xproc"]
+WORKLOADS = [
+    "small",
+    "small_many",
+    "small_aio_xproc",
+    "fanout_aio",
+    "images",
+    "roundtrip",
+    "roundtrip_aio_req_xproc",
+]
 #: socketengine write_image(codec="jpeg") against imagezmq's send_jpg (simplejpeg).
 JPEG_WORKLOADS = ["jpeg"]
 
