@@ -16,7 +16,7 @@ from conftest import wait_for
 from faults import CuttingProxy, RawClient
 from test_parity import LAYERS, AioThread, make_client, make_host
 
-from socketengine import ConnectionClosed, HandshakeError, frames
+from socketengine import Client, ConnectionClosed, HandshakeError, frames
 
 H = 0.2  # heartbeat: a blackhole is noticed within 3·H
 
@@ -205,6 +205,67 @@ def test_unpaced_writers_in_several_threads_lose_nothing_across_cuts(
     for k in range(threads):
         _check(at_host[k], written[k], f"client thread {k} -> host")
     _check(at_client, sent_down[0], "host -> client")
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_client_cut_during_bursts_to_several_clients_gets_every_broadcast(
+    layer: str, loop_thread: AioThread
+) -> None:
+    # write_all to the cut client and two others: with more than one recipient a burst
+    # of broadcasts travels in runs on both layers (fanout.py), handed over a step
+    # later.  A run pending when the cut client's link dies goes into its session.
+    host = make_host(layer, loop_thread, heartbeat=H)
+    others = [Client(port=host.ep.port, name=f"o{k}", connect_timeout=10) for k in range(2)]
+    at_others: List[List[int]] = [[], []]
+    for other, log in zip(others, at_others):
+        other.on("down", lambda value, log=log: log.append(value))
+    at_client: List[int] = []
+    try:
+        with CuttingProxy(host.ep.port) as proxy:
+            client = make_client(layer, loop_thread, proxy.port, heartbeat=H, name="w")
+            client.ep.on("down", lambda value, *rest: at_client.append(value))
+            wait_for(lambda: len(host.ep.clients()) == 3, 5.0, "3 clients at the host")
+            stop = threading.Event()
+            sent = [0]
+
+            async def aburst(start: int) -> None:
+                for i in range(start, start + 50):
+                    await host.ep.write_all("down", i)
+
+            def burst(start: int) -> None:  # 50 write_all in a row: runs form
+                if host.runner is not None:
+                    host.runner.run(aburst(start))
+                    return
+                for i in range(start, start + 50):
+                    host.ep.write_all("down", i)
+
+            def broadcaster() -> None:
+                deadline = time.monotonic() + 30
+                while not stop.is_set() and time.monotonic() < deadline:
+                    burst(sent[0])
+                    sent[0] += 50
+                    time.sleep(0.001)  # pacing, not synchronisation
+
+            _cut_under_load(
+                proxy,
+                client,
+                [threading.Thread(target=broadcaster, daemon=True)],
+                stop,
+                ("close", "reset", "blackhole", "close", "reset"),
+                lambda: len(at_client),
+                2000,
+            )
+            _wait_all(at_client, sent[0], 20.0, "host -> the cut client")
+            for log in at_others:
+                _wait_all(log, sent[0], 20.0, "host -> the other clients")
+            client.close()
+    finally:
+        for other in others:
+            other.close()
+        host.close()
+    _check(at_client, sent[0], "host -> the cut client")
+    for log in at_others:
+        _check(log, sent[0], "host -> the other clients")
 
 
 SMALL = 64 * 1024  # max_buffer: far less than the kernel holds in flight on loopback

@@ -6,7 +6,7 @@ bottleneck of a fan-out).  In a burst, a host instead appends the value once to 
 *run*, and hands the whole run to every recipient's send queue in one step
 (:meth:`SendQueue.offer_items`): per value and client, a list slot copied in C.
 
-The rules, for every I/O layer that defers broadcasts:
+Both hosts do this (the threaded one and the asyncio one), by these rules:
 
 * **Who gets a run.**  The connections of one audience (``Host._wanting``'s cached list
   for a channel: same list, same audience) that are open when the run starts.  A value
@@ -14,9 +14,11 @@ The rules, for every I/O layer that defers broadcasts:
   the run first, so a client that becomes ready mid-burst gets only what is written
   after, as without runs.
 * **Size.**  At most :data:`FAN_MAX` values: then the writer hands the run over itself.
-  Otherwise the I/O thread does, on its next step.  So at most ``FAN_MAX`` values
-  (each at most ``frames.ITEM_MAX`` bytes) wait outside the send queues, whose
-  ``max_buffer`` and slow-consumer rules then apply as to any broadcast.
+  Otherwise the I/O layer does, on its next step (the threaded host's I/O thread, the
+  asyncio host's event loop: a coroutine that never yields gets runs of ``FAN_MAX``).
+  So at most ``FAN_MAX`` values (each at most ``frames.ITEM_MAX`` bytes) wait outside
+  the send queues, whose ``max_buffer`` and slow-consumer rules then apply as to any
+  broadcast.
 * **Order.**  Anything else sent to one of its recipients (a direct write, a reply, a
   broadcast that is not deferred, a close) hands the run over first, so nothing
   overtakes it.  A connection whose link is lost before the hand-over gets the run
@@ -41,7 +43,8 @@ _C = TypeVar("_C")
 
 class FanOut(Generic[_C]):
     """The current run of deferred broadcast values (one per host).  Not thread-safe:
-    the threaded host calls it under its ``_held_lock``."""
+    the threaded host calls it under its ``_held_lock``, the asyncio host on its event
+    loop."""
 
     __slots__ = ("items", "nbytes", "recipients", "_audience")
 

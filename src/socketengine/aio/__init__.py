@@ -63,7 +63,11 @@ Back-pressure and memory
     receiving everything.  A subscription that holds ``maxsize`` unread items pauses
     reading from the connection that filled it, so the sender's writes block; nothing
     is dropped.  ``await write()`` does not yield to the event loop when the transport
-    takes the frame at once.
+    takes the frame at once.  Writes in a burst (within 50 µs of each other;
+    broadcasts within 1 ms) are handed to the transport by one pump on the loop's next
+    step, or as soon as 64 KiB wait; a host queues a burst of small ``write_all``
+    values once, in runs of up to 256, handed to every client's queue together
+    (``socketengine/fanout.py``).
 
 Images
     ``write_image(img, channel="image", codec=None, quality=None)`` (client and host

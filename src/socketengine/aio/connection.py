@@ -328,6 +328,7 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         self._stalled = False  # paused for longer than `timeout`: writes stop waiting
         self._pump_scheduled = False
         self._last_write = 0.0
+        self._fan = endpoint._fan  # the host's run of deferred broadcasts (fanout.py)
         self._drain_waiters: List[asyncio.Future[None]] = []
         self._ready_waiter: Optional[asyncio.Future[None]] = None
         self._lost_waiter: asyncio.Future[None] = self._loop.create_future()
@@ -450,6 +451,9 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         :class:`~socketengine.WriteTimeout` after ``timeout`` s and
         :class:`ConnectionClosed` if the connection is lost first."""
         limit = self._endpoint.timeout if timeout is None else timeout
+        fan = self._fan
+        if fan is not None and fan.items:
+            self._endpoint._fan_flush()
         if acked:
             await self.sync(limit)
             return
@@ -524,6 +528,9 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or self._lost:
             return
+        fan = self._fan
+        if fan is not None and fan.items:
+            self._endpoint._fan_flush()  # the run goes before the BYE
         engine = self.engine
         if not engine.bye_sent:
             opened = self._ready
@@ -586,6 +593,9 @@ class Connection(PeerView, asyncio.BufferedProtocol):
             return
         self._check_writable()
         await self._make_room(len(item))
+        fan = self._fan
+        if fan is not None and fan.items:
+            self._endpoint._fan_flush()  # nothing overtakes a run of broadcasts
         self._queue.push_item(item)
         if not self._write_paused:
             self._push_out()
@@ -608,6 +618,9 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         self._check_writable()
         await self._make_room(nbytes)
         self._check_writable()
+        fan = self._fan
+        if fan is not None and fan.items:
+            self._endpoint._fan_flush()  # nothing overtakes a run of broadcasts
         self._queue.push_values(encoded, nbytes)
         self.messages_out += len(encoded)
         if not self._write_paused:
@@ -703,6 +716,29 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         self.messages_out += 1
         return True
 
+    def _send_run(self, items: List[bytes], nbytes: int) -> None:
+        """A host's run of broadcast values (:class:`~socketengine.fanout.FanOut`,
+        ``nbytes`` as it counts them), queued at once, in order, and sent on the loop's
+        next step: like :meth:`_offer` of each, with one slow-consumer verdict.
+
+        A connection that is no longer open gets them only if its session survives it
+        (into the queue that a resume continues); one closing with a BYE, a protocol
+        error or a slow-consumer drop does not."""
+        engine = self.engine
+        queue = self._queue
+        if engine.state is not _OPEN:
+            if engine.resumable and not engine.closed and queue.offer_items(items, nbytes):
+                self.messages_out += len(items)
+            return
+        now = self._loop.time()
+        if queue.slow_consumer(nbytes, now, self._endpoint.timeout, self._buffered()):
+            self._drop_slow_consumer(self._buffered() + queue.queued, now - queue.full_for)
+            return
+        queue.push_items(items, nbytes)
+        self.messages_out += len(items)
+        if not self._write_paused:
+            self._push_out(True)
+
     def _drop_slow_consumer(self, buffered: int, seconds: float) -> None:
         logger.warning(
             "%r: disconnecting slow consumer %s (%d bytes unsent for %.1f s, max_buffer=%d)",
@@ -720,6 +756,9 @@ class Connection(PeerView, asyncio.BufferedProtocol):
     ) -> None:
         """Queue a frame (in order; an image replaces its channel's waiting frame) or
         a BATCH item (``bytes``), and hand what the transport takes over to it."""
+        fan = self._fan
+        if fan is not None and fan.items:
+            self._endpoint._fan_flush()  # nothing overtakes a run of broadcasts
         if isinstance(parts, bytes):
             self._queue.push_item(parts)
         else:
@@ -999,6 +1038,9 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         """The transport is closed: fail what waits on this connection."""
         if self._lost:
             return
+        fan = self._fan
+        if fan is not None and fan.items:
+            self._endpoint._fan_flush()  # into the queue its session may keep
         self._lost = True
         self.closed_at = time.time()
         if self._timer is not None:

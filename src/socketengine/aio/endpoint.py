@@ -26,6 +26,7 @@ from .. import frames, images
 from ..codec import Buffer
 from ..endpoint import EndpointBase
 from ..errors import ConnectionClosed, EndpointClosed
+from ..fanout import FanOut
 from ..limits import DEFAULT_SUBSCRIPTION_SIZE
 from ..patterns import Pattern
 from ..requests import no_handler
@@ -46,6 +47,14 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 class Endpoint(EndpointBase):
     """Base of :class:`~socketengine.aio.Host` and :class:`~socketengine.aio.Client`."""
+
+    #: The host's run of deferred broadcasts (:class:`~socketengine.fanout.FanOut`);
+    #: a client has none.
+    _fan: Optional[FanOut[Connection]] = None
+
+    def _fan_flush(self) -> bool:
+        """Hand the run of deferred broadcasts over (the host does; see fanout.py)."""
+        return False
 
     def __init__(
         self,

@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union, o
 
 from .. import codec, frames, images
 from ..errors import EndpointClosed
+from ..fanout import FanOut
 from ..limits import (
     DEFAULT_COMPRESS_THRESHOLD,
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -224,6 +225,8 @@ class Host(Endpoint):
         # Every accepted connection, in accept order, until it departs.
         self._conns: Dict[int, Connection] = {}
         self._last_broadcast = 0.0
+        self._fan: FanOut[Connection] = FanOut()  # a burst's small values (fanout.py)
+        self._fan_due = False  # a _fan_tick is scheduled
         self._connect_handlers: Tuple[Callable[..., Any], ...] = ()
         self._disconnect_handlers: Tuple[Callable[..., Any], ...] = ()
 
@@ -295,6 +298,7 @@ class Host(Endpoint):
         if server is not None:
             server.close()
             forget_listener(self.addr)
+        self._fan_flush()  # deferred broadcasts go before the BYEs
         conns = list(self._conns.values())
         if conns:
             await asyncio.gather(*(c.close(self.timeout) for c in conns), return_exceptions=True)
@@ -520,11 +524,27 @@ class Host(Endpoint):
         ``hold``), also to every client whose link is down and may resume (held
         sessions).  Returns for how many clients it was queued."""
         sent = 0
-        paused = False
+        fan = self._fan
+        if clients is None and type(parts) is bytes:  # a small value: may join a run
+            wanting = self._wanting(channel, self._conns)
+            if fan and not fan.joins(wanting):
+                self._fan_flush()  # before the held sessions get this one
+            if hold:
+                sent = self._hold_all(parts, nbytes, image, channel)
+            return sent + await self._fan_item(parts, wanting)
+        if fan:
+            self._fan_flush()  # nothing overtakes a run
         if clients is None:
             clients = self._audience(channel)
             if hold:
                 sent = self._hold_all(parts, nbytes, image, channel)
+        return sent + await self._offer_all(parts, nbytes, image, clients)
+
+    async def _offer_all(
+        self, parts: Outgoing, nbytes: int, image: Optional[str], clients: List[Connection]
+    ) -> int:
+        sent = 0
+        paused = False
         # In a burst of broadcasts each connection sends once for many of them, on the
         # loop's next step.  The gap is counted from the end of the previous broadcast,
         # which sending to many clients at once makes long (see the threaded Host).
@@ -540,6 +560,50 @@ class Host(Endpoint):
             # tight loop must not starve them (without waiting for any client).
             await asyncio.sleep(0)
         return sent
+
+    async def _fan_item(self, item: bytes, wanting: List[Connection]) -> int:
+        """A small value for every open connection of ``wanting`` (``_wanting``'s
+        cached audience).  In a burst it joins the run of deferred broadcasts
+        (fanout.py): queued once, handed to every recipient on the loop's next step
+        (or here, once the run is full).  An isolated one goes out at once."""
+        fan = self._fan
+        now = asyncio.get_running_loop().time()
+        if fan.joins(wanting):
+            full = fan.add(item)
+            count = len(fan.recipients)
+            self._last_broadcast = now
+            if full and self._fan_flush():
+                await asyncio.sleep(0)  # let the loop flush the transports (see above)
+            return count
+        clients = [c for c in wanting if c.is_open]
+        if len(clients) < 2 or now - self._last_broadcast >= _BROADCAST_GAP:
+            return await self._offer_all(item, len(item), None, clients)
+        fan.start(wanting, clients)
+        fan.add(item)
+        if not self._fan_due:
+            self._fan_due = True
+            asyncio.get_running_loop().call_soon(self._fan_tick)
+        self._last_broadcast = now
+        return len(clients)
+
+    def _fan_tick(self) -> None:
+        """The loop's step after a run of deferred broadcasts began."""
+        self._fan_due = False
+        self._fan_flush()
+
+    def _fan_flush(self) -> bool:
+        """Hand the run of deferred broadcasts to each of its recipients, in order;
+        True if a recipient's transport is paused (its buffer is full)."""
+        fan = self._fan
+        if not fan:
+            return False
+        items, nbytes, recipients = fan.items, fan.nbytes, fan.recipients
+        fan.clear()  # first: a recipient's hand-over never sees the run again
+        paused = False
+        for conn in recipients:
+            conn._send_run(items, nbytes)
+            paused = paused or conn.writing_paused
+        return paused
 
     # -- connection events ----------------------------------------------------------------
 
