@@ -19,7 +19,7 @@ from faults import RawClient
 from test_parity import LAYERS, AioThread, Side, make_host
 
 from socketengine import Client, Host
-from socketengine.fanout import FAN_MAX, FanOut
+from socketengine.fanout import BROADCAST_GAP, FAN_MAX, FanOut
 from socketengine.sendqueue import ITEM_OVERHEAD
 
 N = 2000
@@ -79,6 +79,28 @@ def _recorder(client: Client) -> List[Tuple[str, Any]]:
 
 
 BOTH = pytest.mark.parametrize("layer_host", LAYERS, indirect=True)
+
+
+def test_a_broadcast_joins_a_run_only_in_a_burst_to_several() -> None:
+    fan: FanOut[str] = FanOut()
+    audience = ["a", "b", "c"]
+    is_open = {"a": True, "b": False, "c": True}.__getitem__
+    assert fan.defer(b"0", audience, 100.0, is_open) == -1  # isolated: sent at once
+    fan.last = 100.0002  # ... and the host notes when that broadcast ended
+    assert fan.defer(b"1", ["a"], 100.0003, is_open) == -1  # one client: no run
+    assert fan.defer(b"2", audience, 100.0004, is_open) == 2  # a burst: a run starts
+    assert fan.recipients == ["a", "c"] and fan.items == [b"2"] and not fan.full
+    assert fan.defer(b"3", audience, 100.5, is_open) == 2  # joins, whatever the gap
+    with pytest.raises(RuntimeError):  # another audience: the host hands over first
+        fan.defer(b"4", ["a", "b"], 100.5001, is_open)
+    fan.clear()
+    assert fan.defer(b"5", audience, 100.5 + BROADCAST_GAP, is_open) == -1
+    assert fan.in_burst(2, fan.last + BROADCAST_GAP / 2)
+    assert not fan.in_burst(1, fan.last) and not fan.in_burst(2, fan.last + BROADCAST_GAP)
+    fan.last = 0.0
+    for _ in range(FAN_MAX):
+        assert fan.defer(b"x", audience, BROADCAST_GAP / 2, is_open) == 2
+    assert fan.full
 
 
 def test_a_run_counts_its_values_and_says_when_it_is_full() -> None:

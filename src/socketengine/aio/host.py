@@ -50,8 +50,10 @@ _H = TypeVar("_H", bound="Host")
 T = TypeVar("T")
 #: An ``on_connect`` / ``on_disconnect`` callback: ``fn(conn)``, plain or ``async``.
 _C = TypeVar("_C", bound=Callable[[Connection], Any])
-# Broadcasts closer together than this are a burst (see Host._broadcast).
-_BROADCAST_GAP = 1e-3
+
+
+def _is_open(conn: Connection) -> bool:
+    return conn.is_open
 
 
 class Host(Endpoint):
@@ -224,7 +226,6 @@ class Host(Endpoint):
         self._server: Optional[asyncio.AbstractServer] = None
         # Every accepted connection, in accept order, until it departs.
         self._conns: Dict[int, Connection] = {}
-        self._last_broadcast = 0.0
         self._fan: FanOut[Connection] = FanOut()  # a burst's small values (fanout.py)
         self._fan_due = False  # a _fan_tick is scheduled
         self._connect_handlers: Tuple[Callable[..., Any], ...] = ()
@@ -545,16 +546,16 @@ class Host(Endpoint):
     ) -> int:
         sent = 0
         paused = False
-        # In a burst of broadcasts each connection sends once for many of them, on the
-        # loop's next step.  The gap is counted from the end of the previous broadcast,
-        # which sending to many clients at once makes long (see the threaded Host).
+        # In a burst of broadcasts (FanOut.in_burst) each connection sends once for
+        # many of them, on the loop's next step.
         loop_time = asyncio.get_running_loop().time
-        burst = len(clients) > 1 and loop_time() - self._last_broadcast < _BROADCAST_GAP
+        fan = self._fan
+        burst = fan.in_burst(len(clients), loop_time())
         for conn in clients:
             if conn._offer(parts, nbytes, image, burst):
                 sent += 1
             paused = paused or conn.writing_paused
-        self._last_broadcast = loop_time()
+        fan.last = loop_time()  # the end of this broadcast
         if paused:
             # Let the event loop flush the transports: a producer that calls this in a
             # tight loop must not starve them (without waiting for any client).
@@ -567,24 +568,17 @@ class Host(Endpoint):
         (fanout.py): queued once, handed to every recipient on the loop's next step
         (or here, once the run is full).  An isolated one goes out at once."""
         fan = self._fan
-        now = asyncio.get_running_loop().time()
-        if fan.joins(wanting):
-            full = fan.add(item)
-            count = len(fan.recipients)
-            self._last_broadcast = now
-            if full and self._fan_flush():
+        loop = asyncio.get_running_loop()
+        count = fan.defer(item, wanting, loop.time(), _is_open)
+        if count < 0:  # isolated
+            return await self._offer_all(item, len(item), None, [c for c in wanting if c.is_open])
+        if fan.full:
+            if self._fan_flush():
                 await asyncio.sleep(0)  # let the loop flush the transports (see above)
-            return count
-        clients = [c for c in wanting if c.is_open]
-        if len(clients) < 2 or now - self._last_broadcast >= _BROADCAST_GAP:
-            return await self._offer_all(item, len(item), None, clients)
-        fan.start(wanting, clients)
-        fan.add(item)
-        if not self._fan_due:
+        elif not self._fan_due:
             self._fan_due = True
-            asyncio.get_running_loop().call_soon(self._fan_tick)
-        self._last_broadcast = now
-        return len(clients)
+            loop.call_soon(self._fan_tick)
+        return count
 
     def _fan_tick(self) -> None:
         """The loop's step after a run of deferred broadcasts began."""

@@ -64,10 +64,12 @@ _H = TypeVar("_H", bound="Host")
 _C = TypeVar("_C", bound=Callable[[Connection], Any])
 
 _ACCEPTS_PER_EVENT = 64
-# Broadcasts closer together than this (seconds) are a burst: their sends are deferred.
-_BROADCAST_GAP = 1e-3
 #: Looked up once: an enum member read through its class is slow on the write path.
 _OPEN = ConnState.OPEN
+
+
+def _is_open(conn: Connection) -> bool:
+    return conn.engine.state is _OPEN
 
 
 class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
@@ -250,7 +252,6 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         # Every accepted connection, in accept order, until it departs.
         self._conns: Dict[int, Connection] = {}
         self._retain_lock = threading.Lock()
-        self._last_broadcast = 0.0
         self._fan: FanOut[Connection] = FanOut()
         self._fan_due = False  # a _fan_tick is scheduled on the loop thread
         self._on_connect: List[Callable[[Connection], Any]] = []
@@ -493,22 +494,15 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         loop thread's next step (or here, once the run is full).  An isolated one
         goes out at once."""
         fan = self._fan
-        if fan.joins(clients):
-            full = fan.add(item)
-            count = len(fan.recipients)
-            if full:
-                self._fan_flush()
-            self._last_broadcast = time.monotonic()
-            return count
-        if len(clients) < 2 or time.monotonic() - self._last_broadcast >= _BROADCAST_GAP:
+        count = fan.defer(item, clients, time.monotonic(), _is_open)
+        if count < 0:  # isolated
             return self._fan_out(item, len(item), None, clients)
-        fan.start(clients, [c for c in clients if c.engine.state is _OPEN])
-        fan.add(item)
-        if not self._fan_due:
+        if fan.full:
+            self._fan_flush()
+        elif not self._fan_due:
             self._fan_due = True
             self._loop.call_soon(self._fan_tick)
-        self._last_broadcast = time.monotonic()
-        return len(fan.recipients)
+        return count
 
     def _fan_tick(self) -> None:
         """The loop thread's step after a run of deferred broadcasts began."""
@@ -542,13 +536,11 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         exclude: Optional[Connection] = None,
     ) -> int:
         sent = 0
-        # An isolated broadcast goes out at once; in a burst of them the loop thread
-        # flushes each connection once for many frames instead of a syscall per frame.
-        # The gap is counted from the end of the previous broadcast: sending one to 20
-        # clients at once takes 20 syscalls (and as many GIL hand-overs), which must not
-        # make the next one look isolated (measured: fan-out to 20 then fell into a
-        # mode of 5x fewer deliveries/s, the writer flushing every frame itself).
-        defer = len(clients) > 1 and time.monotonic() - self._last_broadcast < _BROADCAST_GAP
+        # An isolated broadcast goes out at once; in a burst of them (FanOut.in_burst)
+        # the loop thread flushes each connection once for many frames instead of a
+        # syscall per frame.
+        fan = self._fan
+        defer = fan.in_burst(len(clients), time.monotonic())
         item = type(parts) is bytes
         for conn in clients:
             if conn.engine.state is not _OPEN or conn is exclude:
@@ -562,7 +554,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
                 sent += 1
             except (ConnectionError, SocketEngineError) as exc:
                 logger.info("%r: not sent to %r: %s", self, conn, exc)
-        self._last_broadcast = time.monotonic()
+        fan.last = time.monotonic()  # the end of this broadcast
         return sent
 
     # -- callbacks ----------------------------------------------------------------------
