@@ -625,7 +625,10 @@ class Client(Endpoint):
         conn = self._conn
         if conn is not None and conn.is_open and self.opened:
             try:
-                await conn._send_frame(parts, nbytes, image)
+                if type(parts) is bytes:  # a small value: one coroutine fewer
+                    await conn._send_item(parts)
+                else:
+                    await conn._send_frame(parts, nbytes, image)
                 return
             except ConnectionClosed:
                 if not self.reconnect or self.stopped:

@@ -581,7 +581,8 @@ class Connection(PeerView, asyncio.BufferedProtocol):
             self.messages_out += 1
             await asyncio.sleep(0)  # let the loop flush: a tight loop must not starve it
             return
-        await self._make_room(nbytes)
+        if not self._queue.fits(nbytes, self._buffered()):  # (no coroutine when it fits)
+            await self._make_room(nbytes)
         self._enqueue(parts, nbytes)
         self.messages_out += 1
         if self._write_paused and not self._stalled:
@@ -589,10 +590,13 @@ class Connection(PeerView, asyncio.BufferedProtocol):
 
     async def _send_item(self, item: bytes) -> None:
         """Send a small value encoded as a BATCH item; wait while the peer lags."""
-        if self.engine.state is not _OPEN and self._held(item, len(item), None):
-            return
-        self._check_writable()
-        await self._make_room(len(item))
+        if self.engine.state is not _OPEN or self._lost or self._endpoint.stopped:
+            if self.engine.state is not _OPEN and self._held(item, len(item), None):
+                return
+            self._check_writable()  # raises the right error
+        queue = self._queue
+        if not queue.fits(len(item), self._buffered()):  # (no coroutine when it fits)
+            await self._make_room(len(item))
         fan = self._fan
         if fan is not None and fan.items:
             self._endpoint._fan_flush()  # nothing overtakes a run of broadcasts
