@@ -385,8 +385,14 @@ async def test_request_errors() -> None:
             await c.request("nobody", 1)
         with pytest.raises(RemoteError, match="^the reply could not be sent: .*set"):
             await c.request("unsendable", 1)
-        with pytest.raises(TimeoutError):
+        with pytest.raises(TimeoutError, match="^no reply from .* on channel 'slow' within 0.05"):
             await c.request("slow", 0, timeout=0.05)
+        cancelled = asyncio.ensure_future(c.request("slow", 0, timeout=10))
+        await within(started.wait())
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert not c.connection.engine.requests._open  # type: ignore[union-attr]
         release.set()
         with pytest.raises(TypeError):
             await c.request("slow", object())

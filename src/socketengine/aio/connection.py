@@ -505,17 +505,32 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         fid = requests.open(future)
         try:
             parts, nbytes = frames.value_frame(frames.REQUEST, channel, data, fid=fid)
-            await self._make_room(nbytes)
+            if not self._queue.fits(nbytes, self._buffered()):  # (no coroutine when it fits)
+                await self._make_room(nbytes)
             self._enqueue(parts, nbytes)
             self.messages_out += 1
-            return await wait_bounded(
-                self._await_reply(future),
-                timeout,
-                f"no reply from {self._peer()} to the request on channel {channel!r} "
-                f"within {timeout} s",
-            )
+            if timeout is None or (self._write_paused and not self._stalled):
+                return await wait_bounded(
+                    self._await_reply(future), timeout, self._no_reply(channel, timeout)
+                )
+            # The common case: the reply's future itself, bounded by a timer; no task
+            # (``wait_for`` makes one) and no extra steps of the loop once it is in.
+            timer = self._loop.call_later(timeout, self._reply_late, future, channel, timeout)
+            try:
+                return await future
+            finally:
+                timer.cancel()
         finally:
             requests.cancel(fid)
+
+    def _no_reply(self, channel: str, timeout: Optional[float]) -> str:
+        return (
+            f"no reply from {self._peer()} to the request on channel {channel!r} within {timeout} s"
+        )
+
+    def _reply_late(self, future: asyncio.Future[Any], channel: str, timeout: float) -> None:
+        if not future.done():
+            future.set_exception(TimeoutError(self._no_reply(channel, timeout)))
 
     async def close(self, timeout: Optional[float] = None) -> None:
         """Close gracefully: flush, say BYE, half-close, wait for the peer to close.
