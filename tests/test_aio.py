@@ -240,10 +240,17 @@ async def test_wait_returns_the_next_message_and_times_out() -> None:
         data, conn = await within(host_waiter)
         assert data == "hi" and conn is h.clients()[0]
 
-        with pytest.raises(TimeoutError):
+        with pytest.raises(TimeoutError, match="^no message on channel 'never' within 0.05 s$"):
             await c.wait("never", timeout=0.05)
         with pytest.raises(TimeoutError):
             await h.wait("never", timeout=0.05)
+        assert "never" not in c._waiters  # the timed-out waiter is gone
+        late = asyncio.ensure_future(c.wait("late", timeout=0.05))
+        await asyncio.sleep(0)
+        late.cancel()  # a cancelled waiter is gone too
+        with pytest.raises(asyncio.CancelledError):
+            await late
+        assert "late" not in c._waiters
         pending = asyncio.ensure_future(c.wait("never"))
         await asyncio.sleep(0)
     with pytest.raises(EndpointClosed):

@@ -32,7 +32,7 @@ from ..patterns import Pattern
 from ..requests import no_handler
 from ..state import BudgetExceeded, StoredValues, value_size
 from ..watch import PatternWatch, check_key, pattern_item
-from .connection import Connection, Job, wait_bounded
+from .connection import Connection, Job, wait_future
 from .decoding import LazyImage, resolve
 from .subscription import Subscription
 
@@ -225,16 +225,16 @@ class Endpoint(EndpointBase):
         if isinstance(channel, Pattern):
             self._patterns.wait(channel, future)
             try:
-                item = await wait_bounded(
-                    future, timeout, f"no message matching {channel} within {timeout} s"
+                item = await wait_future(
+                    future, timeout, lambda: f"no message matching {channel} within {timeout} s"
                 )
             finally:
                 self._patterns.unwait(channel, future)
             return await resolve(item)
         self._waiters.setdefault(channel, []).append(future)
         try:
-            item = await wait_bounded(
-                future, timeout, f"no message on channel {channel!r} within {timeout} s"
+            item = await wait_future(
+                future, timeout, lambda: f"no message on channel {channel!r} within {timeout} s"
             )
         finally:
             waiters = self._waiters.get(channel)
