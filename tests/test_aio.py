@@ -627,6 +627,27 @@ async def test_max_clients_and_handshake_timeout() -> None:
 
 
 @run_async
+async def test_close_ends_refused_connections_that_linger() -> None:
+    # A refused peer that never hangs up: the host lingers (up to 2 s) so that the
+    # REFUSE is read, but its close() does not leave the link to that timer (an event
+    # loop stopped right after close() would never run it).
+    # (without resume: a full host that resumes sessions admits a newcomer as pending)
+    h = await aio.Host(port=0, max_clients=1, resume_window=0).start()
+    first = await aio.Client(port=h.port).start()
+    sock = socket.create_connection(("127.0.0.1", h.port))
+    try:
+        await until(lambda: h._refused, what="the refused link")
+        (refused,) = h._refused
+        await first.close()
+        await within(h.close())
+        assert refused.transport is not None and refused.transport.is_closing()
+        await until(lambda: refused.closed, 0.5, "the link closed, not after the 2 s linger")
+        assert not h._refused
+    finally:
+        sock.close()
+
+
+@run_async
 async def test_garbage_and_malformed_values_close_only_that_connection() -> None:
     async with aio.Host(port=0) as h:
         sub = h.subscribe("still")

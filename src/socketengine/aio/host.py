@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import ssl
-from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar, Union, overload
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, TypeVar, Union, overload
 
 from .. import codec, frames, images
 from ..errors import EndpointClosed
@@ -226,6 +226,8 @@ class Host(Endpoint):
         self._server: Optional[asyncio.AbstractServer] = None
         # Every accepted connection, in accept order, until it departs.
         self._conns: Dict[int, Connection] = {}
+        # Refused at arrival (full, closing, ...): lingering until the peer hangs up.
+        self._refused: Set[Connection] = set()
         self._fan: FanOut[Connection] = FanOut()  # a burst's small values (fanout.py)
         self._fan_due = False  # a _fan_tick is scheduled
         self._connect_handlers: Tuple[Callable[..., Any], ...] = ()
@@ -303,6 +305,7 @@ class Host(Endpoint):
         conns = list(self._conns.values())
         if conns:
             await asyncio.gather(*(c.close(self.timeout) for c in conns), return_exceptions=True)
+        self._abort_refused()  # their REFUSE is sent; no need to wait for the peers
         # After the linger: what the clients sent before their BYE is delivered first.
         self._end_delivery(EndpointClosed(f"{self!r} was closed"), None)
         if server is not None:
@@ -311,9 +314,18 @@ class Host(Endpoint):
             except asyncio.TimeoutError:  # pragma: no cover - only if a transport hangs
                 logger.warning("%r: server did not close within %s s", self, self.timeout)
         await self._stop_tasks(self.timeout)
+        self._abort_refused()  # any that arrived while closing
         if self._gateway is not None:
             await _in_thread(self._gateway.close)
         logger.info("%r: closed", self)
+
+    def _abort_refused(self) -> None:
+        """Close the links refused at arrival that still linger (their REFUSE was
+        written; a peer that never hangs up would keep one until its linger ends, past
+        an event loop stopped after ``close()``)."""
+        for conn in list(self._refused):
+            conn._abort()
+        self._refused.clear()
 
     # -- reading --------------------------------------------------------------------------
 
@@ -617,6 +629,12 @@ class Host(Endpoint):
         return Connection(self, protocol)
 
     def _connection_made(self, conn: Connection) -> Optional[Tuple[str, str]]:
+        refusal = self._admit(conn)
+        if refusal is not None:
+            self._refused.add(conn)
+        return refusal
+
+    def _admit(self, conn: Connection) -> Optional[Tuple[str, str]]:
         if self.stopped:
             return ("the host is closing", "closing")
         refusal, evicted = self._admission.arrive(
@@ -683,6 +701,7 @@ class Host(Endpoint):
             conn._chain.call(Job(self._connect_handlers, (conn,), None, "on_connect"))
 
     def _connection_closed(self, conn: Connection) -> None:
+        self._refused.discard(conn)
         self._audience_changed()
         self._keep_session(conn)
         self._conns.pop(conn.session, None)
