@@ -737,11 +737,8 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         """
         if not self.is_open:
             return False
-        queue = self._queue
-        if not (image is not None and queue.waiting_image(image)):
-            now = self._loop.time()
-            if queue.slow_consumer(nbytes, now, self._endpoint.timeout, self._buffered()):
-                self._drop_slow_consumer(self._buffered() + queue.queued, now - queue.full_for)
+        if not (image is not None and self._queue.waiting_image(image)):
+            if self._dropped_as_slow(nbytes):
                 return False
         self._enqueue(parts, nbytes, image, burst)
         self.messages_out += 1
@@ -761,26 +758,31 @@ class Connection(PeerView, asyncio.BufferedProtocol):
             if engine.resumable and not engine.closed and queue.offer_items(items, nbytes):
                 self.messages_out += len(items)
             return
-        now = self._loop.time()
-        if queue.slow_consumer(nbytes, now, self._endpoint.timeout, self._buffered()):
-            self._drop_slow_consumer(self._buffered() + queue.queued, now - queue.full_for)
+        if self._dropped_as_slow(nbytes):
             return
         queue.push_items(items, nbytes)
         self.messages_out += len(items)
         if not self._write_paused:
             self._push_out(True)
 
-    def _drop_slow_consumer(self, buffered: int, seconds: float) -> None:
+    def _dropped_as_slow(self, nbytes: int) -> bool:
+        """The send queue's slow-consumer verdict on a broadcast of ``nbytes`` more;
+        True if this peer was disconnected for it (logged), nothing queued."""
+        queue = self._queue
+        now = self._loop.time()
+        if not queue.slow_consumer(nbytes, now, self._endpoint.timeout, self._buffered()):
+            return False
         logger.warning(
             "%r: disconnecting slow consumer %s (%d bytes unsent for %.1f s, max_buffer=%d)",
             self._endpoint,
             self._peer(),
-            buffered,
-            seconds,
-            self._queue.max_buffer,
+            self._buffered() + queue.queued,
+            now - queue.full_for,
+            queue.max_buffer,
         )
         self.engine.fail(WriteTimeout(f"{self._peer()} was disconnected as a slow consumer"))
         self._abort()
+        return True
 
     def _enqueue(
         self, parts: Outgoing, nbytes: int, image: Optional[str] = None, burst: bool = False

@@ -305,7 +305,9 @@ class Host(Endpoint):
         conns = list(self._conns.values())
         if conns:
             await asyncio.gather(*(c.close(self.timeout) for c in conns), return_exceptions=True)
-        self._abort_refused()  # their REFUSE is sent; no need to wait for the peers
+        # Their REFUSE is sent: not left to their linger, which server.wait_closed()
+        # below would wait for (it waits for every accepted link).
+        self._abort_refused()
         # After the linger: what the clients sent before their BYE is delivered first.
         self._end_delivery(EndpointClosed(f"{self!r} was closed"), None)
         if server is not None:
@@ -314,7 +316,7 @@ class Host(Endpoint):
             except asyncio.TimeoutError:  # pragma: no cover - only if a transport hangs
                 logger.warning("%r: server did not close within %s s", self, self.timeout)
         await self._stop_tasks(self.timeout)
-        self._abort_refused()  # any that arrived while closing
+        self._abort_refused()  # any refused meanwhile (accepts queued when it closed)
         if self._gateway is not None:
             await _in_thread(self._gateway.close)
         logger.info("%r: closed", self)
