@@ -143,11 +143,7 @@ def run_pyzmq(n: int, k: int, timeout: float) -> Dict[str, Any]:
         t1 = now()
         return _result(n, k, t0, t1, [r.count for r in readers])
     finally:
-        stop[0] = True
-        for t in threads:
-            t.join(2)
-        for s in subs:
-            s.close(linger=0)
+        _stop_sub_readers(subs, threads, stop)
         pub.close(linger=0)
         ctx.term()
 
@@ -287,6 +283,16 @@ def _sub_readers(ctx: Any, port: int, k: int, stop: List[bool]) -> Any:
     return subs, readers, threads
 
 
+def _stop_sub_readers(subs: List[Any], threads: List[threading.Thread], stop: List[bool]) -> None:
+    """End what :func:`_sub_readers` started: stop and join the threads, close the
+    sockets."""
+    stop[0] = True
+    for t in threads:
+        t.join(2)
+    for s in subs:
+        s.close(linger=0)
+
+
 def run_pyzmq_aio(n: int, k: int, timeout: float) -> Dict[str, Any]:
     import zmq
     import zmq.asyncio
@@ -328,11 +334,7 @@ def run_pyzmq_aio(n: int, k: int, timeout: float) -> Dict[str, Any]:
         t1 = now()
         return _result(n, k, t0, t1, [r.count for r in readers])
     finally:
-        stop[0] = True
-        for t in threads:
-            t.join(2)
-        for s in subs:
-            s.close(linger=0)
+        _stop_sub_readers(subs, threads, stop)
 
         async def shut() -> None:
             pub.close(linger=0)
