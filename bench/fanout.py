@@ -148,6 +148,27 @@ def run_pyzmq(n: int, k: int, timeout: float) -> Dict[str, Any]:
         ctx.term()
 
 
+def _raw_readers(
+    listener: socket.socket,
+    port: int,
+    readers: List[_Reader],
+    ends: List[socket.socket],
+    peers: List[socket.socket],
+    threads: List[threading.Thread],
+    deadline: float,
+) -> None:
+    """A socket per reader connected to ``listener`` (``ends``, each read by a thread
+    into its reader; the accepted ``peers``).  Appends as it goes: the caller's cleanup
+    closes whatever was opened."""
+    for _ in readers:
+        ends.append(raw_connect(port))
+        peers.append(raw_accept(listener, deadline))
+    for sock, r in zip(ends, readers):
+        t = threading.Thread(target=raw_msg_loop, args=(sock, r), daemon=True)
+        t.start()
+        threads.append(t)
+
+
 def run_raw(n: int, k: int, timeout: float) -> Dict[str, Any]:
     listener = raw_listener()
     port = listener.getsockname()[1]
@@ -157,13 +178,7 @@ def run_raw(n: int, k: int, timeout: float) -> Dict[str, Any]:
     threads: List[threading.Thread] = []
     try:
         dl = deadline_in(timeout)
-        for _ in range(k):
-            ends.append(raw_connect(port))
-            peers.append(raw_accept(listener, dl))
-        for sock, r in zip(ends, readers):
-            t = threading.Thread(target=raw_msg_loop, args=(sock, r), daemon=True)
-            t.start()
-            threads.append(t)
+        _raw_readers(listener, port, readers, ends, peers, threads, dl)
 
         def broadcast(value: Any) -> None:
             body = msgpack.packb(value)
@@ -360,13 +375,7 @@ def run_raw_aio(n: int, k: int, timeout: float) -> Dict[str, Any]:
     writers: List[Any] = []
     try:
         dl = deadline_in(timeout)
-        for _ in range(k):
-            ends.append(raw_connect(port))
-            peers.append(raw_accept(listener, dl))
-        for sock, r in zip(ends, readers):
-            t = threading.Thread(target=raw_msg_loop, args=(sock, r), daemon=True)
-            t.start()
-            threads.append(t)
+        _raw_readers(listener, port, readers, ends, peers, threads, dl)
 
         async def wrap() -> List[Any]:
             return [(await asyncio.open_connection(sock=p))[1] for p in peers]
