@@ -1,8 +1,10 @@
 """Host and Client on loopback: values, lifecycle, limits and misbehaving peers."""
 
 import logging
+import os
 import socket
 import threading
+from typing import List
 
 import numpy as np
 import pytest
@@ -78,6 +80,35 @@ def test_every_value_type_round_trips_both_ways(host: Host, make_client) -> None
         host.write_all(channel, value)
     wait_for(lambda: all(c.get(ch) == v for ch, v in VALUES.items() if v is not None))
     assert type(c.get("tuple")) is tuple and type(c.get("tuple")[1]) is tuple
+
+
+def test_a_poll_that_finds_nothing_new_yields_the_cpu(
+    host: Host, make_client, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The seed's ``while True: h.get_ALL(ch)``: a get that finds nothing new since this
+    thread's previous look gives the GIL and the CPU to the I/O thread; one that finds a
+    new value does not (it returns at once)."""
+    from socketengine.sync import endpoint
+
+    assert endpoint._yield_gil is getattr(os, "sched_yield", endpoint._release_gil)
+    yields: List[int] = []
+    monkeypatch.setattr(endpoint, "_yield_gil", lambda: yields.append(1))
+    c = make_client()
+    c.write("x", 1)
+    wait_for(lambda: host.get_all("x") == [1])  # this thread has now seen the value
+    del yields[:]
+    for _ in range(3):
+        assert host.get("x") == 1  # nothing new: a poll loop
+    assert len(yields) == 3
+    c.write("x", 2)
+    waiter = threading.Thread(target=wait_for, args=(lambda: host.get("x") == 2,))
+    waiter.start()  # another thread polls until the value is in
+    waiter.join(10)
+    del yields[:]
+    assert host.get_all("x") == [2]  # this thread's first look since it came
+    assert yields == []
+    assert host.get_all("x") == [2]
+    assert len(yields) == 1
 
 
 def test_numpy_arrays_round_trip_exactly(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
