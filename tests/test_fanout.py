@@ -119,6 +119,26 @@ def test_a_run_counts_its_values_and_says_when_it_is_full() -> None:
     assert not fan and fan.nbytes == 0 and fan.recipients == [] and not fan.joins(audience)
 
 
+def test_a_value_joins_only_a_run_for_its_own_audience() -> None:
+    """``FanOut.join``, the hosts' one-step path of a burst: it appends to the current
+    run and notes the time only for that run's audience; otherwise it does nothing and
+    ``defer`` decides."""
+    fan: FanOut[str] = FanOut()
+    audience = ["a", "b"]
+    assert not fan.join(b"0", audience, 1.0)  # no run: nothing done
+    assert fan.items == [] and fan.last == 0.0
+    fan.start(audience, ["a", "b"])
+    fan.add(b"1")
+    assert not fan.join(b"2", list(audience), 2.0)  # an equal list is another audience
+    assert fan.items == [b"1"] and fan.last == 0.0
+    assert fan.join(b"3", audience, 3.0)
+    assert fan.items == [b"1", b"3"] and fan.last == 3.0
+    assert fan.nbytes == 2 * (1 + ITEM_OVERHEAD)
+    while not fan.full:
+        assert fan.join(b"x", audience, 4.0)
+    assert len(fan.items) == FAN_MAX
+
+
 @BOTH
 def test_a_burst_reaches_every_client_in_order(layer_host: Side, clients) -> None:  # type: ignore[no-untyped-def]
     host = layer_host.ep

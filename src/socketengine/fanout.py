@@ -85,13 +85,26 @@ class FanOut(Generic[_C]):
         part of a burst: the host sends it at once.  Then :attr:`full` says whether the
         host must hand the run over now.  A run for another audience must have been
         handed over first (``RuntimeError``)."""
-        if not self.joins(audience):
+        if not self.join(item, audience, now):
             if not self.in_burst(len(audience), now):
                 return -1
             self.start(audience, [c for c in audience if is_open(c)])
-        self.add(item)
-        self.last = now
+            self.add(item)
+            self.last = now
         return len(self.recipients)
+
+    def join(self, item: bytes, audience: Sequence[_C], now: float) -> bool:
+        """The common step of a burst: a small broadcast to ``audience`` at ``now``
+        joins the current run if that run is for the same audience (:meth:`joins`).
+        False, and nothing done, if not: then :meth:`defer` decides.  After a join,
+        :attr:`full` says whether the host must hand the run over now."""
+        items = self.items
+        if audience is not self._audience or not items:
+            return False
+        items.append(item)
+        self.nbytes += len(item) + ITEM_OVERHEAD
+        self.last = now
+        return True
 
     @property
     def full(self) -> bool:

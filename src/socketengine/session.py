@@ -104,14 +104,14 @@ class Session:
         self.held = True
         self.interest = interest
         if self.table is not None:
-            self.table._held[self.sid] = self
+            self.table.holding[self.sid] = self
 
     def release(self) -> None:
         """A new link adopted the session, or it was dropped: stop holding writes."""
         self.held = False
         self._warned = False
         if self.table is not None:
-            self.table._held.pop(self.sid, None)
+            self.table.holding.pop(self.sid, None)
 
     def fail_requests(self, error: BaseException) -> None:
         """The session is over (expired, dropped, closed): requests waiting in it fail."""
@@ -173,8 +173,9 @@ class SessionTable:
         #: is refused (``(reason, code)``), or ``None``.  A resuming client takes over
         #: the seat of its old link, so a full host still lets it back in.
         self.admit: Optional[Callable[[], Optional[Tuple[str, str]]]] = None
-        # The held sessions (Session.suspend / release keep it): broadcasts read it.
-        self._held: Dict[bytes, Session] = {}
+        #: The held sessions by id (:meth:`Session.suspend` / :meth:`Session.release`
+        #: keep it; read-only for others): empty, a broadcast holds nothing anywhere.
+        self.holding: Dict[bytes, Session] = {}
 
     def __len__(self) -> int:
         return len(self._live) + len(self._suspended)
@@ -188,7 +189,7 @@ class SessionTable:
         or not yet handed to the table by the I/O layer) and resumed ones whose new
         link has not adopted them yet.  O(held sessions): nothing when every client
         is connected."""
-        held = self._held
+        held = self.holding
         return list(held.values()) if held else []
 
     def open(self, sid: Any, name: Optional[str]) -> Tuple[Session, bool]:
@@ -256,4 +257,4 @@ class SessionTable:
             session.release()
         self._live.clear()
         self._suspended.clear()
-        self._held.clear()
+        self.holding.clear()
