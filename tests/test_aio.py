@@ -648,6 +648,34 @@ async def test_close_ends_refused_connections_that_linger() -> None:
 
 
 @run_async
+async def test_links_accepted_as_the_host_closes_are_refused_not_leaked() -> None:
+    # Links asyncio accepted just before close() get their transports a loop step
+    # later; closing the server first made those steps fail (asyncio asserts), and the
+    # sockets were left to the garbage collector, unanswered ("unclosed transport"
+    # warnings, an exception in __del__ on 3.13.0).  Now each is refused: "closing".
+    h = await aio.Host(port=0).start()
+    socks = [socket.create_connection(("127.0.0.1", h.port), timeout=5) for _ in range(20)]
+    try:
+        await asyncio.sleep(0)  # the loop step in which asyncio accepts them ...
+        await asyncio.sleep(0)  # ... and this one, in which close() begins first
+        await h.close()  # (not in a task of its own: that would begin a step later)
+        for sock in socks:
+            answer = b""
+            while True:
+                try:
+                    chunk = sock.recv(65536)
+                except ConnectionResetError:
+                    break
+                if not chunk:
+                    break
+                answer += chunk
+            assert b"closing" in answer, answer
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+@run_async
 async def test_garbage_and_malformed_values_close_only_that_connection() -> None:
     async with aio.Host(port=0) as h:
         sub = h.subscribe("still")

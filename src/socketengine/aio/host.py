@@ -52,6 +52,17 @@ T = TypeVar("T")
 _C = TypeVar("_C", bound=Callable[[Connection], Any])
 
 
+def _stop_accepting(server: asyncio.AbstractServer) -> None:
+    """Stop watching ``server``'s listening sockets for new connections (selector event
+    loops; with other loops nothing happens here and ``server.close()`` does it)."""
+    loop = asyncio.get_running_loop()
+    for sock in getattr(server, "sockets", ()):
+        try:
+            loop.remove_reader(sock.fileno())
+        except (NotImplementedError, ValueError, OSError):  # pragma: no cover - other loops
+            pass
+
+
 def _is_open(conn: Connection) -> bool:
     return conn.is_open
 
@@ -299,8 +310,16 @@ class Host(Endpoint):
             await asyncio.get_running_loop().run_in_executor(None, self._stop_monitor)
         server = self._server
         if server is not None:
+            # Links accepted just before this are still being set up by asyncio (a task
+            # each, one loop step away).  Once the server is closed, their transports
+            # could no longer be made (asyncio asserts) and their sockets would leak
+            # unclosed.  So: stop accepting, let those steps run, then close; their
+            # connections are refused ("closing") and aborted below.
+            _stop_accepting(server)
+            await asyncio.sleep(0)
             server.close()
             forget_listener(self.addr)
+            await asyncio.sleep(0)  # their connection_made: refused, in self._refused
         self._fan_flush()  # deferred broadcasts go before the BYEs
         conns = list(self._conns.values())
         if conns:
