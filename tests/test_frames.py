@@ -277,6 +277,29 @@ def test_get_buffer_buffer_updated_with_partial_writes(
     assert dec.bytes_received == len(stream)
 
 
+def test_the_stream_buffer_is_compacted_in_place_once_it_has_grown() -> None:
+    """A frame cut by a read is moved to the front of the same buffer for the next
+    read: a fresh (zero-filled) buffer only when it must grow, not for every read."""
+    items = [(frames.DATA, 0, f"ch{i % 7}", 0, [i, "x" * (i % 300)]) for i in range(3000)]
+    stream = build(items)
+    dec = FrameDecoder(read_size=4096)
+    got: List[Frame] = []
+    buffers = []  # kept alive: a freed buffer's id could come back
+    pos = 0
+    while pos < len(stream):
+        buf = dec.get_buffer()
+        buffers.append(dec._buf)
+        n = min(len(buf), len(stream) - pos)  # whole reads: frames are cut at the ends
+        buf[:n] = stream[pos : pos + n]
+        buf.release()
+        pos += n
+        dec.buffer_updated(n)
+        got.extend(dec.take())
+    check(got, items)
+    distinct = [b for i, b in enumerate(buffers) if i == 0 or b is not buffers[i - 1]]
+    assert len(buffers) > 50 and len(distinct) <= 4  # the growth steps only
+
+
 def test_get_buffer_is_never_empty_and_buffer_grows_for_big_metas() -> None:
     # A 1 MB bytes value travels in meta (not data): the stream buffer must grow.
     value = bytes(range(256)) * 4096

@@ -147,7 +147,7 @@ def test_set_timeout(host: Host, make_client) -> None:  # type: ignore[no-untype
 
 def test_size_is_a_floor_hint_not_a_read_limit() -> None:
     with Host(port=0, size=256) as h, Client(port=h.port, size=256) as c:
-        assert h.read_size == 65536 and c.read_size == 65536
+        assert h.read_size == 262144 and c.read_size == 262144  # MIN_READ_SIZE
         big = "x" * 1_000_000
         c.write("big", big)
         wait_for(lambda: h.get("big") == big)

@@ -533,7 +533,9 @@ class FrameDecoder:
 
     :param max_message: largest accepted frame in bytes (header included); a larger
         one raises :class:`MessageTooBig` as soon as its header arrives.
-    :param read_size: minimum free space offered to each receive call, in bytes.
+    :param read_size: what each receive is offered on a busy stream, in bytes: the
+        offer starts at 4 KiB and grows 4x each time a receive fills it, up to this.
+        The buffer holds that much after the unparsed bytes of a frame cut by a read.
     :param expect_preamble: the stream starts with the 8-byte preamble.
 
     :attr:`pause_after_handshake`: stop parsing after each handshake frame (type below
@@ -578,6 +580,10 @@ class FrameDecoder:
             return memoryview(self._body)[self._body_got :]
         free = self._capacity - self._w
         if free < self._want:
+            # Room for ``_want`` more bytes after a frame cut by the last read: the
+            # buffer grows to ``read_size`` + that much of a frame (measured: keeping it
+            # at ``read_size``, so offering less to each read, lost the gain of the
+            # larger reads in a fan-out to 20 clients: 1.91M against 2.12M deliveries/s).
             self._compact(self._want)
         self._offered = self._capacity - self._w
         return memoryview(self._buf)[self._w :]
@@ -653,13 +659,21 @@ class FrameDecoder:
         capacity = self._capacity
         if pending + need > capacity:
             capacity = max(capacity * 2, pending + need)
-        if capacity != self._capacity or self._r:
-            # A fresh buffer rather than an in-place move: a memoryview handed out by
-            # get_buffer() may still be alive, and bytearrays cannot move under it.
+        if capacity != self._capacity:
+            # A fresh buffer rather than a resize: a memoryview handed out by
+            # get_buffer() may still be alive, and a bytearray cannot resize under it.
             new = bytearray(capacity)
             new[:pending] = self._buf[self._r : self._w]
             self._buf = new
             self._capacity = capacity
+            self._r = 0
+            self._w = pending
+        elif self._r:
+            # In place (the same size: allowed under a live memoryview).  No frame
+            # refers to the stream buffer: metadata and data are copied out of it.  A
+            # fresh buffer each time cost a zero-filled allocation of the whole capacity.
+            buf = self._buf
+            buf[:pending] = buf[self._r : self._w]
             self._r = 0
             self._w = pending
 

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 from . import codec, compression, frames, shm
 from .errors import AuthenticationError, HandshakeError, HostBusy, ProtocolError
 from .frames import Frame
-from .limits import MAX_NAME_BYTES, PRE_HANDSHAKE_MAX
+from .limits import MAX_NAME_BYTES, MIN_READ_SIZE, PRE_HANDSHAKE_MAX
 from .patterns import Interest
 from .session import SID_SIZE, Session, SessionTable
 
@@ -131,7 +131,8 @@ class Protocol:
     :param name: the client's name, sent in HELLO (client role).
     :param token: shared secret; when set, both sides must prove they know it.
     :param max_message: largest accepted frame, bytes.
-    :param read_size: minimum receive size offered to the socket, bytes.
+    :param read_size: what each receive is offered on a busy stream, bytes
+        (:class:`~socketengine.frames.FrameDecoder`).
     :param session: an id the host gives the connection (host role; sent in WELCOME).
     :param heartbeat: this side's heartbeat H in seconds (``None``: none), announced in
         HELLO / WELCOME (protocol 1.1) so the peer knows how often it will be pinged
@@ -145,7 +146,7 @@ class Protocol:
         name: Optional[str] = None,
         token: Optional[bytes] = None,
         max_message: int = frames.DEFAULT_MAX_MESSAGE,
-        read_size: int = 65536,
+        read_size: int = MIN_READ_SIZE,
         session: int = 0,
         heartbeat: Optional[float] = None,
         will: Optional[Tuple[str, bytes]] = None,

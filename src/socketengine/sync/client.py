@@ -72,7 +72,8 @@ class Client(ClientSeedNames, Endpoint[Any]):
     :param timeout: seconds that blocking calls may wait: each connection attempt, a
         write while the send buffer is full, the linger of :meth:`close`.
     :param size: read-size hint in bytes (seed parameter); reads are
-        ``max(size, 65536)`` bytes.
+        ``max(size, 262144)`` bytes on a busy connection (its receive buffer starts at
+        4 KiB and grows while reads fill it).
     :param open: connect now; ``False`` defers to :meth:`open`.
     :param connect_timeout: total seconds :meth:`open` keeps retrying while the host
         refuses the connection; ``None`` (default) waits forever, as the seed did.

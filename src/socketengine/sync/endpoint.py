@@ -133,7 +133,8 @@ class Endpoint(EndpointBase, Generic[_I]):
 
     @property
     def read_size(self) -> int:
-        """Bytes offered to each receive call: ``max(size, 64 KiB)``."""
+        """Bytes offered to each receive call on a busy connection: ``max(size, 256 KiB)``
+        (an idle one starts at 4 KiB)."""
         return max(self.size, MIN_READ_SIZE)
 
     def set_timeout(self, time: float) -> None:

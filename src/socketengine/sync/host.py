@@ -83,7 +83,8 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
     :param timeout: seconds that blocking calls may wait: a write to a client whose
         send buffer is full, and the linger of :meth:`close`.
     :param size: read-size hint in bytes (seed parameter); reads are
-        ``max(size, 65536)`` bytes so small values never cripple throughput.
+        ``max(size, 262144)`` bytes on a busy connection, so small values never cripple
+        throughput (its receive buffer starts at 4 KiB and grows while reads fill it).
     :param open: bind and listen now (and start the I/O thread); ``False`` defers to
         :meth:`open`.
     :param max_clients: clients (connections that completed the handshake) served at
