@@ -377,7 +377,7 @@ def test_numpy_scalars_come_back_as_the_same_numpy_type(scalar: Any) -> None:
         np.bool_(True),
         np.complex64(1 - 2j),
         np.datetime64("2020-01-02T03:04:05", "ms"),
-        np.datetime64("NaT"),
+        np.datetime64("NaT", "ns"),  # (a generic-unit NaT is deprecated in NumPy 2.x)
         np.timedelta64(5, "s"),
         np.str_("héllo"),
         np.bytes_(b"\x00ab"),
