@@ -59,7 +59,7 @@ def _stop_accepting(server: asyncio.AbstractServer) -> None:
     for sock in getattr(server, "sockets", ()):
         try:
             loop.remove_reader(sock.fileno())
-        except (NotImplementedError, ValueError, OSError):  # pragma: no cover - other loops
+        except (NotImplementedError, RuntimeError, ValueError, OSError):  # pragma: no cover
             pass
 
 
