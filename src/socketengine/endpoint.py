@@ -28,6 +28,7 @@ from typing import (
 from . import codec, compression, frames, images
 from .engine import ConnectionEngine, ConnState
 from .errors import ConnectionClosed, EndpointClosed, WriteTimeout
+from .fanout import FanOut
 from .limits import (
     HostLimits,
     check_client_budget,
@@ -360,6 +361,19 @@ class EndpointBase:
                 f"{conn._queue.max_buffer} bytes already wait for its resume: not sent"
             )
         return True
+
+    def _join_run(
+        self, fan: FanOut[Any], item: bytes, channel: str, conns: Dict[Any, Any], now: float
+    ) -> bool:
+        """Host: the common step of a burst of small broadcasts, in one call.  ``item``
+        (a BATCH item on ``channel``) joins ``fan``'s current run when that run is for
+        the same audience (:meth:`_wanting` of ``conns``) and no client's link is down
+        (no held session, so none must get it).  False, nothing done: the host's full
+        broadcast path decides.  Call with the host's ``_held_lock`` (threaded)."""
+        table = self._held_table
+        if table is not None and table.holding:
+            return False
+        return fan.join(item, self._wanting(channel, conns), now)
 
     def _hold_all(
         self, parts: Any, nbytes: int, image: Optional[str], channel: str, exclude: Any = None

@@ -98,11 +98,9 @@ class FanOut(Generic[_C]):
         joins the current run if that run is for the same audience (:meth:`joins`).
         False, and nothing done, if not: then :meth:`defer` decides.  After a join,
         :attr:`full` says whether the host must hand the run over now."""
-        items = self.items
-        if audience is not self._audience or not items:
+        if audience is not self._audience or not self.items:
             return False
-        items.append(item)
-        self.nbytes += len(item) + ITEM_OVERHEAD
+        self.add(item)
         self.last = now
         return True
 

@@ -507,15 +507,11 @@ class Host(Endpoint):
             return sent
         encoded = frames.value_item(channel, data)
         if isinstance(encoded, bytes):
-            # The common step of a burst, in fewer calls than _broadcast: the value joins
-            # the current run when that run is for the same audience and no client's
-            # link is down (no session holds writes, so none gets it).
+            # The common step of a burst (Endpoint._join_run), in fewer calls than
+            # _broadcast.
             fan = self._fan
-            table = self._held_table
             loop = asyncio.get_running_loop()
-            if (table is None or not table.holding) and fan.join(
-                encoded, self._wanting(channel, self._conns), loop.time()
-            ):
+            if self._join_run(fan, encoded, channel, self._conns, loop.time()):
                 count = len(fan.recipients)
                 if self._fan_next(loop):
                     await asyncio.sleep(0)  # let the loop flush the transports

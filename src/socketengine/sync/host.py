@@ -491,14 +491,10 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
 
     def _broadcast_item(self, item: bytes, channel: str) -> int:
         """``write_all`` of a small value (a BATCH item): :meth:`_send_all`, with the
-        common step of a burst first, in fewer calls: the value joins the current run
-        (``FanOut.join``) when that run is for the same audience and no client's link
-        is down (no session holds writes, so none gets it)."""
+        common step of a burst (:meth:`_join_run`) first, in fewer calls."""
         with self._held_lock:
             fan = self._fan
-            clients = self._wanting(channel, self._conns)
-            table = self._held_table
-            if (table is None or not table.holding) and fan.join(item, clients, _monotonic()):
+            if self._join_run(fan, item, channel, self._conns, _monotonic()):
                 count = len(fan.recipients)
                 self._fan_next()
                 return count
@@ -511,7 +507,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         loop thread's next step (or here, once the run is full).  An isolated one
         goes out at once."""
         fan = self._fan
-        count = fan.defer(item, clients, time.monotonic(), _is_open)
+        count = fan.defer(item, clients, _monotonic(), _is_open)
         if count < 0:  # isolated
             return self._fan_out(item, len(item), None, clients)
         self._fan_next()
