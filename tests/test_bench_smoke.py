@@ -6,6 +6,7 @@ No timing assertions: the numbers only have to exist and be positive.
 from __future__ import annotations
 
 import json
+import select
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +103,37 @@ def test_writer_floor_smoke(tmp_path: Path) -> None:
         assert len(row["runs"]) == 2 and row["median"] > 0, name
     assert set(doc["pyzmq_over"]) == set(rows) - {"pyzmq"}
     assert "pyzmq ÷ this" in proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_rt_timeline_smoke(tmp_path: Path) -> None:
+    if not (ROOT / "bench" / "rt_timeline.py").exists():
+        pytest.skip("bench/ is not in this checkout")
+    if not hasattr(select, "epoll"):
+        pytest.skip("the I/O loop's epoll wait is what the host side is timed by")
+    out = tmp_path / "timeline.json"
+    cmd = [sys.executable, "-m", "bench.rt_timeline", "--n", "300", "--rounds", "2"]
+    proc = subprocess.run(
+        [*cmd, "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=100
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    doc = json.loads(out.read_text())
+    segments = [
+        "client send",
+        "wire out",
+        "host read",
+        "host reply",
+        "wire back",
+        "client receive",
+    ]
+    for system in ("socketengine", "raw"):
+        p50 = doc["us_p50"][system]
+        assert list(p50) == [*segments, "total"], system
+        # One side's steps follow each other; across the sides they may overlap (a
+        # peer can wake before the send that woke it returns): "wire" may be < 0.
+        one_side = ("client send", "host read", "host reply", "client receive")
+        assert all(p50[s] > 0 for s in one_side), (system, p50)
+        assert p50["total"] > 0
+        assert all(len(doc["runs"][system][s]) == 2 for s in segments)
+    assert set(doc["over_raw"]) == {*segments, "total"}
+    assert "client receive" in proc.stdout

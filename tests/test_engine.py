@@ -22,7 +22,7 @@ from socketengine.errors import ConnectionClosed, ProtocolError, RemoteError
 from socketengine.limits import check_settings
 from socketengine.protocol import Protocol, Role
 from socketengine.requests import RequestTable
-from socketengine.sendqueue import ITEM_OVERHEAD, STAGE_HEADROOM, SendQueue
+from socketengine.sendqueue import ITEM_OVERHEAD, STAGE_HEADROOM, SendQueue, rack_frame
 from socketengine.state import Backoff, Departed, RetainedValues, SubscriptionBuffer
 
 
@@ -734,3 +734,66 @@ def test_a_write_many_is_queued_in_order_and_counted_once(batch_limit: int) -> N
         assert frames.BATCH not in types
     else:
         assert frames.BATCH in types
+
+
+def _queue_state(q: SendQueue) -> Tuple[Any, ...]:
+    wire = b"".join(bytes(b) for b in q.wire_batch(1 << 20))
+    replay = [(r[0], r[2], r[3]) for r in q._replay]
+    return wire, q.queued, q.seq, q.replay_bytes, replay, q.held_back, bool(q)
+
+
+@pytest.mark.parametrize("numbered", [False, True])
+def test_a_lone_frame_on_an_idle_queue_goes_straight_to_the_wire(numbered: bool) -> None:
+    """``push_direct`` does in one step what push, take_inbox and to_wire do with a
+    lone frame: the same wire bytes, byte counts, numbering and replay buffer."""
+    direct, staged_path = SendQueue(1 << 20), SendQueue(1 << 20)
+    frames_sent = [
+        frames.value_frame(frames.REQUEST, "ping", [1, "x" * 100], fid=7),
+        frames.value_frame(frames.DATA, "big", ["y" * 5000]),  # numbered when resumable
+        ([rack_frame(3)], frames.HEADER_SIZE),  # link-level: never numbered
+        frames.value_frame(frames.REPLY, "ping", [1, "x" * 100], fid=7),
+    ]
+    for q in (direct, staged_path):
+        q.numbered = numbered
+    for parts, nbytes in frames_sent:
+        assert direct.push_direct(parts, nbytes)
+        staged_path.push(parts, nbytes)
+        _flush(staged_path)
+        assert _queue_state(direct) == _queue_state(staged_path)
+        sent = direct.queued
+        for q in (direct, staged_path):
+            q.consumed(sent)
+        assert _queue_state(direct) == _queue_state(staged_path)
+        assert direct.queued == 0 and not direct
+    assert direct.seq == (1 if numbered else 0)  # the DATA frame only
+
+
+def test_push_direct_leaves_a_busy_queue_alone() -> None:
+    """Anything queued, staged, taken, on the wire or being framed, or a full replay
+    window: ``push_direct`` does nothing and says so (the frame is pushed as usual,
+    behind what waits)."""
+    parts, nbytes = frames.value_frame(frames.REQUEST, "ping", [1], fid=1)
+    item = frames.value_item("a", 1)
+    assert type(item) is bytes
+
+    def busy() -> List[SendQueue]:
+        inbox, staged, wire, framing, unframed, window = (SendQueue(1 << 20) for _ in range(6))
+        inbox.push([b"z" * 8], 8)
+        staged.staged.append(item)
+        wire.push([b"z" * 8], 8)
+        _flush(wire)
+        framing.framing = True
+        unframed.batch_limit = 1 << 16
+        for _ in range(3000):  # more than one WIRE_CHUNK of items: framed in parts
+            unframed.push_item(frames.value_item("n", "x" * 200))  # type: ignore[arg-type]
+        unframed.to_wire(unframed.take_inbox())
+        unframed._wire.clear()  # as if sent: only the unframed rest is left
+        assert unframed.unframed
+        window.numbered = True
+        window.replay_bytes = window.window - nbytes + 1
+        return [inbox, staged, wire, framing, unframed, window]
+
+    for q in busy():
+        before = (list(q._inbox), list(q.staged), list(q._wire), q.queued, q.seq)
+        assert not q.push_direct(parts, nbytes)
+        assert (list(q._inbox), list(q.staged), list(q._wire), q.queued, q.seq) == before

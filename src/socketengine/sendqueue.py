@@ -8,7 +8,9 @@ apply the same way:
 * **Two stages.**  Writers push into the *inbox*; the one flusher takes the whole
   inbox at once (:meth:`take_inbox`, O(1)) and turns it into wire buffers
   (:meth:`to_wire`) while writers go on pushing.  The threaded layer holds its lock
-  only for the O(1) steps, never while batches are built or sent.
+  only for the O(1) steps, never while batches are built or sent.  A lone frame on
+  an idle queue (a request, or its reply) skips both stages
+  (:meth:`push_direct`): the same wire bytes, numbering and counts, in one step.
 * **Conflation.**  An image frame waits in a *slot* for its channel.  While it is
   still in the inbox, a newer image frame on the same channel replaces it (latest
   frame wins) and keeps its place in the order.  Once taken by the flusher it is
@@ -420,6 +422,31 @@ class SendQueue:
         self._inbox.append(slot)
         self.queued += nbytes
         self.images_sent += 1
+        return True
+
+    def push_direct(self, parts: List[Buffer], nbytes: int) -> bool:
+        """A lone frame on an idle queue goes straight to the wire buffers: what
+        :meth:`push`, :meth:`take_inbox` and :meth:`to_wire` would do with it, in one
+        step (a request, or its reply, on a quiet link).  Not for image frames
+        (conflation needs the inbox).
+
+        Idle means nothing in the inbox or staged, nothing taken and left unframed,
+        no wire buffers, no framing under way, and (numbered) room for the frame in
+        the replay window.  Returns False, having done nothing, when the queue is not
+        idle: :meth:`push` the frame then."""
+        if self._inbox or self.staged or self._wire or self._taken or self.framing:
+            return False
+        if self.numbered:
+            if self.replay_bytes + self.queued + nbytes > self.window:
+                return False  # flow control decides: take_inbox
+            self._prune()
+            if parts[0][0] in self.sequenced:
+                self._keep(parts, None)
+                self._bound()
+        self.queued += nbytes
+        if self.shm is not None and len(parts) > 1:
+            parts = self._through_shm(parts)
+        self._wire.extend(parts)
         return True
 
     def slow_consumer(self, nbytes: int, now: float, timeout: float, extra: int = 0) -> bool:

@@ -792,10 +792,13 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         fan = self._fan
         if fan is not None and fan.items:
             self._endpoint._fan_flush()  # nothing overtakes a run of broadcasts
+        queue = self._queue
         if isinstance(parts, bytes):
-            self._queue.push_item(parts)
+            queue.push_item(parts)
         else:
-            self._queue.push(list(parts), nbytes, image)
+            frame = list(parts)
+            if image is not None or not queue.push_direct(frame, nbytes):
+                queue.push(frame, nbytes, image)  # else: idle, straight to the wire
         if not self._write_paused:
             self._push_out(burst)
 

@@ -702,6 +702,8 @@ class Connection(PeerView, Pausable):
                 # one replaces it while it is unsent), nor does a protocol frame
             if type(parts) is bytes:
                 queue.push_item(parts)
+            elif image is None and queue.push_direct(parts, nbytes):
+                pass  # a lone frame on an idle queue: straight to the wire
             elif not queue.push(parts, nbytes, image):
                 return  # replaced a waiting image frame: it keeps that frame's turn
             if self._want_write:
