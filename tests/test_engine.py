@@ -744,8 +744,9 @@ def _queue_state(q: SendQueue) -> Tuple[Any, ...]:
 
 @pytest.mark.parametrize("numbered", [False, True])
 def test_a_lone_frame_on_an_idle_queue_goes_straight_to_the_wire(numbered: bool) -> None:
-    """``push_direct`` does in one step what push, take_inbox and to_wire do with a
-    lone frame: the same wire bytes, byte counts, numbering and replay buffer."""
+    """``push_direct`` (``push_item_direct``) does in one step what push (push_item),
+    take_inbox and to_wire do with a lone frame (item): the same wire bytes, byte
+    counts, numbering and replay buffer."""
     direct, staged_path = SendQueue(1 << 20), SendQueue(1 << 20)
     frames_sent = [
         frames.value_frame(frames.REQUEST, "ping", [1, "x" * 100], fid=7),
@@ -753,11 +754,19 @@ def test_a_lone_frame_on_an_idle_queue_goes_straight_to_the_wire(numbered: bool)
         ([rack_frame(3)], frames.HEADER_SIZE),  # link-level: never numbered
         frames.value_frame(frames.REPLY, "ping", [1, "x" * 100], fid=7),
     ]
+    item = frames.value_item("pong", [2, "z" * 50])
+    assert type(item) is bytes
+    frames_sent.insert(2, (item, 0))  # a BATCH item, alone: a DATA frame, numbered
     for q in (direct, staged_path):
         q.numbered = numbered
+        q.batch_limit = 1 << 16  # a peer that reads BATCH frames: still one DATA frame
     for parts, nbytes in frames_sent:
-        assert direct.push_direct(parts, nbytes)
-        staged_path.push(parts, nbytes)
+        if type(parts) is bytes:
+            assert direct.push_item_direct(parts)
+            staged_path.push_item(parts)
+        else:
+            assert direct.push_direct(parts, nbytes)
+            staged_path.push(parts, nbytes)
         _flush(staged_path)
         assert _queue_state(direct) == _queue_state(staged_path)
         sent = direct.queued
@@ -765,7 +774,7 @@ def test_a_lone_frame_on_an_idle_queue_goes_straight_to_the_wire(numbered: bool)
             q.consumed(sent)
         assert _queue_state(direct) == _queue_state(staged_path)
         assert direct.queued == 0 and not direct
-    assert direct.seq == (1 if numbered else 0)  # the DATA frame only
+    assert direct.seq == (2 if numbered else 0)  # the DATA frames only
 
 
 def test_push_direct_leaves_a_busy_queue_alone() -> None:
@@ -790,10 +799,17 @@ def test_push_direct_leaves_a_busy_queue_alone() -> None:
         unframed._wire.clear()  # as if sent: only the unframed rest is left
         assert unframed.unframed
         window.numbered = True
-        window.replay_bytes = window.window - nbytes + 1
+        window.replay_bytes = window.window  # full: the next frame waits for a RACK
         return [inbox, staged, wire, framing, unframed, window]
 
+    def state(q: SendQueue) -> Tuple[Any, ...]:
+        return list(q._inbox), list(q.staged), list(q._wire), q.queued, q.seq
+
     for q in busy():
-        before = (list(q._inbox), list(q.staged), list(q._wire), q.queued, q.seq)
+        before = state(q)
         assert not q.push_direct(parts, nbytes)
-        assert (list(q._inbox), list(q.staged), list(q._wire), q.queued, q.seq) == before
+        assert state(q) == before
+    for q in busy():
+        before = state(q)
+        assert not q.push_item_direct(item)
+        assert state(q) == before

@@ -9,8 +9,9 @@ apply the same way:
   inbox at once (:meth:`take_inbox`, O(1)) and turns it into wire buffers
   (:meth:`to_wire`) while writers go on pushing.  The threaded layer holds its lock
   only for the O(1) steps, never while batches are built or sent.  A lone frame on
-  an idle queue (a request, or its reply) skips both stages
-  (:meth:`push_direct`): the same wire bytes, numbering and counts, in one step.
+  an idle queue (a request, or its reply, or a value written on a quiet link) skips
+  both stages (:meth:`push_direct`, :meth:`push_item_direct`): the same wire bytes,
+  numbering and counts, in one step.
 * **Conflation.**  An image frame waits in a *slot* for its channel.  While it is
   still in the inbox, a newer image frame on the same channel replaces it (latest
   frame wins) and keeps its place in the order.  Once taken by the flusher it is
@@ -448,6 +449,15 @@ class SendQueue:
             parts = self._through_shm(parts)
         self._wire.extend(parts)
         return True
+
+    def push_item_direct(self, item: bytes) -> bool:
+        """:meth:`push_direct` for a BATCH item: alone, it leaves as the DATA frame
+        :meth:`to_wire` makes of a run of one.  For a writer about to send at once
+        (an idle link); in a burst, items wait in the inbox to be batched."""
+        if self._inbox or self.staged or self._wire or self._taken or self.framing:
+            return False
+        frame = frames.item_frame(item)
+        return self.push_direct([frame], len(frame))
 
     def slow_consumer(self, nbytes: int, now: float, timeout: float, extra: int = 0) -> bool:
         """Broadcast verdict: True if the peer must be dropped as a slow consumer

@@ -794,7 +794,13 @@ class Connection(PeerView, asyncio.BufferedProtocol):
             self._endpoint._fan_flush()  # nothing overtakes a run of broadcasts
         queue = self._queue
         if isinstance(parts, bytes):
-            queue.push_item(parts)
+            if (
+                burst
+                or self._pump_scheduled
+                or self._loop.time() - self._last_write <= _BURST_GAP
+                or not queue.push_item_direct(parts)
+            ):
+                queue.push_item(parts)  # else: a quiet link, straight to the wire
         else:
             frame = list(parts)
             if image is not None or not queue.push_direct(frame, nbytes):

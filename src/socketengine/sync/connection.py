@@ -573,6 +573,13 @@ class Connection(PeerView, Pausable):
             if engine.state is not _OPEN:
                 self._check_writable()
             queue = self._queue
+            if not (self._want_write or defer or self._flush_scheduled or self._tls):
+                now = _monotonic()
+                if now - self._last_write > _BURST_GAP and queue.push_item_direct(item):
+                    # A value on a quiet link and an idle queue: sent now, as below.
+                    self._last_write = now
+                    self._flush_locked()
+                    return
             if not queue.offer_item(item):
                 if block:
                     self._wait_room(len(item) + ITEM_OVERHEAD)
