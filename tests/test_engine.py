@@ -809,6 +809,16 @@ def test_push_direct_leaves_a_busy_queue_alone() -> None:
         before = state(q)
         assert not q.push_direct(parts, nbytes)
         assert state(q) == before
+    # Shared memory negotiated: a frame with data sections goes through to_wire, whose
+    # copy into shared memory (and its wait for a slot) the threaded flusher makes
+    # outside its lock; a frame without them may still go straight to the wire.
+    shm = SendQueue(1 << 20)
+    shm.shm = object()  # type: ignore[assignment]
+    data = bytes(300_000)
+    array_frame = [frames.value_frame(frames.DATA, "a", b"")[0][0], data]  # head + section
+    array_size = len(array_frame[0]) + len(data)
+    assert not shm.push_direct(array_frame, array_size) and not shm._wire
+    assert shm.push_direct(parts, nbytes) and shm.queued == nbytes
     for q in busy():
         before = state(q)
         assert not q.push_item_direct(item)

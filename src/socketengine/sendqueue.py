@@ -434,8 +434,13 @@ class SendQueue:
         Idle means nothing in the inbox or staged, nothing taken and left unframed,
         no wire buffers, no framing under way, and (numbered) room for the frame in
         the replay window.  Returns False, having done nothing, when the queue is not
-        idle: :meth:`push` the frame then."""
+        idle, or for a frame with data sections when shared memory was negotiated:
+        :meth:`push` the frame then.  (Moving data into shared memory copies it and
+        may wait for a free slot; the threaded flusher does that outside its lock, in
+        :meth:`to_wire`, and so must this.)"""
         if self._inbox or self.staged or self._wire or self._taken or self.framing:
+            return False
+        if self.shm is not None and len(parts) > 1:
             return False
         if self.numbered:
             if self.replay_bytes + self.queued + nbytes > self.window:
@@ -445,8 +450,6 @@ class SendQueue:
                 self._keep(parts, None)
                 self._bound()
         self.queued += nbytes
-        if self.shm is not None and len(parts) > 1:
-            parts = self._through_shm(parts)
         self._wire.extend(parts)
         return True
 
