@@ -627,7 +627,7 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         fan = self._fan
         if fan is not None and fan.items:
             self._endpoint._fan_flush()  # nothing overtakes a run of broadcasts
-        self._queue.push_item(item)
+        self._queue_item(item)
         if not self._write_paused:
             self._push_out()
         self.messages_out += 1
@@ -792,21 +792,30 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         fan = self._fan
         if fan is not None and fan.items:
             self._endpoint._fan_flush()  # nothing overtakes a run of broadcasts
-        queue = self._queue
         if isinstance(parts, bytes):
-            if (
-                burst
-                or self._pump_scheduled
-                or self._loop.time() - self._last_write <= _BURST_GAP
-                or not queue.push_item_direct(parts)
-            ):
-                queue.push_item(parts)  # else: a quiet link, straight to the wire
+            self._queue_item(parts, burst)
         else:
+            queue = self._queue
             frame = list(parts)
             if image is not None or not queue.push_direct(frame, nbytes):
                 queue.push(frame, nbytes, image)  # else: idle, straight to the wire
         if not self._write_paused:
             self._push_out(burst)
+
+    def _queue_item(self, item: bytes, burst: bool = False) -> None:
+        """Queue a BATCH item: on a quiet link (writing not paused, no pump due, the
+        last write older than ``_BURST_GAP``; :meth:`_push_out` then sends at once) an
+        idle queue takes it straight to the wire; otherwise it waits in the inbox to be
+        batched."""
+        queue = self._queue
+        if (
+            burst
+            or self._write_paused
+            or self._pump_scheduled
+            or self._loop.time() - self._last_write <= _BURST_GAP
+            or not queue.push_item_direct(item)
+        ):
+            queue.push_item(item)
 
     def _push_out(self, burst: bool = False) -> None:
         """A write was queued: hand it to the transport now if the link was idle;
