@@ -30,9 +30,13 @@ wake-up, which may come before the ``send`` that caused it has returned (they ar
 negative then, and the send segment holds that time).  The raw echo waits in ``poll``
 on both sides, as socketengine does, so the segments compare one to one; it is the
 floor of any Python library (one ``poll``, one ``recv`` and one ``send`` per side).
-The socketengine side is timed by wrapping three internal steps (the I/O loop's
+The socketengine side is timed by wrapping three internal steps (the I/O loops'
 ``epoll`` wait, the send path's flush and the requesting thread's ``poll``), which
-adds about 1 µs to each; the table's total is the instrumented one.
+adds about 1 µs to each; the table's total is the instrumented one.  "wire back" ends
+when the requesting thread's ``poll`` returns, or the client's I/O thread wakes if the
+reply came before the requester polled (then "client receive" holds the hand-over).
+A stamp taken late (its process preempted after the call) is still matched: each step
+is the first of its kind after the step that must precede it.
 Linux only (the I/O loop's ``epoll``)::
 
     python -m bench.rt_timeline                     # 5 rounds of 20,000 requests
@@ -76,23 +80,30 @@ def _wrap_flush(log: Log) -> None:
     connection.Connection._flush_batches = stamped  # type: ignore[method-assign]
 
 
+def _wrap_loop_wait(log: Log, kind: str) -> None:
+    """Stamp ``kind`` each time an I/O loop's epoll wait returns (before any loop of
+    this process starts: the loop looks its wait up once)."""
+    from socketengine.sync import loop
+
+    if not hasattr(loop, "_Epoll"):
+        raise SystemExit("rt_timeline needs the epoll I/O loop (Linux)")
+    clock = _clock()
+    wait = loop._Epoll.select
+
+    def woken(self: Any, timeout: Optional[float]) -> Any:
+        ready = wait(self, timeout)
+        log.append((kind, clock()))
+        return ready
+
+    loop._Epoll.select = woken  # type: ignore[method-assign]
+
+
 def _host(ports: Any, logs: Any, stop: Any) -> None:
     """A socketengine Host answering "ping" inline, its steps stamped (child process)."""
     log: Log = []
     clock = _clock()
     _wrap_flush(log)
-    from socketengine.sync import loop
-
-    if not hasattr(loop, "_Epoll"):
-        raise SystemExit("rt_timeline needs the epoll I/O loop (Linux)")
-    wait = loop._Epoll.select
-
-    def woken(self: Any, timeout: Optional[float]) -> Any:
-        ready = wait(self, timeout)
-        log.append(("woke", clock()))
-        return ready
-
-    loop._Epoll.select = woken  # type: ignore[method-assign]
+    _wrap_loop_wait(log, "woke")
     from socketengine import Host
 
     host = Host(port=0, timeout=30)
@@ -155,15 +166,20 @@ def _segments(marks: List[Tuple[int, int]], near: Log, far: Log) -> Dict[str, Li
         i = bisect.bisect_left(times, after)
         return times[i] if i < len(times) and times[i] <= before else None
 
-    for start, end in marks:
+    never = 1 << 62
+    for i, (start, end) in enumerate(marks):
+        # The server's stamps may come late: taken after the call that woke the client
+        # (a process preempted between its send and its stamp), so after ``end``; but
+        # always before it handles the next request.
+        later = marks[i + 1][1] if i + 1 < len(marks) else never
         sent = first("near", "sent", start, end)
         woke = first("far", "woke", start, end)
-        handler = None if woke is None else first("far", "handler", woke, end)
-        replied = None if handler is None else first("far", "sent", handler, end)
-        polled = None
-        if sent is not None and handler is not None:
-            polled = first("near", "polled", max(sent, handler), end)
-        if polled is None or replied is None:
+        handler = None if woke is None else first("far", "handler", woke, later)
+        replied = None if handler is None else first("far", "sent", handler, later)
+        # After the handler ran (the reply cannot come before it); the client's own
+        # "sent" stamp may be late too (taken by its I/O thread after it was preempted).
+        polled = None if handler is None else first("near", "polled", handler, end)
+        if sent is None or polled is None or replied is None:
             continue
         steps = (start, sent, woke, handler, replied, polled, end)
         for name, a, b in zip(SEGMENTS, steps, steps[1:]):
@@ -224,8 +240,9 @@ def _round_raw(sock: socket.socket, log: Log, n: int) -> List[Tuple[int, int]]:
     return marks
 
 
-def measure(n: int, rounds: int) -> Dict[str, Dict[str, List[float]]]:
-    """Per round and system, the median of every segment over ``n`` requests (µs)."""
+def measure(n: int, rounds: int) -> Tuple[Dict[str, Dict[str, List[float]]], Dict[str, List[int]]]:
+    """Per round and system, the median of every segment over ``n`` requests (µs), and
+    how many requests of each round could be followed through every step."""
     from socketengine import Client
     from socketengine.sync import connection
 
@@ -252,6 +269,9 @@ def measure(n: int, rounds: int) -> Dict[str, Dict[str, List[float]]]:
             return _Poll(log, clock)
 
     connection.select = _Select()  # type: ignore[assignment]
+    # A reply that arrives before the requester polls is read by the client's I/O
+    # thread: its wake-up ends "wire back" then (and "client receive" holds the hand-over).
+    _wrap_loop_wait(log, "polled")
     client = Client(port=host_port, timeout=30, connect_timeout=30)
     sock = socket.create_connection(("127.0.0.1", raw_port), timeout=30)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -281,19 +301,23 @@ def measure(n: int, rounds: int) -> Dict[str, Dict[str, List[float]]]:
             if child.is_alive():
                 child.kill()
     out: Dict[str, Dict[str, List[float]]] = {}
+    followed: Dict[str, List[int]] = {name: [] for name in SYSTEMS}
     for name in SYSTEMS:
         per_round: Dict[str, List[float]] = {seg: [] for seg in (*SEGMENTS, "total")}
         for round_marks, round_log in zip(marks[name], client_logs[name]):
             segs = _segments(round_marks, round_log, far[name])
+            followed[name].append(len(segs["total"]))
             if len(segs["total"]) < len(round_marks) // 2:
                 raise RuntimeError(f"{name}: most requests could not be followed")
             for seg, values in segs.items():
                 per_round[seg].append(statistics.median(values) / 1000)
         out[name] = per_round
-    return out
+    return out, followed
 
 
-def summary(results: Dict[str, Dict[str, List[float]]]) -> Dict[str, Any]:
+def summary(
+    results: Dict[str, Dict[str, List[float]]], followed: Dict[str, List[int]]
+) -> Dict[str, Any]:
     medians = {
         name: {seg: statistics.median(v) for seg, v in rows.items()}
         for name, rows in results.items()
@@ -301,6 +325,7 @@ def summary(results: Dict[str, Dict[str, List[float]]]) -> Dict[str, Any]:
     return {
         "us_p50": medians,
         "runs": results,
+        "followed": followed,
         "over_raw": {
             seg: medians["socketengine"][seg] - medians["raw"][seg] for seg in (*SEGMENTS, "total")
         },
@@ -313,11 +338,13 @@ def main(argv: Any = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
-    doc = summary(measure(args.n, args.rounds))
+    doc = summary(*measure(args.n, args.rounds))
     se, raw, extra = doc["us_p50"]["socketengine"], doc["us_p50"]["raw"], doc["over_raw"]
     print(f"{'p50 µs':16s} {'socketengine':>13s} {'raw TCP':>9s} {'difference':>11s}")
     for seg in (*SEGMENTS, "total"):
         print(f"{seg:16s} {se[seg]:13.1f} {raw[seg]:9.1f} {extra[seg]:+11.1f}")
+    for name, counts in doc["followed"].items():
+        print(f"{name}: followed through every step {sum(counts)} of {args.n * len(counts)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)

@@ -135,5 +135,8 @@ def test_rt_timeline_smoke(tmp_path: Path) -> None:
         assert all(p50[s] > 0 for s in one_side), (system, p50)
         assert p50["total"] > 0
         assert all(len(doc["runs"][system][s]) == 2 for s in segments)
+        # Requests followed through every step, per round (at least half, or it fails).
+        assert len(doc["followed"][system]) == 2
+        assert all(150 <= count <= 300 for count in doc["followed"][system])
     assert set(doc["over_raw"]) == {*segments, "total"}
     assert "client receive" in proc.stdout
