@@ -425,6 +425,11 @@ class SendQueue:
         self.images_sent += 1
         return True
 
+    def _idle(self) -> bool:
+        """Nothing in the inbox or staged, nothing taken and left unframed, no wire
+        buffers, no framing under way: a frame pushed now would leave first."""
+        return not (self._inbox or self.staged or self._wire or self._taken or self.framing)
+
     def push_direct(self, parts: List[Buffer], nbytes: int) -> bool:
         """A lone frame on an idle queue goes straight to the wire buffers: what
         :meth:`push`, :meth:`take_inbox` and :meth:`to_wire` would do with it, in one
@@ -438,7 +443,7 @@ class SendQueue:
         :meth:`push` the frame then.  (Moving data into shared memory copies it and
         may wait for a free slot; the threaded flusher does that outside its lock, in
         :meth:`to_wire`, and so must this.)"""
-        if self._inbox or self.staged or self._wire or self._taken or self.framing:
+        if not self._idle():
             return False
         if self.shm is not None and len(parts) > 1:
             return False
@@ -457,7 +462,7 @@ class SendQueue:
         """:meth:`push_direct` for a BATCH item: alone, it leaves as the DATA frame
         :meth:`to_wire` makes of a run of one.  For a writer about to send at once
         (an idle link); in a burst, items wait in the inbox to be batched."""
-        if self._inbox or self.staged or self._wire or self._taken or self.framing:
+        if not self._idle():
             return False
         frame = frames.item_frame(item)
         return self.push_direct([frame], len(frame))
