@@ -106,6 +106,61 @@ def test_blocking_write_to_a_full_peer_times_out() -> None:
         c.close()
 
 
+def test_writers_in_several_threads_to_a_stalled_host_lose_nothing() -> None:
+    # While the client's socket is full (the host stopped reading) a threaded write
+    # stages its value without the connection lock, as in a burst: the flush that the
+    # socket's writability triggers takes it.  Writers in three threads, the host
+    # stalled and released three times: every value arrives once, in each thread's
+    # order.
+    threads = 3
+    got: list = [[] for _ in range(threads)]
+    filler = "x" * 200  # the socket buffers fill in a few MB
+    with Host(port=0) as h, Client(port=h.port) as c:
+        for k in range(threads):
+            h.on(f"t{k}", lambda value, *_, k=k: got[k].append(value[0]))
+        at_host = wait_for(lambda: h.clients() and h.clients()[0])
+        at_client = c._conn
+        assert at_client is not None
+        stop = threading.Event()
+        written = [0] * threads
+
+        def writer(k: int) -> None:
+            i = 0
+            while not stop.is_set() and i < 2_000_000:  # bounded either way
+                c.write(f"t{k}", [i, filler])
+                i += 1
+            written[k] = i
+
+        seen = [0]
+
+        def staged_while_full() -> bool:
+            # Seen three polls in a row (not a writer caught between its append and
+            # its check): items wait staged for the socket to drain.
+            full = at_client._want_write and not at_client._flush_scheduled
+            seen[0] = seen[0] + 1 if full and at_client._queue.staged else 0
+            return seen[0] >= 3
+
+        workers = [threading.Thread(target=writer, args=(k,), daemon=True) for k in range(3)]
+        for w in workers:
+            w.start()
+        try:
+            for _ in range(3):
+                at_host.pause_reading()
+                seen[0] = 0
+                wait_for(staged_while_full, 20, "writes staged while the socket is full")
+                before = sum(map(len, got))
+                at_host.resume_reading()
+                wait_for(lambda n=before: sum(map(len, got)) > n, 20, "values after the stall")
+        finally:
+            stop.set()
+            for w in workers:
+                w.join(30)
+        assert not any(w.is_alive() for w in workers)
+        for k in range(threads):
+            wait_for(lambda k=k: len(got[k]) >= written[k], 60, f"thread {k}'s values")
+            assert got[k] == list(range(written[k])), f"thread {k}"
+
+
 CHILD = textwrap.dedent(
     """
     import sys, time

@@ -22,11 +22,12 @@ apply the same way:
   (``msgpack(channel) + msgpack(value)``).  A run of two or more items becomes one
   BATCH frame when the peer announced it can read them (:attr:`batch_limit`);
   otherwise every item becomes an ordinary DATA frame.
-* **Staging (threaded writers in a burst).**  While a flush is already due, a writer
-  may append a small item to :attr:`staged` without the connection lock (a deque
-  append is atomic) while fewer than :data:`STAGE_MAX` items are staged and the queue
-  is :data:`STAGE_HEADROOM` bytes below ``max_buffer`` (:attr:`stage_below`), so
-  staged items never take the queue beyond it.  Every method that reads or changes the
+* **Staging (threaded writers in a burst).**  While a flush is already due (scheduled,
+  or waiting for a full socket to drain), a writer may append a small item to
+  :attr:`staged` without the connection lock (a deque append is atomic) while fewer
+  than :data:`STAGE_MAX` items are staged and the queue is :data:`STAGE_HEADROOM`
+  bytes below ``max_buffer`` (:attr:`stage_below`), so staged items never take the
+  queue beyond it.  Every method that reads or changes the
   inbox first moves the staged items to its end, counted (:meth:`unstage`, under the
   lock), so the order of entries is the order in which they were pushed or staged.
 * **max_buffer.**  :meth:`fits` says whether a frame may be queued now: an empty

@@ -548,21 +548,23 @@ class Connection(PeerView, Pausable):
         """:meth:`send_parts` for a BATCH item (a small value, the most frequent write):
         the same rules, fewer steps.  Thread-safe.
 
-        In a burst (a flush already due on the loop thread) the item is staged without
-        the lock (:attr:`SendQueue.staged`, within ``stage_below``): the flush takes it
-        in order.  Appended first, checked after: if the flush began meanwhile or the
-        link closed, :meth:`_settle_staged` decides under the lock."""
+        In a burst (a flush already due on the loop thread, or the socket full: its
+        writability triggers one) the item is staged without the lock
+        (:attr:`SendQueue.staged`, within ``stage_below``): the flush takes it in
+        order.  Appended first, checked after: if the flush began meanwhile or the link
+        closed, :meth:`_settle_staged` decides under the lock."""
         fan = self._fan
         if fan is not None and fan.items:
             self._endpoint._fan_flush()
         engine = self.engine
-        if self._flush_scheduled and engine.state is _OPEN:
+        if (self._flush_scheduled or self._want_write) and engine.state is _OPEN:
             queue = self._queue
             staged = queue.staged
             if len(staged) < STAGE_MAX and queue.queued <= queue.stage_below:
                 staged.append(item)
-                if self._flush_scheduled and engine.state is _OPEN:
-                    return  # the due flush has not begun: it takes the item
+                if (self._flush_scheduled or self._want_write) and engine.state is _OPEN:
+                    return  # the due flush has not begun (both flags are cleared
+                    # before a flush takes the staged items): it takes this one
                 if self._settle_staged(item):
                     return
         if engine.state is not _OPEN and self._held(item, len(item), None):
