@@ -470,6 +470,19 @@ def test_a_batch_is_counted_once_per_channel_when_it_fits() -> None:
     assert set(stored.sizes) == {"a", "b"}
 
 
+def test_a_batch_counted_at_once_hands_back_the_last_value_of_each_channel() -> None:
+    # What storing the items one by one leaves, channels in order of first arrival:
+    # the threaded layer stores it in bulk when nobody watches.
+    items = ["b", 1, "a", b"x" * 30, "b", 2, "a", b"y"]
+    last = StoredValues(max_channels=2, max_stored=100).store_items(items)
+    assert last == {"b": 2, "a": b"y"} and list(last) == ["b", "a"]
+    # A client's budget beyond its limits counts the items one by one (it forgets
+    # channels after storing, never refuses): nothing handed back then.
+    kept = KeptValues(max_channels=1, max_stored=100)
+    assert kept.store_items(items) is None
+    assert kept.nbytes == value_size(2) + 1 + value_size(b"y") + 1
+
+
 @pytest.mark.parametrize(
     "items, accepted, match",
     [

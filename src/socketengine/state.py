@@ -338,12 +338,15 @@ class StoredValues:
                 "values this large as DATA frames, or raise max_stored=)"
             )
 
-    def store_items(self, items: List[Any]) -> None:
+    def store_items(self, items: List[Any]) -> Optional[Dict[str, Any]]:
         """Account a BATCH frame's items (flat ``[channel, value, ...]``) before storing
         them.  Only the last value of each channel stays stored, so when the whole batch
         fits only it is counted (at :func:`item_size`): the same final total as storing
         the items one by one, for one size estimate per channel instead of one per item
-        (a burst on one channel is hundreds of items).
+        (a burst on one channel is hundreds of items).  Returns those last values then,
+        ``{channel: value}`` in the order the channels first appear (what storing the
+        items one by one leaves: a caller with nobody watching stores them in bulk);
+        ``None`` when the items were accounted one by one.
 
         When it does not fit, the items are accounted one by one, as separate DATA
         frames would be, and :class:`BudgetExceeded` is raised at the first item beyond
@@ -370,7 +373,7 @@ class StoredValues:
         if len(sizes) + new <= self.max_channels and total <= self.max_stored:
             sizes.update(zip(last, counted))
             self.nbytes = total
-            return
+            return last
         store = self.store
         for i in range(0, len(items), 2):
             try:
@@ -380,6 +383,7 @@ class StoredValues:
                 store(items[i], size)
             except ProtocolError as exc:
                 raise BudgetExceeded(str(exc), i) from None
+        return None
 
 
 class KeptValues(StoredValues):

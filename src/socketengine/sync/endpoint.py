@@ -675,9 +675,10 @@ class Endpoint(EndpointBase, Generic[_I]):
                 if t == BATCH:
                     items = self._batch_items(conn, frame)
                     overflow = None
+                    pairs = None
                     if stored is not None:
                         try:
-                            stored.store_items(items)
+                            pairs = stored.store_items(items)  # the last values, or None
                         except BudgetExceeded as exc:  # keep what came before, then close
                             overflow = exc
                             items = items[: exc.accepted]
@@ -697,7 +698,8 @@ class Endpoint(EndpointBase, Generic[_I]):
                     else:
                         # Nobody waits on anything: store in bulk (the last value of each
                         # channel wins, as if the items were stored one by one).
-                        pairs = dict(zip(items[0::2], items[1::2]))
+                        if pairs is None:
+                            pairs = dict(zip(items[0::2], items[1::2]))
                         values.update(pairs)
                         latest.update(pairs)
                         stamps.update(dict.fromkeys(pairs, now))
