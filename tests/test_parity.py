@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 
@@ -479,6 +480,40 @@ def _raw_client(port: int, name: str = "raw") -> socket.socket:
     )
     sock.sendall(frames.PREAMBLE + b"".join(hello))
     return sock
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_batch_leaves_the_same_values_whether_or_not_anything_watches(
+    layer: str, loop_thread: AioThread
+) -> None:
+    # With nothing watching, both layers store a BATCH in bulk (the last value of each
+    # channel); with a callback, item by item.  Values, stamps and counts must not tell
+    # the two apart, and the watcher gets every item in order.
+    host = make_host(layer, loop_thread)
+    sock = None
+    try:
+        sock = _raw_client(host.ep.port)
+        wait_for(lambda: len(host.ep.clients()) == 1, what="the raw client")
+        conn = host.ep.clients()[0]
+        pairs = [("a", 1), ("b", [2]), ("a", 3), ("c", {"k": 4}), ("b", [5])]
+        last = {"a": 3, "b": [5], "c": {"k": 4}}
+        got: List[Any] = []
+        for watched in (False, True):
+            if watched:
+                host.ep.on("b", lambda value, *rest: got.append(value))
+            start = time.time()
+            sock.sendall(_batch(*pairs))
+            wait_for(lambda n=5 + 5 * watched: conn.messages_in == n, what="the batch")
+            assert {ch: host.ep.get(ch) for ch in last} == last
+            assert {ch: conn.values[ch] for ch in last} == last
+            assert all(start <= conn.received_at[ch] <= time.time() for ch in last)
+            if watched:
+                wait_for(lambda: got == [[2], [5]], what="both items at the callback")
+        assert len(host.ep.clients()) == 1
+    finally:
+        if sock is not None:
+            sock.close()
+        host.close()
 
 
 @pytest.mark.parametrize("layer", LAYERS)

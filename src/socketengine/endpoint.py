@@ -557,6 +557,26 @@ class EndpointBase:
             stored.check_batch(frame.meta)
         return frame.items()
 
+    def _store_unwatched(
+        self, conn: PeerView, items: List[Any], last: Optional[Dict[str, Any]], now: float
+    ) -> None:
+        """A BATCH frame's items (flat ``[channel, value, ...]``) stored at once, when
+        nothing watches any channel (no waiter, subscription, callback, hook or
+        pattern): the last value of each channel wins, as if the items were stored one
+        by one (``last``: those, as :meth:`StoredValues.store_items` hands them back,
+        or ``None``).  The caller counts the items, relays them and settles budgets."""
+        if last is None:
+            last = dict(zip(items[0::2], items[1::2]))
+        conn.values.update(last)
+        self._latest.update(last)
+        conn.received_at.update(dict.fromkeys(last, now))
+        ledger = self._images
+        kept, unread, conn_kept = ledger.encoded, ledger.unread, conn._encoded
+        if kept or unread or conn_kept:
+            for channel in last:
+                if channel in kept or channel in unread or channel in conn_kept:
+                    self._not_an_image(conn, channel)
+
     def _not_an_image(self, conn: PeerView, channel: str) -> None:
         """A value that is not an image arrived on ``channel`` (I/O thread / event
         loop): what was kept of an earlier image there goes with it.  The layers call

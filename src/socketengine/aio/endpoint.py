@@ -388,19 +388,27 @@ class Endpoint(EndpointBase):
         the offending one are delivered, then ``BudgetExceeded`` is raised (the
         connection is closed)."""
         overflow: Optional[BudgetExceeded] = None
+        last = None
         stored = self._stored.get(conn)
         if stored is not None:
             try:
-                stored.store_items(items)
+                last = stored.store_items(items)  # the last values, or None
             except BudgetExceeded as exc:
                 overflow = exc
                 items = items[: exc.accepted]
-        deliver = self._deliver
         relay = self._relay
-        for i in range(0, len(items), 2):
-            deliver(conn, items[i], items[i + 1], counted=True, settle=False)
-            if relay is not None and relay.allows(items[i], conn.name):
-                self._relay_value(conn, items[i], items[i + 1])
+        if self._waiters or self._subs or self._handlers or self._any or self._patterns:
+            deliver = self._deliver
+            for i in range(0, len(items), 2):
+                deliver(conn, items[i], items[i + 1], counted=True, settle=False)
+                if relay is not None and relay.allows(items[i], conn.name):
+                    self._relay_value(conn, items[i], items[i + 1])
+        else:  # nobody waits on anything: stored in bulk
+            self._store_unwatched(conn, items, last, _now())
+            if relay is not None:
+                for i in range(0, len(items), 2):
+                    if relay.allows(items[i], conn.name):
+                        self._relay_value(conn, items[i], items[i + 1])
         conn.messages_in += len(items) // 2
         if stored is not None:
             stored.settle()  # a client forgets its oldest channels beyond its budget

@@ -695,18 +695,12 @@ class Endpoint(EndpointBase, Generic[_I]):
                             latest[channel] = value
                             stamps[channel] = now
                             self._deliver(conn, channel, value)
-                    else:
-                        # Nobody waits on anything: store in bulk (the last value of each
-                        # channel wins, as if the items were stored one by one).
-                        if pairs is None:
-                            pairs = dict(zip(items[0::2], items[1::2]))
-                        values.update(pairs)
-                        latest.update(pairs)
-                        stamps.update(dict.fromkeys(pairs, now))
-                    if kept or unread or conn_kept:
-                        for channel in items[0::2]:
-                            if channel in kept or channel in unread or channel in conn_kept:
-                                self._not_an_image(conn, channel)
+                        if kept or unread or conn_kept:
+                            for channel in items[0::2]:
+                                if channel in kept or channel in unread or channel in conn_kept:
+                                    self._not_an_image(conn, channel)
+                    else:  # nobody waits on anything: stored in bulk
+                        self._store_unwatched(conn, items, pairs, now)
                     if overflow is not None:
                         raise overflow
                     continue
