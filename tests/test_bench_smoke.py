@@ -10,7 +10,7 @@ import select
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
+from typing import Any, List, Optional, Tuple
 
 import pytest
 
@@ -61,6 +61,23 @@ def _run_quick(tmp_path: Path, workloads: List[str], timeout: float) -> dict:
     return doc
 
 
+def _run_tool(
+    module: str, args: List[str], out: Path, written: Optional[Path] = None
+) -> Tuple[Any, Any]:
+    """Run ``python -m module *args out`` (a bench tool whose last option names its
+    output) from the repository root; return the finished process and the JSON it wrote
+    (``out``, or ``written`` when the tool puts it elsewhere)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args, str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc, json.loads((written or out).read_text())
+
+
 @pytest.mark.timeout(150)
 def test_bench_quick_smoke(tmp_path: Path) -> None:
     _run_quick(tmp_path, WORKLOADS, 120)
@@ -82,13 +99,9 @@ def test_writer_floor_smoke(tmp_path: Path) -> None:
     pytest.importorskip("zmq")
     if not (ROOT / "bench" / "writer_floor.py").exists():
         pytest.skip("bench/ is not in this checkout")
-    out = tmp_path / "floor.json"
-    cmd = [sys.executable, "-m", "bench.writer_floor", "--n", "2000", "--rounds", "2"]
-    proc = subprocess.run(
-        [*cmd, "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=100
+    proc, doc = _run_tool(
+        "bench.writer_floor", ["--n", "2000", "--rounds", "2", "--json"], tmp_path / "floor.json"
     )
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    doc = json.loads(out.read_text())
     rows = doc["us_per_message"]
     names = {
         "pack alone",
@@ -111,13 +124,9 @@ def test_rt_timeline_smoke(tmp_path: Path) -> None:
         pytest.skip("bench/ is not in this checkout")
     if not hasattr(select, "epoll"):
         pytest.skip("the I/O loop's epoll wait is what the host side is timed by")
-    out = tmp_path / "timeline.json"
-    cmd = [sys.executable, "-m", "bench.rt_timeline", "--n", "300", "--rounds", "2"]
-    proc = subprocess.run(
-        [*cmd, "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=100
+    proc, doc = _run_tool(
+        "bench.rt_timeline", ["--n", "300", "--rounds", "2", "--json"], tmp_path / "timeline.json"
     )
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    doc = json.loads(out.read_text())
     segments = [
         "client send",
         "wire out",
@@ -140,3 +149,21 @@ def test_rt_timeline_smoke(tmp_path: Path) -> None:
         assert all(150 <= count <= 300 for count in doc["followed"][system])
     assert set(doc["over_raw"]) == {*segments, "total"}
     assert "client receive" in proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_cost_profile_smoke(tmp_path: Path) -> None:
+    # The tool behind docs/benchmarks.md "Where the time goes": two versions (here both
+    # this checkout's src, one with write_many), one round, a JSON beside the chart.
+    pytest.importorskip("matplotlib")
+    if not (ROOT / "bench" / "cost_profile.py").exists():
+        pytest.skip("bench/ is not in this checkout")
+    src = str(ROOT / "src")
+    args = [f"write={src}", f"many={src}@many", "--n", "2000", "--rounds", "1", "--out"]
+    _, doc = _run_tool("bench.cost_profile", args, tmp_path / "cost.png", tmp_path / "cost.json")
+    assert (tmp_path / "cost.png").stat().st_size > 0
+    assert doc["n"] == 2000 and doc["rounds"] == 1
+    assert list(doc["versions"]) == ["write", "many"]
+    for name, stages in doc["versions"].items():
+        assert set(stages) == {"writer", "io_thread", "receiver"}, name
+        assert all(stages[stage] > 0 for stage in ("writer", "receiver")), (name, stages)
