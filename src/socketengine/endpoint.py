@@ -570,10 +570,16 @@ class EndpointBase:
         conn.values.update(last)
         self._latest.update(last)
         conn.received_at.update(dict.fromkeys(last, now))
+        self._not_images(conn, last)
+
+    def _not_images(self, conn: PeerView, channels: Iterable[str]) -> None:
+        """Values that are not images arrived on ``channels`` (a BATCH's, in any
+        order, repeats allowed): :meth:`_not_an_image` for each on which an image is
+        kept.  One dict check when none is."""
         ledger = self._images
         kept, unread, conn_kept = ledger.encoded, ledger.unread, conn._encoded
         if kept or unread or conn_kept:
-            for channel in last:
+            for channel in channels:
                 if channel in kept or channel in unread or channel in conn_kept:
                     self._not_an_image(conn, channel)
 

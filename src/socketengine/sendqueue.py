@@ -27,9 +27,9 @@ apply the same way:
   :attr:`staged` without the connection lock (a deque append is atomic) while fewer
   than :data:`STAGE_MAX` items are staged and the queue is :data:`STAGE_HEADROOM`
   bytes below ``max_buffer`` (:attr:`stage_below`), so staged items never take the
-  queue beyond it.  Every method that reads or changes the
-  inbox first moves the staged items to its end, counted (:meth:`unstage`, under the
-  lock), so the order of entries is the order in which they were pushed or staged.
+  queue beyond it.  Every method that reads or changes the inbox first moves the
+  staged items to its end, counted (:meth:`unstage`, under the lock), so the order of
+  entries is the order in which they were pushed or staged.
 * **max_buffer.**  :meth:`fits` says whether a frame may be queued now: an empty
   queue takes any frame; otherwise queued bytes plus the frame must stay within
   ``max_buffer``.  An item not framed yet also counts its memory beyond its bytes

@@ -396,19 +396,17 @@ class Endpoint(EndpointBase):
             except BudgetExceeded as exc:
                 overflow = exc
                 items = items[: exc.accepted]
-        relay = self._relay
         if self._waiters or self._subs or self._handlers or self._any or self._patterns:
             deliver = self._deliver
             for i in range(0, len(items), 2):
                 deliver(conn, items[i], items[i + 1], counted=True, settle=False)
-                if relay is not None and relay.allows(items[i], conn.name):
-                    self._relay_value(conn, items[i], items[i + 1])
         else:  # nobody waits on anything: stored in bulk
             self._store_unwatched(conn, items, last, _now())
-            if relay is not None:
-                for i in range(0, len(items), 2):
-                    if relay.allows(items[i], conn.name):
-                        self._relay_value(conn, items[i], items[i + 1])
+        relay = self._relay
+        if relay is not None:
+            for i in range(0, len(items), 2):
+                if relay.allows(items[i], conn.name):
+                    self._relay_value(conn, items[i], items[i + 1])
         conn.messages_in += len(items) // 2
         if stored is not None:
             stored.settle()  # a client forgets its oldest channels beyond its budget

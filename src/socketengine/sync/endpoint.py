@@ -695,10 +695,7 @@ class Endpoint(EndpointBase, Generic[_I]):
                             latest[channel] = value
                             stamps[channel] = now
                             self._deliver(conn, channel, value)
-                        if kept or unread or conn_kept:
-                            for channel in items[0::2]:
-                                if channel in kept or channel in unread or channel in conn_kept:
-                                    self._not_an_image(conn, channel)
+                        self._not_images(conn, items[0::2])
                     else:  # nobody waits on anything: stored in bulk
                         self._store_unwatched(conn, items, pairs, now)
                     if overflow is not None:
