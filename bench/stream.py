@@ -13,9 +13,11 @@ run in one process (sender and receiver threads side by side) or in two (see
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import socket
 import threading
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import msgpack
 
@@ -25,6 +27,7 @@ from .common import (
     SE,
     U32,
     U64,
+    WAIT_SLEEP,
     WARM_SEQ,
     WARM_STAMP,
     ZMQ,
@@ -63,8 +66,11 @@ FRAME_KINDS = ("images", "arrays")
 #: block in ``recv`` on their own thread, with the waiter polling every 100 us):
 #: ``poll``: ``host.get`` every ``WAIT_SLEEP`` (100 us); ``wait``: blocks in
 #: ``host.wait(channel)``; ``busy``: the seed README's loop, ``host.get_ALL`` without
-#: any sleep.
-READERS = ("poll", "wait", "busy")
+#: any sleep; ``aio``: the receiving program is asyncio (small messages only):
+#: socketengine's ``aio.Host``, pyzmq's ``zmq.asyncio`` PULL awaiting ``recv``, raw
+#: TCP an ``asyncio`` server reading with ``StreamReader.readexactly``; in each a
+#: coroutine on the same event loop polls the latest value every ``WAIT_SLEEP``.
+READERS = ("poll", "wait", "busy", "aio")
 
 
 def _check_images(received: Any, frames: Dict[str, Any]) -> None:
@@ -98,8 +104,10 @@ class SEReceiver:
         self.channel = CHANNEL[kind]
         self.frames = make_frames() if kind in FRAME_KINDS else None
         self.reader = params.get("reader", "poll")
-        if self.reader not in READERS:
-            raise ValueError(f"reader must be one of {READERS}, not {self.reader!r}")
+        if self.reader not in READERS or self.reader == "aio":
+            raise ValueError(
+                f"the threaded receiver's reader is poll, wait or busy, not {self.reader!r}"
+            )
         self.host = Host(port=0, timeout=5)
         self.port = self.host.port
 
@@ -620,5 +628,193 @@ class RawSender:
             self.aio.close()
 
 
-RECEIVERS = {SE: SEReceiver, ZMQ: ZmqReceiver, RAW: RawReceiver}
+# -- asyncio receivers (reader="aio") ----------------------------------------------------------
+
+
+class _AioReceiver:
+    """A receiving program written with asyncio, on an event loop in a thread of its own
+    (:class:`AioThread`).  Its ``_watch`` coroutine polls the latest value every
+    ``WAIT_SLEEP`` on that same loop, as an asyncio program would (``asyncio.sleep``),
+    so the figures include what the loop does between two looks.  Small messages only.
+    Subclasses open the receiving side in ``_start`` (on the loop) and say how far it
+    got in ``_seq``; ``_count`` is how many measured messages arrived."""
+
+    def __init__(self, kind: str, params: Dict[str, Any]) -> None:
+        if kind != "small":
+            raise ValueError("the asyncio receivers receive small messages only")
+        self.kind = kind
+        self.channel = CHANNEL[kind]
+        self.aio = AioThread()
+        try:
+            self.port: int = self.aio.run(self._start())
+        except BaseException:
+            self.aio.close()
+            raise
+
+    async def _start(self) -> int:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    async def _stop(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _seq(self) -> int:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _count(self) -> int:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    async def _watch(self, target: int, deadline: float, what: str) -> float:
+        seq = self._seq
+        while seq() != target:
+            if now() > deadline:
+                raise BenchTimeout(f"timed out waiting for {what}")
+            await asyncio.sleep(WAIT_SLEEP)
+        return now()
+
+    def wait_ready(self, deadline: float) -> None:
+        self.aio.run(self._watch(WARM_SEQ, deadline, "the warm-up value"))
+
+    def measure(self, n: int, deadline: float) -> Dict[str, Any]:
+        t_end = self.aio.run(self._watch(n - 1, deadline, f"the last {self.kind} value"))
+        count = self._count()
+        _sent(self.kind, n, count)
+        return {"t_end": t_end, "delivered": count}
+
+    def close(self) -> None:
+        try:
+            self.aio.run(self._stop())
+        finally:
+            self.aio.close()
+
+
+class SEAioReceiver(_AioReceiver):
+    """``socketengine.aio.Host``; the watcher reads ``host.get(channel)``."""
+
+    async def _start(self) -> int:
+        from socketengine import aio
+
+        self.host = await aio.Host(port=0, timeout=5).start()
+        return int(self.host.port)
+
+    async def _stop(self) -> None:
+        await self.host.close()
+
+    def _seq(self) -> int:
+        v = self.host.get(self.channel)
+        return -2 if v is None else int(v[0])
+
+    def _count(self) -> int:
+        conns = self.host.clients()
+        if not conns:
+            raise BenchCheckFailed(f"{self.kind}: the client is gone")
+        return int(conns[0].messages_in) - 1  # minus the warm-up value
+
+
+class _LatestOf:
+    """What the anchors' receiving coroutines keep: the latest value, its sequence
+    number, and how many measured (seq >= 0) messages arrived."""
+
+    def __init__(self) -> None:
+        self.latest: Any = None
+        self.seq = -2
+        self.count = 0
+
+    def keep(self, v: Any) -> None:
+        self.latest = v
+        if v[0] >= 0:
+            self.count += 1
+        self.seq = v[0]
+
+
+class ZmqAioReceiver(_AioReceiver):
+    """A ``zmq.asyncio`` PULL socket; a coroutine awaits ``recv`` and decodes each."""
+
+    async def _start(self) -> int:
+        import zmq
+        import zmq.asyncio
+
+        self.state = _LatestOf()
+        self.ctx = zmq.asyncio.Context()
+        self.sock = self.ctx.socket(zmq.PULL)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        port = int(self.sock.bind_to_random_port("tcp://127.0.0.1"))
+        self.task = asyncio.ensure_future(self._recv_loop())
+        return port
+
+    async def _recv_loop(self) -> None:
+        recv = self.sock.recv
+        unpackb = msgpack.unpackb
+        keep = self.state.keep
+        while True:
+            keep(unpackb(await recv()))
+
+    async def _stop(self) -> None:
+        self.task.cancel()
+        try:
+            await self.task
+        except asyncio.CancelledError:
+            pass
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+    def _seq(self) -> int:
+        return int(self.state.seq)
+
+    def _count(self) -> int:
+        return self.state.count
+
+
+class RawAioReceiver(_AioReceiver):
+    """``asyncio.start_server``; the connection's coroutine reads ``u32 length |
+    msgpack`` messages with ``StreamReader.readexactly`` (the streams idiom)."""
+
+    async def _start(self) -> int:
+        self.state = _LatestOf()
+        self.tasks: List[asyncio.Task[Any]] = []
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.append(task)
+        readexactly = reader.readexactly
+        unpack_len = U32.unpack
+        unpackb = msgpack.unpackb
+        keep = self.state.keep
+        try:
+            while True:
+                size = unpack_len(await readexactly(4))[0]
+                keep(unpackb(await readexactly(size)))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def _stop(self) -> None:
+        self.server.close()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.server.wait_closed()
+
+    def _seq(self) -> int:
+        return int(self.state.seq)
+
+    def _count(self) -> int:
+        return self.state.count
+
+
+_THREADED = {SE: SEReceiver, ZMQ: ZmqReceiver, RAW: RawReceiver}
+_ASYNCIO = {SE: SEAioReceiver, ZMQ: ZmqAioReceiver, RAW: RawAioReceiver}
+
+
+def _receiver(lib: str, kind: str, params: Dict[str, Any]) -> Any:
+    """``lib``'s threaded receiver, or its asyncio one for ``reader="aio"``."""
+    return (_ASYNCIO if params.get("reader") == "aio" else _THREADED)[lib](kind, params)
+
+
+#: ``RECEIVERS[lib](kind, params)``; partials of a module-level function, so
+#: :mod:`bench.xproc` can hand them to another process.
+RECEIVERS = {lib: functools.partial(_receiver, lib) for lib in _THREADED}
 SENDERS = {SE: SESender, ZMQ: ZmqSender, RAW: RawSender}

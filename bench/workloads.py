@@ -367,6 +367,25 @@ WORKLOADS: Dict[str, Workload] = {
             "2 processes",
         ),
         Workload(
+            "small_aio_host",
+            "small messages, threaded client -> an asyncio receiver: aio.Host (pyzmq: "
+            "zmq.asyncio PULL await recv; raw TCP: asyncio server, StreamReader.readexactly)",
+            _THROUGHPUT,
+            "small",
+            stream_trial("small", False, "aio"),
+            BASE_LIBS,
+            "1 process",
+        ),
+        Workload(
+            "small_aio_host_xproc",
+            "small messages to an asyncio receiver (as small_aio_host), separate processes",
+            _THROUGHPUT,
+            "small_xproc",
+            stream_trial("small", True, "aio"),
+            BASE_LIBS,
+            "2 processes",
+        ),
+        Workload(
             "fanout_aio",
             "host -> 20 clients, small messages from a coroutine: await aio.Host.write_all "
             "(pyzmq: zmq.asyncio PUB; raw TCP: a StreamWriter per client)",

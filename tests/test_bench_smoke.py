@@ -19,6 +19,8 @@ WORKLOADS = [
     "small",
     "small_many",
     "small_aio_xproc",
+    "small_aio_host",
+    "small_aio_host_xproc",
     "fanout_aio",
     "images",
     "roundtrip",
