@@ -52,7 +52,7 @@ SIZES: Dict[str, Dict[str, int]] = {
         "roundtrip": 5000,
         "images": 100,
         "arrays": 100,
-        "fanout": 5000,
+        "fanout": 20000,
         "fanout_clients": 20,
         "many": 1000,
         "many_workers": 4,
