@@ -44,7 +44,7 @@ class Workload(NamedTuple):
     requires: Optional[Callable[[], Optional[str]]] = None
 
 
-#: N per workload.  ``full`` keeps the whole suite (5 runs) around 6-7 minutes on a
+#: N per workload.  ``full`` keeps the whole suite (5 runs) around 7 minutes on a
 #: 2-core machine; ``quick`` is a smoke test.
 SIZES: Dict[str, Dict[str, int]] = {
     "full": {
