@@ -397,6 +397,138 @@ def test_a_callback_that_outlives_stop_finishes_without_an_error() -> None:
     assert errors == []
 
 
+class _Key:
+    """A connection as the Dispatcher sees it: counts its pauses."""
+
+    def __init__(self) -> None:
+        self.paused = 0
+
+    def pause_reading(self) -> None:
+        self.paused += 1
+
+    def resume_reading(self) -> None:
+        self.paused -= 1
+
+
+def test_the_dispatcher_runs_each_keys_callbacks_in_order_across_parked_workers() -> None:
+    # Workers park between bursts (each on a lock of its own) and are woken one at a
+    # time; every key's callbacks still run once each, in order, never two at once.
+    from socketengine.sync.delivery import Dispatcher
+
+    d = Dispatcher("test", workers=2)
+    keys = [_Key() for _ in range(5)]
+    seen: dict = {id(k): [] for k in keys}
+    busy: set = set()
+    overlap: list = []
+    guard = threading.Lock()
+
+    def record(key: _Key, n: int) -> None:
+        with guard:
+            if id(key) in busy:
+                overlap.append(n)
+            busy.add(id(key))
+        seen[id(key)].append(n)
+        with guard:
+            busy.discard(id(key))
+
+    try:
+        for burst in range(30):
+            for n in range(burst * 10, burst * 10 + 10):
+                for k in keys:
+                    d.submit(k, record, k, n)
+            assert d.drain(10)
+            # Everything ran: both workers are parked again before the next burst.
+            wait_for(lambda: len(d._parked) == len(d._threads), what="parked workers")
+        assert len(d._threads) == 2
+        for k in keys:
+            assert seen[id(k)] == list(range(300))
+        assert overlap == []
+    finally:
+        d.stop()
+    for t in d._threads:
+        t.join(10)
+        assert not t.is_alive()
+
+
+def test_the_dispatcher_pauses_a_key_and_stop_ends_parked_workers() -> None:
+    from socketengine.sync.delivery import Dispatcher
+
+    d = Dispatcher("test", workers=1, pause_at=4)
+    k = _Key()
+    release = threading.Event()
+    done: list = []
+
+    def slow(n: int) -> None:
+        release.wait(10)
+        done.append(n)
+
+    for n in range(8):
+        d.submit(k, slow, n)
+    assert k.paused == 1  # 4 waiting: the connection stops being read
+    assert not d.drain(0.05)  # still blocked
+    release.set()
+    assert d.drain(10)
+    assert done == list(range(8))
+    assert k.paused == 0  # resumed once half had run
+    wait_for(lambda: len(d._parked) == 1, what="the worker parked")
+    d.stop()
+    d._threads[0].join(10)
+    assert not d._threads[0].is_alive()
+    d.submit(k, done.append, 99)  # after stop: ignored
+    assert done == list(range(8))
+
+
+def test_a_subscription_read_by_several_threads_hands_each_item_to_one_of_them() -> None:
+    # Blocked readers sleep on locks of their own; a put wakes one, the end wakes all.
+    from socketengine import EndpointClosed
+    from socketengine.sync.delivery import Subscription
+
+    closed: list = []
+    sub: Subscription[int] = Subscription("ch", 1000, closed.append)
+    key = _Key()
+    got: list = []
+    guard = threading.Lock()
+
+    def read() -> None:
+        while True:
+            try:
+                item = sub.get(timeout=10)
+            except EndpointClosed:
+                return
+            with guard:
+                got.append(item)
+
+    readers = [threading.Thread(target=read) for _ in range(3)]
+    for t in readers:
+        t.start()
+    wait_for(lambda: len(sub._waiters) == 3, what="three blocked readers")
+    for n in range(300):
+        sub.put(n, key)
+        if n % 50 == 0:  # let the readers block again now and then
+            wait_for(lambda n=n: len(got) == n + 1, what="the item read")
+    wait_for(lambda: len(got) == 300, what="every item read")
+    sub.close()
+    for t in readers:
+        t.join(10)
+        assert not t.is_alive()
+    assert sorted(got) == list(range(300))
+    assert closed == [sub]
+    assert not sub._waiters
+    with pytest.raises(EndpointClosed):
+        sub.get(timeout=1)
+
+
+def test_a_subscription_get_times_out_and_leaves_no_waiter_behind() -> None:
+    from socketengine.sync.delivery import Subscription
+
+    sub: Subscription[int] = Subscription("ch", 10, lambda s: None)
+    with pytest.raises(TimeoutError, match="no message on 'ch'"):
+        sub.get(timeout=0.02)
+    assert not sub._waiters
+    sub.put(7, _Key())
+    assert sub.get(timeout=0) == 7
+
+
 # -- a waiting client thread reads its own reply (Connection.read_until) ------------------
 
 
