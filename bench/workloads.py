@@ -460,6 +460,15 @@ WORKLOADS: Dict[str, Workload] = {
             "1 process",
         ),
         Workload(
+            "roundtrip_sub_xproc",
+            "round trip as roundtrip_sub, separate processes",
+            _LATENCY,
+            "roundtrip_xproc",
+            roundtrip_trial(True, "sub"),
+            BASE_LIBS,
+            "2 processes",
+        ),
+        Workload(
             "roundtrip_req",
             "round trip, socketengine client.request() answered by host.on()",
             _LATENCY,

@@ -532,6 +532,19 @@ def test_a_subscription_get_times_out_and_leaves_no_waiter_behind() -> None:
 # -- a waiting client thread reads its own reply (Connection.read_until) ------------------
 
 
+def _in_poll(t: threading.Thread) -> bool:
+    """``t`` is blocked in ``read_until``'s ``poll`` (its innermost Python frame is there)."""
+    import linecache
+    import sys
+
+    frame = sys._current_frames().get(t.ident or 0)
+    return (
+        frame is not None
+        and frame.f_code.co_name == "read_until"
+        and "poller.poll(" in linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+    )
+
+
 def _self_reading(c: Client) -> bool:
     conn = c._conn
     return conn is not None and conn._self_reader
@@ -577,6 +590,78 @@ def test_an_asking_thread_reads_its_reply_and_what_comes_first(host: Host, make_
     # the I/O thread reads again once the asker is done
     host.write_all("after", 1)
     wait_for(lambda: c.get("after") == 1, what="a value read by the I/O thread")
+
+
+def test_a_subscriber_thread_reads_its_connection_itself(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
+    c = make_client()
+    sub = c.subscribe("feed")
+    seen: list = []
+    c.on("feed", lambda data: seen.append(threading.current_thread().name), inline=True)
+    out: dict = {}
+
+    def read(name: str) -> None:
+        out[name] = [sub.get(timeout=10) for _ in range(2)]
+
+    first = threading.Thread(target=read, args=("first",), name="first")
+    first.start()
+    wait_for(lambda: _self_reading(c), what="the subscriber reading its own connection")
+    # A second reader of the same subscription waits plainly: one thread reads at a time.
+    second = threading.Thread(target=read, args=("second",), name="second")
+    second.start()
+    wait_for(lambda: len(sub._waiters) == 2, what="two blocked readers")
+    for n in range(4):
+        host.write_all("feed", n)
+    first.join(10)
+    second.join(10)
+    assert sorted(out["first"] + out["second"]) == [0, 1, 2, 3]
+    assert out["first"] == sorted(out["first"]) and out["second"] == sorted(out["second"])
+    # The value that woke the first reader was handled on it, as the I/O thread would.
+    assert seen[0] == "first"
+    wait_for(lambda: not _self_reading(c), what="the socket handed back")
+    host.write_all("after", 1)
+    wait_for(lambda: c.get("after") == 1, what="a value read by the I/O thread")
+    with pytest.raises(TimeoutError):
+        sub.get(timeout=0.05)  # reads the connection for 50 ms, then gives it back
+    assert not _self_reading(c) and not sub._waiters
+
+
+def test_closing_a_subscription_wakes_its_reading_thread(  # type: ignore[no-untyped-def]
+    make_client, monkeypatch
+) -> None:
+    # The reader would otherwise notice only at its next poll slice, or when a heartbeat
+    # arrives: make both a minute, so only the wake ends the wait within the deadline.
+    from socketengine.sync import connection
+
+    monkeypatch.setattr(connection, "_SELF_READ_SLICE", 60.0)
+    host = Host(port=0, heartbeat=60)
+    c = make_client(port=host.port, heartbeat=60)
+    sub = c.subscribe("feed")
+    out: dict = {}
+
+    def read() -> None:
+        try:
+            sub.get()
+        except EndpointClosed as exc:
+            out["error"] = exc
+
+    t = threading.Thread(target=read)
+    t.start()
+    wait_for(lambda: _in_poll(t), what="the subscriber polling its own connection")
+    assert _self_reading(c)
+    sub.close()
+    t.join(30)
+    try:
+        assert not t.is_alive() and isinstance(out.get("error"), EndpointClosed)
+        wait_for(lambda: not _self_reading(c), what="the socket handed back")
+        host.write_all("after", 1)
+        wait_for(lambda: c.get("after") == 1, what="a value read by the I/O thread")
+        wake = c._reader_wake
+        assert wake._fds is not None and wake._users == 0
+        c.close()
+        assert wake._fds is None  # the pipe goes with the client
+    finally:
+        c.close()
+        host.close()
 
 
 def test_a_self_reading_request_serves_other_waiters_and_callbacks(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]

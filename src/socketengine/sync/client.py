@@ -43,7 +43,7 @@ from ..protocol import Protocol, Role, encode_will
 from ..sendqueue import SendQueue
 from ..session import Session
 from ..state import Backoff, log_lost_link
-from .connection import Connection
+from .connection import Connection, ReaderWake
 from .delivery import Flag
 from .endpoint import Endpoint
 from .loop import Loop, TimerHandle
@@ -208,6 +208,9 @@ class Client(ClientSeedNames, Endpoint[Any]):
         # The resumable session (protocol 1.2): kept across links, so a reconnection
         # replays what the host did not receive, and gets what this client did not.
         self._session = Session(b"", self.name, None)
+        # Wakes a thread reading the connection for a subscription that another
+        # thread closes (Connection.read_until); a pipe made on first use.
+        self._reader_wake = ReaderWake()
         # Requests in flight survive a lost link only if a reconnection may resume it.
         self._session.keep_requests = self.reconnect
         self._backoff = Backoff(self.reconnect_max)
@@ -386,6 +389,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
         # Requests kept across a lost link for the resume that will not come.
         self._session.fail_requests(ConnectionClosed(f"{self!r} was closed before the reply"))
         self._release_waiters()
+        self._reader_wake.close()
         self._dispatcher.stop(self.timeout)
         logger.info("%r: closed", self)
 
@@ -563,7 +567,8 @@ class Client(ClientSeedNames, Endpoint[Any]):
         ``TimeoutError`` after ``timeout`` s, :class:`ConnectionClosed` if the
         connection is lost first.  Never hangs.
 
-        The calling thread reads the reply itself (as does ``wait()``): what arrives
+        The calling thread reads the reply itself (as do ``wait()`` and a
+        subscription's ``get()``): what arrives
         before it is handled as the I/O thread would handle it, and this client's inline
         callbacks for it run on this thread (docs/reacting.md).
         """
@@ -613,6 +618,15 @@ class Client(ClientSeedNames, Endpoint[Any]):
         if conn is None or conn.engine.state is not _OPEN:
             return flag.wait(timeout)
         return conn.read_until(flag, timeout)
+
+    def _await_item(self, flag: Flag, timeout: Optional[float]) -> bool:
+        conn = self._conn
+        if conn is None or conn.engine.state is not _OPEN:
+            return flag.wait(timeout)
+        return conn.read_until(flag, timeout, self._reader_wake)
+
+    def _wake_reader(self) -> None:
+        self._reader_wake.wake()
 
     def _live_conn(self) -> Connection:
         conn = self._conn

@@ -16,6 +16,7 @@ same ``sendmsg`` call.
 from __future__ import annotations
 
 import logging
+import os
 import select
 import selectors
 import signal
@@ -110,6 +111,68 @@ def _tls_payload(batch: List[Buffer]) -> Buffer:
         group.append(item)
         total += size
     return b"".join(group)
+
+
+class ReaderWake:
+    """Wakes a thread that reads its connection itself (:meth:`Connection.read_until`)
+    from another thread, when what it waits for can be ended from outside: a client's
+    ``Subscription.get()`` is ended by ``sub.close()`` in any thread.  A pipe, made on
+    first use; closed once its owner is closed and no reader polls it any more (a
+    descriptor closed under a poller could be reused by anything the program opens).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fds: Optional[Tuple[int, int]] = None
+        self._users = 0
+        self._closed = False
+
+    def acquire(self) -> Optional[int]:
+        """The descriptor to poll (released by :meth:`release`), or None once closed."""
+        with self._lock:
+            if self._closed:
+                return None
+            if self._fds is None:
+                r, w = os.pipe()
+                os.set_blocking(r, False)
+                os.set_blocking(w, False)
+                self._fds = (r, w)
+            self._users += 1
+            return self._fds[0]
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._closed and not self._users:
+                self._close_fds()
+
+    def wake(self) -> None:
+        """Wake whoever polls (any thread; a wake nobody waits for is drained later)."""
+        with self._lock:
+            if self._fds is not None and self._users:
+                try:
+                    os.write(self._fds[1], b"\0")
+                except OSError:  # full: a wake is pending anyway
+                    pass
+
+    def drain(self, fd: int) -> None:
+        try:
+            while os.read(fd, 512):
+                pass
+        except OSError:  # empty
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if not self._users:
+                self._close_fds()
+
+    def _close_fds(self) -> None:
+        if self._fds is not None:
+            for fd in self._fds:
+                os.close(fd)
+            self._fds = None
 
 
 class _HeldInterrupt:
@@ -372,8 +435,12 @@ class Connection(PeerView, Pausable):
             raise reply.error
         return reply.item
 
-    def read_until(self, flag: Flag, timeout: Optional[float]) -> bool:
-        """Wait for ``flag`` (a reply, an ACK, a ``wait()``), reading this connection meanwhile.
+    def read_until(
+        self, flag: Flag, timeout: Optional[float], wake: Optional[ReaderWake] = None
+    ) -> bool:
+        """Wait for ``flag`` (a reply, an ACK, a ``wait()``, a subscription's next item),
+        reading this connection meanwhile.  ``wake``: another thread may set ``flag``
+        (a subscription closed) and wakes this one through it.
 
         True once ``flag`` is set, False after ``timeout`` seconds (``None``: no limit).
         A reply read by the I/O thread reaches a waiting thread through a hand-over that
@@ -419,6 +486,7 @@ class Connection(PeerView, Pausable):
             return flag.wait(timeout)
         ctrl_c = _HeldInterrupt()
         installed = False
+        wake_fd: Optional[int] = None
         try:
             installed = ctrl_c.install()
             poller = select.poll()
@@ -427,12 +495,21 @@ class Connection(PeerView, Pausable):
                 polling = True
             except (ValueError, OSError):  # closed meanwhile: the plain wait below
                 polling = False
+            wake_fd = wake.acquire() if wake is not None and polling else None
+            if wake_fd is not None:
+                poller.register(wake_fd, _POLL_IN)
             while polling and not flag.is_set():
                 left = _SELF_READ_SLICE if deadline is None else deadline - _monotonic()
                 if left <= 0 or engine.closed:
                     break
                 # Bounded: a close that shutdown() could not wake is seen within a slice.
                 ready = poller.poll(1000.0 * min(left, _SELF_READ_SLICE) + 1)
+                if wake is not None and wake_fd is not None and ready:
+                    woken = [fd for fd, _ in ready if fd == wake_fd]
+                    if woken:
+                        wake.drain(wake_fd)
+                        if len(woken) == len(ready):
+                            continue  # nothing to read: see whether the flag is set
                 if not ready or flag.is_set():
                     continue
                 with loop.role:
@@ -450,6 +527,8 @@ class Connection(PeerView, Pausable):
                         loop.acting = None
                 ctrl_c.deliver()
         finally:
+            if wake is not None and wake_fd is not None:
+                wake.release()
             with loop.role:
                 self._self_reader = False
                 if self._read_dropped:

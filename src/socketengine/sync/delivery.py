@@ -257,16 +257,22 @@ class Subscription(Generic[_T]):
         on_close: Callable[[Subscription[_T]], None],
         convert: Optional[Callable[[Any], Any]] = None,
         maxbytes: Optional[int] = None,
+        wait: Optional[Callable[[Flag, Optional[float]], bool]] = None,
+        wake: Optional[Callable[[], None]] = None,
     ) -> None:
         check_maxsize(maxsize)
         self.channel = channel
         self.maxsize = maxsize
         self._buffer: SubscriptionBuffer[Any] = SubscriptionBuffer(maxsize, maxbytes)
         self._lock = threading.Lock()
-        # Threads blocked in get(), each on a raw lock of its own that put() releases
-        # (one) or the end releases (all): leaner than a Condition, as in Dispatcher
-        # (a subscription read in a loop took 12-20 % more values per second).
-        self._waiters: Deque[Any] = deque()
+        # Threads blocked in get(), each on a Flag of its own that put() sets (one) or
+        # the end sets (all): leaner than a Condition, as in Dispatcher (a subscription
+        # read in a loop took 12-20 % more values per second).
+        self._waiters: Deque[Flag] = deque()
+        # How a blocked get() waits for its Flag: on a client, by reading the
+        # connection itself, as wait() does (Connection.read_until).
+        self._wait = wait or Flag.wait
+        self._wake = wake  # and how the end reaches a reader blocked there
         self._on_close = on_close
         self._convert = convert  # applied in the reader's thread (e.g. image decoding)
         self._error: Optional[BaseException] = None  # raised once closed and read
@@ -295,7 +301,7 @@ class Subscription(Generic[_T]):
             if self._buffer.put(item, source, nbytes):
                 source.pause_reading()
             if self._waiters:
-                self._waiters.popleft().release()
+                self._waiters.popleft().set()
 
     def get(self, timeout: Optional[float] = None) -> _T:
         """The next item; raises ``TimeoutError`` after ``timeout`` s, or
@@ -324,13 +330,12 @@ class Subscription(Generic[_T]):
         """Wait (``lock`` held, released meanwhile) until put() or the end wakes this
         thread, or ``timeout`` s pass.  A wake-up that comes with the timeout is not
         lost: the caller finds the item under the lock either way."""
-        waiter = threading.Lock()
-        waiter.acquire()
+        waiter = Flag()
         self._waiters.append(waiter)
         woken = False
         lock.release()
         try:
-            woken = waiter.acquire(True, -1 if timeout is None else timeout)
+            woken = self._wait(waiter, timeout)
         finally:
             lock.acquire()
             if not woken:
@@ -359,7 +364,9 @@ class Subscription(Generic[_T]):
             self._error = error
             waiters, self._waiters = self._waiters, deque()
             for waiter in waiters:
-                waiter.release()
+                waiter.set()
+        if waiters and self._wake is not None:
+            self._wake()
         for source in released:
             source.resume_reading()
         self._on_close(self)

@@ -230,8 +230,8 @@ class Endpoint(EndpointBase, Generic[_I]):
 
         ``inline=True`` runs ``fn`` on the thread that reads the message, as soon as it
         is decoded: the I/O thread, or a thread blocked in ``request()``, an
-        acknowledged write or (on a client) ``wait()`` that reads its own reply
-        (docs/reacting.md).  No hand-over to a
+        acknowledged write or (on a client) ``wait()`` or a subscription's ``get()``
+        that reads its own reply (docs/reacting.md).  No hand-over to a
         callback thread, so a request answered inline, or a reply written from an inline
         callback, saves one thread hop (about 10-30 µs) per round trip.  Such a callback
         **must not block** (no ``wait()``, no ``request()``, no sleeping, no blocking
@@ -339,6 +339,14 @@ class Endpoint(EndpointBase, Generic[_I]):
         """Wait for ``flag`` (a ``wait()``): True once set, False after ``timeout``."""
         return flag.wait(timeout)
 
+    def _await_item(self, flag: Flag, timeout: Optional[float]) -> bool:
+        """Wait for ``flag`` (a subscription's next item, or its end, which another
+        thread may bring: :meth:`_wake_reader`)."""
+        return flag.wait(timeout)
+
+    def _wake_reader(self) -> None:
+        """A subscription ended: wake a thread reading its connection for it (a client)."""
+
     def _unwait(self, channel: str, waiter: Waiter) -> None:
         """Take back a wait() that is ending without a value (timeout, delivery ended)."""
         with self._watch_lock:
@@ -425,12 +433,20 @@ class Endpoint(EndpointBase, Generic[_I]):
                 lambda s: self._patterns.unsubscribe(pattern, s),
                 convert=_user_pattern_item,
                 maxbytes=maxbytes,
+                wait=self._await_item,
+                wake=self._wake_reader,
             )
             self._patterns.subscribe(pattern, psub)
             self._end_if_ended(psub)
             return psub
         sub: Subscription[_I] = Subscription(
-            channel, maxsize, self._unsubscribe, convert=_user_item, maxbytes=maxbytes
+            channel,
+            maxsize,
+            self._unsubscribe,
+            convert=_user_item,
+            maxbytes=maxbytes,
+            wait=self._await_item,
+            wake=self._wake_reader,
         )
         with self._watch_lock:
             self._subs[channel] = [*self._subs.get(channel, ()), sub]

@@ -161,7 +161,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
 
     # A host thread blocked in conn.request() or an acknowledged conn.write() reads
     # that connection itself (Connection.read_until); wait() and subscriptions, which
-    # hear from every client, are handed their values.
+    # hear from every client, are handed their values (a client's read it themselves).
     _self_read = True
 
     _kind = "host"
