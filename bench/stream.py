@@ -726,14 +726,27 @@ class _LatestOf:
         self.seq = v[0]
 
 
-class ZmqAioReceiver(_AioReceiver):
+class _AioAnchor(_AioReceiver):
+    """An anchor's asyncio receiver: its receiving coroutine keeps a :class:`_LatestOf`."""
+
+    def __init__(self, kind: str, params: Dict[str, Any]) -> None:
+        self.state = _LatestOf()
+        super().__init__(kind, params)
+
+    def _seq(self) -> int:
+        return int(self.state.seq)
+
+    def _count(self) -> int:
+        return self.state.count
+
+
+class ZmqAioReceiver(_AioAnchor):
     """A ``zmq.asyncio`` PULL socket; a coroutine awaits ``recv`` and decodes each."""
 
     async def _start(self) -> int:
         import zmq
         import zmq.asyncio
 
-        self.state = _LatestOf()
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.PULL)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -757,19 +770,12 @@ class ZmqAioReceiver(_AioReceiver):
         self.sock.close(linger=0)
         self.ctx.term()
 
-    def _seq(self) -> int:
-        return int(self.state.seq)
 
-    def _count(self) -> int:
-        return self.state.count
-
-
-class RawAioReceiver(_AioReceiver):
+class RawAioReceiver(_AioAnchor):
     """``asyncio.start_server``; the connection's coroutine reads ``u32 length |
     msgpack`` messages with ``StreamReader.readexactly`` (the streams idiom)."""
 
     async def _start(self) -> int:
-        self.state = _LatestOf()
         self.tasks: List[asyncio.Task[Any]] = []
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         return int(self.server.sockets[0].getsockname()[1])
@@ -797,12 +803,6 @@ class RawAioReceiver(_AioReceiver):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.server.wait_closed()
-
-    def _seq(self) -> int:
-        return int(self.state.seq)
-
-    def _count(self) -> int:
-        return self.state.count
 
 
 _THREADED = {SE: SEReceiver, ZMQ: ZmqReceiver, RAW: RawReceiver}

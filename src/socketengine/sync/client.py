@@ -613,17 +613,16 @@ class Client(ClientSeedNames, Endpoint[Any]):
 
     _self_read = True
 
-    def _await(self, flag: Flag, timeout: Optional[float]) -> bool:
+    def _await(
+        self, flag: Flag, timeout: Optional[float], wake: Optional[ReaderWake] = None
+    ) -> bool:
         conn = self._conn
         if conn is None or conn.engine.state is not _OPEN:
             return flag.wait(timeout)
-        return conn.read_until(flag, timeout)
+        return conn.read_until(flag, timeout, wake)
 
     def _await_item(self, flag: Flag, timeout: Optional[float]) -> bool:
-        conn = self._conn
-        if conn is None or conn.engine.state is not _OPEN:
-            return flag.wait(timeout)
-        return conn.read_until(flag, timeout, self._reader_wake)
+        return self._await(flag, timeout, self._reader_wake)
 
     def _wake_reader(self) -> None:
         self._reader_wake.wake()

@@ -155,13 +155,6 @@ class ReaderWake:
                 except OSError:  # full: a wake is pending anyway
                     pass
 
-    def drain(self, fd: int) -> None:
-        try:
-            while os.read(fd, 512):
-                pass
-        except OSError:  # empty
-            pass
-
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -173,6 +166,15 @@ class ReaderWake:
             for fd in self._fds:
                 os.close(fd)
             self._fds = None
+
+
+def _drain(fd: int) -> None:
+    """Empty a non-blocking :class:`ReaderWake` pipe."""
+    try:
+        while os.read(fd, 512):
+            pass
+    except OSError:  # empty
+        pass
 
 
 class _HeldInterrupt:
@@ -504,12 +506,10 @@ class Connection(PeerView, Pausable):
                     break
                 # Bounded: a close that shutdown() could not wake is seen within a slice.
                 ready = poller.poll(1000.0 * min(left, _SELF_READ_SLICE) + 1)
-                if wake is not None and wake_fd is not None and ready:
-                    woken = [fd for fd, _ in ready if fd == wake_fd]
-                    if woken:
-                        wake.drain(wake_fd)
-                        if len(woken) == len(ready):
-                            continue  # nothing to read: see whether the flag is set
+                if wake_fd is not None and any(fd == wake_fd for fd, _ in ready):
+                    _drain(wake_fd)
+                    if len(ready) == 1:
+                        continue  # nothing to read: see whether the flag is set
                 if not ready or flag.is_set():
                     continue
                 with loop.role:
