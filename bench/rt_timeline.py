@@ -338,6 +338,15 @@ def main(argv: Any = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
+    from socketengine import compiled
+
+    wrapped = {"socketengine.sync.connection", "socketengine.sync.loop"}
+    if wrapped & set(compiled.modules()):
+        raise SystemExit(
+            "bench.rt_timeline times a request by wrapping methods of "
+            "socketengine.sync.connection and socketengine.sync.loop, which this install "
+            "runs compiled (socketengine/compiled.py): run it on an interpreted install"
+        )
     doc = summary(*measure(args.n, args.rounds))
     se, raw, extra = doc["us_p50"]["socketengine"], doc["us_p50"]["raw"], doc["over_raw"]
     print(f"{'p50 µs':16s} {'socketengine':>13s} {'raw TCP':>9s} {'difference':>11s}")

@@ -14,6 +14,7 @@ from socketengine import (
     Host,
     RemoteError,
     WriteTimeout,
+    compiled,
 )
 
 
@@ -532,17 +533,29 @@ def test_a_subscription_get_times_out_and_leaves_no_waiter_behind() -> None:
 # -- a waiting client thread reads its own reply (Connection.read_until) ------------------
 
 
-def _in_poll(t: threading.Thread) -> bool:
-    """``t`` is blocked in ``read_until``'s ``poll`` (its innermost Python frame is there)."""
+def _in_poll(t: threading.Thread, c: Client) -> bool:
+    """``t`` is blocked in ``read_until``'s ``poll`` on ``c``'s connection.
+
+    Interpreted, its innermost Python frame is on that line.  Compiled (the mypyc build
+    of socketengine/compiled.py), ``read_until`` has no Python frame: then ``t`` holds
+    the client's wake pipe (taken just before the poll loop) and the kernel says it
+    sleeps in a poll (Linux: /proc/self/task/<tid>/wchan)."""
     import linecache
     import sys
 
     frame = sys._current_frames().get(t.ident or 0)
-    return (
-        frame is not None
-        and frame.f_code.co_name == "read_until"
-        and "poller.poll(" in linecache.getline(frame.f_code.co_filename, frame.f_lineno)
-    )
+    if frame is not None and frame.f_code.co_name == "read_until":
+        return "poller.poll(" in linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+    if "socketengine.sync.connection" not in compiled.modules():
+        return False
+    wake = c._reader_wake
+    if wake is None or wake._users != 1:
+        return False
+    try:
+        with open(f"/proc/self/task/{t.native_id}/wchan") as f:
+            return "poll" in f.read()
+    except OSError:
+        return False
 
 
 def _self_reading(c: Client) -> bool:
@@ -646,7 +659,7 @@ def test_closing_a_subscription_wakes_its_reading_thread(  # type: ignore[no-unt
 
     t = threading.Thread(target=read)
     t.start()
-    wait_for(lambda: _in_poll(t), what="the subscriber polling its own connection")
+    wait_for(lambda: _in_poll(t, c), what="the subscriber polling its own connection")
     assert _self_reading(c)
     sub.close()
     t.join(30)

@@ -502,11 +502,11 @@ def test_non_utf8_channel_on_the_wire_is_a_protocol_error(big: bool) -> None:
 
 def test_peer_chosen_long_channel_names_are_not_kept_in_the_name_cache() -> None:
     # The cache is process-wide and filled by any peer: long names must not stay in it.
-    before = sum(len(k) for k in FrameDecoder._names)
+    before = sum(len(k) for k in frames._names)
     specs_: List[Spec] = [(frames.DATA, 0, f"{i:04d}" + "x" * 60_000, 0, None) for i in range(40)]
     got = FrameDecoder().feed(build(specs_))
     assert [f.channel for f in got] == [s[2] for s in specs_]
-    assert sum(len(k) for k in FrameDecoder._names) - before < 40 * 300
+    assert sum(len(k) for k in frames._names) - before < 40 * 300
 
 
 def test_long_channel_names_are_not_kept_in_the_sending_caches() -> None:

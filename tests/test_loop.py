@@ -102,7 +102,7 @@ def test_closed_sockets(poller: Any, pair: Any) -> None:
 def test_the_endpoints_work_over_the_portable_poller(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where there is no epoll, the same loop runs over selectors: values both ways, a
     request whose reply the asking thread reads itself, a write that fills the socket."""
-    monkeypatch.setattr(loop_module, "_Epoll", _Selector)
+    monkeypatch.setattr(loop_module, "poller", _Selector)
     with Host(port=0, heartbeat=None) as host:
         assert isinstance(host._loop.selector, _Selector)
         host.on("double", lambda data, conn: data * 2, inline=True)

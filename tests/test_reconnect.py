@@ -187,7 +187,7 @@ def test_a_slow_name_lookup_while_reconnecting_does_not_hold_the_io_thread(
         host.close()  # the client loses its link and tries again: a lookup
         wait_for(blocked.is_set, what="the reconnection's lookup")
         client.close()
-        loop_thread = client._loop._thread
+        loop_thread = client._loop._io_thread
         assert loop_thread is not None and not loop_thread.is_alive()
         assert not release.is_set()  # the lookup was still waiting all along
     finally:

@@ -35,6 +35,7 @@ from typing import (
 )
 
 from . import codec, compression, limits
+from .compiled import mypyc_attr
 from .errors import HandshakeError, MessageTooBig, ProtocolError
 
 __all__ = [
@@ -55,8 +56,8 @@ __all__ = [
 MAGIC = b"SENG"
 VERSION = (1, 2)
 PREAMBLE = MAGIC + bytes(VERSION) + b"\x00\x00"
-HEADER = struct.Struct("<BBHIII")
-HEADER_SIZE = HEADER.size  # 16
+HEADER: struct.Struct = struct.Struct("<BBHIII")
+HEADER_SIZE: int = HEADER.size  # 16
 _pack_header = HEADER.pack
 
 # Frame types (docs/protocol.md, "Frame types").
@@ -218,7 +219,7 @@ def decompressed(frame: Frame, max_size: int) -> Frame:
 
 
 def compressed_frame(
-    channel: str,
+    channel: Any,
     meta: bytes,
     buffers: Sequence[codec.Buffer],
     data_len: int,
@@ -240,7 +241,7 @@ def compressed_frame(
 
 
 def plain_item(
-    channel: str, meta: bytes, buffers: Sequence[codec.Buffer], data_len: int
+    channel: Any, meta: bytes, buffers: Sequence[codec.Buffer], data_len: int
 ) -> Union[bytes, Tuple[List[codec.Buffer], int]]:
     """What :func:`value_item` returns, for a value already encoded."""
     if not buffers and len(meta) <= ITEM_MAX:
@@ -253,7 +254,7 @@ def plain_item(
 
 
 def compressed_item(
-    channel: str, value: Any, name: Optional[str], threshold: int
+    channel: Any, value: Any, name: Optional[str], threshold: int
 ) -> Union[bytes, Tuple[List[codec.Buffer], int]]:
     """:func:`value_item` with compression: a value whose encoding (meta + data) is at
     least ``threshold`` bytes becomes a compressed DATA frame when that is smaller
@@ -267,10 +268,16 @@ def compressed_item(
 
 
 _channel_bytes: dict = {}
+#: Channel names as they arrive (UTF-8 bytes) -> str: the decoders' process-wide cache.
+_names: Dict[bytes, str] = {}
 
 
-def channel_bytes(channel: str) -> bytes:
-    """UTF-8 bytes of a channel name, validated and cached (names repeat endlessly)."""
+def channel_bytes(channel: Any) -> bytes:
+    """UTF-8 bytes of a channel name, validated and cached (names repeat endlessly).
+
+    The encoding functions here take the channel a user passed as ``Any`` and check it
+    in this one place: typed ``str``, the compiled build (socketengine/compiled.py) would
+    refuse a wrong type with mypyc's generic message instead of this one."""
     b = _channel_bytes.get(channel)
     if b is None:
         if type(channel) is not str:
@@ -287,7 +294,7 @@ def channel_bytes(channel: str) -> bytes:
 
 def encode_frame(
     ftype: int,
-    channel: str = "",
+    channel: Any = "",
     meta: bytes = b"",
     buffers: Sequence[codec.Buffer] = (),
     data_len: int = 0,
@@ -304,14 +311,14 @@ def encode_frame(
 
 
 def encode_value_frame(
-    ftype: int, channel: str, value: Any, *, flags: int = 0, fid: int = 0
+    ftype: int, channel: Any, value: Any, *, flags: int = 0, fid: int = 0
 ) -> List[codec.Buffer]:
     """Encode ``value`` and frame it.  Raises ``TypeError`` before producing anything."""
     return value_frame(ftype, channel, value, flags, fid)[0]
 
 
 def value_frame(
-    ftype: int, channel: str, value: Any, flags: int = 0, fid: int = 0
+    ftype: int, channel: Any, value: Any, flags: int = 0, fid: int = 0
 ) -> Tuple[List[codec.Buffer], int]:
     """``(parts, total size)`` of a frame carrying ``value``: the writers' hot path."""
     meta, buffers, data_len = codec.encode(value)
@@ -330,7 +337,7 @@ _pack_plain = codec.pack_plain
 _full_channels: Set[str] = set()
 
 
-def _item_prefix(channel: str) -> bytes:
+def _item_prefix(channel: Any) -> bytes:
     """msgpack str of ``channel`` (the head of a BATCH item), validated and cached."""
     prefix = _item_prefixes.get(channel)
     if prefix is None:
@@ -348,7 +355,7 @@ def _item_prefix(channel: str) -> bytes:
     return prefix
 
 
-def value_item(channel: str, value: Any) -> Union[bytes, Tuple[List[codec.Buffer], int]]:
+def value_item(channel: Any, value: Any) -> Union[bytes, Tuple[List[codec.Buffer], int]]:
     """A DATA value, encoded in the caller's thread: a BATCH *item* (``bytes``:
     msgpack str channel + msgpack value) when the value has no arrays and is small,
     else ``(parts, size)`` of a DATA frame.  Raises ``TypeError`` before anything."""
@@ -383,6 +390,7 @@ def value_item(channel: str, value: Any) -> Union[bytes, Tuple[List[codec.Buffer
     return [head], len(head)
 
 
+@mypyc_attr(native_class=False)  # a list subclass: mypyc compiles only plain classes
 class EncodedValues(List[Any]):
     """A ``write_many``'s values as :func:`value_item` encodes them, in order: BATCH
     items (``bytes``) and, for large values or arrays, DATA frames ``(parts, size)``;
@@ -496,6 +504,17 @@ def check_preamble(head: bytes) -> None:
         )
 
 
+def _refcounts(bufs: List[bytearray]) -> List[int]:
+    """The reference count of each buffer, as this function sees it."""
+    return [_refcount(buf) for buf in bufs]
+
+
+#: What :func:`_refcounts` reports for a buffer that only its list refers to: measured,
+#: not assumed, because the references the loop itself holds differ between the
+#: interpreted and the compiled build (socketengine/compiled.py).
+_UNREFERENCED = _refcounts([bytearray(1)])[0]
+
+
 class _BodyPool:
     """Recycled receive buffers for large data sections (sans-I/O).
 
@@ -518,10 +537,10 @@ class _BodyPool:
             if len(self._free) >= 2:
                 self._free.pop(next(iter(self._free)))  # the oldest size goes
             bufs = self._free[size] = []
-        for buf in bufs:
-            # Referenced by the list, this loop and getrefcount's argument only.
-            if _refcount(buf) == 3:
-                return buf
+        counts = _refcounts(bufs)
+        for i in range(len(bufs)):
+            if counts[i] == _UNREFERENCED:
+                return bufs[i]
         buf = bytearray(size)
         if len(bufs) < self.KEEP:
             bufs.append(buf)
@@ -777,16 +796,14 @@ class FrameDecoder:
                 self._buf = bytearray(self._capacity)
         self._r = r
 
-    _names: dict = {}
-
     def _channel(self, buf: bytearray, start: int, length: int) -> str:
         raw = bytes(buf[start : start + length])
-        name = self._names.get(raw)
+        name = _names.get(raw)
         if name is None:
             try:
                 name = raw.decode("utf-8")
             except UnicodeDecodeError:
                 raise ProtocolError("channel name is not valid UTF-8") from None
-            if length <= CACHED_NAME_MAX and len(self._names) < 4096:
-                self._names[raw] = name
+            if length <= CACHED_NAME_MAX and len(_names) < 4096:
+                _names[raw] = name
         return name

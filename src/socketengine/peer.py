@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, Optional, Tuple
 
+from .compiled import mypyc_attr
 from .engine import ConnectionEngine, ConnState, describe_peer
 from .images import EncodedImage, read_latest
 from .patterns import Interest
@@ -18,6 +19,8 @@ from .protocol import Protocol
 __all__ = ["PeerView"]
 
 
+# The asyncio layer's connection is an interpreted subclass (compiled build).
+@mypyc_attr(allow_interpreted_subclasses=True)
 class PeerView:
     """The layer-independent half of a connection.
 

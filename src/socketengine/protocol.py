@@ -24,7 +24,7 @@ import hashlib
 import hmac
 import logging
 import os
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple
 
 from . import codec, compression, frames, shm
 from .errors import AuthenticationError, HandshakeError, HostBusy, ProtocolError
@@ -54,8 +54,10 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-def token_bytes(token: Union[str, bytes, None]) -> Optional[bytes]:
-    """Normalise a ``token=`` argument (str is UTF-8 encoded)."""
+def token_bytes(token: object) -> Optional[bytes]:
+    """Normalise a ``token=`` argument (str is UTF-8 encoded; bytes-like copied; None).
+
+    Takes ``object``: it is the check of a user's argument, with its own message."""
     if token is None:
         return None
     if isinstance(token, str):

@@ -103,7 +103,7 @@ def check_key(channel: object) -> None:
     """A channel argument: an exact name (validated: ``TypeError``/``ValueError``) or a
     :class:`~socketengine.patterns.Pattern`."""
     if not isinstance(channel, Pattern):
-        frames.channel_bytes(channel)  # type: ignore[arg-type]
+        frames.channel_bytes(channel)
 
 
 def pattern_item(channel: str, value: Any, conn: Any, with_conn: bool) -> Tuple[Any, ...]:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 from .. import frames, shm
 from ..codec import Buffer
+from ..compiled import mypyc_attr
 from ..endpoint import WriteItems
 from ..engine import CONTROL_DELAY, ConnectionEngine, ConnState, Tick, describe_peer
 from ..errors import (
@@ -42,7 +43,7 @@ from ..errors import (
 from ..peer import PeerView
 from ..protocol import Protocol
 from ..sendqueue import ITEM_OVERHEAD, STAGE_MAX, SendQueue
-from .delivery import Flag, Pausable, Waiter
+from .delivery import Flag, Waiter
 
 # Frames a host holds for a client whose link is down (values, answers to requests).
 _HOLDABLE = frozenset((frames.DATA, frames.REPLY, frames.REPLY_ERROR))
@@ -218,7 +219,8 @@ class _HeldInterrupt:
         _setsignal(_SIGINT, self.previous)
 
 
-class Connection(PeerView, Pausable):
+@mypyc_attr(allow_interpreted_subclasses=True)  # tests subclass it
+class Connection(PeerView):
     """A connection to one peer.
 
     On a host these are the objects :meth:`Host.clients` returns.  Attributes:
@@ -513,18 +515,21 @@ class Connection(PeerView, Pausable):
                 if not ready or flag.is_set():
                     continue
                 with loop.role:
-                    if engine.closed or self._pauses or engine.peer_done:
-                        break  # the loop (or a plain wait) takes it from here
-                    loop.acting = me
-                    ctrl_c.handling = True
-                    try:
-                        self._on_readable()
-                    except Exception:  # as in the loop: a handler never kills a reader
-                        logger.exception("%s: error reading %s", self._endpoint, self._peer())
-                        break
-                    finally:
-                        ctrl_c.handling = False
-                        loop.acting = None
+                    # The loop (or a plain wait) takes over once it may not read here.
+                    stop = engine.closed or self._pauses > 0 or engine.peer_done
+                    if not stop:
+                        loop.acting = me
+                        ctrl_c.handling = True
+                        try:
+                            self._on_readable()
+                        except Exception:  # as in the loop: a handler never kills a reader
+                            logger.exception("%s: error reading %s", self._endpoint, self._peer())
+                            stop = True
+                        finally:
+                            ctrl_c.handling = False
+                            loop.acting = None
+                if stop:  # not a ``break`` inside the ``with``: mypyc cannot compile that
+                    break
                 ctrl_c.deliver()
         finally:
             if wake is not None and wake_fd is not None:

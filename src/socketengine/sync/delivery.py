@@ -25,6 +25,7 @@ from typing import (
     Iterator,
     List,
     Optional,
+    Protocol,
     Set,
     Tuple,
     TypeVar,
@@ -40,14 +41,13 @@ Task = Tuple[Callable[..., Any], Tuple[Any, ...]]
 _T = TypeVar("_T")
 
 
-class Pausable:
-    """What the delivery objects need of a connection (implemented by Connection)."""
+class Pausable(Protocol):
+    """What the delivery objects need of a connection (``Connection`` has both; a
+    structural type, so that no connection class inherits from two bases)."""
 
-    def pause_reading(self) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    def pause_reading(self) -> None: ...
 
-    def resume_reading(self) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    def resume_reading(self) -> None: ...
 
 
 class Dispatcher:

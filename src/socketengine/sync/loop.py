@@ -166,14 +166,17 @@ class _Selector:
         self._idle.clear()
 
 
+#: The poller each new loop makes: epoll where there is one.  A module variable, read
+#: at each construction, so tests can choose the portable one.
+poller: Callable[[], Union[_Epoll, _Selector]] = _Epoll if hasattr(select, "epoll") else _Selector
+
+
 class Loop:
     """A selector loop running in one daemon thread named ``name``."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.selector: Union[_Epoll, _Selector] = (
-            _Epoll() if hasattr(select, "epoll") else _Selector()
-        )
+        self.selector: Union[_Epoll, _Selector] = poller()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -184,7 +187,7 @@ class Loop:
         self._woken = False
         self._stopping = False
         self._closed = False  # the selector was closed (stop() of a loop that never ran)
-        self._thread: Optional[threading.Thread] = None
+        self._io_thread: Optional[threading.Thread] = None
         #: Held by whoever acts as the loop: its thread, except while it waits in select.
         self.role = threading.Lock()
         #: A thread other than the loop's own that holds :attr:`role` to read a reply.
@@ -193,19 +196,19 @@ class Loop:
     # -- lifecycle ------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-            self._thread.start()
+        if self._io_thread is None:
+            self._io_thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._io_thread.start()
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._io_thread is not None and self._io_thread.is_alive()
 
     def in_thread(self) -> bool:
         """True when called from the loop's thread, or from a thread acting as the loop
         (holding :attr:`role` to read its own reply)."""
         me = threading.current_thread()
-        return me is self._thread or me is self.acting
+        return me is self._io_thread or me is self.acting
 
     def stop(self, timeout: Optional[float] = 5.0) -> None:
         """Stop the loop after the calls already queued have run, and join its thread."""
@@ -218,7 +221,7 @@ class Loop:
             self._wake_w.send(b"\0")
         except (BlockingIOError, OSError):
             pass
-        thread = self._thread
+        thread = self._io_thread
         me = threading.current_thread()
         # ident is None for a thread whose start() was interrupted (Ctrl-C right there);
         # a thread acting as the loop holds the role the loop thread needs to finish.
@@ -261,7 +264,7 @@ class Loop:
         thread acting as the loop)."""
         handle = TimerHandle(time.monotonic() + delay, fn)
         heapq.heappush(self._timers, (handle.when, next(self._seq), handle))
-        if threading.current_thread() is not self._thread:
+        if threading.current_thread() is not self._io_thread:
             self.wake()  # it sleeps in select with a timeout computed without this timer
         return handle
 
