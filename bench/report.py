@@ -69,6 +69,15 @@ def _se_path() -> Optional[str]:
         return None
 
 
+def _se_compiled() -> Optional[List[str]]:
+    """The socketengine modules this run used compiled (the optional mypyc build)."""
+    try:
+        from socketengine import compiled
+    except ImportError:  # pragma: no cover - bench/ with an older socketengine
+        return None
+    return list(compiled.modules())
+
+
 def machine() -> Dict[str, Any]:
     try:
         affinity = len(os.sched_getaffinity(0))
@@ -84,6 +93,7 @@ def machine() -> Dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
         "socketengine_imported_from": _se_path(),
+        "socketengine_compiled": _se_compiled(),
         "git": git_state(),
     }
 
