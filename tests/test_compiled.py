@@ -66,7 +66,6 @@ def test_mypyc_attr_changes_nothing_when_interpreted() -> None:
 
 def _backend(monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.syspath_prepend(str(ROOT / "build_backend"))
-    pytest.importorskip("setuptools")
     return importlib.import_module("socketengine_build")
 
 
