@@ -13,6 +13,10 @@ from typing import Any, List
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The backend's own rules for "was the compiled build asked for" and "are requirements
+# being listed" (pip puts build_backend/ on the path; a test importing this file may not).
+sys.path.insert(0, os.path.join(HERE, "build_backend"))
+from socketengine_build import LISTING, compile_requested  # noqa: E402
 
 
 def _compiled_modules() -> Any:
@@ -27,9 +31,9 @@ def _compiled_modules() -> Any:
 
 
 def ext_modules() -> List[Any]:
-    if os.environ.get("SOCKETENGINE_COMPILE", "").strip().lower() not in ("1", "true", "yes"):
+    if not compile_requested():
         return []
-    if os.environ.get("_SOCKETENGINE_LISTING_REQUIREMENTS"):
+    if os.environ.get(LISTING):
         return []  # the backend is listing build requirements: mypy comes after this
     from mypyc.build import mypycify
 
