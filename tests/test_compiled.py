@@ -8,12 +8,13 @@ backend asking for mypy only when the compiled build is requested.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
 import os
 import sys
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import pytest
 
@@ -44,6 +45,54 @@ def test_modules_reports_what_this_install_runs() -> None:
     for name in compiled.MODULES:
         file = getattr(sys.modules[name], "__file__", "") or ""
         assert (name in done) == (not file.endswith(".py")), (name, file)
+
+
+#: Module-level names the tests change at run time (``monkeypatch.setattr``): a compiled
+#: function reads a ``Final`` name as a C constant and would never see the change.
+_TUNABLE = {
+    ("socketengine.sync.connection", "_SELF_READ_SLICE"),
+    ("socketengine.sync.loop", "poller"),
+}
+#: Annotations that make a type alias or a type variable, not a value.
+_ALIAS_CALLS = {"TypeVar"}
+
+
+def _module_constants(name: str) -> List[Tuple[str, bool, int]]:
+    """``(name, annotated Final, line)`` of every name a module binds once, at module
+    level, to a value (not a type alias, not ``__all__``)."""
+    path = ROOT / "src" / Path(*name.split(".")).with_suffix(".py")
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    out: List[Tuple[str, bool, int]] = []
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            ann = ast.unparse(node.annotation)
+            if node.value is None or ann.startswith("TypeAlias"):
+                continue
+            out.append((node.target.id, ann.startswith("Final"), node.lineno))
+        elif isinstance(node, ast.Assign):
+            value = node.value
+            if isinstance(value, ast.Subscript):  # Union[...], Tuple[...]: type aliases
+                continue
+            if isinstance(value, ast.Call) and ast.unparse(value.func) in _ALIAS_CALLS:
+                continue
+            for target in node.targets:
+                if isinstance(target, ast.Name) and target.id != "__all__":
+                    out.append((target.id, False, node.lineno))
+    return out
+
+
+@pytest.mark.parametrize("name", compiled.MODULES)
+def test_module_constants_of_compiled_modules_are_final(name: str) -> None:
+    # mypyc reads a module-level name that is not Final from the module's dict at each
+    # use (a hash lookup); a Final one is a C constant or static.  Declaring every
+    # constant Final measured +17 % small-message throughput (docs/benchmarks.md, "The
+    # compiled build"); this keeps a new constant from quietly costing a lookup again.
+    missing = [
+        f"{name}:{line} {const}"
+        for const, final, line in _module_constants(name)
+        if not final and (name, const) not in _TUNABLE
+    ]
+    assert not missing, "annotate these module constants Final: " + ", ".join(missing)
 
 
 @pytest.mark.skipif(

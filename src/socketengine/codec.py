@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import sys
 import threading
-from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Final, List, Sequence, Tuple, Union
 
 import msgpack
 
@@ -41,22 +41,22 @@ __all__ = [
 Buffer = Union[bytes, bytearray, memoryview]
 
 #: msgpack extension type codes (docs/protocol.md, "Extension types").
-EXT_NDARRAY = 1
-EXT_TUPLE = 2
-EXT_NPSCALAR = 3
-EXT_BIGINT = 4
-EXT_IMAGE = 5  # an images.EncodedImage (JPEG/PNG bytes in the data section)
+EXT_NDARRAY: Final = 1
+EXT_TUPLE: Final = 2
+EXT_NPSCALAR: Final = 3
+EXT_BIGINT: Final = 4
+EXT_IMAGE: Final = 5  # an images.EncodedImage (JPEG/PNG bytes in the data section)
 
-_ALIGN = 8
-_PAD = bytes(_ALIGN)
+_ALIGN: Final = 8
+_PAD: Final = bytes(_ALIGN)
 # numpy kinds that can be rebuilt from raw bytes alone: no objects, no structured records.
-_ARRAY_KINDS = frozenset("biufcmMSU")
-_INT64_MIN = -(1 << 63)
-_UINT64_MAX = (1 << 64) - 1
+_ARRAY_KINDS: Final = frozenset("biufcmMSU")
+_INT64_MIN: Final = -(1 << 63)
+_UINT64_MAX: Final = (1 << 64) - 1
 # Tuples nest msgpack documents (one unpackb call per level), and each unpackb call
 # keeps a ~40 KB parse stack on the C stack: about 200 levels overflow an 8 MB stack and
 # kill the process (measured).  Both sides refuse deeper tuples; lists/dicts do not count.
-MAX_TUPLE_DEPTH = 32
+MAX_TUPLE_DEPTH: Final = 32
 
 
 def _numpy() -> Any:
@@ -229,7 +229,7 @@ def _widen(value: Any) -> Any:
     return value
 
 
-_local = threading.local()
+_local: Final = threading.local()
 
 
 def _plain_packer() -> Any:
@@ -240,7 +240,7 @@ def _plain_packer() -> Any:
     return msgpack.Packer(use_bin_type=True, strict_types=True, autoreset=True)
 
 
-_PLAIN = _plain_packer()
+_PLAIN: Final = _plain_packer()
 #: ``pack_plain(value) -> bytes``: the ``meta`` of a value msgpack packs by itself (no
 #: array, tuple, image, numpy scalar, subclass or int beyond 64 bits), byte for byte what
 #: :func:`encode` gives it; anything else raises (``TypeError``, ``OverflowError``,
@@ -249,7 +249,7 @@ _PLAIN = _plain_packer()
 #: inside a call and no other thread can enter it meanwhile (the writers' fast path
 #: saves the thread-local lookup and the hook's set-up).  ``None`` on a free-threaded
 #: build, where that reasoning does not hold.
-pack_plain: Any = None if _PLAIN is None else _PLAIN.pack
+pack_plain: Final[Any] = None if _PLAIN is None else _PLAIN.pack
 
 
 def encode(value: Any) -> Tuple[bytes, Sequence[Buffer], int]:
@@ -321,7 +321,8 @@ def _make_ext_hook(data: Buffer | None, depth: int = 0) -> Callable[[int, bytes]
     return ext_hook
 
 
-_plain_ext_hook = plain_ext_hook = _make_ext_hook(None)
+plain_ext_hook: Final = _make_ext_hook(None)
+_plain_ext_hook: Final = plain_ext_hook
 
 
 def _import_numpy() -> Any:
@@ -441,8 +442,8 @@ def _r16(n: int) -> int:
     return (n + 15) & -16
 
 
-_LIST = _r16(sys.getsizeof([]))
-_DICT = _r16(sys.getsizeof({}))
+_LIST: Final = _r16(sys.getsizeof([]))
+_DICT: Final = _r16(sys.getsizeof({}))
 
 
 def _mixed_keys() -> Dict[Any, None]:
@@ -451,23 +452,23 @@ def _mixed_keys() -> Dict[Any, None]:
     return mixed
 
 
-_DICT_SMALL = _r16(sys.getsizeof(_mixed_keys()))  # up to 5 entries (352 B)
+_DICT_SMALL: Final = _r16(sys.getsizeof(_mixed_keys()))  # up to 5 entries (352 B)
 # A dict entry beyond 5, with the table's growth and a rebuild for mixed keys (measured:
 # at most 108 B below 2**15 entries, 120 B above).
-_ENTRY = 120
+_ENTRY: Final = 120
 # msgpack interns str map keys: a new key also takes a slot (<= 48 B, with growth) in the
 # interpreter's table of interned strings.  Counted for every map entry.
-_KEY = 48
-_INT = _r16(sys.getsizeof(1 << 59))  # an int below 2**60: msgpack's 8 to 32-bit ones
-_INT64 = _r16(sys.getsizeof(1 << 63))
-_FLOAT = _r16(sys.getsizeof(1.0))
-_STR = sys.getsizeof("")  # an ASCII str: this + its length
-_USTR = sys.getsizeof("\U0001f600") - 4  # any other str: this + width x (chars + 1)
-_BYTES = sys.getsizeof(b"")
+_KEY: Final = 48
+_INT: Final = _r16(sys.getsizeof(1 << 59))  # an int below 2**60: msgpack's 8 to 32-bit ones
+_INT64: Final = _r16(sys.getsizeof(1 << 63))
+_FLOAT: Final = _r16(sys.getsizeof(1.0))
+_STR: Final = sys.getsizeof("")  # an ASCII str: this + its length
+_USTR: Final = sys.getsizeof("\U0001f600") - 4  # any other str: this + width x (chars + 1)
+_BYTES: Final = sys.getsizeof(b"")
 # A numpy array or an EncodedImage decoded from an extension value: the object, its view
 # of the data section, shape and strides (measured 540-600 B, 16 B more per dimension);
 # the data section itself is counted at its size.
-_VIEW = 640
+_VIEW: Final = 640
 
 
 def _list_size(n: int) -> int:
@@ -484,8 +485,8 @@ def _dict_size(n: int) -> int:
 
 
 # Tokens whose length and cost their first byte tells: size (0: read further) and cost.
-_SIZE = [0] * 256
-_COST = [0] * 256
+_SIZE: Final = [0] * 256
+_COST: Final = [0] * 256
 for _b in range(0x80):  # positive fixint: a cached int
     _SIZE[_b] = 1
 for _b in range(0xE0, 0x100):  # negative fixint: -32..-6 are new ints
@@ -511,20 +512,20 @@ for _b, _s, _c in (
     (0xD3, 9, _INT64),
 ):
     _SIZE[_b], _COST[_b] = _s, _c
-_TOKEN_SIZE = tuple(_SIZE)
-_TOKEN_COST = tuple(_COST)
+_TOKEN_SIZE: Final = tuple(_SIZE)
+_TOKEN_COST: Final = tuple(_COST)
 del _SIZE, _COST, _b, _s, _c
-_FIXSTR_COST = tuple(_r16(_STR + (b & 0x1F)) for b in range(256))  # by fixstr header
+_FIXSTR_COST: Final = tuple(_r16(_STR + (b & 0x1F)) for b in range(256))  # by fixstr header
 # In a long list: a run of one-byte tokens that cost nothing themselves (cached ints,
 # nil, booleans, ""; the pointers to them are counted with the list), and a run of
 # negative fixints that are new ints.
-_FREE = re.compile(rb"[\x00-\x7f\xa0\xc0\xc2\xc3\xfb-\xff]*")
-_NEGATIVE = re.compile(rb"[\xe0-\xfa]*")
-_CONTINUATION = bytes(range(0x80, 0xC0))
+_FREE: Final = re.compile(rb"[\x00-\x7f\xa0\xc0\xc2\xc3\xfb-\xff]*")
+_NEGATIVE: Final = re.compile(rb"[\xe0-\xfa]*")
+_CONTINUATION: Final = bytes(range(0x80, 0xC0))
 # UTF-8 lead bytes -> the width of the str holding that character (1 for the others).
-_WIDTH = bytes(4 if b >= 0xF0 else 2 if b >= 0xC4 else 1 for b in range(256))
-_FIXEXT = (1, 2, 4, 8, 16)
-_ASCII_CHUNK = 1 << 18
+_WIDTH: Final = bytes(4 if b >= 0xF0 else 2 if b >= 0xC4 else 1 for b in range(256))
+_FIXEXT: Final = (1, 2, 4, 8, 16)
+_ASCII_CHUNK: Final = 1 << 18
 
 
 def decoded_size(meta: Buffer, limit: int = 1 << 62, _depth: int = 0) -> int:

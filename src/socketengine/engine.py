@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from typing import Any, Callable, ClassVar, List, Optional, Tuple
+from typing import Any, Callable, ClassVar, Final, List, Optional, Tuple
 
 from . import frames
 from .errors import ConnectionClosed, HandshakeError, NotSupported, ProtocolError
@@ -52,24 +52,24 @@ from .session import ACK_BYTES, ACK_EVERY, Session
 
 __all__ = ["ConnState", "Tick", "ConnectionEngine", "BYE_FRAME"]
 
-logger = logging.getLogger("socketengine")
-_DATA = frames.DATA
-_BATCH = frames.BATCH
+logger: Final = logging.getLogger("socketengine")
+_DATA: Final = frames.DATA
+_BATCH: Final = frames.BATCH
 #: Seconds protocol bytes owed to the peer after a read (a RACK, a PONG) may wait for
 #: the next write on that connection to take them along (both layers): sent on their
 #: own, in the middle of a round trip, they cost the peer an extra wake-up.
-CONTROL_DELAY = 1e-3
-_RACK = frames.RACK
-_HEADER_SIZE = frames.HEADER_SIZE
-_SKIP = frames.SKIP
+CONTROL_DELAY: Final = 1e-3
+_RACK: Final = frames.RACK
+_HEADER_SIZE: Final = frames.HEADER_SIZE
+_SKIP: Final = frames.SKIP
 
-BYE_FRAME = b"".join(frames.encode_frame(frames.BYE))
-_pack_header = frames.HEADER.pack
-_PING_FRAME = b"".join(frames.encode_frame(frames.PING))
+BYE_FRAME: Final = b"".join(frames.encode_frame(frames.BYE))
+_pack_header: Final = frames.HEADER.pack
+_PING_FRAME: Final = b"".join(frames.encode_frame(frames.PING))
 #: Bytes of answers (PONG, ACK: 16 bytes each) a peer may have us queue while more than
 #: ``max_buffer`` bytes wait unsent to it: a peer that keeps sending PINGs or SYNCs and
 #: does not read the answers is closed past this, rather than grow our memory.
-OWED_MAX = 64 * 1024
+OWED_MAX: Final = 64 * 1024
 
 
 class ConnState(enum.Enum):
@@ -81,7 +81,7 @@ class ConnState(enum.Enum):
     CLOSED = "closed"
 
 
-_ALLOWED = {
+_ALLOWED: Final = {
     ConnState.HANDSHAKE: {ConnState.OPEN, ConnState.CLOSING, ConnState.CLOSED},
     ConnState.OPEN: {ConnState.CLOSING, ConnState.CLOSED},
     ConnState.CLOSING: {ConnState.CLOSED},

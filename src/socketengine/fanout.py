@@ -29,20 +29,20 @@ Both hosts do this (the threaded one and the asyncio one), by these rules:
 
 from __future__ import annotations
 
-from typing import Callable, Generic, List, Optional, Sequence, TypeVar
+from typing import Callable, Final, Generic, List, Optional, Sequence, TypeVar
 
 from .sendqueue import ITEM_OVERHEAD
 
 __all__ = ["FanOut", "FAN_MAX", "BROADCAST_GAP"]
 
 #: Values a run holds at most before the writer hands it over itself.
-FAN_MAX = 256
+FAN_MAX: Final = 256
 #: Seconds: a broadcast that begins closer than this to the end of the previous one is
 #: part of a burst.  Counted from the *end*: sending one to 20 clients at once takes 20
 #: syscalls (and on the threaded layer as many GIL hand-overs), which must not make
 #: the next one look isolated (measured: fan-out to 20 then fell into a mode of 5x
 #: fewer deliveries/s, the writer flushing every frame itself).
-BROADCAST_GAP = 1e-3
+BROADCAST_GAP: Final = 1e-3
 
 _C = TypeVar("_C")
 

@@ -24,6 +24,7 @@ from typing import (
     Any,
     Callable,
     Dict,
+    Final,
     Iterable,
     List,
     NamedTuple,
@@ -53,33 +54,33 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE",
 ]
 
-MAGIC = b"SENG"
-VERSION = (1, 2)
-PREAMBLE = MAGIC + bytes(VERSION) + b"\x00\x00"
-HEADER: struct.Struct = struct.Struct("<BBHIII")
-HEADER_SIZE: int = HEADER.size  # 16
-_pack_header = HEADER.pack
+MAGIC: Final = b"SENG"
+VERSION: Final = (1, 2)
+PREAMBLE: Final = MAGIC + bytes(VERSION) + b"\x00\x00"
+HEADER: Final[struct.Struct] = struct.Struct("<BBHIII")
+HEADER_SIZE: Final[int] = HEADER.size  # 16
+_pack_header: Final = HEADER.pack
 
 # Frame types (docs/protocol.md, "Frame types").
-HELLO = 0x01
-CHALLENGE = 0x02
-AUTH = 0x03
-WELCOME = 0x04
-REFUSE = 0x05
-DATA = 0x10
-REQUEST = 0x11
-REPLY = 0x12
-REPLY_ERROR = 0x13
-BATCH = 0x14  # protocol 1.1: several small DATA values in one frame
-SYNC = 0x15  # protocol 1.1: "tell me when everything before this is stored"
-ACK = 0x16  # protocol 1.1: the answer to SYNC (same id)
-INTEREST = 0x17  # protocol 1.1: a client's new interest (the channels it wants)
-RACK = 0x18  # protocol 1.2 (resume): "I received this many sequenced frames"
-SKIP = 0x19  # protocol 1.2 (resume): stands for ``id`` sequence numbers, carries nothing
-PING = 0x20
-PONG = 0x21
-BYE = 0x22
-FRAME_TYPES = frozenset(
+HELLO: Final = 0x01
+CHALLENGE: Final = 0x02
+AUTH: Final = 0x03
+WELCOME: Final = 0x04
+REFUSE: Final = 0x05
+DATA: Final = 0x10
+REQUEST: Final = 0x11
+REPLY: Final = 0x12
+REPLY_ERROR: Final = 0x13
+BATCH: Final = 0x14  # protocol 1.1: several small DATA values in one frame
+SYNC: Final = 0x15  # protocol 1.1: "tell me when everything before this is stored"
+ACK: Final = 0x16  # protocol 1.1: the answer to SYNC (same id)
+INTEREST: Final = 0x17  # protocol 1.1: a client's new interest (the channels it wants)
+RACK: Final = 0x18  # protocol 1.2 (resume): "I received this many sequenced frames"
+SKIP: Final = 0x19  # protocol 1.2 (resume): stands for ``id`` sequence numbers, carries nothing
+PING: Final = 0x20
+PONG: Final = 0x21
+BYE: Final = 0x22
+FRAME_TYPES: Final = frozenset(
     {
         HELLO,
         CHALLENGE,
@@ -103,35 +104,35 @@ FRAME_TYPES = frozenset(
 )
 
 # DATA flags.
-FLAG_RETAINED = 0x01  # replay of a value the host retains (sent right after the handshake)
-FLAG_IMAGE = 0x02  # an image frame: may be conflated (only the newest one matters)
-FLAG_COMPRESSED = 0x04  # protocol 1.1: meta [codec, meta_len, data_len], data compressed
-FLAG_RELAYED = 0x08  # forwarded by a relaying host: meta starts with the sender's name
+FLAG_RETAINED: Final = 0x01  # replay of a value the host retains (sent right after the handshake)
+FLAG_IMAGE: Final = 0x02  # an image frame: may be conflated (only the newest one matters)
+FLAG_COMPRESSED: Final = 0x04  # protocol 1.1: meta [codec, meta_len, data_len], data compressed
+FLAG_RELAYED: Final = 0x08  # forwarded by a relaying host: meta starts with the sender's name
 #: Protocol 1.1 "shm": the data section is a shared memory descriptor (see shm.py).
-FLAG_SHM = 0x40
+FLAG_SHM: Final = 0x40
 
-DEFAULT_MAX_MESSAGE = limits.DEFAULT_MAX_MESSAGE
+DEFAULT_MAX_MESSAGE: Final = limits.DEFAULT_MAX_MESSAGE
 # Frames whose data section is at least this large are received into a buffer of
 # their own (zero-copy) rather than cut out of the shared stream buffer.
-_OWN_BUFFER = 64 * 1024
-_MIN_READ = 64 * 1024
+_OWN_BUFFER: Final = 64 * 1024
+_MIN_READ: Final = 64 * 1024
 # An idle connection starts with reads this small; a read that fills its buffer makes
 # the next one four times larger, up to read_size (memory follows the traffic).
-_START_READ = 4096
+_START_READ: Final = 4096
 # Data sections at least this large are received into anonymous memory maps: the OS
 # commits their pages only as bytes arrive, so a peer announcing a huge frame and sending
 # little costs little.  Smaller ones (a 1080p frame is 6 MB) get a bytearray: pages that
 # fault inside recv() halve the throughput (measured: 1.5 vs 2.9 GB/s for 6 MB arrays).
-_MMAP_BODY = 16 * 1024 * 1024
+_MMAP_BODY: Final = 16 * 1024 * 1024
 #: Values whose msgpack is at most this large (and hold no arrays) may travel in BATCH
 #: frames; larger ones always get a DATA frame of their own.
-ITEM_MAX = 4096
-_refcount = sys.getrefcount
+ITEM_MAX: Final = 4096
+_refcount: Final = sys.getrefcount
 # Channel names are cached process-wide (received ones, and the encoded names of what
 # this process sends, relays and answers), and peers choose many of them (even one that
 # never completes the handshake): only short ones are kept, so each cache stays under
 # ~2 MB instead of 4096 names of up to 64 KiB each.
-CACHED_NAME_MAX = 256
+CACHED_NAME_MAX: Final = 256
 
 
 class Frame(NamedTuple):
@@ -267,9 +268,9 @@ def compressed_item(
     return plain_item(channel, meta, buffers, data_len)
 
 
-_channel_bytes: dict = {}
+_channel_bytes: Final[dict] = {}
 #: Channel names as they arrive (UTF-8 bytes) -> str: the decoders' process-wide cache.
-_names: Dict[bytes, str] = {}
+_names: Final[Dict[bytes, str]] = {}
 
 
 def channel_bytes(channel: Any) -> bytes:
@@ -331,10 +332,10 @@ def value_frame(
     return [head], len(head)
 
 
-_item_prefixes: Dict[str, bytes] = {}
-_pack_plain = codec.pack_plain
+_item_prefixes: Final[Dict[str, bytes]] = {}
+_pack_plain: Final = codec.pack_plain
 # Channels whose values the shared packer could not pack (see value_item).
-_full_channels: Set[str] = set()
+_full_channels: Final[Set[str]] = set()
 
 
 def _item_prefix(channel: Any) -> bytes:
@@ -512,7 +513,7 @@ def _refcounts(bufs: List[bytearray]) -> List[int]:
 #: What :func:`_refcounts` reports for a buffer that only its list refers to: measured,
 #: not assumed, because the references the loop itself holds differ between the
 #: interpreted and the compiled build (socketengine/compiled.py).
-_UNREFERENCED = _refcounts([bytearray(1)])[0]
+_UNREFERENCED: Final = _refcounts([bytearray(1)])[0]
 
 
 class _BodyPool:

@@ -24,7 +24,7 @@ import hashlib
 import hmac
 import logging
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Final, List, Optional, Tuple
 
 from . import codec, compression, frames, shm
 from .errors import AuthenticationError, HandshakeError, HostBusy, ProtocolError
@@ -35,12 +35,12 @@ from .session import SID_SIZE, Session, SessionTable
 
 __all__ = ["Role", "State", "Protocol", "token_bytes"]
 
-logger = logging.getLogger("socketengine")
+logger: Final = logging.getLogger("socketengine")
 
-NONCE_SIZE = 16
-_PONG_FRAME = b"".join(frames.encode_frame(frames.PONG))
-_CLIENT_LABEL = b"socketengine/1 client"
-_HOST_LABEL = b"socketengine/1 host"
+NONCE_SIZE: Final = 16
+_PONG_FRAME: Final = b"".join(frames.encode_frame(frames.PONG))
+_CLIENT_LABEL: Final = b"socketengine/1 client"
+_HOST_LABEL: Final = b"socketengine/1 host"
 
 
 class Role(enum.Enum):
@@ -73,11 +73,11 @@ def _mac(token: bytes, label: bytes, first: bytes, second: bytes) -> bytes:
 
 #: A last will's encoded value may be at most this large (it rides in HELLO, before the
 #: peer is authenticated, under the 64 KiB pre-handshake limit).
-MAX_WILL_BYTES = 16 * 1024
+MAX_WILL_BYTES: Final = 16 * 1024
 #: A last will's channel name may be at most this many UTF-8 bytes: with a name, an
 #: interest and a will at their limits, a HELLO then still fits the 64 KiB a host reads
 #: before the handshake (a longer one made the host refuse the HELLO as too large).
-MAX_WILL_CHANNEL_BYTES = 1024
+MAX_WILL_CHANNEL_BYTES: Final = 1024
 
 
 def encode_will(channel: str, value: Any) -> Tuple[str, bytes]:

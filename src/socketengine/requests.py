@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any, Dict, Generic, List, Optional, Protocol, Set, Tuple, TypeVar, Union
+from typing import Any, Dict, Final, Generic, List, Optional, Protocol, Set, Tuple, TypeVar, Union
 
 from . import frames
 from .codec import Buffer
@@ -24,9 +24,9 @@ from .frames import REPLY, Frame
 
 __all__ = ["ReplySink", "RequestTable", "MAX_REQUEST_ID", "no_handler", "reply_frame"]
 
-logger = logging.getLogger("socketengine")
+logger: Final = logging.getLogger("socketengine")
 
-MAX_REQUEST_ID = 0xFFFFFFFF
+MAX_REQUEST_ID: Final = 0xFFFFFFFF
 
 
 class ReplySink(Protocol):

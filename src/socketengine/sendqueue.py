@@ -69,7 +69,19 @@ import threading
 from bisect import bisect_right
 from collections import deque
 from itertools import accumulate, repeat, starmap
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Deque,
+    Dict,
+    Final,
+    Iterable,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 from . import frames
 from .codec import Buffer
@@ -97,12 +109,12 @@ ImageHook = Callable[[str, int], None]
 Outgoing = Union[bytes, Sequence[Buffer]]
 
 #: Largest BATCH body, bytes (a receiver's ``max_message`` lowers it further).
-BATCH_MAX = 64 * 1024
+BATCH_MAX: Final = 64 * 1024
 #: Item bytes framed at a time (a few BATCH frames): the flusher frames the next ones
 #: only once these went to the socket, so a full queue of small items is never copied
 #: into frames all at once (measured: a million writes to a slow peer peaked at 2.5x
 #: ``max_buffer`` of RSS when the whole inbox was framed in one go).
-WIRE_CHUNK = 256 * 1024
+WIRE_CHUNK: Final = 256 * 1024
 #: The replay window (resume) is never smaller than this.  A peer owes a RACK once 32
 #: sequenced frames, or 256 KiB of them (``session.ACK_EVERY``, ``ACK_BYTES``; a
 #: Python peer counts headers, channel names and meta, one that follows the older text
@@ -111,15 +123,15 @@ WIRE_CHUNK = 256 * 1024
 #: control on it never waits for ever.  Twice 256 KiB: the sender goes on while that
 #: RACK travels (measured, 1 KB values, ``max_buffer`` 64 KiB: 285 MB/s, as without
 #: flow control; 239-265 MB/s with a 256.5 KiB window).
-WINDOW_MIN = 2 * 256 * 1024 + 32 * frames.HEADER_SIZE
+WINDOW_MIN: Final = 2 * 256 * 1024 + 32 * frames.HEADER_SIZE
 #: Memory an item takes beyond its bytes until it is framed: the bytes object's header
 #: and allocator rounding (CPython: 33 + up to 15) and its slot in the inbox list.
-ITEM_OVERHEAD = 56
+ITEM_OVERHEAD: Final = 56
 #: Items a burst of writes may stage without the lock before a writer takes it.
-STAGE_MAX = 64
+STAGE_MAX: Final = 64
 #: Staging needs the queue this far below ``max_buffer``: room for STAGE_MAX of the
 #: largest items, so staged items never take it beyond ``max_buffer``.
-STAGE_HEADROOM = STAGE_MAX * (frames.ITEM_MAX + ITEM_OVERHEAD)
+STAGE_HEADROOM: Final = STAGE_MAX * (frames.ITEM_MAX + ITEM_OVERHEAD)
 
 
 def values_size(encoded: frames.EncodedValues) -> int:
@@ -133,19 +145,25 @@ def values_size(encoded: frames.EncodedValues) -> int:
     return total
 
 
-_pack_header = frames.HEADER.pack
-_unpack_header = frames.HEADER.unpack_from
-_FLAG_SHM = frames.FLAG_SHM
-_NOT_SHM = frames.FLAG_COMPRESSED | frames.FLAG_SHM
-_BATCH = frames.BATCH
-_DATA = frames.DATA
+_pack_header: Final = frames.HEADER.pack
+_unpack_header: Final = frames.HEADER.unpack_from
+_FLAG_SHM: Final = frames.FLAG_SHM
+_NOT_SHM: Final = frames.FLAG_COMPRESSED | frames.FLAG_SHM
+_BATCH: Final = frames.BATCH
+_DATA: Final = frames.DATA
 #: The frame types a session numbers: values only, or (``"rq"``) requests, replies,
 #: SYNC and ACK too.
-SEQ_VALUES = frozenset((frames.DATA, frames.BATCH))
-SEQ_ALL = SEQ_VALUES | {frames.REQUEST, frames.REPLY, frames.REPLY_ERROR, frames.SYNC, frames.ACK}
-_U32 = 0xFFFFFFFF
+SEQ_VALUES: Final = frozenset((frames.DATA, frames.BATCH))
+SEQ_ALL: Final = SEQ_VALUES | {
+    frames.REQUEST,
+    frames.REPLY,
+    frames.REPLY_ERROR,
+    frames.SYNC,
+    frames.ACK,
+}
+_U32: Final = 0xFFFFFFFF
 #: Entries framed per step: a window of items only is sized, split and joined in C.
-_WINDOW = 512
+_WINDOW: Final = 512
 
 
 def _nones(n: int) -> List[None]:
@@ -153,7 +171,7 @@ def _nones(n: int) -> List[None]:
 
 
 #: Frames that only make sense on the link they were made for (see take_over).
-_LINK_ONLY = frozenset((frames.RACK, frames.PING, frames.PONG))
+_LINK_ONLY: Final = frozenset((frames.RACK, frames.PING, frames.PONG))
 
 
 def _link_only(data: Buffer) -> bool:

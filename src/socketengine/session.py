@@ -23,26 +23,26 @@ import hmac
 import logging
 import secrets
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Final, List, Optional, Tuple
 
 from .patterns import Interest
 from .sendqueue import Outgoing, SendQueue
 
 __all__ = ["Session", "SessionTable", "SID_SIZE", "ACK_EVERY", "ACK_BYTES"]
 
-logger = logging.getLogger("socketengine")
+logger: Final = logging.getLogger("socketengine")
 
 #: Bytes of a session id.
-SID_SIZE = 16
+SID_SIZE: Final = 16
 #: A receiver sends a RACK at least every this many sequenced frames (and on its
 #: heartbeat tick, and after any read that held a frame with a data section).
-ACK_EVERY = 32
+ACK_EVERY: Final = 32
 #: ... and once the sequenced frames without a data section it has not acknowledged
 #: take this many bytes, whole frames counted (header, channel name, meta), as the
 #: sender's replay window counts them: a sender whose window is full
 #: (``sendqueue.WINDOW_MIN`` or more) stops until it gets a RACK, and this rule makes
 #: sure one comes (a BATCH frame holds up to 64 KiB: 32 of them would be 2 MiB).
-ACK_BYTES = 256 * 1024
+ACK_BYTES: Final = 256 * 1024
 
 
 class Session:

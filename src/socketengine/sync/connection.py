@@ -24,7 +24,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import TYPE_CHECKING, Any, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Final, List, Optional, Tuple
 
 from .. import frames, shm
 from ..codec import Buffer
@@ -46,36 +46,36 @@ from ..sendqueue import ITEM_OVERHEAD, STAGE_MAX, SendQueue
 from .delivery import Flag, Waiter
 
 # Frames a host holds for a client whose link is down (values, answers to requests).
-_HOLDABLE = frozenset((frames.DATA, frames.REPLY, frames.REPLY_ERROR))
+_HOLDABLE: Final = frozenset((frames.DATA, frames.REPLY, frames.REPLY_ERROR))
 
 if TYPE_CHECKING:  # pragma: no cover
     from .endpoint import Endpoint
 
-logger = logging.getLogger("socketengine")
+logger: Final = logging.getLogger("socketengine")
 
-_READ = selectors.EVENT_READ
-_WRITE = selectors.EVENT_WRITE
+_READ: Final = selectors.EVENT_READ
+_WRITE: Final = selectors.EVENT_WRITE
 # At most this many buffers go into one sendmsg call (Linux IOV_MAX is 1024).
-_IOV = 512
+_IOV: Final = 512
 # Reads per readiness event before the loop serves other sockets (fairness).
-_READS_PER_EVENT = 16
-_HAS_POLL = hasattr(select, "poll")  # not on Windows: there a reply is handed over
-_POLL_IN = getattr(select, "POLLIN", 1) | getattr(select, "POLLPRI", 2)
+_READS_PER_EVENT: Final = 16
+_HAS_POLL: Final = hasattr(select, "poll")  # not on Windows: there a reply is handed over
+_POLL_IN: Final = getattr(select, "POLLIN", 1) | getattr(select, "POLLPRI", 2)
 # signal.signal/getsignal wrap these with enum conversions that cost ~5 us a call pair;
 # a request on the main thread makes one pair (_HeldInterrupt).
-_signal_c: Any = getattr(signal, "_signal", signal)
-_getsignal = getattr(_signal_c, "getsignal", signal.getsignal)
-_setsignal = getattr(_signal_c, "signal", signal.signal)
-_SIGINT = int(signal.SIGINT)
+_signal_c: Final[Any] = getattr(signal, "_signal", signal)
+_getsignal: Final = getattr(_signal_c, "getsignal", signal.getsignal)
+_setsignal: Final = getattr(_signal_c, "signal", signal.signal)
+_SIGINT: Final = int(signal.SIGINT)
 #: A thread reading its own reply re-checks the link at least this often (seconds).
 _SELF_READ_SLICE = 0.25
 # Writes closer together than this (seconds) count as a burst: they are coalesced.
-_BURST_GAP = 50e-6
+_BURST_GAP: Final = 50e-6
 #: Looked up once: an enum member read through its class is slow on the write path.
-_OPEN = ConnState.OPEN
-_monotonic = time.monotonic
+_OPEN: Final = ConnState.OPEN
+_monotonic: Final = time.monotonic
 # Over TLS, small parts are joined (one TLS record) up to about 4x this many bytes.
-_TLS_JOIN = 64 * 1024
+_TLS_JOIN: Final = 64 * 1024
 
 
 class _Reply(Waiter):

@@ -21,6 +21,7 @@ from typing import (
     Callable,
     Deque,
     Dict,
+    Final,
     Generic,
     Iterator,
     List,
@@ -35,7 +36,7 @@ from ..errors import EndpointClosed
 from ..limits import CALLBACK_BACKLOG, check_maxsize
 from ..state import SubscriptionBuffer
 
-logger = logging.getLogger("socketengine")
+logger: Final = logging.getLogger("socketengine")
 
 Task = Tuple[Callable[..., Any], Tuple[Any, ...]]
 _T = TypeVar("_T")

@@ -26,9 +26,9 @@ import socket
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Final, List, Optional, Tuple, Union
 
-logger = logging.getLogger("socketengine")
+logger: Final = logging.getLogger("socketengine")
 
 Handler = Callable[[int], None]
 
@@ -47,8 +47,8 @@ class TimerHandle:
         self.cancelled = True
 
 
-_READ = selectors.EVENT_READ
-_WRITE = selectors.EVENT_WRITE
+_READ: Final = selectors.EVENT_READ
+_WRITE: Final = selectors.EVENT_WRITE
 
 
 class _Epoll:
