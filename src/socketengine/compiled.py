@@ -2,11 +2,11 @@
 
 ``SOCKETENGINE_COMPILE=1 pip install socket.engine`` (from source) compiles the modules
 named in :data:`MODULES` -- the sans-I/O core (framing, the connection engine, the send
-queue, requests, sessions, fan-out runs) and the threaded layer's connection, loop and
-delivery objects -- with mypyc.  Nothing else changes: the compiled modules are built
-from these very files, so every protocol rule is still written once, and an install
-without a compiler or without the variable runs the same code interpreted.  What it
-gains is measured in docs/benchmarks.md ("The compiled build").
+queue, requests, sessions, fan-out runs) and the threaded layer's connection, loop,
+delivery objects and client ``write`` -- with mypyc.  Nothing else changes: the
+compiled modules are built from these very files, so every protocol rule is still
+written once, and an install without a compiler or without the variable runs the same
+code interpreted.  What it gains is measured in docs/benchmarks.md ("The compiled build").
 
 :func:`modules` says which of them this process runs compiled.
 """
@@ -32,6 +32,7 @@ MODULES: Tuple[str, ...] = (
     "socketengine.sync.connection",
     "socketengine.sync.delivery",
     "socketengine.sync.loop",
+    "socketengine.sync.writer",
 )
 
 _C = TypeVar("_C")

@@ -9,6 +9,7 @@ import socket
 import ssl
 import threading
 import time
+from types import FunctionType
 from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Tuple, TypeVar, Union
 
 from ..compat import ClientSeedNames
@@ -23,7 +24,7 @@ from ..errors import (
     SocketEngineConnectionError,
     WriteTimeout,
 )
-from ..frames import INTEREST, value_frame, value_item
+from ..frames import INTEREST, value_frame
 from ..limits import (
     DEFAULT_CLIENT_MAX_CHANNELS,
     DEFAULT_COMPRESS_THRESHOLD,
@@ -47,6 +48,7 @@ from .connection import Connection, ReaderWake
 from .delivery import Flag
 from .endpoint import Endpoint
 from .loop import Loop, TimerHandle
+from .writer import ClientWriter
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..transport.nats.gateway import ClientGateway
@@ -62,6 +64,8 @@ _RETRYABLE = (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedErr
 _OPEN_RETRY_MAX = 0.5
 #: Looked up once: an enum member read through its class is slow on the write path.
 _OPEN = ConnState.OPEN
+#: sync/writer.py runs interpreted (calling an instance would then cost a slot lookup).
+_WRITER_INTERPRETED = isinstance(ClientWriter.__call__, FunctionType)
 
 
 class Client(ClientSeedNames, Endpoint[Any]):
@@ -200,7 +204,12 @@ class Client(ClientSeedNames, Endpoint[Any]):
         self.connect_timeout = check_seconds("connect_timeout", connect_timeout, allow_none=True)
         self.reconnect = bool(reconnect)
         self.reconnect_max = check_seconds("reconnect_max", reconnect_max) or 0.0
-        self._conn: Optional[Connection] = None
+        # Holds the current link (self._conn); it is also this instance's write(), with
+        # no interpreted frame when compiled (sync/writer.py), unless a subclass
+        # defines write().  Interpreted, its bound __call__: one frame, as a method.
+        self._writer = writer = ClientWriter(self, plain=self._codecs is None)
+        if type(self).write is Client.write:
+            self.__dict__["write"] = writer.__call__ if _WRITER_INTERPRETED else writer
         # Writes made while disconnected (reconnect=True), sent first on reconnect;
         # image frames in it conflate like in a connection's queue.
         self._link_lock = threading.Condition()
@@ -403,6 +412,16 @@ class Client(ClientSeedNames, Endpoint[Any]):
         self._polled()
         return self._read(self._latest, channel, default)
 
+    @property
+    def _conn(self) -> Optional[Connection]:
+        """The current link (``None`` before the first and while none is up); kept by
+        the writer, which sends on it."""
+        return self._writer.conn
+
+    @_conn.setter
+    def _conn(self, conn: Optional[Connection]) -> None:
+        self._writer.conn = conn
+
     def write(
         self,
         channel: str,
@@ -423,37 +442,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
         client's ``timeout``), :class:`ConnectionClosed` if the connection is lost
         first (also while reconnecting: an acknowledged write needs a live link).
         """
-        if ack:
-            self._live_conn().write(channel, data, ack=True, timeout=timeout, compress=compress)
-            return
-        if self._codecs is None and not compress:
-            encoded = value_item(channel, data)
-            if type(encoded) is bytes:  # a small value: the fast path
-                conn = self._conn
-                if conn is not None:
-                    try:
-                        conn.send_item(encoded)  # checks the link is open
-                        return
-                    except ConnectionClosed:
-                        pass
-                item: Any = encoded  # a BATCH item stands for a frame's parts here
-                self._send(item, len(encoded))
-                return
-        else:
-            encoded = self._encode_for(self._conn, channel, data, compress)
-        if type(encoded) is bytes:
-            parts: Any = encoded
-            nbytes = len(encoded)
-        else:
-            parts, nbytes = encoded
-        conn = self._conn
-        if conn is not None and conn.engine.state is _OPEN:  # the common case
-            try:
-                conn.send_parts(parts, nbytes)
-                return
-            except ConnectionClosed:
-                pass
-        self._send(parts, nbytes)
+        self._writer(channel, data, ack, timeout, compress)
 
     def write_many(self, items: WriteItems, compress: Optional[bool] = None) -> None:
         """Send many values to the host at once: a mapping ``{channel: value}`` or an
