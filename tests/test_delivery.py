@@ -891,3 +891,104 @@ def test_a_host_thread_reads_its_own_reply_from_one_client(host: Host, make_clie
     assert conn.values["note"] == 40 and not conn._self_reader
     c.write("after", 1)  # the host's I/O thread reads that connection again
     wait_for(lambda: conn.values.get("after") == 1, what="a value read by the I/O thread")
+
+
+# -- a self-reading thread spins first (Endpoint.spin, Connection.read_until) ----------
+
+
+def test_spin_settings() -> None:
+    from socketengine.limits import DEFAULT_SPIN, check_spin, default_spin
+
+    assert check_spin(0) == 0.0 and check_spin(1) == 1.0 and check_spin(25e-6) == 25e-6
+    assert check_spin(None) == default_spin()
+    for bad in (-1e-6, 1.5, "50us", True, float("nan")):
+        with pytest.raises(ValueError, match="spin must be a number of seconds"):
+            check_spin(bad)
+    assert DEFAULT_SPIN == 100e-6
+
+
+def test_no_spin_on_one_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from socketengine.limits import DEFAULT_SPIN, default_spin
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert default_spin() == 0.0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert default_spin() == DEFAULT_SPIN
+
+
+def test_spin_is_a_setting_of_both_endpoints(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
+    from socketengine.limits import default_spin
+
+    assert host.spin == default_spin() and make_client().spin == default_spin()
+    c = make_client(spin=0)
+    assert c.spin == 0.0
+    h = Host(port=0, spin=2e-4)
+    try:
+        assert h.spin == 2e-4
+    finally:
+        h.close()
+    with pytest.raises(ValueError, match="spin"):
+        make_client(spin=-1)
+
+
+def test_a_spin_that_runs_out_sends_the_next_waits_to_sleep(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
+    slow = threading.Event()
+    host.on("job", lambda data, conn: (slow.wait(0.6) if data == "slow" else None) or data)
+    c = make_client(spin=0.25)  # a loopback reply comes well within 250 ms
+    conn = c._conn
+    assert conn is not None and (conn._spin_skip, conn._spin_misses) == (0, 0)
+    assert c.request("job", "quick", timeout=10) == "quick"
+    assert (conn._spin_skip, conn._spin_misses) == (0, 0)  # came during the spin
+    assert c.request("job", "slow", timeout=10) == "slow"  # after 0.6 s: ran out
+    assert (conn._spin_skip, conn._spin_misses) == (1, 1)  # the next wait sleeps
+    assert c.request("job", "slow", timeout=10) == "slow"  # asleep: not a spin
+    assert (conn._spin_skip, conn._spin_misses) == (0, 1)
+    assert c.request("job", "slow", timeout=10) == "slow"  # spun, ran out again
+    assert (conn._spin_skip, conn._spin_misses) == (3, 2)
+    for left in (2, 1, 0):
+        assert c.request("job", "quick", timeout=10) == "quick"  # asleep
+        assert (conn._spin_skip, conn._spin_misses) == (left, 2)
+    assert c.request("job", "quick", timeout=10) == "quick"  # spun, in time
+    assert (conn._spin_skip, conn._spin_misses) == (0, 0)
+    conn._spin_misses = 6
+    assert c.request("job", "slow", timeout=10) == "slow"
+    assert (conn._spin_skip, conn._spin_misses) == (63, 6)  # capped: 1 wait in 64
+    c.spin = 0  # off: nothing is counted
+    conn._spin_skip = 0
+    assert c.request("job", "slow", timeout=10) == "slow"
+    assert (conn._spin_skip, conn._spin_misses) == (0, 6)
+
+
+def test_ctrl_c_during_the_spin_interrupts_at_once(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
+    # With a 1 s spin the signal lands while the main thread polls without blocking:
+    # no poll is interrupted, so the handlers are run when the spin runs out, not when
+    # the reply comes (never, here, before the request's timeout).
+    import os
+    import signal
+
+    release = threading.Event()
+    host.on("hang", lambda data, conn: release.wait(30) and "late")
+    c = make_client(spin=1.0)
+    previous = signal.signal(signal.SIGINT, _raise_interrupted)
+    try:
+
+        def interrupt() -> None:
+            wait_for(lambda: _self_reading(c), what="the main thread reading its own reply")
+            os.kill(os.getpid(), signal.SIGINT)
+
+        t = threading.Thread(target=interrupt)
+        t.start()
+        with pytest.raises(_Interrupted) as raised:
+            c.request("hang", 1, timeout=20)
+        t.join(10)
+        # not raised on top of the request's TimeoutError: it interrupted the wait itself
+        assert raised.value.__context__ is None and not release.is_set()
+        assert signal.getsignal(signal.SIGINT) is _raise_interrupted
+        assert not _self_reading(c)
+        release.set()
+        assert c.request("hang", 2, timeout=10) == "late"
+    finally:
+        release.set()
+        signal.signal(signal.SIGINT, previous)

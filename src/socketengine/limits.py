@@ -10,6 +10,7 @@ Each limit's worst case (memory a peer can make an endpoint hold) is documented 
 
 from __future__ import annotations
 
+import os
 import ssl
 from dataclasses import dataclass
 from typing import Iterable, Optional, Tuple, Union
@@ -129,6 +130,13 @@ BATCH_READ_ABOVE = 64 * 1024
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 #: Seconds of silence before a PING (H); a peer silent for 3·H is declared dead.
 DEFAULT_HEARTBEAT = 5.0
+#: 100 us: how long a thread waiting for a reply (``request()``, an acknowledged write,
+#: ``sync()``; threaded layer) polls the socket without sleeping before it blocks.  A
+#: reply that comes within it costs no thread wake-up (10-20 us here).  Worst case:
+#: this much CPU per request while replies come within it; once a spin runs out, the
+#: next 1, 3, 7 ... up to 63 requests on that connection sleep at once (one in 64
+#: spins in vain against a slow peer); never on one CPU.
+DEFAULT_SPIN = 100e-6
 #: Departed clients whose latest values ``get_all`` keeps reporting.
 DEFAULT_KEEP_DEPARTED = 64
 #: 256 MiB: bytes of values the departed clients keep, together (as counted by
@@ -198,6 +206,27 @@ def check_seconds(name: str, value: object, *, allow_none: bool = False) -> Opti
         tail = ", or None" if allow_none else ""
         raise ValueError(f"{name} must be a positive number of seconds{tail}, not {value!r}")
     return float(value)  # type: ignore[arg-type]
+
+
+def check_spin(value: object) -> float:
+    """``spin``: seconds >= 0 (0 disables), or ``None`` for :func:`default_spin`."""
+    if value is None:
+        return default_spin()
+    if not _number(value) or not 0 <= value <= 1:  # type: ignore[operator]
+        raise ValueError(
+            f"spin must be a number of seconds from 0 to 1 (0 disables), not {value!r}"
+        )
+    return float(value)  # type: ignore[arg-type]
+
+
+def default_spin() -> float:
+    """:data:`DEFAULT_SPIN` where this process may run on more than one CPU, else 0
+    (a spinning waiter would only delay the thread it waits for)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    return DEFAULT_SPIN if cpus > 1 else 0.0
 
 
 def check_timeout(value: object) -> float:

@@ -133,6 +133,14 @@ class Client(ClientSeedNames, Endpoint[Any]):
         make this client hold.
     :param max_stored: bytes of latest values kept, at wire size (default 1 GiB, or
         ``max_message`` if larger); beyond it, the same.  The newest value always stays.
+    :param spin: seconds a thread waiting for a reply (:meth:`request`,
+        ``write(ack=True)``, :meth:`sync`) polls the socket without sleeping before it
+        blocks, so a quick reply costs no thread wake-up (docs/reacting.md, "Waiting
+        for a reply spins first"); ``wait()`` and subscriptions sleep at once.  ``None``
+        (default): 100 us (``DEFAULT_SPIN``) when the process may use more than one
+        CPU, else 0; 0 disables; at most 1.  A spin that runs out before the reply
+        sends the next 1, 3, 7 ... 63 waits on that connection to sleep at once.
+        Settable: ``client.spin``.
     :param tls: an ``ssl.SSLContext`` (client side, e.g.
         ``ssl.create_default_context(cafile=...)``): the connection runs over TLS and
         the host's certificate is verified against ``addr`` as the context says.
@@ -170,6 +178,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
         shm_threshold: int = DEFAULT_SHM_THRESHOLD,
         max_channels: int = DEFAULT_CLIENT_MAX_CHANNELS,
         max_stored: Optional[int] = None,
+        spin: Optional[float] = None,
     ) -> None:
         gateway: Optional[ClientGateway] = None
         if url is not None:
@@ -194,6 +203,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
             tls=tls,
             image_codec=image_codec,
             image_quality=image_quality,
+            spin=spin,
         )
         self._init_compression(compression, compress_threshold)
         self._init_shm(shm, shm_threshold)

@@ -75,6 +75,8 @@ _BURST_GAP: Final = 50e-6
 _OPEN: Final = ConnState.OPEN
 _monotonic: Final = time.monotonic
 # Over TLS, small parts are joined (one TLS record) up to about 4x this many bytes.
+#: A spin that runs out this many times in a row leaves 63 waits out of 64 asleep.
+_SPIN_MISSES_MAX: Final = 6
 _TLS_JOIN: Final = 64 * 1024
 
 
@@ -178,6 +180,14 @@ def _drain(fd: int) -> None:
         pass
 
 
+def _check_signals() -> None:
+    """Run the Python signal handlers of signals that arrived meanwhile, now (the main
+    thread; raises what a handler raises, as a blocking call interrupted by them would)."""
+    import ctypes  # once the spin ran out, about to sleep: its cost does not matter
+
+    ctypes.pythonapi.PyErr_CheckSignals()
+
+
 class _HeldInterrupt:
     """Ctrl-C while the main thread reads its own reply (:meth:`Connection.read_until`).
 
@@ -268,6 +278,10 @@ class Connection(PeerView):
         self._pauses = 0  # reasons to stop reading (full subscriptions, callback backlog)
         self._registered = False
         self._self_reader = False  # a waiting thread reads this socket (read_until)
+        # read_until's spin: waits left that sleep at once, and spins in a row that ran
+        # out before the reply came (the next 2**misses - 1 waits sleep at once).
+        self._spin_skip = 0
+        self._spin_misses = 0
         self._read_dropped = False  # ... and the loop stopped watching it for reads
         # TLS: the handshake runs non-blocking in the loop before anything else is sent.
         self._tls = isinstance(sock, ssl.SSLSocket)
@@ -341,7 +355,7 @@ class Connection(PeerView):
         try:
             frame = self.engine.sync_frame(rid)
             self.send_parts([frame], len(frame), bounded=False)  # waited for below
-            if not self.read_until(reply.event, limit):
+            if not self.read_until(reply.event, limit, spin=True):
                 raise WriteTimeout(
                     f"{self._peer()} did not acknowledge the writes within {limit} s"
                 )
@@ -429,7 +443,7 @@ class Connection(PeerView):
             parts = frames.encode_value_frame(frames.REQUEST, channel, data, fid=rid)
             self.send_parts(parts)
             self.messages_out += 1
-            if not self.read_until(reply.event, timeout):
+            if not self.read_until(reply.event, timeout, spin=True):
                 raise TimeoutError(
                     f"no reply from {self._peer()} to a request on {channel!r} within {timeout} s"
                 )
@@ -440,7 +454,11 @@ class Connection(PeerView):
         return reply.item
 
     def read_until(
-        self, flag: Flag, timeout: Optional[float], wake: Optional[ReaderWake] = None
+        self,
+        flag: Flag,
+        timeout: Optional[float],
+        wake: Optional[ReaderWake] = None,
+        spin: bool = False,
     ) -> bool:
         """Wait for ``flag`` (a reply, an ACK, a ``wait()``, a subscription's next item),
         reading this connection meanwhile.  ``wake``: another thread may set ``flag``
@@ -460,6 +478,11 @@ class Connection(PeerView):
         TLS (the TLS layer buffers bytes ``poll`` cannot see), when another thread
         already reads this connection, while reading is paused (backpressure), or once
         the connection is not open.
+
+        ``spin``: ``flag`` is a reply the peer sends at once (a request's, a SYNC's), so
+        poll without sleeping for up to :attr:`Endpoint.spin` seconds first.  A value
+        awaited by ``wait()`` or a subscription comes whenever the peer writes it: those
+        sleep at once.
         """
         if flag.is_set():
             return True
@@ -502,12 +525,36 @@ class Connection(PeerView):
             wake_fd = wake.acquire() if wake is not None and polling else None
             if wake_fd is not None:
                 poller.register(wake_fd, _POLL_IN)
+            # Spin first (Endpoint.spin): a reply that comes within it costs no wake-up
+            # of this thread, which costs more than the spin.  A spin that ran out
+            # sends the next 1, 3, 7 ... 63 waits here to sleep at once (_spin_skip).
+            budget = self._endpoint.spin if spin else 0.0
+            spinning = budget > 0.0 and self._spin_skip == 0
+            if not spinning and self._spin_skip > 0:
+                self._spin_skip -= 1
+            spin_end = _monotonic() + budget if spinning else 0.0
+            spun_out = False
             while polling and not flag.is_set():
-                left = _SELF_READ_SLICE if deadline is None else deadline - _monotonic()
+                now = _monotonic()
+                left = _SELF_READ_SLICE if deadline is None else deadline - now
                 if left <= 0 or engine.closed:
                     break
-                # Bounded: a close that shutdown() could not wake is seen within a slice.
-                ready = poller.poll(1000.0 * min(left, _SELF_READ_SLICE) + 1)
+                if now < spin_end:
+                    ready = poller.poll(0)
+                    if not ready:
+                        continue
+                elif spin_end:
+                    # The spin ran out.  A Ctrl-C during it did not interrupt a poll
+                    # (none blocked), and compiled code never runs Python's signal
+                    # handlers by itself: run them now, before sleeping.
+                    spin_end = 0.0
+                    spun_out = True
+                    if installed:
+                        _check_signals()
+                    continue
+                else:
+                    # Bounded: a close that shutdown() could not wake is seen in a slice.
+                    ready = poller.poll(1000.0 * min(left, _SELF_READ_SLICE) + 1)
                 if wake_fd is not None and any(fd == wake_fd for fd, _ in ready):
                     _drain(wake_fd)
                     if len(ready) == 1:
@@ -546,6 +593,12 @@ class Connection(PeerView):
             if installed:
                 ctrl_c.uninstall()
                 ctrl_c.deliver()  # a Ctrl-C held by a read step that ended with a break
+        if spinning:
+            if spun_out or not flag.is_set():
+                self._spin_misses = min(self._spin_misses + 1, _SPIN_MISSES_MAX)
+                self._spin_skip = (1 << self._spin_misses) - 1
+            else:
+                self._spin_misses = 0
         if flag.is_set():
             return True
         rest = None if deadline is None else max(0.0, deadline - _monotonic())

@@ -33,6 +33,7 @@ from ..limits import (
     DEFAULT_SUBSCRIPTION_BYTES,
     DEFAULT_SUBSCRIPTION_SIZE,
     MIN_READ_SIZE,
+    check_spin,
     check_timeout,
 )
 from ..patterns import Pattern
@@ -94,6 +95,7 @@ class Endpoint(EndpointBase, Generic[_I]):
         tls: Optional[ssl.SSLContext],
         image_codec: str,
         image_quality: int,
+        spin: Optional[float] = None,
     ) -> None:
         self._init_endpoint(
             addr,
@@ -109,6 +111,9 @@ class Endpoint(EndpointBase, Generic[_I]):
             image_quality=image_quality,
         )
         self.size = int(size)
+        #: Seconds a thread reading its own reply polls without sleeping first (the
+        #: ``spin`` parameter; settable).
+        self.spin = check_spin(spin)
         self._loop = Loop(f"socketengine-{self._kind}")
         self._dispatcher = Dispatcher(f"socketengine-{self._kind}")
         # Registrations are replaced, never mutated, so the loop thread reads them

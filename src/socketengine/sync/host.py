@@ -105,6 +105,9 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         (TLS included).
     :param heartbeat: seconds between pings on an idle link; a client silent for three
         intervals is declared dead.  ``None`` disables.
+    :param spin: seconds a host thread blocked in ``conn.request()`` or an
+        acknowledged ``conn.write()`` polls that connection without sleeping before it
+        blocks (as :class:`Client`'s ``spin``; default 100 us on more than one CPU).
     :param compression: compress large values on the wire (protocol 1.1): ``"zstd"``,
         ``"lz4"`` or ``"auto"`` (the first installed; ``pip install
         'socket.engine[compression]'``); ``None`` (default): off.  Only for a peer
@@ -206,6 +209,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
         connect_timeout: Optional[float] = None,
         shm: bool = True,
         shm_threshold: int = DEFAULT_SHM_THRESHOLD,
+        spin: Optional[float] = None,
     ) -> None:
         gateway: Optional[HostGateway] = None
         if url is not None:
@@ -230,6 +234,7 @@ class Host(HostSeedNames, Endpoint[Tuple[Any, Connection]]):
             tls=tls,
             image_codec=image_codec,
             image_quality=image_quality,
+            spin=spin,
         )
         self._init_host(
             check_host_limits(
