@@ -482,9 +482,20 @@ class Connection(PeerView):
         ``spin``: ``flag`` is a reply the peer sends at once (a request's, a SYNC's), so
         poll without sleeping for up to :attr:`Endpoint.spin` seconds first.  A value
         awaited by ``wait()`` or a subscription comes whenever the peer writes it: those
-        sleep at once.
+        sleep at once.  A spin that runs out sends the next 1, 3, 7 ... 63 such waits on
+        this connection to sleep at once (counted per call, whatever path it takes); a
+        reply within the spin, or in before the wait began, starts over.
         """
+        budget = self._endpoint.spin if spin else 0.0
+        spinning = False
+        if budget > 0.0:
+            if self._spin_skip > 0:
+                self._spin_skip -= 1
+            else:
+                spinning = True
         if flag.is_set():
+            if spinning:
+                self._spin_misses = 0  # in before the wait: a spin would have paid
             return True
         loop = self._loop
         if not (self._endpoint._self_read and _HAS_POLL) or self._tls or loop.in_thread():
@@ -526,12 +537,7 @@ class Connection(PeerView):
             if wake_fd is not None:
                 poller.register(wake_fd, _POLL_IN)
             # Spin first (Endpoint.spin): a reply that comes within it costs no wake-up
-            # of this thread, which costs more than the spin.  A spin that ran out
-            # sends the next 1, 3, 7 ... 63 waits here to sleep at once (_spin_skip).
-            budget = self._endpoint.spin if spin else 0.0
-            spinning = budget > 0.0 and self._spin_skip == 0
-            if not spinning and self._spin_skip > 0:
-                self._spin_skip -= 1
+            # of this thread, which costs more than the spin.
             spin_end = _monotonic() + budget if spinning else 0.0
             spun_out = False
             while polling and not flag.is_set():
