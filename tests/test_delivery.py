@@ -763,10 +763,12 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
     raise _Interrupted
 
 
-def _release_when_self_reading(c: Client, release: threading.Event) -> threading.Thread:
+def _when_self_reading(c: Client, action: Any) -> threading.Thread:
+    """A thread that calls ``action()`` once a thread of ``c`` reads its own reply."""
+
     def run() -> None:
         wait_for(lambda: _self_reading(c), what="the main thread reading its own reply")
-        release.set()
+        action()
 
     t = threading.Thread(target=run)
     t.start()
@@ -782,13 +784,7 @@ def test_ctrl_c_interrupts_a_main_thread_reading_its_own_reply(host: Host, make_
     c = make_client()
     previous = signal.signal(signal.SIGINT, _raise_interrupted)
     try:
-
-        def interrupt() -> None:
-            wait_for(lambda: _self_reading(c), what="the main thread reading its own reply")
-            os.kill(os.getpid(), signal.SIGINT)
-
-        t = threading.Thread(target=interrupt)
-        t.start()
+        t = _when_self_reading(c, lambda: os.kill(os.getpid(), signal.SIGINT))
         with pytest.raises(_Interrupted):  # raised while it waits: at once
             c.request("hang", 1, timeout=30)
         t.join(10)
@@ -823,7 +819,7 @@ def test_ctrl_c_in_a_read_step_waits_until_its_frames_are_handled(host: Host, ma
 
     previous = signal.signal(signal.SIGINT, _raise_interrupted)
     try:
-        t = _release_when_self_reading(c, release)
+        t = _when_self_reading(c, release.set)
         with pytest.raises(_Interrupted):
             c.request("job", 1, timeout=30)
         t.join(10)
@@ -973,13 +969,7 @@ def test_ctrl_c_during_the_spin_interrupts_at_once(host: Host, make_client) -> N
     c = make_client(spin=1.0)
     previous = signal.signal(signal.SIGINT, _raise_interrupted)
     try:
-
-        def interrupt() -> None:
-            wait_for(lambda: _self_reading(c), what="the main thread reading its own reply")
-            os.kill(os.getpid(), signal.SIGINT)
-
-        t = threading.Thread(target=interrupt)
-        t.start()
+        t = _when_self_reading(c, lambda: os.kill(os.getpid(), signal.SIGINT))
         with pytest.raises(_Interrupted) as raised:
             c.request("hang", 1, timeout=20)
         t.join(10)

@@ -139,7 +139,7 @@ class Client(ClientSeedNames, Endpoint[Any]):
         for a reply spins first"); ``wait()`` and subscriptions sleep at once.  ``None``
         (default): 100 us (``DEFAULT_SPIN``) when the process may use more than one
         CPU, else 0; 0 disables; at most 1.  A spin that runs out before the reply
-        sends the next 1, 3, 7 ... 63 waits on that connection to sleep at once.
+        sends the next 1, 3, 7 ... 63 requests on that connection to sleep at once.
         Settable: ``client.spin``.
     :param tls: an ``ssl.SSLContext`` (client side, e.g.
         ``ssl.create_default_context(cafile=...)``): the connection runs over TLS and
