@@ -27,7 +27,8 @@ class PeerView:
     Attributes: ``address`` (the peer's ``(host, port)``), ``values`` (the latest value
     received on each channel from this peer), ``connected_at`` / ``closed_at``
     (``time.time()`` of accept and close), and the counters ``bytes_in``,
-    ``bytes_out``, ``messages_in``, ``messages_out``.
+    ``bytes_out``, ``messages_in``, ``messages_out`` and ``writes_paced`` (writes that
+    waited for the flush to catch up: threaded layer, ``sendqueue.PACE_ABOVE``).
     """
 
     engine: ConnectionEngine
@@ -45,6 +46,7 @@ class PeerView:
         self.bytes_out = 0
         self.messages_in = 0
         self.messages_out = 0
+        self.writes_paced = 0
         self._encoded: Dict[str, EncodedImage] = {}  # newest JPEG/PNG file per channel
         #: ``time.time()`` when the latest value on each channel arrived (the monitor's
         #: "updated"; a value re-sent unchanged still updates it).
@@ -146,6 +148,7 @@ class PeerView:
             "queued_bytes": self._queued_bytes(),
             "reading_paused": self.reading_paused,
             "resume_lost": self.resume_lost,
+            "writes_paced": self.writes_paced,
         }
 
     def _origin(self) -> str:

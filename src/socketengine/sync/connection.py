@@ -42,7 +42,7 @@ from ..errors import (
 )
 from ..peer import PeerView
 from ..protocol import Protocol
-from ..sendqueue import ITEM_OVERHEAD, STAGE_MAX, SendQueue
+from ..sendqueue import ITEM_OVERHEAD, PACE_ABOVE, PACE_BELOW, PACE_WAIT, STAGE_MAX, SendQueue
 from .delivery import Flag, Waiter
 
 # Frames a host holds for a client whose link is down (values, answers to requests).
@@ -274,6 +274,9 @@ class Connection(PeerView):
         self._flushing = False  # one flusher at a time; it owns the queue's head
         self._last_write = 0.0
         self._room_waiters = 0
+        # Pacing (sendqueue.PACE_ABOVE): bytes_out when a pacing wait saw no byte
+        # leave; no pacing while it is still the same (-1: none).
+        self._pace_stalled = -1
         self._shut_wr = False
         self._pauses = 0  # reasons to stop reading (full subscriptions, callback backlog)
         self._registered = False
@@ -700,8 +703,10 @@ class Connection(PeerView):
         if fan is not None and fan.items:
             self._endpoint._fan_flush()
         engine = self.engine
+        queue = self._queue
+        if queue.queued > PACE_ABOVE and block and not defer:
+            self._pace()  # only on an open link
         if (self._flush_scheduled or self._want_write) and engine.state is _OPEN:
-            queue = self._queue
             staged = queue.staged
             if len(staged) < STAGE_MAX and queue.queued <= queue.stage_below:
                 staged.append(item)
@@ -835,6 +840,8 @@ class Connection(PeerView):
             self._endpoint._fan_flush()
         engine = self.engine
         queue = self._queue
+        if queue.queued > PACE_ABOVE and block and bounded and not defer and image is None:
+            self._pace()  # only on an open link
         if (
             engine.state is not _OPEN
             and (type(parts) is bytes or parts[0][0] in _HOLDABLE)
@@ -948,6 +955,35 @@ class Connection(PeerView):
                 self._room_waiters += 1
                 try:
                     self._drained.wait(min(left, 0.05))
+                finally:
+                    self._room_waiters -= 1
+
+    def _pace(self) -> None:
+        """A writer finds more than PACE_ABOVE bytes queued: wait up to PACE_WAIT for the
+        flush to take the queue down to PACE_BELOW (sendqueue.PACE_ABOVE).  Never on
+        the I/O thread (it is the flusher), nor for a peer marked stalled: a wait in
+        which no byte left marks it, until bytes leave again."""
+        if (
+            self.engine.state is not _OPEN
+            or self.bytes_out == self._pace_stalled
+            or self._loop.in_thread()
+        ):
+            return
+        queue = self._queue
+        start = self.bytes_out
+        deadline = _monotonic() + PACE_WAIT
+        with self._lock:
+            if queue.queued > PACE_BELOW and self.engine.state is _OPEN:
+                self.writes_paced += 1
+            while queue.queued > PACE_BELOW and self.engine.state is _OPEN:
+                left = deadline - _monotonic()
+                if left <= 0:
+                    if self.bytes_out == start:
+                        self._pace_stalled = start
+                    return
+                self._room_waiters += 1
+                try:
+                    self._drained.wait(left)
                 finally:
                     self._room_waiters -= 1
 
@@ -1075,6 +1111,8 @@ class Connection(PeerView):
                 self.bytes_out += sent
                 queue.consumed(sent)
                 engine.sent(_monotonic())
+                if self._room_waiters and queue.queued <= PACE_BELOW:
+                    self._drained.notify_all()  # a paced writer goes on
             if sent < offered:
                 # The socket is full: let the loop thread finish when it drains.
                 if not self._want_write:
