@@ -99,6 +99,24 @@ def test_bench_quick_jpeg(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(120)
+def test_pacing_smoke(tmp_path: Path) -> None:
+    if not (ROOT / "bench" / "pacing.py").exists():
+        pytest.skip("bench/ is not in this checkout")
+    py = sys.executable
+    proc, doc = _run_tool(
+        "bench.pacing",
+        [f"default={py}", f"cap1={py}@1", "--n", "20000", "--rounds", "2", "--json"],
+        tmp_path / "pacing.json",
+    )
+    assert set(doc["summary"]) == {"default", "cap1"}
+    for name, row in doc["summary"].items():
+        assert len(doc["runs"][name]) == 2, name
+        assert row["msgs_per_s"] > 0 and row["rss_mb"] > 0, name
+        assert row["faults_per_msg"] >= 0 and row["writes_paced"] >= 0, name
+    assert "faults/msg" in proc.stdout
+
+
+@pytest.mark.timeout(120)
 def test_writer_floor_smoke(tmp_path: Path) -> None:
     pytest.importorskip("zmq")
     if not (ROOT / "bench" / "writer_floor.py").exists():
