@@ -952,11 +952,16 @@ class Connection(PeerView):
                         f"{self._peer()} did not take {self._queue.queued} queued bytes "
                         f"within {limit} s"
                     )
-                self._room_waiters += 1
-                try:
-                    self._drained.wait(min(left, 0.05))
-                finally:
-                    self._room_waiters -= 1
+                self._wait_drained(min(left, 0.05))
+
+    def _wait_drained(self, timeout: float) -> None:
+        """Wait (lock held) until the flusher reports progress, at most ``timeout`` s;
+        counted in ``_room_waiters`` so that the flusher knows to notify."""
+        self._room_waiters += 1
+        try:
+            self._drained.wait(timeout)
+        finally:
+            self._room_waiters -= 1
 
     def _pace(self) -> None:
         """A writer finds more than PACE_ABOVE bytes queued: wait up to PACE_WAIT for the
@@ -981,11 +986,7 @@ class Connection(PeerView):
                     if self.bytes_out == start:
                         self._pace_stalled = start
                     return
-                self._room_waiters += 1
-                try:
-                    self._drained.wait(left)
-                finally:
-                    self._room_waiters -= 1
+                self._wait_drained(left)
 
     def _wait_room(self, nbytes: int) -> None:
         deadline = _monotonic() + self._endpoint.timeout
@@ -999,11 +1000,7 @@ class Connection(PeerView):
                     f"{self._peer()} is not reading: {queue.queued} bytes are already queued "
                     f"(max_buffer={queue.max_buffer}); the write was not sent"
                 )
-            self._room_waiters += 1
-            try:
-                self._drained.wait(left)
-            finally:
-                self._room_waiters -= 1
+            self._wait_drained(left)
 
     def _adopt(self, old: Optional[SendQueue]) -> None:
         """Continue the previous link's queue on this one (loop thread, before
