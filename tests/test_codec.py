@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import enum
 import math
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import msgpack
 import numpy as np
@@ -778,3 +778,68 @@ def test_the_shared_plain_packer_serves_many_threads_at_once() -> None:
     for th in threads:
         th.join(60)
     assert not bad and not any(th.is_alive() for th in threads)
+
+
+# -- BATCH bodies ------------------------------------------------------------------------
+
+
+class Refused(Exception):
+    """A BATCH decoder raised ValueError."""
+
+
+def batch_outcome(decode: Any, body: bytes) -> Any:
+    """What a BATCH decoder makes of ``body``: its result, or :class:`Refused` for a
+    ValueError; any other exception fails the test."""
+    try:
+        return decode(body)
+    except ValueError as exc:
+        return Refused(str(exc))
+
+
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "ü", ""]), plain_values), max_size=12))
+def test_a_batch_reduced_to_its_last_values_is_what_storing_each_item_leaves(
+    pairs: List[Any],
+) -> None:
+    body = b"".join(msgpack.packb(ch) + codec.encode(value)[0] for ch, value in pairs)
+    items = codec.decode_batch(body)
+    count, last = codec.decode_batch_last(body)
+    assert count == len(pairs) == len(items) // 2
+    want: Dict[str, Any] = {}
+    for i in range(0, len(items), 2):
+        want[items[i]] = items[i + 1]
+    assert list(last) == list(want)  # the order the channels first appear in
+    for channel, value in want.items():
+        assert_same(last[channel], value)
+
+
+@FAST
+@given(st.binary(max_size=200))
+def test_both_batch_decoders_refuse_the_same_random_bodies(body: bytes) -> None:
+    full = batch_outcome(codec.decode_batch, body)
+    reduced = batch_outcome(codec.decode_batch_last, body)
+    if isinstance(full, Refused):
+        assert isinstance(reduced, Refused)
+    else:
+        assert not isinstance(reduced, Refused) and reduced[0] == len(full) // 2
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x01\x02",  # a channel that is not a string
+        b"\xa1a",  # a channel without its value
+        b"\xa1a\x92\x01",  # a truncated value
+        b"\xa1a\x01\xa1b",  # a last channel without its value
+        b"\xa1a\xc7\x01\x01\x00",  # an array (ext 1) without a data section
+        b"\xa1a\xc1",  # a reserved byte
+        b"\xa1a\xa2\xff\xfe",  # a value that is not UTF-8 (and superseded below)
+    ],
+)
+def test_a_malformed_batch_body_is_refused_even_if_a_later_value_supersedes_it(
+    body: bytes,
+) -> None:
+    body += b"\xa1a\x01"  # a later, valid value on the same channel
+    with pytest.raises(ValueError):
+        codec.decode_batch(body)
+    with pytest.raises(ValueError):
+        codec.decode_batch_last(body)

@@ -382,6 +382,8 @@ def test_malformed_batch_bodies_are_protocol_errors(body: bytes) -> None:
     (decoded,) = frames.FrameDecoder(1 << 20, 4096, expect_preamble=False).feed(frame)
     with pytest.raises(ProtocolError):
         decoded.items()
+    with pytest.raises(ProtocolError):
+        decoded.last_items()  # a receiver that keeps only the last values
 
 
 def test_batch_limit_follows_the_handshake() -> None:
@@ -718,9 +720,7 @@ def test_a_write_many_is_queued_in_order_and_counted_once(batch_limit: int) -> N
     encoded = frames.value_items(pairs)
     assert encoded.frames == 1
     size = values_size(encoded)
-    assert size == sum(
-        len(e) + ITEM_OVERHEAD if type(e) is bytes else e[1] for e in encoded
-    )
+    assert size == sum(len(e) + ITEM_OVERHEAD if type(e) is bytes else e[1] for e in encoded)
     items_only = frames.value_items([("a", 1), ("b", "x")])
     assert items_only.frames == 0
     assert values_size(items_only) == sum(len(e) + ITEM_OVERHEAD for e in items_only)

@@ -292,6 +292,42 @@ def decode_batch(body: Buffer) -> List[Any]:
     return out
 
 
+def decode_batch_last(body: Buffer) -> Tuple[int, Dict[str, Any]]:
+    """A BATCH frame body reduced to what a receiver that stores only the latest value
+    keeps: ``(items, last)``, the number of (channel, value) items and the last value
+    of each channel, ``{channel: value}`` in the order the channels first appear (what
+    storing the items one by one leaves).
+
+    Every item is decoded and checked exactly as :func:`decode_batch` checks it (the
+    same ``ValueError`` for the same body), but a value is dropped as soon as a later
+    one on its channel is decoded, so a burst on one channel never holds more than one
+    of its values.
+    """
+    size = len(body)
+    unpacker = msgpack.Unpacker(
+        ext_hook=_plain_ext_hook, raw=False, strict_map_key=False, max_buffer_size=max(size, 1)
+    )
+    unpacker.feed(body)
+    last: Dict[str, Any] = {}
+    count = 0
+    unpack = unpacker.unpack
+    try:
+        for channel in unpacker:
+            if type(channel) is not str:
+                raise ValueError("BATCH item channel is not a string")
+            last[channel] = unpack()
+            count += 1
+    except ValueError:
+        raise
+    except msgpack.OutOfData:
+        raise ValueError("BATCH body does not end with a whole (channel, value) item") from None
+    except Exception as exc:  # msgpack raises several types; normalise for the caller
+        raise ValueError(f"malformed BATCH item: {type(exc).__name__}: {exc}") from None
+    if unpacker.tell() != size:
+        raise ValueError("BATCH body does not end with a whole (channel, value) item")
+    return count, last
+
+
 def _decode_error(msg: str) -> ValueError:
     return ValueError(msg)
 

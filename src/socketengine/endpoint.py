@@ -557,6 +557,25 @@ class EndpointBase:
             stored.check_batch(frame.meta)
         return frame.items()
 
+    def _batch_last(
+        self, conn: PeerView, frame: frames.Frame
+    ) -> Optional[Tuple[int, Dict[str, Any]]]:
+        """A BATCH frame for a receiver where nothing watches a value and nothing is
+        relayed, so only the last value of each channel matters: ``(items, last)``
+        (:meth:`frames.Frame.last_items`: every item still decoded and checked, but a
+        superseded value is dropped at once instead of all of them being held until
+        the frame is stored), accounted against ``conn``'s budget
+        (:meth:`StoredValues.store_last`).  ``None`` when that budget must count the
+        items one by one: the caller then takes the general path
+        (:meth:`_batch_items`, ``store_items``), which decodes the body again."""
+        stored = self._stored.get(conn)
+        if stored is not None:
+            stored.check_batch(frame.meta)
+        got = frame.last_items()
+        if stored is not None and not stored.store_last(got[1]):
+            return None
+        return got
+
     def _store_unwatched(
         self, conn: PeerView, items: List[Any], last: Optional[Dict[str, Any]], now: float
     ) -> None:

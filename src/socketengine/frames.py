@@ -166,6 +166,15 @@ class Frame(NamedTuple):
         except ValueError as exc:
             raise ProtocolError(f"malformed BATCH frame: {exc}") from None
 
+    def last_items(self) -> Tuple[int, Dict[str, Any]]:
+        """A BATCH frame's item count and the last value of each channel
+        (:func:`codec.decode_batch_last`: every item decoded and checked, superseded
+        values dropped at once).  Raises ``ProtocolError`` if the body is malformed."""
+        try:
+            return codec.decode_batch_last(self.meta)
+        except ValueError as exc:
+            raise ProtocolError(f"malformed BATCH frame: {exc}") from None
+
 
 def _compressed_value(frame: Frame, max_size: int) -> Any:
     """The value of a compressed DATA frame (docs/protocol.md, 8.6).  Never unpickles."""

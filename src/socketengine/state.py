@@ -325,8 +325,9 @@ class StoredValues:
         (:func:`~socketengine.codec.decoded_size`, up to ``max_stored``) and refused with
         :class:`ProtocolError` if its Python objects would take more than ``max_stored``
         (tiny items take up to ~112 times their wire size; only the last value of each
-        channel is kept, but decoding holds them all at once).  For a host and a client
-        alike: no budget allows that much, so the connection is closed."""
+        channel is kept, but a receiver that watches values decodes them all at once).
+        For a host and a client alike: no budget allows that much, so the connection is
+        closed."""
         size = len(body)
         if size <= BATCH_READ_ABOVE:
             return
@@ -338,23 +339,12 @@ class StoredValues:
                 "values this large as DATA frames, or raise max_stored=)"
             )
 
-    def store_items(self, items: List[Any]) -> Optional[Dict[str, Any]]:
-        """Account a BATCH frame's items (flat ``[channel, value, ...]``) before storing
-        them.  Only the last value of each channel stays stored, so when the whole batch
-        fits only it is counted (at :func:`item_size`): the same final total as storing
-        the items one by one, for one size estimate per channel instead of one per item
-        (a burst on one channel is hundreds of items).  Returns those last values then,
-        ``{channel: value}`` in the order the channels first appear (what storing the
-        items one by one leaves: a caller with nobody watching stores them in bulk);
-        ``None`` when the items were accounted one by one.
-
-        When it does not fit, the items are accounted one by one, as separate DATA
-        frames would be, and :class:`BudgetExceeded` is raised at the first item beyond
-        a budget; its ``accepted`` says how many of ``items`` (flat entries) came before
-        it.  The caller stores those, then closes the connection: batching is invisible
-        to the writer, so what it wrote before the offending value is kept."""
+    def store_last(self, last: Dict[str, Any]) -> bool:
+        """Account the last values of a BATCH frame's channels (``{channel: value}``),
+        the only ones that stay stored, if the whole batch fits the budgets; True
+        then.  False, with nothing accounted, when it does not: the caller must account
+        the items one by one (:meth:`store_items`)."""
         sizes = self.sizes
-        last = dict(zip(items[0::2], items[1::2]))
         total = self.nbytes
         new = 0
         counted = []
@@ -373,8 +363,29 @@ class StoredValues:
         if len(sizes) + new <= self.max_channels and total <= self.max_stored:
             sizes.update(zip(last, counted))
             self.nbytes = total
+            return True
+        return False
+
+    def store_items(self, items: List[Any]) -> Optional[Dict[str, Any]]:
+        """Account a BATCH frame's items (flat ``[channel, value, ...]``) before storing
+        them.  Only the last value of each channel stays stored, so when the whole batch
+        fits only it is counted (at :func:`item_size`): the same final total as storing
+        the items one by one, for one size estimate per channel instead of one per item
+        (a burst on one channel is hundreds of items).  Returns those last values then,
+        ``{channel: value}`` in the order the channels first appear (what storing the
+        items one by one leaves: a caller with nobody watching stores them in bulk);
+        ``None`` when the items were accounted one by one.
+
+        When it does not fit, the items are accounted one by one, as separate DATA
+        frames would be, and :class:`BudgetExceeded` is raised at the first item beyond
+        a budget; its ``accepted`` says how many of ``items`` (flat entries) came before
+        it.  The caller stores those, then closes the connection: batching is invisible
+        to the writer, so what it wrote before the offending value is kept."""
+        last = dict(zip(items[0::2], items[1::2]))
+        if self.store_last(last):
             return last
         store = self.store
+        read_above = self.read_above
         for i in range(0, len(items), 2):
             try:
                 size = value_size(items[i + 1])

@@ -1209,7 +1209,7 @@ class Connection(PeerView, asyncio.BufferedProtocol):
                 endpoint._relay_out(self, frame.channel, meta, frame.data)
         elif t == frames.BATCH:
             endpoint = self._endpoint
-            endpoint._deliver_batch(self, endpoint._batch_items(self, frame))
+            endpoint._deliver_batch(self, frame)
         elif t == frames.REQUEST:
             value = frame.value()
             self.messages_in += 1

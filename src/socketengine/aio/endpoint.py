@@ -381,22 +381,31 @@ class Endpoint(EndpointBase):
         if stored is not None:
             stored.store_frame(channel, meta, data)
 
-    def _deliver_batch(self, conn: Connection, items: List[Any]) -> None:
-        """A BATCH frame's items (flat ``[channel, value, ...]``) arrived: each one as
-        a DATA frame would be, accounted as the threaded host does
-        (:meth:`StoredValues.store_items`).  Beyond a storage budget, the items before
-        the offending one are delivered, then ``BudgetExceeded`` is raised (the
-        connection is closed)."""
+    def _deliver_batch(self, conn: Connection, frame: frames.Frame) -> None:
+        """A BATCH frame arrived: each of its items as a DATA frame would be, accounted
+        as the threaded host does (:meth:`StoredValues.store_items`).  Beyond a storage
+        budget, the items before the offending one are delivered, then
+        ``BudgetExceeded`` is raised (the connection is closed)."""
+        watched = self._waiters or self._subs or self._handlers or self._any or self._patterns
+        stored = self._stored.get(conn)
+        if not watched and self._relay is None:  # only the last values matter
+            got = self._batch_last(conn, frame)
+            if got is not None:
+                self._store_unwatched(conn, [], got[1], _now())
+                conn.messages_in += got[0]
+                if stored is not None:
+                    stored.settle()
+                return
+        items = self._batch_items(conn, frame)
         overflow: Optional[BudgetExceeded] = None
         last = None
-        stored = self._stored.get(conn)
         if stored is not None:
             try:
                 last = stored.store_items(items)  # the last values, or None
             except BudgetExceeded as exc:
                 overflow = exc
                 items = items[: exc.accepted]
-        if self._waiters or self._subs or self._handlers or self._any or self._patterns:
+        if watched:
             deliver = self._deliver
             for i in range(0, len(items), 2):
                 deliver(conn, items[i], items[i + 1], counted=True, settle=False)

@@ -694,6 +694,12 @@ class Endpoint(EndpointBase, Generic[_I]):
                         self._relay_out(conn, channel, meta, data)
                     continue
                 if t == BATCH:
+                    if not watched and relay is None:  # only the last values matter
+                        got = self._batch_last(conn, frame)
+                        if got is not None:
+                            count += got[0]
+                            self._store_unwatched(conn, [], got[1], now)
+                            continue
                     items = self._batch_items(conn, frame)
                     overflow = None
                     pairs = None
