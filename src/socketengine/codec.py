@@ -311,11 +311,19 @@ def decode_batch_last(body: Buffer) -> Tuple[int, Dict[str, Any]]:
     last: Dict[str, Any] = {}
     count = 0
     unpack = unpacker.unpack
+    # A run of items on one channel (a burst) is compared, not hashed: the channel
+    # goes into ``last`` once the run ends, where it would have been inserted first.
+    run: Any = None
+    value: Any = None
     try:
         for channel in unpacker:
             if type(channel) is not str:
                 raise ValueError("BATCH item channel is not a string")
-            last[channel] = unpack()
+            if channel != run:
+                if count:
+                    last[run] = value
+                run = channel
+            value = unpack()
             count += 1
     except ValueError:
         raise
@@ -325,6 +333,8 @@ def decode_batch_last(body: Buffer) -> Tuple[int, Dict[str, Any]]:
         raise ValueError(f"malformed BATCH item: {type(exc).__name__}: {exc}") from None
     if unpacker.tell() != size:
         raise ValueError("BATCH body does not end with a whole (channel, value) item")
+    if count:
+        last[run] = value
     return count, last
 
 
