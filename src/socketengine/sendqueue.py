@@ -24,7 +24,7 @@ apply the same way:
   otherwise every item becomes an ordinary DATA frame.
 * **Staging (threaded writers in a burst).**  While a flush is already due (scheduled,
   or waiting for a full socket to drain), a writer may append a small item to
-  :attr:`staged` without the connection lock (a deque append is atomic) while fewer
+  :attr:`staged` without the connection lock (a list append is atomic) while fewer
   than :data:`STAGE_MAX` items are staged and the queue is :data:`STAGE_HEADROOM`
   bytes below ``max_buffer`` (:attr:`stage_below`), so staged items never take the
   queue beyond it.  Every method that reads or changes the inbox first moves the
@@ -68,7 +68,7 @@ from __future__ import annotations
 import threading
 from bisect import bisect_right
 from collections import deque
-from itertools import accumulate, repeat, starmap
+from itertools import accumulate
 from typing import (
     Any,
     Callable,
@@ -314,7 +314,7 @@ class SendQueue:
         #: as descriptors (see :meth:`to_wire`).
         self.shm: Optional[ShmWriter] = None
         #: Items appended without the lock (see "Staging" above), not counted yet.
-        self.staged: Deque[bytes] = deque()
+        self.staged: List[bytes] = []
         #: A writer may stage an item while fewer than STAGE_MAX are staged and at most
         #: this many bytes are queued (read without the lock: a racing writer may stage
         #: one more, still within ``max_buffer``).  Negative: never.
@@ -332,7 +332,9 @@ class SendQueue:
         staged = self.staged
         with self._stage_lock:  # against unstage_own (a closed link's writer)
             n = len(staged)
-            items = list(starmap(staged.popleft, repeat((), n)))
+            # The first n: writers only append (to the end) meanwhile.
+            items = staged[:n]
+            del staged[:n]
         if n:
             self._inbox.extend(items)
             self.queued += sum(map(len, items)) + ITEM_OVERHEAD * n
@@ -344,7 +346,7 @@ class SendQueue:
 
         Safe against :meth:`unstage` from another thread (the next link taking this
         queue over) and against writers appending: the search runs on a snapshot
-        (``list()`` of a deque is one step), and appends never move earlier entries."""
+        (``list()`` of a list is one step), and appends never move earlier entries."""
         staged = self.staged
         with self._stage_lock:
             for i, entry in enumerate(list(staged)):
