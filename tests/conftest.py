@@ -1,7 +1,10 @@
+import gc
 import signal
+import sys
 import threading
 import time
-from typing import Any, Callable, Iterator, List
+from types import FrameType
+from typing import Any, Callable, Iterator, List, Optional
 
 import pytest
 
@@ -12,6 +15,23 @@ from socketengine import Client, Host
 # handler is reset to the default by exec, an ignored signal is not.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def thread_frame(thread: threading.Thread) -> Optional[FrameType]:
+    """The innermost Python frame ``thread`` runs now (``sys._current_frames()``), or None.
+
+    The garbage collector is off meanwhile: CPython up to 3.11 may collect inside
+    ``sys._current_frames()`` while it holds the runtime's thread-list lock, and a
+    finalizer that takes that lock (a ``threading.local``'s) then deadlocks the process
+    (python/cpython#106883; seen in CI, the main thread stuck in
+    ``_PyThread_CurrentFrames`` -> ``gc_collect_main`` -> a lock wait)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return sys._current_frames().get(thread.ident or -1)
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:

@@ -5,7 +5,7 @@ import threading
 from typing import Any
 
 import pytest
-from conftest import wait_for
+from conftest import thread_frame, wait_for
 
 from socketengine import (
     Client,
@@ -541,9 +541,8 @@ def _in_poll(t: threading.Thread, c: Client) -> bool:
     the client's wake pipe (taken just before the poll loop) and the kernel says it
     sleeps in a poll (Linux: /proc/self/task/<tid>/wchan)."""
     import linecache
-    import sys
 
-    frame = sys._current_frames().get(t.ident or 0)
+    frame = thread_frame(t)
     if frame is not None and frame.f_code.co_name == "read_until":
         return "poller.poll(" in linecache.getline(frame.f_code.co_filename, frame.f_lineno)
     if "socketengine.sync.connection" not in compiled.modules():

@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable, Dict, Iterator, List, Optional, Tup
 
 import numpy as np
 import pytest
-from conftest import wait_for
+from conftest import thread_frame, wait_for
 
 from socketengine import Client, Host, SocketEngineError, aio, frames, images
 from socketengine.protocol import Protocol, Role
@@ -1868,7 +1868,7 @@ def test_a_value_that_arrives_while_the_host_closes_still_reaches_its_waiter(
 
 def _running(thread: threading.Thread, function: str) -> bool:
     """``thread`` is inside a call of ``function`` right now."""
-    frame = sys._current_frames().get(thread.ident or -1)
+    frame = thread_frame(thread)
     while frame is not None:
         if frame.f_code.co_name == function:
             return True
