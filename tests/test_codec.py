@@ -812,6 +812,21 @@ def test_a_batch_reduced_to_its_last_values_is_what_storing_each_item_leaves(
         assert_same(last[channel], value)
 
 
+@given(
+    st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), int64_range), max_size=12),
+    st.lists(st.sets(st.sampled_from(["a", "b", "c", "d"]), max_size=2), max_size=3),
+)
+def test_a_batch_with_an_item_on_a_watched_channel_is_not_reduced(
+    pairs: List[Any], watched: List[Any]
+) -> None:
+    body = b"".join(msgpack.packb(ch) + msgpack.packb(value) for ch, value in pairs)
+    got = codec.decode_batch_last(body, watched)
+    if any(ch in wanted for ch, _ in pairs for wanted in watched):
+        assert got is None  # the caller decodes every item
+    else:
+        assert got == codec.decode_batch_last(body)
+
+
 @FAST
 @given(st.binary(max_size=200))
 def test_both_batch_decoders_refuse_the_same_random_bodies(body: bytes) -> None:

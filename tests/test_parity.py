@@ -517,6 +517,39 @@ def test_a_batch_leaves_the_same_values_whether_or_not_anything_watches(
 
 
 @pytest.mark.parametrize("layer", LAYERS)
+def test_a_batch_keeps_every_value_of_a_watched_channel_and_the_last_of_the_others(
+    layer: str, loop_thread: AioThread
+) -> None:
+    # A callback on one channel: a BATCH without that channel is reduced to its last
+    # values, one with it is handled item by item.  Either way the callback gets each
+    # of its values in order, and every channel keeps its last value.
+    host = make_host(layer, loop_thread)
+    sock = None
+    try:
+        sock = _raw_client(host.ep.port)
+        wait_for(lambda: len(host.ep.clients()) == 1, what="the raw client")
+        conn = host.ep.clients()[0]
+        got: List[Any] = []
+        host.ep.on("cmd", lambda value, *rest: got.append(value))
+        sock.sendall(_batch(("a", 1), ("b", [2]), ("a", 3)))  # "cmd" is not in it
+        wait_for(lambda: conn.messages_in == 3, what="the first batch")
+        assert (host.ep.get("a"), host.ep.get("b")) == (3, [2])
+        sock.sendall(_batch(("a", 4), ("cmd", "x"), ("a", 5), ("cmd", "y"), ("b", [6])))
+        wait_for(lambda: conn.messages_in == 8, what="the second batch")
+        wait_for(lambda: got == ["x", "y"], what="both commands at the callback")
+        want = {"a": 5, "b": [6], "cmd": "y"}
+        assert {ch: host.ep.get(ch) for ch in want} == want
+        assert {ch: conn.values[ch] for ch in want} == want
+        sock.sendall(_batch(("b", [7]), ("b", [8])))  # reduced again
+        wait_for(lambda: conn.messages_in == 10, what="the third batch")
+        assert host.ep.get("b") == [8] and got == ["x", "y"]
+    finally:
+        if sock is not None:
+            sock.close()
+        host.close()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
 def test_a_client_beyond_max_channels_is_closed_and_the_log_says_why(
     layer: str, loop_thread: AioThread, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import sys
 import threading
-from typing import Any, Callable, Dict, Final, List, Sequence, Tuple, Union
+from typing import Any, Callable, Container, Dict, Final, List, Optional, Sequence, Tuple, Union
 
 import msgpack
 
@@ -292,7 +292,9 @@ def decode_batch(body: Buffer) -> List[Any]:
     return out
 
 
-def decode_batch_last(body: Buffer) -> Tuple[int, Dict[str, Any]]:
+def decode_batch_last(
+    body: Buffer, watched: Sequence[Container[str]] = ()
+) -> Optional[Tuple[int, Dict[str, Any]]]:
     """A BATCH frame body reduced to what a receiver that stores only the latest value
     keeps: ``(items, last)``, the number of (channel, value) items and the last value
     of each channel, ``{channel: value}`` in the order the channels first appear (what
@@ -302,6 +304,10 @@ def decode_batch_last(body: Buffer) -> Tuple[int, Dict[str, Any]]:
     same ``ValueError`` for the same body), but a value is dropped as soon as a later
     one on its channel is decoded, so a burst on one channel never holds more than one
     of its values.
+
+    ``watched``: containers of channels whose every value is wanted (waited for,
+    subscribed to, handled).  An item on one of them ends the reduction: ``None`` is
+    returned, and the caller decodes the body item by item (:func:`decode_batch`).
     """
     size = len(body)
     unpacker = msgpack.Unpacker(
@@ -322,6 +328,9 @@ def decode_batch_last(body: Buffer) -> Tuple[int, Dict[str, Any]]:
             if channel != run:
                 if count:
                     last[run] = value
+                for wanted in watched:
+                    if channel in wanted:
+                        return None
                 run = channel
             value = unpack()
             count += 1

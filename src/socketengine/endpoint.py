@@ -15,11 +15,13 @@ import time
 from typing import (
     Any,
     Callable,
+    Container,
     Dict,
     Iterable,
     List,
     Mapping,
     Optional,
+    Sequence,
     Tuple,
     TypeVar,
     Union,
@@ -558,21 +560,23 @@ class EndpointBase:
         return frame.items()
 
     def _batch_last(
-        self, conn: PeerView, frame: frames.Frame
+        self, conn: PeerView, frame: frames.Frame, watched: Sequence[Container[str]] = ()
     ) -> Optional[Tuple[int, Dict[str, Any]]]:
-        """A BATCH frame for a receiver where nothing watches a value and nothing is
-        relayed, so only the last value of each channel matters: ``(items, last)``
+        """A BATCH frame for a receiver with no ``on_message`` hook or pattern and no
+        relay, so that only the last value of each channel matters unless the channel
+        is in one of ``watched`` (the layer's waiters, subscriptions, callbacks: its
+        channels whose every value is wanted): ``(items, last)``
         (:meth:`frames.Frame.last_items`: every item still decoded and checked, but a
         superseded value is dropped at once instead of all of them being held until
         the frame is stored), accounted against ``conn``'s budget
-        (:meth:`StoredValues.store_last`).  ``None`` when that budget must count the
-        items one by one: the caller then takes the general path
-        (:meth:`_batch_items`, ``store_items``), which decodes the body again."""
+        (:meth:`StoredValues.store_last`).  ``None`` when an item is on a watched
+        channel or the budget must count the items one by one: the caller then takes
+        the general path (:meth:`_batch_items`), which decodes the body again."""
         stored = self._stored.get(conn)
         if stored is not None:
             stored.check_batch(frame.meta)
-        got = frame.last_items()
-        if stored is not None and not stored.store_last(got[1]):
+        got = frame.last_items(watched)
+        if got is None or (stored is not None and not stored.store_last(got[1])):
             return None
         return got
 

@@ -23,6 +23,7 @@ import sys
 from typing import (
     Any,
     Callable,
+    Container,
     Dict,
     Final,
     Iterable,
@@ -166,12 +167,15 @@ class Frame(NamedTuple):
         except ValueError as exc:
             raise ProtocolError(f"malformed BATCH frame: {exc}") from None
 
-    def last_items(self) -> Tuple[int, Dict[str, Any]]:
+    def last_items(
+        self, watched: Sequence[Container[str]] = ()
+    ) -> Optional[Tuple[int, Dict[str, Any]]]:
         """A BATCH frame's item count and the last value of each channel
         (:func:`codec.decode_batch_last`: every item decoded and checked, superseded
-        values dropped at once).  Raises ``ProtocolError`` if the body is malformed."""
+        values dropped at once); ``None`` if an item is on a ``watched`` channel.
+        Raises ``ProtocolError`` if the body is malformed."""
         try:
-            return codec.decode_batch_last(self.meta)
+            return codec.decode_batch_last(self.meta, watched)
         except ValueError as exc:
             raise ProtocolError(f"malformed BATCH frame: {exc}") from None
 

@@ -386,10 +386,14 @@ class Endpoint(EndpointBase):
         as the threaded host does (:meth:`StoredValues.store_items`).  Beyond a storage
         budget, the items before the offending one are delivered, then
         ``BudgetExceeded`` is raised (the connection is closed)."""
-        watched = self._waiters or self._subs or self._handlers or self._any or self._patterns
+        per_channel = self._waiters or self._subs or self._handlers
+        watched = per_channel or self._any or self._patterns
         stored = self._stored.get(conn)
-        if not watched and self._relay is None:  # only the last values matter
-            got = self._batch_last(conn, frame)
+        if self._relay is None and not (self._any or self._patterns):
+            # Only the last values matter, unless a channel is watched.
+            got = self._batch_last(
+                conn, frame, (self._waiters, self._subs, self._handlers) if per_channel else ()
+            )
             if got is not None:
                 self._store_unwatched(conn, [], got[1], _now())
                 conn.messages_in += got[0]
