@@ -20,6 +20,7 @@ from socketengine.transport.nats.presence import (
     PresenceTable,
     list_hosts,
 )
+from socketengine.transport.nats.retained import retry_transient
 
 
 def wait_until(cond: Any, timeout: float, what: str) -> Any:
@@ -67,7 +68,9 @@ def test_list_hosts_and_expiry(nats_cluster: LocalCluster, make_link: Any) -> No
 
 
 async def _delete_bucket(link: Any, name: str) -> None:
-    await link.nc.jetstream().delete_key_value(name)
+    # Deleting a replicated bucket needs the cluster's meta leader, which a loaded
+    # machine may leave unanswered for a moment: retried like the library's own calls.
+    await retry_transient(lambda: link.nc.jetstream().delete_key_value(name), 10.0)
 
 
 def collect() -> Tuple[queue.Queue[Tuple[str, ...]], Any, Any]:
