@@ -482,6 +482,22 @@ def _raw_client(port: int, name: str = "raw") -> socket.socket:
     return sock
 
 
+@contextlib.contextmanager
+def _raw_client_of(layer: str, loop_thread: AioThread) -> Iterator[Tuple[Any, socket.socket, Any]]:
+    """A host of ``layer`` and one :func:`_raw_client` of it, once the host has its
+    connection: ``(host, sock, conn)``; both closed on the way out."""
+    host = make_host(layer, loop_thread)
+    sock = None
+    try:
+        sock = _raw_client(host.ep.port)
+        wait_for(lambda: len(host.ep.clients()) == 1, what="the raw client")
+        yield host, sock, host.ep.clients()[0]
+    finally:
+        if sock is not None:
+            sock.close()
+        host.close()
+
+
 @pytest.mark.parametrize("layer", LAYERS)
 def test_a_batch_leaves_the_same_values_whether_or_not_anything_watches(
     layer: str, loop_thread: AioThread
@@ -489,12 +505,7 @@ def test_a_batch_leaves_the_same_values_whether_or_not_anything_watches(
     # With nothing watching, both layers store a BATCH in bulk (the last value of each
     # channel); with a callback, item by item.  Values, stamps and counts must not tell
     # the two apart, and the watcher gets every item in order.
-    host = make_host(layer, loop_thread)
-    sock = None
-    try:
-        sock = _raw_client(host.ep.port)
-        wait_for(lambda: len(host.ep.clients()) == 1, what="the raw client")
-        conn = host.ep.clients()[0]
+    with _raw_client_of(layer, loop_thread) as (host, sock, conn):
         pairs = [("a", 1), ("b", [2]), ("a", 3), ("c", {"k": 4}), ("b", [5])]
         last = {"a": 3, "b": [5], "c": {"k": 4}}
         got: List[Any] = []
@@ -510,10 +521,6 @@ def test_a_batch_leaves_the_same_values_whether_or_not_anything_watches(
             if watched:
                 wait_for(lambda: got == [[2], [5]], what="both items at the callback")
         assert len(host.ep.clients()) == 1
-    finally:
-        if sock is not None:
-            sock.close()
-        host.close()
 
 
 @pytest.mark.parametrize("layer", LAYERS)
@@ -523,12 +530,7 @@ def test_a_batch_keeps_every_value_of_a_watched_channel_and_the_last_of_the_othe
     # A callback on one channel: a BATCH without that channel is reduced to its last
     # values, one with it is handled item by item.  Either way the callback gets each
     # of its values in order, and every channel keeps its last value.
-    host = make_host(layer, loop_thread)
-    sock = None
-    try:
-        sock = _raw_client(host.ep.port)
-        wait_for(lambda: len(host.ep.clients()) == 1, what="the raw client")
-        conn = host.ep.clients()[0]
+    with _raw_client_of(layer, loop_thread) as (host, sock, conn):
         got: List[Any] = []
         host.ep.on("cmd", lambda value, *rest: got.append(value))
         sock.sendall(_batch(("a", 1), ("b", [2]), ("a", 3)))  # "cmd" is not in it
@@ -543,10 +545,6 @@ def test_a_batch_keeps_every_value_of_a_watched_channel_and_the_last_of_the_othe
         sock.sendall(_batch(("b", [7]), ("b", [8])))  # reduced again
         wait_for(lambda: conn.messages_in == 10, what="the third batch")
         assert host.ep.get("b") == [8] and got == ["x", "y"]
-    finally:
-        if sock is not None:
-            sock.close()
-        host.close()
 
 
 @pytest.mark.parametrize("layer", LAYERS)

@@ -266,6 +266,32 @@ def encode(value: Any) -> Tuple[bytes, Sequence[Buffer], int]:
     return enc.encode(value)
 
 
+_BATCH_TAIL: Final = "BATCH body does not end with a whole (channel, value) item"
+
+
+def _batch_unpacker(body: Buffer) -> msgpack.Unpacker:
+    """A streaming unpacker fed a whole BATCH body (:func:`decode_batch`,
+    :func:`decode_batch_last`): plain values only, at most the body's size buffered."""
+    unpacker = msgpack.Unpacker(
+        ext_hook=_plain_ext_hook,
+        raw=False,
+        strict_map_key=False,
+        max_buffer_size=max(len(body), 1),
+    )
+    unpacker.feed(body)
+    return unpacker
+
+
+def _batch_error(exc: Exception) -> ValueError:
+    """What a BATCH decoder raises for ``exc`` from its unpacker: msgpack raises several
+    types (some are ``ValueError`` already, kept as they are); the caller sees one."""
+    if isinstance(exc, ValueError):
+        return exc
+    if isinstance(exc, msgpack.OutOfData):  # a channel with no value after it
+        return ValueError(_BATCH_TAIL)
+    return ValueError(f"malformed BATCH item: {type(exc).__name__}: {exc}")
+
+
 def decode_batch(body: Buffer) -> List[Any]:
     """The items of a BATCH frame body, flat: ``[channel, value, channel, value, ...]``.
 
@@ -273,19 +299,13 @@ def decode_batch(body: Buffer) -> List[Any]:
     msgpack objects (arrays and encoded images cannot be in a BATCH: they have a data
     section of their own).
     """
-    size = len(body)
-    unpacker = msgpack.Unpacker(
-        ext_hook=_plain_ext_hook, raw=False, strict_map_key=False, max_buffer_size=max(size, 1)
-    )
-    unpacker.feed(body)
+    unpacker = _batch_unpacker(body)
     try:
         out = list(unpacker)
-    except ValueError:
-        raise
-    except Exception as exc:  # msgpack raises several types; normalise for the caller
-        raise ValueError(f"malformed BATCH item: {type(exc).__name__}: {exc}") from None
-    if unpacker.tell() != size or len(out) % 2:
-        raise ValueError("BATCH body does not end with a whole (channel, value) item")
+    except Exception as exc:
+        raise _batch_error(exc) from None
+    if unpacker.tell() != len(body) or len(out) % 2:
+        raise ValueError(_BATCH_TAIL)
     for channel in out[0::2]:
         if type(channel) is not str:
             raise ValueError("BATCH item channel is not a string")
@@ -309,11 +329,7 @@ def decode_batch_last(
     subscribed to, handled).  An item on one of them ends the reduction: ``None`` is
     returned, and the caller decodes the body item by item (:func:`decode_batch`).
     """
-    size = len(body)
-    unpacker = msgpack.Unpacker(
-        ext_hook=_plain_ext_hook, raw=False, strict_map_key=False, max_buffer_size=max(size, 1)
-    )
-    unpacker.feed(body)
+    unpacker = _batch_unpacker(body)
     last: Dict[str, Any] = {}
     count = 0
     unpack = unpacker.unpack
@@ -334,14 +350,10 @@ def decode_batch_last(
                 run = channel
             value = unpack()
             count += 1
-    except ValueError:
-        raise
-    except msgpack.OutOfData:
-        raise ValueError("BATCH body does not end with a whole (channel, value) item") from None
-    except Exception as exc:  # msgpack raises several types; normalise for the caller
-        raise ValueError(f"malformed BATCH item: {type(exc).__name__}: {exc}") from None
-    if unpacker.tell() != size:
-        raise ValueError("BATCH body does not end with a whole (channel, value) item")
+    except Exception as exc:
+        raise _batch_error(exc) from None
+    if unpacker.tell() != len(body):
+        raise ValueError(_BATCH_TAIL)
     if count:
         last[run] = value
     return count, last
