@@ -63,9 +63,7 @@ def test_a_thousand_concurrent_clients_on_one_host() -> None:
             wait_for(lambda: len(h.clients()) == n, timeout=30)
             per_connection = (_rss() - before) / n
             for i, s in enumerate(socks):
-                s.sendall(
-                    b"".join(frames.encode_value_frame(frames.DATA, "id", i))
-                )
+                s.sendall(b"".join(frames.encode_value_frame(frames.DATA, "id", i)))
             wait_for(lambda: len(h.get_all("id")) == n, timeout=30)
             assert sorted(h.get_all("id")) == list(range(n))
             assert h.write_all("hello", "everyone") == n

@@ -59,9 +59,10 @@ def test_png_is_exact_for_uint16_and_gray(host: Host, make_client) -> None:  # t
 
 @needs_jpeg
 def test_seed_writeimg_uses_the_endpoint_default_codec() -> None:
-    with Host(port=0, image_codec="jpeg", image_quality=80) as h, Client(
-        port=h.port, image_codec="jpeg", image_quality=85
-    ) as c:
+    with (
+        Host(port=0, image_codec="jpeg", image_quality=80) as h,
+        Client(port=h.port, image_codec="jpeg", image_quality=85) as c,
+    ):
         frame = _frame()
         c.writeImg(frame)
         wait_for(lambda: h.get_jpeg() is not None)

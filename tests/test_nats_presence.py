@@ -47,6 +47,7 @@ def test_list_hosts_and_expiry(nats_cluster: LocalCluster, make_link: Any) -> No
     c = make_link(nats_cluster.nodes[2].url)
     ha = HostAnnouncer(a, "cam.1", {"port": 1}, prefix=prefix, ttl=2.0)
     HostAnnouncer(b, "cam *2", prefix=prefix, ttl=2.0)
+
     # Written through nodes A and B, read through C: the bucket's replicas catch up.
     def both() -> Any:
         listed = list_hosts(c, prefix=prefix)

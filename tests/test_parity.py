@@ -1721,6 +1721,7 @@ def test_an_image_file_is_not_kept_once_a_value_replaces_it_or_its_client_is_for
             for channel in ("single", "burst"):
                 wait_for(lambda ch=channel: host.ep.get_jpeg(ch) is None, what="no file")
                 wait_for(lambda ch=channel: conn.get_jpeg(ch) is None, what="no file")
+
             # The frame was either read (a get() above) or replaced unread: counted once.
             def counted_once() -> bool:
                 single = host.ep.stats()["images"]["received"]["single"]
@@ -1755,9 +1756,10 @@ def test_a_peer_that_asks_for_answers_without_reading_them_is_closed(
         pytest.skip("no arrays travel here: the socket case is the whole test")
     host = make_host(layer, loop_thread, max_buffer=64 * 1024)
     try:
-        with caplog.at_level(logging.WARNING, logger="socketengine"), _writer(
-            host.ep.port, name="good"
-        ) as good:
+        with (
+            caplog.at_level(logging.WARNING, logger="socketengine"),
+            _writer(host.ep.port, name="good") as good,
+        ):
             wait_for(lambda: len(host.ep.clients()) == 1, what="the good client")
             sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect

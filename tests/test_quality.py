@@ -1,4 +1,4 @@
-"""The linter and the type checker over src/, as part of the test command."""
+"""The linter, the formatter and the type checker, as part of the test command."""
 
 import subprocess
 import sys
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
     "command",
     [
         [sys.executable, "-m", "ruff", "check", "src", "tests", "bench"],
-        [sys.executable, "-m", "ruff", "format", "--check", "src"],
+        [sys.executable, "-m", "ruff", "format", "--check", "src", "tests", "bench"],
         [sys.executable, "-m", "mypy", "src"],
     ],
     ids=["ruff-check", "ruff-format", "mypy"],

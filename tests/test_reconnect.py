@@ -82,9 +82,7 @@ HOST = textwrap.dedent(
 
 def _host_process(port: int) -> "tuple[subprocess.Popen[str], int]":
     """A host in another process; returns it and the port it bound."""
-    p = subprocess.Popen(
-        [sys.executable, "-c", HOST, str(port)], stdout=subprocess.PIPE, text=True
-    )
+    p = subprocess.Popen([sys.executable, "-c", HOST, str(port)], stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None
     return p, int(p.stdout.readline())
 

@@ -19,15 +19,18 @@ pytestmark = pytest.mark.usefixtures("transfer")
 
 @pytest.mark.parametrize("layer", LAYERS)
 def test_camera_dashboard_and_controller_talk_only_through_the_host(
-    layer: str, loop_thread: AioThread  # noqa: F811
+    layer: str,
+    loop_thread: AioThread,  # noqa: F811
 ) -> None:
     np = pytest.importorskip("numpy")
     host = make_host(layer, loop_thread, relay=True, token="s3cret")
     port = host.ep.port
     try:
-        with Client(port=port, name="camera", token="s3cret") as camera, Client(
-            port=port, name="dashboard", token="s3cret"
-        ) as dashboard, Client(port=port, name="controller", token="s3cret") as controller:
+        with (
+            Client(port=port, name="camera", token="s3cret") as camera,
+            Client(port=port, name="dashboard", token="s3cret") as dashboard,
+            Client(port=port, name="controller", token="s3cret") as controller,
+        ):
             seen: List[Any] = []
             dashboard.on(Pattern("robot/#"), lambda ch, v: seen.append((ch, v)))
             wait_for(lambda: len(host.ep.clients()) == 3, what="three clients")
@@ -62,9 +65,12 @@ def test_writers_restrict_what_is_relayed(layer: str, loop_thread: AioThread) ->
     )
     try:
         port = host.ep.port
-        with Client(port=port, name="controller") as ctl, Client(
-            port=port, name="cam"
-        ) as cam, Client(port=port, name="intruder") as bad, Client(port=port) as watcher:
+        with (
+            Client(port=port, name="controller") as ctl,
+            Client(port=port, name="cam") as cam,
+            Client(port=port, name="intruder") as bad,
+            Client(port=port) as watcher,
+        ):
             wait_for(lambda: len(host.ep.clients()) == 4)
             ctl.write("cmd/go", 1)
             cam.write("cmd/go", 2)  # cam may not write cmd/#: kept by the host, not relayed
@@ -84,7 +90,8 @@ def test_writers_restrict_what_is_relayed(layer: str, loop_thread: AioThread) ->
 
 @pytest.mark.parametrize("layer", LAYERS)
 def test_relayed_values_can_be_retained_for_late_joiners(
-    layer: str, loop_thread: AioThread  # noqa: F811
+    layer: str,
+    loop_thread: AioThread,  # noqa: F811
 ) -> None:
     host = make_host(layer, loop_thread, relay=True, retain_relayed=True)
     try:
@@ -104,9 +111,7 @@ def test_relayed_values_kept_for_late_joiners_are_bounded_in_bytes(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Each value's frame is a bit over 1,000 bytes: three fit in 3,500.
-    host = make_host(
-        layer, loop_thread, relay=True, retain_relayed=True, retain_relayed_bytes=3500
-    )
+    host = make_host(layer, loop_thread, relay=True, retain_relayed=True, retain_relayed_bytes=3500)
     try:
         with caplog.at_level(logging.WARNING, logger="socketengine"):
             with Client(port=host.ep.port, name="writer") as writer:
@@ -124,14 +129,17 @@ def test_relayed_values_kept_for_late_joiners_are_bounded_in_bytes(
 
 @pytest.mark.parametrize("layer", LAYERS)
 def test_a_client_gets_only_the_channels_it_is_interested_in(
-    layer: str, loop_thread: AioThread  # noqa: F811
+    layer: str,
+    loop_thread: AioThread,  # noqa: F811
 ) -> None:
     host = make_host(layer, loop_thread)
     try:
         port = host.ep.port
-        with Client(port=port, interest=["sensor/7"]) as narrow, Client(
-            port=port, interest=[Pattern("sensor/+")]
-        ) as wide, Client(port=port) as everything:
+        with (
+            Client(port=port, interest=["sensor/7"]) as narrow,
+            Client(port=port, interest=[Pattern("sensor/+")]) as wide,
+            Client(port=port) as everything,
+        ):
             wait_for(lambda: len(host.ep.clients()) == 3)
             # Counted from here: the handshake's size (what each side announces) aside.
             narrow_0 = narrow._conn.stats()["bytes_in"]  # type: ignore[union-attr]
@@ -157,9 +165,10 @@ def test_a_client_gets_only_the_channels_it_is_interested_in(
 def test_an_asyncio_client_declares_interest_and_sees_senders() -> None:
     async def main() -> None:
         async with aio.Host(port=0, relay=True) as h:
-            async with aio.Client(port=h.port, name="a") as a, aio.Client(
-                port=h.port, name="b", interest=["chat"]
-            ) as b:
+            async with (
+                aio.Client(port=h.port, name="a") as a,
+                aio.Client(port=h.port, name="b", interest=["chat"]) as b,
+            ):
                 await a.write("chat", "hi", ack=True)
                 await a.write("noise", 1, ack=True)
                 for _ in range(200):

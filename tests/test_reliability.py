@@ -203,9 +203,10 @@ def test_a_client_killed_mid_frame_does_not_disturb_the_host() -> None:
 @pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="POSIX signals")
 def test_a_frozen_client_is_dropped_and_does_not_stall_others() -> None:
     gone: list = []
-    with Host(port=0, heartbeat=0.2, max_buffer=1 << 20, timeout=0.5) as h, Client(
-        port=h.port, name="healthy", heartbeat=0.2
-    ) as healthy:
+    with (
+        Host(port=0, heartbeat=0.2, max_buffer=1 << 20, timeout=0.5) as h,
+        Client(port=h.port, name="healthy", heartbeat=0.2) as healthy,
+    ):
         h.on_disconnect(lambda conn: gone.append(conn.name))
         p = _child(h.port, "frozen")
         wait_for(lambda: h.get_client("frozen") is not None)

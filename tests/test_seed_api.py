@@ -43,12 +43,26 @@ def test_constructor_parameters_and_defaults_match_the_seed(cls: type) -> None:
 
 def test_every_seed_method_exists() -> None:
     for name in [
-        "set_timeout", "start", "get_ALL", "getClients", "writeLock_ALL", "write_ALL",
-        "writeImgLock_ALL", "writeImg_ALL", "close",
+        "set_timeout",
+        "start",
+        "get_ALL",
+        "getClients",
+        "writeLock_ALL",
+        "write_ALL",
+        "writeImgLock_ALL",
+        "writeImg_ALL",
+        "close",
     ]:
         assert callable(getattr(Host, name)), name
     for name in [
-        "set_timeout", "start", "get", "writeLock", "write", "writeImgLock", "writeImg", "close",
+        "set_timeout",
+        "start",
+        "get",
+        "writeLock",
+        "write",
+        "writeImgLock",
+        "writeImg",
+        "close",
     ]:
         assert callable(getattr(Client, name)), name
 

@@ -30,9 +30,10 @@ def _client(cafile: Path) -> ssl.SSLContext:
 
 
 def test_tls_pair_exchanges_values_and_images(certs: dict) -> None:
-    with Host(port=0, tls=_server(certs)) as h, Client(
-        port=h.port, tls=_client(certs["good"][0]), name="secure"
-    ) as c:
+    with (
+        Host(port=0, tls=_server(certs)) as h,
+        Client(port=h.port, tls=_client(certs["good"][0]), name="secure") as c,
+    ):
         conn = wait_for(lambda: h.clients() and h.clients()[0])  # the host may lag the client
         assert conn.socket.version() is not None  # type: ignore[attr-defined]
         c.write("a", {"x": [1, 2, 3]})
@@ -50,9 +51,10 @@ def test_tls_pair_exchanges_values_and_images(certs: dict) -> None:
 
 
 def test_tls_with_token(certs: dict) -> None:
-    with Host(port=0, tls=_server(certs), token="t") as h, Client(
-        port=h.port, tls=_client(certs["good"][0]), token="t"
-    ) as c:
+    with (
+        Host(port=0, tls=_server(certs), token="t") as h,
+        Client(port=h.port, tls=_client(certs["good"][0]), token="t") as c,
+    ):
         c.write("ok", 1)
         wait_for(lambda: h.get("ok") == 1)
 

@@ -19,7 +19,9 @@ pytestmark = pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="no Unix 
 
 @pytest.mark.parametrize("layer", LAYERS)
 def test_values_arrays_and_requests_over_a_unix_socket(
-    layer: str, loop_thread: AioThread, tmp_path: Path  # noqa: F811
+    layer: str,
+    loop_thread: AioThread,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     np = pytest.importorskip("numpy")
     addr = f"unix://{tmp_path}/app.sock"
@@ -81,7 +83,9 @@ def test_a_client_waits_for_the_socket_file_then_times_out(tmp_path: Path) -> No
 
 @pytest.mark.parametrize("layer", LAYERS)
 def test_closing_a_host_removes_its_socket_file(
-    layer: str, loop_thread: AioThread, tmp_path: Path  # noqa: F811
+    layer: str,
+    loop_thread: AioThread,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     from test_parity import make_host
 

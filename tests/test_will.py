@@ -26,7 +26,8 @@ def _observer(port: int) -> Client:
 
 @pytest.mark.parametrize("layer", LAYERS)
 def test_the_will_is_published_when_the_client_is_killed(
-    layer: str, loop_thread: AioThread  # noqa: F811
+    layer: str,
+    loop_thread: AioThread,  # noqa: F811
 ) -> None:
     host = make_host(layer, loop_thread)
     try:
@@ -66,7 +67,8 @@ def test_the_will_is_published_when_the_client_is_killed(
 
 @pytest.mark.parametrize("layer", LAYERS)
 def test_the_will_is_published_when_a_blackholed_link_is_declared_dead(
-    layer: str, loop_thread: AioThread  # noqa: F811
+    layer: str,
+    loop_thread: AioThread,  # noqa: F811
 ) -> None:
     host = make_host(layer, loop_thread, heartbeat=0.2)
     seen: List[Any] = []
@@ -86,7 +88,8 @@ def test_the_will_is_published_when_a_blackholed_link_is_declared_dead(
 
 @pytest.mark.parametrize("layer", LAYERS)
 def test_a_polite_close_does_not_publish_the_will(
-    layer: str, loop_thread: AioThread  # noqa: F811
+    layer: str,
+    loop_thread: AioThread,  # noqa: F811
 ) -> None:
     host = make_host(layer, loop_thread)
     try:
@@ -119,7 +122,8 @@ def test_a_will_is_checked_when_the_client_is_made() -> None:
 
 @pytest.mark.parametrize("layer", LAYERS)
 def test_a_hello_with_every_field_at_its_limit_is_accepted(
-    layer: str, loop_thread: AioThread  # noqa: F811
+    layer: str,
+    loop_thread: AioThread,  # noqa: F811
 ) -> None:
     # Name, interest and will at their limits, with a token and shared memory announced:
     # the HELLO must still fit what a host reads before the handshake (64 KiB).
