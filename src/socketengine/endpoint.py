@@ -560,7 +560,10 @@ class EndpointBase:
         return frame.items()
 
     def _batch_last(
-        self, conn: PeerView, frame: frames.Frame, watched: Sequence[Container[str]] = ()
+        self,
+        frame: frames.Frame,
+        stored: Optional[StoredValues],
+        watched: Sequence[Container[str]] = (),
     ) -> Optional[Tuple[int, Dict[str, Any]]]:
         """A BATCH frame for a receiver with no ``on_message`` hook or pattern and no
         relay, so that only the last value of each channel matters unless the channel
@@ -568,11 +571,11 @@ class EndpointBase:
         channels whose every value is wanted): ``(items, last)``
         (:meth:`frames.Frame.last_items`: every item still decoded and checked, but a
         superseded value is dropped at once instead of all of them being held until
-        the frame is stored), accounted against ``conn``'s budget
-        (:meth:`StoredValues.store_last`).  ``None`` when an item is on a watched
+        the frame is stored), accounted against the connection's budget ``stored``
+        (``self._stored.get(conn)``, which the caller has looked up;
+        :meth:`StoredValues.store_last`).  ``None`` when an item is on a watched
         channel or the budget must count the items one by one: the caller then takes
         the general path (:meth:`_batch_items`), which decodes the body again."""
-        stored = self._stored.get(conn)
         if stored is not None:
             stored.check_batch(frame.meta)
         got = frame.last_items(watched)

@@ -392,7 +392,7 @@ class Endpoint(EndpointBase):
         if self._relay is None and not (self._any or self._patterns):
             # Only the last values matter, unless a channel is watched.
             got = self._batch_last(
-                conn, frame, (self._waiters, self._subs, self._handlers) if per_channel else ()
+                frame, stored, (self._waiters, self._subs, self._handlers) if per_channel else ()
             )
             if got is not None:
                 self._store_unwatched(conn, [], got[1], _now())

@@ -697,8 +697,8 @@ class Endpoint(EndpointBase, Generic[_I]):
                     if relay is None and not (self._any or self._patterns):
                         # Only the last values matter, unless a channel is watched.
                         got = self._batch_last(
-                            conn,
                             frame,
+                            stored,
                             (self._callbacks, self._inline, self._subs, self._waiters)
                             if watched
                             else (),
