@@ -457,9 +457,10 @@ class Client(ClientSeedNames, Endpoint[Any]):
     def write_many(self, items: WriteItems, compress: Optional[bool] = None) -> None:
         """Send many values to the host at once: a mapping ``{channel: value}`` or an
         iterable of ``(channel, value)`` pairs.  Each is delivered exactly as if sent
-        by :meth:`write`, in order, but the batch takes one lock and one flush, so a
-        burst of small values costs a fraction of separate writes
-        (docs/values-and-images.md, "Writing many values at once").  Thread-safe.
+        by :meth:`write`, in order, but the batch takes one lock and one flush: in the
+        interpreted build a burst of small values costs about a quarter less CPU than
+        separate writes, in the compiled build no less (docs/values-and-images.md,
+        "Writing many values at once").  Thread-safe.
 
         Every value is encoded first: ``TypeError``/``ValueError`` naming the item if
         one cannot be sent, and then nothing is sent.  The batch is queued whole once
