@@ -43,6 +43,7 @@ from .relay import RelayPolicy, RelaySpec, WritersSpec
 from .sendqueue import values_size
 from .session import SessionTable
 from .state import Admission, Departed, KeptValues, RetainedValues, StoredValues, forget_latest
+from .watch import PatternWatch
 
 __all__ = ["EndpointBase"]
 
@@ -75,6 +76,10 @@ class EndpointBase:
     _stored: Dict[Any, StoredValues]
     #: A client's budget for what it keeps from its host (:meth:`_keep_for`).
     _kept: KeptValues
+    #: The layer's ``on_message`` hooks and pattern watches (waiters, subscriptions):
+    #: each wants every value, on any channel (:meth:`_batch_last`).
+    _any: Sequence[Callable[..., Any]]
+    _patterns: PatternWatch[Any, Any]
 
     def _init_endpoint(
         self,
@@ -565,17 +570,21 @@ class EndpointBase:
         stored: Optional[StoredValues],
         watched: Sequence[Container[str]] = (),
     ) -> Optional[Tuple[int, Dict[str, Any]]]:
-        """A BATCH frame for a receiver with no ``on_message`` hook or pattern and no
-        relay, so that only the last value of each channel matters unless the channel
-        is in one of ``watched`` (the layer's waiters, subscriptions, callbacks: its
-        channels whose every value is wanted): ``(items, last)``
+        """A BATCH frame for a receiver where only the last value of each channel
+        matters: ``None`` at once if an ``on_message`` hook, a pattern or a relay wants
+        every value, else ``None`` as soon as an item is on a channel in one of
+        ``watched`` (the layer's waiters, subscriptions, callbacks: its channels whose
+        every value is wanted).  Otherwise ``(items, last)``
         (:meth:`frames.Frame.last_items`: every item still decoded and checked, but a
         superseded value is dropped at once instead of all of them being held until
         the frame is stored), accounted against the connection's budget ``stored``
         (``self._stored.get(conn)``, which the caller has looked up;
-        :meth:`StoredValues.store_last`).  ``None`` when an item is on a watched
-        channel or the budget must count the items one by one: the caller then takes
-        the general path (:meth:`_batch_items`), which decodes the body again."""
+        :meth:`StoredValues.store_last`), or ``None`` when the budget must count the
+        items one by one.  On ``None`` the caller takes the general path
+        (:meth:`_batch_items`), which decodes the body (again, unless ``None`` came at
+        once)."""
+        if self._relay is not None or self._any or self._patterns:
+            return None
         if stored is not None:
             stored.check_batch(frame.meta)
         got = frame.last_items(watched)

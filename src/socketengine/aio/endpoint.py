@@ -389,17 +389,15 @@ class Endpoint(EndpointBase):
         per_channel = self._waiters or self._subs or self._handlers
         watched = per_channel or self._any or self._patterns
         stored = self._stored.get(conn)
-        if self._relay is None and not (self._any or self._patterns):
-            # Only the last values matter, unless a channel is watched.
-            got = self._batch_last(
-                frame, stored, (self._waiters, self._subs, self._handlers) if per_channel else ()
-            )
-            if got is not None:
-                self._store_unwatched(conn, [], got[1], _now())
-                conn.messages_in += got[0]
-                if stored is not None:
-                    stored.settle()
-                return
+        got = self._batch_last(
+            frame, stored, (self._waiters, self._subs, self._handlers) if per_channel else ()
+        )
+        if got is not None:  # only the last values mattered
+            self._store_unwatched(conn, [], got[1], _now())
+            conn.messages_in += got[0]
+            if stored is not None:
+                stored.settle()
+            return
         items = self._batch_items(conn, frame)
         overflow: Optional[BudgetExceeded] = None
         last = None

@@ -694,19 +694,17 @@ class Endpoint(EndpointBase, Generic[_I]):
                         self._relay_out(conn, channel, meta, data)
                     continue
                 if t == BATCH:
-                    if relay is None and not (self._any or self._patterns):
-                        # Only the last values matter, unless a channel is watched.
-                        got = self._batch_last(
-                            frame,
-                            stored,
-                            (self._callbacks, self._inline, self._subs, self._waiters)
-                            if watched
-                            else (),
-                        )
-                        if got is not None:
-                            count += got[0]
-                            self._store_unwatched(conn, [], got[1], now)
-                            continue
+                    got = self._batch_last(
+                        frame,
+                        stored,
+                        (self._callbacks, self._inline, self._subs, self._waiters)
+                        if watched
+                        else (),
+                    )
+                    if got is not None:  # only the last values mattered
+                        count += got[0]
+                        self._store_unwatched(conn, [], got[1], now)
+                        continue
                     items = self._batch_items(conn, frame)
                     overflow = None
                     pairs = None
