@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import signal
 import socket
@@ -21,7 +22,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import pytest
 from certs import self_signed
 
-from socketengine import Client, Host, RemoteError
+from socketengine import Client, Host, RemoteError, compiled
 from socketengine.render import describe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,6 +176,8 @@ def test_help_for_every_command(command: str) -> None:
 def test_version_and_missing_command() -> None:
     proc = run("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("socketengine ")
+    build = "compiled" if compiled.modules() else "interpreted"
+    assert f"({build} build, Python {platform.python_version()})" in proc.stdout
     proc = run()
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     proc = run("frobnicate")

@@ -1,14 +1,18 @@
-"""The optional compiled build: the same source, compiled to C extensions by mypyc.
+"""The compiled build: the same source, compiled to C extensions by mypyc.
 
-``SOCKETENGINE_COMPILE=1 pip install socket.engine`` (from source) compiles the modules
-named in :data:`MODULES` -- the sans-I/O core (framing, the connection engine, the send
-queue, requests, sessions, fan-out runs) and the threaded layer's connection, loop,
-delivery objects and client ``write`` -- with mypyc.  Nothing else changes: the
-compiled modules are built from these very files, so every protocol rule is still
-written once, and an install without a compiler or without the variable runs the same
-code interpreted.  What it gains is measured in docs/benchmarks.md ("The compiled build").
+``pip install .`` (from source, not editable) compiles the modules named in
+:data:`MODULES` -- the sans-I/O core (framing, the connection engine, the send queue,
+requests, sessions, fan-out runs) and the threaded layer's connection, loop, delivery
+objects and client ``write`` -- with mypyc, when the machine has a C compiler and the
+Python headers; without them it installs them interpreted.  ``SOCKETENGINE_COMPILE=1``
+requires the compiled build (the install fails if it cannot compile), ``0`` never
+builds it; an editable install is interpreted unless the variable is 1.  Nothing else
+changes: the compiled modules are built from these very files, so every protocol rule
+is still written once, and an interpreted install runs the same code.  What it gains
+is measured in docs/benchmarks.md ("The compiled build").
 
-:func:`modules` says which of them this process runs compiled.
+:func:`modules` says which of them this process runs compiled, :func:`build` names the
+build (``socketengine --version`` prints it).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any, Callable, Tuple, TypeVar
 
-__all__ = ["MODULES", "modules", "mypyc_attr"]
+__all__ = ["MODULES", "build", "modules", "mypyc_attr"]
 
 #: The modules the compiled build compiles (paths under ``src/``, in ``setup.py``).
 MODULES: Tuple[str, ...] = (
@@ -61,3 +65,12 @@ def modules() -> Tuple[str, ...]:
         if not path.endswith(".py"):
             done.append(name)
     return tuple(done)
+
+
+def build() -> str:
+    """``"compiled"`` when every module of :data:`MODULES` runs compiled,
+    ``"interpreted"`` when none does (``socketengine --version`` says which)."""
+    done = modules()
+    if done == MODULES:
+        return "compiled"
+    return "interpreted" if not done else f"partly compiled ({len(done)}/{len(MODULES)})"

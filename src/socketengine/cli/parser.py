@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import platform
 import sys
 from typing import Any, Optional, Sequence
 
 from .. import __version__
+from ..compiled import build
 from ..errors import SocketEngineError
 from .commands import (
     cmd_bench,
@@ -52,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         "130 interrupted.",
         formatter_class=fmt,
     )
-    parser.add_argument("--version", action="version", version=f"socketengine {__version__}")
+    version = f"socketengine {__version__} ({build()} build, Python {platform.python_version()})"
+    parser.add_argument("--version", action="version", version=version)
     add_global_options(parser, prefix="global_")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
