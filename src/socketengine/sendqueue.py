@@ -113,6 +113,12 @@ Outgoing = Union[bytes, Sequence[Buffer]]
 
 #: Largest BATCH body, bytes (a receiver's ``max_message`` lowers it further).
 BATCH_MAX: Final = 64 * 1024
+#: Seconds: a write within this long of the connection's previous one is part of a
+#: burst, sent with the rest of the burst by one flush rather than by a send of its own;
+#: a write after a longer gap, on an idle queue, is sent at once.  Both layers follow it
+#: (measured: a coroutine writing small values in a loop reached 50-58k values/s with
+#: a send per value).
+BURST_GAP: Final = 50e-6
 #: Item bytes framed at a time (a few BATCH frames): the flusher frames the next ones
 #: only once these went to the socket, so a full queue of small items is never copied
 #: into frames all at once (measured: a million writes to a slow peer peaked at 2.5x

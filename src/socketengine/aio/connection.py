@@ -75,7 +75,7 @@ from ..peer import PeerView
 from ..protocol import Protocol
 from ..relay import unwrap_relayed
 from ..requests import reply_frame
-from ..sendqueue import Outgoing, SendQueue
+from ..sendqueue import BURST_GAP, Outgoing, SendQueue
 from .decoding import LazyImage
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -90,11 +90,8 @@ READ_SIZE = MIN_READ_SIZE
 #: Seconds between checks of the transport's buffer while a write waits for room
 #: (asyncio reports only the low-water mark, often far below ``max_buffer``).
 _ROOM_POLL = 0.005
-# A write within this long of the previous one is part of a burst: it is sent by one
-# pump on the event loop's next step, with the rest of the burst, rather than in a send
-# of its own (as the threaded layer's _BURST_GAP).  Measured: a coroutine writing small
-# values in a loop reached 50-58k values/s with a send per value.
-_BURST_GAP = 50e-6
+# A write within sendqueue.BURST_GAP of the previous one is part of a burst: it is sent
+# by one pump on the event loop's next step, with the rest of the burst.
 # ... unless this many bytes wait (or a quarter of max_buffer): a producer that never
 # yields to the loop between writes still sends in chunks, and a broadcast's
 # slow-consumer verdict never sees a queue that only waits for the loop.
@@ -804,7 +801,7 @@ class Connection(PeerView, asyncio.BufferedProtocol):
 
     def _queue_item(self, item: bytes, burst: bool = False) -> None:
         """Queue a BATCH item: on a quiet link (writing not paused, no pump due, the
-        last write older than ``_BURST_GAP``; :meth:`_push_out` then sends at once) an
+        last write older than ``BURST_GAP``; :meth:`_push_out` then sends at once) an
         idle queue takes it straight to the wire; otherwise it waits in the inbox to be
         batched."""
         queue = self._queue
@@ -812,7 +809,7 @@ class Connection(PeerView, asyncio.BufferedProtocol):
             burst
             or self._write_paused
             or self._pump_scheduled
-            or self._loop.time() - self._last_write <= _BURST_GAP
+            or self._loop.time() - self._last_write <= BURST_GAP
             or not queue.push_item_direct(item)
         ):
             queue.push_item(item)
@@ -830,7 +827,7 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         now = self._loop.time()
         last = self._last_write
         self._last_write = now
-        if now - last > _BURST_GAP and not burst:
+        if now - last > BURST_GAP and not burst:
             self._pump()
         else:
             self._pump_scheduled = True

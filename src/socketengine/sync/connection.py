@@ -42,7 +42,15 @@ from ..errors import (
 )
 from ..peer import PeerView
 from ..protocol import Protocol
-from ..sendqueue import ITEM_OVERHEAD, PACE_ABOVE, PACE_BELOW, PACE_WAIT, STAGE_MAX, SendQueue
+from ..sendqueue import (
+    BURST_GAP,
+    ITEM_OVERHEAD,
+    PACE_ABOVE,
+    PACE_BELOW,
+    PACE_WAIT,
+    STAGE_MAX,
+    SendQueue,
+)
 from .delivery import Flag, Waiter
 
 # Frames a host holds for a client whose link is down (values, answers to requests).
@@ -69,8 +77,6 @@ _setsignal: Final = getattr(_signal_c, "signal", signal.signal)
 _SIGINT: Final = int(signal.SIGINT)
 #: A thread reading its own reply re-checks the link at least this often (seconds).
 _SELF_READ_SLICE = 0.25
-# Writes closer together than this (seconds) count as a burst: they are coalesced.
-_BURST_GAP: Final = 50e-6
 #: Looked up once: an enum member read through its class is slow on the write path.
 _OPEN: Final = ConnState.OPEN
 _monotonic: Final = time.monotonic
@@ -725,7 +731,7 @@ class Connection(PeerView):
             queue = self._queue
             if not (self._want_write or defer or self._flush_scheduled or self._tls):
                 now = _monotonic()
-                if now - self._last_write > _BURST_GAP and queue.push_item_direct(item):
+                if now - self._last_write > BURST_GAP and queue.push_item_direct(item):
                     # A value on a quiet link and an idle queue: sent now, as below.
                     self._last_write = now
                     self._flush_locked()
@@ -746,7 +752,7 @@ class Connection(PeerView):
             if self._flush_scheduled:  # a burst: the flush stamps _last_write
                 return
             now = _monotonic()
-            idle = now - self._last_write > _BURST_GAP
+            idle = now - self._last_write > BURST_GAP
             self._last_write = now
             if idle and not self._tls:
                 self._flush_locked()
@@ -873,7 +879,7 @@ class Connection(PeerView):
             if self._flush_scheduled:  # a burst: the flush stamps _last_write
                 return
             now = _monotonic()
-            idle = now - self._last_write > _BURST_GAP
+            idle = now - self._last_write > BURST_GAP
             self._last_write = now
             if idle and not defer and not self._tls:  # SSL: never read and write at once
                 self._flush_locked()
