@@ -57,11 +57,6 @@ def compile_mode() -> str:
     )
 
 
-def compile_requested() -> bool:
-    """The compiled build is required: ``SOCKETENGINE_COMPILE`` is 1 / true / yes."""
-    return compile_mode() == ON
-
-
 def may_compile(wheel: bool) -> bool:
     """A build of this kind (a wheel, or else an editable install or sdist) may be
     compiled here, so mypy is among its build requirements."""
