@@ -22,7 +22,13 @@ from socketengine.errors import ConnectionClosed, ProtocolError, RemoteError
 from socketengine.limits import check_settings
 from socketengine.protocol import Protocol, Role
 from socketengine.requests import RequestTable
-from socketengine.sendqueue import ITEM_OVERHEAD, STAGE_HEADROOM, SendQueue, rack_frame
+from socketengine.sendqueue import (
+    BURST_GAP,
+    ITEM_OVERHEAD,
+    STAGE_HEADROOM,
+    SendQueue,
+    rack_frame,
+)
 from socketengine.state import Backoff, Departed, RetainedValues, SubscriptionBuffer
 
 
@@ -275,6 +281,22 @@ def test_send_queue_partial_sends_keep_the_tail() -> None:
     assert [bytes(b) for b in batch] == [b"hello", b"world"]
     q.consumed(7)
     assert [bytes(b) for b in q.wire_batch(512)] == [b"rld"] and q.queued == 3
+
+
+def test_the_burst_rule_a_write_after_a_quiet_gap_goes_at_once() -> None:
+    # Both I/O layers ask the queue (sendqueue.BURST_GAP): a write more than the gap
+    # after the previous one is sent at once, one within it joins the burst.
+    q = SendQueue(1 << 20)
+    t = 1000.0
+    assert q.quiet(t) and q.opens_burst(t)  # a new queue: quiet
+    assert q.last_write == t
+    assert not q.quiet(t + BURST_GAP / 2)
+    assert not q.opens_burst(t + BURST_GAP / 2)  # joins; the burst goes on from here
+    assert not q.opens_burst(t + BURST_GAP)  # within the gap of the previous write
+    assert q.quiet(t + 2.5 * BURST_GAP)
+    assert q.opens_burst(t + 2.5 * BURST_GAP)
+    q.last_write = t + 10.0  # a flush stamps the queue: a write right after it joins
+    assert not q.quiet(t + 10.0 + BURST_GAP / 2)
 
 
 def _decode_all(data: bytes) -> List[Tuple[str, Any]]:

@@ -116,8 +116,9 @@ BATCH_MAX: Final = 64 * 1024
 #: Seconds: a write within this long of the connection's previous one is part of a
 #: burst, sent with the rest of the burst by one flush rather than by a send of its own;
 #: a write after a longer gap, on an idle queue, is sent at once.  Both layers follow it
-#: (measured: a coroutine writing small values in a loop reached 50-58k values/s with
-#: a send per value).
+#: through :meth:`SendQueue.quiet` and :meth:`SendQueue.opens_burst` (measured: a
+#: coroutine writing small values in a loop reached 50-58k values/s with a send per
+#: value).
 BURST_GAP: Final = 50e-6
 #: Item bytes framed at a time (a few BATCH frames): the flusher frames the next ones
 #: only once these went to the socket, so a full queue of small items is never copied
@@ -269,6 +270,7 @@ class SendQueue:
         "staged",
         "stage_below",
         "_stage_lock",
+        "last_write",
     )
 
     def __init__(self, max_buffer: int, on_image: Optional[ImageHook] = None) -> None:
@@ -326,6 +328,24 @@ class SendQueue:
         #: one more, still within ``max_buffer``).  Negative: never.
         self.stage_below = max_buffer - STAGE_HEADROOM
         self._stage_lock = threading.Lock()
+        #: When a write last went to the wire at once, or a burst's flush began
+        #: (monotonic seconds; the burst rule, :data:`BURST_GAP`).
+        self.last_write = 0.0
+
+    # -- the burst rule (both I/O layers) -----------------------------------------------
+
+    def quiet(self, now: float) -> bool:
+        """True when nothing was written for longer than :data:`BURST_GAP` before
+        ``now``: a write now goes to the wire at once, from the writer; within the gap
+        it joins the burst, which one flush sends."""
+        return now - self.last_write > BURST_GAP
+
+    def opens_burst(self, now: float) -> bool:
+        """Stamp a write at ``now``: True if it comes after a quiet gap (send it at
+        once), False if it belongs to the current burst (leave it to the flush)."""
+        quiet = now - self.last_write > BURST_GAP
+        self.last_write = now
+        return quiet
 
     def __bool__(self) -> bool:
         if self.staged:

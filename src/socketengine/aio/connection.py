@@ -75,7 +75,7 @@ from ..peer import PeerView
 from ..protocol import Protocol
 from ..relay import unwrap_relayed
 from ..requests import reply_frame
-from ..sendqueue import BURST_GAP, Outgoing, SendQueue
+from ..sendqueue import Outgoing, SendQueue
 from .decoding import LazyImage
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -346,7 +346,6 @@ class Connection(PeerView, asyncio.BufferedProtocol):
         self._write_paused = False
         self._stalled = False  # paused for longer than `timeout`: writes stop waiting
         self._pump_scheduled = False
-        self._last_write = 0.0
         self._fan = endpoint._fan  # the host's run of deferred broadcasts (fanout.py)
         self._drain_waiters: List[asyncio.Future[None]] = []
         self._ready_waiter: Optional[asyncio.Future[None]] = None
@@ -809,7 +808,7 @@ class Connection(PeerView, asyncio.BufferedProtocol):
             burst
             or self._write_paused
             or self._pump_scheduled
-            or self._loop.time() - self._last_write <= BURST_GAP
+            or not queue.quiet(self._loop.time())
             or not queue.push_item_direct(item)
         ):
             queue.push_item(item)
@@ -824,10 +823,7 @@ class Connection(PeerView, asyncio.BufferedProtocol):
             if queue.queued >= min(_BURST_BYTES, queue.max_buffer >> 2):
                 self._pump()
             return
-        now = self._loop.time()
-        last = self._last_write
-        self._last_write = now
-        if now - last > BURST_GAP and not burst:
+        if queue.opens_burst(self._loop.time()) and not burst:
             self._pump()
         else:
             self._pump_scheduled = True
@@ -879,7 +875,7 @@ class Connection(PeerView, asyncio.BufferedProtocol):
             self.bytes_out += size
             now = self._loop.time()
             self.engine.sent(now)
-            self._last_write = now  # a write soon after this send is part of the burst
+            queue.last_write = now  # a write soon after this send is part of the burst
 
     def _unsent(self) -> int:
         """Bytes waiting unsent to the peer: the queue's and the transport's."""

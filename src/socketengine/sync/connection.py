@@ -43,7 +43,6 @@ from ..errors import (
 from ..peer import PeerView
 from ..protocol import Protocol
 from ..sendqueue import (
-    BURST_GAP,
     ITEM_OVERHEAD,
     PACE_ABOVE,
     PACE_BELOW,
@@ -278,7 +277,6 @@ class Connection(PeerView):
         self._want_write = False
         self._flush_scheduled = False
         self._flushing = False  # one flusher at a time; it owns the queue's head
-        self._last_write = 0.0
         self._room_waiters = 0
         # Pacing (sendqueue.PACE_ABOVE): bytes_out when a pacing wait saw no byte
         # leave; no pacing while it is still the same (-1: none).
@@ -412,7 +410,7 @@ class Connection(PeerView):
                     self._loop.call_soon(self._scheduled_flush)
                 else:
                     self._flush_locked()
-            self._last_write = _monotonic()
+            queue.last_write = _monotonic()
 
     def write_image(
         self,
@@ -731,9 +729,9 @@ class Connection(PeerView):
             queue = self._queue
             if not (self._want_write or defer or self._flush_scheduled or self._tls):
                 now = _monotonic()
-                if now - self._last_write > BURST_GAP and queue.push_item_direct(item):
+                if queue.quiet(now) and queue.push_item_direct(item):
                     # A value on a quiet link and an idle queue: sent now, as below.
-                    self._last_write = now
+                    queue.last_write = now
                     self._flush_locked()
                     return
             if not queue.offer_item(item):
@@ -749,11 +747,9 @@ class Connection(PeerView):
                     self._flush_scheduled = True
                     self._loop.call_soon(self._scheduled_flush)
                 return
-            if self._flush_scheduled:  # a burst: the flush stamps _last_write
+            if self._flush_scheduled:  # a burst: the flush stamps last_write
                 return
-            now = _monotonic()
-            idle = now - self._last_write > BURST_GAP
-            self._last_write = now
+            idle = queue.opens_burst(_monotonic())
             if idle and not self._tls:
                 self._flush_locked()
             else:
@@ -876,11 +872,9 @@ class Connection(PeerView):
             # Coalescing: a write on an idle link goes out at once from this thread (no
             # thread hop, lowest latency); writes that follow it closely are left for one
             # flush on the loop thread, which sends the whole burst in a few syscalls.
-            if self._flush_scheduled:  # a burst: the flush stamps _last_write
+            if self._flush_scheduled:  # a burst: the flush stamps last_write
                 return
-            now = _monotonic()
-            idle = now - self._last_write > BURST_GAP
-            self._last_write = now
+            idle = queue.opens_burst(_monotonic())
             if idle and not defer and not self._tls:  # SSL: never read and write at once
                 self._flush_locked()
             else:
@@ -905,7 +899,7 @@ class Connection(PeerView):
             self._flush_scheduled = False
             # The burst's writes did not stamp themselves (one clock read less each): a
             # write right after this flush still belongs to it.
-            self._last_write = _monotonic()
+            self._queue.last_write = _monotonic()
             if not self._want_write and not self.engine.closed:
                 self._flush_locked()
 
