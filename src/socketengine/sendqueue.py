@@ -343,7 +343,7 @@ class SendQueue:
     def opens_burst(self, now: float) -> bool:
         """Stamp a write at ``now``: True if it comes after a quiet gap (send it at
         once), False if it belongs to the current burst (leave it to the flush)."""
-        quiet = now - self.last_write > BURST_GAP
+        quiet = self.quiet(now)
         self.last_write = now
         return quiet
 
