@@ -299,6 +299,31 @@ def test_the_burst_rule_a_write_after_a_quiet_gap_goes_at_once() -> None:
     assert not q.quiet(t + 10.0 + BURST_GAP / 2)
 
 
+def test_the_burst_rule_an_answer_goes_at_once_even_within_the_gap() -> None:
+    # A ping-pong faster than BURST_GAP (a reply, an echo, the next request) must not
+    # wait for a flush on the I/O thread: application frames from the peer since this
+    # side's last write make the next write go at once.  Link-level frames (PING) and
+    # the handshake do not.
+    client, host = _open_pair()
+    q = host.queue
+    assert not q.answering  # the handshake is not something to answer
+    t = 1000.0
+    assert q.opens_burst(t)
+    _feed(host, client.ping(t), 1 << 16)
+    assert not q.answering and not q.quiet(t + BURST_GAP / 4)  # a PING: still the burst
+    data = b"".join(bytes(p) for p in frames.encode_value_frame(frames.DATA, "ping", 1))
+    assert [f.channel for f in _feed(host, data, 7)] == ["ping"]
+    assert q.answering and q.quiet(t + BURST_GAP / 4)
+    assert q.opens_burst(t + BURST_GAP / 4)  # the answer: at once, from the writer
+    assert not q.answering
+    assert not q.opens_burst(t + BURST_GAP / 2)  # a second write: the burst's again
+    _feed(host, data, 1 << 16)
+    q.last_write = t + 1.0  # a flush on the I/O thread does not count as the answer
+    assert q.quiet(t + 1.0 + BURST_GAP / 4)
+    q.wrote(t + 1.0 + BURST_GAP / 4)  # a writer's own send does
+    assert not q.answering and not q.quiet(t + 1.0 + BURST_GAP / 2)
+
+
 def _decode_all(data: bytes) -> List[Tuple[str, Any]]:
     decoder = frames.FrameDecoder(1 << 20, 4096, expect_preamble=False)
     out: List[Tuple[str, Any]] = []

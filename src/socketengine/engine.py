@@ -235,7 +235,9 @@ class ConnectionEngine:
                 # OPEN (writable) only once adopt() put the replay first on the wire.
                 self.opening = True
         if self.session is not None and out:
-            return self._sequenced(out)
+            out = self._sequenced(out)
+        if out:
+            self.queue.answering = True  # the burst rule: a write now answers these
         return out
 
     def _sequenced(self, received: List[Frame]) -> List[Frame]:

@@ -115,10 +115,12 @@ Outgoing = Union[bytes, Sequence[Buffer]]
 BATCH_MAX: Final = 64 * 1024
 #: Seconds: a write within this long of the connection's previous one is part of a
 #: burst, sent with the rest of the burst by one flush rather than by a send of its own;
-#: a write after a longer gap, on an idle queue, is sent at once.  Both layers follow it
-#: through :meth:`SendQueue.quiet` and :meth:`SendQueue.opens_burst` (measured: a
-#: coroutine writing small values in a loop reached 50-58k values/s with a send per
-#: value).
+#: a write after a longer gap, on an idle queue, is sent at once, and so is a write that
+#: answers the peer (it sent application frames since: a reply, an echo, a ping-pong;
+#: on a machine where a round trip takes less than the gap, each answer would otherwise
+#: wait for a flush on the I/O thread).  Both layers follow it through
+#: :meth:`SendQueue.quiet` and :meth:`SendQueue.opens_burst` (measured: a coroutine
+#: writing small values in a loop reached 50-58k values/s with a send per value).
 BURST_GAP: Final = 50e-6
 #: Item bytes framed at a time (a few BATCH frames): the flusher frames the next ones
 #: only once these went to the socket, so a full queue of small items is never copied
@@ -271,6 +273,7 @@ class SendQueue:
         "stage_below",
         "_stage_lock",
         "last_write",
+        "answering",
     )
 
     def __init__(self, max_buffer: int, on_image: Optional[ImageHook] = None) -> None:
@@ -331,20 +334,30 @@ class SendQueue:
         #: When a write last went to the wire at once, or a burst's flush began
         #: (monotonic seconds; the burst rule, :data:`BURST_GAP`).
         self.last_write = 0.0
+        #: The peer sent application frames since this side's last write went out at
+        #: once or opened a burst (set by :meth:`ConnectionEngine.events`): a write now
+        #: answers it, and goes at once even within :data:`BURST_GAP`.
+        self.answering = False
 
     # -- the burst rule (both I/O layers) -----------------------------------------------
 
     def quiet(self, now: float) -> bool:
-        """True when nothing was written for longer than :data:`BURST_GAP` before
-        ``now``: a write now goes to the wire at once, from the writer; within the gap
-        it joins the burst, which one flush sends."""
-        return now - self.last_write > BURST_GAP
+        """True when a write now goes to the wire at once, from the writer: nothing
+        was written for longer than :data:`BURST_GAP` before ``now``, or the peer sent
+        something since (:attr:`answering`: a reply, an echo, the next request of a
+        ping-pong).  Otherwise it joins the burst, which one flush sends."""
+        return self.answering or now - self.last_write > BURST_GAP
+
+    def wrote(self, now: float) -> None:
+        """A write went to the wire at once at ``now`` (the writer's own send)."""
+        self.last_write = now
+        self.answering = False
 
     def opens_burst(self, now: float) -> bool:
-        """Stamp a write at ``now``: True if it comes after a quiet gap (send it at
-        once), False if it belongs to the current burst (leave it to the flush)."""
+        """Stamp a write at ``now``: True if it is :meth:`quiet` (send it at once),
+        False if it belongs to the current burst (leave it to the flush)."""
         quiet = self.quiet(now)
-        self.last_write = now
+        self.wrote(now)
         return quiet
 
     def __bool__(self) -> bool:

@@ -410,7 +410,7 @@ class Connection(PeerView):
                     self._loop.call_soon(self._scheduled_flush)
                 else:
                     self._flush_locked()
-            queue.last_write = _monotonic()
+            queue.wrote(_monotonic())
 
     def write_image(
         self,
@@ -731,7 +731,7 @@ class Connection(PeerView):
                 now = _monotonic()
                 if queue.quiet(now) and queue.push_item_direct(item):
                     # A value on a quiet link and an idle queue: sent now, as below.
-                    queue.last_write = now
+                    queue.wrote(now)
                     self._flush_locked()
                     return
             if not queue.offer_item(item):
