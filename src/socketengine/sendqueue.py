@@ -349,7 +349,10 @@ class SendQueue:
         return self.answering or now - self.last_write > BURST_GAP
 
     def wrote(self, now: float) -> None:
-        """A write went to the wire at once at ``now`` (the writer's own send)."""
+        """Stamp a writer's own write at ``now``: one that went to the wire at once, or
+        a ``write_many`` batch (sent at once on an idle link, else with the flush that
+        is due).  Either way it answers what the peer sent; a flush on the I/O thread
+        stamps :attr:`last_write` alone."""
         self.last_write = now
         self.answering = False
 
