@@ -2,6 +2,7 @@
 
 import logging
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -933,27 +934,106 @@ def test_a_spin_that_runs_out_sends_the_next_waits_to_sleep(host: Host, make_cli
     host.on("job", lambda data, conn: (slow.wait(0.6) if data == "slow" else None) or data)
     c = make_client(spin=0.25)  # a loopback reply comes well within 250 ms
     conn = c._conn
-    assert conn is not None and (conn._spin_skip, conn._spin_misses) == (0, 0)
+    assert conn is not None
+    spin = conn.reply_spin
+
+    def credit() -> tuple:  # type: ignore[type-arg]
+        return (spin.skip, spin.misses)
+
+    assert credit() == (0, 0)
     assert c.request("job", "quick", timeout=10) == "quick"
-    assert (conn._spin_skip, conn._spin_misses) == (0, 0)  # came during the spin
+    assert credit() == (0, 0)  # came during the spin
     assert c.request("job", "slow", timeout=10) == "slow"  # after 0.6 s: ran out
-    assert (conn._spin_skip, conn._spin_misses) == (1, 1)  # the next wait sleeps
+    assert credit() == (1, 1)  # the next wait sleeps
     assert c.request("job", "slow", timeout=10) == "slow"  # asleep: not a spin
-    assert (conn._spin_skip, conn._spin_misses) == (0, 1)
+    assert credit() == (0, 1)
     assert c.request("job", "slow", timeout=10) == "slow"  # spun, ran out again
-    assert (conn._spin_skip, conn._spin_misses) == (3, 2)
+    assert credit() == (3, 2)
     for left in (2, 1, 0):
         assert c.request("job", "quick", timeout=10) == "quick"  # asleep
-        assert (conn._spin_skip, conn._spin_misses) == (left, 2)
+        assert credit() == (left, 2)
     assert c.request("job", "quick", timeout=10) == "quick"  # spun, in time
-    assert (conn._spin_skip, conn._spin_misses) == (0, 0)
-    conn._spin_misses = 6
+    assert credit() == (0, 0)
+    spin.misses = 6
     assert c.request("job", "slow", timeout=10) == "slow"
-    assert (conn._spin_skip, conn._spin_misses) == (63, 6)  # capped: 1 wait in 64
+    assert credit() == (63, 6)  # capped: 1 wait in 64
+    assert (conn.answer_spin.skip, conn.answer_spin.misses) == (0, 0)  # its own credit
     c.spin = 0  # off: nothing is counted
-    conn._spin_skip = 0
+    spin.skip = 0
     assert c.request("job", "slow", timeout=10) == "slow"
-    assert (conn._spin_skip, conn._spin_misses) == (0, 6)
+    assert credit() == (0, 6)
+
+
+def test_a_wait_right_after_a_write_spins_for_the_answer(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]
+    # wait() or a subscription's get() within ANSWER_WINDOW of a write, with nothing
+    # from the peer since, waits for the answer: it spins first, on its own credit.
+    from socketengine.sendqueue import ANSWER_WINDOW
+
+    def answer(data: Any, conn: Any) -> None:
+        if data == "slow":
+            threading.Event().wait(0.6)  # a slow peer: longer than the spin
+        conn.write("answer", data)
+
+    host.on("ask", answer)
+    c = make_client(spin=0.25)
+    conn = c._conn
+    assert conn is not None
+    spin = conn.answer_spin
+
+    def credit() -> tuple:  # type: ignore[type-arg]
+        return (spin.skip, spin.misses)
+
+    def ask(data: str) -> Any:
+        c.write("ask", data)
+        return c.wait("answer", timeout=10)
+
+    assert ask("quick") == "quick" and credit() == (0, 0)  # came during the spin
+    assert ask("slow") == "slow" and credit() == (1, 1)  # ran out: the next one sleeps
+    assert ask("slow") == "slow" and credit() == (0, 1)  # asleep, not counted
+    assert ask("slow") == "slow" and credit() == (3, 2)
+    assert (conn.reply_spin.skip, conn.reply_spin.misses) == (0, 0)  # requests keep theirs
+    spin.skip = spin.misses = 0
+    with c.subscribe("answer") as sub:  # a subscription's get() alike
+        c.write("ask", "slow")
+        assert sub.get(timeout=10) == "slow" and credit() == (1, 1)
+    spin.skip = spin.misses = 0
+
+    # Not on a client that did not write: a value that comes whenever the peer writes it.
+    quiet = make_client(spin=0.25)
+    qconn = quiet._conn
+    assert qconn is not None and not qconn.owed(time.monotonic())
+    t = threading.Thread(target=_write_once_awaited, args=(host, quiet, "later"))
+    t.start()
+    assert quiet.wait("answer", timeout=10) == "later"
+    t.join(10)
+    assert (qconn.answer_spin.skip, qconn.answer_spin.misses) == (0, 0)
+    # Not once the peer sent something since the write (its answer came already).
+    c.write("ask", "quick")
+    wait_for(lambda: c.get("answer") == "quick" and conn._queue.answering, what="the answer")
+    assert not conn.owed(time.monotonic())
+    # Nor longer than ANSWER_WINDOW after the write.
+    c.write("ask", "slow")  # answered in 0.6 s
+    wait_for(lambda: time.monotonic() - conn._queue.last_write > ANSWER_WINDOW, what="the window")
+    assert c.wait("answer", timeout=10) == "slow" and credit() == (0, 0)
+
+
+def _write_once_awaited(host: Host, client: Client, value: str) -> None:
+    wait_for(lambda: client._waiters.get("answer"), what="the waiter to register")
+    host.write_all("answer", value)
+
+
+def test_the_peer_owes_an_answer_right_after_a_write() -> None:
+    from socketengine.sendqueue import ANSWER_WINDOW, SendQueue
+
+    q = SendQueue(max_buffer=1 << 20)
+    assert not q.owed(1.0)  # never wrote
+    q.wrote(1.0)
+    assert q.owed(1.0) and q.owed(1.0 + ANSWER_WINDOW)
+    assert not q.owed(1.0 + 2 * ANSWER_WINDOW)  # too long after the write
+    q.answering = True  # the peer sent application frames since (ConnectionEngine.events)
+    assert not q.owed(1.0)
+    q.wrote(2.0)
+    assert q.owed(2.0)
 
 
 def test_ctrl_c_during_the_spin_interrupts_at_once(host: Host, make_client) -> None:  # type: ignore[no-untyped-def]

@@ -131,11 +131,13 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 #: Seconds of silence before a PING (H); a peer silent for 3·H is declared dead.
 DEFAULT_HEARTBEAT = 5.0
 #: 100 us: how long a thread waiting for a reply (``request()``, an acknowledged write,
-#: ``sync()``; threaded layer) polls the socket without sleeping before it blocks.  A
-#: reply that comes within it costs no thread wake-up (10-20 us here).  Worst case:
-#: this much CPU per request while replies come within it; once a spin runs out, the
-#: next 1, 3, 7 ... up to 63 requests on that connection sleep at once (one in 64
-#: spins in vain against a slow peer); never on one CPU.
+#: ``sync()``), or on a client for an answer (``wait()`` or a subscription's ``get()``
+#: right after a write: ``sendqueue.ANSWER_WINDOW``), polls the socket without
+#: sleeping before it blocks (threaded layer).  A reply that comes within it costs no
+#: thread wake-up (10-20 us here).  Worst case: this much CPU per such wait while
+#: replies come within it; once a spin runs out, the next 1, 3, 7 ... up to 63 waits
+#: of that kind on that connection sleep at once (one in 64 spins in vain against a
+#: slow peer); never on one CPU.
 DEFAULT_SPIN = 100e-6
 #: Departed clients whose latest values ``get_all`` keeps reporting.
 DEFAULT_KEEP_DEPARTED = 64

@@ -122,6 +122,12 @@ BATCH_MAX: Final = 64 * 1024
 #: :meth:`SendQueue.quiet` and :meth:`SendQueue.opens_burst` (measured: a coroutine
 #: writing small values in a loop reached 50-58k values/s with a send per value).
 BURST_GAP: Final = 50e-6
+#: A thread that blocks for a value (``wait()``, a subscription's ``get()``) within this
+#: many seconds of its side's last write, with no application frame from the peer
+#: since, most likely waits for the answer to that write (:meth:`SendQueue.owed`): the
+#: threaded layer then polls the socket for up to ``Endpoint.spin`` before it sleeps,
+#: as a request does.  Longer after a write, a value is not taken to be an answer.
+ANSWER_WINDOW: Final = 1e-3
 #: Item bytes framed at a time (a few BATCH frames): the flusher frames the next ones
 #: only once these went to the socket, so a full queue of small items is never copied
 #: into frames all at once (measured: a million writes to a slow peer peaked at 2.5x
@@ -347,6 +353,13 @@ class SendQueue:
         something since (:attr:`answering`: a reply, an echo, the next request of a
         ping-pong).  Otherwise it joins the burst, which one flush sends."""
         return self.answering or now - self.last_write > BURST_GAP
+
+    def owed(self, now: float) -> bool:
+        """True when the peer owes this side an answer: this side's last write (one
+        sent at once, a burst's first or its flush: :attr:`last_write`) was at most
+        :data:`ANSWER_WINDOW` before ``now``, and the peer sent no application frame
+        since this side last wrote (:attr:`answering` is False)."""
+        return not self.answering and now - self.last_write <= ANSWER_WINDOW
 
     def wrote(self, now: float) -> None:
         """Stamp a writer's own write at ``now``: one that went to the wire at once, or

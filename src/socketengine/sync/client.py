@@ -134,13 +134,15 @@ class Client(ClientSeedNames, Endpoint[Any]):
     :param max_stored: bytes of latest values kept, at wire size (default 1 GiB, or
         ``max_message`` if larger); beyond it, the same.  The newest value always stays.
     :param spin: seconds a thread waiting for a reply (:meth:`request`,
-        ``write(ack=True)``, :meth:`sync`) polls the socket without sleeping before it
-        blocks, so a quick reply costs no thread wake-up (docs/reacting.md, "Waiting
-        for a reply spins first"); ``wait()`` and subscriptions sleep at once.  ``None``
-        (default): 100 us (``DEFAULT_SPIN``) when the process may use more than one
-        CPU, else 0; 0 disables; at most 1.  A spin that runs out before the reply
-        sends the next 1, 3, 7 ... 63 requests on that connection to sleep at once.
-        Settable: ``client.spin``.
+        ``write(ack=True)``, :meth:`sync`), or for an answer (``wait()`` or a
+        subscription's ``get()`` within 1 ms of a write, before the host sent anything
+        since), polls the socket without sleeping before it blocks, so a quick reply
+        costs no thread wake-up (docs/reacting.md, "Waiting for a reply spins first");
+        other waits sleep at once.  ``None`` (default): 100 us (``DEFAULT_SPIN``) when
+        the process may use more than one CPU, else 0; 0 disables; at most 1.  A spin
+        that runs out before the reply sends the next 1, 3, 7 ... 63 waits of that kind
+        (replies, answers) on that connection to sleep at once.  Settable:
+        ``client.spin``.
     :param tls: an ``ssl.SSLContext`` (client side, e.g.
         ``ssl.create_default_context(cafile=...)``): the connection runs over TLS and
         the host's certificate is verified against ``addr`` as the context says.
@@ -619,7 +621,10 @@ class Client(ClientSeedNames, Endpoint[Any]):
         conn = self._conn
         if conn is None or conn.engine.state is not _OPEN:
             return flag.wait(timeout)
-        return conn.read_until(flag, timeout, wake)
+        # Right after a write the peer has not answered yet, the value is most likely
+        # its answer: spin first, as a request does (SendQueue.owed).
+        owed = conn.owed(time.monotonic())
+        return conn.read_until(flag, timeout, wake, conn.answer_spin if owed else None)
 
     def _await_item(self, flag: Flag, timeout: Optional[float]) -> bool:
         return self._await(flag, timeout, self._reader_wake)

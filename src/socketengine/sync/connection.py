@@ -121,6 +121,36 @@ def _tls_payload(batch: List[Buffer]) -> Buffer:
     return b"".join(group)
 
 
+class SpinCredit:
+    """How often one kind of wait on a connection spins (:meth:`Connection.read_until`):
+    a spin that runs out before its value came sends the next 1, 3, 7 ... 63 waits of
+    that kind to sleep at once; a value within the spin, or in before the wait began,
+    starts over.  A connection keeps one for replies (requests, SYNCs) and one for
+    answers (``wait()`` or a subscription right after a write), so that waits for a slow
+    peer's values do not stop requests to a quick handler from spinning."""
+
+    __slots__ = ("skip", "misses")
+
+    def __init__(self) -> None:
+        self.skip = 0  # waits left that sleep at once
+        self.misses = 0  # spins in a row that ran out
+
+    def take(self) -> bool:
+        """True if this wait may spin (else it counts one skipped wait)."""
+        if self.skip > 0:
+            self.skip -= 1
+            return False
+        return True
+
+    def result(self, came: bool) -> None:
+        """A spin ended: ``came`` if the value came within it (or before it)."""
+        if came:
+            self.misses = 0
+        else:
+            self.misses = min(self.misses + 1, _SPIN_MISSES_MAX)
+            self.skip = (1 << self.misses) - 1
+
+
 class ReaderWake:
     """Wakes a thread that reads its connection itself (:meth:`Connection.read_until`)
     from another thread, when what it waits for can be ended from outside: a client's
@@ -285,10 +315,10 @@ class Connection(PeerView):
         self._pauses = 0  # reasons to stop reading (full subscriptions, callback backlog)
         self._registered = False
         self._self_reader = False  # a waiting thread reads this socket (read_until)
-        # read_until's spin: waits left that sleep at once, and spins in a row that ran
-        # out before the reply came (the next 2**misses - 1 waits sleep at once).
-        self._spin_skip = 0
-        self._spin_misses = 0
+        # read_until's spins: for replies (requests, SYNCs), and for answers (a wait()
+        # or a subscription's get() right after a write: SendQueue.owed).
+        self.reply_spin = SpinCredit()
+        self.answer_spin = SpinCredit()
         self._read_dropped = False  # ... and the loop stopped watching it for reads
         # TLS: the handshake runs non-blocking in the loop before anything else is sent.
         self._tls = isinstance(sock, ssl.SSLSocket)
@@ -362,7 +392,7 @@ class Connection(PeerView):
         try:
             frame = self.engine.sync_frame(rid)
             self.send_parts([frame], len(frame), bounded=False)  # waited for below
-            if not self.read_until(reply.event, limit, spin=True):
+            if not self.read_until(reply.event, limit, spin=self.reply_spin):
                 raise WriteTimeout(
                     f"{self._peer()} did not acknowledge the writes within {limit} s"
                 )
@@ -450,7 +480,7 @@ class Connection(PeerView):
             parts = frames.encode_value_frame(frames.REQUEST, channel, data, fid=rid)
             self.send_parts(parts)
             self.messages_out += 1
-            if not self.read_until(reply.event, timeout, spin=True):
+            if not self.read_until(reply.event, timeout, spin=self.reply_spin):
                 raise TimeoutError(
                     f"no reply from {self._peer()} to a request on {channel!r} within {timeout} s"
                 )
@@ -460,12 +490,17 @@ class Connection(PeerView):
             raise reply.error
         return reply.item
 
+    def owed(self, now: float) -> bool:
+        """The peer owes this side an answer (:meth:`SendQueue.owed`): a value awaited
+        now is most likely it, so a thread about to wait for it spins first."""
+        return self._queue.owed(now)
+
     def read_until(
         self,
         flag: Flag,
         timeout: Optional[float],
         wake: Optional[ReaderWake] = None,
-        spin: bool = False,
+        spin: Optional[SpinCredit] = None,
     ) -> bool:
         """Wait for ``flag`` (a reply, an ACK, a ``wait()``, a subscription's next item),
         reading this connection meanwhile.  ``wake``: another thread may set ``flag``
@@ -486,23 +521,21 @@ class Connection(PeerView):
         already reads this connection, while reading is paused (backpressure), or once
         the connection is not open.
 
-        ``spin``: ``flag`` is a reply the peer sends at once (a request's, a SYNC's), so
-        poll without sleeping for up to :attr:`Endpoint.spin` seconds first.  A value
-        awaited by ``wait()`` or a subscription comes whenever the peer writes it: those
-        sleep at once.  A spin that runs out sends the next 1, 3, 7 ... 63 such waits on
-        this connection to sleep at once (counted per call, whatever path it takes); a
-        reply within the spin, or in before the wait began, starts over.
+        ``spin``: ``flag`` is most likely set soon -- a reply the peer sends at once (a
+        request's, a SYNC's: :attr:`reply_spin`), or a value awaited right after this
+        side wrote, with nothing from the peer since (:attr:`answer_spin`,
+        :meth:`SendQueue.owed`) -- so poll without sleeping for up to
+        :attr:`Endpoint.spin` seconds first, as that credit allows (counted per call,
+        whatever path it takes).  Other waits (``None``) sleep at once: a value comes
+        whenever the peer writes it.
         """
-        budget = self._endpoint.spin if spin else 0.0
+        budget = self._endpoint.spin if spin is not None else 0.0
         spinning = False
-        if budget > 0.0:
-            if self._spin_skip > 0:
-                self._spin_skip -= 1
-            else:
-                spinning = True
+        if budget > 0.0 and spin is not None:
+            spinning = spin.take()
         if flag.is_set():
-            if spinning:
-                self._spin_misses = 0  # in before the wait: a spin would have paid
+            if spinning and spin is not None:
+                spin.result(True)  # in before the wait: a spin would have paid
             return True
         loop = self._loop
         if not (self._endpoint._self_read and _HAS_POLL) or self._tls or loop.in_thread():
@@ -606,12 +639,8 @@ class Connection(PeerView):
             if installed:
                 ctrl_c.uninstall()
                 ctrl_c.deliver()  # a Ctrl-C held by a read step that ended with a break
-        if spinning:
-            if spun_out or not flag.is_set():
-                self._spin_misses = min(self._spin_misses + 1, _SPIN_MISSES_MAX)
-                self._spin_skip = (1 << self._spin_misses) - 1
-            else:
-                self._spin_misses = 0
+        if spinning and spin is not None:
+            spin.result(not spun_out and flag.is_set())
         if flag.is_set():
             return True
         rest = None if deadline is None else max(0.0, deadline - _monotonic())
