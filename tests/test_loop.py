@@ -123,3 +123,23 @@ def test_the_endpoints_work_over_the_portable_poller(monkeypatch: pytest.MonkeyP
             host.write_all("later", 7)
             t.join(10)
             assert got == [7]
+
+
+def test_stop_after_a_start_interrupted_before_the_thread_said_it_started() -> None:
+    # A Ctrl-C inside Thread.start() can land after the new thread set its ident but
+    # before it set its "started" flag; join() then raises RuntimeError ("cannot join
+    # thread before it is started"), which once turned the CLI's Ctrl-C exit 130 into
+    # a traceback and exit 1.  stop() must take it: the thread ends by itself.
+    class HalfStarted(threading.Thread):
+        ident = 12345  # type: ignore[assignment]  # set before "started" is
+
+        def join(self, timeout: Any = None) -> None:
+            raise RuntimeError("cannot join thread before it is started")
+
+        def is_alive(self) -> bool:
+            return False
+
+    loop = loop_module.Loop("half-started")
+    loop._io_thread = HalfStarted(target=lambda: None)
+    loop.stop(timeout=1)  # no RuntimeError
+    assert loop._closed  # the selector is closed: a thread that runs late finds it so

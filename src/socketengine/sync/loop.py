@@ -226,7 +226,13 @@ class Loop:
         # ident is None for a thread whose start() was interrupted (Ctrl-C right there);
         # a thread acting as the loop holds the role the loop thread needs to finish.
         if thread is not None and thread is not me and me is not self.acting and thread.ident:
-            thread.join(timeout)
+            try:
+                thread.join(timeout)
+            except RuntimeError:
+                # "cannot join thread before it is started": the Ctrl-C came while the
+                # new thread had its ident but had not yet said it started.  It runs the
+                # stop queued above, or finds the selector closed below, and ends.
+                pass
             if thread.is_alive():  # pragma: no cover - only if a handler hangs
                 logger.warning("%s: I/O thread did not stop within %ss", self.name, timeout)
         if thread is None or not thread.is_alive():
