@@ -529,13 +529,12 @@ class Connection(PeerView):
         whatever path it takes).  Other waits (``None``) sleep at once: a value comes
         whenever the peer writes it.
         """
-        budget = self._endpoint.spin if spin is not None else 0.0
-        spinning = False
-        if budget > 0.0 and spin is not None:
-            spinning = spin.take()
+        budget = self._endpoint.spin
+        # The credit this wait spins on; None: it sleeps at once.
+        credit = spin if spin is not None and budget > 0.0 and spin.take() else None
         if flag.is_set():
-            if spinning and spin is not None:
-                spin.result(True)  # in before the wait: a spin would have paid
+            if credit is not None:
+                credit.result(True)  # in before the wait: a spin would have paid
             return True
         loop = self._loop
         if not (self._endpoint._self_read and _HAS_POLL) or self._tls or loop.in_thread():
@@ -578,7 +577,7 @@ class Connection(PeerView):
                 poller.register(wake_fd, _POLL_IN)
             # Spin first (Endpoint.spin): a reply that comes within it costs no wake-up
             # of this thread, which costs more than the spin.
-            spin_end = _monotonic() + budget if spinning else 0.0
+            spin_end = _monotonic() + budget if credit is not None else 0.0
             spun_out = False
             while polling and not flag.is_set():
                 now = _monotonic()
@@ -639,8 +638,8 @@ class Connection(PeerView):
             if installed:
                 ctrl_c.uninstall()
                 ctrl_c.deliver()  # a Ctrl-C held by a read step that ended with a break
-        if spinning and spin is not None:
-            spin.result(not spun_out and flag.is_set())
+        if credit is not None:
+            credit.result(not spun_out and flag.is_set())
         if flag.is_set():
             return True
         rest = None if deadline is None else max(0.0, deadline - _monotonic())
