@@ -3,7 +3,7 @@
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Callable, Tuple
 
 import pytest
 from conftest import thread_frame, wait_for
@@ -937,7 +937,7 @@ def test_a_spin_that_runs_out_sends_the_next_waits_to_sleep(host: Host, make_cli
     assert conn is not None
     spin = conn.reply_spin
 
-    def credit() -> tuple:  # type: ignore[type-arg]
+    def credit() -> Tuple[int, int]:
         return (spin.skip, spin.misses)
 
     assert credit() == (0, 0)
@@ -984,14 +984,14 @@ def test_a_wait_right_after_a_write_spins_for_the_answer(host: Host, make_client
     assert conn is not None
     spin = conn.answer_spin
 
-    def credit() -> tuple:  # type: ignore[type-arg]
+    def credit() -> Tuple[int, int]:
         return (spin.skip, spin.misses)
 
     def ask(data: str) -> Any:
         c.write("ask", data)
         return c.wait("answer", timeout=10)
 
-    def step(data: str, expect: tuple, go: Any = ask) -> None:  # type: ignore[type-arg]
+    def step(data: str, expect: Tuple[int, int], go: Callable[[str], Any] = ask) -> None:
         # A wait that begins more than ANSWER_WINDOW after its write (this thread held
         # up that long on a loaded machine) does not consult the credit at all, which
         # leaves it as it was: such a step is taken again (each slow step changes the
