@@ -107,3 +107,62 @@ def test_retry_transient_retries_only_what_jetstream_may_answer_later() -> None:
     assert len(calls) == 1  # not retried
     with pytest.raises(nerr.NoRespondersError):  # the deadline passed: the last error
         asyncio.run(retry_transient(never, 0.25))
+
+
+def _placement_refusal(description: str) -> BaseException:
+    """The error nats-py raises for the server's answer (as seen from nats-server 2.x when
+    the meta leader still counted a just-restarted server offline)."""
+    from nats.js.errors import APIError
+
+    try:
+        APIError.from_error({"code": 400, "err_code": 10005, "description": description})
+    except APIError as exc:
+        return exc
+    raise AssertionError("from_error always raises")
+
+
+def test_bucket_creation_waits_while_jetstream_counts_a_server_offline(
+    nats_cluster: LocalCluster, make_link: Any, host_name: str
+) -> None:
+    """Creating a bucket right after a server restarted can be refused with "no suitable
+    peers for placement, peer offline" (seen once in CI) until the meta leader hears from
+    it; that refusal is retried, any other is raised at once.  The refusal cannot be
+    produced on demand, so the real JetStream context is wrapped to answer it first."""
+    import nats.js.errors as jerr
+
+    from socketengine.transport.nats.retained import create_bucket_kv, placement_pending
+
+    link = make_link(nats_cluster.urls)
+    offline = _placement_refusal("no suitable peers for placement, peer offline")
+    no_room = _placement_refusal("no suitable peers for placement, insufficient resources")
+    assert placement_pending(offline) and not placement_pending(no_room)
+    assert not placement_pending(jerr.BadRequestError(code=400, err_code=10074))
+
+    class RefusingFirst:
+        def __init__(self, js: Any, error: BaseException, times: int) -> None:
+            self.js, self.error, self.times, self.calls = js, error, times, 0
+
+        async def create_key_value(self, config: Any) -> Any:
+            self.calls += 1
+            if self.calls <= self.times:
+                raise self.error
+            return await self.js.create_key_value(config)
+
+    bucket = f"placement-{os.urandom(4).hex()}"
+    js = RefusingFirst(link.aio.nc.jetstream(), offline, times=3)
+    kv = link.run(create_bucket_kv(js, 3, 10.0, bucket=bucket, history=1))
+    assert js.calls == 4
+    link.run(kv.put("k", b"v"))
+    assert link.run(kv.get("k")).value == b"v"
+    # Another refusal is not retried; an offline peer that stays offline is raised
+    # once the wait is over.
+    js = RefusingFirst(link.aio.nc.jetstream(), no_room, times=1)
+    with pytest.raises(jerr.BadRequestError, match="insufficient"):
+        link.run(create_bucket_kv(js, 3, 10.0, bucket=bucket, history=1))
+    assert js.calls == 1
+    js = RefusingFirst(link.aio.nc.jetstream(), offline, times=10**6)
+    t0 = time.monotonic()
+    with pytest.raises(jerr.BadRequestError, match="offline"):
+        link.run(create_bucket_kv(js, 3, 0.5, bucket=bucket, history=1))
+    assert js.calls >= 2 and time.monotonic() - t0 < 5.0
+    link.run(link.aio.nc.jetstream().delete_key_value(bucket))

@@ -89,6 +89,7 @@ async def _hosts_kv(link: AsyncNatsLink, prefix: str, ttl: float, replicas: int)
     return await create_bucket_kv(
         link.nc.jetstream(),
         replicas,
+        FIRST_ANNOUNCE,
         bucket=bucket_name(prefix, "hosts"),
         history=1,
         ttl=ttl,

@@ -108,8 +108,41 @@ async def retry_transient(op: Callable[[], Awaitable[T]], seconds: float) -> T:
         await asyncio.sleep(0.1)  # JetStream electing the stream's leader
 
 
-async def create_bucket_kv(js: Any, replicas: int, **config: Any) -> Any:
-    """Create (or bind to) a KV bucket with ``replicas`` copies, or 1 on a single server."""
+#: JetStream's error code for "no suitable peers for placement".
+NO_PLACEMENT = 10005
+
+
+def placement_pending(exc: BaseException) -> bool:
+    """``exc`` is JetStream refusing to place a new stream because it counts a server as
+    offline.  The meta leader does so for a moment after a server restarted, until it
+    hears from it again; a server that stays down keeps it so."""
+    import nats.js.errors as jerr
+
+    return (
+        isinstance(exc, jerr.BadRequestError)
+        and exc.err_code == NO_PLACEMENT
+        and "offline" in str(exc.description or "").lower()
+    )
+
+
+async def create_bucket_kv(js: Any, replicas: int, wait: float = 10.0, **config: Any) -> Any:
+    """Create (or bind to) a KV bucket with ``replicas`` copies, or 1 on a single server.
+
+    While JetStream refuses to place it because a server is offline
+    (:func:`placement_pending`), try again every 0.1 s for ``wait`` seconds, then raise
+    that refusal (``nats.js.errors.BadRequestError``)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return await _create_bucket_kv_once(js, replicas, **config)
+        except Exception as exc:
+            if not placement_pending(exc) or time.monotonic() >= deadline:
+                raise
+            log.info("bucket %r: %s; retrying", config.get("bucket"), exc)
+        await asyncio.sleep(0.1)  # the meta leader hearing from a restarted server
+
+
+async def _create_bucket_kv_once(js: Any, replicas: int, **config: Any) -> Any:
     import nats.js.errors as jerr
     from nats.js.api import KeyValueConfig
 
@@ -174,7 +207,7 @@ class AsyncRetainedStore:
         js = self._js()
         try:
             self._kv = await create_bucket_kv(
-                js, self.replicas, bucket=self.kv_bucket, history=1, direct=True
+                js, self.replicas, self.timeout, bucket=self.kv_bucket, history=1, direct=True
             )
         except Exception as exc:
             if not jetstream_transient(exc):
