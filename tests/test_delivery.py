@@ -3,6 +3,7 @@
 import logging
 import threading
 import time
+from functools import partial
 from typing import Any, Callable, Tuple
 
 import pytest
@@ -292,7 +293,7 @@ def test_retained_values_race_with_new_clients() -> None:
             clients.append(Client(port=h.port))
         h.write_all("state", "final", retain=True)
         for c in clients:
-            wait_for(lambda c=c: c.get("state") == "final")
+            wait_for(partial(lambda c: c.get("state") == "final", c))
             c.close()
 
 
@@ -337,7 +338,7 @@ def test_on_message_sees_every_channel(host: Host, make_client) -> None:  # type
     host.write_all("down", "x")
     wait_for(lambda: got == [("down", "x")])
     with pytest.raises(TypeError):
-        host.on_message("not callable")  # type: ignore[arg-type]
+        host.on_message("not callable")  # type: ignore[type-var]
 
 
 def test_inline_callbacks_run_on_the_io_thread_and_answer_requests() -> None:
@@ -507,7 +508,7 @@ def test_a_subscription_read_by_several_threads_hands_each_item_to_one_of_them()
     for n in range(300):
         sub.put(n, key)
         if n % 50 == 0:  # let the readers block again now and then
-            wait_for(lambda n=n: len(got) == n + 1, what="the item read")
+            wait_for(partial(lambda n: len(got) == n + 1, n), what="the item read")
     wait_for(lambda: len(got) == 300, what="every item read")
     sub.close()
     for t in readers:
