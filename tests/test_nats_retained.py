@@ -139,30 +139,37 @@ def test_bucket_creation_waits_while_jetstream_counts_a_server_offline(
     assert not placement_pending(jerr.BadRequestError(code=400, err_code=10074))
 
     class RefusingFirst:
-        def __init__(self, js: Any, error: BaseException, times: int) -> None:
-            self.js, self.error, self.times, self.calls = js, error, times, 0
+        """The link's JetStream context (made on the link's loop: nats-py's needs one on
+        Python 3.9), answering ``error`` to the first ``times`` creations."""
+
+        def __init__(self, error: BaseException, times: int) -> None:
+            self.error, self.times, self.calls = error, times, 0
 
         async def create_key_value(self, config: Any) -> Any:
             self.calls += 1
             if self.calls <= self.times:
                 raise self.error
-            return await self.js.create_key_value(config)
+            return await link.aio.nc.jetstream().create_key_value(config)
 
     bucket = f"placement-{os.urandom(4).hex()}"
-    js = RefusingFirst(link.aio.nc.jetstream(), offline, times=3)
+    js = RefusingFirst(offline, times=3)
     kv = link.run(create_bucket_kv(js, 3, 10.0, bucket=bucket, history=1))
     assert js.calls == 4
     link.run(kv.put("k", b"v"))
     assert link.run(kv.get("k")).value == b"v"
     # Another refusal is not retried; an offline peer that stays offline is raised
     # once the wait is over.
-    js = RefusingFirst(link.aio.nc.jetstream(), no_room, times=1)
+    js = RefusingFirst(no_room, times=1)
     with pytest.raises(jerr.BadRequestError, match="insufficient"):
         link.run(create_bucket_kv(js, 3, 10.0, bucket=bucket, history=1))
     assert js.calls == 1
-    js = RefusingFirst(link.aio.nc.jetstream(), offline, times=10**6)
+    js = RefusingFirst(offline, times=10**6)
     t0 = time.monotonic()
     with pytest.raises(jerr.BadRequestError, match="offline"):
         link.run(create_bucket_kv(js, 3, 0.5, bucket=bucket, history=1))
     assert js.calls >= 2 and time.monotonic() - t0 < 5.0
-    link.run(link.aio.nc.jetstream().delete_key_value(bucket))
+
+    async def delete() -> None:
+        await link.aio.nc.jetstream().delete_key_value(bucket)
+
+    link.run(delete())
