@@ -94,18 +94,24 @@ def jetstream_transient(exc: BaseException) -> bool:
     )
 
 
-async def retry_transient(op: Callable[[], Awaitable[T]], seconds: float) -> T:
-    """Await ``op()``; while it fails with :func:`jetstream_transient` and ``seconds``
-    have not passed, try again every 0.1 s.  Then the last error is raised as is (the
-    caller may translate it); any other error is raised at once."""
+async def retry_transient(
+    op: Callable[[], Awaitable[T]],
+    seconds: float,
+    retryable: Callable[[BaseException], bool] = jetstream_transient,
+) -> T:
+    """Await ``op()``; while it fails with an error ``retryable`` accepts (by default
+    :func:`jetstream_transient`) and ``seconds`` have not passed, try again every 0.1 s.
+    Then the last error is raised as is (the caller may translate it); any other error
+    is raised at once."""
     deadline = time.monotonic() + seconds
     while True:
         try:
             return await op()
         except Exception as exc:
-            if not jetstream_transient(exc) or time.monotonic() >= deadline:
+            if not retryable(exc) or time.monotonic() >= deadline:
                 raise
-        await asyncio.sleep(0.1)  # JetStream electing the stream's leader
+            log.debug("JetStream busy (%r); retrying", exc)
+        await asyncio.sleep(0.1)  # JetStream electing a leader, or hearing from a server
 
 
 #: JetStream's error code for "no suitable peers for placement".
@@ -114,8 +120,8 @@ NO_PLACEMENT = 10005
 
 def placement_pending(exc: BaseException) -> bool:
     """``exc`` is JetStream refusing to place a new stream because it counts a server as
-    offline.  The meta leader does so for a moment after a server restarted, until it
-    hears from it again; a server that stays down keeps it so."""
+    offline, as its meta leader may for a moment after a server restarted, until it
+    hears from it again."""
     import nats.js.errors as jerr
 
     return (
@@ -131,15 +137,9 @@ async def create_bucket_kv(js: Any, replicas: int, wait: float = 10.0, **config:
     While JetStream refuses to place it because a server is offline
     (:func:`placement_pending`), try again every 0.1 s for ``wait`` seconds, then raise
     that refusal (``nats.js.errors.BadRequestError``)."""
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            return await _create_bucket_kv_once(js, replicas, **config)
-        except Exception as exc:
-            if not placement_pending(exc) or time.monotonic() >= deadline:
-                raise
-            log.info("bucket %r: %s; retrying", config.get("bucket"), exc)
-        await asyncio.sleep(0.1)  # the meta leader hearing from a restarted server
+    return await retry_transient(
+        lambda: _create_bucket_kv_once(js, replicas, **config), wait, placement_pending
+    )
 
 
 async def _create_bucket_kv_once(js: Any, replicas: int, **config: Any) -> Any:
