@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 
 from . import common, jpeg, report
 from .common import SE, log, raise_nofile
-from .workloads import LIBS, SIZES, WORKLOADS
+from .workloads import LIBS, MIN_RUN_S, SIZES, WORKLOADS
 
 #: Sizes that are not multiplied by ``--scale``.
 FIXED_SIZES = ("fanout_clients", "many_workers", "slow_fps", "slow_work_ms")
@@ -47,6 +47,14 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         "(default docs/; with --quick a fresh temporary directory)",
     )
     p.add_argument("--scale", type=float, default=1.0, help="multiply every N by this factor")
+    p.add_argument(
+        "--min-run",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="small-message workloads: a library whose run of N values is shorter than this "
+        "gets a larger N, set by one unmeasured sizing run (default 0.5; quick 0 = off)",
+    )
     p.add_argument(
         "--poll",
         type=float,
@@ -166,7 +174,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.makedirs(out_dir, exist_ok=True)
     raise_nofile(8192)
     watchdog = _watchdog(args.max_time or MAX_TIME[mode])
-    cfg: Dict[str, Any] = {"sizes": sizes, "timeout": TRIAL_TIMEOUT[mode]}
+    min_run = args.min_run if args.min_run is not None else MIN_RUN_S[mode]
+    cfg: Dict[str, Any] = {"sizes": sizes, "timeout": TRIAL_TIMEOUT[mode], "min_run_s": min_run}
 
     libs = args.lib_list
     raw: Dict[str, Dict[str, Dict[str, List[Optional[float]]]]] = {}
@@ -232,6 +241,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "mode": mode,
         "runs": runs,
         "sizes": sizes,
+        "min_run_s": min_run,
         "poll_sleep_s": {"roundtrip": common.POLL_SLEEP, "throughput_wait": common.WAIT_SLEEP},
         "duration_s": round(time.monotonic() - started, 1),
         "machine": report.machine(),

@@ -12,6 +12,7 @@ from .common import (
     close_quietly,
     deadline_in,
     frame_nbytes,
+    log,
     percentile,
 )
 from .xproc import Remote, shutdown_all
@@ -44,8 +45,9 @@ class Workload(NamedTuple):
     requires: Optional[Callable[[], Optional[str]]] = None
 
 
-#: N per workload.  ``full`` keeps the whole suite (5 runs) around 7 minutes on a
-#: 2-core machine; ``quick`` is a smoke test.
+#: N per workload.  ``full`` keeps the whole suite (5 runs) around 9 minutes on a
+#: 2-core machine; ``quick`` is a smoke test.  The small-message workloads send at least
+#: this N, and more where a run would be shorter than ``MIN_RUN_S`` (``sized_n``).
 SIZES: Dict[str, Dict[str, int]] = {
     "full": {
         "small": 100000,
@@ -86,6 +88,18 @@ SIZES: Dict[str, Dict[str, int]] = {
         "slow_work_ms": 100,
     },
 }
+
+
+#: Small-message runs are sized by time as well as by count.  A library whose run of the
+#: workload's N (sender's first value to the receiver's last) lasts less than this many
+#: seconds gets a larger N, chosen once per workload and library by one unmeasured sizing
+#: run, so that its measured runs last about this long.  Over N = 100,000 socketengine's
+#: run lasts 40-60 ms, a handful of switch intervals of the interpreter lock, and its
+#: start-up (first batch, first wake of each I/O thread) weighs on the rate; pyzmq's lasts
+#: 120-170 ms (docs/benchmarks.md, 2026-12-07).  0 (``--quick``) sends N as it is.
+MIN_RUN_S: Dict[str, float] = {"full": 0.5, "quick": 0.0}
+#: The sizing never makes N larger than this many times the workload's N.
+MAX_GROWTH = 20
 
 
 # -- one trial --------------------------------------------------------------------------------
@@ -131,12 +145,48 @@ def _pair(
     return {"s": sres, "r": rres}
 
 
+def _elapsed(res: Dict[str, Any]) -> float:
+    """Seconds from the sender's first value to the receiver's last."""
+    return float(res["r"]["t_end"] - res["s"]["t0"])
+
+
+def _round_up(x: float) -> int:
+    """``x`` rounded up to two significant digits (1,234,567 -> 1,300,000)."""
+    n = max(1, int(x + 0.999999))
+    step = 10 ** max(0, len(str(n)) - 2)
+    return -(-n // step) * step
+
+
+def sized_n(
+    cfg: Dict[str, Any], key: Any, lib: str, n0: int, run: Callable[[int], Dict[str, Any]]
+) -> int:
+    """N for ``lib`` in the workload ``key``: ``n0``, or more if a run of ``n0`` is too short.
+
+    The first call per (workload, library) does one sizing run of ``n0`` values (not
+    measured) when ``cfg["min_run_s"]`` is above 0; if it lasted less than that, N grows in
+    proportion (rounded up to two significant digits, at most ``MAX_GROWTH`` times ``n0``).
+    Later calls return the same N, so every measured run of a library sends the same count.
+    """
+    chosen: Dict[Any, int] = cfg.setdefault("chosen_n", {})
+    if (key, lib) in chosen:
+        return chosen[(key, lib)]
+    min_s = float(cfg.get("min_run_s", 0.0))
+    n = n0
+    if min_s > 0:
+        elapsed = _elapsed(run(n0))
+        if elapsed < min_s:
+            n = min(n0 * MAX_GROWTH, _round_up(n0 * min_s / max(elapsed, 1e-6)))
+        log(f"   sizing {lib}: N={n0} took {1000 * elapsed:.0f} ms -> N={n} per run")
+    chosen[(key, lib)] = n
+    return n
+
+
 def _stream_metrics(kind: str, n: int, res: Dict[str, Any]) -> Dict[str, float]:
-    elapsed = res["r"]["t_end"] - res["s"]["t0"]
+    elapsed = _elapsed(res)
     # Share of the run the sender spent in its send loop: ~100 % = sender-bound.
     sender_pct = 100.0 * (res["s"]["t_sent"] - res["s"]["t0"]) / elapsed
     if kind == "small":
-        return {"msgs_per_s": n / elapsed, "sender_pct": sender_pct}
+        return {"msgs_per_s": n / elapsed, "sender_pct": sender_pct, "n": float(n)}
     # Image frames may be conflated (socketengine write_image): count what arrived.
     delivered = res["r"]["delivered"]
     return {
@@ -161,12 +211,16 @@ def stream_trial(
 ) -> Callable[[str, Dict[str, Any]], Dict[str, float]]:
     key = kind + ("_xproc" if xproc else "")
 
-    def trial(lib: str, cfg: Dict[str, Any]) -> Dict[str, float]:
-        n = cfg["sizes"][key]
-        res = _pair(
+    def pair(lib: str, cfg: Dict[str, Any], n: int) -> Dict[str, Any]:
+        return _pair(
             stream.RECEIVERS, stream.SENDERS, kind, lib, n, xproc, cfg["timeout"], reader, sender
         )
-        return _stream_metrics(kind, n, res)
+
+    def trial(lib: str, cfg: Dict[str, Any]) -> Dict[str, float]:
+        n = cfg["sizes"][key]
+        if kind == "small":
+            n = sized_n(cfg, (key, reader, sender), lib, n, lambda m: pair(lib, cfg, m))
+        return _stream_metrics(kind, n, pair(lib, cfg, n))
 
     return trial
 
@@ -225,7 +279,11 @@ def slow_receiver_trial(lib: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 
 _SENDER = Metric("sender_pct", "% of run in send loop", False, chart=False, ratio=False)
-_THROUGHPUT = [Metric("msgs_per_s", "msgs/s", True), _SENDER]
+_THROUGHPUT = [
+    Metric("msgs_per_s", "msgs/s", True),
+    _SENDER,
+    Metric("n", "values sent per run (sized by time)", True, chart=False, ratio=False),
+]
 _IMAGES = [
     Metric("fps", "delivered frames/s", True, chart=False),
     Metric("gb_per_s", "delivered GB/s", True, chart=False),

@@ -199,3 +199,53 @@ def test_cost_profile_smoke(tmp_path: Path) -> None:
     for name, stages in doc["versions"].items():
         assert set(stages) == {"writer", "io_thread", "receiver"}, name
         assert all(stages[stage] > 0 for stage in ("writer", "receiver")), (name, stages)
+
+
+def test_small_runs_are_sized_by_time_once_per_workload_and_library() -> None:
+    if not (ROOT / "bench" / "workloads.py").exists():
+        pytest.skip("bench/ is not in this checkout")
+    from bench.workloads import MAX_GROWTH, sized_n
+
+    calls: List[int] = []
+
+    def run_at(rate: float) -> Any:
+        def run(n: int) -> Any:
+            calls.append(n)
+            return {"s": {"t0": 10.0}, "r": {"t_end": 10.0 + n / rate}}
+
+        return run
+
+    cfg: dict = {"min_run_s": 0.5}
+    # 100,000 values at 2M/s last 50 ms: N grows tenfold, from one sizing run.
+    assert sized_n(cfg, "small", "fast", 100_000, run_at(2e6)) == 1_000_000
+    assert calls == [100_000]
+    # Chosen once: later runs of the same workload and library send the same N.
+    assert sized_n(cfg, "small", "fast", 100_000, run_at(1.0)) == 1_000_000
+    assert calls == [100_000]
+    # Rounded up to two significant digits: 100,000 / 0.5 s * 0.5 s / 0.13 s.
+    assert sized_n(cfg, "small", "mid", 100_000, run_at(100_000 / 0.13)) == 390_000
+    # A run that is long enough keeps N; a very short one is capped.
+    assert sized_n(cfg, "small", "slow", 100_000, run_at(1e5)) == 100_000
+    assert sized_n(cfg, "small", "instant", 100_000, run_at(1e12)) == 100_000 * MAX_GROWTH
+    # Another workload is sized on its own; 0 s (--quick) sends N without a sizing run.
+    assert sized_n(cfg, "small_xproc", "fast", 100_000, run_at(4e6)) == 2_000_000
+    before = len(calls)
+    assert sized_n({"min_run_s": 0.0}, "small", "fast", 2000, run_at(2e6)) == 2000
+    assert len(calls) == before
+
+
+@pytest.mark.timeout(120)
+def test_bench_min_run_grows_a_short_small_run(tmp_path: Path) -> None:
+    if not (ROOT / "bench" / "__main__.py").exists():
+        pytest.skip("bench/ is not in this checkout")
+    cmd = [sys.executable, "-m", "bench", "--quick", "--runs", "2", "--only", "small"]
+    cmd += ["--libs", "socketengine", "--min-run", "0.2", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    doc = json.loads((tmp_path / "bench-results.json").read_text())
+    assert doc["min_run_s"] == 0.2
+    n = doc["workloads"]["small"]["libs"]["socketengine"]["n"]
+    # --quick's N is 2,000 values, far less than 0.2 s at any rate this library reaches;
+    # both measured runs sent the one N the sizing run chose.
+    assert n["min"] == n["max"] > doc["sizes"]["small"] == 2000
+    assert "sizing socketengine: N=2000 took" in proc.stdout + proc.stderr
