@@ -52,8 +52,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         type=float,
         default=None,
         metavar="SECONDS",
-        help="small-message workloads: a library whose run of N values is shorter than this "
-        "gets a larger N, set by one unmeasured sizing run (default 0.5; quick 0 = off)",
+        help="small-message and fan-out workloads: a library whose run of N values is "
+        "shorter than this gets a larger N, set by one unmeasured sizing run "
+        "(default 0.5; quick 0 = off)",
     )
     p.add_argument(
         "--poll",

@@ -90,7 +90,7 @@ SIZES: Dict[str, Dict[str, int]] = {
 }
 
 
-#: Small-message runs are sized by time as well as by count.  A library whose run of the
+#: Small-message and fan-out runs are sized by time as well as by count.  A library whose run of the
 #: workload's N (sender's first value to the receiver's last) lasts less than this many
 #: seconds gets a larger N, chosen once per workload and library by one unmeasured sizing
 #: run, so that its measured runs last about this long.  Over N = 100,000 socketengine's
@@ -157,15 +157,15 @@ def _round_up(x: float) -> int:
     return -(-n // step) * step
 
 
-def sized_n(
-    cfg: Dict[str, Any], key: Any, lib: str, n0: int, run: Callable[[int], Dict[str, Any]]
-) -> int:
+def sized_n(cfg: Dict[str, Any], key: Any, lib: str, n0: int, run: Callable[[int], float]) -> int:
     """N for ``lib`` in the workload ``key``: ``n0``, or more if a run of ``n0`` is too short.
 
-    The first call per (workload, library) does one sizing run of ``n0`` values (not
-    measured) when ``cfg["min_run_s"]`` is above 0; if it lasted less than that, N grows in
-    proportion (rounded up to two significant digits, at most ``MAX_GROWTH`` times ``n0``).
-    Later calls return the same N, so every measured run of a library sends the same count.
+    ``run(n)`` does one run of ``n`` values and returns how long it lasted, in seconds.
+    The first call per (workload, library) does one such sizing run of ``n0`` (not
+    measured) when ``cfg["min_run_s"]`` is above 0; if it lasted less than that, N grows
+    in proportion (rounded up to two significant digits, at most ``MAX_GROWTH`` times
+    ``n0``).  Later calls return the same N, so every measured run of a library sends the
+    same count.
     """
     chosen: Dict[Any, int] = cfg.setdefault("chosen_n", {})
     if (key, lib) in chosen:
@@ -173,7 +173,7 @@ def sized_n(
     min_s = float(cfg.get("min_run_s", 0.0))
     n = n0
     if min_s > 0:
-        elapsed = _elapsed(run(n0))
+        elapsed = run(n0)
         if elapsed < min_s:
             n = min(n0 * MAX_GROWTH, _round_up(n0 * min_s / max(elapsed, 1e-6)))
         log(f"   sizing {lib}: N={n0} took {1000 * elapsed:.0f} ms -> N={n} per run")
@@ -219,7 +219,7 @@ def stream_trial(
     def trial(lib: str, cfg: Dict[str, Any]) -> Dict[str, float]:
         n = cfg["sizes"][key]
         if kind == "small":
-            n = sized_n(cfg, (key, reader, sender), lib, n, lambda m: pair(lib, cfg, m))
+            n = sized_n(cfg, (key, reader, sender), lib, n, lambda m: _elapsed(pair(lib, cfg, m)))
         return _stream_metrics(kind, n, pair(lib, cfg, n))
 
     return trial
@@ -241,14 +241,24 @@ def roundtrip_trial(
     return trial
 
 
-def fanout_trial(lib: str, cfg: Dict[str, Any]) -> Dict[str, float]:
-    sizes = cfg["sizes"]
-    return fanout.RUNNERS[lib](sizes["fanout"], sizes["fanout_clients"], cfg["timeout"])
+def _fanout(runners: Dict[str, Any], key: str) -> Callable[[str, Dict[str, Any]], Dict[str, float]]:
+    def trial(lib: str, cfg: Dict[str, Any]) -> Dict[str, float]:
+        sizes = cfg["sizes"]
+        k, timeout = sizes["fanout_clients"], cfg["timeout"]
+
+        def run(m: int) -> Dict[str, float]:
+            return dict(runners[lib](m, k, timeout))
+
+        n = sized_n(cfg, key, lib, sizes["fanout"], lambda m: run(m)["elapsed_s"])
+        out = run(n)
+        out["n"] = float(n)
+        return out
+
+    return trial
 
 
-def fanout_aio_trial(lib: str, cfg: Dict[str, Any]) -> Dict[str, float]:
-    sizes = cfg["sizes"]
-    return fanout.AIO_RUNNERS[lib](sizes["fanout"], sizes["fanout_clients"], cfg["timeout"])
+fanout_trial = _fanout(fanout.RUNNERS, "fanout")
+fanout_aio_trial = _fanout(fanout.AIO_RUNNERS, "fanout_aio")
 
 
 def many_trial(lib: str, cfg: Dict[str, Any]) -> Dict[str, float]:
@@ -279,11 +289,9 @@ def slow_receiver_trial(lib: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 
 _SENDER = Metric("sender_pct", "% of run in send loop", False, chart=False, ratio=False)
-_THROUGHPUT = [
-    Metric("msgs_per_s", "msgs/s", True),
-    _SENDER,
-    Metric("n", "values sent per run (sized by time)", True, chart=False, ratio=False),
-]
+_N = Metric("n", "values sent per run (sized by time)", True, chart=False, ratio=False)
+_THROUGHPUT = [Metric("msgs_per_s", "msgs/s", True), _SENDER, _N]
+_FANOUT = [Metric("deliveries_per_s", "deliveries/s", True), _N]
 _IMAGES = [
     Metric("fps", "delivered frames/s", True, chart=False),
     Metric("gb_per_s", "delivered GB/s", True, chart=False),
@@ -356,7 +364,7 @@ WORKLOADS: Dict[str, Workload] = {
         Workload(
             "fanout",
             "host -> 20 clients, small messages",
-            [Metric("deliveries_per_s", "deliveries/s", True)],
+            _FANOUT,
             "fanout",
             fanout_trial,
             BASE_LIBS,
@@ -447,7 +455,7 @@ WORKLOADS: Dict[str, Workload] = {
             "fanout_aio",
             "host -> 20 clients, small messages from a coroutine: await aio.Host.write_all "
             "(pyzmq: zmq.asyncio PUB; raw TCP: a StreamWriter per client)",
-            [Metric("deliveries_per_s", "deliveries/s", True)],
+            _FANOUT,
             "fanout",
             fanout_aio_trial,
             BASE_LIBS,

@@ -201,7 +201,7 @@ def test_cost_profile_smoke(tmp_path: Path) -> None:
         assert all(stages[stage] > 0 for stage in ("writer", "receiver")), (name, stages)
 
 
-def test_small_runs_are_sized_by_time_once_per_workload_and_library() -> None:
+def test_runs_are_sized_by_time_once_per_workload_and_library() -> None:
     if not (ROOT / "bench" / "workloads.py").exists():
         pytest.skip("bench/ is not in this checkout")
     from bench.workloads import MAX_GROWTH, sized_n
@@ -209,9 +209,9 @@ def test_small_runs_are_sized_by_time_once_per_workload_and_library() -> None:
     calls: List[int] = []
 
     def run_at(rate: float) -> Any:
-        def run(n: int) -> Any:
+        def run(n: int) -> float:  # one run of n values at this rate: its duration
             calls.append(n)
-            return {"s": {"t0": 10.0}, "r": {"t_end": 10.0 + n / rate}}
+            return n / rate
 
         return run
 
@@ -235,18 +235,19 @@ def test_small_runs_are_sized_by_time_once_per_workload_and_library() -> None:
 
 
 @pytest.mark.timeout(120)
-def test_bench_min_run_grows_a_short_small_run(tmp_path: Path) -> None:
+def test_bench_min_run_grows_short_runs(tmp_path: Path) -> None:
     if not (ROOT / "bench" / "__main__.py").exists():
         pytest.skip("bench/ is not in this checkout")
-    cmd = [sys.executable, "-m", "bench", "--quick", "--runs", "2", "--only", "small"]
+    cmd = [sys.executable, "-m", "bench", "--quick", "--runs", "2", "--only", "small,fanout"]
     cmd += ["--libs", "socketengine", "--min-run", "2", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=100)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     doc = json.loads((tmp_path / "bench-results.json").read_text())
     assert doc["min_run_s"] == 2.0
-    n = doc["workloads"]["small"]["libs"]["socketengine"]["n"]
-    # --quick's N is 2,000 values, far less than 2 s at any rate this library reaches
-    # (growth is capped at 20 times N); both measured runs sent the one N the sizing run
-    # chose.
-    assert n["min"] == n["max"] > doc["sizes"]["small"] == 2000
-    assert "sizing socketengine: N=2000 took" in proc.stdout + proc.stderr
+    # --quick sends 2,000 small values and 200 fan-out values (to 20 clients): far less
+    # than 2 s at any rate this library reaches (growth is capped at 20 times N).  Both
+    # measured runs sent the one N the sizing run chose.
+    for name, quick_n in (("small", 2000), ("fanout", 200)):
+        n = doc["workloads"][name]["libs"]["socketengine"]["n"]
+        assert n["min"] == n["max"] > doc["sizes"][name] == quick_n, (name, n)
+        assert f"sizing socketengine: N={quick_n} took" in proc.stdout + proc.stderr
