@@ -46,8 +46,9 @@ class Workload(NamedTuple):
 
 
 #: N per workload.  ``full`` keeps the whole suite (5 runs) around 9 minutes on a
-#: 2-core machine; ``quick`` is a smoke test.  The small-message workloads send at least
-#: this N, and more where a run would be shorter than ``MIN_RUN_S`` (``sized_n``).
+#: 2-core machine; ``quick`` is a smoke test.  The small-message and fan-out workloads
+#: send at least this N, and more where a run would be shorter than ``MIN_RUN_S``
+#: (``sized_n``).
 SIZES: Dict[str, Dict[str, int]] = {
     "full": {
         "small": 100000,
@@ -90,13 +91,14 @@ SIZES: Dict[str, Dict[str, int]] = {
 }
 
 
-#: Small-message and fan-out runs are sized by time as well as by count.  A library whose run of the
-#: workload's N (sender's first value to the receiver's last) lasts less than this many
-#: seconds gets a larger N, chosen once per workload and library by one unmeasured sizing
-#: run, so that its measured runs last about this long.  Over N = 100,000 socketengine's
-#: run lasts 40-60 ms, a handful of switch intervals of the interpreter lock, and its
-#: start-up (first batch, first wake of each I/O thread) weighs on the rate; pyzmq's lasts
-#: 120-170 ms (docs/benchmarks.md, 2026-12-07).  0 (``--quick``) sends N as it is.
+#: Small-message and fan-out runs are sized by time as well as by count.  A library
+#: whose run of the workload's N (sender's first value to the receiver's last) lasts
+#: less than this many seconds gets a larger N, chosen once per workload and library by
+#: one unmeasured sizing run, so that its measured runs last about this long.  Over
+#: N = 100,000 socketengine's run lasts 40-60 ms, a handful of switch intervals of the
+#: interpreter lock, and its start-up (first batch, first wake of each I/O thread) weighs
+#: on the rate; pyzmq's lasts 120-170 ms (docs/benchmarks.md, 2026-12-07).  0
+#: (``--quick``) sends N as it is.
 MIN_RUN_S: Dict[str, float] = {"full": 0.5, "quick": 0.0}
 #: The sizing never makes N larger than this many times the workload's N.
 MAX_GROWTH = 20
@@ -246,13 +248,9 @@ def _fanout(runners: Dict[str, Any], key: str) -> Callable[[str, Dict[str, Any]]
         sizes = cfg["sizes"]
         k, timeout = sizes["fanout_clients"], cfg["timeout"]
 
-        def run(m: int) -> Dict[str, float]:
-            return dict(runners[lib](m, k, timeout))
-
-        n = sized_n(cfg, key, lib, sizes["fanout"], lambda m: run(m)["elapsed_s"])
-        out = run(n)
-        out["n"] = float(n)
-        return out
+        run = runners[lib]
+        n = sized_n(cfg, key, lib, sizes["fanout"], lambda m: run(m, k, timeout)["elapsed_s"])
+        return {**run(n, k, timeout), "n": float(n)}
 
     return trial
 

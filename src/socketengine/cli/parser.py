@@ -38,7 +38,7 @@ __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("socketengine")
 
-#: Measured: the full suite (5 runs) took 456 s on 2 cores (docs/bench-results.json).
+#: Measured: the full suite (5 runs) took 522 s on 2 cores (docs/bench-results.json).
 BENCH_DURATION = "about 9 minutes on 2 cores"
 
 
